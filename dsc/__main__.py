@@ -1,0 +1,3 @@
+from dsc.cli import main
+
+main()

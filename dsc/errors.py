@@ -1,0 +1,72 @@
+"""Errors that reach the user as one line and a documented exit code.
+
+Every failure the user can cause (bad input, an impossible request) is a `DscError` subclass. The
+CLI prints `dsc: error: <message>` and exits with the class's code; it never shows a traceback
+for these. Anything else is a bug and exits with `EXIT_INTERNAL`.
+
+Exit codes (also in README.md):
+
+| code | meaning |
+|---|---|
+| 0 | success |
+| 1 | a check failed: validation gate, `dsc verify` hash mismatch |
+| 2 | usage error (unknown option, missing argument) |
+| 3 | bad input: missing/corrupt checkpoint, config, ONNX, profile or artifact |
+| 4 | unsupported: architecture, precision on this target, operation |
+| 5 | output path holds something that is not a dsc artifact |
+| 6 | the model does not fit the target |
+| 7 | a backend failed (ONNX export, TensorRT parse/build) |
+| 70 | internal error (a bug in dsc) |
+| 130 | interrupted (Ctrl-C) |
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_UNSUPPORTED = 4
+EXIT_OUTPUT_CONFLICT = 5
+EXIT_DOES_NOT_FIT = 6
+EXIT_BACKEND = 7
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+
+class DscError(Exception):
+    """A failure the user can act on; `str(err)` is the one-line message."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str):
+        # One line: the CLI prints exactly this.
+        super().__init__(" ".join(str(message).split()))
+
+
+class CheckFailed(DscError):
+    exit_code = EXIT_CHECK_FAILED
+
+
+class BadInput(DscError):
+    exit_code = EXIT_BAD_INPUT
+
+
+class CheckpointError(BadInput):
+    """Missing, malformed or truncated checkpoint."""
+
+
+class Unsupported(DscError):
+    exit_code = EXIT_UNSUPPORTED
+
+
+class OutputConflict(DscError):
+    exit_code = EXIT_OUTPUT_CONFLICT
+
+
+class DoesNotFit(DscError):
+    exit_code = EXIT_DOES_NOT_FIT
+
+
+class BackendError(DscError):
+    exit_code = EXIT_BACKEND
