@@ -1,0 +1,131 @@
+"""The library behind the CLI: one function per command.
+
+Every function validates its input before heavy work, raises `dsc.errors.DscError` subclasses
+for anything the user can fix, and writes output directories atomically (`dsc.artifacts`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsc import __version__
+from dsc.artifacts import ARTIFACT_FORMAT, IO_SPEC, MANIFEST, SCHEMA_VERSION, atomic_dir, write_json
+from dsc.errors import BadInput, Unsupported
+from dsc.models.checkpoint import inspect_checkpoint, sha256_file
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    onnx_path: Path
+    family: str
+    architecture: str
+    dtype: str
+    num_layers: int
+    cache_kind: str
+    seconds: float
+
+
+def _progress(msg: str) -> None:
+    print(f"[dsc] {msg}", file=sys.stderr, flush=True)
+
+
+def tool_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"dsc": __version__}
+    for dist in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir",
+                 "tensorrt", "tensorrt-rtx-cu13"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
+           opset: int | None = None, allow_pickle: bool = False, force: bool = False,
+           progress=_progress) -> ExportResult:
+    """Export a checkpoint to an artifact directory holding the ONNX graph and its I/O spec."""
+    from dsc.export.onnx_export import export_graph
+
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise Unsupported(f"unsupported export dtype {dtype!r}; choose fp32, fp16 or bf16")
+    if opset is not None and not 18 <= opset <= 23:
+        raise Unsupported(f"opset {opset} is not supported by the exporter; choose 18..23")
+    info = inspect_checkpoint(checkpoint, allow_pickle=allow_pickle)
+    output = Path(output)
+    progress(f"checked {info.path}: {info.architecture} → family {info.family.name}")
+    with atomic_dir(output, force=force) as tmp:
+        graph = export_graph(info, tmp, dtype=dtype, opset=opset, progress=progress)
+        for f in info.tokenizer_files:
+            shutil.copy2(f, tmp / f.name)
+        shutil.copy2(info.path / "config.json", tmp / "config.json")
+        io = dict(graph.io_spec, dtype=dtype)
+        write_json(tmp / IO_SPEC, io)
+        progress("hashing inputs and outputs")
+        inputs = {str(p.relative_to(info.path)): sha256_file(p) for p in info.input_files()}
+        outputs = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {
+            "format": ARTIFACT_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tools": tool_versions(),
+            "source": {
+                "checkpoint": str(info.path.resolve()),
+                "architecture": info.architecture,
+                "family": info.family.name,
+                "num_parameters": info.num_parameters,
+                "weight_bytes": info.weight_bytes,
+                "inputs": inputs,
+            },
+            "stages": {
+                "export": {"dtype": dtype, "opset": io["opset"], "seconds": round(graph.seconds, 2)},
+            },
+            "outputs": outputs,
+        }
+        write_json(tmp / MANIFEST, manifest)
+    progress(f"artifact written to {output}")
+    return ExportResult(
+        path=output,
+        onnx_path=output / graph.onnx_path.name,
+        family=info.family.name,
+        architecture=info.architecture,
+        dtype=dtype,
+        num_layers=io["cache"]["num_layers"],
+        cache_kind=io["cache"]["kind"],
+        seconds=graph.seconds,
+    )
+
+
+def load_tokenizer(artifact: str | Path):
+    """The tokenizer stored in an artifact (or checkpoint) directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(artifact))
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot load the tokenizer in {artifact}: {str(e).splitlines()[0]}") from None
+
+
+def run(artifact: str | Path, prompt: str, *, max_new_tokens: int = 64, greedy: bool = True,
+        temperature: float = 0.8, seed: int = 0) -> str:
+    """Generate a continuation of `prompt` through the artifact's ONNX graph."""
+    from dsc.backends.onnxruntime.runner import OrtCausalLM
+
+    runner = OrtCausalLM.from_artifact(Path(artifact))
+    tok = load_tokenizer(artifact)
+    ids = tok(prompt)["input_ids"]
+    if not ids:
+        raise BadInput("the prompt encodes to no tokens")
+    eos = runner.io.get("eos_token_id")
+    new = runner.generate([ids], max_new_tokens, greedy=greedy, temperature=temperature,
+                          seed=seed, eos_token_id=eos if isinstance(eos, int) else None)[0]
+    return prompt + tok.decode(new, skip_special_tokens=True)

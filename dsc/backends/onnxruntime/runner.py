@@ -1,0 +1,119 @@
+"""Run an exported graph with ONNX Runtime: one forward step, and KV-cache generation.
+
+The runner only needs `model_io.json` (names, dtypes, cache layout); it is the reference
+implementation of how a dsc graph is driven: prefill with an empty past, then one token per
+step feeding each `present.*` back as `past_key_values.*`. Batches of unequal prompts are
+left-padded; padding is masked out by `attention_mask` and skipped by `position_ids`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dsc.errors import BadInput, Unsupported
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    logits: np.ndarray
+    present: list[np.ndarray]
+
+
+class OrtCausalLM:
+    """A dsc ONNX graph in an ONNX Runtime session."""
+
+    def __init__(self, onnx_path: Path, io_spec: dict, *, providers: list[str] | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        self.io = io_spec
+        cache = io_spec["cache"]
+        if cache["dtype"] == "bfloat16":
+            raise Unsupported("ONNX Runtime on the CPU cannot run a bf16 graph; export fp16 or fp32")
+        self.cache_dtype = np.dtype(cache["dtype"])
+        self.num_layers = int(cache["num_layers"])
+        self.entries = [(e["heads"], e["dim"]) for e in cache["entries"]]
+        self.past_names = cache["inputs"]
+        self.present_names = cache["outputs"]
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(onnx_path), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as e:  # ORT raises its own exception types for malformed graphs
+            raise BadInput(f"ONNX Runtime cannot load {onnx_path}: {str(e).splitlines()[0]}") from None
+        self._outputs = ["logits", *self.present_names]
+
+    @classmethod
+    def from_artifact(cls, artifact: Path, **kw) -> OrtCausalLM:
+        from dsc.artifacts import load_io_spec
+
+        io = load_io_spec(artifact)
+        return cls(Path(artifact) / io["onnx"], io, **kw)
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        past = []
+        for _ in range(self.num_layers):
+            for heads, dim in self.entries:
+                past.append(np.zeros((batch, heads, 0, dim), dtype=self.cache_dtype))
+        return past
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             past: list[np.ndarray]) -> StepOutput:
+        feeds = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+        }
+        feeds.update(zip(self.past_names, past))
+        logits, *present = self.session.run(self._outputs, feeds)
+        return StepOutput(logits, present)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, greedy: bool = True,
+                 temperature: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
+                 pad_token_id: int = 0) -> list[list[int]]:
+        """Continue each prompt; returns only the new tokens (stopping at EOS per row)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise BadInput("generation needs at least one token per prompt")
+        rng = np.random.default_rng(seed)
+        batch = len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = np.full((batch, width), pad_token_id, dtype=np.int64)
+        mask = np.zeros((batch, width), dtype=np.int64)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = p
+            mask[row, width - len(p):] = 1
+        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        out = self.step(ids, mask, pos, self.empty_past(batch))
+        next_pos = pos[:, -1:] + 1
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        done = np.zeros(batch, dtype=bool)
+        for i in range(max_new_tokens):
+            last = out.logits[:, -1, :].astype(np.float32)
+            if greedy:
+                tok = last.argmax(axis=-1)
+            else:
+                z = last / max(temperature, 1e-5)
+                z = np.exp(z - z.max(axis=-1, keepdims=True))
+                z /= z.sum(axis=-1, keepdims=True)
+                tok = np.array([rng.choice(z.shape[-1], p=row) for row in z])
+            for row in range(batch):
+                if not done[row]:
+                    generated[row].append(int(tok[row]))
+                    if eos_token_id is not None and tok[row] == eos_token_id:
+                        done[row] = True
+            if done.all() or i == max_new_tokens - 1:
+                break
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            out = self.step(tok[:, None], mask, next_pos, out.present)
+            next_pos = next_pos + 1
+        return generated

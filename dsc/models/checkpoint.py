@@ -1,0 +1,201 @@
+"""Inspect a Hugging Face checkpoint directory before anything heavy touches it.
+
+Every problem a user can cause is found here and reported as one line (`CheckpointError`, exit 3,
+or `Unsupported`, exit 4): a missing directory, a missing or invalid `config.json`, an
+architecture dsc has no adapter for, weights only in pickle files (refused unless allowed: a
+pickle runs code when loaded), and a truncated or corrupt `.safetensors` file. Safetensors files
+are checked from their header alone (8-byte length, JSON header, the byte ranges it declares
+against the file size), so a 3 GB shard costs a few kilobytes of reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsc.errors import CheckpointError, Unsupported
+from dsc.models.families import Family, family_for_architecture, supported_architectures
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint directory holds, checked."""
+
+    path: Path
+    config: dict
+    architecture: str
+    family: Family
+    weight_files: tuple[Path, ...]
+    weight_format: str  # "safetensors" or "pickle"
+    tokenizer_files: tuple[Path, ...]
+    num_parameters: int = 0
+    weight_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def input_files(self) -> list[Path]:
+        """Every file the export reads: config, weights (and index), tokenizer."""
+        files = [self.path / "config.json", *self.weight_files, *self.tokenizer_files]
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            files.append(index)
+        return files
+
+
+def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> CheckpointInfo:
+    """Check a checkpoint directory and describe it; raise a one-line error if it is unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint must be a directory holding config.json: {path}")
+    config = read_config(path / "config.json")
+    architecture = _architecture(config, path)
+    family = family_for_architecture(architecture)
+    if family is None:
+        raise Unsupported(
+            f"unsupported architecture {architecture!r} in {path / 'config.json'}; "
+            f"supported: {', '.join(supported_architectures())}"
+        )
+    weight_files, fmt = _find_weights(path, allow_pickle)
+    num_params = 0
+    weight_bytes = 0
+    if fmt == "safetensors":
+        for f in weight_files:
+            n, b = check_safetensors(f)
+            num_params += n
+            weight_bytes += b
+    tokenizer_files = tuple(path / n for n in TOKENIZER_FILES if (path / n).is_file())
+    if not any(p.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for p in tokenizer_files):
+        raise CheckpointError(f"no tokenizer in {path} (expected tokenizer.json)")
+    return CheckpointInfo(
+        path=path,
+        config=config,
+        architecture=architecture,
+        family=family,
+        weight_files=tuple(weight_files),
+        weight_format=fmt,
+        tokenizer_files=tokenizer_files,
+        num_parameters=num_params,
+        weight_bytes=weight_bytes,
+    )
+
+
+def read_config(config_path: Path) -> dict:
+    if not config_path.is_file():
+        raise CheckpointError(f"missing config.json in {config_path.parent}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"invalid config.json ({config_path}): {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"invalid config.json ({config_path}): not a JSON object")
+    return config
+
+
+def _architecture(config: dict, path: Path) -> str:
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    raise CheckpointError(
+        f"config.json in {path} has no 'architectures' list; supported: "
+        f"{', '.join(supported_architectures())}"
+    )
+
+
+def _find_weights(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"invalid {index.name} in {path}: {e}") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"shards listed in {index.name} are missing: {', '.join(missing)}")
+        return [path / n for n in names], "safetensors"
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return shards, "safetensors"
+    pickles = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} holds only pickle weights ({pickles[0].name}); pickle files can run code "
+                "when loaded: convert them to safetensors, or pass --allow-pickle if you trust them"
+            )
+        logger.warning("loading pickle weights from %s (--allow-pickle)", path)
+        return pickles, "pickle"
+    raise CheckpointError(f"no weights in {path} (expected model.safetensors or shards)")
+
+
+def check_safetensors(file: Path) -> tuple[int, int]:
+    """Validate a safetensors file's header against its size; return (#params, data bytes)."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 * 2**20:
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt safetensors file {file}: {e}") from None
+    data_len = size - 8 - n
+    num = 0
+    end_max = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = meta["data_offsets"]
+            count = 1
+            for d in meta["shape"]:
+                count *= int(d)
+            nbytes = count * _DTYPE_BYTES[meta["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"corrupt safetensors file {file}: bad entry {name!r}") from None
+        if end - begin != nbytes or end > data_len:
+            raise CheckpointError(
+                f"truncated or corrupt safetensors file {file}: tensor {name!r} needs bytes "
+                f"{begin}..{end} but the file holds {data_len} data bytes"
+            )
+        num += count
+        end_max = max(end_max, end)
+    if end_max != data_len:
+        raise CheckpointError(
+            f"corrupt safetensors file {file}: header covers {end_max} bytes, file holds {data_len}"
+        )
+    return num, data_len
+
+
+def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
