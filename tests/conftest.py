@@ -1,0 +1,64 @@
+"""Shared fixtures: one random-weight checkpoint per family and its fp32 ONNX export.
+
+Both are made once per test session in a temporary directory (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+FAMILIES = ("llama", "qwen2", "deepseek_v2", "deepseek_v3")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from dsc.fixtures import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    from dsc.fixtures import make_fixture
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {f: make_fixture(f, root / f, tokenizer_dir=tokenizer_dir) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, checkpoints) -> dict[str, Path]:
+    """fp32 artifacts, exported lazily per family on first use."""
+    from dsc import api
+
+    root = tmp_path_factory.mktemp("exported")
+
+    class _Lazy(dict):
+        def __missing__(self, family: str) -> Path:
+            out = root / family
+            api.export(checkpoints[family], out, dtype="fp32", progress=_quiet)
+            self[family] = out
+            return out
+
+    return _Lazy()
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run `dsc` as the console script does; return (exit code, stdout, stderr)."""
+    from dsc.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out, err = capsys.readouterr()
+    code = exc.value.code if isinstance(exc.value.code, int) else 0
+    return code, out, err
