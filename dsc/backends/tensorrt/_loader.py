@@ -44,7 +44,8 @@ class Flavour(str, enum.Enum):
         aliases = {"tensorrt": cls.TENSORRT, "trt": cls.TENSORRT, "standard": cls.TENSORRT,
                    "tensorrt_rtx": cls.RTX, "rtx": cls.RTX, "trt_rtx": cls.RTX}
         if key not in aliases:
-            raise Unsupported(f"unknown TensorRT backend {value!r} (expected tensorrt or tensorrt_rtx)")
+            raise Unsupported(f"unknown TensorRT backend {value!r} "
+                              f"(expected tensorrt or tensorrt_rtx)")
         return aliases[key]
 
 
@@ -126,6 +127,26 @@ class TrtFlavourApi:
         member = getattr(self.trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
         return member is not None and bool(network.get_flag(member))
 
+    def check_options(self, *, dla_core: int | None, hardware_compatibility: str | None,
+                      version_compatible: bool, target_sm: int | None) -> None:
+        """Raise `Unsupported` for an option this flavour cannot honour (before any build)."""
+        if not self.is_rtx:
+            return
+        if dla_core is not None:
+            raise Unsupported("DLA is a Jetson feature of standard TensorRT; TensorRT-RTX "
+                              "cannot build for it")
+        if hardware_compatibility not in (None, "none"):
+            raise Unsupported("hardware compatibility levels are a standard TensorRT option; "
+                              "TensorRT-RTX ignores them (choose a target SM instead)")
+        if version_compatible:
+            raise Unsupported("version-compatible engines are a standard TensorRT option; "
+                              "TensorRT-RTX has no lean runtime to embed")
+        if target_sm is not None and target_sm not in RTX_TARGET_SMS:
+            names = ", ".join(f"SM{s}" for s in RTX_TARGET_SMS)
+            raise Unsupported(f"TensorRT-RTX cannot compile ahead of time for SM{target_sm} "
+                              f"(it targets {names}); build that engine on the device with "
+                              f"standard TensorRT")
+
     # -- target architecture -------------------------------------------------------------------
 
     def set_target(self, config, target_sm: int | None) -> list[str]:
@@ -136,14 +157,10 @@ class TrtFlavourApi:
                         "(SM80, SM86, SM89, SM120; not Turing)"]
             return []
         if self.is_rtx:
-            if target_sm not in RTX_TARGET_SMS:
-                names = ", ".join(f"SM{s}" for s in RTX_TARGET_SMS)
-                raise Unsupported(f"TensorRT-RTX cannot compile ahead of time for SM{target_sm} "
-                                  f"(it targets {names}); build that engine on the device with "
-                                  f"standard TensorRT")
             member = getattr(self.trt.ComputeCapability, f"SM{target_sm}", None)
             if member is None:
-                raise Unsupported(f"TensorRT-RTX {trt_version(self.trt)} has no SM{target_sm} target")
+                raise Unsupported(f"TensorRT-RTX {trt_version(self.trt)} has no "
+                                  f"SM{target_sm} target")
             config.num_compute_capabilities = 1
             if not config.set_compute_capability(member, 0):
                 raise Unsupported(f"TensorRT-RTX refused target SM{target_sm}")
@@ -160,9 +177,6 @@ class TrtFlavourApi:
     # -- portability and DLA (standard TensorRT only) -----------------------------------------
 
     def set_hardware_compatibility(self, config, level: str) -> None:
-        if self.is_rtx:
-            raise Unsupported("hardware compatibility levels are a standard TensorRT option; "
-                              "TensorRT-RTX ignores them (its engines are portable by target SM)")
         names = {"none": "NONE", "ampere_plus": "AMPERE_PLUS",
                  "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
         enum_ = getattr(self.trt, "HardwareCompatibilityLevel", None)
@@ -173,15 +187,9 @@ class TrtFlavourApi:
         config.hardware_compatibility_level = member
 
     def set_version_compatible(self, config) -> None:
-        if self.is_rtx:
-            raise Unsupported("version-compatible engines are a standard TensorRT option; "
-                              "TensorRT-RTX has no lean runtime to embed")
         config.set_flag(self.trt.BuilderFlag.VERSION_COMPATIBLE)
 
     def set_dla(self, builder, config, core: int, gpu_fallback: bool) -> None:
-        if self.is_rtx:
-            raise Unsupported("DLA is a Jetson feature of standard TensorRT; TensorRT-RTX "
-                              "cannot build for it")
         cores = int(getattr(builder, "num_DLA_cores", 0))
         if core < 0 or core >= cores:
             raise Unsupported(f"DLA core {core} requested but this device has {cores} DLA cores")
