@@ -1,9 +1,126 @@
-"""CLI commands for hardware profiles and planning (`dsc profiles`, `dsc plan`)."""
+"""CLI commands for hardware profiles and planning (`dsc profiles`, `dsc plan`).
+
+Thin: each command parses options, calls `dsc.hardware` / `dsc.plan`, and prints. Errors are
+`DscError`s raised by those modules; `dsc.cli.main` turns them into one line and an exit code.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import click
+import yaml
+
+from dsc.errors import DoesNotFit
+from dsc.hardware import PRECISIONS
+
+logger = logging.getLogger(__name__)
+
+_SET_HELP = "Override one profile field, e.g. --set builder.workspace_gb=8 (repeatable)."
+
+
+@click.group("profiles")
+def profiles() -> None:
+    """Hardware profiles: what each target GPU holds and how fast it can go."""
+
+
+@profiles.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def profiles_list(as_json: bool) -> None:
+    """List the built-in profiles."""
+    from dsc.hardware import list_profiles
+
+    profs = list_profiles()
+    if as_json:
+        click.echo(json.dumps([p.to_dict() for p in profs], indent=2))
+        return
+    head = ["name", "kind", "SM", "memory GiB", "GB/s", "fp16 TF", "int8 TOPS", "precisions",
+            "DLA", "aliases"]
+    rows = []
+    for p in profs:
+        t = p.throughput_tflops
+        rows.append([
+            p.name, p.kind, str(p.sm),
+            f"{p.memory.gb:g}" + (" shared" if p.memory.shared_with_cpu else ""),
+            f"{p.memory.bandwidth_gbps:g}", f"{t.fp16:g}" if t.fp16 else "-",
+            f"{t.int8:g}" if t.int8 else "-", ",".join(p.precisions), str(p.dla_cores),
+            ",".join(p.aliases) or "-",
+        ])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, ["-" * w for w in widths], *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@profiles.command("show")
+@click.argument("name")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def profiles_show(name: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Show one profile (NAME, alias, or path to a YAML file) after overrides."""
+    from dsc.hardware import load_profile
+
+    prof = load_profile(name, list(overrides))
+    data = prof.to_dict()
+    if as_json:
+        click.echo(json.dumps({**data, "sm": prof.sm, "path": prof.path,
+                               "overrides": list(prof.overrides)}, indent=2))
+        return
+    click.echo(f"# {prof.path}" + (f" with --set {' '.join(prof.overrides)}"
+                                   if prof.overrides else ""))
+    click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100).rstrip())
+
+
+@click.command("plan")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--profile", "profile_name", required=True,
+              help="Profile name, alias or YAML path; 'all' plans every built-in profile.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--context", type=click.IntRange(min=1), default=None,
+              help="Tokens of KV cache per sequence [default: the profile's envelope max_kv, "
+                   "capped at the model's max_position_embeddings].")
+@click.option("--input-len", type=click.IntRange(min=1), default=None,
+              help="Prefill length [default: min(context, envelope max_input_len)].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--strict", is_flag=True,
+              help="Exit 6 when the model does not fit (with --profile all: fits none).")
+def plan_cmd(model: Path, profile_name: str, precision: str, batch: int, context: int | None,
+             input_len: int | None, overrides: tuple[str, ...], as_json: bool,
+             strict: bool) -> None:
+    """Memory, verdict and speed ceilings for MODEL (a checkpoint dir or config.json) on a target.
+
+    Works from config.json alone, so examples/configs/* plan without weights.
+    """
+    from dsc import plan as planner
+    from dsc.hardware import load_profile
+
+    if profile_name.strip().lower() == "all":
+        rows = planner.plan_all(model, precision, batch, context, input_len, list(overrides))
+        results = [r for r in rows if isinstance(r, planner.PlanResult)]
+        if as_json:
+            click.echo(json.dumps([r.to_dict() if isinstance(r, planner.PlanResult)
+                                   else {"profile": r.profile, "skipped": r.reason}
+                                   for r in rows], indent=2))
+        else:
+            click.echo(planner.format_table(rows))
+        if strict and not any(r.fits for r in results):
+            raise DoesNotFit(f"{model} at {precision}, batch {batch} fits none of the profiles")
+        return
+
+    prof = load_profile(profile_name, list(overrides))
+    result = planner.plan(model, prof, precision, batch, context, input_len)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else planner.format_plan(result))
+    if strict and not result.fits:
+        raise DoesNotFit(
+            f"{result.model} needs {result.total / 2**30:.2f} GiB on {prof.name} "
+            f"({result.capacity / 2**30:.2f} GiB)"
+        )
 
 
 def register(cli: click.Group) -> None:
     """Add this module's commands to the top-level group."""
+    cli.add_command(profiles)
+    cli.add_command(plan_cmd)

@@ -125,6 +125,7 @@ class ModelShape:
     num_layers: int
     vocab_size: int
     ffn_width: int  # widest FFN a token goes through: dense intermediate or top-k+shared experts
+    attn_width: int  # q, k and v features per token inside attention (MLA: after kv_b_proj)
     max_position_embeddings: int | None
     attention: str  # "mla" or "gqa"
     n_routed_experts: int = 0
@@ -355,6 +356,7 @@ def kv_bytes_per_token(config: Mapping[str, Any], dtype_bytes: float) -> float:
 
 
 def model_shape(config: Mapping[str, Any], name: str = "") -> ModelShape:
+    """Widths and limits the planner needs (activation sizes, context limit, MoE routing)."""
     arch = architecture(config)
     layers = _int(config, "num_hidden_layers")
     flags = _moe_layer_flags(config, layers)
@@ -368,6 +370,14 @@ def model_shape(config: Mapping[str, Any], name: str = "") -> ModelShape:
     else:
         top_k = 0
         width = _int(config, "intermediate_size")
+    heads = _int(config, "num_attention_heads")
+    if _is_mla(arch):
+        nope, rope = _int(config, "qk_nope_head_dim"), _int(config, "qk_rope_head_dim")
+        attn = heads * (nope + rope) * 2 + heads * _int(config, "v_head_dim")
+    else:
+        kv_heads = _int(config, "num_key_value_heads", heads) or heads
+        head_dim = config.get("head_dim") or _int(config, "hidden_size") // heads
+        attn = (heads + 2 * kv_heads) * head_dim
     max_pos = config.get("max_position_embeddings")
     return ModelShape(
         architecture=arch,
@@ -376,6 +386,7 @@ def model_shape(config: Mapping[str, Any], name: str = "") -> ModelShape:
         num_layers=layers,
         vocab_size=_int(config, "vocab_size"),
         ffn_width=width,
+        attn_width=attn,
         max_position_embeddings=max_pos if isinstance(max_pos, int) else None,
         attention="mla" if _is_mla(arch) else "gqa",
         n_routed_experts=int(config.get("n_routed_experts") or 0) if n_moe else 0,
