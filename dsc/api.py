@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsc import __version__
-from dsc.artifacts import ARTIFACT_FORMAT, IO_SPEC, MANIFEST, SCHEMA_VERSION, atomic_dir, write_json
+from dsc.artifacts import (
+    ARTIFACT_FORMAT,
+    IO_SPEC,
+    MANIFEST,
+    SCHEMA_VERSION,
+    atomic_dir,
+    check_output,
+    write_json,
+)
 from dsc.errors import BadInput, Unsupported
 from dsc.models.checkpoint import inspect_checkpoint, sha256_file
 
@@ -62,6 +70,7 @@ def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
         raise Unsupported(f"opset {opset} is not supported by the exporter; choose 18..23")
     info = inspect_checkpoint(checkpoint, allow_pickle=allow_pickle)
     output = Path(output)
+    check_output(output, force=force)  # before any output, so a refusal is the only line
     progress(f"checked {info.path}: {info.architecture} → family {info.family.name}")
     with atomic_dir(output, force=force) as tmp:
         graph = export_graph(info, tmp, dtype=dtype, opset=opset, progress=progress)

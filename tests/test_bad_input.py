@@ -1,0 +1,192 @@
+"""Bad input: one line on stderr, the documented exit code, nothing left in the output path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsc.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OUTPUT_CONFLICT,
+    EXIT_UNSUPPORTED,
+)
+from dsc.models.families import supported_architectures
+
+from .conftest import run_cli
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _assert_clean(parent: Path, out: Path) -> None:
+    assert not out.exists(), f"{out} was created"
+    leftovers = [p.name for p in parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert not leftovers, f"temporary directories left behind: {leftovers}"
+
+
+def _export_fails(argv_ckpt: Path, tmp_path: Path, capsys, *extra: str) -> tuple[int, str]:
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["export", str(argv_ckpt), "-o", str(out), *extra], capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert lines[0].startswith("dsc: error: ")
+    assert "Traceback" not in err
+    _assert_clean(tmp_path, out)
+    return code, lines[0]
+
+
+def test_missing_directory(tmp_path, capsys):
+    code, msg = _export_fails(tmp_path / "nope", tmp_path, capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "not found" in msg
+
+
+def test_missing_config(tmp_path, checkpoints, capsys):
+    ckpt = _copy(checkpoints["llama"], tmp_path / "ckpt")
+    (ckpt / "config.json").unlink()
+    code, msg = _export_fails(ckpt, tmp_path, capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "missing config.json" in msg
+
+
+def test_invalid_config(tmp_path, checkpoints, capsys):
+    ckpt = _copy(checkpoints["llama"], tmp_path / "ckpt")
+    (ckpt / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
+    code, msg = _export_fails(ckpt, tmp_path, capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "invalid config.json" in msg
+
+
+def test_unsupported_architecture_lists_supported(tmp_path, checkpoints, capsys):
+    ckpt = _copy(checkpoints["llama"], tmp_path / "ckpt")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    code, msg = _export_fails(ckpt, tmp_path, capsys)
+    assert code == EXIT_UNSUPPORTED
+    assert "GPT2LMHeadModel" in msg
+    for arch in supported_architectures():
+        assert arch in msg
+
+
+def test_pickle_only_checkpoint_is_refused_unless_allowed(tmp_path, checkpoints, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt = _copy(checkpoints["llama"], tmp_path / "ckpt")
+    weights = load_file(ckpt / "model.safetensors")
+    torch.save(weights, ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+    code, msg = _export_fails(ckpt, tmp_path, capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "pickle" in msg and "--allow-pickle" in msg
+
+    out = tmp_path / "allowed"
+    code, stdout, err = run_cli(["export", str(ckpt), "-o", str(out), "--allow-pickle",
+                                 "--dtype", "fp32"], capsys)
+    assert code == 0, err
+    assert (out / "model.onnx").is_file()
+
+
+def test_truncated_safetensors(tmp_path, checkpoints, capsys):
+    ckpt = _copy(checkpoints["deepseek_v3"], tmp_path / "ckpt")
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    code, msg = _export_fails(ckpt, tmp_path, capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "truncated" in msg and "model.safetensors" in msg
+
+
+def test_garbage_safetensors_header(tmp_path, checkpoints, capsys):
+    ckpt = _copy(checkpoints["qwen2"], tmp_path / "ckpt")
+    (ckpt / "model.safetensors").write_bytes(b"\xff" * 64)
+    code, msg = _export_fails(ckpt, tmp_path, capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "corrupt safetensors" in msg
+
+
+def test_output_path_with_foreign_content_is_left_alone(tmp_path, checkpoints, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, stdout, err = run_cli(["export", str(checkpoints["llama"]), "-o", str(out)], capsys)
+    assert code == EXIT_OUTPUT_CONFLICT
+    assert err.strip().startswith("dsc: error: ") and len(err.strip().splitlines()) == 1
+    assert "not a dsc artifact" in err
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_output_path_that_is_a_file(tmp_path, checkpoints, capsys):
+    out = tmp_path / "out"
+    out.write_text("x")
+    code, _, err = run_cli(["export", str(checkpoints["llama"]), "-o", str(out)], capsys)
+    assert code == EXIT_OUTPUT_CONFLICT
+    assert out.read_text() == "x"
+
+
+def test_existing_artifact_needs_force(tmp_path, checkpoints, exported, capsys):
+    out = tmp_path / "art"
+    shutil.copytree(exported["qwen2"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run_cli(["export", str(checkpoints["llama"]), "-o", str(out)], capsys)
+    assert code == EXIT_OUTPUT_CONFLICT
+    assert "--force" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    code, _, err = run_cli(["export", str(checkpoints["llama"]), "-o", str(out), "--force",
+                            "--dtype", "fp32"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "model_io.json").read_text())["family"] == "llama"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art.")]
+
+
+def test_failure_midway_leaves_nothing(tmp_path, checkpoints, monkeypatch, capsys):
+    """A crash (or Ctrl-C) after files were written inside the temp dir leaves no trace."""
+    import dsc.export.onnx_export as ex
+
+    def boom(info, out_dir, **kw):
+        (out_dir / "model.onnx").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "export_graph", boom)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["export", str(checkpoints["llama"]), "-o", str(out)], capsys)
+    assert code == EXIT_INTERRUPTED
+    _assert_clean(tmp_path, out)
+
+
+def test_run_on_a_non_artifact(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    code, _, err = run_cli(["run", str(tmp_path / "d"), "--prompt", "hi"], capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "not a dsc artifact" in err
+
+
+def test_usage_error_exit_code(capsys):
+    code, _, err = run_cli(["export"], capsys)
+    assert code == 2
+    assert "Missing argument" in err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["export", "--help"]])
+def test_help_needs_no_heavy_imports(argv):
+    """`dsc --help` must not import torch, onnxruntime or TensorRT."""
+    code = (
+        "import sys; from dsc.cli import main\n"
+        f"try: main({argv!r})\n"
+        "except SystemExit: pass\n"
+        "heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'tensorrt_rtx', 'transformers')"
+        " if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
