@@ -175,8 +175,8 @@ def _validate(data: Any, schema: Mapping[str, Any], source: str, prefix: str = "
     for key in data:
         if key not in schema:
             near = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f"; did you mean {prefix}{near[0]!r}?" if near else ""
-            raise BadInput(f"unknown key {prefix}{key!r} in {source}{hint}")
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
+            raise BadInput(f"unknown key '{prefix}{key}' in {source}{hint}")
     out: dict[str, Any] = {}
     for key, spec in schema.items():
         full = f"{prefix}{key}"
