@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from dsc.errors import BadInput, Unsupported
-from dsc.hardware import GiB, PRECISIONS, HardwareProfile, list_profiles
+from dsc.hardware import PRECISIONS, GiB, HardwareProfile, list_profiles
 from dsc.models.params import (
     ParamCounts,
     WeightGroup,
@@ -265,9 +265,9 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
         "os_reserved": profile.memory.os_reserved_gb * GiB,
     }
     memory = {
-        "weights": int(math.ceil(weights)),
-        "kv_cache": int(math.ceil(batch * context * kv_tok)),
-        "activations": int(math.ceil(activations(batch, t_in))),
+        "weights": math.ceil(weights),
+        "kv_cache": math.ceil(batch * context * kv_tok),
+        "activations": math.ceil(activations(batch, t_in)),
         **{k: int(v) for k, v in fixed.items()},
     }
     capacity = profile.memory.capacity_bytes
@@ -407,8 +407,8 @@ def format_plan(r: PlanResult) -> str:
     mtp = f" (+{_count(p.mtp)} MTP, not exported)" if p.mtp else ""
     lines = [
         f"{r.model} ({r.architecture}, {_count(p.total)} params{moe}{mtp}) on {r.profile}",
-        f"precision {r.precision}, batch {r.batch}, context {r.context:,} "
-        f"(prefill {r.input_len:,} tokens)",
+        (f"precision {r.precision}, batch {r.batch}, context {r.context:,} "
+         f"(prefill {r.input_len:,} tokens)"),
         "",
         f"{'memory':<50}{'GiB':>10}",
     ]
@@ -476,5 +476,5 @@ def format_table(rows: list[PlanResult | Skipped]) -> str:
         if cells[1] == "n/a":
             return f"{cells[0]:<{widths[0]}}  {cells[1]:<{widths[1]}}  {cells[2]}"
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
