@@ -403,7 +403,7 @@ def _count(n: float) -> str:
 def format_plan(r: PlanResult) -> str:
     """The human-readable report of one plan."""
     p = r.params
-    moe = f", {_count(p.active)} active per token" if p.active < 0.9 * p.total else ""
+    moe = f", {_count(p.active)} active per token" if p.by_component["experts"] else ""
     mtp = f" (+{_count(p.mtp)} MTP, not exported)" if p.mtp else ""
     lines = [
         f"{r.model} ({r.architecture}, {_count(p.total)} params{moe}{mtp}) on {r.profile}",

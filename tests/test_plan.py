@@ -193,7 +193,7 @@ def test_memory_breakdown_by_hand():
     assert r.memory["activations"] == act
     assert r.memory["workspace"] == 1 * GiB
     assert r.memory["runtime"] == 0.5 * GiB
-    assert r.memory["os_reserved"] == 2 * GiB
+    assert r.memory["os_reserved"] == 1.5 * GiB
     assert r.capacity == 8 * GiB
     assert r.total == sum(r.memory.values())
     assert r.margin == r.capacity - r.total and r.fits
