@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The demo, end to end on a fresh machine: set up .venv, then take the tiny DeepSeek-V3 model
+# trained on CPU (examples/models/tiny-deepseek-v3) through dsc and generate text from the result.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+export PATH="$PWD/.venv/bin:$PATH"
+OUT=${DSC_DEMO_OUT:-demo-out}
+MODEL=examples/models/tiny-deepseek-v3
+
+echo "== dsc plan: will it fit a Jetson Orin Nano 8GB (Super)?"
+dsc plan "$MODEL" --profile jetson-orin-nano-8gb-super --precision fp16 --batch 1 --context 512
+
+echo "== dsc export: checkpoint -> ONNX with a KV cache (MLA latent)"
+dsc export "$MODEL" -o "$OUT/export" --dtype fp32 --force
+
+echo "== dsc run: greedy generation through ONNX Runtime"
+dsc run "$OUT/export" --prompt "And God said" --max-new-tokens 40
+
+echo "== artifacts in $OUT/"
+ls -la "$OUT/export"
