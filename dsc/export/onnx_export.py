@@ -21,6 +21,7 @@ assume the dimensions are equal.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -159,7 +160,8 @@ def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int 
     say(f"tracing {num_layers} layers with torch.export")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
-        with family.export_patches(), warnings.catch_warnings(), torch.no_grad():
+        with family.export_patches(), warnings.catch_warnings(), torch.no_grad(), \
+                _quiet_loggers("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 wrapper,
@@ -185,6 +187,19 @@ def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int 
     io = io_spec_from_onnx(onnx_path, family, config)
     return ExportedGraph(onnx_path, data_path if data_path.exists() else None, io,
                          time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """The exporter logs routine notes (e.g. 'torchvision is not installed') as warnings."""
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for log, _ in saved:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in saved:
+            log.setLevel(level)
 
 
 def _exporter_summary(e: Exception) -> str:
