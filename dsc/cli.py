@@ -72,6 +72,9 @@ def _register_optional_groups() -> None:
     from dsc import _cli_hw
 
     _cli_hw.register(cli)
+    from dsc import _cli_validate
+
+    _cli_validate.register(cli)
 
 
 _register_optional_groups()

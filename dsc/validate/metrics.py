@@ -1,0 +1,71 @@
+"""Accuracy metrics of candidate logits against reference logits (numpy, float64 inside).
+
+All functions take logits shaped [..., vocab] and reduce over every leading position.
+
+- cosine: cosine similarity of the logit vectors, mean and worst position
+- max_abs: the largest absolute logit difference
+- kl: mean KL(reference || candidate) of the softmax distributions, in nats
+- top1: fraction of positions where both argmaxes agree
+- top5: fraction of positions where the reference's argmax is in the candidate's top 5
+- nll / perplexity of a target sequence
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def logits_metrics(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    c, r = _flat(candidate), _flat(reference)
+    if c.shape != r.shape:
+        raise ValueError(f"logit shapes differ: {c.shape} vs {r.shape}")
+    cos = (c * r).sum(-1) / (np.linalg.norm(c, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-30)
+    lc, lr = log_softmax(c), log_softmax(r)
+    kl = (np.exp(lr) * (lr - lc)).sum(-1)
+    ref_top1 = r.argmax(-1)
+    top5 = np.argpartition(-c, kth=min(4, c.shape[-1] - 1), axis=-1)[:, :5]
+    return {
+        "positions": int(c.shape[0]),
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "max_abs": float(np.abs(c - r).max()),
+        "kl_mean": float(max(kl.mean(), 0.0)),
+        "kl_max": float(max(kl.max(), 0.0)),
+        "top1": float((c.argmax(-1) == ref_top1).mean()),
+        "top5": float((top5 == ref_top1[:, None]).any(-1).mean()),
+    }
+
+
+def nll(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Mean next-token negative log-likelihood of `ids` [batch, seq] under `logits` [b, s, v]."""
+    lp = log_softmax(np.asarray(logits)[:, :-1])
+    picked = np.take_along_axis(lp, np.asarray(ids)[:, 1:, None], axis=-1)[..., 0]
+    return float(-picked.mean())
+
+
+def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
+    return math.exp(nll(logits, ids))
+
+
+def merge(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Combine per-batch metric dicts, weighting means by positions."""
+    n = sum(p["positions"] for p in parts)
+    out: dict[str, float] = {"positions": n}
+    for key in ("cosine_mean", "kl_mean", "top1", "top5"):
+        out[key] = sum(p[key] * p["positions"] for p in parts) / n
+    out["cosine_min"] = min(p["cosine_min"] for p in parts)
+    out["max_abs"] = max(p["max_abs"] for p in parts)
+    out["kl_max"] = max(p["kl_max"] for p in parts)
+    return out

@@ -1,0 +1,190 @@
+"""The validation gate against real failures, on the trained tiny DeepSeek-V3 (fp16).
+
+- the untouched fp16 artifact passes (exit 0);
+- int8 weight-only Q/DQ on every linear layer passes the int8 gate, and the same graph with the
+  scales of one layer multiplied by 10 fails (exit 1) and the report names that layer;
+- a "fusion made wrong" (one layer's RMSNorm loses its gamma, the classic fused-norm bug) fails
+  and the report names that norm;
+- dsc bench and dsc report write what they say.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jsonschema
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from dsc import api
+from dsc.validate.locate import module_path
+
+from .conftest import REPO, run_cli
+
+BROKEN_LAYER = 2
+
+
+def _quiet(msg):
+    pass
+
+
+@pytest.fixture(scope="module")
+def fp16_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gate") / "v3-fp16"
+    return api.export(REPO / "examples/models/tiny-deepseek-v3", out, dtype="fp16",
+                      progress=_quiet).path
+
+
+def _candidate(src, dst, mutate) -> None:
+    """Copy the artifact, keep its graph as reference/, and write `mutate(model)` as model.onnx."""
+    shutil.copytree(src, dst)
+    ref = dst / "reference"
+    ref.mkdir()
+    for name in ("model.onnx", "model_io.json"):
+        shutil.copy2(src / name, ref / name)
+    model = ir.load(str(src / "model.onnx"))
+    mutate(model)
+    ir.save(model, dst / "model.onnx")
+
+
+def _int8_weights(model, *, scale_layer: int | None = None, factor: float = 1.0) -> int:
+    """Per-output-channel symmetric int8 Q/DQ on every 2-D weight feeding a MatMul."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "MatMul" or node.inputs[1] is None:
+            continue
+        w = node.inputs[1]
+        if w.const_value is None or len(w.shape) != 2 or w.name not in model.graph.initializers:
+            continue
+        arr = w.const_value.numpy().astype(np.float32)
+        scale = np.abs(arr).max(axis=0) / 127.0 + 1e-12
+        q = np.clip(np.round(arr / scale), -127, 127).astype(np.int8)
+        path = module_path(node) or ""
+        if scale_layer is not None and f"layers.{scale_layer}." in path:
+            scale = scale * factor
+        qv = ir.Value(name=f"{w.name}_q", const_value=ir.tensor(q, name=f"{w.name}_q"))
+        sv = ir.Value(name=f"{w.name}_scale",
+                      const_value=ir.tensor(scale.astype(arr.dtype if arr.dtype != np.float32
+                                                         else w.const_value.numpy().dtype),
+                                            name=f"{w.name}_scale"))
+        model.graph.register_initializer(qv)
+        model.graph.register_initializer(sv)
+        dq = ir.node("DequantizeLinear", [qv, sv], attributes={"axis": 1},
+                     metadata_props=dict(node.metadata_props))
+        model.graph.insert_before(node, dq)
+        node.replace_input_with(1, dq.outputs[0])
+        count += 1
+    return count
+
+
+def _drop_gamma(model, layer: int) -> str:
+    """Break one RMSNorm the way a bad fusion does: ignore its learned gamma."""
+    for node in model.graph:
+        path = module_path(node) or ""
+        if (path == f"model.model.layers.{layer}.post_attention_layernorm"
+                and node.op_type == "Mul"):
+            for i, inp in enumerate(node.inputs):
+                if inp is not None and inp.const_value is not None and inp.name in model.graph.initializers:
+                    ones = np.ones_like(inp.const_value.numpy())
+                    v = ir.Value(name=f"{inp.name}_ones", const_value=ir.tensor(ones, name=f"{inp.name}_ones"))
+                    model.graph.register_initializer(v)
+                    node.replace_input_with(i, v)
+                    return path
+    raise AssertionError("no RMSNorm gamma found")
+
+
+def test_untouched_fp16_artifact_passes(fp16_artifact, tmp_path, capsys):
+    art = tmp_path / "a"
+    shutil.copytree(fp16_artifact, art)
+    code, out, err = run_cli(["validate", str(art)], capsys)
+    assert code == 0, err
+    assert "PASS" in out
+    v = json.loads((art / "validation.json").read_text())
+    assert v["passed"] and v["perplexity"]["delta"] == 0.0
+    assert v["prefill"]["top1"] == 1.0 and v["greedy"]["greedy_match"] == 1.0
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["validation"]["passed"] is True
+
+
+def test_int8_weights_pass_and_one_layer_scaled_by_10_fails(fp16_artifact, tmp_path, capsys):
+    good = tmp_path / "int8"
+    counts = {}
+    _candidate(fp16_artifact, good, lambda m: counts.setdefault("n", _int8_weights(m)))
+    assert counts["n"] >= 8
+    code, out, err = run_cli(["validate", str(good), "--precision", "int8"], capsys)
+    assert code == 0, out + err
+    v = json.loads((good / "validation.json").read_text())
+    assert 0 < abs(v["perplexity"]["delta"]) < 0.02
+    assert v["reference"].startswith("reference/")
+
+    bad = tmp_path / "int8-bad"
+    _candidate(fp16_artifact, bad,
+               lambda m: _int8_weights(m, scale_layer=BROKEN_LAYER, factor=10.0))
+    code, out, err = run_cli(["validate", str(bad), "--precision", "int8"], capsys)
+    assert code == 1, out + err
+    assert err.startswith("dsc: error: validation failed")
+    v = json.loads((bad / "validation.json").read_text())
+    assert not v["passed"] and v["failures"]
+    fd = v["first_divergence"]
+    assert fd["layer"] == BROKEN_LAYER, fd
+    assert fd["rel_error"] > 1.0
+    # before the broken layer: int8 noise (< 5%) except where a routed expert flipped
+    before = [e for e in v["layers"] if e["layer"] is not None and e["layer"] < BROKEN_LAYER]
+    assert before and max(e["rel_error"] for e in before) < fd["rel_error"] / 10
+    assert max(e["rel_error"] for e in before if ".experts" not in e["module"]
+               and not e["module"].endswith(".mlp")) < 0.05
+    report = (bad / "report.md").read_text()
+    assert f"first divergence: layer {BROKEN_LAYER}" in report
+    assert f"layers.{BROKEN_LAYER}" in (bad / "report.html").read_text()
+
+
+def test_wrong_fusion_fails_and_names_the_norm(fp16_artifact, tmp_path, capsys):
+    bad = tmp_path / "fused-bad"
+    where = {}
+    _candidate(fp16_artifact, bad, lambda m: where.setdefault("path", _drop_gamma(m, BROKEN_LAYER)))
+    code, out, err = run_cli(["validate", str(bad)], capsys)
+    assert code == 1, out
+    v = json.loads((bad / "validation.json").read_text())
+    fd = v["first_divergence"]
+    assert fd["layer"] == BROKEN_LAYER
+    assert fd["module"].startswith(where["path"]) or where["path"].startswith(fd["module"]), fd
+    assert "first divergence" in out
+
+
+def test_threshold_override_and_bad_threshold(fp16_artifact, tmp_path, capsys):
+    bad = tmp_path / "fused-bad"
+    _candidate(fp16_artifact, bad, lambda m: _drop_gamma(m, BROKEN_LAYER))
+    loose = ("min_cosine=0,min_top1=0,min_top5=0,max_kl=100,max_ppl_delta=100,"
+             "min_greedy_match=0")
+    code, out, err = run_cli(["validate", str(bad), "--thresholds", loose], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["validate", str(bad), "--thresholds", "min_wisdom=1"], capsys)
+    assert code == 3 and "unknown threshold" in err
+
+
+def test_bench_and_report(fp16_artifact, tmp_path, capsys):
+    art = tmp_path / "b"
+    shutil.copytree(fp16_artifact, art)
+    code, out, err = run_cli(["bench", str(art), "--batch", "1,2", "--prompt-len", "16,32",
+                              "--gen-len", "6", "--repeats", "2", "--profile", "jetson-orin"],
+                             capsys)
+    assert code == 0, err
+    b = json.loads((art / "bench.json").read_text())
+    assert len(b["rows"]) == 4
+    for row in b["rows"]:
+        assert 0 < row["tpot"]["p50_ms"] <= row["tpot"]["p90_ms"] <= row["tpot"]["p99_ms"]
+        assert row["decode_tokens_per_s"] == pytest.approx(row["batch"] / row["tpot"]["p50_ms"] * 1e3)
+        assert 0 < row["fraction_of_host_bandwidth"] < 1.5
+    assert b["target"]["profile"] == "jetson-agx-orin-64gb"
+    run_cli(["validate", str(art)], capsys)
+    (art / "report.html").unlink()
+    code, out, err = run_cli(["report", str(art)], capsys)
+    assert code == 0
+    rep = json.loads((art / "report.json").read_text())
+    schema = json.loads((REPO / "dsc/schemas/report.schema.json").read_text())
+    jsonschema.validate(rep, schema)
+    page = (art / "report.html").read_text()
+    assert page.count("<svg") == 3  # per-layer error, latency vs batch, accuracy by precision
+    assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
