@@ -59,6 +59,10 @@ def atomic_dir(dest: Path, *, force: bool = False) -> Iterator[Path]:
     check_output(dest, force=force)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    # mkdtemp makes the directory private (0700); the artifact gets the usual umask mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
         if dest.exists():

@@ -8,8 +8,9 @@ export PATH="$PWD/.venv/bin:$PATH"
 OUT=${DSC_DEMO_OUT:-demo-out}
 MODEL=examples/models/tiny-deepseek-v3
 
-echo "== dsc plan: will it fit a Jetson Orin Nano 8GB (Super)?"
-dsc plan "$MODEL" --profile jetson-orin-nano-8gb-super --precision fp16 --batch 1 --context 512
+echo "== dsc plan: does DeepSeek-R1-Distill-Qwen-1.5B fit a Jetson Orin Nano 8GB (Super) at INT8?"
+dsc plan examples/configs/DeepSeek-R1-Distill-Qwen-1.5B --profile jetson-orin-nano-8gb-super \
+  --precision int8 --batch 1 --context 4096
 
 echo "== dsc export: checkpoint -> ONNX with a KV cache (MLA latent)"
 dsc export "$MODEL" -o "$OUT/export" --dtype fp32 --force

@@ -112,3 +112,11 @@ def test_cli_export_and_run(tmp_path, checkpoints, capsys):
     assert code == 0, err
     assert stdout.startswith("And God said")
     assert len(stdout.strip()) > len("And God said")
+
+
+def test_artifact_directory_has_umask_permissions(exported):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (exported["llama"].stat().st_mode & 0o777) == (0o777 & ~umask)
