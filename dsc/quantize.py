@@ -1,0 +1,266 @@
+"""`dsc quantize`: calibrate an artifact's graph and write a new artifact with Q/DQ inserted.
+
+Steps (each deterministic given the model and the data):
+
+1. legality: the precision must be one the hardware profile can run (before any work);
+2. calibration data: text / JSONL (`{"text": ...}` per line) / a directory of them, tokenized
+   with the artifact's tokenizer, `samples` windows of `seq_len` tokens at evenly spaced
+   offsets (default: the calibration text shipped in `dsc/data/calibration.txt`, drawn from the
+   corpus train split; never the held-out split, which validation uses);
+3. calibration (`dsc.passes.quant.calibrate`), cached by sha256(model) + sha256(data);
+4. INT8 W8A8: SmoothQuant (α) then calibrate again on the smoothed graph; INT4: AWQ scales;
+5. ranges by `method` and `InsertQDQPass`.
+
+The new artifact holds the quantized `model.onnx`, the input graph under `reference/` (the
+layout `dsc validate` compares against), `calibration/` (ranges + the statistics cache) and
+`quant_report.json`, and its manifest gains `stages.quantize`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dsc.artifacts import IO_SPEC, MANIFEST, atomic_dir, load_io_spec, load_manifest, write_json
+from dsc.errors import BadInput, Unsupported
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("int8", "fp8", "int4")
+DEFAULT_CALIB = Path(__file__).resolve().parent / "data" / "calibration.txt"
+DEFAULT_METHOD = {"int8": "max", "fp8": "max", "int4": "max"}
+MIN_EXPERT_TOKENS = 16
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    precision: str
+    scheme: str
+    method: str
+    quantized_layers: int
+    excluded: dict = field(default_factory=dict)
+    under_calibrated: list = field(default_factory=list)
+    seconds: float = 0.0
+    report: dict = field(default_factory=dict)
+
+
+def precision_from_flags(int8: bool = False, fp8: bool = False, int4_awq: bool = False) -> str | None:
+    """The precision named by `--int8|--fp8|--int4-awq` (for `dsc quantize` and `dsc build`)."""
+    chosen = [p for p, on in (("int8", int8), ("fp8", fp8), ("int4", int4_awq)) if on]
+    if len(chosen) > 1:
+        raise BadInput("choose one of --int8, --fp8, --int4-awq")
+    return chosen[0] if chosen else None
+
+
+def check_legal(precision: str, profile=None) -> None:
+    """Raise before any work when `precision` is unknown or the target cannot run it."""
+    if precision not in PRECISIONS:
+        raise BadInput(f"unknown quantized precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    if profile is None:
+        return
+    from dsc.hardware import load_profile
+    from dsc.plan import check_precision
+
+    prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
+    try:
+        check_precision(prof, precision)
+    except Unsupported:
+        legal = [p for p in prof.precisions if p in PRECISIONS]
+        raise Unsupported(
+            f"{precision} is not supported on {prof.name} (SM{prof.sm}); this target can run "
+            f"{', '.join(prof.precisions)}"
+            + (f" (quantized: {', '.join('--' + ('int4-awq' if p == 'int4' else p) for p in legal)})"
+               if legal else " (no quantized precision)")
+        ) from None
+
+
+def read_calibration_text(calib: str | Path | None) -> str:
+    path = Path(calib) if calib is not None else DEFAULT_CALIB
+    if not path.exists():
+        raise BadInput(f"calibration data not found: {path}")
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".json")) \
+        if path.is_dir() else [path]
+    if not files:
+        raise BadInput(f"calibration directory {path} holds no .txt or .jsonl files")
+    parts = []
+    for f in files:
+        raw = f.read_text(encoding="utf-8", errors="replace")
+        if f.suffix in (".jsonl", ".json"):
+            for n, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    raise BadInput(f"{f}:{n}: not a JSON line") from None
+                text = rec.get("text") if isinstance(rec, dict) else rec
+                if not isinstance(text, str):
+                    raise BadInput(f"{f}:{n}: expected a string or an object with a 'text' field")
+                parts.append(text)
+        else:
+            parts.append(raw)
+    text = "\n".join(parts)
+    if not text.strip():
+        raise BadInput(f"calibration data {path} is empty")
+    return text
+
+
+def calibration_windows(tokenizer, text: str, samples: int, seq_len: int) -> np.ndarray:
+    """`samples` windows of `seq_len` tokens at evenly spaced offsets (deterministic)."""
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    if ids.size < 2:
+        raise BadInput("calibration data tokenizes to fewer than 2 tokens")
+    seq_len = int(min(seq_len, ids.size))
+    starts = np.unique(np.linspace(0, ids.size - seq_len, samples).round().astype(np.int64))
+    return np.stack([ids[s:s + seq_len] for s in starts])
+
+
+def _load(onnx_path: Path):
+    import onnx_ir as ir
+
+    return ir.load(str(onnx_path))
+
+
+def _sha_tree(root: Path) -> dict[str, str]:
+    from dsc.models.checkpoint import sha256_file
+
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, method=None,
+                   samples: int = 64, seq_len: int = 128, alpha: float = 0.5,
+                   weight_only: bool = False, exclude=(), use_cache: bool = True,
+                   percentile: float = 99.99, progress=None) -> tuple[object, dict, dict]:
+    """Quantize an in-memory onnx_ir model. Returns (model, report, calibration record)."""
+    from dsc.passes.quant import calibrate as cal
+    from dsc.passes.quant.awq import AWQScalePass
+    from dsc.passes.quant.qdq import InsertQDQPass, QuantScheme
+    from dsc.passes.quant.ranges import compute_amax
+    from dsc.passes.quant.smoothquant import SmoothQuantPass
+
+    method = method or DEFAULT_METHOD[precision]
+    scheme = QuantScheme(precision, weight_only=weight_only or precision == "int4")
+    text = read_calibration_text(calib)
+    windows = calibration_windows(tokenizer, text, samples, seq_len)
+    dsha = cal.data_sha256(windows)
+    say = progress or (lambda msg: None)
+    say(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens")
+    stats = cal.collect(model, io, windows, exclude=exclude, use_cache=use_cache)
+    # Expert coverage is a property of the original model on this data.
+    experts = stats.experts
+    report: dict = {"scheme": scheme.label, "method": method}
+    cache_files = [stats]
+    if precision == "int8" and not scheme.weight_only and alpha > 0:
+        sq = SmoothQuantPass({k: v.absmax for k, v in stats.acts.items()}, alpha, exclude)
+        sq(model)
+        report["smoothquant"] = sq.report
+        say("calibrating the smoothed graph")
+        stats = cal.collect(model, io, windows, exclude=exclude, use_cache=use_cache)
+        cache_files.append(stats)
+    if precision == "int4":
+        aw = AWQScalePass(stats, scheme, exclude)
+        aw(model)
+        report["awq"] = aw.report
+    ranges = {} if scheme.weight_only else compute_amax(stats, method, precision, percentile)
+    qdq = InsertQDQPass(ranges, scheme, exclude)
+    result = qdq(model)
+    report.update(qdq.report)
+    report["modified"] = result.modified
+    under = cal.under_calibrated(experts, MIN_EXPERT_TOKENS)
+    report["experts"] = {
+        "token_counts": experts, "min_tokens": MIN_EXPERT_TOKENS, "under_calibrated": under,
+        "routed_expert_weights": "kept in float: the batched routed-expert GEMMs (weights "
+                                 "gathered by the router's top-k) are not quantized",
+    }
+    if under:
+        logger.warning("%d MoE experts saw fewer than %d calibration tokens: %s", len(under),
+                       MIN_EXPERT_TOKENS, ", ".join(u["expert"] for u in under[:8]))
+    record = {"model_sha256": stats.model_sha256, "data_sha256": dsha, "method": method,
+              "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+              "tokens": int(windows.size), "ranges": ranges,
+              "cache_hit": [s.cache_hit for s in cache_files], "stats": cache_files}
+    return result.model, report, record
+
+
+def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, *,
+                      calib: str | Path | None = None, method: str | None = None,
+                      samples: int = 64, seq_len: int = 128, alpha: float = 0.5,
+                      weight_only: bool = False, exclude=(), profile=None, force: bool = False,
+                      use_cache: bool = True, progress=None) -> QuantizeResult:
+    """Write a new artifact at `output`: the quantized graph of `artifact` plus its reference."""
+    import onnx_ir as ir
+
+    from dsc.api import load_tokenizer
+
+    t0 = time.perf_counter()
+    check_legal(precision, profile)
+    from dsc.passes.quant.ranges import METHODS
+
+    if method is not None and method not in METHODS:
+        raise BadInput(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
+    artifact, output = Path(artifact), Path(output)
+    manifest = load_manifest(artifact)
+    io = load_io_spec(artifact)
+    if (artifact / "reference").exists() or manifest.get("stages", {}).get("quantize"):
+        raise BadInput(f"{artifact} is already quantized; quantize its fp16 export instead")
+    if output.absolute() == artifact.absolute():
+        raise BadInput("the output must be a new directory, not the input artifact")
+    onnx_name = io["onnx"]
+    graph_files = [p for p in artifact.iterdir() if p.name == onnx_name
+                   or p.name.startswith(onnx_name + ".") or p.name == IO_SPEC]
+    tokenizer = load_tokenizer(artifact)
+    model = _load(artifact / onnx_name)
+    model, report, record = quantize_model(
+        model, io, tokenizer, precision, calib=calib, method=method, samples=samples,
+        seq_len=seq_len, alpha=alpha, weight_only=weight_only, exclude=exclude,
+        use_cache=use_cache, progress=progress)
+    with atomic_dir(output, force=force) as tmp:
+        for p in artifact.iterdir():
+            if p in graph_files or p.name == MANIFEST:
+                continue
+            (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
+        ref = tmp / "reference"
+        ref.mkdir()
+        for p in graph_files:
+            shutil.copy2(p, ref / p.name)
+        weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                           if v.const_value is not None)
+        ir.save(model, str(tmp / onnx_name),
+                external_data=(onnx_name + ".data") if weight_bytes > 1.5 * 2**30 else None)
+        new_io = dict(io)
+        new_io["opset"] = int(model.opset_imports.get("", io.get("opset", 0)))
+        new_io["quantization"] = precision
+        write_json(tmp / IO_SPEC, new_io)
+        cdir = tmp / "calibration"
+        cdir.mkdir()
+        write_json(cdir / "ranges.json", {k: v for k, v in record.items() if k != "stats"})
+        for i, st in enumerate(record["stats"]):
+            st.save(cdir / f"stats{i}-{st.model_sha256[:16]}-{st.data_sha256[:16]}.npz")
+        seconds = round(time.perf_counter() - t0, 2)
+        report["seconds"] = seconds
+        write_json(tmp / "quant_report.json", report)
+        stage = {"precision": precision, "scheme": report["scheme"], "method": record["method"],
+                 "alpha": alpha if precision == "int8" and not weight_only else None,
+                 "weight_only": precision == "int4" or weight_only,
+                 "samples": record["samples"], "seq_len": record["seq_len"],
+                 "calib": str(calib) if calib else "dsc/data/calibration.txt",
+                 "calib_sha256": record["data_sha256"], "exclude": list(exclude),
+                 "seconds": seconds}
+        if profile is not None:
+            stage["profile"] = getattr(profile, "name", str(profile))
+        manifest = dict(manifest)
+        manifest.setdefault("stages", {})
+        manifest["stages"] = dict(manifest["stages"], quantize=stage)
+        manifest["outputs"] = _sha_tree(tmp)
+        write_json(tmp / MANIFEST, manifest)
+    return QuantizeResult(output, precision, report["scheme"], record["method"],
+                          len(report["layers"]), report["excluded"],
+                          report["experts"]["under_calibrated"], seconds, report)

@@ -1,0 +1,248 @@
+"""Calibration: run the graph on calibration text and collect what the Q/DQ passes need.
+
+The graph runs in ONNX Runtime (prefill, empty KV cache) with extra graph outputs: the activation
+input of every quantizable MatMul, and the top-k expert indices of every MoE router. For each
+activation it keeps
+
+- `absmax`: per-channel max |x| (SmoothQuant, AWQ),
+- `meanabs`: per-channel mean |x| (AWQ),
+- `hist`: a histogram of |x| over [0, `hist_max`], 2048 bins (percentile / entropy / MSE ranges),
+- `rows`: a fixed, evenly strided sample of up to `max_rows` activation rows (AWQ output MSE),
+
+and for each router the number of tokens routed to each expert. Everything is deterministic:
+the same model and data give bit-identical statistics.
+
+The histogram grows without a second pass: when a batch exceeds its range, the range doubles
+and adjacent bins are merged pairwise, which is exact.
+
+Statistics are cached on disk keyed by sha256(model) + sha256(data) (`$DSC_CACHE_DIR`, default
+`~/.cache/dsc/calibration`); the ranges derived from them by a method are keyed by the method too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from dsc.passes.quant.qdq import find_routers, find_targets
+
+logger = logging.getLogger(__name__)
+
+BINS = 2048
+MAX_ROWS = 1024
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSC_CACHE_DIR") or Path.home() / ".cache" / "dsc") / "calibration"
+
+
+@dataclass
+class ActStats:
+    absmax: np.ndarray
+    meanabs: np.ndarray
+    hist: np.ndarray
+    hist_max: float
+    rows: np.ndarray
+
+    @property
+    def amax(self) -> float:
+        return float(self.absmax.max())
+
+
+@dataclass
+class CalibStats:
+    model_sha256: str
+    data_sha256: str
+    tokens: int
+    acts: dict[str, ActStats] = field(default_factory=dict)
+    experts: dict[str, list[int]] = field(default_factory=dict)  # router module -> counts
+    seconds: float = 0.0
+    cache_hit: bool = False
+
+    def save(self, path: Path) -> None:
+        arrays = {}
+        for i, (name, s) in enumerate(self.acts.items()):
+            for k in ("absmax", "meanabs", "hist", "rows"):
+                arrays[f"{i}.{k}"] = getattr(s, k)
+        meta = {"model_sha256": self.model_sha256, "data_sha256": self.data_sha256,
+                "tokens": self.tokens, "experts": self.experts, "seconds": self.seconds,
+                "acts": [[name, s.hist_max] for name, s in self.acts.items()]}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> CalibStats:
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            acts = {name: ActStats(z[f"{i}.absmax"], z[f"{i}.meanabs"], z[f"{i}.hist"], hmax,
+                                   z[f"{i}.rows"])
+                    for i, (name, hmax) in enumerate(meta["acts"])}
+        return cls(meta["model_sha256"], meta["data_sha256"], meta["tokens"], acts,
+                   meta["experts"], meta["seconds"], cache_hit=True)
+
+
+def model_sha256(model: ir.Model) -> str:
+    return hashlib.sha256(ir.to_proto(model).SerializeToString()).hexdigest()
+
+
+def data_sha256(windows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes()).hexdigest()
+
+
+class _Acc:
+    def __init__(self, channels: int, stride: int, max_rows: int):
+        self.absmax = np.zeros(channels, np.float64)
+        self.sumabs = np.zeros(channels, np.float64)
+        self.count = 0
+        self.hist = np.zeros(BINS, np.float64)
+        self.hmax = 0.0
+        self.rows: list[np.ndarray] = []
+        self.stride, self.max_rows, self.seen = stride, max_rows, 0
+
+    def add(self, x: np.ndarray) -> None:
+        x = x.reshape(-1, x.shape[-1]).astype(np.float32)
+        a = np.abs(x)
+        self.absmax = np.maximum(self.absmax, a.max(axis=0))
+        self.sumabs += a.sum(axis=0, dtype=np.float64)
+        self.count += a.shape[0]
+        m = float(a.max())
+        if self.hmax == 0.0:
+            self.hmax = max(m, 1e-8)
+        while m > self.hmax:  # double the range, merging bin pairs (exact)
+            self.hist = self.hist.reshape(-1, 2).sum(axis=1)
+            self.hist = np.concatenate([self.hist, np.zeros(BINS // 2)])
+            self.hmax *= 2
+        h, _ = np.histogram(a, bins=BINS, range=(0.0, self.hmax))
+        self.hist += h
+        idx = np.arange(x.shape[0]) + self.seen
+        keep = x[(idx % self.stride) == 0]
+        self.seen += x.shape[0]
+        have = sum(r.shape[0] for r in self.rows)
+        if have < self.max_rows and keep.size:
+            self.rows.append(keep[: self.max_rows - have])
+
+    def stats(self) -> ActStats:
+        rows = np.concatenate(self.rows) if self.rows else np.zeros((0, self.absmax.size), np.float32)
+        return ActStats(self.absmax.astype(np.float32),
+                        (self.sumabs / max(self.count, 1)).astype(np.float32),
+                        self.hist, self.hmax, rows.astype(np.float32))
+
+
+def _feeds(io: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
+    b, n = ids.shape
+    cache = io["cache"]
+    dt = np.dtype(cache["dtype"])
+    feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, n), np.int64),
+             "position_ids": np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()}
+    names = iter(cache["inputs"])
+    for _ in range(int(cache["num_layers"])):
+        for e in cache["entries"]:
+            feeds[next(names)] = np.zeros((b, e["heads"], 0, e["dim"]), dt)
+    return feeds
+
+
+def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch: int = 4,
+            max_rows: int = MAX_ROWS, use_cache: bool = True, threads: int | None = None,
+            progress=None) -> CalibStats:
+    """Run `model` on token `windows` [N, L]; statistics for every quantizable MatMul input."""
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    msha, dsha = model_sha256(model), data_sha256(windows)
+    path = cache_dir() / f"{msha[:20]}-{dsha[:20]}.npz"
+    if use_cache and path.is_file():
+        try:
+            stats = CalibStats.load(path)
+            if stats.model_sha256 == msha and stats.data_sha256 == dsha:
+                logger.info("calibration cache hit: %s", path)
+                return stats
+        except (OSError, ValueError, KeyError) as e:
+            logger.warning("ignoring unreadable calibration cache %s: %s", path, e)
+
+    targets = [t for t in find_targets(model, exclude, defaults=False)]
+    act_names = list(dict.fromkeys(t.activation.name for t in targets))
+    routers = find_routers(model)
+    proto = ir.to_proto(model)
+    present = {o.name for o in proto.graph.output}
+    vals = {v.name: v for n in model.graph for v in n.outputs}
+    import onnx
+
+    for name in act_names + [idx.name for _, idx in routers]:
+        if name not in present:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            v = vals.get(name)
+            if v is not None and v.dtype is not None:
+                proto.graph.output[-1].type.tensor_type.elem_type = v.dtype.value
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # Optimizations could fuse away the exposed tensors; basic level keeps them all.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(proto.SerializeToString(), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+    del proto
+    out_names = act_names + [idx.name for _, idx in routers]
+    total = int(windows.shape[0] * windows.shape[1])
+    stride = max(1, total // max_rows)
+    accs: dict[str, _Acc] = {}
+    counts: dict[str, np.ndarray] = {}
+    n_experts = {mod: _num_experts(model, mod) for mod, _ in routers}
+    for i in range(0, windows.shape[0], batch):
+        res = sess.run(out_names, _feeds(io, windows[i:i + batch]))
+        for name, x in zip(act_names, res[: len(act_names)]):
+            if name not in accs:
+                accs[name] = _Acc(x.shape[-1], stride, max_rows)
+            accs[name].add(x)
+        for (mod, _), idx in zip(routers, res[len(act_names):]):
+            c = np.bincount(idx.reshape(-1).astype(np.int64), minlength=n_experts[mod] or 0)
+            counts[mod] = counts.get(mod, 0) + c
+        if progress:
+            progress(f"calibration batch {i // batch + 1}/{-(-windows.shape[0] // batch)}")
+    stats = CalibStats(msha, dsha, total, {k: a.stats() for k, a in accs.items()},
+                       {k: [int(x) for x in v] for k, v in counts.items()},
+                       seconds=round(time.perf_counter() - t0, 3))
+    if use_cache:
+        try:
+            stats.save(path)
+        except OSError as e:
+            logger.warning("cannot write the calibration cache %s: %s", path, e)
+    return stats
+
+
+def _num_experts(model: ir.Model, router: str) -> int:
+    """Number of experts of a router: rows of its Gemm/MatMul weight (the router's out-dim)."""
+    for node in model.graph:
+        if node.op_type in ("Gemm", "MatMul"):
+            from dsc.validate.locate import module_path
+
+            if module_path(node) == router and node.inputs[1] is not None and \
+                    node.inputs[1].shape is not None:
+                dims = list(node.inputs[1].shape)
+                trans = node.attributes.get_int("transB", 0) if node.op_type == "Gemm" else 0
+                d = dims[0] if trans else dims[-1]
+                if isinstance(d, int):
+                    return d
+    return 0
+
+
+def under_calibrated(experts: dict[str, list[int]], min_tokens: int) -> list[dict]:
+    """Every expert that saw fewer than `min_tokens` calibration tokens."""
+    out = []
+    for router, counts in experts.items():
+        layer = router.rsplit(".mlp.gate", 1)[0]
+        for e, c in enumerate(counts):
+            if c < min_tokens:
+                out.append({"router": router, "expert": f"{layer}.mlp.experts.{e}", "tokens": c})
+    return out
