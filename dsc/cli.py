@@ -75,6 +75,8 @@ def _register_optional_groups() -> None:
     from dsc import _cli_validate
 
     _cli_validate.register(cli)
+    from dsc import _cli_quant
+    _cli_quant.register(cli)
 
 
 _register_optional_groups()

@@ -81,6 +81,19 @@ def check_legal(precision: str, profile=None) -> None:
         ) from None
 
 
+# The lowest SM whose TensorRT kernels run each quantized precision (docs/TENSORRT.md).
+ENGINE_MIN_SM = {"int8": 75, "int4": 80, "fp8": 89}
+
+
+def check_engine_target(precision: str, sm: int) -> None:
+    """Raise `Unsupported` when an engine for SM`sm` cannot run `precision` (for `dsc build`)."""
+    need = ENGINE_MIN_SM.get(precision)
+    if need is not None and int(sm) < need:
+        legal = [p for p, m in ENGINE_MIN_SM.items() if int(sm) >= m]
+        raise Unsupported(f"{precision} engines need SM{need} or newer; SM{sm} can run "
+                          f"{', '.join(['fp16', *legal])}")
+
+
 def read_calibration_text(calib: str | Path | None) -> str:
     path = Path(calib) if calib is not None else DEFAULT_CALIB
     if not path.exists():

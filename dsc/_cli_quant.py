@@ -1,0 +1,82 @@
+"""CLI command `dsc quantize`: calibrate an artifact and write a quantized artifact.
+
+`quant_options` is the same set of flags as a decorator, so `dsc build` can take them too
+(`--int8|--fp8|--int4-awq [--calib ...] [--method ...] [--exclude ...]`) and pass them to
+`dsc.quantize.quantize_artifact` via `quant_kwargs`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+_PATH = click.Path(path_type=Path)
+
+
+def quant_options(f):
+    """The quantization flags, shared by `dsc quantize` and `dsc build`."""
+    opts = [
+        click.option("--int8", is_flag=True, help="INT8 (W8A8 with SmoothQuant; see --weight-only)."),
+        click.option("--fp8", is_flag=True, help="FP8 E4M3 weights and activations (SM89+)."),
+        click.option("--int4-awq", "int4_awq", is_flag=True,
+                     help="INT4 AWQ weight-only, group size 128 (SM80+)."),
+        click.option("--weight-only", is_flag=True, help="Quantize weights only (INT8)."),
+        click.option("--calib", type=_PATH, default=None,
+                     help="Calibration text, JSONL or directory (default: shipped text)."),
+        click.option("--method", type=click.Choice(["max", "percentile", "entropy", "mse"]),
+                     default=None, help="Activation range method (default: max)."),
+        click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+                     help="SmoothQuant migration strength (INT8 W8A8; 0 disables)."),
+        click.option("--samples", type=click.IntRange(1), default=64, show_default=True,
+                     help="Calibration windows."),
+        click.option("--seq-len", type=click.IntRange(2), default=128, show_default=True,
+                     help="Tokens per calibration window."),
+        click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
+                     help="Keep matching modules in float (glob on the HF module path; "
+                          "embeddings, lm_head and MoE routers are always kept)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def quant_kwargs(int8: bool, fp8: bool, int4_awq: bool, weight_only: bool, calib, method, alpha,
+                 samples, seq_len, exclude) -> dict | None:
+    """Keyword arguments for `quantize_artifact`, or None when no precision flag was given."""
+    from dsc.quantize import precision_from_flags
+
+    precision = precision_from_flags(int8, fp8, int4_awq)
+    if precision is None:
+        return None
+    return {"precision": precision, "weight_only": weight_only, "calib": calib, "method": method,
+            "alpha": alpha, "samples": samples, "seq_len": seq_len, "exclude": tuple(exclude)}
+
+
+@click.command()
+@click.argument("artifact", type=_PATH)
+@click.option("-o", "--output", "output", type=_PATH, required=True, help="New artifact directory.")
+@quant_options
+@click.option("--profile", default=None, help="Hardware profile: refuse precisions it cannot run.")
+@click.option("--force", is_flag=True, help="Replace an existing dsc artifact at OUTPUT.")
+def quantize(artifact: Path, output: Path, int8, fp8, int4_awq, weight_only, calib, method, alpha,
+             samples, seq_len, exclude, profile, force) -> None:
+    """Calibrate ARTIFACT and write a quantized artifact (Q/DQ graph + fp16 reference)."""
+    from dsc.errors import BadInput
+    from dsc.quantize import quantize_artifact
+
+    kw = quant_kwargs(int8, fp8, int4_awq, weight_only, calib, method, alpha, samples, seq_len,
+                      exclude)
+    if kw is None:
+        raise BadInput("choose a precision: --int8, --fp8 or --int4-awq")
+    r = quantize_artifact(artifact, output, profile=profile, force=force, **kw)
+    click.echo(f"quantized {artifact} to {r.path}: {r.scheme}, ranges by {r.method}")
+    click.echo(f"  layers: {r.quantized_layers} quantized, {len(r.excluded)} excluded")
+    if r.under_calibrated:
+        click.echo(f"  warning: {len(r.under_calibrated)} MoE experts saw fewer than "
+                   f"{r.report['experts']['min_tokens']} calibration tokens: "
+                   + ", ".join(u["expert"] for u in r.under_calibrated[:8]))
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(quantize)
