@@ -1,0 +1,205 @@
+"""Small helpers on onnx_ir graphs shared by the passes: constants, producers, shape tensors.
+
+`shape_expr(value)` reads a 1-D int64 shape tensor built by the exporter (Shape → Slice →
+Concat ... chains, constants, Squeeze/Unsqueeze/Reshape of scalars) as a list of entries, each
+an `int` or a `Dim(value, axis)` meaning "axis `axis` of tensor `value`". Fusions use it to
+prove that a Reshape/Expand computes what the rewrite assumes, without shape inference.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+_counter = itertools.count()
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant content (initializer or Constant node output), else None."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        node = value.producer()
+        if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+            tensor = node.attributes["value"].as_tensor()
+    if tensor is None:
+        return None
+    try:
+        return tensor.numpy()
+    except Exception:  # external data that cannot be read
+        return None
+
+
+def const_scalar(value: ir.Value | None) -> float | int | None:
+    arr = const_array(value)
+    if arr is None or arr.size != 1:
+        return None
+    item = arr.reshape(-1)[0]
+    return item.item() if hasattr(item, "item") else item
+
+
+def const_ints(value: ir.Value | None) -> list[int] | None:
+    arr = const_array(value)
+    if arr is None or arr.dtype.kind not in "iu":
+        return None
+    return [int(x) for x in arr.reshape(-1)]
+
+
+def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
+    """The node producing `value` if its op type is one of `op_types` (any, if none given)."""
+    if value is None:
+        return None
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if op_types and node.op_type not in op_types:
+        return None
+    return node
+
+
+def attr(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def rank(value: ir.Value | None) -> int | None:
+    if value is None or value.shape is None:
+        return None
+    return len(value.shape)
+
+
+def dim(value: ir.Value, axis: int):
+    """A static int, a symbol string, or None."""
+    if value.shape is None:
+        return None
+    d = value.shape[axis]
+    if isinstance(d, int):
+        return d
+    return getattr(d, "value", None)
+
+
+def dtype_name(value: ir.Value | None) -> str | None:
+    if value is None or value.dtype is None:
+        return None
+    return value.dtype.numpy().name if value.dtype != ir.DataType.BFLOAT16 else "bfloat16"
+
+
+def unique_name(graph: ir.Graph, stem: str) -> str:
+    """`stem__dscN`, not yet an initializer or value name in `graph` (or its main graph)."""
+    existing = set(graph.initializers)
+    existing.update(v.name for node in graph for v in node.outputs)
+    base = stem.split("__dsc")[0]
+    while True:
+        name = f"{base}__dsc{next(_counter)}"
+        if name not in existing:
+            return name
+
+
+def add_initializer(graph: ir.Graph, stem: str, array: np.ndarray) -> ir.Value:
+    """Register a new initializer holding `array` in the main graph; return its value."""
+    name = unique_name(graph, stem)
+    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+# -- shape tensors --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dim:
+    """Axis `axis` of tensor `value` (a symbolic shape entry)."""
+
+    value: ir.Value
+    axis: int
+
+    def same_as(self, other: object) -> bool:
+        """The same axis of the same tensor, or the same named symbolic dim."""
+        if not isinstance(other, Dim):
+            return False
+        if self.value is other.value and self.axis == other.axis:
+            return True
+        a, b = _symbol(self), _symbol(other)
+        return a is not None and a == b
+
+
+def _symbol(d: Dim) -> str | int | None:
+    shape = d.value.shape
+    if shape is None or not -len(shape) <= d.axis < len(shape):
+        return None
+    x = shape[d.axis]
+    if isinstance(x, int):
+        return x
+    return getattr(x, "value", None)
+
+
+def entry_equals(entry, expected) -> bool:
+    """Does a shape_expr entry equal `expected` (an int, a Dim, or a static dim of a Dim)?"""
+    if isinstance(entry, Dim) and isinstance(expected, Dim):
+        return entry.same_as(expected)
+    if isinstance(entry, Dim):
+        entry = _symbol(entry)
+    if isinstance(expected, Dim):
+        expected = _symbol(expected)
+    return entry is not None and entry == expected
+
+
+def shape_expr(value: ir.Value | None, depth: int = 0) -> list | None:
+    """Entries of a 1-D shape tensor as ints / `Dim`s; None if it cannot be read."""
+    if value is None or depth > 12:
+        return None
+    arr = const_array(value)
+    if arr is not None:
+        return [int(x) for x in arr.reshape(-1)] if arr.dtype.kind in "iu" else None
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    if op == "Shape":
+        src = node.inputs[0]
+        r = rank(src)
+        if r is None:
+            return None
+        start = attr(node, "start", 0)
+        end = attr(node, "end", r)
+        start, end = (max(0, min(r, x + r if x < 0 else x)) for x in (start, end))
+        return [Dim(src, a) for a in range(start, end)]
+    if op == "Concat":
+        out = []
+        for x in node.inputs:
+            part = shape_expr(x, depth + 1)
+            if part is None:
+                return None
+            out += part
+        return out
+    if op in ("Squeeze", "Unsqueeze", "Reshape", "Identity"):
+        part = shape_expr(node.inputs[0], depth + 1)
+        return part if part is not None and len(part) == 1 else None
+    if op == "Slice":
+        part = shape_expr(node.inputs[0], depth + 1)
+        starts, ends = const_ints(node.inputs[1]), const_ints(node.inputs[2])
+        axes = const_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else [0]
+        steps = const_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] else [1]
+        if part is None or not starts or not ends or axes != [0] or steps != [1]:
+            return None
+        n = len(part)
+        s, e = starts[0], ends[0]
+        s = max(0, min(n, s + n if s < 0 else s))
+        e = max(0, min(n, e + n if e < 0 else e))
+        return part[s:e]
+    if op == "Gather":
+        part = shape_expr(node.inputs[0], depth + 1)
+        idx = const_ints(node.inputs[1])
+        if part is None or idx is None or attr(node, "axis", 0) != 0:
+            return None
+        try:
+            return [part[i] for i in idx]
+        except IndexError:
+            return None
+    return None

@@ -1,0 +1,9 @@
+"""Fusions: each module rewrites one kind of block into the form the target's TensorRT fuses.
+
+rmsnorm, mlp (SiLU-gated), rotary, mla (DeepSeek MLA incl. weight absorption), attention
+(MHA/GQA), moe (routed experts). Importing this package registers their passes.
+"""
+
+from dsc.passes.fusion import rmsnorm  # noqa: F401
+from dsc.passes.fusion import mlp  # noqa: F401
+from dsc.passes.fusion import rotary  # noqa: F401

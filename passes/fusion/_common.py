@@ -1,0 +1,101 @@
+"""What every fusion pass shares: block tags, rule application with per-rule counts, reasons.
+
+A rewrite marks the node that stands for the block it produced with two metadata properties,
+`dsc.block` (rmsnorm, mlp, rope, attention, moe) and `dsc.form` (the op or canonical form it
+chose). They are saved with the graph, so coverage can be computed from any optimized model,
+and a second run of a pass sees the block is done.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import onnx_ir as ir
+from onnxscript.rewriter import MatchingTracer, pattern
+
+from dsc.passes._framework import DscPass
+
+logger = logging.getLogger(__name__)
+
+BLOCK_KEY = "dsc.block"
+FORM_KEY = "dsc.form"
+
+
+def tag(value_or_node: ir.Value | ir.Node, block: str, form: str) -> None:
+    node = value_or_node if isinstance(value_or_node, ir.Node) else value_or_node.producer()
+    node.metadata_props[BLOCK_KEY] = block
+    node.metadata_props[FORM_KEY] = form
+
+
+def block_of(node: ir.Node) -> str | None:
+    return node.metadata_props.get(BLOCK_KEY)
+
+
+def form_of(node: ir.Node) -> str | None:
+    return node.metadata_props.get(FORM_KEY)
+
+
+def new_const(op, graph: ir.Graph | ir.Function, stem: str, array) -> ir.Value:
+    """A new initializer in the rewritten graph, with a name no value of it has yet."""
+    import numpy as np
+
+    from dsc.passes._ir import unique_name
+
+    array = np.ascontiguousarray(array)
+    name = unique_name(graph, stem) if isinstance(graph, ir.Graph) else stem
+    return op.initializer(ir.tensor(array, name=name), name=name)
+
+
+def all_nodes(graph: ir.Graph):
+    """Nodes of the graph and of every subgraph, parents first."""
+    return ir.traversal.RecursiveGraphIterator(graph)
+
+
+def graph_of(node: ir.Node) -> ir.Graph:
+    return node.graph
+
+
+class FusionPass(DscPass):
+    """Applies `rules()` one rule at a time (so each is counted) to the graph and subgraphs.
+
+    With `commute`, each rule also matches with the inputs of commutative ops swapped
+    (onnxscript cannot commute patterns that contain OrValue alternatives).
+    """
+
+    commute = False
+
+    def rules(self) -> Sequence[pattern.RewriteRule]:
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.counts = {}
+        total = 0
+        for rule in self.rules():
+            n = pattern.RewriteRuleSet([rule], commute=self.commute).apply_to_model(model)
+            if n:
+                self.counts[rule.name] = self.counts.get(rule.name, 0) + n
+                total += n
+        return ir.passes.PassResult(model, total > 0)
+
+
+def explain(rules: Sequence[pattern.RewriteRule], model: ir.Model,
+            candidates: Sequence[ir.Node], commute: bool = False) -> tuple[bool, str]:
+    """(matched, reason): does any rule match rooted at one of `candidates`; if not, why.
+
+    The reason is the failure of the attempt that got furthest (most pattern nodes matched).
+    """
+    best: tuple[int, str] = (-1, "no rule's pattern matches here")
+    variants = [v for rule in rules for v in (rule.commute() if commute else [rule])]
+    for node in candidates:
+        for rule in variants:
+            tracer = MatchingTracer()
+            match = rule.match(model, node.graph, node, tracer=tracer,
+                               check_nodes_are_removable=False)
+            if match:
+                return True, ""
+            for info in tracer.best_matches_map.get(rule, []):
+                score = info.score()
+                if score > best[0]:
+                    best = (score, f"{rule.name}: {info.match_result.reason}")
+    return False, best[1]
