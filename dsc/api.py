@@ -9,22 +9,19 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dsc import __version__
 from dsc.artifacts import (
-    ARTIFACT_FORMAT,
     IO_SPEC,
     MANIFEST,
-    SCHEMA_VERSION,
     atomic_dir,
     check_output,
     write_json,
 )
 from dsc.errors import BadInput, Unsupported
-from dsc.models.checkpoint import inspect_checkpoint, sha256_file
+from dsc.models.checkpoint import inspect_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -80,26 +77,10 @@ def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
         io = dict(graph.io_spec, dtype=dtype)
         write_json(tmp / IO_SPEC, io)
         progress("hashing inputs and outputs")
-        inputs = {str(p.relative_to(info.path)): sha256_file(p) for p in info.input_files()}
-        outputs = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {
-            "format": ARTIFACT_FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "tools": tool_versions(),
-            "source": {
-                "checkpoint": str(info.path.resolve()),
-                "architecture": info.architecture,
-                "family": info.family.name,
-                "num_parameters": info.num_parameters,
-                "weight_bytes": info.weight_bytes,
-                "inputs": inputs,
-            },
-            "stages": {
-                "export": {"dtype": dtype, "opset": io["opset"], "seconds": round(graph.seconds, 2)},
-            },
-            "outputs": outputs,
-        }
+        from dsc.manifest import export_manifest
+
+        manifest = export_manifest(info, tmp, io, dtype=dtype, seconds=graph.seconds,
+                                   tools=tool_versions(), opset=opset)
         write_json(tmp / MANIFEST, manifest)
     progress(f"artifact written to {output}")
     return ExportResult(
@@ -138,3 +119,4 @@ def run(artifact: str | Path, prompt: str, *, max_new_tokens: int = 64, greedy: 
     new = runner.generate([ids], max_new_tokens, greedy=greedy, temperature=temperature,
                           seed=seed, eos_token_id=eos if isinstance(eos, int) else None)[0]
     return prompt + tok.decode(new, skip_special_tokens=True)
+

@@ -1,0 +1,366 @@
+"""Artifact manifests: the format, hashing, the JSON Schema check, `dsc inspect` and `dsc verify`.
+
+`manifest.json` (format `dsc-artifact`, schema version 1; JSON Schema in
+`dsc/schemas/manifest.schema.json`):
+
+    format, schema_version, created, command   what wrote it, and when
+    tools                  dist -> version (torch, onnx, onnxruntime, TensorRT, ...), null if absent
+    precision              the dtype of the graph handed to the builder (fp32, fp16, bf16)
+    source                 checkpoint path, architecture, family, sizes; inputs: file -> sha256
+    graph                  the ONNX handed to the builder: file, dtype, opset, files -> sha256, hash
+    options                the resolved build options (dsc build / dsc compile)
+    stages                 name -> {status, input_hash, inputs, outputs: file -> sha256, seconds}
+                           (compile: {status, profiles: name -> the same record})
+    profiles               name -> resolved hardware profile, envelope, builder options, engine
+                           or preflight, the device command
+    validation             {kind: smoke | gate, passed, ...}
+    outputs                every file of the artifact but manifest.json -> sha256
+
+A stage's `input_hash` is the sha256 of the canonical JSON of its `inputs` (content hashes of the
+files it reads, its options, tool versions), so a re-run with equal inputs reuses its outputs.
+`verify_artifact` re-hashes every file against `outputs` (and, on request, the checkpoint against
+`source.inputs`); files on disk that the manifest does not list are mismatches too.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsc.artifacts import ARTIFACT_FORMAT, MANIFEST, SCHEMA_VERSION, load_manifest
+from dsc.errors import BadInput, CheckFailed
+from dsc.models.checkpoint import sha256_file
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "manifest.schema.json"
+STAGE_ORDER = ("export", "optimize", "quantize", "compile", "validate")
+
+__all__ = [
+    "STAGE_ORDER", "VerifyResult", "canonical_hash", "check_schema", "export_manifest",
+    "format_inspect", "hash_tree", "inspect_artifact", "now", "schema_errors", "sha256_file",
+    "verify_artifact", "write_manifest",
+]
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def canonical_hash(data: Any) -> str:
+    """sha256 of `data` as canonical JSON (sorted keys, no whitespace; paths as strings)."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def relpath(path: Path, root: Path) -> str:
+    return Path(path).relative_to(root).as_posix()
+
+
+def hash_tree(root: Path, *, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
+    """sha256 of every regular file under `root` (relative posix paths), sorted by path."""
+    root = Path(root)
+    out: dict[str, str] = {}
+    for p in sorted(root.rglob("*")):
+        rel = relpath(p, root)
+        if rel in exclude or not p.is_file() or p.is_symlink():
+            continue
+        out[rel] = sha256_file(p)
+    return out
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def load_schema() -> dict:
+    return json.loads(SCHEMA_FILE.read_text())
+
+
+def schema_errors(manifest: Mapping) -> list[str]:
+    """Every way `manifest` breaks the JSON Schema, one line each ("at a.b: message")."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = []
+    for err in sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path)):
+        where = ".".join(str(p) for p in err.absolute_path) or "top level"
+        errors.append(f"at {where}: {err.message}")
+    return errors
+
+
+def check_schema(manifest: Mapping, where: str = MANIFEST) -> None:
+    errors = schema_errors(manifest)
+    if errors:
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise BadInput(f"{where} does not match the manifest schema: {errors[0]}{more}")
+
+
+def write_manifest(directory: Path, manifest: dict) -> Path:
+    """Check `manifest` against the schema and write it (an invalid one is a dsc bug)."""
+    errors = schema_errors(manifest)
+    if errors:
+        raise AssertionError(f"dsc wrote an invalid manifest: {'; '.join(errors[:3])}")
+    path = Path(directory) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# --- the export record (dsc export and the export stage of dsc build) ------------------------
+
+
+def graph_record(directory: Path, io: Mapping) -> dict:
+    """The ONNX graph an artifact hands to the builder: its files, their hashes, one hash."""
+    directory = Path(directory)
+    onnx_name = str(io["onnx"])
+    names = [onnx_name, f"{onnx_name}.data", "model_io.json"]
+    files = {n: sha256_file(directory / n) for n in names if (directory / n).is_file()}
+    return {"onnx": onnx_name, "dtype": io.get("dtype"), "opset": io.get("opset"),
+            "files": files, "hash": canonical_hash(files)}
+
+
+def export_inputs(info, *, dtype: str, opset: int | None, tools: Mapping[str, Any]) -> dict:
+    """What the export stage depends on: checkpoint content, dtype, opset, exporter versions."""
+    return {
+        "checkpoint": {relpath(p, info.path): sha256_file(p) for p in info.input_files()},
+        "dtype": dtype,
+        "opset": opset,
+        "tools": {k: tools.get(k) for k in ("dsc", "torch", "transformers", "onnx", "onnxscript",
+                                            "onnx-ir")},
+    }
+
+
+def export_manifest(info, directory: Path, io: Mapping, *, dtype: str, seconds: float,
+                    tools: Mapping[str, Any], opset: int | None = None) -> dict:
+    """The manifest `dsc export` writes: source, graph, one export stage, every output's hash."""
+    directory = Path(directory)
+    inputs = export_inputs(info, dtype=dtype, opset=opset, tools=tools)
+    outputs = hash_tree(directory)
+    return {
+        "format": ARTIFACT_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "created": now(),
+        "command": "export",
+        "tools": dict(tools),
+        "precision": dtype,
+        "source": source_record(info, inputs["checkpoint"]),
+        "graph": graph_record(directory, io),
+        "stages": {
+            "export": {
+                "status": "ran",
+                "input_hash": canonical_hash(inputs),
+                "inputs": inputs,
+                "outputs": dict(outputs),
+                "seconds": round(seconds, 2),
+                "dtype": dtype,
+                "opset": io.get("opset"),
+            },
+        },
+        "outputs": outputs,
+    }
+
+
+def source_record(info, inputs: Mapping[str, str]) -> dict:
+    return {
+        "checkpoint": str(Path(info.path).resolve()),
+        "architecture": info.architecture,
+        "family": info.family.name,
+        "num_parameters": info.num_parameters,
+        "weight_bytes": info.weight_bytes,
+        "inputs": dict(inputs),
+    }
+
+
+# --- verify ---------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyResult:
+    artifact: Path
+    checked: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (file, what is wrong)
+    inputs_checked: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {"artifact": str(self.artifact), "ok": self.ok, "checked": self.checked,
+                "inputs_checked": self.inputs_checked,
+                "problems": [{"file": f, "problem": p} for f, p in self.problems],
+                "notes": list(self.notes)}
+
+
+def verify_artifact(artifact: str | Path, *, check_inputs: bool = False,
+                    checkpoint: str | Path | None = None) -> VerifyResult:
+    """Re-hash every file against the manifest. Never raises for a mismatch: see `problems`.
+
+    With `check_inputs` (or an explicit `checkpoint`), the checkpoint files are re-hashed
+    against `source.inputs` too.
+    """
+    artifact = Path(artifact)
+    manifest = load_manifest(artifact)
+    result = VerifyResult(artifact)
+    for err in schema_errors(manifest):
+        result.problems.append((MANIFEST, f"schema: {err}"))
+    listed = manifest.get("outputs") or {}
+    for rel, digest in sorted(listed.items()):
+        path = artifact / rel
+        if not path.is_file():
+            result.problems.append((rel, "missing"))
+            continue
+        result.checked += 1
+        actual = sha256_file(path)
+        if actual != digest:
+            result.problems.append((rel, f"sha256 {actual[:12]}… differs from the manifest's "
+                                         f"{str(digest)[:12]}…"))
+    for p in sorted(artifact.rglob("*")):
+        rel = relpath(p, artifact)
+        if p.is_file() and rel != MANIFEST and rel not in listed:
+            result.problems.append((rel, "not listed in the manifest"))
+    if check_inputs or checkpoint is not None:
+        src = manifest.get("source", {})
+        root = Path(checkpoint) if checkpoint is not None else Path(src.get("checkpoint", ""))
+        if not root.is_dir():
+            result.problems.append((str(root), "checkpoint directory not found"))
+        else:
+            for rel, digest in sorted((src.get("inputs") or {}).items()):
+                path = root / rel
+                if not path.is_file():
+                    result.problems.append((str(path), "input missing"))
+                    continue
+                result.inputs_checked += 1
+                if sha256_file(path) != digest:
+                    result.problems.append((str(path), "input sha256 differs from the manifest"))
+    return result
+
+
+def raise_for_problems(result: VerifyResult) -> None:
+    if result.ok:
+        return
+    first_file, first = result.problems[0]
+    more = f" (+{len(result.problems) - 1} more)" if len(result.problems) > 1 else ""
+    raise CheckFailed(f"{result.artifact}: {first_file}: {first}{more}")
+
+
+# --- inspect --------------------------------------------------------------------------------
+
+
+def _mib(n: int | float | None) -> str:
+    return "?" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def inspect_artifact(artifact: str | Path) -> dict:
+    """A summary of an artifact: model, graph, stages, engines per profile, validation, files."""
+    artifact = Path(artifact)
+    m = load_manifest(artifact)
+    sizes = {rel: (artifact / rel).stat().st_size for rel in m.get("outputs", {})
+             if (artifact / rel).is_file()}
+    stages = {}
+    for name in STAGE_ORDER:
+        st = m.get("stages", {}).get(name)
+        if st is None:
+            stages[name] = {"status": "absent"}
+            continue
+        entry = {"status": st.get("status", "ran")}
+        for key in ("seconds", "reason"):
+            if key in st:
+                entry[key] = st[key]
+        if name == "compile":
+            entry["profiles"] = {p: r.get("status") for p, r in st.get("profiles", {}).items()}
+        stages[name] = entry
+    profiles = {}
+    for name, p in (m.get("profiles") or {}).items():
+        eng = p.get("engine") or {}
+        pre = p.get("preflight") or {}
+        profiles[name] = {
+            "status": p.get("status"),
+            "sm": p.get("sm"),
+            "engine": eng.get("path"),
+            "engine_bytes": eng.get("size_bytes"),
+            "backend": eng.get("backend"),
+            "trt_version": eng.get("trt_version"),
+            "preflight_sm": pre.get("sm"),
+            "preflight_passed": pre.get("passed"),
+            "device_command": p.get("device_command"),
+            "envelope": p.get("envelope"),
+        }
+    return {
+        "artifact": str(artifact),
+        "format": m.get("format"),
+        "schema_version": m.get("schema_version"),
+        "created": m.get("created"),
+        "command": m.get("command"),
+        "precision": m.get("precision"),
+        "source": {k: v for k, v in m.get("source", {}).items() if k != "inputs"}
+        | {"input_files": len(m.get("source", {}).get("inputs", {}))},
+        "graph": {k: v for k, v in (m.get("graph") or {}).items() if k != "files"},
+        "tools": m.get("tools", {}),
+        "stages": stages,
+        "profiles": profiles,
+        "validation": m.get("validation"),
+        "files": len(m.get("outputs", {})),
+        "bytes": sum(sizes.values()),
+    }
+
+
+def format_inspect(s: dict) -> str:
+    src = s["source"]
+    lines = [f"artifact {s['artifact']} ({s['format']} v{s['schema_version']}, written by "
+             f"dsc {s.get('command') or '?'} at {s['created']})"]
+    params = src.get("num_parameters")
+    size = f", {params / 1e6:,.1f}M parameters" if params else ""
+    lines.append(f"model: {src.get('family')} ({src.get('architecture')}){size}, "
+                 f"from {src.get('checkpoint')} ({src.get('input_files')} input files hashed)")
+    g = s.get("graph") or {}
+    if g:
+        lines.append(f"graph: {g.get('onnx')} {g.get('dtype')}, opset {g.get('opset')}")
+    lines.append("stages:")
+    for name, st in s["stages"].items():
+        status = st["status"].replace("_", " ")
+        extra = f" ({st['reason']})" if st.get("reason") else ""
+        secs = ""
+        if isinstance(st.get("seconds"), (int, float)):
+            secs = (f" (its run took {st['seconds']:.1f}s)" if st["status"] == "reused"
+                    else f" {st['seconds']:.1f}s")
+        if name == "compile" and st.get("profiles"):
+            extra = " (" + ", ".join(f"{p}: {v}" for p, v in st["profiles"].items()) + ")"
+        lines.append(f"  {name:<9} {status}{secs}{extra}")
+    if s["profiles"]:
+        lines.append("engines:")
+        width = max(len(n) for n in s["profiles"])
+        for name, p in s["profiles"].items():
+            head = f"  {name:<{width}}  SM{p['sm']}"
+            if p["engine"]:
+                lines.append(f"{head}  built: {p['engine']} ({_mib(p['engine_bytes'])}, "
+                             f"{p['backend']} {p['trt_version']})")
+            else:
+                verdict = "passed" if p["preflight_passed"] else "failed"
+                lines.append(f"{head}  NOT built here: preflight for SM{p['preflight_sm']} "
+                             f"{verdict}; build it on the device: dsc compile ARTIFACT --profile "
+                             f"{name} (or {p['device_command']})")
+    else:
+        lines.append("engines: none (dsc compile ARTIFACT --profile P builds one)")
+    v = s.get("validation")
+    if v:
+        verdict = "passed" if v.get("passed") else "FAILED"
+        if v.get("status") == "skipped":
+            verdict = f"skipped ({v.get('reason')})"
+        lines.append(f"validation: {v.get('kind')} {verdict}"
+                     + (f" — {v['note']}" if v.get("note") else ""))
+    lines.append(f"files: {s['files']} listed, {_mib(s['bytes'])}")
+    tools = s.get("tools") or {}
+    shown = ", ".join(f"{k} {v}" for k, v in tools.items() if v)
+    lines.append(f"tools: {shown}")
+    return "\n".join(lines)
