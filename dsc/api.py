@@ -120,3 +120,44 @@ def run(artifact: str | Path, prompt: str, *, max_new_tokens: int = 64, greedy: 
                           seed=seed, eos_token_id=eos if isinstance(eos, int) else None)[0]
     return prompt + tok.decode(new, skip_special_tokens=True)
 
+
+# --- dsc build / compile / inspect / verify (dsc.build, dsc.manifest) ---------------------------
+
+
+def build(checkpoint: str | Path, output: str | Path, config=None, *, quiet: bool = False,
+          echo=None, **options):
+    """`dsc build`: export → (passes) → (quantize) → compile per profile → validate, with reuse.
+
+    `config` is a `dsc.build.BuildConfig`, or pass its fields as keyword arguments.
+    Returns a `dsc.build.BuildOutcome`.
+    """
+    from dsc.build import BuildConfig
+    from dsc.build import build as run_build
+
+    config = config or BuildConfig(**options)
+    return run_build(checkpoint, output, config, quiet=quiet, echo=echo)
+
+
+def compile_artifact(artifact: str | Path, config=None, *, quiet: bool = False, echo=None,
+                     **options):
+    """`dsc compile`: engines (or preflights) for more profiles, into an existing artifact."""
+    from dsc.build import BuildConfig
+    from dsc.build import compile_artifact as run_compile
+
+    config = config or BuildConfig(**options)
+    return run_compile(artifact, config, quiet=quiet, echo=echo)
+
+
+def inspect_artifact(artifact: str | Path) -> dict:
+    """`dsc inspect`: a summary of an artifact's manifest."""
+    from dsc.manifest import inspect_artifact as summarise
+
+    return summarise(artifact)
+
+
+def verify_artifact(artifact: str | Path, *, check_inputs: bool = False,
+                    checkpoint: str | Path | None = None):
+    """`dsc verify`: re-hash every file against the manifest (a `dsc.manifest.VerifyResult`)."""
+    from dsc.manifest import verify_artifact as verify
+
+    return verify(artifact, check_inputs=check_inputs, checkpoint=checkpoint)

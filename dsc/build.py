@@ -1,0 +1,615 @@
+"""`dsc build` and `dsc compile`: the pipeline as an ordered list of stages, with reuse.
+
+    export → optimize → quantize → compile (one record per hardware profile) → validate
+
+Every stage declares its inputs (content hashes of the files it reads, its options, the tool
+versions that shape its output); their canonical hash is the stage's `input_hash` in the
+manifest. Re-running with an existing artifact at OUT reuses each stage whose input hash is
+unchanged and whose recorded outputs are still intact (re-hashed), hard-linking them into the
+new artifact; a stage whose inputs changed runs again, and so does everything downstream of a
+changed graph. When nothing ran and the options are the same, OUT is left untouched ("up to
+date"). Either way the artifact is written atomically (`dsc.artifacts.atomic_dir`): a failure or
+Ctrl-C leaves OUT as it was and no temporary directory behind.
+
+Before any stage runs, the targets are checked (`dsc.pipeline.targets`): unknown profile,
+precision the target cannot run, options the backend cannot honour, a model that does not fit
+at the engine's envelope. In this release `optimize` and `quantize` are recorded as not run (no
+passes or quantization requested) and `validate` is the smoke check (`dsc.pipeline.smoke`); the
+accuracy gate is `dsc validate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from dsc import __version__
+from dsc.artifacts import IO_SPEC, MANIFEST, atomic_dir, is_artifact, load_io_spec, load_manifest
+from dsc.errors import BadInput, CheckFailed, OutputConflict
+from dsc.manifest import (
+    canonical_hash,
+    export_inputs,
+    graph_record,
+    hash_tree,
+    now,
+    source_record,
+    verify_artifact,
+    write_manifest,
+)
+from dsc.models.checkpoint import sha256_file
+from dsc.pipeline.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+BUILD_LOG = "build.log"
+REPORTS = ("report.json", "report.md", "report.html")
+VALIDATE_KINDS = ("smoke", "none")
+NOT_RUN = {
+    "optimize": "no passes requested",
+    "quantize": "no quantization requested",
+}
+# Files `dsc validate` / `dsc bench` add; kept across a rebuild when the graph is unchanged.
+DOWNSTREAM_KEYS = ("bench",)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Every option of `dsc build` / `dsc compile` (the keys of dsc.yaml, minus paths)."""
+
+    profiles: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()  # --set key=value, applied to every profile
+    dtype: str = "fp16"
+    opset: int | None = None
+    max_batch: int | None = None
+    max_input_len: int | None = None
+    max_kv: int | None = None
+    backend: str = "auto"  # auto | tensorrt_rtx | tensorrt
+    dla_core: int | None = None
+    validate: str = "smoke"  # smoke | none
+    validate_tokens: int = 8
+    allow_pickle: bool = False
+    force: bool = False  # replace an artifact of another checkpoint at OUT
+    rebuild: bool = False  # ignore what OUT holds; run every stage
+
+    def __post_init__(self):
+        object.__setattr__(self, "profiles", tuple(self.profiles))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        if self.validate not in VALIDATE_KINDS:
+            raise BadInput(f"unknown validation {self.validate!r} (choose "
+                           f"{', '.join(VALIDATE_KINDS)})")
+        if self.validate_tokens < 1:
+            raise BadInput(f"validate_tokens must be at least 1, got {self.validate_tokens}")
+        for name in ("max_batch", "max_input_len", "max_kv"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+
+    def record(self) -> dict:
+        """The options as the manifest records them (not the ones that only steer this run)."""
+        d = asdict(self)
+        for k in ("force", "rebuild"):
+            d.pop(k)
+        d["profiles"] = list(self.profiles)
+        d["overrides"] = list(self.overrides)
+        return d
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass
+class BuildOutcome:
+    """What a build or compile did; `to_json()` is the `--json` document."""
+
+    artifact: Path
+    command: str
+    up_to_date: bool
+    seconds: float
+    manifest: dict
+    ran: dict[str, bool] = field(default_factory=dict)  # stage (or compile:<p>) -> ran
+
+    def to_json(self) -> dict:
+        m = self.manifest
+        art = self.artifact
+        stages = {}
+        for name, st in m.get("stages", {}).items():
+            stages[name] = {"status": st.get("status")}
+            if "reason" in st:
+                stages[name]["reason"] = st["reason"]
+            if "seconds" in st:
+                stages[name]["seconds"] = st["seconds"]
+            if name == "compile":
+                stages[name]["profiles"] = {p: r.get("status")
+                                            for p, r in st.get("profiles", {}).items()}
+        profiles = {}
+        for name, p in (m.get("profiles") or {}).items():
+            eng = p.get("engine")
+            profiles[name] = {
+                "status": p["status"],
+                "sm": p["sm"],
+                "built_here": p["status"] == "built",
+                "engine": str(art / eng["path"]) if eng else None,
+                "engine_bytes": eng["size_bytes"] if eng else None,
+                "backend": eng["backend"] if eng else None,
+                "runtime": eng.get("runtime") if eng else None,
+                "preflight": p.get("preflight"),
+                "device_command": str(art / p["device_command"]) if p.get("device_command")
+                else None,
+                "finish_on_device": (None if eng else
+                                     f"dsc compile {art} --profile {name}"),
+            }
+        files = {"manifest": str(art / MANIFEST)}
+        for key, name in (("log", BUILD_LOG), ("report", "report.html")):
+            if (art / name).is_file():
+                files[key] = str(art / name)
+        return {"artifact": str(art), "command": self.command, "up_to_date": self.up_to_date,
+                "seconds": round(self.seconds, 2), "stages": stages, "profiles": profiles,
+                "validation": m.get("validation"), "files": files}
+
+    def format(self) -> str:
+        """The plain-language summary printed at the end of `dsc build` / `dsc compile`."""
+        d = self.to_json()
+        src = self.manifest.get("source", {})
+        head = (f"artifact {d['artifact']} is up to date (nothing to do)" if self.up_to_date
+                else f"{'built' if self.command == 'build' else 'compiled'} artifact "
+                     f"{d['artifact']} ({src.get('family')}, {self.manifest.get('precision')}) "
+                     f"in {self.seconds:.1f}s")
+        lines = [head]
+        built = {n: p for n, p in d["profiles"].items() if p["built_here"]}
+        pending = {n: p for n, p in d["profiles"].items() if not p["built_here"]}
+        width = max((len(n) for n in d["profiles"]), default=0)
+        if built:
+            lines.append("  engines built:")
+            for n, p in built.items():
+                rt = ("TensorRT-RTX, ahead of time; runs with the TensorRT-RTX runtime"
+                      if p["backend"] == "tensorrt_rtx" else "standard TensorRT, on this GPU")
+                lines.append(f"    {n:<{width}}  SM{p['sm']}  {p['engine']} "
+                             f"({p['engine_bytes'] / 2**20:,.1f} MiB; {rt})")
+        if pending:
+            lines.append("  engines NOT built here (TensorRT-RTX cannot target them) - finish "
+                         "each on its device with standard TensorRT:")
+            for n, p in pending.items():
+                pre = p["preflight"] or {}
+                lines.append(f"    {n:<{width}}  SM{p['sm']}  preflight compile for "
+                             f"SM{pre.get('sm')} passed; on the device run: "
+                             f"{p['finish_on_device']}  (or sh {p['device_command']})")
+        if not d["profiles"]:
+            lines.append("  no engines (dsc compile ARTIFACT --profile P builds one)")
+        v = d.get("validation")
+        if v:
+            if v.get("kind") == "smoke":
+                if v.get("status") == "skipped":
+                    lines.append(f"  validation: smoke check skipped ({v.get('reason')})")
+                else:
+                    lines.append(f"  validation: smoke check {'passed' if v.get('passed') else 'FAILED'}"
+                                 f" (ONNX Runtime: finite logits, {len(v.get('generated_tokens', []))}"
+                                 f" greedy tokens, KV cache = prefill to {v.get('kv_rel_diff', 0):.1e});"
+                                 f" accuracy gate: dsc validate {d['artifact']}")
+            else:
+                lines.append(f"  validation: {v.get('kind')} "
+                             f"{'passed' if v.get('passed') else 'FAILED'}")
+        f = d["files"]
+        lines.append("  " + "  ".join(f"{k}: {v}" for k, v in f.items()))
+        return "\n".join(lines)
+
+
+class _UpToDate(Exception):
+    """Raised inside atomic_dir to drop the new copy when it would equal the old artifact."""
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def tool_versions() -> dict:
+    from dsc.api import tool_versions as versions
+
+    return versions()
+
+
+def _link(src_root: Path, dst_root: Path, rels) -> None:
+    """Hard-link (or copy) files of the previous artifact into the one being written."""
+    for rel in rels:
+        src, dst = src_root / rel, dst_root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            dst.unlink()
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def _intact(root: Path | None, outputs: dict) -> bool:
+    if root is None:
+        return False
+    for rel, digest in outputs.items():
+        p = root / rel
+        if not p.is_file() or sha256_file(p) != digest:
+            return False
+    return True
+
+
+def _reusable(old: dict | None, input_hash: str, root: Path | None) -> bool:
+    return (bool(old) and old.get("status") in ("ran", "reused")
+            and old.get("input_hash") == input_hash and _intact(root, old.get("outputs", {})))
+
+
+def _reused(old: dict) -> dict:
+    return dict(old, status="reused")
+
+
+def _previous(output: Path, checkpoint_hashes: dict, *, force: bool) -> tuple[Path | None, dict]:
+    """The artifact already at OUT that this build may reuse, and its manifest."""
+    if not output.exists():
+        return None, {}
+    if output.is_file() or output.is_symlink():
+        raise OutputConflict(f"output path {output} is a file, not a directory")
+    if not any(output.iterdir()):
+        return None, {}
+    if not is_artifact(output):
+        raise OutputConflict(f"output path {output} is not empty and is not a dsc artifact; "
+                             f"choose another path")
+    m = load_manifest(output)
+    if m.get("source", {}).get("inputs") != checkpoint_hashes and not force:
+        raise OutputConflict(
+            f"output path {output} holds an artifact of another checkpoint "
+            f"({m.get('source', {}).get('checkpoint', '?')}); pass --force to replace it")
+    return output, m
+
+
+def _fix_report_paths(root: Path, dest: Path) -> None:
+    """report.* name the directory they were generated in: the temp dir, until the swap."""
+    import html
+
+    pairs = []
+    for a, b in ((str(root.resolve()), str(dest.resolve())), (str(root), str(dest))):
+        pairs += [(a, b), (json.dumps(a)[1:-1], json.dumps(b)[1:-1]),
+                  (html.escape(a), html.escape(b))]
+    for name in REPORTS:
+        p = root / name
+        if p.is_file():
+            text = p.read_text()
+            for a, b in pairs:
+                text = text.replace(a, b)
+            p.write_text(text)
+
+
+def _finish(tmp: Path, dest: Path, manifest: dict, progress: Progress) -> dict:
+    """Write build.log, the reports and the final manifest (outputs: every file) into `tmp`."""
+    from dsc.validate.report import write_reports
+
+    (tmp / BUILD_LOG).write_text(progress.text())
+    manifest["outputs"] = hash_tree(tmp)
+    write_manifest(tmp, manifest)
+    write_reports(tmp)
+    _fix_report_paths(tmp, dest)
+    manifest["outputs"] = hash_tree(tmp)
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def _compile_stage(targets, tmp: Path, io: dict, graph: dict, tools: dict, progress: Progress,
+                   index: int, previous: Path | None, old_manifest: dict,
+                   ran: dict[str, bool]) -> tuple[dict, dict]:
+    """Run (or reuse) the compile of every target; returns (stage records, profile entries)."""
+    from dsc.pipeline.engines import compile_target
+
+    old_stage = (old_manifest.get("stages", {}).get("compile") or {}).get("profiles", {})
+    old_profiles = old_manifest.get("profiles") or {}
+    records, entries = {}, {}
+    for t in targets:
+        inputs = {
+            "graph": graph["hash"],
+            "profile": t.profile.to_dict(),
+            "overrides": list(t.profile.overrides),
+            "envelope": asdict(t.envelope),
+            "mode": t.mode,
+            "options": _options_json(t.options),
+            "preflight_options": _options_json(t.preflight_options),
+            "tools": {k: tools.get(k) for k in ("dsc", "tensorrt", "tensorrt-rtx-cu13")},
+        }
+        ih = canonical_hash(inputs)
+        old = old_stage.get(t.name)
+        what = {"rtx": f"engine for SM{t.options.target_sm} with TensorRT-RTX (ahead of time)",
+                "device": f"engine for this GPU (SM{t.profile.sm}) with standard TensorRT",
+                "preflight": f"SM{t.profile.sm} cannot be built here: preflight compile for "
+                             f"SM{t.preflight_options.target_sm if t.preflight_options else '?'}"
+                }[t.mode]
+        label = progress.stage_line(index, "compile", f"{t.name}: {what}")
+        done = progress.stage_line(index, "compile", f"{t.name}:")
+        if _reusable(old, ih, previous) and t.name in old_profiles:
+            _link(previous, tmp, old["outputs"])
+            records[t.name] = _reused(old)
+            entries[t.name] = old_profiles[t.name]
+            progress.say(f"{done} reused (inputs unchanged)")
+            ran[f"compile:{t.name}"] = False
+            continue
+        progress.say(f"{label} ...")
+        t0 = time.perf_counter()
+        result = compile_target(t, tmp, io, progress, previous=previous)
+        seconds = time.perf_counter() - t0
+        sub = tmp / "engines" / t.name
+        outputs = {f"engines/{t.name}/{k}": v for k, v in hash_tree(sub).items()}
+        records[t.name] = {"status": "ran", "input_hash": ih, "inputs": inputs,
+                           "outputs": outputs, "seconds": round(seconds, 2)}
+        entry = dict(result.entry)
+        entry.update({
+            "mode": t.mode,
+            "profile": t.profile.to_dict(),
+            "overrides": list(t.profile.overrides),
+            "envelope": asdict(t.envelope),
+            "options": _options_json(t.options),
+            "plan": t.plan,
+            "notes": list(t.notes),
+        })
+        entries[t.name] = entry
+        ran[f"compile:{t.name}"] = True
+        eng = entry.get("engine")
+        end = (f"{eng['path']} ({eng['size_bytes'] / 2**20:,.1f} MiB)" if eng else
+               f"preflight passed; engine to be built on the device ({entry['device_command']})")
+        progress.say(f"{done} {end}, {seconds:.1f}s")
+    return records, entries
+
+
+def _options_json(options) -> dict | None:
+    if options is None:
+        return None
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()
+            if k != "timing_cache"}
+
+
+def _aggregate(records: dict) -> str:
+    statuses = {r["status"] for r in records.values()}
+    if not statuses:
+        return "not_run"
+    return "ran" if "ran" in statuses else "reused"
+
+
+# --- dsc build ------------------------------------------------------------------------------
+
+
+def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
+          quiet: bool = False, echo=None) -> BuildOutcome:
+    """Checkpoint → artifact with one engine (or preflight + device command) per profile."""
+    from dsc.export import onnx_export
+    from dsc.models.checkpoint import inspect_checkpoint
+    from dsc.pipeline.smoke import PROMPT, smoke_validate
+    from dsc.pipeline.targets import resolve_targets
+
+    t_start = time.perf_counter()
+    info = inspect_checkpoint(checkpoint, allow_pickle=config.allow_pickle)
+    output = Path(output)
+    targets = resolve_targets(
+        config.profiles, model_config=info.config, model_name=info.path.resolve().name,
+        dtype=config.dtype, overrides=list(config.overrides), max_batch=config.max_batch,
+        max_input_len=config.max_input_len, max_kv=config.max_kv, backend=config.backend,
+        dla_core=config.dla_core)
+    if config.opset is not None and not 18 <= config.opset <= 23:
+        raise BadInput(f"opset {config.opset} is not supported by the exporter; choose 18..23")
+    tools = tool_versions()
+    export_in = export_inputs(info, dtype=config.dtype, opset=config.opset, tools=tools)
+    previous, old = _previous(output, export_in["checkpoint"], force=config.force)
+    if config.rebuild:
+        old = {}
+    old_stages = old.get("stages", {})
+    progress = Progress(5, quiet=quiet, echo=echo)
+    ran: dict[str, bool] = {}
+    progress.say(f"dsc build {info.path} -> {output}: {info.family.name} {config.dtype}, "
+                 f"profiles {', '.join(t.name for t in targets)}")
+    for t in targets:
+        progress.detail(f"{t.name}: mode {t.mode}, envelope {asdict(t.envelope)}, plan "
+                        f"{t.plan['total_bytes'] / 2**30:.3f} of "
+                        f"{t.plan['capacity_bytes'] / 2**30:.1f} GiB; "
+                        + "; ".join(t.notes))
+    try:
+        with atomic_dir(output, force=True) as tmp:
+            # 1. export
+            ih = canonical_hash(export_in)
+            label = progress.stage_line(1, "export",
+                                        f"{info.architecture} -> ONNX {config.dtype}")
+            done = progress.stage_line(1, "export", "")
+            if _reusable(old_stages.get("export"), ih, previous):
+                rec = _reused(old_stages["export"])
+                _link(previous, tmp, rec["outputs"])
+                progress.say(f"{label}: reused (inputs unchanged)")
+                ran["export"] = False
+            else:
+                progress.say(f"{label} ...")
+                t0 = time.perf_counter()
+                g = onnx_export.export_graph(info, tmp, dtype=config.dtype, opset=config.opset,
+                                             progress=progress.detail)
+                for f in info.tokenizer_files:
+                    shutil.copy2(f, tmp / f.name)
+                shutil.copy2(info.path / "config.json", tmp / "config.json")
+                (tmp / IO_SPEC).write_text(
+                    json.dumps(dict(g.io_spec, dtype=config.dtype), indent=2) + "\n")
+                seconds = time.perf_counter() - t0
+                rec = {"status": "ran", "input_hash": ih, "inputs": export_in,
+                       "outputs": hash_tree(tmp), "seconds": round(seconds, 2),
+                       "dtype": config.dtype, "opset": g.io_spec.get("opset")}
+                progress.say(f"{done}{g.onnx_path.name} written, {seconds:.1f}s")
+                ran["export"] = True
+            stages: dict = {"export": rec}
+            io = json.loads((tmp / IO_SPEC).read_text())
+            graph = graph_record(tmp, io)
+
+            # 2-3. graph passes and quantization: later issues plug in here.
+            for i, name in ((2, "optimize"), (3, "quantize")):
+                stages[name] = {"status": "not_run", "reason": NOT_RUN[name]}
+                progress.say(progress.stage_line(i, name, f"not run ({NOT_RUN[name]})"))
+
+            # 4. compile, per profile
+            records, entries = _compile_stage(targets, tmp, io, graph, tools, progress, 4,
+                                              previous, old, ran)
+            stages["compile"] = {"status": _aggregate(records), "profiles": records}
+
+            # 5. validate
+            stages["validate"], validation = _validate_stage(
+                config, tmp, io, graph, tools, progress, old_stages.get("validate"), ran,
+                smoke_validate, PROMPT)
+
+            manifest = {
+                "format": "dsc-artifact",
+                "schema_version": 1,
+                "created": now(),
+                "command": "build",
+                "tools": tools,
+                "precision": config.dtype,
+                "source": source_record(info, export_in["checkpoint"]),
+                "graph": graph,
+                "options": config.record(),
+                "stages": stages,
+                "profiles": entries,
+                "outputs": {},
+            }
+            if validation is not None:
+                manifest["validation"] = validation
+            _carry_downstream(previous, old, tmp, manifest, graph)
+
+            if (previous is not None and not any(ran.values())
+                    and set(old.get("profiles") or {}) == set(entries)
+                    and old.get("options") == manifest["options"]
+                    and verify_artifact(previous).ok):
+                raise _UpToDate()
+            _finish(tmp, output, manifest, progress)
+    except _UpToDate:
+        progress.say(f"{output}: up to date, nothing rebuilt")
+        return BuildOutcome(output, "build", True, time.perf_counter() - t_start,
+                            load_manifest(output), ran)
+    return BuildOutcome(output, "build", False, time.perf_counter() - t_start, manifest, ran)
+
+
+def _validate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: dict,
+                    progress: Progress, old: dict | None, ran: dict, smoke_validate,
+                    prompt: str) -> tuple[dict, dict | None]:
+    if config.validate == "none":
+        progress.say(progress.stage_line(5, "validate", "not run (--validate none)"))
+        return {"status": "not_run", "reason": "--validate none"}, None
+    inputs = {"graph": graph["hash"], "kind": "smoke", "tokens": config.validate_tokens,
+              "prompt": prompt, "tools": {k: tools.get(k) for k in ("dsc", "onnxruntime")}}
+    ih = canonical_hash(inputs)
+    label = progress.stage_line(5, "validate", "smoke check with ONNX Runtime")
+    if old and old.get("input_hash") == ih and old.get("status") in ("ran", "reused", "skipped"):
+        rec = dict(old, status="reused" if old.get("status") != "skipped" else "skipped")
+        progress.say(f"{label}: reused (graph unchanged)")
+        ran["validate"] = False
+        return rec, _validation_summary(rec["result"])
+    progress.say(f"{label} ...")
+    t0 = time.perf_counter()
+    result = smoke_validate(tmp, io, tokens=config.validate_tokens, prompt=prompt)
+    ran["validate"] = True
+    seconds = round(time.perf_counter() - t0, 2)
+    if result["status"] == "skipped":
+        progress.say(f"{label}: skipped ({result['reason']})")
+        return ({"status": "skipped", "reason": result["reason"], "input_hash": ih,
+                 "inputs": inputs, "outputs": {}, "seconds": seconds, "result": result},
+                _validation_summary(result))
+    if not result["passed"]:
+        raise CheckFailed(f"validation (smoke) of {io['onnx']} failed: "
+                          f"{'; '.join(result['failures'])}")
+    progress.say(progress.stage_line(
+        5, "validate", f"smoke check passed: finite logits, {len(result['generated_tokens'])} "
+        f"greedy tokens, decode = prefill to {result['kv_rel_diff']:.1e}, {seconds:.1f}s"))
+    progress.detail(f"smoke: generated token ids {result['generated_tokens']}")
+    return ({"status": "ran", "input_hash": ih, "inputs": inputs, "outputs": {},
+             "seconds": seconds, "result": result}, _validation_summary(result))
+
+
+def _validation_summary(result: dict) -> dict:
+    keys = ("kind", "status", "passed", "reason", "backend", "graph", "dtype", "prompt_tokens",
+            "generated_tokens", "finite", "kv_rel_diff", "greedy_agreement", "note")
+    return {k: result[k] for k in keys if k in result}
+
+
+def _carry_downstream(previous: Path | None, old: dict, tmp: Path, manifest: dict,
+                      graph: dict) -> None:
+    """Keep `dsc validate` / `dsc bench` records of the same graph (same graph hash)."""
+    if previous is None or (old.get("graph") or {}).get("hash") != graph["hash"]:
+        return
+    produced = set(hash_tree(tmp)) | {BUILD_LOG, *REPORTS}
+    extra = [rel for rel in (old.get("outputs") or {})
+             if rel not in produced and not rel.startswith("engines/")
+             and (previous / rel).is_file()]
+    _link(previous, tmp, extra)
+    gate = old.get("validation")
+    if isinstance(gate, dict) and gate.get("kind") == "gate":
+        manifest["validation"] = gate
+    for key in DOWNSTREAM_KEYS:
+        if key in old:
+            manifest[key] = old[key]
+
+
+# --- dsc compile ----------------------------------------------------------------------------
+
+
+def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool = False,
+                     echo=None) -> BuildOutcome:
+    """Build engines (or preflights) for more profiles into an existing artifact, atomically."""
+    from dsc.pipeline.targets import resolve_targets
+
+    t_start = time.perf_counter()
+    artifact = Path(artifact)
+    old = load_manifest(artifact)
+    io = load_io_spec(artifact)
+    try:
+        model_config = json.loads((artifact / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"artifact {artifact} has no readable config.json: {e}") from None
+    dtype = str(io.get("dtype", "fp16"))
+    targets = resolve_targets(
+        config.profiles, model_config=model_config,
+        model_name=old.get("source", {}).get("checkpoint", str(artifact)).rstrip("/")
+        .split("/")[-1], dtype=dtype, overrides=list(config.overrides),
+        max_batch=config.max_batch, max_input_len=config.max_input_len, max_kv=config.max_kv,
+        backend=config.backend, dla_core=config.dla_core)
+    graph = graph_record(artifact, io)
+    listed = old.get("outputs", {})
+    for rel, digest in graph["files"].items():
+        if listed.get(rel) != digest:
+            raise CheckFailed(f"{artifact}: {rel} does not match manifest.json; the graph was "
+                              f"changed after it was written (dsc verify {artifact})")
+    tools = tool_versions()
+    names = {t.name for t in targets}
+    progress = Progress(1, quiet=quiet, echo=echo)
+    progress.say(f"dsc compile {artifact}: profiles {', '.join(sorted(names))}")
+    ran: dict[str, bool] = {}
+    reuse_from = None if config.rebuild else old
+    try:
+        with atomic_dir(artifact, force=True) as tmp:
+            keep = [rel for rel in listed
+                    if rel not in (BUILD_LOG, *REPORTS)
+                    and not any(rel.startswith(f"engines/{n}/") for n in names)
+                    and (artifact / rel).is_file()]
+            _link(artifact, tmp, keep)
+            records, entries = _compile_stage(targets, tmp, io, graph, tools, progress, 1,
+                                              artifact, reuse_from or {}, ran)
+            if not any(ran.values()):
+                raise _UpToDate()
+            manifest = json.loads(json.dumps(old))
+            manifest.update(created=now(), command="compile")
+            manifest["tools"] = {**old.get("tools", {}), **tools}
+            manifest.setdefault("graph", graph)
+            stage = manifest.setdefault("stages", {}).setdefault(
+                "compile", {"status": "ran", "profiles": {}})
+            stage.setdefault("profiles", {}).update(records)
+            stage["status"] = _aggregate(stage["profiles"])
+            manifest.setdefault("profiles", {}).update(entries)
+            # build.log keeps the earlier runs (it was not linked: it is rewritten here).
+            if (artifact / BUILD_LOG).is_file():
+                earlier = (artifact / BUILD_LOG).read_text().rstrip("\n")
+                progress.lines = [earlier, f"== dsc compile at {now()}", *progress.lines]
+            _finish(tmp, artifact, manifest, progress)
+    except _UpToDate:
+        progress.say(f"{artifact}: up to date, nothing rebuilt")
+        return BuildOutcome(artifact, "compile", True, time.perf_counter() - t_start,
+                            load_manifest(artifact), ran)
+    return BuildOutcome(artifact, "compile", False, time.perf_counter() - t_start, manifest, ran)
+
+
+__all__ = ["BuildConfig", "BuildOutcome", "build", "compile_artifact", "__version__"]

@@ -1,0 +1,55 @@
+"""Progress of a build: one line per stage on stderr, and the same lines (plus detail) for build.log.
+
+    [1/5] export    qwen2 fp16 from ./ckpt ... 13.4s
+    [2/5] optimize  not run (no passes requested)
+    [4/5] compile   a100-80gb: engine for SM80 with TensorRT-RTX 1.7.1 ... 2.9s
+
+`detail()` lines (TensorRT messages, file lists) go only to the log; `say()` lines go to both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+
+class Progress:
+    """Stage-numbered progress lines; every line is also kept for build.log."""
+
+    def __init__(self, total: int, *, echo: Callable[[str], None] | None = None,
+                 quiet: bool = False):
+        self.total = total
+        self.quiet = quiet
+        self._echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.lines: list[str] = []
+        self._t0 = time.perf_counter()
+
+    def _stamp(self) -> str:
+        return f"{time.perf_counter() - self._t0:7.1f}s"
+
+    def say(self, line: str) -> None:
+        self.lines.append(f"{self._stamp()}  {line}")
+        if not self.quiet:
+            self._echo(line)
+
+    def detail(self, line: str) -> None:
+        self.lines.append(f"{self._stamp()}    {line}")
+
+    def stage_line(self, index: int, name: str, text: str) -> str:
+        return f"[{index}/{self.total}] {name:<9} {text}"
+
+    @contextlib.contextmanager
+    def stage(self, index: int, name: str, text: str) -> Iterator[dict]:
+        """Announce a stage, time it, and print how it ended (`note["end"]`, default the time)."""
+        t0 = time.perf_counter()
+        self.say(self.stage_line(index, name, f"{text} ..."))
+        note: dict = {}
+        yield note
+        seconds = time.perf_counter() - t0
+        end = note.get("end") or f"done in {seconds:.1f}s"
+        self.say(self.stage_line(index, name, end))
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
