@@ -75,6 +75,9 @@ def _register_optional_groups() -> None:
     from dsc import _cli_validate
 
     _cli_validate.register(cli)
+    from dsc import _cli_build
+
+    _cli_build.register(cli)
     from dsc import _cli_quant
     _cli_quant.register(cli)
 
