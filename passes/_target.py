@@ -8,7 +8,9 @@ Measured here with TensorRT-RTX 1.7.1 (`tests/passes/test_target.py` re-checks i
 - `Attention` (opset 23) parses into a non-decomposable `IAttention`: fp16/bf16 builds, fp32
   fails at build time ("Attention operation was not supported by a dedicated kernel"); the
   3-output form with past key/value is refused by the parser ("only supports Attention nodes
-  with one output"). TensorRT's attention needs equal q/k/v head sizes.
+  with one output"); head sizes above 256 fail to build ("not supported by a dedicated
+  kernel": 264, 288, 320, 384, 448, 512, 576 tried). TensorRT's IAttention takes one head size
+  for q, k and v.
 
 Standard TensorRT: the ONNX parser gained `Attention` in 10.14 and `RotaryEmbedding` (with
 `IRotaryEmbeddingLayer`) in 10.15.1, per NVIDIA's release notes; no release note for
@@ -36,13 +38,17 @@ class TargetOps:
     rotary_embedding: bool = False
     attention_dtypes: frozenset[str] = frozenset()  # element types IAttention builds for
     attention_equal_head_dims: bool = True  # TensorRT's IAttention: q, k, v share head size
+    attention_max_head_dim: int | None = 256  # IAttention builds up to 256 (measured, fp16/bf16)
 
     @property
     def needs_opset23(self) -> bool:
         return self.rms_normalization or self.rotary_embedding or bool(self.attention_dtypes)
 
-    def attention_for(self, dtype_name: str) -> bool:
-        return dtype_name in self.attention_dtypes
+    def attention_for(self, dtype_name: str, head_dim: int | None = None) -> bool:
+        if dtype_name not in self.attention_dtypes:
+            return False
+        limit = self.attention_max_head_dim
+        return head_dim is None or limit is None or head_dim <= limit
 
     def to_json(self) -> dict:
         return {"name": self.name, "rms_normalization": self.rms_normalization,
@@ -56,7 +62,7 @@ RTX_1_7 = TargetOps("TensorRT-RTX 1.7 (RMSNormalization, RotaryEmbedding; Attent
 OPSET23 = TargetOps("opset 23 (every fused op, any float dtype)", rms_normalization=True,
                     rotary_embedding=True,
                     attention_dtypes=frozenset({"float32", "float16", "bfloat16"}),
-                    attention_equal_head_dims=False)
+                    attention_equal_head_dims=False, attention_max_head_dim=None)
 
 
 def _version(text: str | None) -> tuple[int, ...]:

@@ -7,3 +7,5 @@ rmsnorm, mlp (SiLU-gated), rotary, mla (DeepSeek MLA incl. weight absorption), a
 from dsc.passes.fusion import rmsnorm  # noqa: F401
 from dsc.passes.fusion import mlp  # noqa: F401
 from dsc.passes.fusion import rotary  # noqa: F401
+from dsc.passes.fusion import attention  # noqa: F401
+from dsc.passes.fusion import mla  # noqa: F401
