@@ -9,6 +9,7 @@ prove that a Reshape/Expand computes what the rewrite assumes, without shape inf
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,14 +89,26 @@ def dtype_name(value: ir.Value | None) -> str | None:
     return value.dtype.numpy().name if value.dtype != ir.DataType.BFLOAT16 else "bfloat16"
 
 
+_taken: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def unique_name(graph: ir.Graph, stem: str) -> str:
-    """`stem__dscN`, not yet an initializer or value name in `graph` (or its main graph)."""
-    existing = set(graph.initializers)
-    existing.update(v.name for node in graph for v in node.outputs)
+    """`stem__dscN`, a name no value of `graph` (or of its subgraphs) has.
+
+    Deterministic (a counter), so the same input gives the same output; names left by an
+    earlier optimization run are collected once per graph and skipped.
+    """
+    taken = _taken.get(graph)
+    if taken is None:
+        taken = {v.name for v in graph.initializers.values() if "__dsc" in (v.name or "")}
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            taken.update(v.name for v in node.outputs if "__dsc" in (v.name or ""))
+        _taken[graph] = taken
     base = stem.split("__dsc")[0]
     while True:
         name = f"{base}__dsc{next(_counter)}"
-        if name not in existing:
+        if name not in taken and name not in graph.initializers:
+            taken.add(name)
             return name
 
 

@@ -5,6 +5,9 @@ Measured here with TensorRT-RTX 1.7.1 (`tests/passes/test_target.py` re-checks i
 - `RMSNormalization` (opset 23) parses, into primitive layers (no dedicated layer); builds on
   SM80/SM89 in fp32 and fp16.
 - `RotaryEmbedding` (opset 23) parses into one `IRotaryEmbeddingLayer`; builds in fp32 and fp16.
+  With `interleaved=1`, once its output feeds an `If` branch (MLA absorption), the build fails
+  in Myelin ("ssa.cpp:698: CHECK(false) failed"); the same graph with `interleaved=0` builds,
+  so interleaved RoPE is emitted as halves (strided Slices) + interleaved=0 + re-pairing.
 - `Attention` (opset 23) parses into a non-decomposable `IAttention`: fp16/bf16 builds, fp32
   fails at build time ("Attention operation was not supported by a dedicated kernel"); the
   3-output form with past key/value is refused by the parser ("only supports Attention nodes
@@ -39,6 +42,7 @@ class TargetOps:
     attention_dtypes: frozenset[str] = frozenset()  # element types IAttention builds for
     attention_equal_head_dims: bool = True  # TensorRT's IAttention: q, k, v share head size
     attention_max_head_dim: int | None = 256  # IAttention builds up to 256 (measured, fp16/bf16)
+    rotary_interleaved: bool = True  # emit RotaryEmbedding(interleaved=1)
 
     @property
     def needs_opset23(self) -> bool:
@@ -58,7 +62,8 @@ class TargetOps:
 
 PORTABLE = TargetOps("portable (opset <= 20 ops only)")
 RTX_1_7 = TargetOps("TensorRT-RTX 1.7 (RMSNormalization, RotaryEmbedding; Attention fp16/bf16)",
-                    rms_normalization=True, rotary_embedding=True, attention_dtypes=_HALF)
+                    rms_normalization=True, rotary_embedding=True, attention_dtypes=_HALF,
+                    rotary_interleaved=False)
 OPSET23 = TargetOps("opset 23 (every fused op, any float dtype)", rms_normalization=True,
                     rotary_embedding=True,
                     attention_dtypes=frozenset({"float32", "float16", "bfloat16"}),

@@ -9,3 +9,4 @@ from dsc.passes.fusion import mlp  # noqa: F401
 from dsc.passes.fusion import rotary  # noqa: F401
 from dsc.passes.fusion import attention  # noqa: F401
 from dsc.passes.fusion import mla  # noqa: F401
+from dsc.passes.fusion import moe  # noqa: F401

@@ -47,6 +47,24 @@ def new_const(op, graph: ir.Graph | ir.Function, stem: str, array) -> ir.Value:
     return op.initializer(ir.tensor(array, name=name), name=name)
 
 
+def branch_graph(tape, out: ir.Value, like: ir.Value, main: ir.Graph, name: str) -> ir.Graph:
+    """An If branch from the nodes a TapeBuilder recorded: its initializers go to the main
+    graph (branches read them from the outer scope) and every value and node gets a name unique
+    in the model (ONNX wants names unique across a graph and its subgraphs)."""
+    from dsc.passes._ir import unique_name
+
+    for init in tape.initializers:
+        main.register_initializer(init)
+    result = ir.Value(name=unique_name(main, f"{name}_out"), type=like.type)
+    nodes = [*tape.nodes, ir.node("Identity", [out], outputs=[result])]
+    for node in nodes:
+        node.name = unique_name(main, f"{name}_{node.op_type}")
+        for value in node.outputs:
+            if value is not result:
+                value.name = unique_name(main, f"{name}_v")
+    return ir.Graph([], [result], nodes=nodes, name=name)
+
+
 def all_nodes(graph: ir.Graph):
     """Nodes of the graph and of every subgraph, parents first."""
     return ir.traversal.RecursiveGraphIterator(graph)

@@ -37,7 +37,7 @@ from onnxscript.rewriter import pattern
 from dsc.passes._framework import register_pass
 from dsc.passes._ir import attr, const_array, const_ints, const_scalar, dim, dtype_name, producer, rank
 from dsc.passes._target import TargetOps
-from dsc.passes.fusion._common import FusionPass, new_const, tag
+from dsc.passes.fusion._common import FusionPass, branch_graph, new_const, tag
 from dsc.passes.fusion.attention import emit_attention, mask_of
 
 _P = [3, 1, 2, 0]
@@ -200,14 +200,8 @@ class MlaAbsorb(pattern.RewriteRuleClassBase):
                                   bias=bias, mask=mask, heads=h, kv_heads=h, qk_dim=n + rope,
                                   v_dim=v, block="attention")
 
-        branches = []
-        for name, tape, out in (("mla_absorbed", then, out_then), ("mla_expanded", other,
-                                                                     out_else)):
-            for init in tape.initializers:
-                graph.register_initializer(init)
-            result = ir.Value(name=None, type=q_nope.type)
-            ident = ir.node("Identity", [out], outputs=[result])
-            branches.append(ir.Graph([], [result], nodes=[*tape.nodes, ident], name=name))
+        branches = [branch_graph(then, out_then, q_nope, graph, "mla_absorbed"),
+                    branch_graph(other, out_else, q_nope, graph, "mla_expanded")]
         seq = op.Shape(q_nope, start=2, end=3)
         limit = new_const(op, graph, "mla_absorb_max_seq", np.asarray([self.max_seq], np.int64))
         cond = op.Squeeze(op.LessOrEqual(seq, limit), op.Constant(value_ints=[0]))

@@ -11,7 +11,10 @@ scaled by the exporter, e.g. YaRN's mscale); a = x[..., 0::2], b = x[..., 1::2].
     V2        (DeepSeek-V2: complex multiply on (real, imag) pairs, dsc's real-valued export)
               Reshape(Concat(Unsqueeze(a*C - b*S), Unsqueeze(a*S + b*C), -1), [B, H, S, D])
               with a, b = Gather(Reshape(x, [B, H, S, D/2, 2]), 0|1, axis=4)
-                ⇒ RotaryEmbedding(x, C, S, interleaved=1)
+                ⇒ RotaryEmbedding(x, C, S, interleaved=1), or, where the target's
+                  interleaved RoPE is unreliable (TensorRT-RTX 1.7: an interleaved
+                  RotaryEmbedding whose output feeds an If branch fails Myelin's SSA check),
+                  pairs → halves (two strided Slices), interleaved=0, halves → pairs
 
 TensorRT-RTX parses RotaryEmbedding into one IRotaryEmbeddingLayer (fp32 and fp16); standard
 TensorRT from 10.15.1. Other targets keep the exported elementwise form, which TensorRT fuses
@@ -153,6 +156,10 @@ class RopeV3Fusion(pattern.RewriteRuleClassBase):
 
 
 class RopeV2Fusion(pattern.RewriteRuleClassBase):
+    def __init__(self, interleaved: bool = True):
+        super().__init__("RopeV2Fusion")
+        self.interleaved = interleaved
+
     def pattern(self, op, x, shape5, shape4, i0, i1, cos4, sin4, ax1, ax2):
         pairs = op.Reshape(x, shape5, _allow_other_attributes=True)
         a = op.Gather(pairs, i0, axis=4)
@@ -183,12 +190,28 @@ class RopeV2Fusion(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, cos4, sin4, **_):
-        out = op.RotaryEmbedding(x, _cache(op, cos4), _cache(op, sin4), interleaved=1)
-        tag(out, "rope", FORM)
-        return out
+        cos, sin = _cache(op, cos4), _cache(op, sin4)
+        if self.interleaved:
+            out = op.RotaryEmbedding(x, cos, sin, interleaved=1)
+            tag(out, "rope", FORM)
+            return out
+        # Pairs to halves, rotate, halves back to pairs (see TargetOps.rotary_interleaved).
+        d = dim(x, 3)
+        zero, one = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
+        end, last, two = op.Constant(value_ints=[d]), op.Constant(value_ints=[-1]), \
+            op.Constant(value_ints=[2])
+        halves = op.Concat(op.Slice(x, zero, end, last, two), op.Slice(x, one, end, last, two),
+                           axis=-1)
+        rotated = op.RotaryEmbedding(halves, cos, sin, interleaved=0)
+        tag(rotated, "rope", FORM + " (pairs as halves)")
+        split = op.Reshape(rotated, op.Constant(value_ints=[0, 0, 0, 2, d // 2]))
+        pairs = op.Transpose(split, perm=[0, 1, 2, 4, 3])
+        return op.Reshape(pairs, op.Constant(value_ints=[0, 0, 0, d]))
 
 
-RULES = (RopeHalfFusion.rule(), RopeV3Fusion.rule(), RopeV2Fusion.rule())
+def rules_for(target) -> tuple:
+    return (RopeHalfFusion.rule(), RopeV3Fusion.rule(),
+            RopeV2Fusion.rule(interleaved=target.rotary_interleaved))
 
 
 class RotaryFusionPass(FusionPass):
@@ -198,7 +221,7 @@ class RotaryFusionPass(FusionPass):
         if not self.ctx.target.rotary_embedding:
             self.notes = [f"{self.ctx.target.name}: RoPE left as elementwise ops"]
             return ()
-        return RULES
+        return rules_for(self.ctx.target)
 
 
 register_pass("fuse-rotary", RotaryFusionPass,
