@@ -80,6 +80,8 @@ def _register_optional_groups() -> None:
     _cli_build.register(cli)
     from dsc import _cli_quant
     _cli_quant.register(cli)
+    from dsc import _cli_passes
+    _cli_passes.register(cli)
 
 
 _register_optional_groups()

@@ -35,7 +35,6 @@ class FoldConstantsPass(DscPass):
         from onnxscript.optimizer import fold_constants
 
         result = fold_constants(model)
-        self.counts = {"folded": int(bool(result.modified))}
         return ir.passes.PassResult(model, bool(result.modified))
 
 

@@ -45,9 +45,9 @@ class GateUpFusion(pattern.RewriteRuleClassBase):
         sizes = new_const(op, self._graph, f"{w_gate.name}_gate_up_split",
                           np.asarray([wg.shape[1], wu.shape[1]], dtype=np.int64))
         g, u = op.Split(op.MatMul(x, fused), sizes, axis=-1, _outputs=2)
-        out = op.Mul(op.Mul(g, op.Sigmoid(g)), u)
-        tag(out, "mlp", FORM)
-        return out
+        silu = op.Mul(g, op.Sigmoid(g))
+        tag(silu, "mlp", FORM)
+        return op.Mul(silu, u)
 
 
 RULE = GateUpFusion.rule()

@@ -1,0 +1,147 @@
+"""`dsc optimize`: run the pass pipeline on an artifact's graph and write a new artifact.
+
+The new artifact is the input's files with model.onnx (+ .data) replaced, model_io.json's
+opset updated (names, dtypes and ranks of the graph's inputs and outputs must not change; a
+pass that changed them is a bug and fails the run), `passes_report.json` (per pass: seconds,
+node counts, counts per rule, verify results; the coverage record) and manifest.json with a
+`stages.optimize` record, the new `graph` record and every output's sha256. Written
+atomically (dsc.artifacts.atomic_dir): a failure leaves the destination as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+
+from dsc.artifacts import IO_SPEC, MANIFEST, atomic_dir, check_output, load_io_spec, \
+    load_manifest, write_json
+from dsc.errors import BadInput
+from dsc.passes._framework import PassContext, PassOptions, PipelineReport, build_pipeline, \
+    run_pipeline
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "passes_report.json"
+EXTERNAL_DATA_THRESHOLD = 2 * 2**30
+
+
+@dataclass
+class OptimizeResult:
+    path: Path
+    report: PipelineReport
+    coverage: dict
+    seconds: float
+
+
+def optimize_model(model: ir.Model, ctx: PassContext, *, config: dict | None = None,
+                   only=None, disable=(), dump_after=(), dump_dir: Path | None = None,
+                   verify_each: bool = False, progress=None) -> tuple[PipelineReport, dict]:
+    """Run the pipeline in place; return its report and the coverage of the result."""
+    from dsc.passes.coverage import coverage
+
+    report = run_pipeline(model, ctx, only=only, disable=disable, dump_after=dump_after,
+                          dump_dir=dump_dir, verify_each=verify_each, progress=progress)
+    return report, coverage(model, config, target=ctx.target)
+
+
+def _signature(model: ir.Model) -> list:
+    def sig(values):
+        return [(v.name, str(v.dtype), None if v.shape is None else len(v.shape)) for v in values]
+
+    return [sig(model.graph.inputs), sig(model.graph.outputs)]
+
+
+def _tools() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("dsc", "onnx", "onnxscript", "onnx-ir", "onnxruntime"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    if out["dsc"] is None:
+        from dsc import __version__
+
+        out["dsc"] = __version__
+    return out
+
+
+def optimize_artifact(artifact: str | Path, output: str | Path, *, profile=None,
+                      options: PassOptions | None = None, only=None, disable=(),
+                      dump_after=(), verify_each: bool = False, force: bool = False,
+                      progress=None) -> OptimizeResult:
+    """Optimize `artifact` into a new artifact at `output` (see the module docstring)."""
+    from dsc.manifest import canonical_hash, graph_record, hash_tree, schema_errors, \
+        write_manifest
+
+    artifact, output = Path(artifact), Path(output)
+    manifest = load_manifest(artifact)
+    io = load_io_spec(artifact)
+    if artifact.resolve() == output.resolve():
+        raise BadInput("dsc optimize writes a new artifact; choose an output other than the input")
+    check_output(output, force=force)
+    ctx = PassContext(profile, options or PassOptions())
+    names = [n for n, _ in build_pipeline(ctx, only, disable)]  # validates the names early
+    config = None
+    if (artifact / "config.json").is_file():
+        config = json.loads((artifact / "config.json").read_text())
+    onnx_name = io["onnx"]
+    model = ir.load(artifact / onnx_name)
+    before = _signature(model)
+    t0 = time.perf_counter()
+    with atomic_dir(output, force=force) as tmp:
+        skip = {onnx_name, f"{onnx_name}.data", MANIFEST, REPORT_FILE}
+        for f in sorted(artifact.iterdir()):
+            if f.is_file() and f.name not in skip:
+                shutil.copy2(f, tmp / f.name)
+        report, cov = optimize_model(model, ctx, config=config, only=only, disable=disable,
+                                     dump_after=dump_after, dump_dir=tmp / "dumps",
+                                     verify_each=verify_each, progress=progress)
+        if _signature(model) != before:
+            raise RuntimeError("a pass changed the graph's inputs or outputs (a dsc bug)")
+        weights = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                      if v.const_value is not None)
+        if progress:
+            progress(f"writing {onnx_name}")
+        ir.save(model, tmp / onnx_name, external_data=f"{onnx_name}.data"
+                if weights >= EXTERNAL_DATA_THRESHOLD else None)
+        io = dict(io, opset=model.opset_imports.get("", io.get("opset")))
+        write_json(tmp / IO_SPEC, io)
+        seconds = time.perf_counter() - t0
+        record = {"target": ctx.target.to_json(),
+                  "profile": getattr(profile, "name", None),
+                  "options": asdict(ctx.options), "passes": names,
+                  "report": report.to_json(), "coverage": cov}
+        write_json(tmp / REPORT_FILE, record)
+        inputs = {"graph": manifest.get("graph", {}).get("hash")
+                  or graph_record(artifact, load_io_spec(artifact))["hash"],
+                  "passes": names, "options": asdict(ctx.options),
+                  "profile": getattr(profile, "name", None), "tools": _tools()}
+        outputs = hash_tree(tmp)
+        stages = dict(manifest.get("stages", {}))
+        stages["optimize"] = {
+            "status": "ran", "input_hash": canonical_hash(inputs), "inputs": inputs,
+            "outputs": {k: outputs[k] for k in (onnx_name, f"{onnx_name}.data", IO_SPEC,
+                                                REPORT_FILE) if k in outputs},
+            "seconds": round(seconds, 2), "report": REPORT_FILE,
+            "nodes_before": report.nodes_before, "nodes_after": report.nodes_after,
+            "counts": report.counts(),
+            "coverage": {k: {"fused": e["fused"] + e["kept"], "blocks": e["blocks"]}
+                         for k, e in cov["kinds"].items()},
+        }
+        new = dict(manifest, stages=stages, graph=graph_record(tmp, io), outputs=outputs)
+        if schema_errors(manifest):
+            # An artifact written before the manifest schema: keep its format, add the stage.
+            logger.warning("%s has a pre-schema manifest; written without the schema check",
+                           artifact)
+            write_json(tmp / MANIFEST, new)
+        else:
+            write_manifest(tmp, new)
+    return OptimizeResult(output, report, cov, seconds)
