@@ -1,4 +1,4 @@
-"""CLI commands `dsc build`, `dsc compile`, `dsc inspect`, `dsc verify` (thin: parse, call dsc.api)."""
+"""CLI commands `dsc build`, `dsc compile`, `dsc inspect`, `dsc verify`: parse, call dsc.api."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 from click.core import ParameterSource
-
 
 _PATH = click.Path(path_type=Path)
 

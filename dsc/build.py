@@ -187,10 +187,14 @@ class BuildOutcome:
                 if v.get("status") == "skipped":
                     lines.append(f"  validation: smoke check skipped ({v.get('reason')})")
                 else:
-                    lines.append(f"  validation: smoke check {'passed' if v.get('passed') else 'FAILED'}"
-                                 f" (ONNX Runtime: finite logits, {len(v.get('generated_tokens', []))}"
-                                 f" greedy tokens, KV cache = prefill to {v.get('kv_rel_diff', 0):.1e});"
-                                 f" accuracy gate: dsc validate {d['artifact']}")
+                    verdict = "passed" if v.get("passed") else "FAILED"
+                    n = len(v.get("generated_tokens", []))
+                    lines.append(f"  validation: smoke check {verdict} (ONNX Runtime: finite "
+                                 f"logits, {n} greedy tokens, KV cache = prefill to "
+                                 f"{v.get('kv_rel_diff', 0):.1e}); accuracy gate: "
+                                 f"dsc validate {d['artifact']}")
+                    if v.get("text"):
+                        lines.append(f"    greedy text: {' '.join(v['text'].split())!r}")
             else:
                 lines.append(f"  validation: {v.get('kind')} "
                              f"{'passed' if v.get('passed') else 'FAILED'}")
@@ -423,7 +427,7 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
                 progress.say(f"{label} ...")
                 t0 = time.perf_counter()
                 g = onnx_export.export_graph(info, tmp, dtype=config.dtype, opset=config.opset,
-                                             progress=progress.detail)
+                                             progress=progress.sub)
                 for f in info.tokenizer_files:
                     shutil.copy2(f, tmp / f.name)
                 shutil.copy2(info.path / "config.json", tmp / "config.json")
@@ -523,7 +527,7 @@ def _validate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools
 
 def _validation_summary(result: dict) -> dict:
     keys = ("kind", "status", "passed", "reason", "backend", "graph", "dtype", "prompt_tokens",
-            "generated_tokens", "finite", "kv_rel_diff", "greedy_agreement", "note")
+            "generated_tokens", "text", "finite", "kv_rel_diff", "greedy_agreement", "note")
     return {k: result[k] for k in keys if k in result}
 
 
@@ -547,6 +551,22 @@ def _carry_downstream(previous: Path | None, old: dict, tmp: Path, manifest: dic
 
 # --- dsc compile ----------------------------------------------------------------------------
 
+# What `dsc compile` takes from the options `dsc build` recorded, unless given again: the device
+# build then matches the preflight and the trtexec.sh written where the artifact was made.
+INHERITED = ("overrides", "max_batch", "max_input_len", "max_kv", "dla_core")
+
+
+def _inherit(config: BuildConfig, recorded: dict) -> BuildConfig:
+    from dataclasses import replace
+
+    changes = {}
+    for key in INHERITED:
+        if getattr(config, key) in (None, ()) and recorded.get(key) not in (None, [], ()):
+            value = recorded[key]
+            changes[key] = tuple(value) if isinstance(value, list) else value
+    return replace(config, **changes) if changes else config
+
+
 
 def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool = False,
                      echo=None) -> BuildOutcome:
@@ -562,12 +582,15 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
     except (OSError, ValueError) as e:
         raise BadInput(f"artifact {artifact} has no readable config.json: {e}") from None
     dtype = str(io.get("dtype", "fp16"))
+    inherited = _inherit(config, old.get("options") or {})
+    dla_inherited = inherited.dla_core is not None and config.dla_core is None
+    config = inherited
     targets = resolve_targets(
         config.profiles, model_config=model_config,
         model_name=old.get("source", {}).get("checkpoint", str(artifact)).rstrip("/")
         .split("/")[-1], dtype=dtype, overrides=list(config.overrides),
         max_batch=config.max_batch, max_input_len=config.max_input_len, max_kv=config.max_kv,
-        backend=config.backend, dla_core=config.dla_core)
+        backend=config.backend, dla_core=config.dla_core, dla_required=not dla_inherited)
     graph = graph_record(artifact, io)
     listed = old.get("outputs", {})
     for rel, digest in graph["files"].items():

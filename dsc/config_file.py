@@ -29,6 +29,7 @@ is read unless `--config` names it.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def _join(base: Path, value: str) -> Path:
+    """`value` relative to the config file's directory, without `dir/../` left in it."""
+    return Path(os.path.normpath(base / Path(value).expanduser()))
+
+
 def _fail(path: Path, key: str, expected: str, value: Any) -> BadInput:
     return BadInput(f"{key} in {path}: expected {expected}, got {value!r}")
 
@@ -91,7 +97,7 @@ def _check(key: str, value: Any, path: Path, base: Path) -> tuple[str, Any]:
     if key in ("checkpoint", "output"):
         if not isinstance(value, str) or not value:
             raise _fail(path, key, "a path", value)
-        return key, base / value
+        return key, _join(base, value)
     if key == "profiles":
         if isinstance(value, str):
             items = [v.strip() for v in value.split(",") if v.strip()]
@@ -99,7 +105,7 @@ def _check(key: str, value: Any, path: Path, base: Path) -> tuple[str, Any]:
             items = [v.strip() for v in value]
         else:
             raise _fail(path, key, "a list of profile names or paths", value)
-        return key, tuple(str(base / v) if _looks_like_path(v) else v for v in items)
+        return key, tuple(str(_join(base, v)) if _looks_like_path(v) else v for v in items)
     if key == "set":
         if isinstance(value, Mapping):
             pairs = [f"{k}={_scalar(v)}" for k, v in value.items()]

@@ -1,10 +1,11 @@
-"""Progress of a build: one line per stage on stderr, and the same lines (plus detail) for build.log.
+"""Progress of a build: one line per stage on stderr; the same lines (and detail) for build.log.
 
     [1/5] export    qwen2 fp16 from ./ckpt ... 13.4s
     [2/5] optimize  not run (no passes requested)
     [4/5] compile   a100-80gb: engine for SM80 with TensorRT-RTX 1.7.1 ... 2.9s
 
-`detail()` lines (TensorRT messages, file lists) go only to the log; `say()` lines go to both.
+`say()` and `sub()` lines go to stderr and the log; `detail()` lines (TensorRT's messages, the
+targets' envelopes and plans) only to the log.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class Progress:
         self.lines.append(f"{self._stamp()}  {line}")
         if not self.quiet:
             self._echo(line)
+
+    def sub(self, line: str) -> None:
+        """An indented line under the current stage (e.g. the exporter's own steps)."""
+        self.say(f"        {line}")
 
     def detail(self, line: str) -> None:
         self.lines.append(f"{self._stamp()}    {line}")

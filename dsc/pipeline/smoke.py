@@ -44,7 +44,8 @@ def smoke_validate(artifact: Path, io: dict, *, tokens: int = 8, prompt: str = P
         return record
     t0 = time.perf_counter()
     runner = OrtCausalLM(Path(artifact) / io["onnx"], io)
-    prompt_ids = _prompt_ids(artifact, prompt, int(io.get("vocab_size") or 0))
+    tokenizer = _tokenizer(artifact)
+    prompt_ids = _prompt_ids(tokenizer, prompt, int(io.get("vocab_size") or 0))
     ids = np.array([prompt_ids], dtype=np.int64)
     n = len(prompt_ids)
     out = runner.step(ids, np.ones_like(ids), np.arange(n)[None, :], runner.empty_past(1))
@@ -86,17 +87,26 @@ def smoke_validate(artifact: Path, io: dict, *, tokens: int = 8, prompt: str = P
         kv_max_abs_diff=max_abs, kv_rel_diff=rel, tolerance=TOLERANCE[dtype],
         greedy_agreement=agree, seconds=round(time.perf_counter() - t0, 3),
     )
+    if tokenizer is not None:
+        record["text"] = prompt + tokenizer.decode(generated, skip_special_tokens=True)
     return record
 
 
-def _prompt_ids(artifact: Path, prompt: str, vocab: int) -> list[int]:
-    """The prompt through the artifact's tokenizer; fixed ids if it has none that loads."""
+def _tokenizer(artifact: Path):
+    """The artifact's tokenizer, or None if it has none that loads."""
     try:
         from transformers import AutoTokenizer
 
-        ids = list(AutoTokenizer.from_pretrained(str(artifact))(prompt)["input_ids"])
-        if ids:
-            return [int(i) for i in ids]
+        return AutoTokenizer.from_pretrained(str(artifact))
     except Exception as e:  # a graph is still worth checking without its tokenizer
         logger.info("smoke check without the tokenizer: %s", e)
+        return None
+
+
+def _prompt_ids(tokenizer, prompt: str, vocab: int) -> list[int]:
+    """The prompt through the tokenizer; fixed ids without one."""
+    if tokenizer is not None:
+        ids = [int(i) for i in tokenizer(prompt)["input_ids"]]
+        if ids:
+            return ids
     return [i % max(vocab, 8) for i in (3, 5, 7, 11)]

@@ -165,8 +165,13 @@ def resolve_targets(
     max_kv: int | None = None,
     backend: str = "auto",
     dla_core: int | None = None,
+    dla_required: bool = True,
 ) -> list[Target]:
-    """Every target of the matrix, checked; raises before any heavy work."""
+    """Every target of the matrix, checked; raises before any heavy work.
+
+    With `dla_required` (an explicit --dla-core), a matrix without any DLA is an error; without
+    it (a DLA core recorded by an earlier build) such profiles just build for the GPU.
+    """
     from dsc.models.params import model_shape
     from dsc.plan import check_precision
 
@@ -190,7 +195,7 @@ def resolve_targets(
     if dla_core is not None:
         if dla_core < 0:
             raise BadInput(f"--dla-core must be 0 or more, got {dla_core}")
-        if not any(p.dla_cores for p in loaded):
+        if dla_required and not any(p.dla_cores for p in loaded):
             raise Unsupported(f"--dla-core {dla_core}: none of {', '.join(seen)} has a DLA "
                               f"(only Jetson AGX Orin and Orin NX do)")
     model_max = model_shape(model_config, model_name).max_position_embeddings
@@ -250,4 +255,8 @@ def resolve_targets(
                                    optimization_level=b.optimization_level)
         fit = _fit(model_config, model_name, prof, dtype, env)
         targets.append(Target(prof, env, mode, opts, pre, fit, tuple(notes)))
+    needs_rtx = [t.name for t in targets if t.mode in ("rtx", "preflight")]
+    if needs_rtx and Flavour.RTX not in available_backends():
+        raise Unsupported(f"TensorRT-RTX is not installed, and {', '.join(needs_rtx)} need(s) "
+                          f"it (an engine or a preflight compile here): pip install 'dsc[rtx]'")
     return targets
