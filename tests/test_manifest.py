@@ -1,0 +1,168 @@
+"""dsc.manifest: the schema, stage input hashes, verify (every hash) and inspect."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+
+from dsc.manifest import (
+    canonical_hash,
+    check_schema,
+    export_inputs,
+    format_inspect,
+    hash_tree,
+    inspect_artifact,
+    load_schema,
+    schema_errors,
+    sha256_file,
+    verify_artifact,
+)
+from dsc.models.checkpoint import inspect_checkpoint
+
+from .conftest import run_cli
+
+
+@pytest.fixture
+def art(exported, tmp_path):
+    dst = tmp_path / "art"
+    shutil.copytree(exported["llama"], dst)
+    return dst
+
+
+def _m(path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def test_schema_is_valid_json_schema():
+    import jsonschema
+
+    jsonschema.Draft202012Validator.check_schema(load_schema())
+
+
+def test_export_manifest_validates_and_hashes_its_stage(exported, checkpoints):
+    m = _m(exported["llama"])
+    assert schema_errors(m) == []
+    st = m["stages"]["export"]
+    assert st["status"] == "ran"
+    assert st["input_hash"] == canonical_hash(st["inputs"])
+    info = inspect_checkpoint(checkpoints["llama"])
+    expect = export_inputs(info, dtype="fp32", opset=None, tools=m["tools"])
+    assert st["inputs"] == json.loads(json.dumps(expect))
+    assert st["outputs"] == m["outputs"]
+    assert m["graph"]["files"]["model.onnx"] == m["outputs"]["model.onnx"]
+    assert m["graph"]["hash"] == canonical_hash(m["graph"]["files"])
+    assert m["precision"] == "fp32" and m["command"] == "export"
+
+
+def test_canonical_hash_ignores_key_order_not_values():
+    a = {"x": 1, "y": {"b": [1, 2], "a": "s"}}
+    b = {"y": {"a": "s", "b": [1, 2]}, "x": 1}
+    assert canonical_hash(a) == canonical_hash(b)
+    assert canonical_hash(a) != canonical_hash({**a, "x": 2})
+    assert canonical_hash({"y": [1, 2]}) != canonical_hash({"y": [2, 1]})
+    assert len(canonical_hash(a)) == 64
+
+
+@pytest.mark.parametrize("break_it, where", [
+    (lambda m: m.pop("outputs"), "top level"),
+    (lambda m: m["outputs"].update({"model.onnx": "abc"}), "outputs.model.onnx"),
+    (lambda m: m["outputs"].update({"../escape": "0" * 64}), "outputs"),
+    (lambda m: m.update(schema_version=2), "schema_version"),
+    (lambda m: m["stages"]["export"].update(status="done"), "stages.export.status"),
+    (lambda m: m["stages"]["export"].pop("input_hash"), "stages.export"),
+    (lambda m: m["stages"].update(optimize={"status": "not_run"}), "stages.optimize"),
+    (lambda m: m["source"].update(inputs={}), "source.inputs"),
+    (lambda m: m.update(profiles={"a100": {"status": "built"}}), "profiles.a100"),
+])
+def test_schema_rejects_broken_manifests(exported, break_it, where):
+    m = copy.deepcopy(_m(exported["llama"]))
+    break_it(m)
+    errors = schema_errors(m)
+    assert errors and any(e.startswith(f"at {where}") for e in errors), errors
+    with pytest.raises(Exception, match="does not match the manifest schema"):
+        check_schema(m)
+
+
+def test_schema_rejects_a_built_profile_without_engine(exported):
+    m = copy.deepcopy(_m(exported["llama"]))
+    m["profiles"] = {"a100-80gb": {
+        "status": "built", "sm": 80, "engine": None, "preflight": None, "device_command": None,
+        "profile": {"name": "a100-80gb", "compute_capability": "8.0", "precisions": ["fp16"],
+                    "builder": {}, "envelope": {}},
+        "envelope": {"max_batch": 1, "max_input_len": 8, "max_kv": 16}, "options": {},
+        "plan": {"fits": True, "precision": "fp16", "total_bytes": 1, "capacity_bytes": 2}}}
+    assert any("profiles.a100-80gb" in e for e in schema_errors(m))
+    m["profiles"]["a100-80gb"]["status"] = "awaiting_device_build"
+    assert any("profiles.a100-80gb" in e for e in schema_errors(m))  # needs a preflight
+
+
+def test_verify_clean_artifact(art, capsys):
+    r = verify_artifact(art)
+    assert r.ok and r.checked == len(_m(art)["outputs"]) and r.problems == []
+    code, out, err = run_cli(["verify", str(art)], capsys)
+    assert code == 0 and out.startswith(f"OK: {r.checked} files"), err
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model_io.json", "tokenizer.json"])
+def test_one_flipped_byte_fails_verify_naming_the_file(art, name, capsys):
+    path = art / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x20
+    path.write_bytes(bytes(data))
+    r = verify_artifact(art)
+    assert [f for f, _ in r.problems] == [name]
+    code, out, err = run_cli(["verify", str(art)], capsys)
+    assert code == 1
+    assert f"MISMATCH {name}: sha256" in out
+    assert err.startswith("dsc: error:") and name in err
+
+
+def test_verify_reports_a_manifest_that_breaks_the_schema(art, capsys):
+    m = _m(art)
+    m["stages"]["export"]["status"] = "finished"
+    (art / "manifest.json").write_text(json.dumps(m))
+    code, out, _ = run_cli(["verify", str(art), "--json"], capsys)
+    assert code == 1
+    (p,) = json.loads(out)["problems"]
+    assert p["file"] == "manifest.json" and "stages.export.status" in p["problem"]
+
+
+def test_verify_inputs_rehashes_the_checkpoint(art, checkpoints, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoints["llama"], ck)
+    r = verify_artifact(art, checkpoint=ck)
+    assert r.ok and r.inputs_checked == len(_m(art)["source"]["inputs"])
+    with (ck / "config.json").open("a") as f:
+        f.write(" ")
+    code, out, err = run_cli(["verify", str(art), "--checkpoint", str(ck)], capsys)
+    assert code == 1 and "config.json" in err and "input sha256 differs" in out
+
+
+def test_verify_of_a_non_artifact_is_bad_input(tmp_path, capsys):
+    code, _, err = run_cli(["verify", str(tmp_path)], capsys)
+    assert code == 3 and "not a dsc artifact" in err
+
+
+def test_hash_tree_walks_subdirectories(tmp_path):
+    (tmp_path / "engines" / "a").mkdir(parents=True)
+    (tmp_path / "engines" / "a" / "model.engine").write_bytes(b"x")
+    (tmp_path / "b.txt").write_text("y")
+    (tmp_path / "manifest.json").write_text("{}")
+    h = hash_tree(tmp_path)
+    assert list(h) == ["b.txt", "engines/a/model.engine"]
+    assert h["engines/a/model.engine"] == sha256_file(tmp_path / "engines/a/model.engine")
+
+
+def test_inspect_an_exported_artifact(art, capsys):
+    s = inspect_artifact(art)
+    assert s["stages"]["export"]["status"] == "ran"
+    assert s["stages"]["compile"] == {"status": "absent"}
+    assert s["profiles"] == {} and s["files"] == len(_m(art)["outputs"])
+    assert s["bytes"] == sum((art / r).stat().st_size for r in _m(art)["outputs"])
+    text = format_inspect(s)
+    assert "engines: none" in text and "llama (LlamaForCausalLM)" in text
+    code, out, _ = run_cli(["inspect", str(art), "--json"], capsys)
+    assert code == 0 and json.loads(out)["graph"]["dtype"] == "fp32"
