@@ -37,6 +37,7 @@ from dsc.manifest import (
     graph_record,
     hash_tree,
     now,
+    schema_errors,
     source_record,
     verify_artifact,
     write_manifest,
@@ -284,17 +285,18 @@ def _fix_report_paths(root: Path, dest: Path) -> None:
             p.write_text(text)
 
 
-def _finish(tmp: Path, dest: Path, manifest: dict, progress: Progress) -> dict:
+def _finish(tmp: Path, dest: Path, manifest: dict, progress: Progress, *,
+            check: bool = True) -> dict:
     """Write build.log, the reports and the final manifest (outputs: every file) into `tmp`."""
     from dsc.validate.report import write_reports
 
     (tmp / BUILD_LOG).write_text(progress.text())
     manifest["outputs"] = hash_tree(tmp)
-    write_manifest(tmp, manifest)
+    write_manifest(tmp, manifest, check=check)
     write_reports(tmp)
     _fix_report_paths(tmp, dest)
     manifest["outputs"] = hash_tree(tmp)
-    write_manifest(tmp, manifest)
+    write_manifest(tmp, manifest, check=check)
     return manifest
 
 
@@ -617,7 +619,7 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
             manifest = json.loads(json.dumps(old))
             manifest.update(created=now(), command="compile")
             manifest["tools"] = {**old.get("tools", {}), **tools}
-            manifest.setdefault("graph", graph)
+            manifest["graph"] = graph  # the graph just compiled (checked against outputs)
             stage = manifest.setdefault("stages", {}).setdefault(
                 "compile", {"status": "ran", "profiles": {}})
             stage.setdefault("profiles", {}).update(records)
@@ -627,7 +629,12 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
             if (artifact / BUILD_LOG).is_file():
                 earlier = (artifact / BUILD_LOG).read_text().rstrip("\n")
                 progress.lines = [earlier, f"== dsc compile at {now()}", *progress.lines]
-            _finish(tmp, artifact, manifest, progress)
+            old_errors = schema_errors(old)
+            if old_errors:
+                # Records another tool wrote are kept as they are, not repaired or refused.
+                progress.say(f"note: {MANIFEST} did not match the schema before this compile "
+                             f"({old_errors[0]}); its records are kept unchanged")
+            _finish(tmp, artifact, manifest, progress, check=not old_errors)
     except _UpToDate:
         progress.say(f"{artifact}: up to date, nothing rebuilt")
         return BuildOutcome(artifact, "compile", True, time.perf_counter() - t_start,

@@ -340,6 +340,23 @@ def test_compile_adds_engines_to_an_exported_artifact(exported, tmp_path, counts
     assert "== dsc compile at" in (art / "build.log").read_text()
 
 
+@needs_rtx
+def test_compile_keeps_records_it_does_not_own(exported, tmp_path, capsys):
+    """A stage record another tool wrote outside the schema is kept, not refused or repaired."""
+    art = tmp_path / "art"
+    shutil.copytree(exported["llama"], art)
+    m = _manifest(art)
+    m["stages"]["quantize"] = {"precision": "int8", "seconds": 1.0}  # no status
+    (art / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run_cli(["compile", str(art), "--profile", "rtx-4090", "--max-kv", "64"],
+                           capsys)
+    assert code == 0, err
+    assert "did not match the schema" in err
+    after = _manifest(art)
+    assert after["stages"]["quantize"] == {"precision": "int8", "seconds": 1.0}
+    assert after["profiles"]["rtx-4090"]["status"] == "built"
+
+
 class _FakeStandardTensorRT:
     """Stands in for `build_engine` with standard TensorRT on a device (not installable here)."""
 
