@@ -249,8 +249,13 @@ def _reused(old: dict) -> dict:
     return dict(old, status="reused")
 
 
-def _previous(output: Path, checkpoint_hashes: dict, *, force: bool) -> tuple[Path | None, dict]:
-    """The artifact already at OUT that this build may reuse, and its manifest."""
+def _previous(output: Path, checkpoint: Path, checkpoint_hashes: dict, *,
+              force: bool) -> tuple[Path | None, dict]:
+    """The artifact already at OUT that this build may reuse, and its manifest.
+
+    An artifact of the same checkpoint (same directory, or same content elsewhere) is updated
+    in place; one of another checkpoint is replaced only with --force.
+    """
     if not output.exists():
         return None, {}
     if output.is_file() or output.is_symlink():
@@ -261,7 +266,10 @@ def _previous(output: Path, checkpoint_hashes: dict, *, force: bool) -> tuple[Pa
         raise OutputConflict(f"output path {output} is not empty and is not a dsc artifact; "
                              f"choose another path")
     m = load_manifest(output)
-    if m.get("source", {}).get("inputs") != checkpoint_hashes and not force:
+    src = m.get("source", {})
+    same = (src.get("inputs") == checkpoint_hashes
+            or src.get("checkpoint") == str(Path(checkpoint).resolve()))
+    if not same and not force:
         raise OutputConflict(
             f"output path {output} holds an artifact of another checkpoint "
             f"({m.get('source', {}).get('checkpoint', '?')}); pass --force to replace it")
@@ -400,7 +408,7 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
         raise BadInput(f"opset {config.opset} is not supported by the exporter; choose 18..23")
     tools = tool_versions()
     export_in = export_inputs(info, dtype=config.dtype, opset=config.opset, tools=tools)
-    previous, old = _previous(output, export_in["checkpoint"], force=config.force)
+    previous, old = _previous(output, info.path, export_in["checkpoint"], force=config.force)
     if config.rebuild:
         old = {}
     old_stages = old.get("stages", {})

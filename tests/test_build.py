@@ -250,6 +250,29 @@ def test_gate_results_survive_a_rebuild_of_the_same_graph(matrix_copy, checkpoin
     assert code == 0
 
 
+def test_a_changed_checkpoint_is_exported_again(matrix_copy, checkpoints, tmp_path, counts,
+                                              capsys):
+    """Same checkpoint directory, new content: no --force needed, export and compile re-run."""
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoints["qwen2"], ck)
+    art = matrix_copy
+    m = _manifest(art)
+    m["source"]["checkpoint"] = str(ck.resolve())  # as if the matrix had been built from ck
+    (art / "manifest.json").write_text(json.dumps(m, indent=2))
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["rms_norm_eps"] = cfg.get("rms_norm_eps", 1e-6) * 10
+    (ck / "config.json").write_text(json.dumps(cfg, indent=2))
+    code, _, err = run_cli(["build", str(ck), "-o", str(art), "--profile", "a100", "-q"], capsys)
+    assert code == 0, err
+    assert counts == {"export": 1, "compile": 1}
+    after = _manifest(art)
+    assert after["stages"]["export"]["status"] == "ran"
+    assert after["stages"]["export"]["input_hash"] != m["stages"]["export"]["input_hash"]
+    assert after["source"]["inputs"]["config.json"] == sha256_file(ck / "config.json")
+    assert after["graph"]["hash"] != m["graph"]["hash"]
+    assert after["stages"]["validate"]["status"] == "ran"
+
+
 def test_tampering_is_caught_by_verify_and_rebuilt_by_build(matrix_copy, checkpoints, counts,
                                                             capsys):
     art = matrix_copy
