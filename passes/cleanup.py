@@ -4,7 +4,8 @@ Each wraps what onnx_ir or onnxscript already does, so the pipeline can name, ti
 
     fold-constants    onnxscript's constant folder (shape arithmetic, casts of constants, ...)
     simplify          onnxscript's basic rewrite rules (Identity, no-op Cast/Reshape/Expand,
-                      x*1, x+0, Cast∘Cast, Transpose∘Transpose, slice collapse, ...) plus
+                      x*1, x+0, Cast∘Cast, Reshape∘Reshape, slice collapse, ...; not
+                      Transpose∘Transpose or Slices→Split, which would hide fusion patterns), plus
                       dsc's `TransposeLastTwo`: the exporter's k.transpose(-2, -1) for
                       scaled_dot_product_attention, Reshape([-1,T,D]) → Transpose(0,2,1) →
                       Reshape([B,H,D,T]), becomes one Transpose(perm=[0,1,3,2])
@@ -65,15 +66,29 @@ class TransposeLastTwo(pattern.RewriteRuleClassBase):
         return op.Transpose(x, perm=[0, 1, 3, 2])
 
 
+# onnxscript rules left out because they rewrite what the fusions match: TransposeTranspose
+# merges MLA's key construction (… → Transpose(3,1,2,0)) with the attention's key transpose
+# (0,1,3,2), and SlicesSplit turns rotate-half's two Slices into a Split.
+_EXCLUDED = frozenset({"TransposeTranspose", "SlicesSplit"})
+
+
 def simplify_rules() -> pattern.RewriteRuleSet:
     from onnxscript.rewriter import _DEFAULT_REWRITE_RULES
 
-    return pattern.RewriteRuleSet([*_DEFAULT_REWRITE_RULES, TransposeLastTwo.rule()])
+    rules = [r for r in _DEFAULT_REWRITE_RULES if r.name not in _EXCLUDED]
+    return pattern.RewriteRuleSet([*rules, TransposeLastTwo.rule()])
 
 
 class SimplifyPass(DscPass):
+    max_sweeps = 4  # one rewrite can enable another (a removed Cast exposes a no-op Reshape)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        count = simplify_rules().apply_to_model(model)
+        rules, count = simplify_rules(), 0
+        for _ in range(self.max_sweeps):
+            n = rules.apply_to_model(model)
+            count += n
+            if not n:
+                break
         ident = common.IdentityEliminationPass()(model).modified
         self.counts = {"rewrites": count}
         return ir.passes.PassResult(model, bool(count) or ident)

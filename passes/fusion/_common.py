@@ -86,10 +86,31 @@ class FusionPass(DscPass):
     def rules(self) -> Sequence[pattern.RewriteRule]:
         raise NotImplementedError
 
+    def may_emit_opset23(self) -> bool:
+        """Whether a rewrite may emit an opset-23 op (the model is upgraded first if so)."""
+        return False
+
+    def _any_match(self, model: ir.Model, rules) -> bool:
+        variants = [v for r in rules for v in (r.commute() if self.commute else [r])]
+        for node in all_nodes(model.graph):
+            for rule in variants:
+                if rule.match(model, node.graph, node):
+                    return True
+        return False
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.counts = {}
         total = 0
-        for rule in self.rules():
+        rules = list(self.rules())
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        if rules and opset < 23 and self.may_emit_opset23() and self._any_match(model, rules):
+            # Run without `upgrade-opset` (e.g. --passes fuse-rmsnorm): the fused op needs 23.
+            from onnxscript.version_converter import convert_version
+
+            convert_version(model, 23, fallback=False)
+            self.notes.append(f"upgraded the model from opset {opset} to 23 first")
+            total += 1
+        for rule in rules:
             n = pattern.RewriteRuleSet([rule], commute=self.commute).apply_to_model(model)
             if n:
                 self.counts[rule.name] = self.counts.get(rule.name, 0) + n

@@ -181,6 +181,9 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
 
 
 class AttentionFusionPass(FusionPass):
+    def may_emit_opset23(self) -> bool:
+        return bool(self.ctx.target.attention_dtypes)
+
     def rules(self):
         return (AttentionFusion.rule(self.ctx.target),)
 

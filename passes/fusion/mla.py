@@ -212,6 +212,9 @@ class MlaAbsorb(pattern.RewriteRuleClassBase):
 
 
 class MlaFusionPass(FusionPass):
+    def may_emit_opset23(self) -> bool:
+        return bool(self.ctx.target.attention_dtypes)
+
     def rules(self):
         rules = [MlaKeyConcat.rule()]
         if self.ctx.options.mla_absorb_max_seq > 0:

@@ -71,6 +71,9 @@ RULES = (RmsNormFusion.rule("RmsNorm", scale_first=True),
 
 
 class RmsNormFusionPass(FusionPass):
+    def may_emit_opset23(self) -> bool:
+        return True
+
     def rules(self):
         if not self.ctx.target.rms_normalization:
             self.notes = [f"{self.ctx.target.name}: RMSNorm left decomposed (the form "

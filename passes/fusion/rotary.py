@@ -215,6 +215,9 @@ def rules_for(target) -> tuple:
 
 
 class RotaryFusionPass(FusionPass):
+    def may_emit_opset23(self) -> bool:
+        return True
+
     commute = True
 
     def rules(self):
