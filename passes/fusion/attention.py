@@ -20,8 +20,9 @@ is rewritten, by target and dtype (see dsc.passes._target), into
                 for, with the scale folded into one operand (as TensorRT asks) and K/V never
                 materialised H/Hkv times (the exported repeat copies the whole cache each step)
 
-In both, rows whose every key is masked (left padding) are set to 0, as the exported NaN guard
-did: Where(any(mask), out, 0). With MHA (G = 1) the canonical form only drops the repeat and
+Fully masked rows (a left-padding query) keep the exported meaning: with the exporter's finite
+bias Where(mask, 0, finfo.min) they attend uniformly (the bias goes in as an additive mask);
+with a -inf bias they are 0, as the exported NaN guard made them: Where(any(mask), out, 0). With MHA (G = 1) the canonical form only drops the repeat and
 the guard between Softmax and the second BMM. DeepSeek MLA reaches this rule after `fuse-mla`
 has turned its key construction into a plain Concat (see dsc.passes.fusion.mla).
 """
@@ -64,13 +65,18 @@ def unrepeat(value: ir.Value) -> tuple[ir.Value, int] | None:
 
 
 def mask_of(bias: ir.Value | None) -> ir.Value | None:
-    """The boolean mask m of bias = Where(m, 0, -inf), else None."""
+    """The boolean mask m of bias = Where(m, 0, -inf), else None.
+
+    Only for -inf: the exporter's usual bias is Where(m, 0, finfo.min), finite, with which a
+    fully masked row (a left-padding query) attends uniformly to every key instead of giving
+    NaN; that bias is kept as an additive float mask so the rewrite stays exact.
+    """
     where = producer(bias, "Where")
     if where is None:
         return None
     zero, neg = const_scalar(where.inputs[1]), const_scalar(where.inputs[2])
     if where.inputs[0].dtype != ir.DataType.BOOL or zero != 0 or neg is None \
-            or not (np.isneginf(neg) or neg <= -1e30):
+            or not np.isneginf(neg):
         return None
     return where.inputs[0]
 
@@ -107,6 +113,8 @@ def emit_attention(op, graph, target: TargetOps, q, k, v, *, scale: float, bias,
         if pad:
             out = op.Slice(out, op.Constant(value_ints=[0]), op.Constant(value_ints=[v_dim]),
                            op.Constant(value_ints=[-1]))
+        # A finite float mask cannot make a row NaN in exact arithmetic; the NaN guard is for
+        # kernels that overflow it (fp16 scores + finfo.min) - NaN would poison the cache.
         return _guard(op, out, mask, on_nan=mask is None and bias is not None)
     group = heads // kv_heads
     scaled = op.Mul(q, op.CastLike(op.Constant(value_float=float(scale)), q))
@@ -129,7 +137,7 @@ def emit_attention(op, graph, target: TargetOps, q, k, v, *, scale: float, bias,
     if group > 1:
         shape = new_const(op, graph, "attn_gqa_out", np.asarray([0, heads, -1, v_dim], np.int64))
         out = op.Reshape(out, shape)
-    return _guard(op, out, mask, on_nan=bias is not None)
+    return _guard(op, out, mask, on_nan=False)
 
 
 class AttentionFusion(pattern.RewriteRuleClassBase):

@@ -31,7 +31,7 @@ class RmsNormFusion(pattern.RewriteRuleClassBase):
     def pattern(self, op, x, scale, epsilon, compute_dtype, target_dtype):
         xc = pattern.OrValue([op.Cast(x, to=compute_dtype), x])
         square = pattern.OrValue([op.Pow(xc, 2.0), op.Mul(xc, xc)])
-        mean = op.ReduceMean(square, [-1], keepdims=1, noop_with_empty_axes=0)
+        mean = op.ReduceMean(square, [-1], keepdims=1, _allow_other_attributes=True)
         rms = op.Sqrt(op.Add(mean, epsilon))
         normalized = op.Mul(xc, op.Reciprocal(rms))
         normalized = pattern.OrValue([op.Cast(normalized, to=target_dtype), normalized])
