@@ -45,7 +45,7 @@ class MoeLowering(pattern.RewriteRuleClassBase):
         self.gather_decode = gather_decode
 
     def pattern(self, op, x, idx, wts, ax_rep, shp_rep, shp_xr, flat1, flat2, ax_i, w_gu,
-                ax_x, ax_h, ax_a, w_d, ax_a2, ax_w, shp_out, ax_sum):
+                ax_x, ax_h, ax_a, w_d, ax_a2, ax_w, shp_out, ax_sum, sum_type):
         xr = op.Reshape(op.Expand(op.Unsqueeze(x, ax_rep), shp_rep), shp_xr,
                         _allow_other_attributes=True, _outputs=["xr"])
         w_flat = op.Reshape(wts, flat1, _allow_other_attributes=True)
@@ -56,12 +56,15 @@ class MoeLowering(pattern.RewriteRuleClassBase):
         a = op.Mul(op.Mul(g, op.Sigmoid(g)), u)
         y = op.Squeeze(op.MatMul(op.GatherND(w_d, i_flat, batch_dims=0), op.Unsqueeze(a, ax_a)),
                        ax_a2)
+        # fp16/bf16 exports weight and sum the expert outputs in fp32 (routing weights' type)
+        y = pattern.OrValue([op.Cast(y, to=sum_type), y])
         y = op.Mul(y, op.Unsqueeze(w_flat, ax_w))
         return op.ReduceSum(op.Reshape(y, shp_out, _allow_other_attributes=True), ax_sum,
                             keepdims=0, _allow_other_attributes=True)
 
     def check(self, context, x, idx, wts, ax_rep, shp_rep, shp_xr, flat1, flat2, ax_i, w_gu,
-              ax_x, ax_h, ax_a, w_d, ax_a2, ax_w, shp_out, ax_sum, xr, **_):
+              ax_x, ax_h, ax_a, w_d, ax_a2, ax_w, shp_out, ax_sum, xr, sum_type,
+              **_):
         result = pattern.MatchResult()
         gu, dn = const_array(w_gu), const_array(w_d)
         if gu is None or dn is None or gu.ndim != 3 or dn.ndim != 3:
@@ -88,8 +91,13 @@ class MoeLowering(pattern.RewriteRuleClassBase):
         out = const_ints(shp_out)
         if out is not None and (len(out) != 3 or out[1:] != [k, d]):
             return result.fail(f"per-slot outputs are not reshaped to [N, k, D]: {out}", shp_out)
+        if sum_type is not None and ir.DataType(sum_type.as_int()) != wts.dtype:
+            return result.fail("expert outputs are cast to a type other than the weights'")
+        if sum_type is None and wts.dtype != x.dtype:
+            return result.fail("routing weights and tokens differ in type", wts)
         self._graph = context.graph_or_function
         self._dims = dict(e=e, i=two_i // 2, d=d, k=k)
+        self._cast = sum_type is not None
         return result
 
     def rewrite(self, op, x, idx, wts, w_gu, w_d, **_):
@@ -106,6 +114,8 @@ class MoeLowering(pattern.RewriteRuleClassBase):
                             to=wts.dtype)
             route = t.ReduceSum(t.Mul(onehot, t.Unsqueeze(wts, t.Constant(value_ints=[-1]))),
                                 t.Constant(value_ints=[1]), keepdims=0)      # [N, E]
+            if self._cast:
+                route = t.Cast(route, to=x.dtype)
             h = t.MatMul(t.Unsqueeze(x, t.Constant(value_ints=[0])), w1)     # [E, N, 2I]
             g, u = t.Split(h, axis=-1, num_outputs=2, _outputs=2)
             a = t.Mul(t.Mul(g, t.Sigmoid(g)), u)
@@ -113,7 +123,8 @@ class MoeLowering(pattern.RewriteRuleClassBase):
                                      t.Constant(value_ints=[-1])))
             flat = t.Reshape(t.Transpose(a, perm=[1, 0, 2]),
                              new_const(t, graph, "moe_flat", np.asarray([0, e * i], np.int64)))
-            return t.MatMul(flat, w2)
+            out = t.MatMul(flat, w2)
+            return t.Cast(out, to=wts.dtype) if self._cast else out
 
         def gather(t):
             ids = t.Reshape(idx, t.Constant(value_ints=[-1]))
@@ -127,6 +138,8 @@ class MoeLowering(pattern.RewriteRuleClassBase):
             a = t.Mul(t.Mul(g, t.Sigmoid(g)), u)
             wd = t.Gather(t.Reshape(w2, t.Constant(value_ints=[e, i, d])), ids, axis=0)
             y = t.Squeeze(t.MatMul(a, wd), t.Constant(value_ints=[1]))        # [Nk, D]
+            if self._cast:
+                y = t.Cast(y, to=wts.dtype)
             y = t.Mul(y, t.Unsqueeze(t.Reshape(wts, t.Constant(value_ints=[-1])),
                                      t.Constant(value_ints=[-1])))
             y = t.Reshape(y, t.Constant(value_ints=[-1, k, d]))
@@ -139,7 +152,8 @@ class MoeLowering(pattern.RewriteRuleClassBase):
         branches = []
         for name, build in (("moe_gather", gather), ("moe_dense", dense)):
             tape = TapeBuilder()
-            branches.append(branch_graph(tape, build(tape), x, graph, name))
+            branches.append(branch_graph(tape, build(tape), wts if self._cast else x, graph,
+                                         name))
         slots = op.Mul(op.Shape(x, start=0, end=1), op.Constant(value_ints=[k]))
         cond = op.Squeeze(op.Less(slots, op.Constant(value_ints=[e])), op.Constant(value_ints=[0]))
         out = op.If(cond, then_branch=ir.AttrGraph("then_branch", branches[0]),
