@@ -9,7 +9,8 @@ Measured here with TensorRT-RTX 1.7.1 (`tests/passes/test_target.py` re-checks i
   in Myelin ("ssa.cpp:698: CHECK(false) failed"); the same graph with `interleaved=0` builds,
   so interleaved RoPE is emitted as halves (strided Slices) + interleaved=0 + re-pairing.
 - `Attention` (opset 23) parses into a non-decomposable `IAttention`: fp16/bf16 builds, fp32
-  fails at build time ("Attention operation was not supported by a dedicated kernel"); the
+  fails at build time ("Attention operation was not supported by a dedicated kernel") for any
+  query length above 1 (so for a prefill profile); the
   3-output form with past key/value is refused by the parser ("only supports Attention nodes
   with one output"); head sizes above 256 fail to build ("not supported by a dedicated
   kernel": 264, 288, 320, 384, 448, 512, 576 tried). TensorRT's IAttention takes one head size
