@@ -50,6 +50,8 @@ def _wide_config(family: str, vocab: int, bos: int, eos: int, pad: int):
         cfg.num_key_value_heads = 8
         cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim = 128, 32, 64
         cfg.v_head_dim, cfg.moe_intermediate_size = 64, 256
+        if hasattr(cfg, "head_dim"):  # V3's config derives the rotary dim from head_dim at init
+            cfg.head_dim = cfg.qk_rope_head_dim
         if family == "deepseek_v3":
             cfg.q_lora_rank = 192
     return cfg

@@ -57,6 +57,7 @@ def _merged(params: dict, allowed: tuple[str, ...] | None = None) -> dict:
     values = dict(params)
     values["profiles"] = tuple(params.get("profiles") or ())
     values["overrides"] = tuple(params.get("overrides") or ())
+    _to_config_names(values, explicit)
     path = params.get("config_path")
     if path is None:
         return values
@@ -67,6 +68,43 @@ def _merged(params: dict, allowed: tuple[str, ...] | None = None) -> dict:
     if "profiles" in explicit and not values["profiles"]:
         explicit.discard("profiles")
     return merge(from_file, values, explicit)
+
+
+def _quant_options(f):
+    from dsc._cli_quant import quant_options
+
+    return quant_options(f)
+
+
+def _split(values) -> tuple[str, ...]:
+    return tuple(p.strip() for v in (values or ()) for p in str(v).split(",") if p.strip())
+
+
+# CLI parameter -> BuildConfig field / dsc.yaml key (the quantize flags are shared with
+# `dsc quantize`, where the names are short).
+_RENAMES = {"method": "calib_method", "samples": "calib_samples", "seq_len": "calib_seq_len"}
+
+
+def _to_config_names(values: dict, explicit: set[str]) -> None:
+    """Rename CLI parameters to config names in place (values and the explicit set)."""
+    from dsc.quantize import precision_from_flags
+
+    flags = ("int8", "fp8", "int4_awq")
+    if any(k in values for k in flags):
+        chosen = precision_from_flags(*(bool(values.pop(k, False)) for k in flags))
+        values["quantize"] = chosen
+        if chosen is not None:
+            explicit.add("quantize")
+    for old, new in _RENAMES.items():
+        if old in values:
+            values[new] = values.pop(old)
+            if old in explicit:
+                explicit.add(new)
+    for k in ("passes", "disable_passes", "exclude"):
+        if k in values:
+            values[k] = _split(values[k])
+    if values.get("calib") is not None:
+        values["calib"] = str(values["calib"])
 
 
 def _config(values: dict):
@@ -97,6 +135,14 @@ def _emit(outcome, as_json: bool) -> None:
               help="Load pytorch_model*.bin pickles (runs code from the file; trusted input only).")
 @click.option("--force", is_flag=True,
               help="Replace an artifact of another checkpoint at OUTPUT.")
+@click.option("--optimize/--no-optimize", default=True, show_default=True,
+              help="Run the graph passes (cleanup, fusions) before quantizing and compiling.")
+@click.option("--passes", "passes", multiple=True, metavar="A,B",
+              help="Run only these passes, in this order (default: the pipeline; "
+                   "`dsc passes list`).")
+@click.option("--disable-pass", "disable_passes", multiple=True, metavar="NAME",
+              help="Leave this pass out of the pipeline (repeatable).")
+@_quant_options
 @_engine_options
 def build(checkpoint: Path | None, **params) -> None:
     """Build CHECKPOINT into an artifact with one TensorRT engine per hardware profile.

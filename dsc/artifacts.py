@@ -86,8 +86,10 @@ def load_manifest(artifact: Path) -> dict:
     return json.loads((artifact / MANIFEST).read_text())
 
 
-def load_io_spec(artifact: Path) -> dict:
-    load_manifest(artifact)
+def load_io_spec(artifact: Path, *, check_manifest: bool = True) -> dict:
+    """model_io.json of an artifact (`check_manifest=False`: of one still being written)."""
+    if check_manifest:
+        load_manifest(artifact)
     try:
         return json.loads((Path(artifact) / IO_SPEC).read_text())
     except (OSError, ValueError) as e:

@@ -76,10 +76,40 @@ class BuildConfig:
     allow_pickle: bool = False
     force: bool = False  # replace an artifact of another checkpoint at OUT
     rebuild: bool = False  # ignore what OUT holds; run every stage
+    # 2. graph passes (dsc.passes): the default pipeline unless `passes` names some
+    optimize: bool = True
+    passes: tuple[str, ...] = ()
+    disable_passes: tuple[str, ...] = ()
+    # 3. quantization (dsc.quantize): None, int8, fp8 or int4 (AWQ)
+    quantize: str | None = None
+    weight_only: bool = False
+    calib: str | None = None  # text / JSONL / directory; None: the shipped calibration text
+    calib_method: str | None = None
+    alpha: float = 0.5
+    calib_samples: int = 64
+    calib_seq_len: int = 128
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "profiles", tuple(self.profiles))
-        object.__setattr__(self, "overrides", tuple(self.overrides))
+        for name in ("profiles", "overrides", "passes", "disable_passes", "exclude"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.calib is not None:
+            object.__setattr__(self, "calib", str(self.calib))
+        if self.quantize is not None:
+            from dsc.quantize import check_legal
+
+            check_legal(self.quantize)
+            if self.dtype == "fp32":
+                raise BadInput("quantization needs a half-precision graph (--dtype fp16 or bf16)")
+        if self.weight_only and self.quantize != "int8":
+            raise BadInput("--weight-only applies to --int8 only (INT4-AWQ is always "
+                           "weight-only; FP8 quantizes weights and activations)")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise BadInput(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.calib_samples < 1 or self.calib_seq_len < 2:
+            raise BadInput("calibration needs at least 1 sample of at least 2 tokens")
+        if not self.optimize and (self.passes or self.disable_passes):
+            raise BadInput("--passes/--disable-pass contradict --no-optimize")
         if self.validate not in VALIDATE_KINDS:
             raise BadInput(f"unknown validation {self.validate!r} (choose "
                            f"{', '.join(VALIDATE_KINDS)})")
@@ -95,8 +125,8 @@ class BuildConfig:
         d = asdict(self)
         for k in ("force", "rebuild"):
             d.pop(k)
-        d["profiles"] = list(self.profiles)
-        d["overrides"] = list(self.overrides)
+        for k in ("profiles", "overrides", "passes", "disable_passes", "exclude"):
+            d[k] = list(getattr(self, k))
         return d
 
     @classmethod
@@ -391,7 +421,6 @@ def _aggregate(records: dict) -> str:
 def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
           quiet: bool = False, echo=None) -> BuildOutcome:
     """Checkpoint → artifact with one engine (or preflight + device command) per profile."""
-    from dsc.export import onnx_export
     from dsc.models.checkpoint import inspect_checkpoint
     from dsc.pipeline.smoke import PROMPT, smoke_validate
     from dsc.pipeline.targets import resolve_targets
@@ -403,7 +432,7 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
         config.profiles, model_config=info.config, model_name=info.path.resolve().name,
         dtype=config.dtype, overrides=list(config.overrides), max_batch=config.max_batch,
         max_input_len=config.max_input_len, max_kv=config.max_kv, backend=config.backend,
-        dla_core=config.dla_core)
+        dla_core=config.dla_core, quantize=config.quantize)
     if config.opset is not None and not 18 <= config.opset <= 23:
         raise BadInput(f"opset {config.opset} is not supported by the exporter; choose 18..23")
     tools = tool_versions()
@@ -421,42 +450,31 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
                         f"{t.plan['total_bytes'] / 2**30:.3f} of "
                         f"{t.plan['capacity_bytes'] / 2**30:.1f} GiB; "
                         + "; ".join(t.notes))
+    graph_plan = _graph_stage_inputs(config, targets, export_in, tools)
+    # The graph stages (export, optimize, quantize) are reused together or not at all: a later
+    # graph stage replaces model.onnx, so the earlier stage's graph is no longer there to reuse.
+    chain_reusable = previous is not None and all(
+        _reusable(old_stages.get(name), canonical_hash(inputs), previous)
+        if inputs is not None else (old_stages.get(name) or {}).get("status") in (None, "not_run")
+        for name, inputs in graph_plan.items())
     try:
         with atomic_dir(output, force=True) as tmp:
-            # 1. export
-            ih = canonical_hash(export_in)
-            label = progress.stage_line(1, "export",
-                                        f"{info.architecture} -> ONNX {config.dtype}")
-            done = progress.stage_line(1, "export", "")
-            if _reusable(old_stages.get("export"), ih, previous):
-                rec = _reused(old_stages["export"])
-                _link(previous, tmp, rec["outputs"])
-                progress.say(f"{label}: reused (inputs unchanged)")
-                ran["export"] = False
+            stages: dict = {}
+            if chain_reusable:
+                for i, name in enumerate(graph_plan, 1):
+                    rec = old_stages.get(name)
+                    if graph_plan[name] is None:
+                        stages[name] = {"status": "not_run", "reason": _not_run_reason(config, name)}
+                        progress.say(progress.stage_line(i, name, f"not run ({stages[name]['reason']})"))
+                    else:
+                        stages[name] = _reused(rec)
+                        _link(previous, tmp, rec["outputs"])
+                        progress.say(f"{progress.stage_line(i, name, '')}reused (inputs unchanged)")
+                    ran[name] = False
             else:
-                progress.say(f"{label} ...")
-                t0 = time.perf_counter()
-                g = onnx_export.export_graph(info, tmp, dtype=config.dtype, opset=config.opset,
-                                             progress=progress.sub)
-                for f in info.tokenizer_files:
-                    shutil.copy2(f, tmp / f.name)
-                shutil.copy2(info.path / "config.json", tmp / "config.json")
-                (tmp / IO_SPEC).write_text(
-                    json.dumps(dict(g.io_spec, dtype=config.dtype), indent=2) + "\n")
-                seconds = time.perf_counter() - t0
-                rec = {"status": "ran", "input_hash": ih, "inputs": export_in,
-                       "outputs": hash_tree(tmp), "seconds": round(seconds, 2),
-                       "dtype": config.dtype, "opset": g.io_spec.get("opset")}
-                progress.say(f"{done}{g.onnx_path.name} written, {seconds:.1f}s")
-                ran["export"] = True
-            stages: dict = {"export": rec}
+                stages = _run_graph_stages(config, info, targets, tmp, graph_plan, progress, ran)
             io = json.loads((tmp / IO_SPEC).read_text())
             graph = graph_record(tmp, io)
-
-            # 2-3. graph passes and quantization: later issues plug in here.
-            for i, name in ((2, "optimize"), (3, "quantize")):
-                stages[name] = {"status": "not_run", "reason": NOT_RUN[name]}
-                progress.say(progress.stage_line(i, name, f"not run ({NOT_RUN[name]})"))
 
             # 4. compile, per profile
             records, entries = _compile_stage(targets, tmp, io, graph, tools, progress, 4,
@@ -474,7 +492,7 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
                 "created": now(),
                 "command": "build",
                 "tools": tools,
-                "precision": config.dtype,
+                "precision": config.quantize or config.dtype,
                 "source": source_record(info, export_in["checkpoint"]),
                 "graph": graph,
                 "options": config.record(),
@@ -497,6 +515,161 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
         return BuildOutcome(output, "build", True, time.perf_counter() - t_start,
                             load_manifest(output), ran)
     return BuildOutcome(output, "build", False, time.perf_counter() - t_start, manifest, ran)
+
+
+
+def _not_run_reason(config: BuildConfig, name: str) -> str:
+    if name == "optimize":
+        return "--no-optimize"
+    return NOT_RUN[name]
+
+
+def _pass_context(config: BuildConfig, targets):
+    """The pass context for the graph every target of this build compiles.
+
+    One graph serves every profile, so fused ops are those all targets parse: the target's own
+    op set when the targets agree, else the portable one (ops every supported TensorRT parses).
+    """
+    from dsc.passes import PassContext, PassOptions, target_ops
+
+    # Compare what the targets parse, not their names (two TensorRT versions may agree).
+    ops = {json.dumps({k: v for k, v in target_ops(t.profile).to_json().items() if k != "name"},
+                      sort_keys=True) for t in targets}
+    if len(ops) == 1:
+        return PassContext(targets[0].profile, PassOptions())
+    return PassContext(None, PassOptions(target_ops="portable"))
+
+
+def _graph_stage_inputs(config: BuildConfig, targets, export_in: dict,
+                        tools: dict) -> dict[str, dict | None]:
+    """Inputs of export, optimize and quantize (None: the stage is not requested).
+
+    Each later stage's inputs include the previous stage's input hash: the exporter and the
+    passes are deterministic, so equal upstream inputs mean the same graph.
+    """
+    from dsc.passes import build_pipeline
+
+    plan: dict[str, dict | None] = {"export": export_in}
+    upstream = canonical_hash(export_in)
+    if config.optimize:
+        ctx = _pass_context(config, targets)
+        names = [n for n, _ in build_pipeline(ctx, config.passes or None, config.disable_passes)]
+        inputs = {"upstream": upstream, "passes": names, "options": asdict(ctx.options),
+                  "target": ctx.target.to_json(),
+                  "tools": {k: tools.get(k) for k in ("dsc", "onnx", "onnxscript", "onnx-ir")}}
+        plan["optimize"] = inputs
+        upstream = canonical_hash(inputs)
+    else:
+        plan["optimize"] = None
+    if config.quantize:
+        from dsc.quantize import calibration_sha256
+
+        inputs = {"upstream": upstream, "precision": config.quantize,
+                  "weight_only": config.weight_only or config.quantize == "int4",
+                  "method": config.calib_method, "alpha": config.alpha,
+                  "samples": config.calib_samples, "seq_len": config.calib_seq_len,
+                  "exclude": list(config.exclude), "calib_sha256": calibration_sha256(config.calib),
+                  "tools": {k: tools.get(k) for k in ("dsc", "onnxruntime", "onnx-ir")}}
+        plan["quantize"] = inputs
+    else:
+        plan["quantize"] = None
+    return plan
+
+
+def _run_graph_stages(config: BuildConfig, info, targets, tmp: Path, plan: dict,
+                      progress: Progress, ran: dict) -> dict:
+    """Export, then optimize and quantize in place; returns the stage records."""
+    from dsc.export import onnx_export
+
+    stages: dict = {}
+    written: dict[str, set[str]] = {}
+    # 1. export
+    label = progress.stage_line(1, "export", f"{info.architecture} -> ONNX {config.dtype}")
+    progress.say(f"{label} ...")
+    t0 = time.perf_counter()
+    g = onnx_export.export_graph(info, tmp, dtype=config.dtype, opset=config.opset,
+                                 progress=progress.sub)
+    for f in info.tokenizer_files:
+        shutil.copy2(f, tmp / f.name)
+    shutil.copy2(info.path / "config.json", tmp / "config.json")
+    (tmp / IO_SPEC).write_text(json.dumps(dict(g.io_spec, dtype=config.dtype), indent=2) + "\n")
+    seconds = time.perf_counter() - t0
+    stages["export"] = {"status": "ran", "input_hash": canonical_hash(plan["export"]),
+                        "inputs": plan["export"], "outputs": {},
+                        "seconds": round(seconds, 2), "dtype": config.dtype,
+                        "opset": g.io_spec.get("opset")}
+    written["export"] = set(hash_tree(tmp))
+    progress.say(f"{progress.stage_line(1, 'export', '')}{g.onnx_path.name} written, "
+                 f"{seconds:.1f}s")
+    ran["export"] = True
+    # 2. optimize
+    if plan["optimize"] is None:
+        stages["optimize"] = {"status": "not_run", "reason": _not_run_reason(config, "optimize")}
+        progress.say(progress.stage_line(2, "optimize",
+                                         f"not run ({stages['optimize']['reason']})"))
+    else:
+        from dsc.passes._optimize import optimize_in_place, stage_summary
+
+        ctx = _pass_context(config, targets)
+        label = progress.stage_line(2, "optimize", f"graph passes for {ctx.target.name}")
+        progress.say(f"{label} ...")
+        t0 = time.perf_counter()
+        before = set(hash_tree(tmp))
+        report, record = optimize_in_place(tmp, ctx, only=config.passes or None,
+                                           disable=config.disable_passes)
+        seconds = time.perf_counter() - t0
+        written["optimize"] = set(hash_tree(tmp)) - (before - {IO_SPEC, g.onnx_path.name})
+        written["optimize"] |= {IO_SPEC, g.onnx_path.name, "passes_report.json"}
+        stages["optimize"] = {"status": "ran", "input_hash": canonical_hash(plan["optimize"]),
+                              "inputs": plan["optimize"], "outputs": {},
+                              "seconds": round(seconds, 2), **stage_summary(record)}
+        for p in report.passes:
+            progress.detail(f"pass {p.name}: {p.seconds * 1e3:.1f} ms, nodes {p.nodes_before} "
+                            f"-> {p.nodes_after}"
+                            + (f", {p.counts}" if p.counts else ""))
+        cov = ", ".join(f"{k} {v['fused']}/{v['blocks']}"
+                        for k, v in stages["optimize"]["coverage"].items() if v["blocks"])
+        progress.say(f"{progress.stage_line(2, 'optimize', '')}nodes {report.nodes_before} -> "
+                     f"{report.nodes_after}; fused {cov or 'nothing'}, {seconds:.1f}s")
+        ran["optimize"] = True
+    # 3. quantize
+    if plan["quantize"] is None:
+        stages["quantize"] = {"status": "not_run", "reason": NOT_RUN["quantize"]}
+        progress.say(progress.stage_line(3, "quantize", f"not run ({NOT_RUN['quantize']})"))
+    else:
+        from dsc.quantize import quantize_in_place
+
+        q = plan["quantize"]
+        progress.say(f"{progress.stage_line(3, 'quantize', q['precision'])} ...")
+        t0 = time.perf_counter()
+        before = set(hash_tree(tmp))
+        report, extra = quantize_in_place(
+            tmp, config.quantize, calib=config.calib, method=config.calib_method,
+            samples=config.calib_samples, seq_len=config.calib_seq_len, alpha=config.alpha,
+            weight_only=config.weight_only, exclude=config.exclude, progress=progress.sub)
+        seconds = time.perf_counter() - t0
+        after = set(hash_tree(tmp))
+        written["quantize"] = (after - before) | {IO_SPEC, g.onnx_path.name}
+        stages["quantize"] = {"status": "ran", "input_hash": canonical_hash(q), "inputs": q,
+                              "outputs": {}, "seconds": round(seconds, 2), **extra}
+        if extra["under_calibrated_experts"]:
+            progress.say(f"warning: {extra['under_calibrated_experts']} MoE experts saw fewer "
+                         f"than {report['experts']['min_tokens']} calibration tokens "
+                         f"(quant_report.json lists them)")
+        progress.say(f"{progress.stage_line(3, 'quantize', '')}{extra['scheme']}: "
+                     f"{extra['quantized_layers']} layers quantized, "
+                     f"{len(report['excluded'])} kept in float, {seconds:.1f}s")
+        ran["quantize"] = True
+    # Each file belongs to the last stage that wrote it.
+    final = hash_tree(tmp)
+    owner: dict[str, str] = {}
+    for name in ("export", "optimize", "quantize"):
+        for rel in written.get(name, ()):
+            if rel in final:
+                owner[rel] = name
+    for rel, name in owner.items():
+        stages[name]["outputs"][rel] = final[rel]
+    return stages
 
 
 def _validate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: dict,
@@ -650,4 +823,4 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
     return BuildOutcome(artifact, "compile", False, time.perf_counter() - t_start, manifest, ran)
 
 
-__all__ = ["BuildConfig", "BuildOutcome", "build", "compile_artifact", "__version__"]
+__all__ = ["BuildConfig", "BuildOutcome", "__version__", "build", "compile_artifact"]

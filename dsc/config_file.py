@@ -18,6 +18,15 @@ Keys are the long options of `dsc build`, in snake_case (`max-batch` is accepted
     validate                    smoke | none
     validate_tokens             greedy tokens of the smoke check
     allow_pickle, force, rebuild   booleans
+    optimize                    run the graph passes (default true)
+    passes, disable_passes      lists of pass names (`dsc passes list`)
+    quantize                    int8 | fp8 | int4 (AWQ) | null
+    weight_only                 INT8 weight-only instead of W8A8 SmoothQuant
+    calib                       calibration text / JSONL / directory (relative to the file)
+    calib_method                max | percentile | entropy | mse
+    alpha                       SmoothQuant migration strength, 0..1
+    calib_samples, calib_seq_len   calibration windows and their length in tokens
+    exclude                     module patterns kept in float (list)
 
 An unknown key is an error naming it (and the closest known key), and so is a value of the wrong
 type. A flag given on the command line wins over the file; `--set` pairs are applied after the
@@ -41,9 +50,11 @@ from dsc.errors import BadInput
 _INT_OR_NULL = ("opset", "max_batch", "max_input_len", "max_kv", "dla_core")
 _CHOICES = {"dtype": ("fp16", "bf16", "fp32"), "backend": ("auto", "tensorrt_rtx", "tensorrt"),
             "validate": ("smoke", "none")}
-_BOOLS = ("allow_pickle", "force", "rebuild")
-KEYS = ("checkpoint", "output", "profiles", "set", *_INT_OR_NULL, *_CHOICES, "validate_tokens",
-        *_BOOLS)
+_BOOLS = ("allow_pickle", "force", "rebuild", "optimize", "weight_only")
+_NAME_LISTS = ("passes", "disable_passes", "exclude")
+_POS_INTS = ("validate_tokens", "calib_samples", "calib_seq_len")
+KEYS = ("checkpoint", "output", "profiles", "set", *_INT_OR_NULL, *_CHOICES, *_POS_INTS,
+        *_BOOLS, *_NAME_LISTS, "quantize", "calib", "calib_method", "alpha")
 COMPILE_KEYS = ("profiles", "set", "max_batch", "max_input_len", "max_kv", "backend", "dla_core",
                 "rebuild")
 
@@ -94,10 +105,28 @@ def _fail(path: Path, key: str, expected: str, value: Any) -> BadInput:
 
 
 def _check(key: str, value: Any, path: Path, base: Path) -> tuple[str, Any]:
-    if key in ("checkpoint", "output"):
+    if key in ("checkpoint", "output", "calib"):
+        if key == "calib" and value is None:
+            return key, None
         if not isinstance(value, str) or not value:
             raise _fail(path, key, "a path", value)
-        return key, _join(base, value)
+        return key, _join(base, value) if key != "calib" else str(_join(base, value))
+    if key in _NAME_LISTS:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise _fail(path, key, "a list of names", value)
+        return key, tuple(value)
+    if key in ("quantize", "calib_method"):
+        known = ("int8", "fp8", "int4") if key == "quantize" else \
+            ("max", "percentile", "entropy", "mse")
+        if value is not None and value not in known:
+            raise _fail(path, key, "one of " + ", ".join(known) + " or null", value)
+        return key, value
+    if key == "alpha":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise _fail(path, key, "a number in [0, 1]", value)
+        return key, float(value)
     if key == "profiles":
         if isinstance(value, str):
             items = [v.strip() for v in value.split(",") if v.strip()]
@@ -122,7 +151,7 @@ def _check(key: str, value: Any, path: Path, base: Path) -> tuple[str, Any]:
         if value not in _CHOICES[key]:
             raise _fail(path, key, "one of " + ", ".join(_CHOICES[key]), value)
         return key, value
-    if key == "validate_tokens":
+    if key in _POS_INTS:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise _fail(path, key, "a positive integer", value)
         return key, value

@@ -127,7 +127,8 @@ def read_calibration_text(calib: str | Path | None) -> str:
 
 def calibration_windows(tokenizer, text: str, samples: int, seq_len: int) -> np.ndarray:
     """`samples` windows of `seq_len` tokens at evenly spaced offsets (deterministic)."""
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"],
+                     dtype=np.int64)
     if ids.size < 2:
         raise BadInput("calibration data tokenizes to fewer than 2 tokens")
     seq_len = int(min(seq_len, ids.size))
@@ -203,15 +204,88 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     return result.model, report, record
 
 
+def calibration_sha256(calib: str | Path | None) -> str:
+    """sha256 of the calibration text as read (files joined in order): a stage input."""
+    import hashlib
+
+    return hashlib.sha256(read_calibration_text(calib).encode("utf-8")).hexdigest()
+
+
+def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Path | None = None,
+                      method: str | None = None, samples: int = 64, seq_len: int = 128,
+                      alpha: float = 0.5, weight_only: bool = False, exclude=(),
+                      use_cache: bool = True, progress=None) -> tuple[dict, dict]:
+    """Quantize the graph of the artifact being written at `directory`, in place.
+
+    The input graph files move to `reference/` (what `dsc validate` compares against), the
+    quantized graph takes their place, and `calibration/` and `quant_report.json` are written.
+    Returns (quant report, the stage fields for the manifest). Used by `dsc quantize` (on a
+    copy of its input) and by `dsc build` (stage 3).
+    """
+    import onnx_ir as ir
+
+    from dsc.api import load_tokenizer
+    from dsc.passes.quant.ranges import METHODS
+
+    if method is not None and method not in METHODS:
+        raise BadInput(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
+    directory = Path(directory)
+    io = load_io_spec(directory, check_manifest=False)
+    onnx_name = io["onnx"]
+    graph_files = [p for p in directory.iterdir() if p.name == onnx_name
+                   or p.name.startswith(onnx_name + ".") or p.name == IO_SPEC]
+    tokenizer = load_tokenizer(directory)
+    model = _load(directory / onnx_name)
+    t0 = time.perf_counter()
+    model, report, record = quantize_model(
+        model, io, tokenizer, precision, calib=calib, method=method, samples=samples,
+        seq_len=seq_len, alpha=alpha, weight_only=weight_only, exclude=exclude,
+        use_cache=use_cache, progress=progress)
+    ref = directory / "reference"
+    ref.mkdir()
+    for p in graph_files:
+        shutil.move(str(p), ref / p.name)
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                       if v.const_value is not None)
+    ir.save(model, str(directory / onnx_name),
+            external_data=(onnx_name + ".data") if weight_bytes > 1.5 * 2**30 else None)
+    new_io = dict(io)
+    new_io["opset"] = int(model.opset_imports.get("", io.get("opset", 0)))
+    new_io["quantization"] = precision
+    write_json(directory / IO_SPEC, new_io)
+    cdir = directory / "calibration"
+    cdir.mkdir()
+    write_json(cdir / "ranges.json", {k: v for k, v in record.items() if k != "stats"})
+    for i, st in enumerate(record["stats"]):
+        st.save(cdir / f"stats{i}-{st.model_sha256[:16]}-{st.data_sha256[:16]}.npz")
+    seconds = round(time.perf_counter() - t0, 2)
+    report["seconds"] = seconds
+    write_json(directory / "quant_report.json", report)
+    stage = {"precision": precision, "scheme": report["scheme"], "method": record["method"],
+             "alpha": alpha if precision == "int8" and not weight_only else None,
+             "weight_only": precision == "int4" or weight_only,
+             "samples": record["samples"], "seq_len": record["seq_len"],
+             "calib": str(calib) if calib else "dsc/data/calibration.txt",
+             "calib_sha256": record["data_sha256"], "exclude": list(exclude),
+             "report": "quant_report.json", "quantized_layers": len(report["layers"]),
+             "under_calibrated_experts": len(report["experts"]["under_calibrated"])}
+    return report, stage
+
+
+def quant_outputs(outputs: dict, onnx_name: str) -> dict:
+    """The files the quantize stage wrote, out of an artifact's `outputs`."""
+    mine = (onnx_name, f"{onnx_name}.data", IO_SPEC, "quant_report.json")
+    return {k: v for k, v in outputs.items()
+            if k in mine or k.startswith(("reference/", "calibration/"))}
+
+
 def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, *,
                       calib: str | Path | None = None, method: str | None = None,
                       samples: int = 64, seq_len: int = 128, alpha: float = 0.5,
                       weight_only: bool = False, exclude=(), profile=None, force: bool = False,
                       use_cache: bool = True, progress=None) -> QuantizeResult:
     """Write a new artifact at `output`: the quantized graph of `artifact` plus its reference."""
-    import onnx_ir as ir
-
-    from dsc.api import load_tokenizer
+    from dsc.manifest import canonical_hash, graph_record, hash_tree, schema_errors, write_manifest
 
     t0 = time.perf_counter()
     check_legal(precision, profile)
@@ -222,58 +296,54 @@ def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, 
     artifact, output = Path(artifact), Path(output)
     manifest = load_manifest(artifact)
     io = load_io_spec(artifact)
-    if (artifact / "reference").exists() or manifest.get("stages", {}).get("quantize"):
+    if (artifact / "reference").exists() or manifest.get("stages", {}).get("quantize", {}) \
+            .get("status") in ("ran", "reused"):
         raise BadInput(f"{artifact} is already quantized; quantize its fp16 export instead")
     if output.absolute() == artifact.absolute():
         raise BadInput("the output must be a new directory, not the input artifact")
-    onnx_name = io["onnx"]
-    graph_files = [p for p in artifact.iterdir() if p.name == onnx_name
-                   or p.name.startswith(onnx_name + ".") or p.name == IO_SPEC]
-    tokenizer = load_tokenizer(artifact)
-    model = _load(artifact / onnx_name)
-    model, report, record = quantize_model(
-        model, io, tokenizer, precision, calib=calib, method=method, samples=samples,
-        seq_len=seq_len, alpha=alpha, weight_only=weight_only, exclude=exclude,
-        use_cache=use_cache, progress=progress)
+    calib_sha = calibration_sha256(calib)
     with atomic_dir(output, force=force) as tmp:
         for p in artifact.iterdir():
-            if p in graph_files or p.name == MANIFEST:
-                continue
+            if p.name == MANIFEST or p.name == "engines":
+                continue  # engines of the float graph do not belong to the quantized one
             (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
-        ref = tmp / "reference"
-        ref.mkdir()
-        for p in graph_files:
-            shutil.copy2(p, ref / p.name)
-        weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                           if v.const_value is not None)
-        ir.save(model, str(tmp / onnx_name),
-                external_data=(onnx_name + ".data") if weight_bytes > 1.5 * 2**30 else None)
-        new_io = dict(io)
-        new_io["opset"] = int(model.opset_imports.get("", io.get("opset", 0)))
-        new_io["quantization"] = precision
-        write_json(tmp / IO_SPEC, new_io)
-        cdir = tmp / "calibration"
-        cdir.mkdir()
-        write_json(cdir / "ranges.json", {k: v for k, v in record.items() if k != "stats"})
-        for i, st in enumerate(record["stats"]):
-            st.save(cdir / f"stats{i}-{st.model_sha256[:16]}-{st.data_sha256[:16]}.npz")
+        report, stage = quantize_in_place(
+            tmp, precision, calib=calib, method=method, samples=samples, seq_len=seq_len,
+            alpha=alpha, weight_only=weight_only, exclude=exclude, use_cache=use_cache,
+            progress=progress)
         seconds = round(time.perf_counter() - t0, 2)
-        report["seconds"] = seconds
-        write_json(tmp / "quant_report.json", report)
-        stage = {"precision": precision, "scheme": report["scheme"], "method": record["method"],
-                 "alpha": alpha if precision == "int8" and not weight_only else None,
-                 "weight_only": precision == "int4" or weight_only,
-                 "samples": record["samples"], "seq_len": record["seq_len"],
-                 "calib": str(calib) if calib else "dsc/data/calibration.txt",
-                 "calib_sha256": record["data_sha256"], "exclude": list(exclude),
-                 "seconds": seconds}
+        inputs = {"graph": (manifest.get("graph") or {}).get("hash")
+                  or graph_record(artifact, io)["hash"],
+                  "precision": precision, "weight_only": stage["weight_only"],
+                  "method": stage["method"], "alpha": stage["alpha"], "samples": samples,
+                  "seq_len": seq_len, "exclude": list(exclude), "calib_sha256": calib_sha,
+                  "tools": _tools()}
         if profile is not None:
             stage["profile"] = getattr(profile, "name", str(profile))
-        manifest = dict(manifest)
-        manifest.setdefault("stages", {})
-        manifest["stages"] = dict(manifest["stages"], quantize=stage)
-        manifest["outputs"] = _sha_tree(tmp)
-        write_json(tmp / MANIFEST, manifest)
-    return QuantizeResult(output, precision, report["scheme"], record["method"],
+        new_io = load_io_spec(tmp, check_manifest=False)
+        outputs = hash_tree(tmp)
+        stages = dict(manifest.get("stages", {}))
+        stages["quantize"] = {"status": "ran", "input_hash": canonical_hash(inputs),
+                              "inputs": inputs, "outputs": quant_outputs(outputs, io["onnx"]),
+                              "seconds": seconds, **stage}
+        # Engines of the input graph are not copied: their records go too.
+        new = {k: v for k, v in manifest.items() if k not in ("profiles", "validation")}
+        stages.pop("compile", None)
+        stages.pop("validate", None)
+        new.update(stages=stages, graph=graph_record(tmp, new_io), outputs=outputs,
+                   precision=precision)
+        if schema_errors(manifest):
+            logger.warning("%s has a pre-schema manifest; written without the schema check",
+                           artifact)
+            write_json(tmp / MANIFEST, new)
+        else:
+            write_manifest(tmp, new)
+    return QuantizeResult(output, precision, report["scheme"], stage["method"],
                           len(report["layers"]), report["excluded"],
                           report["experts"]["under_calibrated"], seconds, report)
+
+
+def _tools() -> dict:
+    from dsc.passes._optimize import _tools as tools
+
+    return tools()

@@ -18,12 +18,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx_ir as ir
+from dsc.passes._framework import (
+    PassContext,
+    PassOptions,
+    PipelineReport,
+    build_pipeline,
+    run_pipeline,
+)
 
-from dsc.artifacts import IO_SPEC, MANIFEST, atomic_dir, check_output, load_io_spec, \
-    load_manifest, write_json
+from dsc.artifacts import (
+    IO_SPEC,
+    MANIFEST,
+    atomic_dir,
+    check_output,
+    load_io_spec,
+    load_manifest,
+    write_json,
+)
 from dsc.errors import BadInput
-from dsc.passes._framework import PassContext, PassOptions, PipelineReport, build_pipeline, \
-    run_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +85,63 @@ def _tools() -> dict:
     return out
 
 
+def optimize_in_place(directory: Path, ctx: PassContext, *, only=None, disable=(),
+                      dump_after=(), verify_each: bool = False,
+                      progress=None) -> tuple[PipelineReport, dict]:
+    """Optimize the graph of the artifact being written at `directory`, in place.
+
+    Replaces model.onnx (+ .data), updates model_io.json's opset and writes passes_report.json.
+    Returns the pipeline report and the record passes_report.json holds. Used by `dsc optimize` (on a
+    copy of its input) and by `dsc build` (stage 2).
+    """
+    directory = Path(directory)
+    io = load_io_spec(directory, check_manifest=False)
+    names = [n for n, _ in build_pipeline(ctx, only, disable)]  # validates the names early
+    config = None
+    if (directory / "config.json").is_file():
+        config = json.loads((directory / "config.json").read_text())
+    onnx_name = io["onnx"]
+    model = ir.load(directory / onnx_name)
+    before = _signature(model)
+    report, cov = optimize_model(model, ctx, config=config, only=only, disable=disable,
+                                 dump_after=dump_after, dump_dir=directory / "dumps",
+                                 verify_each=verify_each, progress=progress)
+    if _signature(model) != before:
+        raise RuntimeError("a pass changed the graph's inputs or outputs (a dsc bug)")
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                  if v.const_value is not None)
+    if progress:
+        progress(f"writing {onnx_name}")
+    data = directory / f"{onnx_name}.data"
+    if data.exists():
+        data.unlink()
+    ir.save(model, directory / onnx_name, external_data=f"{onnx_name}.data"
+            if weights >= EXTERNAL_DATA_THRESHOLD else None)
+    io = dict(io, opset=model.opset_imports.get("", io.get("opset")))
+    write_json(directory / IO_SPEC, io)
+    record = {"target": ctx.target.to_json(),
+              "profile": getattr(ctx.profile, "name", None),
+              "options": asdict(ctx.options), "passes": names,
+              "report": report.to_json(), "coverage": cov}
+    write_json(directory / REPORT_FILE, record)
+    return report, record
+
+
+def stage_summary(record: dict) -> dict:
+    """The manifest's short form of a passes_report.json record."""
+    rep = record["report"]
+    return {"report": REPORT_FILE, "nodes_before": rep["nodes_before"],
+            "nodes_after": rep["nodes_after"], "counts": rep["counts"],
+            "coverage": {k: {"fused": e["fused"] + e["kept"], "blocks": e["blocks"]}
+                         for k, e in record["coverage"]["kinds"].items()}}
+
+
 def optimize_artifact(artifact: str | Path, output: str | Path, *, profile=None,
                       options: PassOptions | None = None, only=None, disable=(),
                       dump_after=(), verify_each: bool = False, force: bool = False,
                       progress=None) -> OptimizeResult:
     """Optimize `artifact` into a new artifact at `output` (see the module docstring)."""
-    from dsc.manifest import canonical_hash, graph_record, hash_tree, schema_errors, \
-        write_manifest
+    from dsc.manifest import canonical_hash, graph_record, hash_tree, schema_errors, write_manifest
 
     artifact, output = Path(artifact), Path(output)
     manifest = load_manifest(artifact)
@@ -89,37 +151,18 @@ def optimize_artifact(artifact: str | Path, output: str | Path, *, profile=None,
     check_output(output, force=force)
     ctx = PassContext(profile, options or PassOptions())
     names = [n for n, _ in build_pipeline(ctx, only, disable)]  # validates the names early
-    config = None
-    if (artifact / "config.json").is_file():
-        config = json.loads((artifact / "config.json").read_text())
     onnx_name = io["onnx"]
-    model = ir.load(artifact / onnx_name)
-    before = _signature(model)
     t0 = time.perf_counter()
     with atomic_dir(output, force=force) as tmp:
-        skip = {onnx_name, f"{onnx_name}.data", MANIFEST, REPORT_FILE}
+        skip = {MANIFEST, REPORT_FILE}
         for f in sorted(artifact.iterdir()):
             if f.is_file() and f.name not in skip:
                 shutil.copy2(f, tmp / f.name)
-        report, cov = optimize_model(model, ctx, config=config, only=only, disable=disable,
-                                     dump_after=dump_after, dump_dir=tmp / "dumps",
-                                     verify_each=verify_each, progress=progress)
-        if _signature(model) != before:
-            raise RuntimeError("a pass changed the graph's inputs or outputs (a dsc bug)")
-        weights = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                      if v.const_value is not None)
-        if progress:
-            progress(f"writing {onnx_name}")
-        ir.save(model, tmp / onnx_name, external_data=f"{onnx_name}.data"
-                if weights >= EXTERNAL_DATA_THRESHOLD else None)
-        io = dict(io, opset=model.opset_imports.get("", io.get("opset")))
-        write_json(tmp / IO_SPEC, io)
+        report, record = optimize_in_place(tmp, ctx, only=only, disable=disable,
+                                   dump_after=dump_after, verify_each=verify_each,
+                                   progress=progress)
+        io = load_io_spec(tmp, check_manifest=False)
         seconds = time.perf_counter() - t0
-        record = {"target": ctx.target.to_json(),
-                  "profile": getattr(profile, "name", None),
-                  "options": asdict(ctx.options), "passes": names,
-                  "report": report.to_json(), "coverage": cov}
-        write_json(tmp / REPORT_FILE, record)
         inputs = {"graph": manifest.get("graph", {}).get("hash")
                   or graph_record(artifact, load_io_spec(artifact))["hash"],
                   "passes": names, "options": asdict(ctx.options),
@@ -130,11 +173,7 @@ def optimize_artifact(artifact: str | Path, output: str | Path, *, profile=None,
             "status": "ran", "input_hash": canonical_hash(inputs), "inputs": inputs,
             "outputs": {k: outputs[k] for k in (onnx_name, f"{onnx_name}.data", IO_SPEC,
                                                 REPORT_FILE) if k in outputs},
-            "seconds": round(seconds, 2), "report": REPORT_FILE,
-            "nodes_before": report.nodes_before, "nodes_after": report.nodes_after,
-            "counts": report.counts(),
-            "coverage": {k: {"fused": e["fused"] + e["kept"], "blocks": e["blocks"]}
-                         for k, e in cov["kinds"].items()},
+            "seconds": round(seconds, 2), **stage_summary(record),
         }
         new = dict(manifest, stages=stages, graph=graph_record(tmp, io), outputs=outputs)
         if schema_errors(manifest):
@@ -144,4 +183,4 @@ def optimize_artifact(artifact: str | Path, output: str | Path, *, profile=None,
             write_json(tmp / MANIFEST, new)
         else:
             write_manifest(tmp, new)
-    return OptimizeResult(output, report, cov, seconds)
+    return OptimizeResult(output, report, record["coverage"], seconds)

@@ -145,7 +145,8 @@ def test_matrix_builds_two_engines_and_two_preflights(matrix, checkpoints):
     for name in PENDING:
         assert name not in built_part
         assert f"dsc compile {art} --profile {name}" in pending_part
-    for line in ("[1/5] export", "[2/5] optimize  not run", "[3/5] quantize  not run",
+    for line in ("[1/5] export", "[2/5] optimize  graph passes for portable",
+                 "[3/5] quantize  not run",
                  "[4/5] compile", "[5/5] validate"):
         assert line in stderr
     assert not _leftovers(art.parent)
@@ -162,8 +163,15 @@ def test_matrix_manifest_records_inputs_stages_and_outputs(matrix, checkpoints):
     st = m["stages"]
     assert st["export"]["status"] == "ran" and st["export"]["seconds"] > 0
     assert st["export"]["inputs"]["dtype"] == "fp16"
-    assert st["optimize"] == {"status": "not_run", "reason": "no passes requested"}
-    assert st["quantize"]["status"] == "not_run"
+    # Graph passes run by default; the matrix mixes TensorRT-RTX and standard TensorRT
+    # targets, so the fused ops are the portable ones every parser takes.
+    assert st["optimize"]["status"] == "ran"
+    assert st["optimize"]["inputs"]["target"]["name"].startswith("portable")
+    assert set(st["optimize"]["outputs"]) == {"model.onnx", "model_io.json",
+                                               "passes_report.json"}
+    assert "model.onnx" not in st["export"]["outputs"]
+    assert all(c["fused"] == c["blocks"] for c in st["optimize"]["coverage"].values())
+    assert st["quantize"] == {"status": "not_run", "reason": "no quantization requested"}
     assert set(st["compile"]["profiles"]) == set(BUILT) | set(PENDING)
     assert {r["status"] for r in st["compile"]["profiles"].values()} == {"ran"}
     # Stage input hashes differ per profile; outputs are exactly the files under engines/<p>/.
@@ -213,16 +221,19 @@ def test_rerun_is_up_to_date_and_does_no_work(matrix, checkpoints, counts, capsy
 def test_changed_envelope_recompiles_without_exporting(matrix_copy, checkpoints, counts, capsys):
     art = matrix_copy
     old = _manifest(art)
+    # a100 with h100 keeps the matrix's pass target (portable ops: h100 is standard TensorRT),
+    # so the graph is the same; a100 alone would get TensorRT-RTX's fused ops, a new graph.
     code, out, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(art), "--profile",
-                              "a100", "--max-batch", "2", "-q"], capsys)
+                              "a100,h100", "--max-batch", "2", "-q"], capsys)
     assert code == 0, err
-    assert counts == {"export": 0, "compile": 1}
+    assert counts == {"export": 0, "compile": 2}
     m = _manifest(art)
     assert m["stages"]["export"]["status"] == "reused"
     assert m["stages"]["export"]["input_hash"] == old["stages"]["export"]["input_hash"]
     assert m["stages"]["validate"]["status"] == "reused"
     assert m["stages"]["compile"]["profiles"]["a100-80gb"]["status"] == "ran"
-    assert set(m["profiles"]) == {"a100-80gb"} and not (art / "engines/h100-sxm").exists()
+    assert set(m["profiles"]) == {"a100-80gb", "h100-sxm"}
+    assert not (art / "engines/rtx-4090").exists()
     assert m["profiles"]["a100-80gb"]["envelope"]["max_batch"] == 2
     shapes = json.loads((art / "engines/a100-80gb/build.json").read_text())["profiles"][0]
     assert shapes["shapes"]["input_ids"]["max"] == [2, 512]
@@ -240,7 +251,7 @@ def test_gate_results_survive_a_rebuild_of_the_same_graph(matrix_copy, checkpoin
     gate = _manifest(art)["validation"]
     assert gate["kind"] == "gate"
     code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(art), "--profile",
-                            "a100", "-q"], capsys)
+                            "a100,h100", "-q"], capsys)
     assert code == 0, err
     m = _manifest(art)
     assert m["validation"] == gate and m["stages"]["validate"]["result"]["kind"] == "smoke"
@@ -651,7 +662,7 @@ def test_config_file_with_cli_overrides(matrix_copy, checkpoints, counts, capsys
     cfg.write_text(
         f"checkpoint: {checkpoints['qwen2']}\n"
         f"output: {matrix_copy.name}\n"  # relative to the file
-        "profiles: [rtx-4090]\n"
+        "profiles: [rtx-4090, h100]\n"
         "dtype: fp16\n"
         "max_batch: 4\n"
         "validate_tokens: 3\n"
@@ -660,7 +671,7 @@ def test_config_file_with_cli_overrides(matrix_copy, checkpoints, counts, capsys
     code, out, err = run_cli(["build", "--config", str(cfg), "--max-batch", "2", "--json"],
                              capsys)
     assert code == 0, err
-    assert counts == {"export": 0, "compile": 1}
+    assert counts == {"export": 0, "compile": 2}  # same graph (portable passes), new envelope
     m = _manifest(matrix_copy)
     p = m["profiles"]["rtx-4090"]
     assert p["envelope"]["max_batch"] == 2  # the flag wins over the file

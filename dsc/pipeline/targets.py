@@ -123,10 +123,10 @@ def _mode(profile: HardwareProfile, backend: str, standard_only: list[str],
 
 
 def _fit(model_config: Mapping[str, Any], model_name: str, profile: HardwareProfile,
-         dtype: str, env: ShapeEnvelope) -> dict:
+         dtype: str, env: ShapeEnvelope, quantize: str | None = None) -> dict:
     from dsc.plan import _Model, plan
 
-    precision = dtype if dtype in ("fp16", "bf16") else "fp16"
+    precision = quantize or (dtype if dtype in ("fp16", "bf16") else "fp16")
     r = plan(_Model(model_name, model_config), profile, precision, batch=env.max_batch,
              context=env.max_kv, input_len=env.max_input_len)
     memory = dict(r.memory)
@@ -136,7 +136,7 @@ def _fit(model_config: Mapping[str, Any], model_name: str, profile: HardwareProf
         memory["weights"] *= 2
         note = "fp32: weights counted at 4 bytes (the fp16 plan's weights doubled)"
     total = sum(memory.values())
-    out = {"fits": total <= r.capacity, "precision": dtype, "batch": env.max_batch,
+    out = {"fits": total <= r.capacity, "precision": quantize or dtype, "batch": env.max_batch,
            "context": env.max_kv, "input_len": env.max_input_len, "total_bytes": int(total),
            "capacity_bytes": int(r.capacity), "margin_bytes": int(r.capacity - total),
            "memory_bytes": {k: int(v) for k, v in memory.items()},
@@ -166,11 +166,14 @@ def resolve_targets(
     backend: str = "auto",
     dla_core: int | None = None,
     dla_required: bool = True,
+    quantize: str | None = None,
 ) -> list[Target]:
     """Every target of the matrix, checked; raises before any heavy work.
 
     With `dla_required` (an explicit --dla-core), a matrix without any DLA is an error; without
     it (a DLA core recorded by an earlier build) such profiles just build for the GPU.
+    `quantize` (int8 | fp8 | int4) must be legal on every profile and for the SM each engine
+    (or preflight) is compiled for; the memory fit is planned at that precision.
     """
     from dsc.models.params import model_shape
     from dsc.plan import check_precision
@@ -206,6 +209,10 @@ def resolve_targets(
             check_precision(prof, "fp16")
         else:
             check_precision(prof, dtype)
+        if quantize is not None:
+            from dsc.quantize import check_legal
+
+            check_legal(quantize, prof)
         env = _envelope(prof, model_max, max_batch, max_input_len, max_kv)
         b = prof.builder
         standard_only = []
@@ -253,7 +260,16 @@ def resolve_targets(
             if mode == "preflight":
                 pre = BuildOptions(target_sm=prof.preflight_sm, workspace_mib=workspace,
                                    optimization_level=b.optimization_level)
-        fit = _fit(model_config, model_name, prof, dtype, env)
+        if quantize is not None:
+            from dsc.quantize import check_engine_target
+
+            sm = {"rtx": opts.target_sm, "device": prof.sm,
+                  "preflight": pre.target_sm if pre is not None else prof.sm}[mode]
+            try:
+                check_engine_target(quantize, sm)
+            except Unsupported as e:
+                raise Unsupported(f"{prof.name}: {e}") from None
+        fit = _fit(model_config, model_name, prof, dtype, env, quantize)
         targets.append(Target(prof, env, mode, opts, pre, fit, tuple(notes)))
     needs_rtx = [t.name for t in targets if t.mode in ("rtx", "preflight")]
     if needs_rtx and Flavour.RTX not in available_backends():
