@@ -93,6 +93,11 @@ def test_int8_build_runs_every_stage_and_verifies(int8_build):
     assert rep["smoothquant"]["smoothed"], rep["smoothquant"]["skipped"]
     assert json.loads((art / "model_io.json").read_text())["quantization"] == "int8"
     assert (art / "engines" / "rtx-4090" / "model.engine").stat().st_size > 0
+    # The build report shows per-pass time and rewrites, the coverage and the quantization.
+    md = (art / "report.md").read_text()
+    assert "## Graph passes (TensorRT-RTX 1.7" in md and "| fuse-rmsnorm |" in md
+    assert "| rmsnorm | " in md and "## Quantization (int8 W8A8, ranges by max)" in md
+    assert "<h2>Graph passes" in (art / "report.html").read_text()
     assert verify_artifact(art).ok
 
 

@@ -47,6 +47,7 @@ def collect(artifact: Path) -> dict:
         "validations": validations,
         "bench": _load(artifact / "bench.json"),
         "passes": _load(artifact / "passes_report.json"),
+        "quantization": _load(artifact / "quant_report.json"),
     }
 
 
@@ -158,6 +159,8 @@ def _md(rep: dict) -> str:
                                if isinstance(v, (str, int, float, bool)))
             lines.append(f"| {name} | {detail} |")
         lines.append("")
+    lines += _passes_md(rep.get("passes"))
+    lines += _quant_md(rep.get("quantization"))
     for v in rep["validations"]:
         verdict = "PASS" if v["passed"] else "FAIL"
         lines += [f"## Validation ({v['precision']}): {verdict}", "",
@@ -197,6 +200,53 @@ def _md(rep: dict) -> str:
                 f"({t['note']})"]
         lines.append("")
     return "\n".join(lines)
+
+
+def _passes_md(passes: dict | None) -> list[str]:
+    """Per pass: time, nodes before -> after, what it rewrote; then the coverage."""
+    if not passes or "report" not in passes:
+        return []
+    r = passes["report"]
+    lines = [f"## Graph passes ({passes.get('target', {}).get('name', '?')})", "",
+             f"{r['nodes_before']} -> {r['nodes_after']} nodes in {r['seconds'] * 1e3:.0f} ms", "",
+             "| pass | ms | nodes before | nodes after | rewrites |", "|---|---|---|---|---|"]
+    for p in r["passes"]:
+        counts = ", ".join(f"{k} {v}" for k, v in p.get("counts", {}).items()) or "-"
+        lines.append(f"| {p['name']} | {p['seconds'] * 1e3:.1f} | {p['nodes_before']} | "
+                     f"{p['nodes_after']} | {counts} |")
+    cov = (passes.get("coverage") or {}).get("kinds", {})
+    if cov:
+        lines += ["", "| block | fused | of | forms | not fused (reason) |", "|---|---|---|---|---|"]
+        for kind, e in cov.items():
+            if not e.get("blocks"):
+                continue
+            forms = ", ".join(f"{k} x{v}" for k, v in (e.get("forms") or {}).items()) or "-"
+            missed = "; ".join(f"{m.get('node', '?')}: {m.get('reason', '?')}"
+                               for m in e.get("unfused", []) if isinstance(m, dict)) or "-"
+            lines.append(f"| {kind} | {e['fused'] + e.get('kept', 0)} | {e['blocks']} | {forms} "
+                         f"| {missed} |")
+    lines.append("")
+    return lines
+
+
+def _quant_md(q: dict | None) -> list[str]:
+    """Scheme, layers quantized / kept in float, MoE experts short of calibration tokens."""
+    if not q or "layers" not in q:
+        return []
+    lines = [f"## Quantization ({q.get('scheme', '?')}, ranges by {q.get('method', '?')})", "",
+             f"{len(q['layers'])} linear layers quantized; kept in float: "
+             + (", ".join(f"{k} ({v})" for k, v in q.get("excluded", {}).items()) or "none")]
+    skipped = q.get("skipped") or {}
+    if skipped:
+        lines.append("not quantized: " + ", ".join(f"{k} ({v})" for k, v in skipped.items()))
+    ex = q.get("experts") or {}
+    if ex.get("token_counts"):
+        under = ex.get("under_calibrated") or []
+        lines.append(f"MoE experts: {sum(len(v) for v in ex['token_counts'].values())} calibrated; "
+                     f"{len(under)} saw fewer than {ex.get('min_tokens')} tokens"
+                     + (": " + ", ".join(u["expert"] for u in under[:16]) if under else ""))
+    lines.append("")
+    return lines
 
 
 def _html(rep: dict, md: str) -> str:
