@@ -31,12 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-
-from dsc.passes.quant.qdq import find_routers, find_targets
+from dsc.passes.quant.qdq import find_routers, find_targets, range_sources
 
 logger = logging.getLogger(__name__)
 
 BINS = 2048
+# Bumped when the set of collected values changes (If branches inlined, copied values).
+STATS_VERSION = "v2"
 MAX_ROWS = 1024
 
 
@@ -156,11 +157,12 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
             max_rows: int = MAX_ROWS, use_cache: bool = True, threads: int | None = None,
             progress=None) -> CalibStats:
     """Run `model` on token `windows` [N, L]; statistics for every quantizable MatMul input."""
+    import onnx
     import onnxruntime as ort
 
     t0 = time.perf_counter()
     msha, dsha = model_sha256(model), data_sha256(windows)
-    path = cache_dir() / f"{msha[:20]}-{dsha[:20]}.npz"
+    path = cache_dir() / f"{msha[:20]}-{dsha[:20]}-{STATS_VERSION}.npz"
     if use_cache and path.is_file():
         try:
             stats = CalibStats.load(path)
@@ -170,42 +172,71 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
         except (OSError, ValueError, KeyError) as e:
             logger.warning("ignoring unreadable calibration cache %s: %s", path, e)
 
-    targets = [t for t in find_targets(model, exclude, defaults=False)]
-    act_names = list(dict.fromkeys(t.activation.name for t in targets))
+    targets = find_targets(model, exclude, defaults=False)
+    # Each activation, then the values it copies (a branch calibration never runs may still
+    # read a copy of a calibrated value: that value's range is the activation's range).
+    sources = [[v.name for v in range_sources(t.activation)] for t in targets]
     routers = find_routers(model)
+    idx_names = [idx.name for _, idx in routers]
     proto = ir.to_proto(model)
-    present = {o.name for o in proto.graph.output}
-    vals = {v.name: v for n in model.graph for v in n.outputs}
-    import onnx
-
-    for name in act_names + [idx.name for _, idx in routers]:
-        if name not in present:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-            v = vals.get(name)
-            if v is not None and v.dtype is not None:
-                proto.graph.output[-1].type.tensor_type.elem_type = v.dtype.value
+    conds = {n.output[0]: n.input[0] for n in proto.graph.node
+             if n.op_type == "If" and n.domain in ("", "ai.onnx")}
+    cond_names = list(dict.fromkeys(conds.values()))
+    vals = {v.name: v for n in model.graph.all_nodes() for v in n.outputs}
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # Optimizations could fuse away the exposed tensors; basic level keeps them all.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(proto.SerializeToString(), sess_options=opts,
-                                providers=["CPUExecutionProvider"])
-    del proto
-    out_names = act_names + [idx.name for _, idx in routers]
+    sessions: dict[tuple, tuple] = {}
+
+    def session(taken: dict[str, bool]):
+        key = tuple(sorted(taken.items()))
+        if key not in sessions:
+            p = inline_branches(proto, taken)
+            have = {i.name for i in p.graph.input} | {i.name for i in p.graph.initializer} \
+                | {o for n in p.graph.node for o in n.output}
+            acts = [s for s in dict.fromkeys(next((s for s in src if s in have), "")
+                                             for src in sources) if s]
+            _expose(p, acts + idx_names + cond_names, vals)
+            sess = ort.InferenceSession(p.SerializeToString(), sess_options=opts,
+                                        providers=["CPUExecutionProvider"])
+            sessions[key] = (sess, acts)
+        return sessions[key]
+
+    taken: dict[str, bool] = {}
+    if conds:
+        # The branch each If takes on calibration windows (prefill: MLA expanded, MoE dense
+        # unless the batch has fewer token-slots than experts), read from the graph itself.
+        p = onnx.ModelProto()
+        p.CopyFrom(proto)
+        _expose(p, cond_names, vals)
+        sess0 = ort.InferenceSession(p.SerializeToString(), sess_options=opts,
+                                     providers=["CPUExecutionProvider"])
+        res = dict(zip(cond_names, sess0.run(cond_names, _feeds(io, windows[:batch]))))
+        taken = {k: bool(res[c]) for k, c in conds.items()}
+        del sess0, p
     total = int(windows.shape[0] * windows.shape[1])
     stride = max(1, total // max_rows)
     accs: dict[str, _Acc] = {}
     counts: dict[str, np.ndarray] = {}
     n_experts = {mod: _num_experts(model, mod) for mod, _ in routers}
     for i in range(0, windows.shape[0], batch):
-        res = sess.run(out_names, _feeds(io, windows[i:i + batch]))
-        for name, x in zip(act_names, res[: len(act_names)]):
+        feeds = _feeds(io, windows[i:i + batch])
+        while True:
+            sess, acts = session(taken)
+            res = sess.run(acts + idx_names + cond_names, feeds)
+            c = dict(zip(cond_names, res[len(acts) + len(idx_names):]))
+            got = {k: bool(c[v]) for k, v in conds.items()}
+            if got == taken:
+                break
+            taken = got  # this batch takes other branches: run it again on their inlined copy
+        for name, x in zip(acts, res[: len(acts)]):
             if name not in accs:
                 accs[name] = _Acc(x.shape[-1], stride, max_rows)
             accs[name].add(x)
-        for (mod, _), idx in zip(routers, res[len(act_names):]):
+        for (mod, _), idx in zip(routers, res[len(acts):len(acts) + len(idx_names)]):
             c = np.bincount(idx.reshape(-1).astype(np.int64), minlength=n_experts[mod] or 0)
             counts[mod] = counts.get(mod, 0) + c
         if progress:
@@ -219,6 +250,50 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
         except OSError as e:
             logger.warning("cannot write the calibration cache %s: %s", path, e)
     return stats
+
+
+def inline_branches(proto, taken: dict[str, bool]):
+    """A copy of `proto` where each main-graph If in `taken` (keyed by its first output; True:
+    then) is replaced by the nodes of the branch it takes, every value name kept, its outputs
+    Identity copies of the branch's. ONNX Runtime cannot expose values inside a branch; in this
+    copy they are ordinary graph values, computed exactly as the If would on these inputs."""
+    import onnx
+    from onnx import helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    nodes = []
+    for n in g.node:
+        if n.op_type != "If" or n.domain not in ("", "ai.onnx") or n.output[0] not in taken:
+            nodes.append(n)
+            continue
+        want = "then_branch" if taken[n.output[0]] else "else_branch"
+        br = next(a.g for a in n.attribute if a.name == want)
+        nodes.extend(br.node)
+        g.initializer.extend(br.initializer)
+        g.value_info.extend(br.value_info)
+        for o_if, o_br in zip(n.output, br.output):
+            nodes.append(helper.make_node("Identity", [o_br.name], [o_if],
+                                          name=f"{n.name or o_if}/inlined/{o_if}"))
+    del g.node[:]
+    g.node.extend(nodes)
+    return out
+
+
+def _expose(proto, names, vals) -> None:
+    """Add `names` to the graph outputs (typed from `vals`, the model's values, when known)."""
+    import onnx
+
+    present = {o.name for o in proto.graph.output}
+    for name in dict.fromkeys(names):
+        if name in present:
+            continue
+        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        v = vals.get(name)
+        if v is not None and v.dtype is not None:
+            proto.graph.output[-1].type.tensor_type.elem_type = v.dtype.value
+        present.add(name)
 
 
 def _num_experts(model: ir.Model, router: str) -> int:

@@ -65,7 +65,23 @@ class QuantScheme:
 
 @dataclass
 class Target:
-    """A quantizable MatMul: activation input, 2-D weight initializer, module path."""
+    """A quantizable MatMul: activation input, weight initializer, module path.
+
+    `graph` is the graph holding the MatMul (None or the main graph, or an If branch:
+    `in_subgraph`; smoothing passes only touch main-graph "linear" targets). `kind`:
+
+    - "linear": `MatMul(x, W)`, W a 2-D [in, out] initializer;
+    - "batched": `MatMul(x, W)`, W a 3-D [G, in, out] initializer (lowered MoE experts in the
+      dense form, MLA's absorbed per-head weights);
+    - "gathered": the weight reaches the MatMul through a gather along its expert axis:
+      `Gather(W[E, in, out], ids)` or `Gather(Reshape(W[E*in, out], [E, in, out]), ids)` on
+      input 1 (lowered MoE, decode branch), or `MatMul(GatherND(W[E, out, in], idx), x)` (the
+      export's per-slot expert gather; the weight is input 0, `weight_input`).
+
+    `in_axis` is the weight initializer's input (contracted) axis and `groups` the number of
+    independent matrices stacked along it (experts or heads) that never share a scale; `path`
+    holds the nodes between the initializer and the MatMul (MatMul side first).
+    """
 
     node: ir.Node
     module: str
@@ -73,10 +89,21 @@ class Target:
     weight: ir.Value
     excluded: bool = False
     reason: str = ""
+    graph: ir.Graph | None = None
+    kind: str = "linear"
+    weight_input: int = 1
+    in_axis: int = 0
+    groups: int = 1
+    path: tuple = ()
+    in_subgraph: bool = False
 
     @property
     def name(self) -> str:
         return self.node.name
+
+    @property
+    def activation_input(self) -> int:
+        return 1 - self.weight_input
 
 
 def matches(module: str, patterns) -> str | None:
@@ -86,21 +113,143 @@ def matches(module: str, patterns) -> str | None:
     return None
 
 
+def _static_shape(value: ir.Value) -> list[int] | None:
+    dims = list(value.shape) if value.shape is not None else None
+    if dims is None or not all(isinstance(d, int) for d in dims):
+        return None
+    return dims
+
+
+def _reshape_target(node: ir.Node) -> list[int] | None:
+    """The constant target shape of a Reshape (from its output shape, initializer or Constant)."""
+    dims = _static_shape(node.outputs[0])
+    if dims is not None:
+        return dims
+    shape = node.inputs[1]
+    if shape is None:
+        return None
+    if shape.const_value is not None:
+        return [int(x) for x in shape.const_value.numpy().reshape(-1)]
+    p = shape.producer()
+    if p is not None and p.op_type == "Constant":
+        if "value_ints" in p.attributes:
+            return list(p.attributes["value_ints"].as_ints())
+        if "value" in p.attributes:
+            return [int(x) for x in p.attributes["value"].as_tensor().numpy().reshape(-1)]
+    return None
+
+
+def _weight_form(node: ir.Node):
+    """(weight input, initializer, path, kind, in_axis, groups) of a MatMul, or None."""
+    for wi in (1, 0):
+        v, path = node.inputs[wi], []
+        while v is not None and v.const_value is None and v.producer() is not None \
+                and len(path) < 2:
+            p = v.producer()
+            if p.op_type == "Gather" and p.attributes.get_int("axis", 0) == 0 \
+                    or p.op_type == "GatherND" and p.attributes.get_int("batch_dims", 0) == 0 \
+                    or p.op_type == "Reshape":
+                path.append(p)
+                v = p.inputs[0]
+            else:
+                break
+        if v is None or v.const_value is None or v.dtype is None or not v.dtype.is_floating_point():
+            continue
+        rank = len(v.shape or ())
+        ops = [p.op_type for p in path]
+        if wi == 1 and not ops and rank == 2:
+            return wi, v, (), "linear", 0, 1
+        if wi == 1 and not ops and rank == 3:
+            return wi, v, (), "batched", 1, int(v.shape[0])
+        if wi == 1 and ops == ["Gather"] and rank == 3:
+            return wi, v, tuple(path), "gathered", 1, int(v.shape[0])
+        if wi == 1 and ops == ["Gather", "Reshape"] and rank == 2:
+            dims = _reshape_target(path[1])
+            if dims is not None and len(dims) == 3 and dims[0] > 0 \
+                    and dims[0] * dims[1] == v.shape[0] and dims[2] == v.shape[1]:
+                return wi, v, tuple(path), "gathered", 0, int(dims[0])
+        if wi == 0 and ops == ["GatherND"] and rank == 3:
+            return wi, v, tuple(path), "gathered", 2, int(v.shape[0])
+    return None
+
+
+# Role names of the targets of one module in one graph, in order, where the count matches.
+_ROLES = {"mlp.experts": ("gate_up_proj", "down_proj"),
+          "mla_absorbed": ("kv_b_proj.absorbed_uk", "kv_b_proj.absorbed_uv"),
+          "mla_expanded": ("kv_b_proj",)}
+
+
+def _walk(graph: ir.Graph, owner: ir.Node | None = None):
+    """(node, main-graph node that holds it, or None) for the graph and its If branches."""
+    for node in graph:
+        yield node, owner
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield from _walk(attr.value, owner or node)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for g in attr.value:
+                    yield from _walk(g, owner or node)
+
+
 def find_targets(model: ir.Model, exclude=(), *, defaults: bool = True) -> list[Target]:
-    """Every MatMul whose second input is a 2-D float initializer (a linear layer), in order."""
+    """Every linear-layer MatMul (see `Target`), in the main graph and its If branches, in order.
+
+    Targets in a branch are named after the module of the If that holds them, e.g.
+    `model.layers.1.mlp.experts.down_proj@moe_dense`.
+    """
     patterns = tuple(DEFAULT_EXCLUDE if defaults else ()) + tuple(exclude)
-    out = []
-    for node in model.graph:
+    found = []
+    for node, owner in _walk(model.graph):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
-        w = node.inputs[1]
-        if w is None or w.const_value is None or len(w.shape or ()) != 2:
+        form = _weight_form(node)
+        if form is None:
             continue
-        mod = module_path(node) or node.name
+        wi, w, path, kind, in_axis, groups = form
+        base = module_path(owner if owner is not None else node) \
+            or (owner.name if owner is not None else node.name)
+        found.append((node, owner, base, form))
+    # role names: per (graph, base) in order
+    by_key: dict = {}
+    for node, owner, base, _ in found:
+        by_key.setdefault((id(node.graph), base), []).append(node)
+    out = []
+    for node, owner, base, (wi, w, path, kind, in_axis, groups) in found:
+        g = node.graph
+        sub = owner is not None
+        peers = by_key[(id(g), base)]
+        roles = _ROLES.get(g.name if sub else "") or next(
+            (r for k, r in _ROLES.items() if base.endswith(k)), None)
+        if kind == "linear" and not sub:
+            mod = module_path(node) or node.name
+        elif roles is not None and len(roles) == len(peers):
+            mod = f"{base}.{roles[peers.index(node)]}"
+        else:
+            mod = f"{base}:{node.name}"
+        if sub:
+            mod += f"@{g.name}"
         hit = matches(mod, patterns)
-        out.append(Target(node, mod, node.inputs[0], w, excluded=hit is not None,
-                          reason=f"excluded by {hit}" if hit else ""))
+        out.append(Target(node, mod, node.inputs[1 - wi], w, excluded=hit is not None,
+                          reason=f"excluded by {hit}" if hit else "", graph=g, kind=kind,
+                          weight_input=wi, in_axis=in_axis, groups=groups, path=path,
+                          in_subgraph=sub))
     return out
+
+
+# Ops that move or repeat elements without changing any value: a range calibrated on the input
+# is exactly the range of the output (used for activations in branches calibration never runs).
+_SAME_VALUES = ("Reshape", "Unsqueeze", "Squeeze", "Expand", "Identity", "Transpose", "Flatten")
+
+
+def range_sources(value: ir.Value) -> list[ir.Value]:
+    """`value`, then the values it copies through `_SAME_VALUES` ops (same set of elements)."""
+    chain = [value]
+    while True:
+        p = chain[-1].producer()
+        if p is None or p.op_type not in _SAME_VALUES or p.domain not in ("", "ai.onnx") \
+                or not p.inputs or p.inputs[0] is None:
+            return chain
+        chain.append(p.inputs[0])
 
 
 def find_routers(model: ir.Model) -> list[tuple[str, ir.Value]]:
@@ -142,9 +291,47 @@ def quantize_weight(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.
 def dequantize_weight(q: np.ndarray, scale: np.ndarray, attrs: dict) -> np.ndarray:
     qf = q.astype(np.float32)
     if "block_size" in attrs:
-        b = attrs["block_size"]
-        return (qf.reshape(-1, b, qf.shape[1]) * scale[:, None, :]).reshape(qf.shape)
+        return qf * np.repeat(scale, attrs["block_size"], axis=attrs.get("axis", 1))
     return qf * scale
+
+
+def quantize_grouped(w: np.ndarray, scheme: QuantScheme, in_axis: int = 0,
+                     groups: int = 1) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(quantized weight, scale, DequantizeLinear attributes) for a weight of any form.
+
+    A 2-D [in, out] weight of one group is `quantize_weight`'s (per output channel; INT4 blocks
+    along in). Otherwise each of the `groups` matrices (experts, heads) is quantized on its own
+    by `quantize_weight` and the scales are laid out as one blocked DequantizeLinear along
+    `in_axis` (opset 21; the scale has the weight's rank): block = the group's input size for
+    INT8/FP8 (per group, per output channel), the INT4 block otherwise.
+    """
+    if w.ndim == 2 and groups == 1 and in_axis == 0:
+        return quantize_weight(w, scheme)
+    if w.ndim == 3 and in_axis == 1:
+        canon = w
+    elif w.ndim == 3 and in_axis == 2:
+        canon = w.transpose(0, 2, 1)
+    elif w.ndim == 2 and in_axis == 0 and w.shape[0] % groups == 0:
+        canon = w.reshape(groups, w.shape[0] // groups, w.shape[1])
+    else:
+        raise ValueError(f"no quantized layout for a {w.shape} weight (input axis {in_axis}, "
+                         f"{groups} groups)")
+    qs, ss, block = [], [], canon.shape[1]
+    for g in range(canon.shape[0]):
+        q, s, attrs = quantize_weight(np.ascontiguousarray(canon[g]), scheme)
+        if "block_size" in attrs:
+            block = attrs["block_size"]
+        else:
+            s = s[None, :]
+        qs.append(q)
+        ss.append(s)
+    q, s = np.stack(qs), np.stack(ss)  # [G, in, out], [G, in / block, out]
+    if w.ndim == 3 and in_axis == 2:
+        q, s = q.transpose(0, 2, 1), s.transpose(0, 2, 1)
+    elif w.ndim == 2:
+        q, s = q.reshape(w.shape), s.reshape(-1, w.shape[1])
+    return np.ascontiguousarray(q), np.ascontiguousarray(s), {"axis": in_axis,
+                                                              "block_size": int(block)}
 
 
 def int4_block(in_dim: int, block: int = 128) -> int:
@@ -182,79 +369,149 @@ class InsertQDQPass(ir.passes.InPlacePass):
         scheme = self.scheme
         graph = model.graph
         targets = find_targets(model, self.exclude, defaults=self.defaults)
-        layers, excluded, skipped = {}, {}, {}
-        act_dq: dict[str, ir.Value] = {}
-        modified = False
+        layers, excluded, skipped, weight_only = {}, {}, {}, {}
+        by_weight: dict[int, list[Target]] = {}
         for t in targets:
             if t.excluded:
                 excluded[t.module] = t.reason
+            else:
+                by_weight.setdefault(id(t.weight), []).append(t)
+        names = {v.name for n, _ in _walk(graph) for v in (*n.inputs, *n.outputs)
+                 if v is not None} | set(graph.initializers)
+        act_dq: dict[tuple[int, str], ir.Value] = {}
+        modified = blocked = False
+        for ts in by_weight.values():
+            act_range = {id(t): self._range(t) for t in ts}
+            keep = []
+            for t in ts:
+                if not scheme.weight_only and act_range[id(t)] is None and not t.in_subgraph:
+                    skipped[t.module] = "no calibrated range for its activation"
+                else:
+                    keep.append(t)
+            if not keep:
                 continue
-            if t.weight.producer() is not None:  # already behind a DequantizeLinear
+            if len({t.in_axis for t in keep}) > 1:
+                for t in keep:
+                    skipped[t.module] = "its weight is read in layouts that disagree"
                 continue
-            if not scheme.weight_only and t.activation.name not in self.ranges:
-                skipped[t.module] = "no calibrated range for its activation"
-                continue
-            w_np = t.weight.const_value.numpy()
+            w = keep[0].weight
+            w_np = w.const_value.numpy()
             fdtype = w_np.dtype
-            irdt = t.weight.dtype
-            q, scale, attrs = quantize_weight(w_np, scheme)
-            qv = ir.Value(name=f"{t.weight.name}_quantized", shape=ir.Shape(q.shape),
-                          type=ir.TensorType(ir.Tensor(q).dtype), const_value=ir.Tensor(q))
-            sv = _const(f"{t.weight.name}_scale", scale.astype(fdtype))
-            graph.register_initializer(qv)
-            graph.register_initializer(sv)
-            inputs = [qv, sv]
-            if scheme.precision != "int4":
-                zp = np.zeros(scale.shape, dtype=q.dtype)
-                zv = _const(f"{t.weight.name}_zero_point", zp)
-                graph.register_initializer(zv)
-                inputs.append(zv)
-            dq = ir.node("DequantizeLinear", inputs, attributes=attrs,
-                         name=f"{t.name}/weight_dq", num_outputs=1)
-            dq.outputs[0].name = f"{t.weight.name}_dq"
-            dq.outputs[0].dtype = irdt
-            dq.outputs[0].shape = t.weight.shape
-            graph.insert_before(t.node, dq)
-            t.node.replace_input_with(1, dq.outputs[0])
-            info = {"weight": t.weight.name, "scheme": scheme.label,
-                    "weight_scale_min": float(scale.min()), "weight_scale_max": float(scale.max())}
-            if not scheme.weight_only:
-                a = t.activation
-                if a.name not in act_dq:
-                    s = _act_scale(self.ranges[a.name], scheme.precision)
-                    zdtype = ml_dtypes.float8_e4m3fn if scheme.precision == "fp8" else np.int8
-                    sv_a = _const(f"{a.name}_act_scale", np.array(s, dtype=fdtype))
-                    zv_a = _const(f"{a.name}_act_zero_point", np.zeros((), dtype=zdtype))
-                    graph.register_initializer(sv_a)
-                    graph.register_initializer(zv_a)
-                    qn = ir.node("QuantizeLinear", [a, sv_a, zv_a], name=f"{a.name}/act_q")
-                    dqn = ir.node("DequantizeLinear", [qn.outputs[0], sv_a, zv_a],
-                                  name=f"{a.name}/act_dq")
-                    qn.outputs[0].name = f"{a.name}_q"
-                    dqn.outputs[0].name = f"{a.name}_dq"
-                    dqn.outputs[0].dtype = a.dtype
-                    dqn.outputs[0].shape = a.shape
-                    graph.insert_before(t.node, [qn, dqn])
-                    act_dq[a.name] = dqn.outputs[0]
-                    info["act_amax"] = float(self.ranges[a.name])
-                    info["act_scale"] = s
-                t.node.replace_input_with(0, act_dq[a.name])
-                info["activation"] = a.name
-            layers[t.module] = info
+            groups = max(t.groups for t in keep)
+            q, scale, attrs = quantize_grouped(w_np, scheme, keep[0].in_axis, groups)
+            blocked |= "block_size" in attrs
+            dq_out = self._weight_dq(graph, w, q, scale.astype(fdtype), attrs, keep)
+            for t in keep:
+                consumer = t.path[-1] if t.path else t.node
+                for i, v in enumerate(consumer.inputs):
+                    if v is w:
+                        consumer.replace_input_with(i, dq_out)
+                info = {"weight": w.name, "scheme": scheme.label, "kind": t.kind,
+                        "weight_scale_min": float(scale.min()),
+                        "weight_scale_max": float(scale.max())}
+                if groups > 1 or t.kind != "linear":
+                    per_block = f"per block of {attrs['block_size']} inputs, " \
+                        if scheme.precision == "int4" else ""
+                    info["scales"] = f"per expert/head ({groups}), {per_block}per output channel"
+                if t.in_subgraph:
+                    info["graph"] = t.graph.name
+                if not scheme.weight_only:
+                    r = act_range[id(t)]
+                    if r is None:
+                        weight_only[t.module] = (
+                            "activation inside an If branch that calibration does not run "
+                            "(decode only) and not a copy of a calibrated value: weight-only")
+                        info["activation"] = None
+                    else:
+                        amax, src = r
+                        self._act_qdq(graph, t, amax, src, fdtype, act_dq, names, info)
+                layers[t.module] = info
             modified = True
-            # The float weight is now unused: drop it so the graph does not carry both.
-            if not t.weight.uses():
-                graph.initializers.pop(t.weight.name, None)
-        if modified and scheme.precision == "int4" and model.opset_imports.get("", 0) < 21:
+            if not w.uses():
+                graph.initializers.pop(w.name, None)
+        if modified and blocked and model.opset_imports.get("", 0) < 21:
             model.opset_imports[""] = 21
             graph.opset_imports[""] = 21
         if modified:
             graph.sort()
         self.report = {"layers": layers, "excluded": excluded, "skipped": skipped}
+        if weight_only:
+            self.report["weight_only"] = weight_only
         return ir.passes.PassResult(model, modified)
+
+    def _range(self, t: Target) -> tuple[float, str] | None:
+        """(amax, calibrated value name) of the target's activation or of a value it copies."""
+        for v in range_sources(t.activation):
+            if v.name in self.ranges:
+                return float(self.ranges[v.name]), v.name
+        return None
+
+    def _weight_dq(self, graph: ir.Graph, w: ir.Value, q, scale, attrs, targets) -> ir.Value:
+        """One DequantizeLinear in the main graph for every reader of `w` (branches included:
+        TensorRT-RTX refuses a quantized initializer read by a DQ inside an If branch)."""
+        qv = ir.Value(name=f"{w.name}_quantized", shape=ir.Shape(q.shape),
+                      type=ir.TensorType(ir.Tensor(q).dtype), const_value=ir.Tensor(q))
+        sv = _const(f"{w.name}_scale", scale)
+        graph.register_initializer(qv)
+        graph.register_initializer(sv)
+        inputs = [qv, sv]
+        if self.scheme.precision != "int4":
+            zv = _const(f"{w.name}_zero_point", np.zeros(scale.shape, dtype=q.dtype))
+            graph.register_initializer(zv)
+            inputs.append(zv)
+        dq = ir.node("DequantizeLinear", inputs, attributes=attrs,
+                     name=f"{targets[0].name}/weight_dq", num_outputs=1)
+        dq.outputs[0].name = f"{w.name}_dq"
+        dq.outputs[0].dtype = w.dtype
+        dq.outputs[0].shape = w.shape
+        # before the first main-graph node that reads w (itself or from one of its branches)
+        readers = set()
+        for n, owner in _walk(graph):
+            if any(v is w for v in n.inputs):
+                readers.add(id(owner if owner is not None else n))
+        first = next(n for n in graph if id(n) in readers)
+        graph.insert_before(first, dq)
+        return dq.outputs[0]
+
+    def _act_qdq(self, main: ir.Graph, t: Target, amax: float, src: str, fdtype, act_dq: dict, names: set,
+                 info: dict) -> None:
+        """Q→DQ on the activation, in the MatMul's own graph, shared by its readers there."""
+        scheme, a, g = self.scheme, t.activation, t.graph
+        key = (id(g), a.name)
+        if key not in act_dq:
+            s = _act_scale(amax, scheme.precision)
+            zdtype = ml_dtypes.float8_e4m3fn if scheme.precision == "fp8" else np.int8
+            sv_a = _const(_fresh(names, f"{a.name}_act_scale"), np.array(s, dtype=fdtype))
+            zv_a = _const(_fresh(names, f"{a.name}_act_zero_point"), np.zeros((), dtype=zdtype))
+            main.register_initializer(sv_a)
+            main.register_initializer(zv_a)
+            qn = ir.node("QuantizeLinear", [a, sv_a, zv_a], name=_fresh(names, f"{a.name}/act_q"))
+            dqn = ir.node("DequantizeLinear", [qn.outputs[0], sv_a, zv_a],
+                          name=_fresh(names, f"{a.name}/act_dq"))
+            qn.outputs[0].name = _fresh(names, f"{a.name}_q")
+            dqn.outputs[0].name = _fresh(names, f"{a.name}_dq")
+            dqn.outputs[0].dtype = a.dtype
+            dqn.outputs[0].shape = a.shape
+            g.insert_before(t.node, [qn, dqn])
+            act_dq[key] = dqn.outputs[0]
+            info["act_amax"] = amax
+            info["act_scale"] = s
+        t.node.replace_input_with(t.activation_input, act_dq[key])
+        info["activation"] = a.name
+        if src != a.name:
+            info["act_range_from"] = src
 
 
 def _const(name: str, arr: np.ndarray) -> ir.Value:
     t = ir.Tensor(np.asarray(arr), name=name)
     return ir.Value(name=name, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype),
                     const_value=t)
+
+
+def _fresh(names: set, stem: str) -> str:
+    """`stem`, or `stem_<n>` if a value or node of the model already has that name."""
+    name, n = stem, 1
+    while name in names:
+        name, n = f"{stem}_{n}", n + 1
+    names.add(name)
+    return name
