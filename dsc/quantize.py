@@ -191,8 +191,14 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     under = cal.under_calibrated(experts, MIN_EXPERT_TOKENS)
     report["experts"] = {
         "token_counts": experts, "min_tokens": MIN_EXPERT_TOKENS, "under_calibrated": under,
-        "routed_expert_weights": "kept in float: the batched routed-expert GEMMs (weights "
-                                 "gathered by the router's top-k) are not quantized",
+        "routed_expert_weights": {
+            "quantized": sorted(k for k, v in report["layers"].items()
+                                if ".mlp.experts." in k and v.get("kind") != "linear"
+                                or ".mlp.experts.down_proj" in k),
+            "excluded": sorted(k for k in report["excluded"] if ".mlp.experts." in k),
+            "scales": "one quantized copy per expert weight (shared by the gather and dense "
+                      "branches); scales per expert and per output channel (INT4: per block "
+                      "of input rows)"},
     }
     if under:
         logger.warning("%d MoE experts saw fewer than %d calibration tokens: %s", len(under),
