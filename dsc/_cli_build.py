@@ -127,8 +127,11 @@ def _emit(outcome, as_json: bool) -> None:
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16",
               show_default=True, help="Precision of the exported graph (and engine).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
-@click.option("--validate", type=click.Choice(["smoke", "none"]), default="smoke",
-              show_default=True, help="Validate stage (the accuracy gate is `dsc validate`).")
+@click.option("--validate", type=click.Choice(["auto", "smoke", "gate", "none"]), default="auto",
+              show_default=True,
+              help="Validate stage: gate = quantized graph vs its fp16 reference on held-out "
+                   "text (fails the build when over budget); smoke = finite logits, greedy "
+                   "decode, KV cache; auto = gate when quantizing, else smoke.")
 @click.option("--validate-tokens", type=click.IntRange(1), default=8, show_default=True,
               help="Greedy tokens the smoke check decodes.")
 @click.option("--allow-pickle", is_flag=True,

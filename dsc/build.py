@@ -13,9 +13,11 @@ Ctrl-C leaves OUT as it was and no temporary directory behind.
 
 Before any stage runs, the targets are checked (`dsc.pipeline.targets`): unknown profile,
 precision the target cannot run, options the backend cannot honour, a model that does not fit
-at the engine's envelope. In this release `optimize` and `quantize` are recorded as not run (no
-passes or quantization requested) and `validate` is the smoke check (`dsc.pipeline.smoke`); the
-accuracy gate is `dsc validate`.
+at the engine's envelope. `optimize` runs the graph passes (`dsc.passes`) unless
+--no-optimize; `quantize` runs when a precision flag is given; `validate` is the accuracy gate for
+a quantized build
+(`dsc.validate.gate`: the quantized graph against its fp16 reference on held-out text; a failed
+gate fails the build) and the smoke check (`dsc.pipeline.smoke`) otherwise.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 BUILD_LOG = "build.log"
 REPORTS = ("report.json", "report.md", "report.html")
-VALIDATE_KINDS = ("smoke", "none")
+VALIDATE_KINDS = ("auto", "smoke", "gate", "none")
 NOT_RUN = {
     "optimize": "no passes requested",
     "quantize": "no quantization requested",
@@ -71,7 +73,7 @@ class BuildConfig:
     max_kv: int | None = None
     backend: str = "auto"  # auto | tensorrt_rtx | tensorrt
     dla_core: int | None = None
-    validate: str = "smoke"  # smoke | none
+    validate: str = "auto"  # auto (gate when quantized, else smoke) | smoke | gate | none
     validate_tokens: int = 8
     allow_pickle: bool = False
     force: bool = False  # replace an artifact of another checkpoint at OUT
@@ -108,6 +110,9 @@ class BuildConfig:
             raise BadInput(f"alpha must be in [0, 1], got {self.alpha}")
         if self.calib_samples < 1 or self.calib_seq_len < 2:
             raise BadInput("calibration needs at least 1 sample of at least 2 tokens")
+        if self.validate == "gate" and self.quantize is None:
+            raise BadInput("--validate gate compares a quantized graph with its fp16 reference: "
+                           "add --int8, --fp8 or --int4-awq (or run `dsc validate --reference`)")
         if not self.optimize and (self.passes or self.disable_passes):
             raise BadInput("--passes/--disable-pass contradict --no-optimize")
         if self.validate not in VALIDATE_KINDS:
@@ -484,7 +489,7 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
             # 5. validate
             stages["validate"], validation = _validate_stage(
                 config, tmp, io, graph, tools, progress, old_stages.get("validate"), ran,
-                smoke_validate, PROMPT)
+                smoke_validate, PROMPT, previous)
 
             manifest = {
                 "format": "dsc-artifact",
@@ -674,10 +679,12 @@ def _run_graph_stages(config: BuildConfig, info, targets, tmp: Path, plan: dict,
 
 def _validate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: dict,
                     progress: Progress, old: dict | None, ran: dict, smoke_validate,
-                    prompt: str) -> tuple[dict, dict | None]:
+                    prompt: str, previous: Path | None = None) -> tuple[dict, dict | None]:
     if config.validate == "none":
         progress.say(progress.stage_line(5, "validate", "not run (--validate none)"))
         return {"status": "not_run", "reason": "--validate none"}, None
+    if config.validate == "gate" or (config.validate == "auto" and config.quantize):
+        return _gate_stage(config, tmp, io, graph, tools, progress, old, ran, previous)
     inputs = {"graph": graph["hash"], "kind": "smoke", "tokens": config.validate_tokens,
               "prompt": prompt, "tools": {k: tools.get(k) for k in ("dsc", "onnxruntime")}}
     ih = canonical_hash(inputs)
@@ -706,6 +713,66 @@ def _validate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools
     progress.detail(f"smoke: generated token ids {result['generated_tokens']}")
     return ({"status": "ran", "input_hash": ih, "inputs": inputs, "outputs": {},
              "seconds": seconds, "result": result}, _validation_summary(result))
+
+
+def _gate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: dict,
+                progress: Progress, old: dict | None, ran: dict,
+                previous: Path | None) -> tuple[dict, dict]:
+    """The accuracy gate: the quantized graph against its fp16 reference, on held-out text.
+
+    A failed gate fails the build (exit 1): OUT is left as it was. The record and
+    validation.json are those `dsc validate` writes.
+    """
+    from dsc.api import load_tokenizer
+    from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.validate.gate import GateOptions, run_gate
+    from dsc.validate.run import REFERENCE_DIR, VALIDATION_FILE, _default_text
+
+    ref_dir = tmp / REFERENCE_DIR
+    ref_io = json.loads((ref_dir / IO_SPEC).read_text())
+    text = _default_text()
+    inputs = {"graph": graph["hash"], "kind": "gate", "precision": config.quantize,
+              "reference": graph_record(ref_dir, ref_io)["hash"],
+              "data_sha256": canonical_hash(text), "options": asdict(GateOptions()),
+              "tools": {k: tools.get(k) for k in ("dsc", "onnxruntime")}}
+    ih = canonical_hash(inputs)
+    label = progress.stage_line(5, "validate",
+                                f"accuracy gate ({config.quantize} vs fp16 reference, ONNX Runtime)")
+    if _reusable(old, ih, previous) and isinstance(old.get("result"), dict):
+        _link(previous, tmp, old["outputs"])
+        progress.say(f"{label}: reused (graph and reference unchanged)")
+        ran["validate"] = False
+        return _reused(old), old["result"]
+    progress.say(f"{label} ...")
+    t0 = time.perf_counter()
+    cand = OrtCausalLM(tmp / io["onnx"], io)
+    ref = OrtCausalLM(ref_dir / ref_io["onnx"], ref_io)
+    result = run_gate(cand, ref, load_tokenizer(tmp), text, precision=config.quantize,
+                      options=GateOptions(), candidate_path=tmp / io["onnx"],
+                      reference_path=ref_dir / ref_io["onnx"])
+    result["candidate"] = io["onnx"]
+    result["reference"] = f"{REFERENCE_DIR}/ (fp16 graph before quantization)"
+    ran["validate"] = True
+    seconds = round(time.perf_counter() - t0, 2)
+    p = result["perplexity"]
+    if not result["passed"]:
+        fd = result.get("first_divergence") or {}
+        where = f"; first divergence at layer {fd['layer']} ({fd['module']})" if fd else ""
+        raise CheckFailed(f"accuracy gate ({config.quantize}) failed: "
+                          f"{'; '.join(result['failures'])}{where}")
+    (tmp / VALIDATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    progress.say(progress.stage_line(
+        5, "validate", f"accuracy gate passed: perplexity {p['delta']:+.2%}, top-1 "
+        f"{result['prefill']['top1']:.3f}, cosine min {result['prefill']['cosine_min']:.4f}, "
+        f"{seconds:.1f}s"))
+    summary = {k: result[k] for k in ("kind", "precision", "passed", "failures")}
+    summary["perplexity_delta"] = p["delta"]
+    summary["top1_prefill"] = result["prefill"]["top1"]
+    summary["first_divergence"] = result.get("first_divergence")
+    rec = {"status": "ran", "input_hash": ih, "inputs": inputs,
+           "outputs": {VALIDATION_FILE: sha256_file(tmp / VALIDATION_FILE)},
+           "seconds": seconds, "result": summary}
+    return rec, summary
 
 
 def _validation_summary(result: dict) -> dict:

@@ -15,7 +15,7 @@ Keys are the long options of `dsc build`, in snake_case (`max-batch` is accepted
     max_batch, max_input_len, max_kv   the engine's shape envelope (null: the profile's)
     backend                     auto | tensorrt_rtx | tensorrt
     dla_core                    DLA core on Jetson AGX Orin / Orin NX (standard TensorRT)
-    validate                    smoke | none
+    validate                    auto (gate when quantized, else smoke) | smoke | gate | none
     validate_tokens             greedy tokens of the smoke check
     allow_pickle, force, rebuild   booleans
     optimize                    run the graph passes (default true)
@@ -49,7 +49,7 @@ from dsc.errors import BadInput
 
 _INT_OR_NULL = ("opset", "max_batch", "max_input_len", "max_kv", "dla_core")
 _CHOICES = {"dtype": ("fp16", "bf16", "fp32"), "backend": ("auto", "tensorrt_rtx", "tensorrt"),
-            "validate": ("smoke", "none")}
+            "validate": ("auto", "smoke", "gate", "none")}
 _BOOLS = ("allow_pickle", "force", "rebuild", "optimize", "weight_only")
 _NAME_LISTS = ("passes", "disable_passes", "exclude")
 _POS_INTS = ("validate_tokens", "calib_samples", "calib_seq_len")

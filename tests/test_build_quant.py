@@ -43,13 +43,17 @@ def _ops(path: Path) -> dict[str, int]:
     return counts
 
 
+TINY_QWEN2 = Path(__file__).resolve().parents[1] / "examples" / "models" / "tiny-qwen2"
+
+
 @pytest.fixture(scope="module")
-def int8_build(tmp_path_factory, checkpoints):
-    """qwen2 fixture -> rtx-4090 engine, INT8 W8A8 SmoothQuant on the optimized graph."""
+def int8_build(tmp_path_factory):
+    """Trained tiny-qwen2 -> rtx-4090 engine, INT8 W8A8 SmoothQuant on the optimized graph,
+    then the accuracy gate against the fp16 reference."""
     from dsc.cli import main
 
     out = tmp_path_factory.mktemp("bq") / "int8"
-    argv = ["build", str(checkpoints["qwen2"]), "--profile", "rtx-4090", "--int8",
+    argv = ["build", str(TINY_QWEN2), "--profile", "rtx-4090", "--int8",
             "--samples", "8", "--seq-len", "64", "-o", str(out), "--json", "-q"]
     try:
         main(argv)
@@ -98,7 +102,32 @@ def test_int8_build_runs_every_stage_and_verifies(int8_build):
     assert "## Graph passes (TensorRT-RTX 1.7" in md and "| fuse-rmsnorm |" in md
     assert "| rmsnorm | " in md and "## Quantization (int8 W8A8, ranges by max)" in md
     assert "<h2>Graph passes" in (art / "report.html").read_text()
+    # The validate stage of a quantized build is the accuracy gate, and it passed.
+    v = m["validation"]
+    assert v["kind"] == "gate" and v["passed"] is True and v["precision"] == "int8"
+    assert abs(v["perplexity_delta"]) < 0.02 and v["top1_prefill"] > 0.9
+    gate = json.loads((art / "validation.json").read_text())
+    assert gate["reference"].startswith("reference/") and gate["prefill"]["cosine_min"] > 0.97
+    assert st["validate"]["outputs"] == {"validation.json": m["outputs"]["validation.json"]}
+    assert "## Validation (int8): PASS" in md
     assert verify_artifact(art).ok
+
+
+@needs_rtx
+def test_failed_gate_fails_the_build_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    from dsc.validate import gate
+
+    strict = {k: dict(v) for k, v in gate.DEFAULT_THRESHOLDS.items()}
+    strict["int8"]["min_cosine"] = 0.99999
+    monkeypatch.setattr(gate, "DEFAULT_THRESHOLDS", strict)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["build", str(TINY_QWEN2), "--profile", "rtx-4090", "--int8",
+                            "--weight-only", "--samples", "4", "--seq-len", "32", "-o", str(out),
+                            "-q"], capsys)
+    assert code == 1, err
+    assert "accuracy gate (int8) failed: prefill cosine_min 0.9" in err and "< 0.99999" in err
+    assert err.count("\n") == 1
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 @needs_rtx
@@ -193,7 +222,7 @@ def test_config_file_quant_keys(tmp_path):
                         ("alpha: 2\n", "a number in [0, 1]"),
                         ("calib_samples: 0\n", "a positive integer")):
         cfg.write_text(bad)
-        with pytest.raises(BadInput, match=needle):
+        with pytest.raises(BadInput, match=re.escape(needle)):
             load_config_file(cfg)
 
 
