@@ -18,6 +18,28 @@ Scales are symmetric (zero point 0, as TensorRT requires) and stored in the grap
 opset 21; the pass raises the default-domain opset import to 21 when needed (opset 20 → 21
 changes no operator this exporter emits except by widening type lists).
 
+Routed MoE experts and MatMuls inside If branches (see `Target`): each expert weight is stored
+quantized once, with one DequantizeLinear in the main graph read by every user (the export's
+`GatherND(W[E, 2I, D])`; after `lower-moe` the dense branch's batched MatMul and the gather
+branch's Gather on W'[E, D, 2I], the dense GEMM and the gather branch's Reshape+Gather on
+Wd'[E*I, D]). Scales are per expert and per output channel: a blocked DequantizeLinear (opset
+21, scale of the weight's rank) with `axis` = the input axis and `block_size` = the expert's
+input size (INT8/FP8) or the INT4 block. Activation Q/DQ goes in the MatMul's own graph. A
+MatMul in a branch calibration never runs (decode only) takes the range of the value its
+activation copies (Unsqueeze/Reshape/Expand of a calibrated value: the gather branch's
+gate_up input is the repeated MoE input); otherwise it is quantized weight-only and listed
+under `weight_only` in the report.
+
+Checked with TensorRT-RTX 1.7 (parse + build, fp32 and fp16 graphs, SM80 and SM89; FP8 builds
+on SM89 only): blocked INT8, FP8 and INT4 DequantizeLinear on 3-D and 2-D constants (block =
+whole input dim, or 128), per-axis DQ on 3-D constants, DQ → Gather(axis 0) → MatMul, DQ →
+GatherND → MatMul (weight as MatMul input 0), a DQ in the main graph read by a MatMul or Gather
+inside an If branch, and activation Q/DQ inside a branch all build. A DequantizeLinear inside
+the branch reading the outer quantized initializer does not ("Quantized constant is only
+allowed before DQ"), hence the main-graph DQ. ONNX Runtime 1.32 at its default optimization
+level fails on an activation Q/DQ followed by Unsqueeze before the MatMul (its QDQ propagation
+makes a uint8 zero point), so Q/DQ sits directly on the MatMul input.
+
 Idempotent: a MatMul whose weight already comes from a DequantizeLinear is skipped, so a second
 run returns `modified=False`.
 """
