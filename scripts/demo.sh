@@ -18,12 +18,9 @@ dsc export "$MODEL" -o "$OUT/export" --dtype fp32 --force
 echo "== dsc run: greedy generation through ONNX Runtime"
 dsc run "$OUT/export" --prompt "And God said" --max-new-tokens 40
 
-echo "== dsc quantize --int8 and the accuracy gate against the fp16 reference"
-dsc export "$MODEL" -o "$OUT/fp16" --dtype fp16 --force
-dsc quantize "$OUT/fp16" -o "$OUT/int8" --int8 --weight-only --force
-dsc validate "$OUT/int8"
-
-echo "== dsc build: TensorRT-RTX engine for an RTX 4090 (SM89), compiled here without a GPU"
-dsc build "$MODEL" --profile rtx-4090 -o "$OUT/build" --validate-tokens 24
+echo "== dsc build --int8: graph passes, SmoothQuant INT8 Q/DQ, a TensorRT-RTX engine for an"
+echo "   RTX 4090 (SM89) compiled here without a GPU, and the accuracy gate against fp16"
+dsc build "$MODEL" --profile rtx-4090 --int8 -o "$OUT/build"
 dsc inspect "$OUT/build"
+dsc verify "$OUT/build"
 echo "engine: $OUT/build/engines/rtx-4090/model.engine   report: $OUT/build/report.html"
