@@ -542,7 +542,8 @@ def _pass_context(config: BuildConfig, targets):
                       sort_keys=True) for t in targets}
     if len(ops) == 1:
         return PassContext(targets[0].profile, PassOptions())
-    return PassContext(None, PassOptions(target_ops="portable"))
+    half = any(not target_ops(t.profile).fp32_gemm for t in targets)
+    return PassContext(None, PassOptions(target_ops="portable", half_fp32_gemm=half))
 
 
 def _graph_stage_inputs(config: BuildConfig, targets, export_in: dict,

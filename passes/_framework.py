@@ -27,8 +27,9 @@ import onnx_ir as ir
 from dsc.errors import BadInput, CheckFailed
 
 if TYPE_CHECKING:
-    from dsc.hardware import HardwareProfile
     from dsc.passes._target import TargetOps
+
+    from dsc.hardware import HardwareProfile
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ PIPELINE: tuple[str, ...] = (
     "simplify",
     "cse",
     "remove-unused",
+    "half-fp32-gemm",
     "upgrade-opset",
     "fuse-rmsnorm",
     "fuse-mlp",
@@ -69,6 +71,9 @@ class PassOptions:
     # MoE: token counts (batch*seq*top_k) below num_experts keep the per-token expert-weight
     # gather (reads only the chosen experts); others run the dense two-GEMM form.
     moe_gather_decode: bool = True
+    # Lower fp32 GEMMs over half-precision operands to half GEMMs even when the target runs
+    # FP32 GEMMs (a build whose targets disagree sets it when any of them cannot).
+    half_fp32_gemm: bool = False
 
     def __post_init__(self):
         if self.target_ops not in ("auto", "portable", "opset23"):
@@ -107,7 +112,7 @@ class PassInfo:
     name: str
     factory: Callable[[PassContext], ir.passes.PassBase]
     doc: str
-    kind: str  # "cleanup" | "fusion" | "lowering" | "opset"
+    kind: str  # "cleanup" | "fusion" | "lowering" | "opset" | "precision"
 
 
 _REGISTRY: dict[str, PassInfo] = {}
@@ -122,8 +127,9 @@ def register_pass(name: str, factory: Callable[[PassContext], ir.passes.PassBase
 
 def _ensure_loaded() -> None:
     # The pass modules register themselves on import.
-    import dsc.passes.cleanup  # noqa: F401
-    import dsc.passes.fusion  # noqa: F401
+    import dsc.passes.cleanup
+    import dsc.passes.fusion
+    import dsc.passes.precision  # noqa: F401
 
 
 def get_pass(name: str) -> PassInfo:

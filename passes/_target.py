@@ -16,6 +16,10 @@ Measured here with TensorRT-RTX 1.7.1 (`tests/passes/test_target.py` re-checks i
   kernel": 264, 288, 320, 384, 448, 512, 576 tried). TensorRT's IAttention takes one head size
   for q, k and v.
 
+- FP32 GEMMs are refused for SM75 ("FP32 GEMM is not supported" on Turing): the DeepSeek MoE
+  router, which the model computes in fp32 from fp16 operands, is lowered to an fp16 GEMM with
+  an fp32 cast of its output there (`half-fp32-gemm`).
+
 Standard TensorRT: the ONNX parser gained `Attention` in 10.14 and `RotaryEmbedding` (with
 `IRotaryEmbeddingLayer`) in 10.15.1, per NVIDIA's release notes; no release note for
 `RMSNormalization` was found, so dsc does not emit it there (the parser would decompose it into
@@ -24,7 +28,7 @@ the same primitives anyway). Older parsers (Jetson's 10.3) get only opset <= 20 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -44,6 +48,7 @@ class TargetOps:
     attention_equal_head_dims: bool = True  # TensorRT's IAttention: q, k, v share head size
     attention_max_head_dim: int | None = 256  # IAttention builds up to 256 (measured, fp16/bf16)
     rotary_interleaved: bool = True  # emit RotaryEmbedding(interleaved=1)
+    fp32_gemm: bool = True  # False: TensorRT-RTX on SM75 refuses FP32 GEMMs (measured)
 
     @property
     def needs_opset23(self) -> bool:
@@ -58,7 +63,7 @@ class TargetOps:
     def to_json(self) -> dict:
         return {"name": self.name, "rms_normalization": self.rms_normalization,
                 "rotary_embedding": self.rotary_embedding,
-                "attention_dtypes": sorted(self.attention_dtypes)}
+                "attention_dtypes": sorted(self.attention_dtypes), "fp32_gemm": self.fp32_gemm}
 
 
 PORTABLE = TargetOps("portable (opset <= 20 ops only)")
@@ -89,6 +94,9 @@ def target_ops(profile: HardwareProfile | None, mode: str = "auto") -> TargetOps
         return PORTABLE
     if profile.rtx_target_sm is not None:
         # The engine for this target is compiled ahead of time by TensorRT-RTX (measured).
+        if profile.rtx_target_sm < 80:
+            return replace(RTX_1_7, name=RTX_1_7.name + "; no FP32 GEMM on SM75",
+                           fp32_gemm=False)
         return RTX_1_7
     version = _version(profile.tensorrt.version)
     attention = version >= (10, 14)
