@@ -291,22 +291,30 @@ def find_routers(model: ir.Model) -> list[tuple[str, ir.Value]]:
 
 # ---- weight quantization (numpy; deterministic) ---------------------------------------------
 
-def quantize_weight(w: np.ndarray, scheme: QuantScheme) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(quantized weight, scale, DequantizeLinear attributes) for an [in, out] weight."""
+def quantize_weight(w: np.ndarray, scheme: QuantScheme,
+                    clip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(quantized weight, scale, DequantizeLinear attributes) for an [in, out] weight.
+
+    `clip` (optional, AWQ's clip search): ratios ≤ 1 of the weight maxima that set the scales,
+    [in/block, out] for INT4, [out] otherwise; values beyond are clipped to the quantized range.
+    """
     w = w.astype(np.float32)
     if scheme.precision == "int4":
         block = int4_block(w.shape[0], scheme.block_size)
         g = w.reshape(w.shape[0] // block, block, w.shape[1])
-        scale = np.maximum(np.abs(g).max(axis=1), 1e-8) / INT4_MAX  # [in/block, out]
+        amax = np.abs(g).max(axis=1) if clip is None else np.abs(g).max(axis=1) * clip
+        scale = np.maximum(amax, 1e-8) / INT4_MAX  # [in/block, out]
         q = np.clip(np.round(g / scale[:, None, :]), -8, 7).reshape(w.shape)
         return q.astype(ml_dtypes.int4), scale, {"axis": 0, "block_size": block}
-    amax = np.maximum(np.abs(w).max(axis=0), 1e-8)  # per output channel
+    amax = np.abs(w).max(axis=0) if clip is None else np.abs(w).max(axis=0) * clip
+    amax = np.maximum(amax, 1e-8)  # per output channel
     if scheme.precision == "int8":
         scale = amax / INT8_MAX
         q = np.clip(np.round(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
     else:
         scale = amax / FP8_MAX
-        q = (w / scale).astype(ml_dtypes.float8_e4m3fn)
+        wf = w / scale if clip is None else np.clip(w / scale, -FP8_MAX, FP8_MAX)
+        q = wf.astype(ml_dtypes.float8_e4m3fn)
     return q, scale, {"axis": 1}
 
 
@@ -318,7 +326,8 @@ def dequantize_weight(q: np.ndarray, scale: np.ndarray, attrs: dict) -> np.ndarr
 
 
 def quantize_grouped(w: np.ndarray, scheme: QuantScheme, in_axis: int = 0,
-                     groups: int = 1) -> tuple[np.ndarray, np.ndarray, dict]:
+                     groups: int = 1, clip: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(quantized weight, scale, DequantizeLinear attributes) for a weight of any form.
 
     A 2-D [in, out] weight of one group is `quantize_weight`'s (per output channel; INT4 blocks
@@ -328,7 +337,7 @@ def quantize_grouped(w: np.ndarray, scheme: QuantScheme, in_axis: int = 0,
     INT8/FP8 (per group, per output channel), the INT4 block otherwise.
     """
     if w.ndim == 2 and groups == 1 and in_axis == 0:
-        return quantize_weight(w, scheme)
+        return quantize_weight(w, scheme, clip)
     if w.ndim == 3 and in_axis == 1:
         canon = w
     elif w.ndim == 3 and in_axis == 2:
@@ -379,9 +388,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
     """Insert Q/DQ from calibrated activation ranges (`{activation value name: amax}`)."""
 
     def __init__(self, ranges: dict[str, float] | None, scheme: QuantScheme, exclude=(),
-                 *, defaults: bool = True):
+                 *, defaults: bool = True, clip: dict[str, np.ndarray] | None = None):
         super().__init__()
         self.ranges = dict(ranges or {})
+        self.clip = dict(clip or {})  # weight initializer name -> clip ratios (AWQ)
         self.scheme = scheme
         self.exclude = tuple(exclude)
         self.defaults = defaults
@@ -420,7 +430,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             w_np = w.const_value.numpy()
             fdtype = w_np.dtype
             groups = max(t.groups for t in keep)
-            q, scale, attrs = quantize_grouped(w_np, scheme, keep[0].in_axis, groups)
+            q, scale, attrs = quantize_grouped(w_np, scheme, keep[0].in_axis, groups,
+                                               self.clip.get(w.name))
             blocked |= "block_size" in attrs
             dq_out = self._weight_dq(graph, w, q, scale.astype(fdtype), attrs, keep)
             for t in keep:
