@@ -150,10 +150,13 @@ def _sha_tree(root: Path) -> dict[str, str]:
 
 
 def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, method=None,
-                   samples: int = 64, seq_len: int = 128, alpha: float = 0.5,
+                   samples: int = 64, seq_len: int = 128, alpha: float | None = 0.5,
                    weight_only: bool = False, exclude=(), use_cache: bool = True,
                    percentile: float = 99.99, progress=None) -> tuple[object, dict, dict]:
-    """Quantize an in-memory onnx_ir model. Returns (model, report, calibration record)."""
+    """Quantize an in-memory onnx_ir model. Returns (model, report, calibration record).
+
+    `alpha`: SmoothQuant's migration strength for INT8 W8A8; None searches it per layer.
+    """
     from dsc.passes.quant import calibrate as cal
     from dsc.passes.quant.awq import AWQScalePass
     from dsc.passes.quant.qdq import InsertQDQPass, QuantScheme
@@ -172,8 +175,8 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     experts = stats.experts
     report: dict = {"scheme": scheme.label, "method": method}
     cache_files = [stats]
-    if precision == "int8" and not scheme.weight_only and alpha > 0:
-        sq = SmoothQuantPass({k: v.absmax for k, v in stats.acts.items()}, alpha, exclude)
+    if precision == "int8" and not scheme.weight_only and (alpha is None or alpha > 0):
+        sq = SmoothQuantPass(stats, alpha, exclude)
         sq(model)
         report["smoothquant"] = sq.report
         say("calibrating the smoothed graph")
@@ -184,7 +187,7 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
         aw(model)
         report["awq"] = aw.report
     ranges = {} if scheme.weight_only else compute_amax(stats, method, precision, percentile)
-    qdq = InsertQDQPass(ranges, scheme, exclude)
+    qdq = InsertQDQPass(ranges, scheme, exclude, clip=aw.clip if precision == "int4" else None)
     result = qdq(model)
     report.update(qdq.report)
     report["modified"] = result.modified

@@ -1,14 +1,22 @@
-"""AWQScalePass: activation-aware weight scaling before INT4 (group-128) weight-only quantization.
+"""AWQScalePass: activation-aware scaling and clipping before INT4 (group-128) weight-only quantization.
 
-For an activation X (calibration rows sampled by `calibrate`) read by linear layers W_k, AWQ
-searches per-input-channel scales s = mean|X_j|^α (normalised), α on a grid over [0, 1], and
-keeps the α minimising Σ_k ||X W_k - (X/s) Q(diag(s) W_k)||² where Q is the INT4 blocked
-quantize-dequantize that `InsertQDQPass` will apply. Salient input channels (large activations)
-get scaled up before rounding, so their weights lose less precision. α = 0 is plain
-round-to-nearest, so the search never does worse than RTN on the calibration rows.
+Two searches on the calibration rows X (sampled by `calibrate`), as llm-awq does:
 
-Like SmoothQuant, 1/s is folded into the preceding RMSNorm gamma; activations not produced by a
-norm (o_proj, down_proj) or also read by other ops keep s = 1 (plain RTN) and are reported.
+1. scales (`auto_scale`): for an activation read by linear layers W_k, per-input-channel scales
+   s = mean|X_j|^α (normalised), α on a grid over [0, 1], keeping the α minimising
+   Σ_k ||X W_k - (X/s) Q(diag(s) W_k)||², Q the INT4 blocked quantize-dequantize that
+   `InsertQDQPass` applies. Salient input channels get scaled up before rounding, so their
+   weights lose less precision. α = 0 is plain round-to-nearest, so the search never does worse
+   than RTN on the rows. 1/s is folded exactly into what produces X (`dsc.passes.quant.fold`):
+   a norm gamma (q/k/v, gate/up, MLA q_b/kv_b), the up projection's columns (down_proj), v_proj's
+   or kv_b_proj's value columns (o_proj; GQA ties the scales of the query heads sharing a KV
+   head). Activations with nowhere exact to fold keep s = 1 (plain RTN) and are reported.
+2. clipping (`auto_clip`): per INT4 block and output channel, the ratio r ≤ 1 of the block's
+   max|w| that sets its scale (r·max/7; values beyond clip to the INT4 range [-8, 7]), chosen on
+   a grid by coordinate descent over the blocks of each layer on the exact output error
+   ||(X/s)(W - Q_r(W))||² per output channel. r = 1 (no clipping) is a candidate at every step,
+   so the error never rises above unclipped RTN. The ratios go to `InsertQDQPass(clip=...)`
+   through `AWQScalePass.clip` ({weight initializer name: [in/block, out] ratios}).
 """
 
 from __future__ import annotations
@@ -17,17 +25,25 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-
-from dsc.passes.quant.qdq import QuantScheme, dequantize_weight, quantize_weight
+from dsc.passes.quant.qdq import (
+    INT4_MAX,
+    QuantScheme,
+    dequantize_weight,
+    find_targets,
+    int4_block,
+    quantize_weight,
+)
 from dsc.passes.quant.smoothquant import apply_scales, smoothable_groups
 
 logger = logging.getLogger(__name__)
 
 GRID = tuple(i / 20 for i in range(21))
+CLIP_GRID = tuple(1.0 - i / 40 for i in range(1, 21))  # 0.975 .. 0.5 (1.0 is always a candidate)
 
 
-def _qdq(w: np.ndarray, scheme: QuantScheme) -> np.ndarray:
-    q, s, attrs = quantize_weight(w, scheme)
+def _qdq(w: np.ndarray, scheme: QuantScheme, clip: np.ndarray | None = None) -> np.ndarray:
+    q, s, attrs = quantize_weight(w, scheme, clip) if clip is not None \
+        else quantize_weight(w, scheme)
     return dequantize_weight(q, s, attrs)
 
 
@@ -54,35 +70,112 @@ def search_scale(rows: np.ndarray, meanabs: np.ndarray, weights: list[np.ndarray
     return best[0], best[1], best[2], err0
 
 
-class AWQScalePass(ir.passes.InPlacePass):
-    """Fold AWQ scales (searched on calibration rows) into norm gammas and weight rows."""
+def search_clip(rows: np.ndarray, w: np.ndarray, scheme: QuantScheme, grid=CLIP_GRID,
+                sweeps: int = 2) -> tuple[np.ndarray, float, float]:
+    """(clip ratios [in/block, out], error with them, error without clipping) on `rows`.
 
-    def __init__(self, stats, scheme: QuantScheme | None = None, exclude=(), grid=GRID):
+    Errors are mean squared output errors ||X (W - Q(W))||² / (rows * out). Coordinate descent:
+    for each block in turn, every output channel takes the ratio that minimises its whole
+    output error given the other blocks' current choice (the columns are independent).
+    """
+    x = rows.astype(np.float32)
+    w = w.astype(np.float32)
+    n_in, n_out = w.shape
+    b = int4_block(n_in, scheme.block_size)
+    nb = n_in // b
+    wg = w.reshape(nb, b, n_out)
+    amax = np.abs(wg).max(axis=1)
+    xs = [np.ascontiguousarray(x[:, g * b:(g + 1) * b]) for g in range(nb)]
+
+    def delta(g: int, r) -> np.ndarray:  # W - Q(W) of block g; the scale rule of quantize_weight
+        sc = np.maximum(amax[g] * r, 1e-8) / INT4_MAX
+        return wg[g] - np.clip(np.round(wg[g] / sc), -8, 7) * sc
+
+    ratios = np.ones((nb, n_out), np.float32)
+    d = [delta(g, 1.0) for g in range(nb)]
+    res = sum(xs[g] @ d[g] for g in range(nb))
+    denom = max(x.shape[0] * n_out, 1)
+    err0 = float(np.sum(res.astype(np.float64) ** 2)) / denom
+    for _ in range(sweeps):
+        changed = False
+        for g in range(nb):
+            base = res - xs[g] @ d[g]
+            best = np.sum((base + xs[g] @ d[g]).astype(np.float64) ** 2, axis=0)
+            for r in grid:
+                dr = delta(g, r)
+                e = np.sum((base + xs[g] @ dr).astype(np.float64) ** 2, axis=0)
+                better = e < best
+                if better.any():
+                    best = np.where(better, e, best)
+                    d[g][:, better] = dr[:, better]
+                    ratios[g, better] = r
+                    changed = True
+            res = base + xs[g] @ d[g]
+        if not changed:
+            break
+    return ratios, float(np.sum(res.astype(np.float64) ** 2)) / denom, err0
+
+
+class AWQScalePass(ir.passes.InPlacePass):
+    """Fold AWQ scales (searched on calibration rows) into producers and weight rows; search
+    INT4 clip ratios for every quantizable linear layer (`self.clip`, for `InsertQDQPass`)."""
+
+    def __init__(self, stats, scheme: QuantScheme | None = None, exclude=(), grid=GRID,
+                 clip_grid=CLIP_GRID, *, clip: bool = True):
         super().__init__()
         self.stats = stats
         self.scheme = scheme or QuantScheme("int4", weight_only=True)
-        self.exclude, self.grid = tuple(exclude), tuple(grid)
+        self.exclude, self.grid, self.clip_grid = tuple(exclude), tuple(grid), tuple(clip_grid)
+        self.search_clip = clip and self.scheme.precision == "int4"
         self.report: dict = {}
+        self.clip: dict[str, np.ndarray] = {}
+        self.scales: dict[str, np.ndarray] = {}  # activation name -> s (X became X / s)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         groups, skipped = smoothable_groups(model, self.exclude)
-        done = {}
-        for name, (gamma, ts) in groups.items():
+        done, scales = {}, {}
+        for name, (fold, ts) in groups.items():
             st = self.stats.acts.get(name)
             if st is None or st.rows.shape[0] == 0:
                 skipped[name] = "no calibration rows"
                 continue
-            if gamma.meta.get("dsc.awq"):
+            act = ts[0].activation
+            if act.meta.get("dsc.awq"):
                 continue
             s, alpha, err, err0 = search_scale(
-                st.rows, st.meanabs, [t.weight.const_value.numpy() for t in ts], self.scheme,
-                self.grid)
+                st.rows, fold.tie(st.meanabs, "mean"),
+                [t.weight.const_value.numpy() for t in ts], self.scheme, self.grid)
             if alpha == 0.0:
                 skipped[name] = "α=0 (round-to-nearest) was best"
                 continue
-            apply_scales(gamma, ts, s)
-            gamma.meta["dsc.awq"] = True
-            done[name] = {"layers": [t.module for t in ts], "alpha": alpha,
-                          "mse": err, "mse_rtn": err0}
-        self.report = {"scaled": done, "skipped": skipped}
+            apply_scales(fold, ts, s)
+            act.meta["dsc.awq"] = True
+            scales[name] = s
+            done[name] = {"layers": [t.module for t in ts], "alpha": alpha, "mse": err,
+                          "mse_rtn": err0, "fold": fold.describe()}
+        self.scales = scales
+        clipped = self._clip(model, scales) if self.search_clip else {}
+        self.report = {"scaled": done, "skipped": skipped, "clipped": clipped}
         return ir.passes.PassResult(model, bool(done))
+
+    def _clip(self, model: ir.Model, scales: dict[str, np.ndarray]) -> dict:
+        out = {}
+        for t in find_targets(model, self.exclude):
+            if t.excluded or getattr(t, "kind", "linear") != "linear" \
+                    or getattr(t, "in_subgraph", False) or t.weight.producer() is not None \
+                    or t.weight.const_value is None or len(t.weight.shape or ()) != 2:
+                continue
+            st = self.stats.acts.get(t.activation.name)
+            if st is None or st.rows.shape[0] == 0:
+                continue
+            rows = st.rows
+            if t.activation.name in scales:
+                rows = rows / scales[t.activation.name]
+            ratios, err, err0 = search_clip(rows, t.weight.const_value.numpy(), self.scheme,
+                                            self.clip_grid)
+            if err < err0:
+                self.clip[t.weight.name] = ratios
+            out[t.module] = {"mse": err, "mse_unclipped": err0,
+                             "mean_ratio": float(ratios.mean()),
+                             "clipped_fraction": float(np.mean(ratios < 1.0))}
+        return out

@@ -5,11 +5,18 @@ For an activation X read by linear layers W_k ([in, out] initializers), per inpu
     s_j = max|X_j|^α / max_k max_o |W_k[j, o]|^(1-α)
 
 then X' = X / s and W_k' = diag(s) W_k leave X W unchanged while flattening X's channel outliers.
-1/s is folded into the preceding RMSNorm gamma (`Mul(gamma, normed)` with gamma a 1-D
-initializer), so the graph gains no op: this covers q_a/kv_a (or q/k/v) and gate/up projections.
-Where X does not come straight from a norm (o_proj, down_proj), or is also read by something
-other than a smoothable linear (a MoE layer's router and experts read the same norm output),
-smoothing is skipped for that activation and the report says so.
+1/s is folded into what produces X (`dsc.passes.quant.fold`), so the graph gains no op: a norm's
+gamma (exported `Mul(gamma, normed)` or fused `RMSNormalization`) for q/k/v (q_a/kv_a, q_b,
+kv_b through the MLA cache) and gate/up; the up projection's output columns for down_proj (the
+SwiGLU product is linear in up); v_proj's (or MLA kv_b_proj's value) columns for o_proj, with
+one scale per KV channel under GQA. Where X is also read by something other than a smoothable
+linear (a MoE layer's router and experts read the same norm output) or 1/s has nowhere exact to
+go, smoothing is skipped for that activation and the report says why.
+
+The output error of the fake-quantized GEMMs on the calibration rows (per-tensor INT8 activation
+at its calibrated max, per-channel INT8 weights) decides two things: with `guard` (default) a
+group is smoothed only if that lowers the error (else s = 1, and the report gives both errors);
+with `alpha=None` each group takes the α of `ALPHA_GRID` with the lowest error.
 
 Calibrate again after this pass: the activation ranges change.
 """
@@ -20,15 +27,18 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-
+from dsc.passes.quant.fold import Fold, find_fold
 from dsc.passes.quant.qdq import Target, find_targets
 
 logger = logging.getLogger(__name__)
 
+ALPHA_GRID = tuple(i / 20 for i in range(1, 21))
+
 
 def smoothable_groups(model: ir.Model, exclude=()) -> tuple[dict, dict]:
-    """({activation name: (gamma value, [targets])}, {activation name: reason not smoothable})."""
-    targets = find_targets(model, exclude)
+    """({activation name: (fold, [targets])}, {activation name: reason not smoothable})."""
+    targets = [t for t in find_targets(model, exclude)
+               if getattr(t, "kind", "linear") == "linear" and not getattr(t, "in_subgraph", False)]
     by_act: dict[str, list[Target]] = {}
     for t in targets:
         by_act.setdefault(t.activation.name, []).append(t)
@@ -42,60 +52,112 @@ def smoothable_groups(model: ir.Model, exclude=()) -> tuple[dict, dict]:
         if consumers != {id(t.node) for t in ts}:
             skipped[name] = "also read by a non-linear or unquantized op (router, experts, ...)"
             continue
-        p = act.producer()
-        gamma = None
-        if p is not None and p.op_type == "Mul":
-            for i in p.inputs:
-                if i is not None and i.const_value is not None and len(i.shape or ()) == 1 \
-                        and len(i.uses()) == 1 and i.shape[0] == ts[0].weight.shape[0]:
-                    gamma = i
-        if gamma is None:
-            skipped[name] = "not produced by a norm's gamma Mul (nothing to fold 1/s into)"
-            continue
         if any(t.weight.producer() is not None for t in ts):
             skipped[name] = "already quantized"
             continue
-        groups[name] = (gamma, ts)
+        fold, why = find_fold(act)
+        if fold is None:
+            skipped[name] = why
+            continue
+        if fold.tensor.name in {t.weight.name for t in ts}:
+            skipped[name] = "1/s would go into a weight of the same layers"
+            continue
+        groups[name] = (fold, ts)
     return groups, skipped
 
 
-def apply_scales(gamma: ir.Value, targets: list[Target], s: np.ndarray) -> None:
-    """gamma /= s, W_k[j, :] *= s (in float32, stored back in each tensor's dtype)."""
-    g = gamma.const_value.numpy()
-    gamma.const_value = ir.Tensor((g.astype(np.float32) / s).astype(g.dtype), name=gamma.name)
+def apply_scales(fold: Fold, targets: list[Target], s: np.ndarray) -> None:
+    """1/s into the fold, W_k[j, :] *= s (in float32, stored back in each tensor's dtype)."""
+    fold.apply(s)
     for t in targets:
         w = t.weight.const_value.numpy()
         t.weight.const_value = ir.Tensor((w.astype(np.float32) * s[:, None]).astype(w.dtype),
                                          name=t.weight.name)
 
 
-class SmoothQuantPass(ir.passes.InPlacePass):
-    """Fold SmoothQuant scales into norm gammas and weight rows (`absmax`: per-channel max|X|)."""
+def _fake_int8(x: np.ndarray, amax: float) -> np.ndarray:
+    sc = max(float(amax), 1e-6) / 127.0
+    return np.clip(np.round(x / sc), -127, 127) * sc
 
-    def __init__(self, absmax: dict[str, np.ndarray], alpha: float = 0.5, exclude=()):
+
+def gemm_error(rows: np.ndarray, absmax: np.ndarray, weights: list[np.ndarray],
+               s: np.ndarray) -> float:
+    """Mean squared output error of the W8A8 GEMMs on `rows` with smoothing scales `s`."""
+    from dsc.passes.quant.qdq import QuantScheme, dequantize_weight, quantize_weight
+
+    x = rows.astype(np.float32)
+    xs = _fake_int8(x / s, float((absmax / s).max()))
+    err = 0.0
+    for w in weights:
+        w = w.astype(np.float32)
+        q, sc, attrs = quantize_weight(w * s[:, None], QuantScheme("int8"))
+        err += float(np.mean((xs @ dequantize_weight(q, sc, attrs) - x @ w) ** 2))
+    return err
+
+
+class SmoothQuantPass(ir.passes.InPlacePass):
+    """Fold SmoothQuant scales into producers and weight rows.
+
+    `stats`: a `CalibStats` (per-channel max|X| and activation rows, for the guard and the α
+    search) or a plain `{activation name: per-channel max|X|}` (fixed α, no guard).
+    `alpha=None`: α per activation from `grid`, the one with the lowest calibration-row GEMM
+    error (no smoothing is a candidate too).
+    """
+
+    def __init__(self, stats, alpha: float | None = 0.5, exclude=(), *, guard: bool = True,
+                 grid=ALPHA_GRID):
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
+        if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
-        self.absmax, self.alpha, self.exclude = absmax, float(alpha), tuple(exclude)
+        acts = getattr(stats, "acts", None)
+        if alpha is None and acts is None:
+            raise ValueError("a per-layer α search needs calibration rows (pass the CalibStats)")
+        self.absmax = {k: v.absmax for k, v in acts.items()} if acts is not None else dict(stats)
+        self.rows = {k: v.rows for k, v in acts.items()} \
+            if acts is not None and (guard or alpha is None) else {}
+        self.alpha, self.exclude = (None if alpha is None else float(alpha)), tuple(exclude)
+        self.grid = tuple(grid)
         self.report: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         groups, skipped = smoothable_groups(model, self.exclude)
         done = {}
-        for name, (gamma, ts) in groups.items():
+        for name, (fold, ts) in groups.items():
             if name not in self.absmax:
                 skipped[name] = "no calibration statistics"
                 continue
-            if gamma.meta.get("dsc.smoothed"):
+            act = ts[0].activation
+            if act.meta.get("dsc.smoothed"):
                 continue
             xmax = np.maximum(self.absmax[name].astype(np.float64), 1e-5)
-            wmax = np.max([np.abs(t.weight.const_value.numpy().astype(np.float64)).max(axis=1)
-                           for t in ts], axis=0)
+            weights = [t.weight.const_value.numpy() for t in ts]
+            wmax = np.max([np.abs(w.astype(np.float64)).max(axis=1) for w in weights], axis=0)
             wmax = np.maximum(wmax, 1e-5)
-            s = (xmax ** self.alpha / wmax ** (1 - self.alpha)).clip(1e-4, 1e4).astype(np.float32)
-            apply_scales(gamma, ts, s)
-            gamma.meta["dsc.smoothed"] = True
-            done[name] = {"layers": [t.module for t in ts], "scale_min": float(s.min()),
-                          "scale_max": float(s.max())}
-        self.report = {"alpha": self.alpha, "smoothed": done, "skipped": skipped}
+            xt, wt = fold.tie(xmax, "max"), fold.tie(wmax, "max")
+            rows = self.rows.get(name)
+            if self.alpha is None and (rows is None or not rows.shape[0]):
+                skipped[name] = "no calibration rows for the α search"
+                continue
+            best = None
+            for a in ([self.alpha] if self.alpha is not None else self.grid):
+                s = (xt ** a / wt ** (1 - a)).clip(1e-4, 1e4).astype(np.float32)
+                e = gemm_error(rows, xmax, weights, s) if rows is not None and rows.shape[0] \
+                    else None
+                if best is None or e < best[2]:
+                    best = (a, s, e)
+            a, s, e1 = best
+            info = {"layers": [t.module for t in ts], "alpha": a, "fold": fold.describe(),
+                    "scale_min": float(s.min()), "scale_max": float(s.max())}
+            if e1 is not None:
+                e0 = gemm_error(rows, xmax, weights, np.ones_like(s))
+                info.update(mse=e1, mse_unsmoothed=e0)
+                if e1 >= e0:
+                    skipped[name] = (f"smoothing raised the calibration-row GEMM error "
+                                     f"({e1:.3g} vs {e0:.3g} unsmoothed)")
+                    continue
+            apply_scales(fold, ts, s)
+            act.meta["dsc.smoothed"] = True
+            done[name] = info
+        self.report = {"alpha": "per layer" if self.alpha is None else self.alpha,
+                       "smoothed": done, "skipped": skipped}
         return ir.passes.PassResult(model, bool(done))
