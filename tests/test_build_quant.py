@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -258,3 +259,21 @@ def test_dsc_quantize_record_verifies(tmp_path, checkpoints, capsys):
     assert code == 0, err + out_text
     code, _, err = run_cli(["quantize", str(out), "-o", str(tmp_path / "qq"), "--int8"], capsys)
     assert code == 3 and "already quantized" in err
+
+
+@needs_rtx
+def test_locator_skips_tensors_smoothing_rescaled_on_purpose(int8_build):
+    """SmoothQuant divides norm outputs (and up/v projections) by s per channel: those tensors
+    differ from the reference by design, carry `dsc.rescaled`, and are not compared."""
+    import onnx_ir as ir
+
+    from dsc.validate.locate import RESCALED_KEY, layer_errors
+
+    art, _ = int8_build
+    cand = ir.load(str(art / "model.onnx"))
+    rescaled = {n.outputs[0].name for n in cand.graph if RESCALED_KEY in n.metadata_props}
+    smoothed = json.loads((art / "quant_report.json").read_text())["smoothquant"]["smoothed"]
+    assert smoothed and set(smoothed) <= rescaled  # every smoothed activation is marked
+    ids = np.arange(1, 17, dtype=np.int64)[None]
+    errors = layer_errors(art / "model.onnx", art / "reference" / "model.onnx", ids)
+    assert errors and not {e.tensor for e in errors} & rescaled

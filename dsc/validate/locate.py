@@ -12,7 +12,9 @@ layer 5 shows small errors up to layer 5's projection and a jump there. Routed-e
 are listed but never named: a top-k choice flipped by a tiny upstream difference makes them jump
 (measured: 0.01 -> 0.21 in a correct int8 graph) without being the cause. Passes keep the names
 of the tensors they do not replace, so a wrong fusion shows up at the first module output after
-the fused block.
+the fused block. Tensors a quantization pass rescaled on purpose (SmoothQuant / AWQ fold 1/s into
+a norm's gamma or a projection's output channels, so the value differs from the reference by
+design) carry the node metadata `dsc.rescaled` and are not compared.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+RESCALED_KEY = "dsc.rescaled"  # node metadata: its output is scaled per channel by design
 _LAYER = re.compile(r"layers\.(\d+)")
 
 
@@ -132,7 +135,8 @@ def layer_errors(candidate: Path, reference: Path, ids: np.ndarray) -> list[Tens
     import onnx_ir as ir
 
     ref_outputs = module_outputs(ir.load(str(reference)))
-    cand_names = {v.name for node in ir.load(str(candidate)).graph for v in node.outputs}
+    cand_names = {v.name for node in ir.load(str(candidate)).graph for v in node.outputs
+                  if RESCALED_KEY not in node.metadata_props}
     shared = [(t, m) for t, m in ref_outputs if t in cand_names]
     if not shared:
         return []

@@ -54,6 +54,12 @@ class Fold:
     via: tuple[str, ...] = ()
     cache: bool = False
     extra: list = field(default_factory=list)  # untouched sibling columns (checked disjoint)
+    nodes: list = field(default_factory=list)  # producer of the scaled value and the path after
+
+    @property
+    def gated(self) -> bool:
+        """The activation is a product of two projections (SwiGLU's SiLU(gate) * up)."""
+        return self.kind == "linear" and "Mul" in self.via
 
     @property
     def tied(self) -> bool:
@@ -86,6 +92,12 @@ class Fold:
             f = a.astype(np.float32)
             f[..., uniq] /= sc
             v.const_value = ir.Tensor(f.astype(a.dtype), name=v.name)
+        # Their outputs now differ from the float graph's by design: the validation locator
+        # (dsc.validate.locate) does not compare them.
+        from dsc.validate.locate import RESCALED_KEY
+
+        for node in self.nodes:
+            node.metadata_props[RESCALED_KEY] = "1"
 
     def describe(self) -> dict:
         out = {"into": self.where, "kind": self.kind, "via": list(self.via)}
@@ -422,6 +434,7 @@ def _trace(root_v: ir.Value, path, act: ir.Value) -> Fold | str:
     if any(taken & set(np.asarray(e).reshape(-1).tolist()) for e in fold.extra):
         return "a sibling slice reads the same columns"
     fold.via = tuple(n.op_type for n, _, _ in path)
+    fold.nodes = [n for n in [root_v.producer(), *(n for n, _, _ in path)] if n is not None]
     return fold
 
 
