@@ -223,8 +223,10 @@ def test_smoothquant_guard_and_alpha_search(exported, v3_stats):
     """Every smoothed group lowers the calibration-row W8A8 GEMM error; α=None picks per layer."""
     fixed = SmoothQuantPass(v3_stats, 0.5)
     fixed(load(exported["deepseek_v3"]))
-    auto = SmoothQuantPass(v3_stats, None)
+    assert any("gated product" in r for r in fixed.report["skipped"].values())  # down_proj
+    auto = SmoothQuantPass(v3_stats, None, gated=True)
     auto(load(exported["deepseek_v3"]))
+    assert any(v["fold"]["via"][-1:] == ["Mul"] for v in auto.report["smoothed"].values())
     for rep in (fixed.report, auto.report):
         assert rep["smoothed"]
         for v in rep["smoothed"].values():
