@@ -1,6 +1,7 @@
-"""Quantization accuracy: dsc vs ONNX Runtime's quantize_static on the trained tiny models.
+"""Quantization accuracy: dsc vs ONNX Runtime's quantizers on the trained tiny models.
 
     python benchmarks/quant_accuracy.py [--models tiny-deepseek-v3,tiny-qwen2] [--out DIR]
+                                        [--windows N]
 
 For each model: export fp16 (the reference) and fp32 (ONNX Runtime's quantizer takes float32
 graphs); quantize with dsc (INT8 SmoothQuant W8A8, INT8 weight-only, FP8 W8A8, INT4 AWQ) from the
@@ -8,8 +9,17 @@ fp16 export, and with `onnxruntime.quantization.quantize_static` (QDQ, per-chann
 activations and weights, MatMul only, the same exclusions) from the fp32 export, on the same
 calibration windows (the shipped calibration text, 64 x 128 tokens). INT4 on the ORT side is
 its `MatMulNBitsQuantizer` (block 128, symmetric weight-only), ORT's own INT4 weight-only path.
-Every candidate is scored by the validation gate against the same fp16 reference on the
-held-out split: perplexity, its relative increase, prefill top-1 agreement.
+
+Every candidate is scored against the same fp16 graph on the held-out split twice:
+
+- held-out eval: every 128-token window of the held-out split (`--windows`, default all: 447
+  windows, 57k tokens), run in batches of 16: perplexity and its relative increase, prefill
+  top-1 agreement, mean KL(fp16 || candidate). The main comparison: at 8 windows the perplexity
+  delta of these models moves by several tenths of a percent with the text sampled.
+- BOS-led: the same windows, each starting with BOS as a prompt does (the first token puts the
+  largest activations in the graph, and the calibration text has no BOS).
+- the validation gate as `dsc validate` runs it (8 windows): its perplexity delta, minimum
+  logit cosine and verdict.
 """
 
 from __future__ import annotations
@@ -27,8 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SAMPLES, SEQ_LEN = 64, 128
-DSC_RUNS = [("dsc int8 SmoothQuant W8A8", "int8", False), ("dsc int8 weight-only", "int8", True),
-            ("dsc fp8 W8A8", "fp8", False), ("dsc int4 AWQ (W4A16, g128)", "int4", True)]
+# (label, precision, weight-only, SmoothQuant alpha: 0.5 is the CLI default)
+DSC_RUNS = [("dsc int8 SmoothQuant W8A8", "int8", False, 0.5),
+            ("dsc int8 weight-only", "int8", True, 0.5),
+            ("dsc fp8 W8A8", "fp8", False, 0.5), ("dsc int4 AWQ (W4A16, g128)", "int4", True, 0.5)]
 
 
 def _quiet(msg):
@@ -37,13 +49,18 @@ def _quiet(msg):
 
 def ort_quantize(fp32_art: Path, out: Path, precision: str, windows: np.ndarray) -> Path:
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
-
-    from dsc.artifacts import load_io_spec
+    import onnx_ir as ir
     from dsc.passes.quant.calibrate import _feeds
     from dsc.passes.quant.qdq import find_targets
-    import onnx_ir as ir
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from dsc.artifacts import load_io_spec
 
     src = fp32_art / "model.onnx"
     model = ir.load(str(src))
@@ -52,7 +69,9 @@ def ort_quantize(fp32_art: Path, out: Path, precision: str, windows: np.ndarray)
     io = load_io_spec(fp32_art)
     if precision == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
 
         cfg = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, bits=4)
         q = MatMulNBitsQuantizer(onnx.load(str(src)), nodes_to_exclude=excluded,
@@ -94,10 +113,89 @@ def gate(cand_path: Path, cand_io: dict, ref_art: Path, precision: str) -> dict:
                     reference_path=ref_art / ref_io["onnx"])
 
 
+def heldout_windows(tokenizer, count: int | None, window: int = 128) -> np.ndarray:
+    """Consecutive `window`-token windows of the held-out split (BOS only before the first)."""
+    from dsc.corpus import heldout_text
+
+    ids = np.asarray(tokenizer(heldout_text(), verbose=False)["input_ids"], dtype=np.int64)
+    n = ids.size // window if count is None else min(count, ids.size // window)
+    return ids[: n * window].reshape(n, window)
+
+
+def bos_led(tokenizer, ids: np.ndarray) -> np.ndarray | None:
+    """The same windows, each starting with BOS the way a prompt does (None without a BOS)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    return np.concatenate([np.full((len(ids), 1), bos, ids.dtype), ids[:, :-1]], axis=1)
+
+
+def heldout_eval(cand_path: Path, cand_io: dict, ref, ids: np.ndarray, tag: str = "text",
+                 batch: int = 16) -> dict:
+    """Perplexity, prefill top-1 and mean KL of the candidate vs `ref` (a `_Ref`) on `ids`."""
+    from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.validate import metrics
+
+    cand = OrtCausalLM(cand_path, cand_io)
+    nll, agree, kl, n = 0.0, 0.0, 0.0, 0
+    for i, chunk in enumerate(_chunks(ids, batch)):
+        lc = metrics.log_softmax(_logits(cand, chunk).astype(np.float32))
+        lr, top = ref.get((tag, i), chunk)
+        picked = np.take_along_axis(lc[:, :-1], chunk[:, 1:, None], axis=-1)[..., 0]
+        nll += float(-picked.sum())
+        n += picked.size
+        agree += float((lc.argmax(-1) == top).sum())
+        kl += float((np.exp(lr) * (lr - lc)).sum())
+    pos = ids.size
+    return {"ppl": float(np.exp(nll / n)), "top1": agree / pos, "kl": max(kl / pos, 0.0)}
+
+
+def _chunks(ids: np.ndarray, batch: int):
+    return [ids[i:i + batch] for i in range(0, len(ids), batch)]
+
+
+def _logits(model, ids: np.ndarray) -> np.ndarray:
+    mask = np.ones_like(ids)
+    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+    return model.step(ids, mask, pos, model.empty_past(len(ids))).logits
+
+
+class _Ref:
+    """The fp16 reference's log-probabilities per batch, computed once per model."""
+
+    def __init__(self, path: Path, io: dict):
+        from dsc.backends.onnxruntime.runner import OrtCausalLM
+
+        self.model = OrtCausalLM(path, io)
+        self.cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, i: tuple, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from dsc.validate import metrics
+
+        if i not in self.cache:
+            lr = metrics.log_softmax(_logits(self.model, chunk).astype(np.float32))
+            self.cache[i] = (lr, lr.argmax(-1))
+        return self.cache[i]
+
+
+def score(cand_path: Path, cand_io: dict, ref_art: Path, ref: _Ref, ids: np.ndarray,
+          bos_ids: np.ndarray | None, precision: str) -> dict:
+    wide = heldout_eval(cand_path, cand_io, ref, ids)
+    bos = heldout_eval(cand_path, cand_io, ref, bos_ids, "bos") if bos_ids is not None else None
+    g = gate(cand_path, cand_io, ref_art, precision)
+    return {"wide": wide, "bos": bos, "gate": {"ppl_delta": g["perplexity"]["delta"],
+                                   "top1": g["prefill"]["top1"],
+                                   "cosine_min": min(g["prefill"]["cosine_min"],
+                                                     g["decode"]["cosine_min"]),
+                                   "passed": g["passed"], "failures": g["failures"]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="tiny-deepseek-v3,tiny-qwen2")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--windows", type=int, default=None,
+                    help="held-out 128-token windows for the main eval (default: all)")
     args = ap.parse_args()
     from dsc import api
     from dsc.artifacts import load_io_spec
@@ -110,41 +208,56 @@ def main() -> None:
         fp16, fp32 = work / name / "fp16", work / name / "fp32"
         api.export(ckpt, fp16, dtype="fp16", force=True, progress=_quiet)
         api.export(ckpt, fp32, dtype="fp32", force=True, progress=_quiet)
-        windows = calibration_windows(api.load_tokenizer(fp16), read_calibration_text(None),
-                                      SAMPLES, SEQ_LEN)
-        ref = gate(fp16 / "model.onnx", load_io_spec(fp16), fp16, "fp16")
-        rows.append((name, "fp16 reference", ref, 0.0))
-        for label, precision, wo in DSC_RUNS:
+        tok = api.load_tokenizer(fp16)
+        windows = calibration_windows(tok, read_calibration_text(None), SAMPLES, SEQ_LEN)
+        ids = heldout_windows(tok, args.windows)
+        bos_ids = bos_led(tok, ids)
+        ref = _Ref(fp16 / "model.onnx", load_io_spec(fp16))
+        ref_score = score(fp16 / "model.onnx", load_io_spec(fp16), fp16, ref, ids, bos_ids, "fp16")
+        rows.append((name, "fp16 reference", ref_score, 0.0))
+        for k, (label, precision, wo, alpha) in enumerate(DSC_RUNS):
             t = time.perf_counter()
-            out = work / name / label.split(" (")[0].replace(" ", "-")
+            out = work / name / f"dsc-{k}-{precision}"
             quantize_artifact(fp16, out, precision, weight_only=wo, samples=SAMPLES,
-                              seq_len=SEQ_LEN, force=True)
+                              seq_len=SEQ_LEN, alpha=alpha, force=True)
             secs = time.perf_counter() - t
-            rows.append((name, label, gate(out / "model.onnx", load_io_spec(out), fp16, precision),
-                         secs))
+            rows.append((name, label, score(out / "model.onnx", load_io_spec(out), fp16, ref, ids,
+                                            bos_ids, precision), secs))
         for label, precision in (("ORT quantize_static int8 QDQ", "int8"),
                                  ("ORT quantize_static fp8 QDQ", "fp8"),
                                  ("ORT MatMulNBits int4 (g128)", "int4")):
             t = time.perf_counter()
             try:
                 path = ort_quantize(fp32, work / name / f"ort-{precision}.onnx", precision, windows)
-                res = gate(path, load_io_spec(fp32), fp16, precision)
+                secs = time.perf_counter() - t
+                res = score(path, load_io_spec(fp32), fp16, ref, ids, bos_ids, precision)
             except Exception as e:  # report, do not hide
-                res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
-            rows.append((name, label, res, time.perf_counter() - t))
-    print(f"| model | method | ppl | ppl delta | top-1 (prefill) | top-1 (decode) | seconds |")
-    print("|---|---|---|---|---|---|---|")
+                res, secs = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}, 0.0
+            rows.append((name, label, res, secs))
+        for r in rows:
+            for key in ("wide", "bos"):
+                if r[0] == name and r[2].get(key):
+                    p0 = ref_score[key]["ppl"]
+                    r[2][key]["ppl_delta"] = (r[2][key]["ppl"] - p0) / p0
+        print(f"{name}: held-out eval on {ids.shape[0]} x {ids.shape[1]} tokens", flush=True)
+    print("| model | method | ppl | ppl delta | top-1 | KL | BOS-led: ppl delta | top-1 | KL | "
+          "gate (8 win): ppl delta | top-1 | cos min | verdict | quantize s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     summary = []
     for name, label, r, secs in rows:
         if "error" in r:
-            print(f"| {name} | {label} | n/a ({r['error']}) | | | | |")
+            print(f"| {name} | {label} | n/a ({r['error']}) | | | | | | | | | | | |")
             summary.append({"model": name, "method": label, "error": r["error"]})
             continue
-        p = r["perplexity"]
-        print(f"| {name} | {label} | {p['candidate']:.3f} | {p['delta']:+.2%} | "
-              f"{r['prefill']['top1']:.4f} | {r['decode']['top1']:.4f} | {secs:.1f} |")
-        summary.append({"model": name, "method": label, "ppl": p["candidate"],
-                        "ppl_delta": p["delta"], "top1": r["prefill"]["top1"]})
+        w, b, g = r["wide"], r["bos"] or {}, r["gate"]
+        bos_cells = (f"{b['ppl_delta']:+.2%} | {b['top1']:.4f} | {b['kl']:.5f}" if b
+                     else "n/a | | ")
+        print(f"| {name} | {label} | {w['ppl']:.3f} | {w['ppl_delta']:+.2%} | {w['top1']:.4f} | "
+              f"{w['kl']:.5f} | {bos_cells} | {g['ppl_delta']:+.2%} | {g['top1']:.4f} | "
+              f"{g['cosine_min']:.4f} | {'pass' if g['passed'] else 'FAIL'} | {secs:.1f} |")
+        summary.append({"model": name, "method": label, **{f"heldout_{k}": v for k, v in w.items()},
+                        **{f"bos_led_{k}": v for k, v in b.items()},
+                        **{f"gate_{k}": v for k, v in g.items()}, "seconds": secs})
     (work / "quant_accuracy.json").write_text(json.dumps(summary, indent=2))
     print(f"\nresults: {work / 'quant_accuracy.json'}")
 
