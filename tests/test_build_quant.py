@@ -154,9 +154,9 @@ def test_int8_build_rerun_reuses_and_option_change_reruns(int8_build, tmp_path, 
 
 
 @needs_rtx
-def test_no_optimize_and_int4_awq(tmp_path, checkpoints, capsys):
+def test_no_optimize_and_int4_awq(tmp_path, capsys):
     out = tmp_path / "int4"
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "--profile", "a100",
+    code, _, err = run_cli(["build", str(TINY_QWEN2), "--profile", "a100",
                             "--int4-awq", "--no-optimize", "--samples", "8", "--seq-len", "64",
                             "-o", str(out), "-q"], capsys)
     assert code == 0, err
@@ -167,6 +167,8 @@ def test_no_optimize_and_int4_awq(tmp_path, checkpoints, capsys):
     assert ops.get("DequantizeLinear", 0) > 0 and "QuantizeLinear" not in ops  # W4A16
     assert "RMSNormalization" not in ops
     assert (out / "engines" / "a100-80gb" / "model.engine").is_file()
+    v = _manifest(out)["validation"]
+    assert v["kind"] == "gate" and v["passed"] and v["precision"] == "int4"
     assert verify_artifact(out).ok
 
 
