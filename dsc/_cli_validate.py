@@ -54,10 +54,12 @@ def validate(artifact: Path, reference: str, data: Path | None, thresholds: tupl
         p = r["perplexity"]
         click.echo(f"validation ({r['precision']}) against {r['reference']}: "
                    f"{'PASS' if r['passed'] else 'FAIL'}")
-        click.echo(f"  prefill: cosine min {r['prefill']['cosine_min']:.5f}  top-1 "
+        click.echo(f"  prefill: cosine p01 {r['prefill'].get('cosine_p01', r['prefill']['cosine_min']):.5f} "
+                   f"(min {r['prefill']['cosine_min']:.5f})  top-1 "
                    f"{r['prefill']['top1']:.3f}  top-5 {r['prefill']['top5']:.3f}  "
                    f"KL {r['prefill']['kl_mean']:.2e}  max abs {r['prefill']['max_abs']:.3g}")
-        click.echo(f"  decode:  cosine min {r['decode']['cosine_min']:.5f}  top-1 "
+        click.echo(f"  decode:  cosine p01 {r['decode'].get('cosine_p01', r['decode']['cosine_min']):.5f} "
+                   f"(min {r['decode']['cosine_min']:.5f})  top-1 "
                    f"{r['decode']['top1']:.3f}  KL {r['decode']['kl_mean']:.2e}")
         click.echo(f"  perplexity {p['candidate']:.3f} vs {p['reference']:.3f} ({p['delta']:+.2%});"
                    f" greedy tokens before divergence "

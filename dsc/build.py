@@ -764,7 +764,7 @@ def _gate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: di
     (tmp / VALIDATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
     progress.say(progress.stage_line(
         5, "validate", f"accuracy gate passed: perplexity {p['delta']:+.2%}, top-1 "
-        f"{result['prefill']['top1']:.3f}, cosine min {result['prefill']['cosine_min']:.4f}, "
+        f"{result['prefill']['top1']:.3f}, cosine p01 {result['prefill']['cosine_p01']:.4f}, "
         f"{seconds:.1f}s"))
     summary = {k: result[k] for k in ("kind", "precision", "passed", "failures")}
     summary["perplexity_delta"] = p["delta"]

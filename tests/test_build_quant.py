@@ -108,7 +108,7 @@ def test_int8_build_runs_every_stage_and_verifies(int8_build):
     assert v["kind"] == "gate" and v["passed"] is True and v["precision"] == "int8"
     assert abs(v["perplexity_delta"]) < 0.02 and v["top1_prefill"] > 0.9
     gate = json.loads((art / "validation.json").read_text())
-    assert gate["reference"].startswith("reference/") and gate["prefill"]["cosine_min"] > 0.97
+    assert gate["reference"].startswith("reference/") and gate["prefill"]["cosine_p01"] > 0.97
     assert st["validate"]["outputs"] == {"validation.json": m["outputs"]["validation.json"]}
     assert "## Validation (int8): PASS" in md
     assert verify_artifact(art).ok
@@ -126,7 +126,7 @@ def test_failed_gate_fails_the_build_and_leaves_nothing(tmp_path, monkeypatch, c
                             "--weight-only", "--samples", "4", "--seq-len", "32", "-o", str(out),
                             "-q"], capsys)
     assert code == 1, err
-    assert "accuracy gate (int8) failed: prefill cosine_min 0.9" in err and "< 0.99999" in err
+    assert "accuracy gate (int8) failed: prefill cosine_p01 0.9" in err and "< 0.99999" in err
     assert err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.iterdir())
 

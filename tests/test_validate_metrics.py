@@ -71,3 +71,20 @@ def test_thresholds():
     with pytest.raises(BadInput):
         resolve_thresholds("int3")
     assert math.isclose(resolve_thresholds("fp8")["max_ppl_delta"], 0.01)
+
+
+def test_cosine_p01_ignores_one_position_but_not_a_broken_graph():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(1000, 32))
+    cand = ref + 1e-3 * rng.normal(size=ref.shape)
+    one = cand.copy()
+    one[7] = rng.normal(size=32)  # one unrelated position out of 1000
+    m = metrics.logits_metrics(one, ref)
+    assert m["cosine_min"] < 0.7 and m["cosine_p01"] > 0.999
+    many = cand.copy()
+    many[::40] = rng.normal(size=(25, 32))  # 2.5% of the positions
+    m = metrics.logits_metrics(many, ref)
+    assert m["cosine_p01"] < 0.7
+    lo, hi = metrics.logits_metrics(cand[:500], ref[:500]), metrics.logits_metrics(one[500:], ref[500:])
+    merged = metrics.merge([lo, hi])
+    assert merged["cosine_p01"] == min(lo["cosine_p01"], hi["cosine_p01"])

@@ -2,7 +2,8 @@
 
 All functions take logits shaped [..., vocab] and reduce over every leading position.
 
-- cosine: cosine similarity of the logit vectors, mean and worst position
+- cosine: cosine similarity of the logit vectors: mean, 1st percentile (`cosine_p01`: 99% of
+  positions are at least this similar) and worst position
 - max_abs: the largest absolute logit difference
 - kl: mean KL(reference || candidate) of the softmax distributions, in nats
 - top1: fraction of positions where both argmaxes agree
@@ -40,6 +41,7 @@ def logits_metrics(candidate: np.ndarray, reference: np.ndarray) -> dict[str, fl
         "positions": int(c.shape[0]),
         "cosine_mean": float(cos.mean()),
         "cosine_min": float(cos.min()),
+        "cosine_p01": float(np.percentile(cos, 1)),
         "max_abs": float(np.abs(c - r).max()),
         "kl_mean": float(max(kl.mean(), 0.0)),
         "kl_max": float(max(kl.max(), 0.0)),
@@ -66,6 +68,8 @@ def merge(parts: list[dict[str, float]]) -> dict[str, float]:
     for key in ("cosine_mean", "kl_mean", "top1", "top5"):
         out[key] = sum(p[key] * p["positions"] for p in parts) / n
     out["cosine_min"] = min(p["cosine_min"] for p in parts)
+    # A percentile does not merge exactly: the lowest part's is a conservative bound.
+    out["cosine_p01"] = min(p.get("cosine_p01", p["cosine_min"]) for p in parts)
     out["max_abs"] = max(p["max_abs"] for p in parts)
     out["kl_max"] = max(p["kl_max"] for p in parts)
     return out

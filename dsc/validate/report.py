@@ -167,8 +167,10 @@ def _md(rep: dict) -> str:
                   f"reference: {v.get('reference')}; data: {v['data']['tokens']} tokens", "",
                   "| metric | prefill | decode | threshold |", "|---|---|---|---|"]
         th = v["thresholds"]
-        for metric, key in (("cosine_min", "min_cosine"), ("top1", "min_top1"),
+        for metric, key in (("cosine_p01", "min_cosine"), ("cosine_min", None), ("top1", "min_top1"),
                             ("top5", "min_top5"), ("kl_mean", "max_kl"), ("max_abs", None)):
+            if metric not in v["prefill"]:
+                continue  # a record written before the metric existed
             lines.append(f"| {metric} | {v['prefill'][metric]:.5g} | {v['decode'][metric]:.5g} | "
                          f"{th.get(key, '') if key else ''} |")
         p = v["perplexity"]
