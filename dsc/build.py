@@ -841,7 +841,8 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
         model_name=old.get("source", {}).get("checkpoint", str(artifact)).rstrip("/")
         .split("/")[-1], dtype=dtype, overrides=list(config.overrides),
         max_batch=config.max_batch, max_input_len=config.max_input_len, max_kv=config.max_kv,
-        backend=config.backend, dla_core=config.dla_core, dla_required=not dla_inherited)
+        backend=config.backend, dla_core=config.dla_core, dla_required=not dla_inherited,
+        quantize=io.get("quantization"))
     graph = graph_record(artifact, io)
     listed = old.get("outputs", {})
     for rel, digest in graph["files"].items():

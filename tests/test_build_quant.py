@@ -279,3 +279,26 @@ def test_locator_skips_tensors_smoothing_rescaled_on_purpose(int8_build):
     ids = np.arange(1, 17, dtype=np.int64)[None]
     errors = layer_errors(art / "model.onnx", art / "reference" / "model.onnx", ids)
     assert errors and not {e.tensor for e in errors} & rescaled
+
+
+@needs_rtx
+def test_compile_checks_the_artifacts_quantized_precision(int8_build, tmp_path, capsys):
+    """`dsc compile` of an INT8 artifact for a target that cannot run it fails before building;
+    one that can gets its engine."""
+    art, _ = int8_build
+    copy = tmp_path / "copy"
+    shutil.copytree(art, copy)
+    code, _, err = run_cli(["compile", str(copy), "--profile", "a100", "-q"], capsys)
+    assert code == 0, err
+    assert (copy / "engines" / "a100-80gb" / "model.engine").is_file()
+    m = _manifest(copy)
+    assert m["profiles"]["a100-80gb"]["plan"]["precision"] == "int8"
+    # The precision check dsc compile makes (from model_io.json's "quantization"):
+    from dsc.errors import Unsupported
+    from dsc.pipeline.targets import resolve_targets
+
+    cfg = json.loads((art / "config.json").read_text())
+    with pytest.raises(Unsupported, match="fp8 is not supported on a100-80gb"):
+        resolve_targets(["a100"], model_config=cfg, model_name="m", dtype="fp16", quantize="fp8")
+    with pytest.raises(Unsupported, match="int4 is not supported on t4"):
+        resolve_targets(["t4"], model_config=cfg, model_name="m", dtype="fp16", quantize="int4")
