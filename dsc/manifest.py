@@ -278,7 +278,7 @@ def inspect_artifact(artifact: str | Path) -> dict:
             stages[name] = {"status": "absent"}
             continue
         entry = {"status": st.get("status", "ran")}
-        for key in ("seconds", "reason"):
+        for key in ("seconds", "reason", "scheme"):
             if key in st:
                 entry[key] = st[key]
         if name == "compile":
@@ -329,7 +329,9 @@ def format_inspect(s: dict) -> str:
                  f"from {src.get('checkpoint')} ({src.get('input_files')} input files hashed)")
     g = s.get("graph") or {}
     if g:
-        lines.append(f"graph: {g.get('onnx')} {g.get('dtype')}, opset {g.get('opset')}")
+        scheme = (s["stages"].get("quantize") or {}).get("scheme")
+        quant = f" with {scheme} Q/DQ" if scheme else ""
+        lines.append(f"graph: {g.get('onnx')} {g.get('dtype')}{quant}, opset {g.get('opset')}")
     lines.append("stages:")
     for name, st in s["stages"].items():
         status = st["status"].replace("_", " ")
