@@ -39,6 +39,7 @@ from dsc.manifest import (
     graph_record,
     hash_tree,
     now,
+    relpath,
     schema_errors,
     source_record,
     verify_artifact,
@@ -53,7 +54,7 @@ BUILD_LOG = "build.log"
 REPORTS = ("report.json", "report.md", "report.html")
 VALIDATE_KINDS = ("auto", "smoke", "gate", "none")
 NOT_RUN = {
-    "optimize": "no passes requested",
+    "optimize": "--no-optimize",
     "quantize": "no quantization requested",
 }
 # Files `dsc validate` / `dsc bench` add; kept across a rebuild when the graph is unchanged.
@@ -455,7 +456,8 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
                         f"{t.plan['total_bytes'] / 2**30:.3f} of "
                         f"{t.plan['capacity_bytes'] / 2**30:.1f} GiB; "
                         + "; ".join(t.notes))
-    graph_plan = _graph_stage_inputs(config, targets, export_in, tools)
+    ctx = _pass_context(targets) if config.optimize else None
+    graph_plan = _graph_stage_inputs(config, ctx, export_in, tools)
     # The graph stages (export, optimize, quantize) are reused together or not at all: a later
     # graph stage replaces model.onnx, so the earlier stage's graph is no longer there to reuse.
     chain_reusable = previous is not None and all(
@@ -469,7 +471,7 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
                 for i, name in enumerate(graph_plan, 1):
                     rec = old_stages.get(name)
                     if graph_plan[name] is None:
-                        stages[name] = {"status": "not_run", "reason": _not_run_reason(config, name)}
+                        stages[name] = {"status": "not_run", "reason": NOT_RUN[name]}
                         progress.say(progress.stage_line(i, name, f"not run ({stages[name]['reason']})"))
                     else:
                         stages[name] = _reused(rec)
@@ -477,7 +479,7 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
                         progress.say(f"{progress.stage_line(i, name, '')}reused (inputs unchanged)")
                     ran[name] = False
             else:
-                stages = _run_graph_stages(config, info, targets, tmp, graph_plan, progress, ran)
+                stages = _run_graph_stages(config, info, ctx, tmp, graph_plan, progress, ran)
             io = json.loads((tmp / IO_SPEC).read_text())
             graph = graph_record(tmp, io)
 
@@ -523,13 +525,7 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
 
 
 
-def _not_run_reason(config: BuildConfig, name: str) -> str:
-    if name == "optimize":
-        return "--no-optimize"
-    return NOT_RUN[name]
-
-
-def _pass_context(config: BuildConfig, targets):
+def _pass_context(targets):
     """The pass context for the graph every target of this build compiles.
 
     One graph serves every profile, so fused ops are those all targets parse: the target's own
@@ -546,7 +542,7 @@ def _pass_context(config: BuildConfig, targets):
     return PassContext(None, PassOptions(target_ops="portable", half_fp32_gemm=half))
 
 
-def _graph_stage_inputs(config: BuildConfig, targets, export_in: dict,
+def _graph_stage_inputs(config: BuildConfig, ctx, export_in: dict,
                         tools: dict) -> dict[str, dict | None]:
     """Inputs of export, optimize and quantize (None: the stage is not requested).
 
@@ -558,7 +554,6 @@ def _graph_stage_inputs(config: BuildConfig, targets, export_in: dict,
     plan: dict[str, dict | None] = {"export": export_in}
     upstream = canonical_hash(export_in)
     if config.optimize:
-        ctx = _pass_context(config, targets)
         names = [n for n, _ in build_pipeline(ctx, config.passes or None, config.disable_passes)]
         inputs = {"upstream": upstream, "passes": names, "options": asdict(ctx.options),
                   "target": ctx.target.to_json(),
@@ -582,7 +577,12 @@ def _graph_stage_inputs(config: BuildConfig, targets, export_in: dict,
     return plan
 
 
-def _run_graph_stages(config: BuildConfig, info, targets, tmp: Path, plan: dict,
+def _files(root: Path) -> set[str]:
+    """Relative paths of the files under `root` (names only: no hashing)."""
+    return {relpath(p, root) for p in root.rglob("*") if p.is_file()}
+
+
+def _run_graph_stages(config: BuildConfig, info, ctx, tmp: Path, plan: dict,
                       progress: Progress, ran: dict) -> dict:
     """Export, then optimize and quantize in place; returns the stage records."""
     from dsc.export import onnx_export
@@ -604,28 +604,28 @@ def _run_graph_stages(config: BuildConfig, info, targets, tmp: Path, plan: dict,
                         "inputs": plan["export"], "outputs": {},
                         "seconds": round(seconds, 2), "dtype": config.dtype,
                         "opset": g.io_spec.get("opset")}
-    written["export"] = set(hash_tree(tmp))
+    written["export"] = _files(tmp)
+    # A later stage rewrites these in place (same names); everything else it writes is new.
+    rewritten = {g.onnx_path.name, f"{g.onnx_path.name}.data", IO_SPEC}
     progress.say(f"{progress.stage_line(1, 'export', '')}{g.onnx_path.name} written, "
                  f"{seconds:.1f}s")
     ran["export"] = True
     # 2. optimize
     if plan["optimize"] is None:
-        stages["optimize"] = {"status": "not_run", "reason": _not_run_reason(config, "optimize")}
+        stages["optimize"] = {"status": "not_run", "reason": NOT_RUN["optimize"]}
         progress.say(progress.stage_line(2, "optimize",
                                          f"not run ({stages['optimize']['reason']})"))
     else:
         from dsc.passes._optimize import optimize_in_place, stage_summary
 
-        ctx = _pass_context(config, targets)
         label = progress.stage_line(2, "optimize", f"graph passes for {ctx.target.name}")
         progress.say(f"{label} ...")
         t0 = time.perf_counter()
-        before = set(hash_tree(tmp))
+        before = _files(tmp)
         report, record = optimize_in_place(tmp, ctx, only=config.passes or None,
                                            disable=config.disable_passes)
         seconds = time.perf_counter() - t0
-        written["optimize"] = set(hash_tree(tmp)) - (before - {IO_SPEC, g.onnx_path.name})
-        written["optimize"] |= {IO_SPEC, g.onnx_path.name, "passes_report.json"}
+        written["optimize"] = (_files(tmp) - before) | rewritten
         stages["optimize"] = {"status": "ran", "input_hash": canonical_hash(plan["optimize"]),
                               "inputs": plan["optimize"], "outputs": {},
                               "seconds": round(seconds, 2), **stage_summary(record)}
@@ -648,14 +648,13 @@ def _run_graph_stages(config: BuildConfig, info, targets, tmp: Path, plan: dict,
         q = plan["quantize"]
         progress.say(f"{progress.stage_line(3, 'quantize', q['precision'])} ...")
         t0 = time.perf_counter()
-        before = set(hash_tree(tmp))
+        before = _files(tmp)
         report, extra = quantize_in_place(
             tmp, config.quantize, calib=config.calib, method=config.calib_method,
             samples=config.calib_samples, seq_len=config.calib_seq_len, alpha=config.alpha,
             weight_only=config.weight_only, exclude=config.exclude, progress=progress.sub)
         seconds = time.perf_counter() - t0
-        after = set(hash_tree(tmp))
-        written["quantize"] = (after - before) | {IO_SPEC, g.onnx_path.name}
+        written["quantize"] = (_files(tmp) - before) | rewritten
         stages["quantize"] = {"status": "ran", "input_hash": canonical_hash(q), "inputs": q,
                               "outputs": {}, "seconds": round(seconds, 2), **extra}
         if extra["under_calibrated_experts"]:
@@ -727,7 +726,7 @@ def _gate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: di
     from dsc.api import load_tokenizer
     from dsc.backends.onnxruntime.runner import OrtCausalLM
     from dsc.validate.gate import GateOptions, run_gate
-    from dsc.validate.run import REFERENCE_DIR, VALIDATION_FILE, _default_text
+    from dsc.validate.run import REFERENCE_DIR, VALIDATION_FILE, _default_text, gate_summary
 
     ref_dir = tmp / REFERENCE_DIR
     ref_io = json.loads((ref_dir / IO_SPEC).read_text())
@@ -766,10 +765,7 @@ def _gate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: di
         5, "validate", f"accuracy gate passed: perplexity {p['delta']:+.2%}, top-1 "
         f"{result['prefill']['top1']:.3f}, cosine p01 {result['prefill']['cosine_p01']:.4f}, "
         f"{seconds:.1f}s"))
-    summary = {k: result[k] for k in ("kind", "precision", "passed", "failures")}
-    summary["perplexity_delta"] = p["delta"]
-    summary["top1_prefill"] = result["prefill"]["top1"]
-    summary["first_divergence"] = result.get("first_divergence")
+    summary = gate_summary(result)
     rec = {"status": "ran", "input_hash": ih, "inputs": inputs,
            "outputs": {VALIDATION_FILE: sha256_file(tmp / VALIDATION_FILE)},
            "seconds": seconds, "result": summary}

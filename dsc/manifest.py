@@ -119,6 +119,20 @@ def write_manifest(directory: Path, manifest: dict, *, check: bool = True) -> Pa
     return path
 
 
+def write_derived_manifest(directory: Path, manifest: dict, source: Mapping,
+                           source_path: Path) -> Path:
+    """Write the manifest of an artifact made from `source_path` (dsc optimize / quantize).
+
+    Checked against the schema, unless the source's own manifest breaks it (written before the
+    schema): then its format is kept and the new records are added unchecked.
+    """
+    if schema_errors(source):
+        logger.warning("%s has a pre-schema manifest; written without the schema check",
+                       source_path)
+        return write_manifest(directory, manifest, check=False)
+    return write_manifest(directory, manifest)
+
+
 # --- the export record (dsc export and the export stage of dsc build) ------------------------
 
 

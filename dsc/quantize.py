@@ -294,7 +294,7 @@ def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, 
                       weight_only: bool = False, exclude=(), profile=None, force: bool = False,
                       use_cache: bool = True, progress=None) -> QuantizeResult:
     """Write a new artifact at `output`: the quantized graph of `artifact` plus its reference."""
-    from dsc.manifest import canonical_hash, graph_record, hash_tree, schema_errors, write_manifest
+    from dsc.manifest import canonical_hash, graph_record, hash_tree, write_derived_manifest
 
     t0 = time.perf_counter()
     check_legal(precision, profile)
@@ -341,12 +341,7 @@ def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, 
         stages.pop("validate", None)
         new.update(stages=stages, graph=graph_record(tmp, new_io), outputs=outputs,
                    precision=precision)
-        if schema_errors(manifest):
-            logger.warning("%s has a pre-schema manifest; written without the schema check",
-                           artifact)
-            write_json(tmp / MANIFEST, new)
-        else:
-            write_manifest(tmp, new)
+        write_derived_manifest(tmp, new, manifest, artifact)
     return QuantizeResult(output, precision, report["scheme"], stage["method"],
                           len(report["layers"]), report["excluded"],
                           report["experts"]["under_calibrated"], seconds, report)

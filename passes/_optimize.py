@@ -141,7 +141,7 @@ def optimize_artifact(artifact: str | Path, output: str | Path, *, profile=None,
                       dump_after=(), verify_each: bool = False, force: bool = False,
                       progress=None) -> OptimizeResult:
     """Optimize `artifact` into a new artifact at `output` (see the module docstring)."""
-    from dsc.manifest import canonical_hash, graph_record, hash_tree, schema_errors, write_manifest
+    from dsc.manifest import canonical_hash, graph_record, hash_tree, write_derived_manifest
 
     artifact, output = Path(artifact), Path(output)
     manifest = load_manifest(artifact)
@@ -176,11 +176,5 @@ def optimize_artifact(artifact: str | Path, output: str | Path, *, profile=None,
             "seconds": round(seconds, 2), **stage_summary(record),
         }
         new = dict(manifest, stages=stages, graph=graph_record(tmp, io), outputs=outputs)
-        if schema_errors(manifest):
-            # An artifact written before the manifest schema: keep its format, add the stage.
-            logger.warning("%s has a pre-schema manifest; written without the schema check",
-                           artifact)
-            write_json(tmp / MANIFEST, new)
-        else:
-            write_manifest(tmp, new)
+        write_derived_manifest(tmp, new, manifest, artifact)
     return OptimizeResult(output, report, record["coverage"], seconds)

@@ -80,6 +80,15 @@ def record(artifact: Path, filename: str, key: str, data: dict, summary: dict) -
     os.replace(mtmp, artifact / MANIFEST)
 
 
+def gate_summary(result: dict) -> dict:
+    """The manifest's `validation` record of a gate result (validation.json holds the rest)."""
+    summary = {k: result[k] for k in ("kind", "precision", "passed", "failures")}
+    summary["perplexity_delta"] = result["perplexity"]["delta"]
+    summary["top1_prefill"] = result["prefill"]["top1"]
+    summary["first_divergence"] = result.get("first_divergence")
+    return summary
+
+
 def validate_artifact(artifact: str | Path, *, reference: str | Path = "fp16",
                       data: str | Path | None = None, thresholds: dict | None = None,
                       precision: str | None = None, options=None, write: bool = True) -> dict:
@@ -110,11 +119,7 @@ def validate_artifact(artifact: str | Path, *, reference: str | Path = "fp16",
     result["candidate"] = io["onnx"]
     result["reference"] = ref_desc
     if write:
-        summary = {k: result[k] for k in ("kind", "precision", "passed", "failures")}
-        summary["perplexity_delta"] = result["perplexity"]["delta"]
-        summary["top1_prefill"] = result["prefill"]["top1"]
-        summary["first_divergence"] = result.get("first_divergence")
-        record(artifact, VALIDATION_FILE, "validation", result, summary)
+        record(artifact, VALIDATION_FILE, "validation", result, gate_summary(result))
         from dsc.validate.report import write_reports
 
         write_reports(artifact)
