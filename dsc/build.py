@@ -443,6 +443,9 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
         raise BadInput(f"opset {config.opset} is not supported by the exporter; choose 18..23")
     tools = tool_versions()
     export_in = export_inputs(info, dtype=config.dtype, opset=config.opset, tools=tools)
+    # Pass names and calibration data are checked here, before any progress or work.
+    ctx = _pass_context(targets) if config.optimize else None
+    graph_plan = _graph_stage_inputs(config, ctx, export_in, tools)
     previous, old = _previous(output, info.path, export_in["checkpoint"], force=config.force)
     if config.rebuild:
         old = {}
@@ -456,8 +459,6 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
                         f"{t.plan['total_bytes'] / 2**30:.3f} of "
                         f"{t.plan['capacity_bytes'] / 2**30:.1f} GiB; "
                         + "; ".join(t.notes))
-    ctx = _pass_context(targets) if config.optimize else None
-    graph_plan = _graph_stage_inputs(config, ctx, export_in, tools)
     # The graph stages (export, optimize, quantize) are reused together or not at all: a later
     # graph stage replaces model.onnx, so the earlier stage's graph is no longer there to reuse.
     chain_reusable = previous is not None and all(

@@ -199,13 +199,14 @@ def test_illegal_precision_fails_before_any_work(tmp_path, checkpoints, capsys, 
     (["--int8", "--dtype", "fp32"], "quantization needs a half-precision graph"),
     (["--no-optimize", "--disable-pass", "cse"], "contradict --no-optimize"),
     (["--disable-pass", "no-such-pass"], "unknown pass 'no-such-pass'"),
+    (["--int8", "--calib", "/nonexistent/calib.txt"], "calibration data not found"),
 ])
 def test_bad_quant_and_pass_options_exit_3(tmp_path, checkpoints, capsys, argv, needle):
     out = tmp_path / "out"
     code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "--profile", "rtx-4090",
                             *argv, "-o", str(out)], capsys)
     assert code == 3, err
-    assert needle in err
+    assert needle in err and err.count("\n") == 1  # one line, no progress before it
     assert not out.exists()
 
 
