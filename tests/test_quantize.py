@@ -142,6 +142,12 @@ def test_calibration_deterministic_and_cached(exported, tmp_path):
         assert np.array_equal(a.acts[k].rows, b.acts[k].rows)
     c = collect(model, load_io_spec(art), w, use_cache=True)
     assert c.cache_hit and c.acts.keys() == a.acts.keys() and c.experts == a.experts
+    # Exclusions do not change what is collected (every target's input is), so they share the
+    # entry; a different row sample does not.
+    d = collect(model, load_io_spec(art), w, exclude=("mlp",), use_cache=True)
+    assert d.cache_hit and d.acts.keys() == a.acts.keys()
+    f = collect(model, load_io_spec(art), w, max_rows=8, use_cache=True)
+    assert not f.cache_hit and max(s.rows.shape[0] for s in f.acts.values()) <= 8
 
 
 def test_calibration_jsonl_and_dir(tmp_path):

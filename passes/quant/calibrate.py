@@ -162,7 +162,9 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
 
     t0 = time.perf_counter()
     msha, dsha = model_sha256(model), data_sha256(windows)
-    path = cache_dir() / f"{msha[:20]}-{dsha[:20]}-{STATS_VERSION}.npz"
+    # Every target's input is collected whatever the exclusions, so they are not in the key; the
+    # row sample size is.
+    path = cache_dir() / f"{msha[:20]}-{dsha[:20]}-r{int(max_rows)}-{STATS_VERSION}.npz"
     if use_cache and path.is_file():
         try:
             stats = CalibStats.load(path)
