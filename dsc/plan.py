@@ -7,11 +7,11 @@ Memory (GiB = 2^30 bytes):
 
 - weights: every weight of the exported model at the precision. Linear weights of attention,
   dense MLP and (shared) experts are quantized; embeddings, lm_head, the MoE router, norms and
-  biases stay 16-bit. INT8/FP8: 1 byte + one fp16 scale per output channel. INT4 (AWQ-style,
-  weight-only): 0.5 byte + per group of 128 input weights an fp16 scale and a 4-bit zero point
-  (2.5 bytes / 128 weights; TensorRT's symmetric block-128 INT4 would drop the zero, -0.4%).
-- KV cache: batch x context x `kv_bytes_per_token` (MLA: the compressed latent). fp16 (2 bytes)
-  for every precision except fp8, whose cache is fp8 (1 byte).
+  biases stay 16-bit. INT8/FP8: 1 byte + one fp16 scale per output channel. INT4 (AWQ,
+  weight-only, as `dsc quantize` writes it): 0.5 byte + per block of 128 input weights one fp16
+  scale (symmetric, no zero point: 2 bytes / 128 weights).
+- KV cache: batch x context x `kv_bytes_per_token` (MLA: the compressed latent), fp16 (2 bytes)
+  at every precision: dsc's quantized graphs keep the cache in fp16 (no FP8 KV cache yet).
 - activations: batch x input_len x (2 x hidden + max(attn_width, 2 x ffn_width)) x 2 bytes
   (one layer's live tensors in fp16: residual and normed input, plus the widest of the q/k/v
   projections or the gate/up outputs; fused attention never holds input_len^2 scores) plus the
@@ -72,7 +72,7 @@ class QuantScheme:
     weight_bytes: float
     scale_bytes_per_row: float  # per-channel scales
     group_size: int | None  # block/group quantization along the input dimension
-    bytes_per_group: float  # scale + zero point per group
+    bytes_per_group: float  # scale (+ zero point, if any) per group
     kv_bytes: int
     compute: str  # throughput_tflops key of the matmuls
     label: str
@@ -82,8 +82,8 @@ SCHEMES: dict[str, QuantScheme] = {
     "fp16": QuantScheme(2, 0, None, 0, 2, "fp16", "fp16"),
     "bf16": QuantScheme(2, 0, None, 0, 2, "bf16", "bf16"),
     "int8": QuantScheme(1, 2, None, 0, 2, "int8", "int8 per-channel"),
-    "fp8": QuantScheme(1, 2, None, 0, 1, "fp8", "fp8 per-channel"),
-    "int4": QuantScheme(0.5, 0, 128, 2.5, 2, "fp16", "int4 g128"),
+    "fp8": QuantScheme(1, 2, None, 0, 2, "fp8", "fp8 per-channel"),
+    "int4": QuantScheme(0.5, 0, 128, 2, 2, "fp16", "int4 g128"),
 }
 
 
