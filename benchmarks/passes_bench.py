@@ -101,7 +101,8 @@ def _build(path: Path, io: dict) -> tuple[float, int]:
 def _latency(path: Path, io: dict) -> tuple[float, float]:
     from dsc.backends.onnxruntime.runner import OrtCausalLM
 
-    lm = OrtCausalLM(path, io, threads=1)
+    # "all": ONNX Runtime's own fusions on, as a user timing it would run it (fp32, no Q/DQ).
+    lm = OrtCausalLM(path, io, threads=1, optimization="all")
     rng = np.random.default_rng(0)
     ids = rng.integers(0, io["vocab_size"], (1, PREFILL))
     mask = np.ones((1, PREFILL), dtype=np.int64)

@@ -65,15 +65,15 @@ def ort_run(model: ir.Model, feeds_list: list[dict]) -> list[list[np.ndarray]]:
     """Outputs of `model` for each feed dict (the model is serialized in memory)."""
     import onnxruntime as ort
 
+    from dsc.backends.onnxruntime.runner import session_options
+
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values()
                if v.const_value is not None)
     if size > _PROTO_LIMIT:
         raise CheckFailed(f"verify-each runs the graph in memory and needs weights under 2 GiB "
                           f"(this graph has {size / 2**30:.1f} GiB)")
     proto = ir.serde.serialize_model(model)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), sess_options=opts,
+    sess = ort.InferenceSession(proto.SerializeToString(), sess_options=session_options(),
                                 providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return [sess.run(names, feeds) for feeds in feeds_list]

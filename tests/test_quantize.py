@@ -355,3 +355,69 @@ def test_accuracy_budget_tiny_v3(tiny_v3_fp16, tmp_path, precision, weight_only)
     delta = res["perplexity"]["delta"]
     assert delta <= BUDGETS[(precision, weight_only)], delta
     assert res["prefill"]["top1"] >= 0.85
+
+
+def _fold_dequantize(src: Path, dst: Path) -> int:
+    """Copy of the graph with every constant DequantizeLinear computed in numpy (fp32, then
+    the scale's dtype): the float graph the Q/DQ graph means, without any Q/DQ kernel."""
+    import onnx
+    from onnx import numpy_helper as nh
+
+    m = onnx.load(str(src))
+    inits = {i.name: i for i in m.graph.initializer}
+    keep, n_folded = [], 0
+    for node in m.graph.node:
+        if node.op_type != "DequantizeLinear" or not all(i in inits for i in node.input if i):
+            keep.append(node)
+            continue
+        q, s = (nh.to_array(inits[i]) for i in node.input[:2])
+        z = nh.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else 0
+        attrs = {a.name: a.i for a in node.attribute}
+        axis = attrs.get("axis", 1) % q.ndim
+        qf, sf, zf = (np.asarray(x).astype(np.float32) for x in (q, s, z))
+        if "block_size" in attrs:
+            sf = np.repeat(sf, attrs["block_size"], axis=axis)
+            zf = np.repeat(zf, attrs["block_size"], axis=axis) if zf.ndim else zf
+        elif sf.ndim == 1 and q.ndim > 1:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            sf, zf = sf.reshape(shape), (zf.reshape(shape) if zf.ndim else zf)
+        w = ((qf - zf) * sf).astype(s.dtype)
+        m.graph.initializer.append(nh.from_array(w, node.output[0]))
+        n_folded += 1
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    onnx.save(m, str(dst))
+    return n_folded
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_onnxruntime_runs_weight_only_graph_as_written(exported, tmp_path, precision):
+    # Validation must score the graph TensorRT is handed. ONNX Runtime's extended optimization
+    # level rewrites DequantizeLinear -> MatMul into its own MatMulNBits kernels (with
+    # onnxruntime 1.32 that triples an INT8 weight-only graph's KL and, at "extended" alone,
+    # breaks it), so the runner defaults to "basic". Its logits must be those of the same graph
+    # with the dequantized weights written out as float initializers.
+    from dsc.artifacts import load_io_spec
+    from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.quantize import quantize_artifact
+
+    art = exported["qwen2"]
+    out = tmp_path / "q"
+    quantize_artifact(art, out, precision, weight_only=True, **CAL)
+    io = load_io_spec(out)
+    shutil.copytree(out, tmp_path / "folded")
+    n = _fold_dequantize(out / "model.onnx", tmp_path / "folded" / "model.onnx")
+    assert n >= 14  # q, k, v, o, gate, up, down of both layers
+    ids = np.asarray(_tok(art)("The quick brown fox jumps over the lazy dog. " * 3)["input_ids"])[None]
+
+    def logits(path, **kw):
+        lm = OrtCausalLM(path, io, **kw)
+        pos = np.arange(ids.shape[1])[None]
+        return lm.step(ids, np.ones_like(ids), pos, lm.empty_past(1)).logits.astype(np.float32)
+
+    got = logits(out / "model.onnx")
+    want = logits(tmp_path / "folded" / "model.onnx", optimization="none")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="optimization must be one of"):
+        OrtCausalLM(out / "model.onnx", io, optimization="max")

@@ -101,6 +101,8 @@ def _run_with_outputs(onnx_path: Path, names: list[str], ids: np.ndarray) -> dic
     import onnx_ir as ir
     import onnxruntime as ort
 
+    from dsc.backends.onnxruntime.runner import session_options
+
     model = ir.load(str(onnx_path))
     feeds = _feeds(model, ids)
     values = {v.name: v for node in model.graph for v in node.outputs}
@@ -112,9 +114,7 @@ def _run_with_outputs(onnx_path: Path, names: list[str], ids: np.ndarray) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
         ir.save(model, path, external_data="probe.onnx.data")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), sess_options=opts,
+        sess = ort.InferenceSession(str(path), sess_options=session_options(),
                                     providers=["CPUExecutionProvider"])
         outs = sess.run(wanted, feeds)
     return dict(zip(wanted, outs))
