@@ -88,3 +88,12 @@ def test_cosine_p01_ignores_one_position_but_not_a_broken_graph():
     lo, hi = metrics.logits_metrics(cand[:500], ref[:500]), metrics.logits_metrics(one[500:], ref[500:])
     merged = metrics.merge([lo, hi])
     assert merged["cosine_p01"] == min(lo["cosine_p01"], hi["cosine_p01"])
+
+
+def test_gate_failure_prints_a_value_apart_from_its_threshold():
+    from dsc.validate.gate import _apart
+
+    assert _apart(0.9, 0.97) == "0.9"
+    assert _apart(0.999986, 0.99999) == "0.999986"  # not "1 < 0.99999"
+    assert _apart(0.96999, 0.97) == "0.96999"  # not "0.97 < 0.97"
+    assert _apart(0.0123456, 0.01) == "0.01235"

@@ -152,6 +152,16 @@ def _greedy(cand, ref, tokenizer, text: str, prompts: int, gen_len: int) -> dict
             "greedy_match": float(np.mean(matched) / gen_len) if matched else 0.0}
 
 
+def _apart(v: float, t: float) -> str:
+    """`v` with 4 significant digits, or as many more (up to 12) as it takes not to print it
+    as the threshold `t` it fails (0.999996 against 0.99999 is "0.999996", not "1")."""
+    for digits in range(4, 13):
+        s = f"{v:.{digits}g}"
+        if float(s) != t and (float(s) < t) == (v < t):
+            return s
+    return repr(v)
+
+
 def _check(result: dict, th: dict[str, float]) -> list[str]:
     fails = []
     for phase in ("prefill", "decode"):
@@ -160,7 +170,7 @@ def _check(result: dict, th: dict[str, float]) -> list[str]:
                                     ("min_top5", "top5", "min"), ("max_kl", "kl_mean", "max")):
             v, t = m[metric], th[key]
             if (better == "min" and not v >= t) or (better == "max" and not v <= t):
-                fails.append(f"{phase} {metric} {v:.4g} {'<' if better == 'min' else '>'} {t:g}")
+                fails.append(f"{phase} {metric} {_apart(v, t)} {'<' if better == 'min' else '>'} {t:g}")
     d, t = result["perplexity"]["delta"], th["max_ppl_delta"]
     if not d <= t:
         fails.append(f"perplexity delta {d:+.2%} > {t:.2%}")
