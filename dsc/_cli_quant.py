@@ -26,8 +26,9 @@ def quant_options(f):
                      help="Calibration text, JSONL or directory (default: shipped text)."),
         click.option("--method", type=click.Choice(["max", "percentile", "entropy", "mse"]),
                      default=None, help="Activation range method (default: max)."),
-        click.option("--alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
-                     help="SmoothQuant migration strength (INT8 W8A8; 0 disables)."),
+        click.option("--alpha", type=_ALPHA, default="auto", show_default=True,
+                     help="SmoothQuant migration strength (INT8 W8A8): auto searches it per "
+                          "layer; a number in [0, 1] fixes it (0 disables smoothing)."),
         click.option("--samples", type=click.IntRange(1), default=64, show_default=True,
                      help="Calibration windows."),
         click.option("--seq-len", type=click.IntRange(2), default=128, show_default=True,
@@ -39,6 +40,24 @@ def quant_options(f):
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+class _Alpha(click.ParamType):
+    name = "auto|0..1"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto":
+            return None
+        try:
+            a = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither auto nor a number", param, ctx)
+        if not 0.0 <= a <= 1.0:
+            self.fail(f"{value} is not in [0, 1]", param, ctx)
+        return a
+
+
+_ALPHA = _Alpha()
 
 
 def quant_kwargs(int8: bool, fp8: bool, int4_awq: bool, weight_only: bool, calib, method, alpha,

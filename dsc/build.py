@@ -88,7 +88,7 @@ class BuildConfig:
     weight_only: bool = False
     calib: str | None = None  # text / JSONL / directory; None: the shipped calibration text
     calib_method: str | None = None
-    alpha: float = 0.5
+    alpha: float | None = None  # SmoothQuant α; None: searched per layer ("auto")
     calib_samples: int = 64
     calib_seq_len: int = 128
     exclude: tuple[str, ...] = ()
@@ -107,7 +107,7 @@ class BuildConfig:
         if self.weight_only and self.quantize != "int8":
             raise BadInput("--weight-only applies to --int8 only (INT4-AWQ is always "
                            "weight-only; FP8 quantizes weights and activations)")
-        if not 0.0 <= self.alpha <= 1.0:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise BadInput(f"alpha must be in [0, 1], got {self.alpha}")
         if self.calib_samples < 1 or self.calib_seq_len < 2:
             raise BadInput("calibration needs at least 1 sample of at least 2 tokens")
@@ -568,7 +568,8 @@ def _graph_stage_inputs(config: BuildConfig, ctx, export_in: dict,
 
         inputs = {"upstream": upstream, "precision": config.quantize,
                   "weight_only": config.weight_only or config.quantize == "int4",
-                  "method": config.calib_method, "alpha": config.alpha,
+                  "method": config.calib_method,
+                  "alpha": "auto" if config.alpha is None else config.alpha,
                   "samples": config.calib_samples, "seq_len": config.calib_seq_len,
                   "exclude": list(config.exclude), "calib_sha256": calibration_sha256(config.calib),
                   "tools": {k: tools.get(k) for k in ("dsc", "onnxruntime", "onnx-ir")}}

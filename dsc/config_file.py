@@ -24,7 +24,7 @@ Keys are the long options of `dsc build`, in snake_case (`max-batch` is accepted
     weight_only                 INT8 weight-only instead of W8A8 SmoothQuant
     calib                       calibration text / JSONL / directory (relative to the file)
     calib_method                max | percentile | entropy | mse
-    alpha                       SmoothQuant migration strength, 0..1
+    alpha                       SmoothQuant migration strength: auto (per layer) or 0..1
     calib_samples, calib_seq_len   calibration windows and their length in tokens
     exclude                     module patterns kept in float (list)
 
@@ -124,8 +124,10 @@ def _check(key: str, value: Any, path: Path, base: Path) -> tuple[str, Any]:
             raise _fail(path, key, "one of " + ", ".join(known) + " or null", value)
         return key, value
     if key == "alpha":
+        if value == "auto":
+            return key, None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise _fail(path, key, "a number in [0, 1]", value)
+            raise _fail(path, key, "auto or a number in [0, 1]", value)
         return key, float(value)
     if key == "profiles":
         if isinstance(value, str):

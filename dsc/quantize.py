@@ -6,9 +6,11 @@ Steps (each deterministic given the model and the data):
 2. calibration data: text / JSONL (`{"text": ...}` per line) / a directory of them, tokenized
    with the artifact's tokenizer, `samples` windows of `seq_len` tokens at evenly spaced
    offsets (default: the calibration text shipped in `dsc/data/calibration.txt`, drawn from the
-   corpus train split; never the held-out split, which validation uses);
-3. calibration (`dsc.passes.quant.calibrate`), cached by sha256(model) + sha256(data);
-4. INT8 W8A8: SmoothQuant (α) then calibrate again on the smoothed graph; INT4: AWQ scales;
+   corpus train split; never the held-out split, which validation uses); for INT8 W8A8 each
+   window starts with the tokenizer's prompt prefix (BOS), as prompts do;
+3. calibration (`dsc.passes.quant.calibrate`), cached by sha256(model) + sha256(data) + rows;
+4. INT8 W8A8: SmoothQuant (α per layer unless given, the down projection's input included)
+   then calibrate again on the smoothed graph; INT4: AWQ scales and clip ratios;
 5. ranges by `method` and `InsertQDQPass`.
 
 The new artifact holds the quantized `model.onnx`, the input graph under `reference/` (the
@@ -125,15 +127,35 @@ def read_calibration_text(calib: str | Path | None) -> str:
     return text
 
 
-def calibration_windows(tokenizer, text: str, samples: int, seq_len: int) -> np.ndarray:
-    """`samples` windows of `seq_len` tokens at evenly spaced offsets (deterministic)."""
+def prompt_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (BOS for Llama/DeepSeek tokenizers,
+    none for Qwen's), as every prompt the model sees starts."""
+    with_sp = tokenizer("a", verbose=False)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"]
+    n = len(with_sp) - len(plain)
+    return list(with_sp[:n]) if n > 0 and list(with_sp[n:]) == list(plain) else []
+
+
+def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, *,
+                        prompt: bool = False) -> np.ndarray:
+    """`samples` windows of `seq_len` tokens at evenly spaced offsets (deterministic); with
+    `prompt`, each starts the way a prompt does (`prompt_prefix`, then text).
+
+    INT8 W8A8 calibrates on prompt windows: BOS puts the model's largest activations at the
+    first position (tiny-qwen2's down_proj input: 35.6 against 25.2 anywhere in running text),
+    and the smoothing scales of the down projection must be fitted with them. INT4 AWQ and FP8
+    measured the same either way on the trained models and use text windows."""
     ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"],
                      dtype=np.int64)
     if ids.size < 2:
         raise BadInput("calibration data tokenizes to fewer than 2 tokens")
-    seq_len = int(min(seq_len, ids.size))
-    starts = np.unique(np.linspace(0, ids.size - seq_len, samples).round().astype(np.int64))
-    return np.stack([ids[s:s + seq_len] for s in starts])
+    prefix = prompt_prefix(tokenizer) if prompt else []
+    if seq_len <= len(prefix) + 1:
+        prefix = []
+    body = int(min(seq_len - len(prefix), ids.size))
+    starts = np.unique(np.linspace(0, ids.size - body, samples).round().astype(np.int64))
+    return np.stack([np.concatenate([np.asarray(prefix, np.int64), ids[s:s + body]])
+                     for s in starts])
 
 
 def _load(onnx_path: Path):
@@ -150,12 +172,13 @@ def _sha_tree(root: Path) -> dict[str, str]:
 
 
 def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, method=None,
-                   samples: int = 64, seq_len: int = 128, alpha: float | None = 0.5,
+                   samples: int = 64, seq_len: int = 128, alpha: float | None = None,
                    weight_only: bool = False, exclude=(), use_cache: bool = True,
                    percentile: float = 99.99, progress=None) -> tuple[object, dict, dict]:
     """Quantize an in-memory onnx_ir model. Returns (model, report, calibration record).
 
-    `alpha`: SmoothQuant's migration strength for INT8 W8A8; None searches it per layer.
+    `alpha`: SmoothQuant's migration strength for INT8 W8A8; None (the default, "auto")
+    searches it per layer, on the fake-quantized GEMM error of the calibration rows.
     """
     from dsc.passes.quant import calibrate as cal
     from dsc.passes.quant.awq import AWQScalePass
@@ -166,7 +189,8 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     method = method or DEFAULT_METHOD[precision]
     scheme = QuantScheme(precision, weight_only=weight_only or precision == "int4")
     text = read_calibration_text(calib)
-    windows = calibration_windows(tokenizer, text, samples, seq_len)
+    smooth = precision == "int8" and not scheme.weight_only and (alpha is None or alpha > 0)
+    windows = calibration_windows(tokenizer, text, samples, seq_len, prompt=smooth)
     dsha = cal.data_sha256(windows)
     say = progress or (lambda msg: None)
     say(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens")
@@ -175,8 +199,10 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     experts = stats.experts
     report: dict = {"scheme": scheme.label, "method": method}
     cache_files = [stats]
-    if precision == "int8" and not scheme.weight_only and (alpha is None or alpha > 0):
-        sq = SmoothQuantPass(stats, alpha, exclude)
+    if smooth:
+        # gated=True also smooths the down projection's input: the calibration windows start
+        # with the prompt prefix (BOS), so its first-token outliers are in the fitted scales.
+        sq = SmoothQuantPass(stats, alpha, exclude, gated=True)
         sq(model)
         report["smoothquant"] = sq.report
         say("calibrating the smoothed graph")
@@ -222,7 +248,7 @@ def calibration_sha256(calib: str | Path | None) -> str:
 
 def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Path | None = None,
                       method: str | None = None, samples: int = 64, seq_len: int = 128,
-                      alpha: float = 0.5, weight_only: bool = False, exclude=(),
+                      alpha: float | None = None, weight_only: bool = False, exclude=(),
                       use_cache: bool = True, progress=None) -> tuple[dict, dict]:
     """Quantize the graph of the artifact being written at `directory`, in place.
 
@@ -271,7 +297,8 @@ def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Pat
     report["seconds"] = seconds
     write_json(directory / "quant_report.json", report)
     stage = {"precision": precision, "scheme": report["scheme"], "method": record["method"],
-             "alpha": alpha if precision == "int8" and not weight_only else None,
+             "alpha": (("auto" if alpha is None else alpha)
+                       if precision == "int8" and not weight_only else None),
              "weight_only": precision == "int4" or weight_only,
              "samples": record["samples"], "seq_len": record["seq_len"],
              "calib": str(calib) if calib else "dsc/data/calibration.txt",
@@ -290,7 +317,7 @@ def quant_outputs(outputs: dict, onnx_name: str) -> dict:
 
 def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, *,
                       calib: str | Path | None = None, method: str | None = None,
-                      samples: int = 64, seq_len: int = 128, alpha: float = 0.5,
+                      samples: int = 64, seq_len: int = 128, alpha: float | None = None,
                       weight_only: bool = False, exclude=(), profile=None, force: bool = False,
                       use_cache: bool = True, progress=None) -> QuantizeResult:
     """Write a new artifact at `output`: the quantized graph of `artifact` plus its reference."""

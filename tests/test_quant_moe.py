@@ -18,9 +18,14 @@ import pytest
 
 CAL = {"samples": 8, "seq_len": 32}
 CASES = [("int8", False), ("int8", True), ("fp8", False), ("int4", True)]
-TOL = {"deepseek_v2": {("int8", False): 0.99, ("int8", True): 0.99, ("fp8", False): 0.98,
+# Mean logit cosine bounds on these random-weight fixtures (router scores nearly tied: any
+# perturbation flips experts). INT8 W8A8 measured 0.959 (V2) and 0.896 (V3) at the defaults
+# (SmoothQuant α per layer, down_proj input smoothed, BOS-led calibration), against 0.99+ and
+# 0.95+ with the earlier α 0.5 and down_proj left alone; on the trained models the new defaults
+# cut INT8 KL 1.5-3x (tests/test_quantize.py::test_int8_defaults_beat_fixed_alpha_trained).
+TOL = {"deepseek_v2": {("int8", False): 0.95, ("int8", True): 0.99, ("fp8", False): 0.98,
                        ("int4", True): 0.9},
-       "deepseek_v3": {("int8", False): 0.95, ("int8", True): 0.98, ("fp8", False): 0.85,
+       "deepseek_v3": {("int8", False): 0.88, ("int8", True): 0.98, ("fp8", False): 0.85,
                        ("int4", True): 0.75}}
 
 
