@@ -95,10 +95,12 @@ def test_exclude_pattern_and_no_op(exported):
 def _ort_logits(model, io, ids):
     import onnxruntime as ort
 
+    from dsc.backends.onnxruntime.runner import session_options
     from dsc.passes.quant.calibrate import _feeds
 
     proto = ir.to_proto(model).SerializeToString()
-    sess = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(proto, sess_options=session_options(),
+                                providers=["CPUExecutionProvider"])
     return sess.run(["logits"], _feeds(io, ids))[0]
 
 

@@ -160,6 +160,8 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
     import onnx
     import onnxruntime as ort
 
+    from dsc.backends.onnxruntime.runner import session_options
+
     t0 = time.perf_counter()
     msha, dsha = model_sha256(model), data_sha256(windows)
     # Every target's input is collected whatever the exclusions, so they are not in the key; the
@@ -185,12 +187,8 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
              if n.op_type == "If" and n.domain in ("", "ai.onnx")}
     cond_names = list(dict.fromkeys(conds.values()))
     vals = {v.name: v for n in model.graph.all_nodes() for v in n.outputs}
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # Optimizations could fuse away the exposed tensors; basic level keeps them all.
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    if threads:
-        opts.intra_op_num_threads = threads
+    # The graph as written: higher levels could also fuse away the exposed tensors.
+    opts = session_options("basic", threads)
     sessions: dict[tuple, tuple] = {}
 
     def session(taken: dict[str, bool]):
