@@ -41,10 +41,8 @@ GRID = tuple(i / 20 for i in range(21))
 CLIP_GRID = tuple(1.0 - i / 40 for i in range(1, 21))  # 0.975 .. 0.5 (1.0 is always a candidate)
 
 
-def _qdq(w: np.ndarray, scheme: QuantScheme, clip: np.ndarray | None = None) -> np.ndarray:
-    q, s, attrs = quantize_weight(w, scheme, clip) if clip is not None \
-        else quantize_weight(w, scheme)
-    return dequantize_weight(q, s, attrs)
+def _qdq(w: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    return dequantize_weight(*quantize_weight(w, scheme))
 
 
 def search_scale(rows: np.ndarray, meanabs: np.ndarray, weights: list[np.ndarray],
