@@ -24,7 +24,8 @@ from running text contain no BOS. Scales fitted without it shrink the per-tensor
 the BOS activation then overflows: on tiny-qwen2 W8A8, smoothing that input lowers the mean KL
 on held-out text (0.0023 -> 0.0012) but drops the logit cosine at the BOS position from 0.989
 to 0.944, below the gate's 0.97, and hurts text that starts every window with BOS (see
-docs/BENCHMARKS.md). With BOS-led calibration windows it is worth enabling.
+docs/BENCHMARKS.md). With BOS-led calibration windows it is worth enabling: `dsc.quantize`
+calibrates INT8 W8A8 on such windows and passes `gated=True`.
 
 Calibrate again after this pass: the activation ranges change.
 """
