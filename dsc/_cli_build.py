@@ -127,6 +127,9 @@ def _emit(outcome, as_json: bool) -> None:
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16",
               show_default=True, help="Precision of the exported graph (and engine).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--external-data", is_flag=True,
+              help="Always write the weights to model.onnx.data (default: only when they "
+                   "reach 1.5 GiB, as every real model does).")
 @click.option("--validate", type=click.Choice(["auto", "smoke", "gate", "none"]), default="auto",
               show_default=True,
               help="Validate stage: gate = quantized graph vs its fp16 reference on held-out "

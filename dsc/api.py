@@ -56,9 +56,12 @@ def tool_versions() -> dict[str, str | None]:
 
 
 def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
-           opset: int | None = None, allow_pickle: bool = False, force: bool = False,
-           progress=_progress) -> ExportResult:
-    """Export a checkpoint to an artifact directory holding the ONNX graph and its I/O spec."""
+           opset: int | None = None, external_data: bool = False, allow_pickle: bool = False,
+           force: bool = False, progress=_progress) -> ExportResult:
+    """Export a checkpoint to an artifact directory holding the ONNX graph and its I/O spec.
+
+    `external_data`: always write the weights to `model.onnx.data` (they go there anyway at
+    1.5 GiB and above)."""
     from dsc.export.onnx_export import export_graph
 
     if dtype not in ("fp32", "fp16", "bf16"):
@@ -70,7 +73,8 @@ def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
     check_output(output, force=force)  # before any output, so a refusal is the only line
     progress(f"checked {info.path}: {info.architecture} → family {info.family.name}")
     with atomic_dir(output, force=force) as tmp:
-        graph = export_graph(info, tmp, dtype=dtype, opset=opset, progress=progress)
+        graph = export_graph(info, tmp, dtype=dtype, opset=opset, external_data=external_data,
+                             progress=progress)
         for f in info.tokenizer_files:
             shutil.copy2(f, tmp / f.name)
         shutil.copy2(info.path / "config.json", tmp / "config.json")
@@ -80,7 +84,8 @@ def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
         from dsc.manifest import export_manifest
 
         manifest = export_manifest(info, tmp, io, dtype=dtype, seconds=graph.seconds,
-                                   tools=tool_versions(), opset=opset)
+                                   tools=tool_versions(), opset=opset,
+                                   external_data=external_data)
         write_json(tmp / MANIFEST, manifest)
     progress(f"artifact written to {output}")
     return ExportResult(

@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 IO_SPEC = "model_io.json"
+# Weights go to `<graph>.data` beside the graph at or above this size: protobuf cannot hold a
+# message over 2 GiB, and the graph itself needs room beside the weights.
+EXTERNAL_DATA_THRESHOLD = 3 * 2**29  # 1.5 GiB
 ARTIFACT_FORMAT = "dsc-artifact"
 SCHEMA_VERSION = 1
 
@@ -94,6 +97,55 @@ def load_io_spec(artifact: Path, *, check_manifest: bool = True) -> dict:
         return json.loads((Path(artifact) / IO_SPEC).read_text())
     except (OSError, ValueError) as e:
         raise BadInput(f"artifact {artifact} has no valid {IO_SPEC}: {e}") from None
+
+
+def data_file(onnx_name: str) -> str:
+    """The external-data file name dsc gives a graph: `model.onnx` -> `model.onnx.data`."""
+    return f"{onnx_name}.data"
+
+
+def is_external_data(rel: str) -> bool:
+    """Whether an artifact file is an ONNX external-data file (never hard-linked: onnx and
+    onnx-ir refuse a data file with more than one link)."""
+    return rel.endswith(".onnx.data")
+
+
+def weight_bytes(model) -> int:
+    """Bytes of an onnx_ir model's initializers (external ones counted, not read)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+
+
+def write_graph(model, directory: Path, onnx_name: str, *, external: bool | None = None) -> bool:
+    """Save an onnx_ir model as `directory/onnx_name`, its weights in `<onnx_name>.data` when
+    `external` (None: when they reach `EXTERNAL_DATA_THRESHOLD`); returns whether they are.
+
+    The files are written in a private directory and then renamed over the old ones, so tensors
+    of `model` loaded lazily from the old data file read intact bytes while the new file is
+    written (the old inode lives on until they are released). After this call those lazy
+    tensors point at the new file, whose layout differs: do not use `model` again; reload it.
+    A data file left from an earlier save is removed when the new graph has none.
+    """
+    import onnx_ir as ir
+
+    directory = Path(directory)
+    if external is None:
+        external = weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    data = data_file(onnx_name)
+    if not external:
+        # Tensors still external would be saved as references to a file this call removes.
+        ir.external_data.load_to_model(model)
+    stage = Path(tempfile.mkdtemp(prefix=".graph-", dir=directory))
+    try:
+        ir.save(model, stage / onnx_name, external_data=data if external else None)
+        if external:
+            os.replace(stage / data, directory / data)
+        elif (directory / data).exists():
+            (directory / data).unlink()
+        os.replace(stage / onnx_name, directory / onnx_name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return external
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -31,7 +31,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from dsc import __version__
-from dsc.artifacts import IO_SPEC, MANIFEST, atomic_dir, is_artifact, load_io_spec, load_manifest
+from dsc.artifacts import (
+    IO_SPEC,
+    MANIFEST,
+    atomic_dir,
+    is_artifact,
+    is_external_data,
+    load_io_spec,
+    load_manifest,
+)
 from dsc.errors import BadInput, CheckFailed, OutputConflict
 from dsc.manifest import (
     canonical_hash,
@@ -69,6 +77,7 @@ class BuildConfig:
     overrides: tuple[str, ...] = ()  # --set key=value, applied to every profile
     dtype: str = "fp16"
     opset: int | None = None
+    external_data: bool = False  # always write weights to model.onnx.data (else at 1.5 GiB)
     max_batch: int | None = None
     max_input_len: int | None = None
     max_kv: int | None = None
@@ -254,12 +263,18 @@ def tool_versions() -> dict:
 
 
 def _link(src_root: Path, dst_root: Path, rels) -> None:
-    """Hard-link (or copy) files of the previous artifact into the one being written."""
+    """Hard-link (or copy) files of the previous artifact into the one being written.
+
+    ONNX external-data files are copied, never linked: onnx and onnx-ir refuse to read a data
+    file with more than one hard link (a guard against tampering through a shared inode)."""
     for rel in rels:
         src, dst = src_root / rel, dst_root / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.exists():
             dst.unlink()
+        if is_external_data(rel):
+            shutil.copy2(src, dst)
+            continue
         try:
             os.link(src, dst)
         except OSError:
@@ -442,7 +457,8 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
     if config.opset is not None and not 18 <= config.opset <= 23:
         raise BadInput(f"opset {config.opset} is not supported by the exporter; choose 18..23")
     tools = tool_versions()
-    export_in = export_inputs(info, dtype=config.dtype, opset=config.opset, tools=tools)
+    export_in = export_inputs(info, dtype=config.dtype, opset=config.opset, tools=tools,
+                              external_data=config.external_data)
     # Pass names and calibration data are checked here, before any progress or work.
     ctx = _pass_context(targets) if config.optimize else None
     graph_plan = _graph_stage_inputs(config, ctx, export_in, tools)
@@ -510,6 +526,10 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
             }
             if validation is not None:
                 manifest["validation"] = validation
+            if validation and validation.get("kind") == "gate" and not validation["passed"]:
+                _finish(tmp, _rejected_path(output), manifest, progress)
+                raise CheckFailed(_gate_failure(config.quantize, validation,
+                                                _keep_rejected(tmp, output)))
             _carry_downstream(previous, old, tmp, manifest, graph)
 
             if (previous is not None and not any(ran.values())
@@ -596,7 +616,7 @@ def _run_graph_stages(config: BuildConfig, info, ctx, tmp: Path, plan: dict,
     progress.say(f"{label} ...")
     t0 = time.perf_counter()
     g = onnx_export.export_graph(info, tmp, dtype=config.dtype, opset=config.opset,
-                                 progress=progress.sub)
+                                 external_data=config.external_data, progress=progress.sub)
     for f in info.tokenizer_files:
         shutil.copy2(f, tmp / f.name)
     shutil.copy2(info.path / "config.json", tmp / "config.json")
@@ -757,21 +777,42 @@ def _gate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: di
     ran["validate"] = True
     seconds = round(time.perf_counter() - t0, 2)
     p = result["perplexity"]
-    if not result["passed"]:
-        fd = result.get("first_divergence") or {}
-        where = f"; first divergence at layer {fd['layer']} ({fd['module']})" if fd else ""
-        raise CheckFailed(f"accuracy gate ({config.quantize}) failed: "
-                          f"{'; '.join(result['failures'])}{where}")
+    # A failed gate's record is written too: `build` keeps the rejected artifact as evidence.
     (tmp / VALIDATION_FILE).write_text(json.dumps(result, indent=2) + "\n")
     progress.say(progress.stage_line(
-        5, "validate", f"accuracy gate passed: perplexity {p['delta']:+.2%}, top-1 "
-        f"{result['prefill']['top1']:.3f}, cosine p01 {result['prefill']['cosine_p01']:.4f}, "
-        f"{seconds:.1f}s"))
+        5, "validate", f"accuracy gate {'passed' if result['passed'] else 'FAILED'}: "
+        f"perplexity {p['delta']:+.2%}, top-1 {result['prefill']['top1']:.3f}, cosine p01 "
+        f"{result['prefill']['cosine_p01']:.4f}, {seconds:.1f}s"))
     summary = gate_summary(result)
     rec = {"status": "ran", "input_hash": ih, "inputs": inputs,
            "outputs": {VALIDATION_FILE: sha256_file(tmp / VALIDATION_FILE)},
            "seconds": seconds, "result": summary}
     return rec, summary
+
+
+def _rejected_path(output: Path) -> Path:
+    return output.with_name(f"{output.name}.rejected")
+
+
+def _keep_rejected(tmp: Path, output: Path) -> str:
+    """Move the artifact a failed gate rejected to OUT.rejected (replacing an earlier rejected
+    artifact, never anything else); returns the clause the error line ends with."""
+    rejected = _rejected_path(output)
+    if rejected.exists() or rejected.is_symlink():
+        if rejected.is_symlink() or not rejected.is_dir() or not is_artifact(rejected):
+            return (f"the rejected artifact was not kept ({rejected} exists and is not a dsc "
+                    f"artifact)")
+        shutil.rmtree(rejected)
+    os.replace(tmp, rejected)
+    return f"the rejected artifact, with its report, is at {rejected}"
+
+
+def _gate_failure(precision: str | None, summary: dict, kept: str) -> str:
+    """The error line of a failed gate: the failing metrics, where the error jumps, the evidence."""
+    fd = summary.get("first_divergence") or {}
+    where = f"; first divergence at layer {fd['layer']} ({fd['module']})" if fd else ""
+    return (f"accuracy gate ({precision}) failed: {'; '.join(summary['failures'])}{where}; "
+            f"{kept}")
 
 
 def _validation_summary(result: dict) -> dict:

@@ -35,16 +35,19 @@ def cli(verbose: int) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16",
               show_default=True, help="Precision of the exported graph.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--external-data", is_flag=True,
+              help="Always write the weights to model.onnx.data (default: only when they "
+                   "reach 1.5 GiB, as every real model does).")
 @click.option("--allow-pickle", is_flag=True,
               help="Load pytorch_model*.bin pickles (runs code from the file; trusted input only).")
 @click.option("--force", is_flag=True, help="Replace an existing dsc artifact at OUTPUT.")
-def export(checkpoint: Path, output: Path, dtype: str, opset: int | None, allow_pickle: bool,
-           force: bool) -> None:
+def export(checkpoint: Path, output: Path, dtype: str, opset: int | None, external_data: bool,
+           allow_pickle: bool, force: bool) -> None:
     """Export a Hugging Face checkpoint to one ONNX graph with KV-cache inputs/outputs."""
     from dsc import api
 
     result = api.export(checkpoint, output, dtype=dtype, opset=opset,
-                        allow_pickle=allow_pickle, force=force)
+                        external_data=external_data, allow_pickle=allow_pickle, force=force)
     click.echo(f"exported {result.family} ({result.architecture}) to {result.path}")
     click.echo(f"  graph: {result.onnx_path.name}  dtype: {result.dtype}  "
                f"layers: {result.num_layers}  cache: {result.cache_kind}")

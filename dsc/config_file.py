@@ -50,7 +50,7 @@ from dsc.errors import BadInput
 _INT_OR_NULL = ("opset", "max_batch", "max_input_len", "max_kv", "dla_core")
 _CHOICES = {"dtype": ("fp16", "bf16", "fp32"), "backend": ("auto", "tensorrt_rtx", "tensorrt"),
             "validate": ("auto", "smoke", "gate", "none")}
-_BOOLS = ("allow_pickle", "force", "rebuild", "optimize", "weight_only")
+_BOOLS = ("allow_pickle", "force", "rebuild", "optimize", "weight_only", "external_data")
 _NAME_LISTS = ("passes", "disable_passes", "exclude")
 _POS_INTS = ("validate_tokens", "calib_samples", "calib_seq_len")
 KEYS = ("checkpoint", "output", "profiles", "set", *_INT_OR_NULL, *_CHOICES, *_POS_INTS,

@@ -146,22 +146,27 @@ def graph_record(directory: Path, io: Mapping) -> dict:
             "files": files, "hash": canonical_hash(files)}
 
 
-def export_inputs(info, *, dtype: str, opset: int | None, tools: Mapping[str, Any]) -> dict:
-    """What the export stage depends on: checkpoint content, dtype, opset, exporter versions."""
+def export_inputs(info, *, dtype: str, opset: int | None, tools: Mapping[str, Any],
+                  external_data: bool = False) -> dict:
+    """What the export stage depends on: checkpoint content, dtype, opset, where the weights
+    go (`--external-data`), exporter versions."""
     return {
         "checkpoint": {relpath(p, info.path): sha256_file(p) for p in info.input_files()},
         "dtype": dtype,
         "opset": opset,
+        "external_data": external_data,
         "tools": {k: tools.get(k) for k in ("dsc", "torch", "transformers", "onnx", "onnxscript",
                                             "onnx-ir")},
     }
 
 
 def export_manifest(info, directory: Path, io: Mapping, *, dtype: str, seconds: float,
-                    tools: Mapping[str, Any], opset: int | None = None) -> dict:
+                    tools: Mapping[str, Any], opset: int | None = None,
+                    external_data: bool = False) -> dict:
     """The manifest `dsc export` writes: source, graph, one export stage, every output's hash."""
     directory = Path(directory)
-    inputs = export_inputs(info, dtype=dtype, opset=opset, tools=tools)
+    inputs = export_inputs(info, dtype=dtype, opset=opset, tools=tools,
+                           external_data=external_data)
     outputs = hash_tree(directory)
     return {
         "format": ARTIFACT_FORMAT,

@@ -29,7 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dsc.artifacts import IO_SPEC, MANIFEST, atomic_dir, load_io_spec, load_manifest, write_json
+from dsc.artifacts import (
+    IO_SPEC,
+    MANIFEST,
+    atomic_dir,
+    data_file,
+    load_io_spec,
+    load_manifest,
+    write_graph,
+    write_json,
+)
 from dsc.errors import BadInput, Unsupported
 
 logger = logging.getLogger(__name__)
@@ -276,16 +285,20 @@ def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Pat
         model, io, tokenizer, precision, calib=calib, method=method, samples=samples,
         seq_len=seq_len, alpha=alpha, weight_only=weight_only, exclude=exclude,
         use_cache=use_cache, progress=progress)
+    external = (directory / data_file(onnx_name)).exists()
     ref = directory / "reference"
     ref.mkdir()
     for p in graph_files:
         shutil.move(str(p), ref / p.name)
-    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                       if v.const_value is not None)
-    ir.save(model, str(directory / onnx_name),
-            external_data=(onnx_name + ".data") if weight_bytes > 1.5 * 2**30 else None)
+    # Weights the passes left alone are still read lazily from the input's data file, which
+    # now lives in reference/.
+    ir.external_data.set_base_dir(model.graph, ref)
+    new_opset = int(model.opset_imports.get("", io.get("opset", 0)))
+    # Weights stay external when the input graph's were (--external-data, or over 1.5 GiB).
+    write_graph(model, directory, onnx_name, external=True if external else None)
+    del model  # its lazy tensors now point at the new data file
     new_io = dict(io)
-    new_io["opset"] = int(model.opset_imports.get("", io.get("opset", 0)))
+    new_io["opset"] = new_opset
     new_io["quantization"] = precision
     write_json(directory / IO_SPEC, new_io)
     cdir = directory / "calibration"

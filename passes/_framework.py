@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
+from dsc.artifacts import EXTERNAL_DATA_THRESHOLD, weight_bytes
 from dsc.errors import BadInput, CheckFailed
 
 if TYPE_CHECKING:
@@ -264,7 +265,12 @@ def run_pipeline(model: ir.Model, ctx: PassContext | None = None, *,
         if name in dump_after:
             path = Path(dump_dir) / f"after-{index:02d}-{name}.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
-            ir.save(model, path)
+            # A dump carries its own weights: references to the artifact's data file would
+            # not resolve from dumps/ (and that file is rewritten when the stage ends).
+            external = weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD or any(
+                isinstance(v.const_value, ir.ExternalTensor)
+                for v in model.graph.initializers.values())
+            ir.save(model, path, external_data=f"{path.name}.data" if external else None)
             report.dumps.append(str(path))
     report.seconds = time.perf_counter() - start
     report.nodes_after = count_nodes(model)

@@ -32,7 +32,9 @@ from dsc.artifacts import (
     atomic_dir,
     check_output,
     load_io_spec,
+    data_file,
     load_manifest,
+    write_graph,
     write_json,
 )
 from dsc.errors import BadInput
@@ -40,7 +42,6 @@ from dsc.errors import BadInput
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "passes_report.json"
-EXTERNAL_DATA_THRESHOLD = 2 * 2**30
 
 
 @dataclass
@@ -108,16 +109,14 @@ def optimize_in_place(directory: Path, ctx: PassContext, *, only=None, disable=(
                                  verify_each=verify_each, progress=progress)
     if _signature(model) != before:
         raise RuntimeError("a pass changed the graph's inputs or outputs (a dsc bug)")
-    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                  if v.const_value is not None)
     if progress:
         progress(f"writing {onnx_name}")
-    data = directory / f"{onnx_name}.data"
-    if data.exists():
-        data.unlink()
-    ir.save(model, directory / onnx_name, external_data=f"{onnx_name}.data"
-            if weights >= EXTERNAL_DATA_THRESHOLD else None)
-    io = dict(io, opset=model.opset_imports.get("", io.get("opset")))
+    opset = model.opset_imports.get("", io.get("opset"))
+    # Weights stay external when the input graph's were (--external-data, or over 1.5 GiB).
+    write_graph(model, directory, onnx_name,
+                external=True if (directory / data_file(onnx_name)).exists() else None)
+    del model  # its lazy tensors now point at the new data file
+    io = dict(io, opset=opset)
     write_json(directory / IO_SPEC, io)
     record = {"target": ctx.target.to_json(),
               "profile": getattr(ctx.profile, "name", None),

@@ -115,13 +115,18 @@ def test_int8_build_runs_every_stage_and_verifies(int8_build):
 
 
 @needs_rtx
-def test_failed_gate_fails_the_build_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+def test_failed_gate_keeps_the_rejected_artifact_beside_out(int8_build, tmp_path, monkeypatch,
+                                                            capsys):
+    from dsc.manifest import hash_tree
     from dsc.validate import gate
 
+    art, argv = int8_build
+    out = tmp_path / "out"
+    shutil.copytree(art, out)  # an artifact that passed is at OUT and must stay as it was
+    before = hash_tree(out)
     strict = {k: dict(v) for k, v in gate.DEFAULT_THRESHOLDS.items()}
     strict["int8"]["min_cosine"] = 0.99999
     monkeypatch.setattr(gate, "DEFAULT_THRESHOLDS", strict)
-    out = tmp_path / "out"
     code, _, err = run_cli(["build", str(TINY_QWEN2), "--profile", "rtx-4090", "--int8",
                             "--weight-only", "--samples", "4", "--seq-len", "32", "-o", str(out),
                             "-q"], capsys)
@@ -130,7 +135,25 @@ def test_failed_gate_fails_the_build_and_leaves_nothing(tmp_path, monkeypatch, c
     m = re.search(r"accuracy gate \(int8\) failed: prefill cosine_p01 ([0-9.]+) < 0\.99999", err)
     assert m and float(m.group(1)) < 0.99999, err
     assert err.count("\n") == 1
-    assert not out.exists() and not list(tmp_path.iterdir())
+    rejected = tmp_path / "out.rejected"
+    assert f"the rejected artifact, with its report, is at {rejected}" in err
+    assert hash_tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.rejected"]
+    # The evidence: a complete artifact whose manifest, report and gate record say it failed.
+    m = _manifest(rejected)
+    assert not schema_errors(m) and verify_artifact(rejected).ok
+    # (weight-only INT8 is off by 2e-5 everywhere: no layer where the error jumps)
+    assert m["validation"]["passed"] is False and "first_divergence" in m["validation"]
+    assert json.loads((rejected / "validation.json").read_text())["passed"] is False
+    assert "FAIL" in (rejected / "report.md").read_text()
+    assert str(rejected) in (rejected / "report.json").read_text()
+    assert (rejected / "engines" / "rtx-4090" / "model.engine").is_file()
+    # A second failure replaces the earlier evidence; OUT still stays as it was.
+    code, _, err = run_cli(["build", str(TINY_QWEN2), "--profile", "rtx-4090", "--int8",
+                            "--weight-only", "--samples", "4", "--seq-len", "32", "-o", str(out),
+                            "-q"], capsys)
+    assert code == 1 and "is at" in err and hash_tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.rejected"]
 
 
 @needs_rtx

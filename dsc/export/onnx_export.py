@@ -28,13 +28,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from dsc.artifacts import EXTERNAL_DATA_THRESHOLD, data_file
 from dsc.errors import BackendError, CheckpointError
 from dsc.models.checkpoint import CheckpointInfo
 from dsc.models.families import Family
 
 logger = logging.getLogger(__name__)
 
-EXTERNAL_DATA_THRESHOLD = 2 * 2**30  # protobuf's hard limit is 2 GiB
 ONNX_FILE = "model.onnx"
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -129,8 +129,13 @@ def example_inputs(config: dict, family: Family, *, batch: int, seq: int, past: 
 
 
 def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int | None,
-                 progress=None) -> ExportedGraph:
-    """Export `info` into `out_dir/model.onnx` (+ external data when large); return its I/O."""
+                 external_data: bool = False, progress=None) -> ExportedGraph:
+    """Export `info` into `out_dir/model.onnx`; return its I/O.
+
+    The weights go to `model.onnx.data` when `external_data` is set or when they reach
+    `dsc.artifacts.EXTERNAL_DATA_THRESHOLD` (1.5 GiB; protobuf cannot hold 2 GiB). Every later
+    stage keeps them external, so `--external-data` makes a tiny model take the paths of a
+    real one."""
     import torch
 
     say = progress or (lambda msg: None)
@@ -179,11 +184,11 @@ def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int 
         raise BackendError(f"ONNX export of {info.architecture} failed: {summary}") from None
     _name_dims(program.model)
     onnx_path = out_dir / ONNX_FILE
-    external = weight_bytes >= EXTERNAL_DATA_THRESHOLD
+    external = external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD
     say(f"writing {onnx_path.name}" + (" with external data" if external else ""))
     program.save(onnx_path, external_data=external)
     del program
-    data_path = out_dir / (ONNX_FILE + ".data")
+    data_path = out_dir / data_file(ONNX_FILE)
     io = io_spec_from_onnx(onnx_path, family, config)
     return ExportedGraph(onnx_path, data_path if data_path.exists() else None, io,
                          time.perf_counter() - t0)

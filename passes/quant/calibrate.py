@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 BINS = 2048
 # Bumped when the set of collected values changes (If branches inlined, copied values).
-STATS_VERSION = "v2"
+STATS_VERSION = "v3"  # v3: model_sha256 hashes weights tensor by tensor
 MAX_ROWS = 1024
 
 
@@ -94,7 +94,36 @@ class CalibStats:
 
 
 def model_sha256(model: ir.Model) -> str:
-    return hashlib.sha256(ir.to_proto(model).SerializeToString()).hexdigest()
+    """sha256 of the graph and every weight's bytes, read one tensor at a time.
+
+    Not of the serialized proto: that would hold a second copy of every weight in memory,
+    cannot exceed 2 GiB, and for external tensors covers only their file offsets, not their
+    content.
+    """
+    h = hashlib.sha256()
+
+    def put(*parts) -> None:
+        h.update(("\x1f".join(map(str, parts)) + "\x1e").encode())
+
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        put("io", value.name, value.dtype, value.shape)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        put("node", node.domain, node.op_type, [v.name if v is not None else "" for v in
+                                                node.inputs], [v.name for v in node.outputs])
+        for name, a in sorted(node.attributes.items()):
+            if a.type == ir.AttributeType.TENSOR:
+                put("attr", name, a.value.dtype, a.value.shape)
+                h.update(a.value.tobytes())
+            elif a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                put("attr", name, a.type)  # the subgraph's nodes are visited in turn
+            else:
+                put("attr", name, a.type, a.value)
+    for name, value in sorted(model.graph.initializers.items()):
+        tensor = value.const_value
+        put("init", name, value.dtype, value.shape)
+        if tensor is not None:
+            h.update(tensor.tobytes())
+    return h.hexdigest()
 
 
 def data_sha256(windows: np.ndarray) -> str:
@@ -158,9 +187,8 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
             progress=None) -> CalibStats:
     """Run `model` on token `windows` [N, L]; statistics for every quantizable MatMul input."""
     import onnx
-    import onnxruntime as ort
 
-    from dsc.backends.onnxruntime.runner import session_options
+    from dsc.backends.onnxruntime.runner import inference_session, spilled
 
     t0 = time.perf_counter()
     msha, dsha = model_sha256(model), data_sha256(windows)
@@ -182,65 +210,63 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
     sources = [[v.name for v in range_sources(t.activation)] for t in targets]
     routers = find_routers(model)
     idx_names = [idx.name for _, idx in routers]
-    proto = ir.to_proto(model)
-    conds = {n.output[0]: n.input[0] for n in proto.graph.node
-             if n.op_type == "If" and n.domain in ("", "ai.onnx")}
-    cond_names = list(dict.fromkeys(conds.values()))
-    vals = {v.name: v for n in model.graph.all_nodes() for v in n.outputs}
-    # The graph as written: higher levels could also fuse away the exposed tensors.
-    opts = session_options("basic", threads)
-    sessions: dict[tuple, tuple] = {}
+    with spilled(model) as (source, base_dir):
+        proto = ir.to_proto(source)
+        conds = {n.output[0]: n.input[0] for n in proto.graph.node
+                 if n.op_type == "If" and n.domain in ("", "ai.onnx")}
+        cond_names = list(dict.fromkeys(conds.values()))
+        vals = {v.name: v for n in model.graph.all_nodes() for v in n.outputs}
+        # The graph as written: higher levels could also fuse away the exposed tensors.
+        sessions: dict[tuple, tuple] = {}
 
-    def session(taken: dict[str, bool]):
-        key = tuple(sorted(taken.items()))
-        if key not in sessions:
-            p = inline_branches(proto, taken)
-            have = {i.name for i in p.graph.input} | {i.name for i in p.graph.initializer} \
-                | {o for n in p.graph.node for o in n.output}
-            acts = [s for s in dict.fromkeys(next((s for s in src if s in have), "")
-                                             for src in sources) if s]
-            _expose(p, acts + idx_names + cond_names, vals)
-            sess = ort.InferenceSession(p.SerializeToString(), sess_options=opts,
-                                        providers=["CPUExecutionProvider"])
-            sessions[key] = (sess, acts)
-        return sessions[key]
+        def session(taken: dict[str, bool]):
+            key = tuple(sorted(taken.items()))
+            if key not in sessions:
+                p = inline_branches(proto, taken)
+                have = {i.name for i in p.graph.input} | {i.name for i in p.graph.initializer} \
+                    | {o for n in p.graph.node for o in n.output}
+                acts = [s for s in dict.fromkeys(next((s for s in src if s in have), "")
+                                                 for src in sources) if s]
+                _expose(p, acts + idx_names + cond_names, vals)
+                sess = inference_session(p, base_dir=base_dir, threads=threads)
+                sessions[key] = (sess, acts)
+            return sessions[key]
 
-    taken: dict[str, bool] = {}
-    if conds:
-        # The branch each If takes on calibration windows (prefill: MLA expanded, MoE dense
-        # unless the batch has fewer token-slots than experts), read from the graph itself.
-        p = onnx.ModelProto()
-        p.CopyFrom(proto)
-        _expose(p, cond_names, vals)
-        sess0 = ort.InferenceSession(p.SerializeToString(), sess_options=opts,
-                                     providers=["CPUExecutionProvider"])
-        res = dict(zip(cond_names, sess0.run(cond_names, _feeds(io, windows[:batch]))))
-        taken = {k: bool(res[c]) for k, c in conds.items()}
-        del sess0, p
-    total = int(windows.shape[0] * windows.shape[1])
-    stride = max(1, total // max_rows)
-    accs: dict[str, _Acc] = {}
-    counts: dict[str, np.ndarray] = {}
-    n_experts = {mod: _num_experts(model, mod) for mod, _ in routers}
-    for i in range(0, windows.shape[0], batch):
-        feeds = _feeds(io, windows[i:i + batch])
-        while True:
-            sess, acts = session(taken)
-            res = sess.run(acts + idx_names + cond_names, feeds)
-            c = dict(zip(cond_names, res[len(acts) + len(idx_names):]))
-            got = {k: bool(c[v]) for k, v in conds.items()}
-            if got == taken:
-                break
-            taken = got  # this batch takes other branches: run it again on their inlined copy
-        for name, x in zip(acts, res[: len(acts)]):
-            if name not in accs:
-                accs[name] = _Acc(x.shape[-1], stride, max_rows)
-            accs[name].add(x)
-        for (mod, _), idx in zip(routers, res[len(acts):len(acts) + len(idx_names)]):
-            c = np.bincount(idx.reshape(-1).astype(np.int64), minlength=n_experts[mod] or 0)
-            counts[mod] = counts.get(mod, 0) + c
-        if progress:
-            progress(f"calibration batch {i // batch + 1}/{-(-windows.shape[0] // batch)}")
+        taken: dict[str, bool] = {}
+        if conds:
+            # The branch each If takes on calibration windows (prefill: MLA expanded, MoE dense
+            # unless the batch has fewer token-slots than experts), read from the graph itself.
+            p = onnx.ModelProto()
+            p.CopyFrom(proto)
+            _expose(p, cond_names, vals)
+            sess0 = inference_session(p, base_dir=base_dir, threads=threads)
+            res = dict(zip(cond_names, sess0.run(cond_names, _feeds(io, windows[:batch]))))
+            taken = {k: bool(res[c]) for k, c in conds.items()}
+            del sess0, p
+        total = int(windows.shape[0] * windows.shape[1])
+        stride = max(1, total // max_rows)
+        accs: dict[str, _Acc] = {}
+        counts: dict[str, np.ndarray] = {}
+        n_experts = {mod: _num_experts(model, mod) for mod, _ in routers}
+        for i in range(0, windows.shape[0], batch):
+            feeds = _feeds(io, windows[i:i + batch])
+            while True:
+                sess, acts = session(taken)
+                res = sess.run(acts + idx_names + cond_names, feeds)
+                c = dict(zip(cond_names, res[len(acts) + len(idx_names):]))
+                got = {k: bool(c[v]) for k, v in conds.items()}
+                if got == taken:
+                    break
+                taken = got  # this batch takes other branches: run it again on their inlined copy
+            for name, x in zip(acts, res[: len(acts)]):
+                if name not in accs:
+                    accs[name] = _Acc(x.shape[-1], stride, max_rows)
+                accs[name].add(x)
+            for (mod, _), idx in zip(routers, res[len(acts):len(acts) + len(idx_names)]):
+                c = np.bincount(idx.reshape(-1).astype(np.int64), minlength=n_experts[mod] or 0)
+                counts[mod] = counts.get(mod, 0) + c
+            if progress:
+                progress(f"calibration batch {i // batch + 1}/{-(-windows.shape[0] // batch)}")
     stats = CalibStats(msha, dsha, total, {k: a.stats() for k, a in accs.items()},
                        {k: [int(x) for x in v] for k, v in counts.items()},
                        seconds=round(time.perf_counter() - t0, 3))

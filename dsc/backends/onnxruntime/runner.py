@@ -8,7 +8,10 @@ left-padded; padding is masked out by `attention_mask` and skipped by `position_
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +52,80 @@ def session_options(optimization: str = "basic", threads: int | None = None):
     return opts
 
 
+# ONNX Runtime reads a graph handed over as bytes through protobuf (2 GiB at most); above this
+# many bytes of tensors held in memory, `inference_session` writes them to a file instead.
+_IN_MEMORY_LIMIT = 3 * 2**29
+
+
+def external_base_dir(model) -> Path | None:
+    """The one directory the external tensors of an onnx_ir model are read from (None: none).
+
+    Raises ValueError if they come from several directories (no ONNX Runtime session can
+    resolve that from bytes)."""
+    import onnx_ir as ir
+
+    dirs = {Path(v.const_value.base_dir).resolve() for v in model.graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)}
+    if len(dirs) > 1:
+        raise ValueError(f"external tensors come from several directories: {sorted(dirs)}")
+    return dirs.pop() if dirs else None
+
+
+@contextlib.contextmanager
+def spilled(model) -> Iterator[tuple[object, Path | None]]:
+    """`model` ready to be handed to ONNX Runtime as a proto: yields (model, base_dir).
+
+    A model holding more than 1.5 GiB of tensors in memory (e.g. SmoothQuant's rescaled
+    weights) is written to a private temporary directory with external data and reloaded
+    lazily, since the bytes handed to ONNX Runtime cannot exceed protobuf's 2 GiB; the
+    directory lives until the block ends. Otherwise `model` itself and the directory its
+    external tensors are read from (None: it has none).
+    """
+    import onnx_ir as ir
+
+    in_memory = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                    if v.const_value is not None
+                    and not isinstance(v.const_value, ir.ExternalTensor))
+    if in_memory <= _IN_MEMORY_LIMIT:
+        yield model, external_base_dir(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="dsc-ort-") as tmp:
+        path = Path(tmp) / "graph.onnx"
+        ir.save(model, path, external_data="graph.onnx.data")
+        yield ir.load(path), Path(tmp)
+
+
+def inference_session(graph, *, base_dir: Path | None = None, optimization: str = "basic",
+                      threads: int | None = None, providers: list[str] | None = None):
+    """An ONNX Runtime session over `graph`: a path, an onnx_ir model or an `onnx.ModelProto`.
+
+    A path is opened as a file, so ONNX Runtime finds its external data beside it. A graph in
+    memory is never resolved against the current directory: its external tensors are read from
+    their own directory (`base_dir` for a ModelProto, which does not carry one; an onnx_ir
+    model knows it, see `spilled`) through ONNX Runtime's
+    `session.model_external_initializers_file_folder_path`. Errors are ONNX Runtime's.
+    """
+    import onnxruntime as ort
+
+    opts = session_options(optimization, threads)
+    providers = providers or ["CPUExecutionProvider"]
+    if isinstance(graph, (str, Path)):
+        return ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
+    if not hasattr(graph, "SerializeToString"):  # an onnx_ir model
+        import onnx_ir as ir
+
+        with spilled(graph) as (model, base):
+            # ONNX Runtime has read (or mapped) the weights once the session exists.
+            return inference_session(ir.to_proto(model), base_dir=base,
+                                     optimization=optimization, threads=threads,
+                                     providers=providers)
+    if base_dir is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                      str(base_dir))
+    return ort.InferenceSession(graph.SerializeToString(), sess_options=opts,
+                                providers=providers)
+
+
 @dataclass
 class StepOutput:
     logits: np.ndarray
@@ -60,8 +137,6 @@ class OrtCausalLM:
 
     def __init__(self, onnx_path: Path, io_spec: dict, *, providers: list[str] | None = None,
                  threads: int | None = None, optimization: str = "basic"):
-        import onnxruntime as ort
-
         self.io = io_spec
         cache = io_spec["cache"]
         if cache["dtype"] == "bfloat16":
@@ -71,11 +146,9 @@ class OrtCausalLM:
         self.entries = [(e["heads"], e["dim"]) for e in cache["entries"]]
         self.past_names = cache["inputs"]
         self.present_names = cache["outputs"]
-        opts = session_options(optimization, threads)
         try:
-            self.session = ort.InferenceSession(
-                str(onnx_path), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
-            )
+            self.session = inference_session(Path(onnx_path), optimization=optimization,
+                                             threads=threads, providers=providers)
         except Exception as e:  # ORT raises its own exception types for malformed graphs
             raise BadInput(f"ONNX Runtime cannot load {onnx_path}: {str(e).splitlines()[0]}") from None
         self._outputs = ["logits", *self.present_names]
