@@ -54,7 +54,7 @@ from dsc.manifest import (
     write_manifest,
 )
 from dsc.models.checkpoint import sha256_file
-from dsc.pipeline.progress import Progress
+from dsc.pipeline.progress import Progress, peak_rss_bytes, reset_peak_rss
 
 logger = logging.getLogger(__name__)
 
@@ -397,12 +397,14 @@ def _compile_stage(targets, tmp: Path, io: dict, graph: dict, tools: dict, progr
             continue
         progress.say(f"{label} ...")
         t0 = time.perf_counter()
+        reset_peak_rss()
         result = compile_target(t, tmp, io, progress, previous=previous)
         seconds = time.perf_counter() - t0
         sub = tmp / "engines" / t.name
         outputs = {f"engines/{t.name}/{k}": v for k, v in hash_tree(sub).items()}
         records[t.name] = {"status": "ran", "input_hash": ih, "inputs": inputs,
-                           "outputs": outputs, "seconds": round(seconds, 2)}
+                           "outputs": outputs, "seconds": round(seconds, 2),
+                           "peak_rss_bytes": peak_rss_bytes()}
         entry = dict(result.entry)
         entry.update({
             "mode": t.mode,
@@ -615,6 +617,7 @@ def _run_graph_stages(config: BuildConfig, info, ctx, tmp: Path, plan: dict,
     label = progress.stage_line(1, "export", f"{info.architecture} -> ONNX {config.dtype}")
     progress.say(f"{label} ...")
     t0 = time.perf_counter()
+    reset_peak_rss()
     g = onnx_export.export_graph(info, tmp, dtype=config.dtype, opset=config.opset,
                                  external_data=config.external_data, progress=progress.sub)
     for f in info.tokenizer_files:
@@ -624,8 +627,8 @@ def _run_graph_stages(config: BuildConfig, info, ctx, tmp: Path, plan: dict,
     seconds = time.perf_counter() - t0
     stages["export"] = {"status": "ran", "input_hash": canonical_hash(plan["export"]),
                         "inputs": plan["export"], "outputs": {},
-                        "seconds": round(seconds, 2), "dtype": config.dtype,
-                        "opset": g.io_spec.get("opset")}
+                        "seconds": round(seconds, 2), "peak_rss_bytes": peak_rss_bytes(),
+                        "dtype": config.dtype, "opset": g.io_spec.get("opset")}
     written["export"] = _files(tmp)
     # A later stage rewrites these in place (same names); everything else it writes is new.
     rewritten = {g.onnx_path.name, f"{g.onnx_path.name}.data", IO_SPEC}
@@ -643,6 +646,7 @@ def _run_graph_stages(config: BuildConfig, info, ctx, tmp: Path, plan: dict,
         label = progress.stage_line(2, "optimize", f"graph passes for {ctx.target.name}")
         progress.say(f"{label} ...")
         t0 = time.perf_counter()
+        reset_peak_rss()
         before = _files(tmp)
         report, record = optimize_in_place(tmp, ctx, only=config.passes or None,
                                            disable=config.disable_passes)
@@ -650,7 +654,8 @@ def _run_graph_stages(config: BuildConfig, info, ctx, tmp: Path, plan: dict,
         written["optimize"] = (_files(tmp) - before) | rewritten
         stages["optimize"] = {"status": "ran", "input_hash": canonical_hash(plan["optimize"]),
                               "inputs": plan["optimize"], "outputs": {},
-                              "seconds": round(seconds, 2), **stage_summary(record)}
+                              "seconds": round(seconds, 2), "peak_rss_bytes": peak_rss_bytes(),
+                              **stage_summary(record)}
         for p in report.passes:
             progress.detail(f"pass {p.name}: {p.seconds * 1e3:.1f} ms, nodes {p.nodes_before} "
                             f"-> {p.nodes_after}"
@@ -670,6 +675,7 @@ def _run_graph_stages(config: BuildConfig, info, ctx, tmp: Path, plan: dict,
         q = plan["quantize"]
         progress.say(f"{progress.stage_line(3, 'quantize', q['precision'])} ...")
         t0 = time.perf_counter()
+        reset_peak_rss()
         before = _files(tmp)
         report, extra = quantize_in_place(
             tmp, config.quantize, calib=config.calib, method=config.calib_method,
@@ -678,7 +684,8 @@ def _run_graph_stages(config: BuildConfig, info, ctx, tmp: Path, plan: dict,
         seconds = time.perf_counter() - t0
         written["quantize"] = (_files(tmp) - before) | rewritten
         stages["quantize"] = {"status": "ran", "input_hash": canonical_hash(q), "inputs": q,
-                              "outputs": {}, "seconds": round(seconds, 2), **extra}
+                              "outputs": {}, "seconds": round(seconds, 2),
+                              "peak_rss_bytes": peak_rss_bytes(), **extra}
         if extra["under_calibrated_experts"]:
             progress.say(f"warning: {extra['under_calibrated_experts']} MoE experts saw fewer "
                          f"than {report['experts']['min_tokens']} calibration tokens "
@@ -718,6 +725,7 @@ def _validate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools
         return rec, _validation_summary(rec["result"])
     progress.say(f"{label} ...")
     t0 = time.perf_counter()
+    reset_peak_rss()
     result = smoke_validate(tmp, io, tokens=config.validate_tokens, prompt=prompt)
     ran["validate"] = True
     seconds = round(time.perf_counter() - t0, 2)
@@ -734,7 +742,8 @@ def _validate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools
         f"greedy tokens, decode = prefill to {result['kv_rel_diff']:.1e}, {seconds:.1f}s"))
     progress.detail(f"smoke: generated token ids {result['generated_tokens']}")
     return ({"status": "ran", "input_hash": ih, "inputs": inputs, "outputs": {},
-             "seconds": seconds, "result": result}, _validation_summary(result))
+             "seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "result": result},
+            _validation_summary(result))
 
 
 def _gate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: dict,
@@ -767,6 +776,7 @@ def _gate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: di
         return _reused(old), old["result"]
     progress.say(f"{label} ...")
     t0 = time.perf_counter()
+    reset_peak_rss()
     cand = OrtCausalLM(tmp / io["onnx"], io)
     ref = OrtCausalLM(ref_dir / ref_io["onnx"], ref_io)
     result = run_gate(cand, ref, load_tokenizer(tmp), text, precision=config.quantize,
@@ -786,7 +796,7 @@ def _gate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: di
     summary = gate_summary(result)
     rec = {"status": "ran", "input_hash": ih, "inputs": inputs,
            "outputs": {VALIDATION_FILE: sha256_file(tmp / VALIDATION_FILE)},
-           "seconds": seconds, "result": summary}
+           "seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "result": summary}
     return rec, summary
 
 

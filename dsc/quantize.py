@@ -189,12 +189,14 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     `alpha`: SmoothQuant's migration strength for INT8 W8A8; None (the default, "auto")
     searches it per layer, on the fake-quantized GEMM error of the calibration rows.
     """
+    from dsc.passes._ir import reset_unique_names
     from dsc.passes.quant import calibrate as cal
     from dsc.passes.quant.awq import AWQScalePass
     from dsc.passes.quant.qdq import InsertQDQPass, QuantScheme
     from dsc.passes.quant.ranges import compute_amax
     from dsc.passes.quant.smoothquant import SmoothQuantPass
 
+    reset_unique_names()
     method = method or DEFAULT_METHOD[precision]
     scheme = QuantScheme(precision, weight_only=weight_only or precision == "int4")
     text = read_calibration_text(calib)

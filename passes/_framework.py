@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from dsc.artifacts import EXTERNAL_DATA_THRESHOLD, weight_bytes
+from dsc.passes._ir import reset_unique_names
 from dsc.errors import BadInput, CheckFailed
 
 if TYPE_CHECKING:
@@ -231,6 +232,7 @@ def run_pipeline(model: ir.Model, ctx: PassContext | None = None, *,
     `verify_atol` (absolute, scaled by the outputs' magnitude when that exceeds 1).
     """
     ctx = ctx or PassContext()
+    reset_unique_names()
     pipeline = list(passes) if passes is not None else build_pipeline(ctx, only, disable)
     dump_after = set(dump_after)
     unknown = dump_after - {n for n, _ in pipeline}

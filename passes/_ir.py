@@ -92,11 +92,21 @@ def dtype_name(value: ir.Value | None) -> str | None:
 _taken: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def reset_unique_names() -> None:
+    """Restart `unique_name`'s counter. Called when a pass pipeline or a quantization starts,
+    so the same graph gets the same new names whatever ran earlier in this process (two builds
+    in one process, e.g. a test session or a matrix worker, wrote different ONNX bytes)."""
+    global _counter
+    _counter = itertools.count()
+    _taken.clear()
+
+
 def unique_name(graph: ir.Graph, stem: str) -> str:
     """`stem__dscN`, a name no value of `graph` (or of its subgraphs) has.
 
-    Deterministic (a counter), so the same input gives the same output; names left by an
-    earlier optimization run are collected once per graph and skipped.
+    Deterministic (a counter restarted by `reset_unique_names`), so the same input gives the
+    same output; names left by an earlier optimization run are collected once per graph and
+    skipped.
     """
     taken = _taken.get(graph)
     if taken is None:

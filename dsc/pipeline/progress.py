@@ -14,6 +14,32 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window for this process (Linux: `clear_refs` 5 resets VmHWM, see
+    proc(5)); elsewhere a no-op, and `peak_rss_bytes` then reports the peak since start."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size in bytes since the last `reset_peak_rss` (VmHWM of
+    /proc/self/status; without /proc, `getrusage`'s ru_maxrss since start; None if neither)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+    except (ImportError, OSError):
+        return None
 
 
 class Progress:
