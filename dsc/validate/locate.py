@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import logging
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,9 +98,8 @@ def _feeds(model, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 def _run_with_outputs(onnx_path: Path, names: list[str], ids: np.ndarray) -> dict[str, np.ndarray]:
     import onnx_ir as ir
-    import onnxruntime as ort
 
-    from dsc.backends.onnxruntime.runner import session_options
+    from dsc.backends.onnxruntime.runner import inference_session
 
     model = ir.load(str(onnx_path))
     feeds = _feeds(model, ids)
@@ -111,12 +109,8 @@ def _run_with_outputs(onnx_path: Path, names: list[str], ids: np.ndarray) -> dic
     for n in wanted:
         if n not in existing:
             model.graph.outputs.append(values[n])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "probe.onnx"
-        ir.save(model, path, external_data="probe.onnx.data")
-        sess = ort.InferenceSession(str(path), sess_options=session_options(),
-                                    providers=["CPUExecutionProvider"])
-        outs = sess.run(wanted, feeds)
+    # The weights are read where they are (no copy of the graph's data file is written).
+    outs = inference_session(model).run(wanted, feeds)
     return dict(zip(wanted, outs))
 
 
