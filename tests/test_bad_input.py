@@ -190,3 +190,69 @@ def test_help_needs_no_heavy_imports(argv):
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+# --- published checkpoints: quantization, shards, tensors, numbers -----------------------------
+
+
+def _edit_config(ckpt: Path, **fields) -> None:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(fields)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_tensors(ckpt: Path, edit) -> None:
+    """Apply `edit(dict of tensors)` to each safetensors file of `ckpt`."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(ckpt.glob("*.safetensors")):
+        tensors = load_file(f)
+        edit(tensors)
+        save_file(tensors, f, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("quant", [
+    {"quant_method": "gptq", "bits": 4, "group_size": 128},
+    {"quant_method": "awq", "bits": 4, "version": "gemm"},
+    {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+    {"quant_method": "bitsandbytes", "load_in_4bit": True},
+    {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]},
+    {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": None},
+    {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "static",
+     "weight_block_size": [128, 128]},
+], ids=lambda q: "-".join(str(v) for v in q.values())[:40])
+def test_other_quantization_is_refused_before_loading(tmp_path, checkpoints, capsys, quant):
+    ckpt = _copy(checkpoints["llama"], tmp_path / "ckpt")
+    _edit_config(ckpt, quantization_config=quant)
+    code, msg = _export_fails(ckpt, tmp_path, capsys)  # no progress line: refused at inspection
+    assert code == EXIT_UNSUPPORTED
+    assert repr(quant["quant_method"]) in msg or "fp8" in msg.lower()
+    if quant["quant_method"] != "fp8":
+        assert quant["quant_method"] in msg
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors",
+                                   "sub/../../outside.safetensors"])
+def test_index_naming_a_shard_outside_the_checkpoint(tmp_path, checkpoints, capsys, shard):
+    from dsc.fixtures import write_sharded
+
+    ckpt = write_sharded(checkpoints["llama"], tmp_path / "ckpt")
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    index_path.write_text(json.dumps(index))
+    (tmp_path / "outside.safetensors").write_bytes((ckpt / "model-00001-of-00002.safetensors")
+                                                   .read_bytes())
+    code, msg = _export_fails(ckpt, tmp_path, capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "outside the checkpoint directory" in msg and shard in msg
+
+
+def test_fp8_tensor_without_its_scale(tmp_path, fp8_checkpoint, capsys):
+    ckpt = _copy(fp8_checkpoint, tmp_path / "ckpt")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    _edit_tensors(ckpt, lambda t: t.pop(name + "_scale_inv", None))
+    code, msg = _export_fails(ckpt, tmp_path, capsys)
+    assert code == EXIT_BAD_INPUT
+    assert f"{name} " in msg and "_scale_inv" in msg
