@@ -19,6 +19,8 @@ from dsc.fixtures import quantize_fp8_blocks, read_tensors, to_fp8_published, wr
 from dsc.models.checkpoint import inspect_checkpoint
 from dsc.models.weights import WeightReader, dequantize_fp8_blocks
 
+from .conftest import FAMILIES
+
 
 def decode_e4m3fn(bits: np.ndarray) -> np.ndarray:
     """float8_e4m3fn bit patterns (uint8) → float64: bias 7, no infinities, S.1111.111 is NaN."""
@@ -160,6 +162,25 @@ def test_reader_refuses_an_fp16_cast_that_overflows(tmp_path, checkpoints):
     with WeightReader.for_checkpoint(info, dtype=torch.float16) as reader, \
             pytest.raises(CheckpointError, match=overflow):
         dict(iter(reader))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lazy_load_equals_transformers_own_load(family, checkpoints, tmp_path):
+    """The reader + transformers' key conversion loads exactly what from_pretrained(path) does,
+    including the per-expert tensors fused into 3-D gate_up_proj / down_proj."""
+    from transformers import AutoModelForCausalLM
+
+    from dsc.export.onnx_export import load_model
+
+    ckpt = write_sharded(checkpoints[family], tmp_path / "ckpt", shards=3)
+    want = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).state_dict()
+    got = load_model(inspect_checkpoint(ckpt), "fp32").state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        assert torch.equal(got[k], want[k]), k
+    if family.startswith("deepseek"):
+        assert any(k.endswith("mlp.experts.gate_up_proj") and got[k].ndim == 3 for k in got)
 
 
 def test_fp8_layout_round_trip_keeps_unquantized_tensors(tmp_path, checkpoints):

@@ -28,16 +28,19 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsc.errors import BackendError, CheckpointError
+from dsc.errors import BackendError
 from dsc.models.checkpoint import CheckpointInfo
 from dsc.models.families import Family
+from dsc.models.loading import load_model
+
+__all__ = ["ExportedGraph", "KVCacheWrapper", "example_inputs", "export_graph",
+           "io_spec_from_onnx", "load_model"]
 
 logger = logging.getLogger(__name__)
 
 EXTERNAL_DATA_THRESHOLD = 2 * 2**30  # protobuf's hard limit is 2 GiB
 ONNX_FILE = "model.onnx"
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
-_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -50,31 +53,6 @@ class ExportedGraph:
 
 def cache_names(family: Family, num_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{e}" for i in range(num_layers) for e in family.cache_entries]
-
-
-def load_model(info: CheckpointInfo, dtype: str):
-    """Load the checkpoint with transformers, ready to export (eval mode, adapter settings)."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    transformers.utils.logging.disable_progress_bar()
-    torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(
-                info.path,
-                dtype=torch_dtype,
-                use_safetensors=info.weight_format == "safetensors",
-                attn_implementation="sdpa",
-            )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {info.path}: {first}") from None
-    model.eval()
-    info.family.prepare_model(model)
-    return model
 
 
 class KVCacheWrapper:
@@ -137,7 +115,7 @@ def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int 
     family = info.family
     t0 = time.perf_counter()
     say(f"loading {info.architecture} ({info.num_parameters / 1e6:.1f}M parameters, {dtype})")
-    model = load_model(info, dtype)
+    model = load_model(info, dtype, progress=say)
     config = model.config.to_dict()
     num_layers = int(config["num_hidden_layers"])
     wrapper = KVCacheWrapper(model, family)
