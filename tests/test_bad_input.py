@@ -337,3 +337,13 @@ def test_fp16_overflow_of_a_weight_suggests_bf16(tmp_path, checkpoints, capsys):
     code, msg = _export_fails(ckpt, tmp_path, capsys, "--dtype", "fp16", **LATE)
     assert code == EXIT_BAD_INPUT
     assert name in msg and "--dtype bf16" in msg
+
+
+def test_fp16_overflow_of_activations_suggests_bf16(tmp_path, checkpoints, capsys):
+    """Every weight fits fp16, but DeepSeek-V2's routed_scaling_factor pushes the residual
+    stream past 65504 (here 1e6; the real V2 uses 16 on much larger activations)."""
+    ckpt = _copy(checkpoints["deepseek_v2"], tmp_path / "ckpt")
+    _edit_config(ckpt, routed_scaling_factor=1e6)
+    code, msg = _export_fails(ckpt, tmp_path, capsys, "--dtype", "fp16", **LATE)
+    assert code == EXIT_BAD_INPUT
+    assert "overflows" in msg and "--dtype bf16" in msg

@@ -28,13 +28,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsc.errors import BackendError
+from dsc.errors import BackendError, BadInput
 from dsc.models.checkpoint import CheckpointInfo
 from dsc.models.families import Family
-from dsc.models.loading import load_model
+from dsc.models.loading import load_model, transformers_quiet
 
-__all__ = ["ExportedGraph", "KVCacheWrapper", "example_inputs", "export_graph",
-           "io_spec_from_onnx", "load_model"]
+__all__ = ["ExportedGraph", "KVCacheWrapper", "check_fp16_range", "example_inputs",
+           "export_graph", "io_spec_from_onnx", "load_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,9 @@ def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int 
         config, family, batch=EXAMPLE_BATCH, seq=EXAMPLE_SEQ, past=EXAMPLE_PAST,
         dtype=model.dtype,
     )
+    if dtype == "fp16":
+        say("checking that fp16 holds the activations (one forward pass on the example)")
+        check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1)
     past = torch.export.Dim("past", min=0)
@@ -165,6 +168,27 @@ def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int 
     io = io_spec_from_onnx(onnx_path, family, config)
     return ExportedGraph(onnx_path, data_path if data_path.exists() else None, io,
                          time.perf_counter() - t0)
+
+
+def check_fp16_range(wrapper, inputs, family: Family, num_layers: int) -> None:
+    """Run the example through the fp16 model; non-finite logits or cache are a `BadInput`.
+
+    fp16 tops out at 65504: a model trained in bf16 can exceed it in its activations (DeepSeek-V2's
+    routed_scaling_factor of 16 does) although every weight fits. The exported graph would then
+    compute inf/NaN, so refuse it here, before tracing, and point at bf16.
+    """
+    import torch
+
+    names = ["logits", *cache_names(family, num_layers, "present")]
+    with family.export_patches(), torch.no_grad(), warnings.catch_warnings(), \
+            transformers_quiet():
+        warnings.simplefilter("ignore")
+        outputs = wrapper(*inputs)
+    for name, value in zip(names, outputs, strict=True):
+        if not bool(torch.isfinite(value).all()):
+            raise BadInput(
+                f"the fp16 export overflows: {name} is inf/NaN on the export example (fp16 holds "
+                "values up to 65504); export with --dtype bf16 (or fp32)")
 
 
 @contextlib.contextmanager
