@@ -11,8 +11,8 @@ Exit codes (also in README.md):
 | 0 | success |
 | 1 | a check failed: validation gate, `dsc verify` hash mismatch |
 | 2 | usage error (unknown option, missing argument) |
-| 3 | bad input: missing/corrupt checkpoint, config, ONNX, profile or artifact |
-| 4 | unsupported: architecture, precision on this target, operation |
+| 3 | bad input: corrupt checkpoint or tensor, config, ONNX, profile, artifact; fp16 overflow |
+| 4 | unsupported: architecture, checkpoint quantization, precision on this target, operation |
 | 5 | output path holds something that is not a dsc artifact |
 | 6 | the model does not fit the target |
 | 7 | a backend failed (ONNX export, TensorRT parse/build) |

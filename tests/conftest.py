@@ -37,6 +37,14 @@ def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def fp8_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
+    """The tiny DeepSeek-V3 (576-wide latent) in the published FP8 block layout, with MTP."""
+    from dsc.fixtures import make_fp8_fixture
+
+    return make_fp8_fixture(tmp_path_factory.mktemp("fp8") / "v3-fp8", tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory, checkpoints) -> dict[str, Path]:
     """fp32 artifacts, exported lazily per family on first use."""
     from dsc import api

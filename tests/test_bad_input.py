@@ -20,6 +20,8 @@ from dsc.models.families import supported_architectures
 
 from .conftest import run_cli
 
+LATE = {"after_progress": True}
+
 
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
@@ -32,10 +34,19 @@ def _assert_clean(parent: Path, out: Path) -> None:
     assert not leftovers, f"temporary directories left behind: {leftovers}"
 
 
-def _export_fails(argv_ckpt: Path, tmp_path: Path, capsys, *extra: str) -> tuple[int, str]:
+def _export_fails(argv_ckpt: Path, tmp_path: Path, capsys, *extra: str,
+                  after_progress: bool = False) -> tuple[int, str]:
+    """Run `dsc export`; expect one `dsc: error:` line and a clean output path.
+
+    `after_progress`: the error is found while the weights are read, so `[dsc] ...` progress lines
+    may come first; nothing else may (no warnings, no transformers load report).
+    """
     out = tmp_path / "out"
     code, stdout, err = run_cli(["export", str(argv_ckpt), "-o", str(out), *extra], capsys)
     lines = [ln for ln in err.splitlines() if ln.strip()]
+    if after_progress:
+        assert all(ln.startswith("[dsc] ") for ln in lines[:-1]), f"unexpected output: {err!r}"
+        lines = lines[-1:]
     assert len(lines) == 1, f"expected one line, got: {err!r}"
     assert lines[0].startswith("dsc: error: ")
     assert "Traceback" not in err
@@ -190,3 +201,149 @@ def test_help_needs_no_heavy_imports(argv):
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+# --- published checkpoints: quantization, shards, tensors, numbers -----------------------------
+
+
+def _edit_config(ckpt: Path, **fields) -> None:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(fields)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_tensors(ckpt: Path, edit) -> None:
+    """Apply `edit(dict of tensors)` to each safetensors file of `ckpt`."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(ckpt.glob("*.safetensors")):
+        tensors = load_file(f)
+        edit(tensors)
+        save_file(tensors, f, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("quant", [
+    {"quant_method": "gptq", "bits": 4, "group_size": 128},
+    {"quant_method": "awq", "bits": 4, "version": "gemm"},
+    {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+    {"quant_method": "bitsandbytes", "load_in_4bit": True},
+    {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]},
+    {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": None},
+    {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "static",
+     "weight_block_size": [128, 128]},
+], ids=lambda q: "-".join(str(v) for v in q.values())[:40])
+def test_other_quantization_is_refused_before_loading(tmp_path, checkpoints, capsys, quant):
+    ckpt = _copy(checkpoints["llama"], tmp_path / "ckpt")
+    _edit_config(ckpt, quantization_config=quant)
+    code, msg = _export_fails(ckpt, tmp_path, capsys)  # no progress line: refused at inspection
+    assert code == EXIT_UNSUPPORTED
+    assert repr(quant["quant_method"]) in msg or "fp8" in msg.lower()
+    if quant["quant_method"] != "fp8":
+        assert quant["quant_method"] in msg
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors",
+                                   "sub/../../outside.safetensors"])
+def test_index_naming_a_shard_outside_the_checkpoint(tmp_path, checkpoints, capsys, shard):
+    from dsc.fixtures import write_sharded
+
+    ckpt = write_sharded(checkpoints["llama"], tmp_path / "ckpt")
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    index_path.write_text(json.dumps(index))
+    (tmp_path / "outside.safetensors").write_bytes((ckpt / "model-00001-of-00002.safetensors")
+                                                   .read_bytes())
+    code, msg = _export_fails(ckpt, tmp_path, capsys)
+    assert code == EXIT_BAD_INPUT
+    assert "outside the checkpoint directory" in msg and shard in msg
+
+
+@pytest.mark.parametrize("family,name", [
+    ("deepseek_v3", "model.layers.1.post_attention_layernorm.weight"),
+    ("fp8", "model.layers.2.mlp.experts.4.down_proj.weight"),
+])
+def test_nan_in_a_weight_is_named(tmp_path, checkpoints, fp8_checkpoint, capsys, family, name):
+    import torch
+
+    src = fp8_checkpoint if family == "fp8" else checkpoints[family]
+    ckpt = _copy(src, tmp_path / "ckpt")
+
+    def poison(tensors):
+        if name in tensors:
+            t = tensors[name].clone()
+            if t.dtype == torch.float8_e4m3fn:
+                t.view(torch.uint8).view(-1)[3] = 0x7F  # E4M3's NaN code
+            else:
+                t[0] = float("nan")
+            tensors[name] = t
+
+    _edit_tensors(ckpt, poison)
+    code, msg = _export_fails(ckpt, tmp_path, capsys, **LATE)
+    assert code == EXIT_BAD_INPUT
+    assert name in msg and "NaN" in msg
+
+
+@pytest.mark.parametrize("family,name", [
+    ("llama", "model.layers.1.post_attention_layernorm.weight"),
+    ("deepseek_v3", "model.layers.1.mlp.experts.3.up_proj.weight"),  # one of 16 fused experts
+    ("fp8", "model.layers.0.self_attn.kv_b_proj.weight"),
+])
+def test_missing_tensor_is_named(tmp_path, checkpoints, fp8_checkpoint, capsys, family, name):
+    src = fp8_checkpoint if family == "fp8" else checkpoints[family]
+    ckpt = _copy(src, tmp_path / "ckpt")
+
+    def drop(tensors):
+        tensors.pop(name, None)
+        tensors.pop(name + "_scale_inv", None)
+
+    _edit_tensors(ckpt, drop)
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data["weight_map"].items()
+                              if k not in (name, name + "_scale_inv")}
+        index.write_text(json.dumps(data))
+    code, msg = _export_fails(ckpt, tmp_path, capsys, **LATE)
+    assert code == EXIT_BAD_INPUT
+    assert "lacks 1 tensor" in msg and name in msg
+
+
+def test_unexpected_tensor_is_named(tmp_path, checkpoints, capsys):
+    import torch
+
+    ckpt = _copy(checkpoints["llama"], tmp_path / "ckpt")
+    name = "model.layers.0.self_attn.extra_proj.weight"
+    _edit_tensors(ckpt, lambda t: t.update({name: torch.zeros(4, 4)}))
+    code, msg = _export_fails(ckpt, tmp_path, capsys, **LATE)
+    assert code == EXIT_BAD_INPUT
+    assert name in msg and "no place for" in msg
+
+
+def test_fp8_tensor_without_its_scale(tmp_path, fp8_checkpoint, capsys):
+    ckpt = _copy(fp8_checkpoint, tmp_path / "ckpt")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    _edit_tensors(ckpt, lambda t: t.pop(name + "_scale_inv", None))
+    code, msg = _export_fails(ckpt, tmp_path, capsys)
+    assert code == EXIT_BAD_INPUT
+    assert f"{name} " in msg and "_scale_inv" in msg
+
+
+def test_fp16_overflow_of_a_weight_suggests_bf16(tmp_path, checkpoints, capsys):
+    ckpt = _copy(checkpoints["llama"], tmp_path / "ckpt")
+    name = "model.layers.0.input_layernorm.weight"
+    _edit_tensors(ckpt, lambda t: t.update({name: t[name] * 0 + 1e5}))
+    code, msg = _export_fails(ckpt, tmp_path, capsys, "--dtype", "fp16", **LATE)
+    assert code == EXIT_BAD_INPUT
+    assert name in msg and "--dtype bf16" in msg
+
+
+def test_fp16_overflow_of_activations_suggests_bf16(tmp_path, checkpoints, capsys):
+    """Every weight fits fp16, but DeepSeek-V2's routed_scaling_factor pushes the residual
+    stream past 65504 (here 1e6; the real V2 uses 16 on much larger activations)."""
+    ckpt = _copy(checkpoints["deepseek_v2"], tmp_path / "ckpt")
+    _edit_config(ckpt, routed_scaling_factor=1e6)
+    code, msg = _export_fails(ckpt, tmp_path, capsys, "--dtype", "fp16", **LATE)
+    assert code == EXIT_BAD_INPUT
+    assert "overflows" in msg and "--dtype bf16" in msg

@@ -29,15 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsc.artifacts import EXTERNAL_DATA_THRESHOLD, data_file
-from dsc.errors import BackendError, CheckpointError
+from dsc.errors import BackendError, BadInput
 from dsc.models.checkpoint import CheckpointInfo
 from dsc.models.families import Family
+from dsc.models.loading import load_model, transformers_quiet
+
+__all__ = ["ExportedGraph", "KVCacheWrapper", "check_fp16_range", "example_inputs",
+           "export_graph", "io_spec_from_onnx", "load_model"]
 
 logger = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
-_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -50,31 +53,6 @@ class ExportedGraph:
 
 def cache_names(family: Family, num_layers: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{e}" for i in range(num_layers) for e in family.cache_entries]
-
-
-def load_model(info: CheckpointInfo, dtype: str):
-    """Load the checkpoint with transformers, ready to export (eval mode, adapter settings)."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    transformers.utils.logging.disable_progress_bar()
-    torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(
-                info.path,
-                dtype=torch_dtype,
-                use_safetensors=info.weight_format == "safetensors",
-                attn_implementation="sdpa",
-            )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {info.path}: {first}") from None
-    model.eval()
-    info.family.prepare_model(model)
-    return model
 
 
 class KVCacheWrapper:
@@ -142,7 +120,7 @@ def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int 
     family = info.family
     t0 = time.perf_counter()
     say(f"loading {info.architecture} ({info.num_parameters / 1e6:.1f}M parameters, {dtype})")
-    model = load_model(info, dtype)
+    model = load_model(info, dtype, progress=say)
     config = model.config.to_dict()
     num_layers = int(config["num_hidden_layers"])
     wrapper = KVCacheWrapper(model, family)
@@ -150,6 +128,9 @@ def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int 
         config, family, batch=EXAMPLE_BATCH, seq=EXAMPLE_SEQ, past=EXAMPLE_PAST,
         dtype=model.dtype,
     )
+    if dtype == "fp16":
+        say("checking that fp16 holds the activations (one forward pass on the example)")
+        check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1)
     past = torch.export.Dim("past", min=0)
@@ -192,6 +173,27 @@ def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int 
     io = io_spec_from_onnx(onnx_path, family, config)
     return ExportedGraph(onnx_path, data_path if data_path.exists() else None, io,
                          time.perf_counter() - t0)
+
+
+def check_fp16_range(wrapper, inputs, family: Family, num_layers: int) -> None:
+    """Run the example through the fp16 model; non-finite logits or cache are a `BadInput`.
+
+    fp16 tops out at 65504: a model trained in bf16 can exceed it in its activations (DeepSeek-V2's
+    routed_scaling_factor of 16 does) although every weight fits. The exported graph would then
+    compute inf/NaN, so refuse it here, before tracing, and point at bf16.
+    """
+    import torch
+
+    names = ["logits", *cache_names(family, num_layers, "present")]
+    with family.export_patches(), torch.no_grad(), warnings.catch_warnings(), \
+            transformers_quiet():
+        warnings.simplefilter("ignore")
+        outputs = wrapper(*inputs)
+    for name, value in zip(names, outputs, strict=True):
+        if not bool(torch.isfinite(value).all()):
+            raise BadInput(
+                f"the fp16 export overflows: {name} is inf/NaN on the export example (fp16 holds "
+                "values up to 65504); export with --dtype bf16 (or fp32)")
 
 
 @contextlib.contextmanager

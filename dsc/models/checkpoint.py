@@ -6,6 +6,12 @@ architecture dsc has no adapter for, weights only in pickle files (refused unles
 pickle runs code when loaded), and a truncated or corrupt `.safetensors` file. Safetensors files
 are checked from their header alone (8-byte length, JSON header, the byte ranges it declares
 against the file size), so a 3 GB shard costs a few kilobytes of reading.
+
+Quantized checkpoints: DeepSeek-V3/R1 are published with FP8 block weights (`quantization_config:
+{quant_method: fp8, fmt: e4m3, weight_block_size: [128, 128]}`, see `dsc.models.weights`), which
+dsc dequantizes as it reads them; any other `quant_method` (gptq, awq, compressed-tensors,
+bitsandbytes, ...), or FP8 in another format, is `Unsupported` here, before any weight is read.
+A sharded checkpoint's index may only name shard files inside the checkpoint directory.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import json
 import logging
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from dsc.errors import CheckpointError, Unsupported
 from dsc.models.families import Family, family_for_architecture, supported_architectures
@@ -40,6 +46,14 @@ _DTYPE_BYTES = {
 
 
 @dataclass(frozen=True)
+class FP8Blocks:
+    """DeepSeek's FP8 layout: float8_e4m3fn weights, one float32 `weight_scale_inv` per block."""
+
+    block: tuple[int, int]
+    method: str = "fp8"
+
+
+@dataclass(frozen=True)
 class CheckpointInfo:
     """What a checkpoint directory holds, checked."""
 
@@ -52,6 +66,7 @@ class CheckpointInfo:
     tokenizer_files: tuple[Path, ...]
     num_parameters: int = 0
     weight_bytes: int = 0
+    quantization: FP8Blocks | None = None
     extra: dict = field(default_factory=dict)
 
     def input_files(self) -> list[Path]:
@@ -78,14 +93,22 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Check
             f"unsupported architecture {architecture!r} in {path / 'config.json'}; "
             f"supported: {', '.join(supported_architectures())}"
         )
+    quantization = checkpoint_quantization(config, path)
     weight_files, fmt = _find_weights(path, allow_pickle)
     num_params = 0
     weight_bytes = 0
     if fmt == "safetensors":
+        dtypes: dict[str, str] = {}
         for f in weight_files:
-            n, b = check_safetensors(f)
+            n, b, header = _scan_safetensors(f)
             num_params += n
             weight_bytes += b
+            for name, meta in header.items():
+                if name in dtypes:
+                    raise CheckpointError(
+                        f"tensor {name} is stored in more than one shard of {path}")
+                dtypes[name] = meta["dtype"]
+        _check_fp8_tensors(dtypes, quantization, path)
     tokenizer_files = tuple(path / n for n in TOKENIZER_FILES if (path / n).is_file())
     if not any(p.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for p in tokenizer_files):
         raise CheckpointError(f"no tokenizer in {path} (expected tokenizer.json)")
@@ -99,7 +122,52 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Check
         tokenizer_files=tokenizer_files,
         num_parameters=num_params,
         weight_bytes=weight_bytes,
+        quantization=quantization,
     )
+
+
+def checkpoint_quantization(config: dict, path: Path) -> FP8Blocks | None:
+    """The checkpoint's weight quantization: None, DeepSeek's FP8 blocks, or `Unsupported`."""
+    q = config.get("quantization_config")
+    if q is None:
+        return None
+    where = path / "config.json"
+    if not isinstance(q, dict):
+        raise CheckpointError(f"invalid quantization_config in {where}: not a JSON object")
+    method = q.get("quant_method")
+    supported = ("dsc reads unquantized checkpoints and DeepSeek's FP8 block layout (quant_method "
+                 "fp8, fmt e4m3, weight_block_size [m, n], dynamic activations); dequantize it "
+                 "to bf16 first")
+    if method != "fp8":
+        raise Unsupported(
+            f"checkpoint quantized with quant_method {method!r} ({where}); {supported}")
+    fmt = q.get("fmt", "e4m3")
+    block = q.get("weight_block_size")
+    scheme = q.get("activation_scheme", "dynamic")
+    if fmt != "e4m3":
+        raise Unsupported(f"FP8 checkpoint with fmt {fmt!r} ({where}); {supported}")
+    if not (isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise Unsupported(f"FP8 checkpoint with weight_block_size {block!r} ({where}); {supported}")
+    if scheme != "dynamic":
+        raise Unsupported(
+            f"FP8 checkpoint with activation_scheme {scheme!r} ({where}); {supported}")
+    return FP8Blocks(block=(block[0], block[1]))
+
+
+def _check_fp8_tensors(dtypes: dict[str, str], quantization: FP8Blocks | None, path: Path) -> None:
+    """FP8 tensors need the fp8 quantization_config and a scale sibling; E5M2 is not DeepSeek's."""
+    for name, dtype in dtypes.items():
+        if not dtype.startswith("F8"):
+            continue
+        if dtype != "F8_E4M3":
+            raise Unsupported(f"tensor {name} in {path} is stored as {dtype}; dsc reads FP8 "
+                              "weights in DeepSeek's E4M3 block layout only")
+        if quantization is None:
+            raise CheckpointError(f"tensor {name} in {path} is stored as {dtype} but config.json "
+                                  "has no FP8 quantization_config")
+        if name + "_scale_inv" not in dtypes:
+            raise CheckpointError(f"FP8 tensor {name} in {path} has no {name}_scale_inv")
 
 
 def read_config(config_path: Path) -> dict:
@@ -131,7 +199,18 @@ def _find_weights(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"invalid {index.name} in {path}: {e}") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) and v for v in weight_map.values()):
+            raise CheckpointError(f"invalid {index.name} in {path}: weight_map must map tensor "
+                                  "names to shard file names")
         names = sorted(set(weight_map.values()))
+        for n in names:
+            # A shard must be a file of this checkpoint: the index is input, and "../x" or an
+            # absolute path would make dsc read (and hash into the manifest) a file elsewhere.
+            if any(p.is_absolute() or p.drive or ".." in p.parts
+                   for p in (PurePosixPath(n), PureWindowsPath(n))):
+                raise CheckpointError(
+                    f"{index.name} in {path} names shard {n!r} outside the checkpoint directory")
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"shards listed in {index.name} are missing: {', '.join(missing)}")
@@ -153,6 +232,12 @@ def _find_weights(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
 
 def check_safetensors(file: Path) -> tuple[int, int]:
     """Validate a safetensors file's header against its size; return (#params, data bytes)."""
+    num, data_len, _ = _scan_safetensors(file)
+    return num, data_len
+
+
+def _scan_safetensors(file: Path) -> tuple[int, int, dict]:
+    """`check_safetensors`, plus the header's tensor entries (name → dtype, shape, offsets)."""
     size = file.stat().st_size
     try:
         with file.open("rb") as fh:
@@ -163,6 +248,8 @@ def check_safetensors(file: Path) -> tuple[int, int]:
             if n > size - 8 or n > 100 * 2**20:
                 raise ValueError(f"header length {n} exceeds the file")
             header = json.loads(fh.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt safetensors file {file}: {e}") from None
     data_len = size - 8 - n
@@ -190,7 +277,8 @@ def check_safetensors(file: Path) -> tuple[int, int]:
         raise CheckpointError(
             f"corrupt safetensors file {file}: header covers {end_max} bytes, file holds {data_len}"
         )
-    return num, data_len
+    header.pop("__metadata__", None)
+    return num, data_len, header
 
 
 def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:

@@ -1,0 +1,242 @@
+"""Read a safetensors checkpoint one tensor at a time: memory-mapped, dequantized, checked, cast.
+
+`WeightReader` is the single way dsc reads checkpoint tensors. Each `read(name)` maps one tensor
+from its shard (`safetensors.safe_open`, so nothing else is paged in), and:
+
+- dequantizes DeepSeek's FP8 blocks: a float8_e4m3fn `<x>.weight` with its float32 sibling
+  `<x>.weight_scale_inv` (one scale per block of `weight_block_size`, 128×128 in V3/R1; edge
+  blocks are partial, e.g. the 576 = 512 + 64 rows of `kv_a_proj_with_mqa` are 5 row blocks)
+  becomes `w = fp8.float() * scale_inv` with each scale broadcast over its block. The scale
+  sibling is folded into its weight: it never appears as a name of its own;
+- leaves out the tensors of the multi-token-prediction layers (`model.layers.<L>.*` for
+  L ≥ num_hidden_layers, `num_nextn_predict_layers` of them), which next-token inference never
+  runs; `skipped` lists them;
+- checks every tensor for NaN/Inf (FP8: the scales, and the weight after dequantization), and,
+  when the export dtype is narrower than the stored one, that the cast will not overflow (an
+  fp16 export of a bf16 weight above 65504 would turn it into inf): both `CheckpointError`
+  naming the tensor. One `aminmax` per tensor does both checks;
+- casts to the requested dtype.
+
+`lazy_state_dict()` hands the same reads to transformers' own loader (`from_pretrained(None,
+state_dict=...)`), whose key conversion (e.g. per-expert `mlp.experts.<e>.gate_proj.weight` fused
+into 3-D `gate_up_proj`) then applies unchanged: transformers materialises each value with
+`value[...]` and casts it to the parameter's dtype, exactly as it does with the safetensors slices
+it would have opened itself, so loading needs no more memory than before (one dequantized tensor
+per loader thread on top). The streaming export will consume `iter(reader)` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from dsc.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+SCALE_SUFFIX = "_scale_inv"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def dequantize_fp8_blocks(weight, scale_inv, block: tuple[int, int], *, name: str = "weight"):
+    """float32 `weight * scale_inv`, each scale broadcast over its `block` (edge blocks partial).
+
+    `weight` is [rows, cols] (any dtype, normally float8_e4m3fn), `scale_inv` is
+    [ceil(rows / block[0]), ceil(cols / block[1])]. Works one row block at a time, in place, so the
+    only full-size allocation is the float32 result.
+    """
+    import torch
+
+    if weight.ndim != 2:
+        raise CheckpointError(f"FP8 tensor {name} has shape {list(weight.shape)}; expected 2-D")
+    rows, cols = weight.shape
+    br, bc = block
+    grid = (-(-rows // br), -(-cols // bc))
+    if tuple(scale_inv.shape) != grid:
+        raise CheckpointError(
+            f"{name}{SCALE_SUFFIX} has shape {list(scale_inv.shape)}; a {rows}×{cols} weight in "
+            f"{br}×{bc} blocks needs {list(grid)}"
+        )
+    out = weight.to(torch.float32)
+    scale = scale_inv.to(torch.float32)
+    for i in range(grid[0]):
+        # The block's scales repeated along the columns, cut to the (possibly partial) last block.
+        row_scale = scale[i].repeat_interleave(bc)[:cols]
+        out[i * br:(i + 1) * br].mul_(row_scale)
+    return out
+
+
+def mtp_layers(config: dict) -> range:
+    """Indices of the multi-token-prediction layers a DeepSeek-V3/R1 checkpoint carries."""
+    n = int(config.get("num_hidden_layers") or 0)
+    extra = int(config.get("num_nextn_predict_layers") or 0)
+    return range(n, n + extra)
+
+
+class _Lazy:
+    """One checkpoint tensor, read when transformers' loader materialises it (`value[...]`)."""
+
+    __slots__ = ("_name", "_reader")
+
+    def __init__(self, reader: WeightReader, name: str):
+        self._reader, self._name = reader, name
+
+    def __getitem__(self, index):
+        t = self._reader.read(self._name)
+        return t if index is Ellipsis else t[index]
+
+    @property
+    def shape(self):
+        return self._reader.shape(self._name)
+
+    def __repr__(self) -> str:
+        return f"_Lazy({self._name!r})"
+
+
+class WeightReader:
+    """Per-tensor access to safetensors shards (see the module docstring).
+
+    `files`: the shards; `fp8_block`: the FP8 block size when the checkpoint is FP8-quantized
+    (None: an FP8 tensor is an error); `skip_layers`: decoder-layer indices whose tensors are
+    left out (the MTP layers); `dtype`: what `iter()` casts to, and the width the overflow check
+    guards (None: no cast).
+    """
+
+    def __init__(self, files: Sequence[Path], *, fp8_block: tuple[int, int] | None = None,
+                 skip_layers: Sequence[int] = (), dtype=None):
+        from safetensors import SafetensorError, safe_open
+
+        self.dtype = dtype
+        self.fp8_block = tuple(fp8_block) if fp8_block else None
+        self._handles = {}
+        self._where: dict[str, Path] = {}
+        self._lock = threading.Lock()
+        try:
+            for f in files:
+                f = Path(f)
+                try:
+                    handle = safe_open(str(f), framework="pt", device="cpu")
+                except (OSError, SafetensorError) as e:
+                    raise CheckpointError(f"cannot open {f}: {e}") from None
+                self._handles[f] = handle
+                for key in handle.keys():
+                    if key in self._where:
+                        raise CheckpointError(f"tensor {key} is stored twice: in "
+                                              f"{self._where[key].name} and {f.name}")
+                    self._where[key] = f
+        except BaseException:
+            self.close()
+            raise
+        skip = set(skip_layers)
+        names, skipped = [], []
+        for key in self._where:
+            m = _LAYER.match(key)
+            if m and int(m.group(1)) in skip:
+                skipped.append(key)
+            elif not (key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in self._where):
+                names.append(key)
+        self.names: tuple[str, ...] = tuple(names)
+        self.skipped: tuple[str, ...] = tuple(skipped)
+        for key in self.names:
+            if self._stored_dtype(key).startswith("F8") and self.fp8_block is None:
+                raise CheckpointError(
+                    f"tensor {key} is stored as {self._stored_dtype(key)} but config.json has no "
+                    "FP8 quantization_config (quant_method fp8, weight_block_size)")
+
+    @classmethod
+    def for_checkpoint(cls, info, dtype=None) -> WeightReader:
+        """A reader over `info`'s shards, with its FP8 block size and MTP layers."""
+        quant = getattr(info, "quantization", None)
+        return cls(info.weight_files, fp8_block=quant.block if quant else None,
+                   skip_layers=mtp_layers(info.config), dtype=dtype)
+
+    # --- metadata -------------------------------------------------------------------------------
+
+    def _slice(self, key: str):
+        with self._lock:
+            return self._handles[self._where[key]].get_slice(key)
+
+    def _stored_dtype(self, key: str) -> str:
+        return self._slice(key).get_dtype()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def is_fp8(self, name: str) -> bool:
+        return self._stored_dtype(name).startswith("F8")
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    # --- data -----------------------------------------------------------------------------------
+
+    def read(self, name: str, dtype=None):
+        """Tensor `name`, dequantized (FP8 → float32) and checked; cast to `dtype` if given.
+
+        Without `dtype`, a stored float tensor keeps its stored dtype.
+        """
+        if name not in self._where or name in self.skipped:
+            raise KeyError(name)
+        t = self._slice(name)[...]
+        if self.is_fp8(name):
+            scale_name = name + SCALE_SUFFIX
+            if scale_name not in self._where:
+                raise CheckpointError(
+                    f"FP8 tensor {name} has no {scale_name} (one float32 scale per "
+                    f"{self.fp8_block[0]}×{self.fp8_block[1]} block)")
+            scale = self._slice(scale_name)[...]
+            self._check(scale_name, scale)
+            t = dequantize_fp8_blocks(t, scale, self.fp8_block, name=name)
+        self._check(name, t)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+    def __iter__(self) -> Iterator[tuple[str, object]]:
+        """(name, tensor in `self.dtype`) for every tensor the model uses, one at a time."""
+        for name in self.names:
+            yield name, self.read(name, self.dtype)
+
+    def lazy_state_dict(self) -> dict[str, _Lazy]:
+        """name → a value that reads the tensor when transformers' loader materialises it."""
+        return {name: _Lazy(self, name) for name in self.names}
+
+    def _check(self, name: str, t) -> None:
+        import torch
+
+        if not t.is_floating_point() or t.numel() == 0:
+            return
+        lo, hi = (float(v) for v in torch.aminmax(t))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            what = "NaN" if math.isnan(lo) or math.isnan(hi) else "Inf"
+            raise CheckpointError(
+                f"checkpoint tensor {name} ({self._where[name].name}) holds {what} values")
+        target = self.dtype
+        if target is not None and target.is_floating_point:
+            limit = torch.finfo(target).max
+            peak = max(abs(lo), abs(hi))
+            if limit < torch.finfo(t.dtype).max and peak > limit:
+                wider = "bf16" if target == torch.float16 else "fp32"
+                raise CheckpointError(
+                    f"checkpoint tensor {name} holds values up to {peak:.4g}, beyond "
+                    f"{str(target).removeprefix('torch.')}'s range ({limit:.6g}); export with "
+                    f"--dtype {wider}")
+
+    def close(self) -> None:
+        handles, self._handles = self._handles, {}
+        for handle in handles.values():
+            # safe_open handles are context managers; __exit__ releases the memory map.
+            handle.__exit__(None, None, None)
+
+    def __enter__(self) -> WeightReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
