@@ -6,7 +6,7 @@ code, wall time and peak RSS of the whole process, and from the artifact's manif
 rejected artifact's, when the accuracy gate refuses a random-weight model) each stage's wall
 time and peak RSS (`seconds`, `peak_rss_bytes`), plus engine sizes and the gate verdict.
 
-    python benchmarks/real_size.py --work /work/bench [--only q15-orin-int8,...]
+    python benchmarks/real_size.py --work /work/bench [--only q15-orin-int8,...] [--samples N]
 
 Cases (the exact configs are in examples/configs/):
   q15-orin-int8   DeepSeek-R1-Distill-Qwen-1.5B   --profile jetson-orin --int8
@@ -137,6 +137,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--only", default=None, help="Comma-separated case names.")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="Calibration windows for quantized cases (dsc's default: 64).")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     ckpts = make_checkpoints(args.work)
@@ -145,6 +147,8 @@ def main() -> int:
     results = json.loads(path.read_text()) if path.is_file() else []
     for name in names:
         which, flags = CASES[name]
+        if args.samples and any(f in flags for f in ("--int8", "--fp8", "--int4-awq")):
+            flags = [*flags, "--samples", str(args.samples)]
         rec = run_case(name, ckpts[which], flags, args.work)
         results = [r for r in results if r["case"] != name] + [rec]
         path.write_text(json.dumps(results, indent=2))

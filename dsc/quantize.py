@@ -205,7 +205,8 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     dsha = cal.data_sha256(windows)
     say = progress or (lambda msg: None)
     say(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens")
-    stats = cal.collect(model, io, windows, exclude=exclude, use_cache=use_cache)
+    stats = cal.collect(model, io, windows, exclude=exclude, use_cache=use_cache,
+                        progress=say)
     # Expert coverage is a property of the original model on this data.
     experts = stats.experts
     report: dict = {"scheme": scheme.label, "method": method}
@@ -217,7 +218,8 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
         sq(model)
         report["smoothquant"] = sq.report
         say("calibrating the smoothed graph")
-        stats = cal.collect(model, io, windows, exclude=exclude, use_cache=use_cache)
+        stats = cal.collect(model, io, windows, exclude=exclude, use_cache=use_cache,
+                            progress=say)
         cache_files.append(stats)
     if precision == "int4":
         aw = AWQScalePass(stats, scheme, exclude)

@@ -268,7 +268,10 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
                 c = np.bincount(idx.reshape(-1).astype(np.int64), minlength=n_experts[mod] or 0)
                 counts[mod] = counts.get(mod, 0) + c
             if progress:
-                progress(f"calibration batch {i // batch + 1}/{-(-windows.shape[0] // batch)}")
+                done, n = i // batch + 1, -(-windows.shape[0] // batch)
+                eta = (time.perf_counter() - t0) / done * (n - done)
+                progress(f"calibration batch {done}/{n}"
+                         + (f", about {eta:.0f}s left" if done < n else ""))
     stats = CalibStats(msha, dsha, total, {k: a.stats() for k, a in accs.items()},
                        {k: [int(x) for x in v] for k, v in counts.items()},
                        seconds=round(time.perf_counter() - t0, 3))
