@@ -99,11 +99,12 @@ def _feeds(model, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 def _run_with_outputs(onnx_path: Path, names: list[str], ids: np.ndarray) -> dict[str, np.ndarray]:
     import onnx_ir as ir
-    import onnxruntime as ort
 
-    from dsc.backends.onnxruntime.runner import session_options
+    from dsc.backends.onnxruntime.runner import cpu_session, float32_view, is_bf16
 
     model = ir.load(str(onnx_path))
+    if is_bf16(model):  # ONNX Runtime's CPU provider runs it as its float32 view
+        model = float32_view(model)
     feeds = _feeds(model, ids)
     values = {v.name: v for node in model.graph for v in node.outputs}
     existing = {v.name for v in model.graph.outputs}
@@ -114,9 +115,7 @@ def _run_with_outputs(onnx_path: Path, names: list[str], ids: np.ndarray) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
         ir.save(model, path, external_data="probe.onnx.data")
-        sess = ort.InferenceSession(str(path), sess_options=session_options(),
-                                    providers=["CPUExecutionProvider"])
-        outs = sess.run(wanted, feeds)
+        outs = cpu_session(path).run(wanted, feeds)
     return dict(zip(wanted, outs))
 
 

@@ -141,9 +141,11 @@ class _Acc:
 
 
 def _feeds(io: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
+    from dsc.backends.onnxruntime.runner import ort_dtype
+
     b, n = ids.shape
     cache = io["cache"]
-    dt = np.dtype(cache["dtype"])
+    dt = ort_dtype(cache["dtype"])  # a bf16 graph runs as its float32 view
     feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, n), np.int64),
              "position_ids": np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()}
     names = iter(cache["inputs"])
@@ -160,7 +162,7 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
     import onnx
     import onnxruntime as ort
 
-    from dsc.backends.onnxruntime.runner import session_options
+    from dsc.backends.onnxruntime.runner import float32_view, is_bf16, session_options
 
     t0 = time.perf_counter()
     msha, dsha = model_sha256(model), data_sha256(windows)
@@ -182,11 +184,14 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
     sources = [[v.name for v in range_sources(t.activation)] for t in targets]
     routers = find_routers(model)
     idx_names = [idx.name for _, idx in routers]
-    proto = ir.to_proto(model)
+    # ONNX Runtime's CPU provider cannot run bf16 MatMuls: a bf16 graph is calibrated on its
+    # float32 view (same values and names; statistics are float32 either way).
+    run_model = float32_view(model) if is_bf16(model) else model
+    proto = ir.to_proto(run_model)
     conds = {n.output[0]: n.input[0] for n in proto.graph.node
              if n.op_type == "If" and n.domain in ("", "ai.onnx")}
     cond_names = list(dict.fromkeys(conds.values()))
-    vals = {v.name: v for n in model.graph.all_nodes() for v in n.outputs}
+    vals = {v.name: v for n in run_model.graph.all_nodes() for v in n.outputs}
     # The graph as written: higher levels could also fuse away the exposed tensors.
     opts = session_options("basic", threads)
     sessions: dict[tuple, tuple] = {}

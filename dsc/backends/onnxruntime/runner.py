@@ -4,17 +4,29 @@ The runner only needs `model_io.json` (names, dtypes, cache layout); it is the r
 implementation of how a dsc graph is driven: prefill with an empty past, then one token per
 step feeding each `present.*` back as `past_key_values.*`. Batches of unequal prompts are
 left-padded; padding is masked out by `attention_mask` and skipped by `position_ids`.
+
+bf16 graphs: ONNX Runtime's CPU provider has no bf16 MatMul (nor most other bf16 kernels), so
+everything in dsc that runs a graph in ONNX Runtime on the CPU (calibration, `dsc run`, the
+smoke check, the accuracy gate and its layer locator, `--verify-each`) opens it with
+`cpu_session`, which runs a bf16 graph as its `float32_view`: the same graph with every bf16
+type, initializer and constant widened to float32 (exactly: bf16 values are float32 values).
+Its inputs and outputs are then float32 (`ort_dtype`). What the view computes is the bf16
+graph's arithmetic without the rounding of intermediate values to bf16 (as ONNX Runtime also
+computes fp16 graphs on the CPU): fine for calibration statistics and for comparing two graphs
+run the same way, not a bit-exact model of a bf16 engine.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dsc.errors import BadInput, Unsupported
+from dsc.errors import BadInput
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +61,108 @@ def session_options(optimization: str = "basic", threads: int | None = None):
     return opts
 
 
+# In-memory sessions above this many initializer bytes go through a temporary file with
+# external data instead (protobuf's 2 GiB limit).
+_IN_MEMORY_BYTES = 1536 * 2**20
+
+
+def ort_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype ONNX Runtime takes and returns for a graph value of `dtype` (a
+    `model_io.json` name such as "float16"): float32 for "bfloat16", run as `float32_view`."""
+    return np.dtype(np.float32) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def is_bf16(model) -> bool:
+    """Whether an `onnx_ir` model has a bfloat16 graph input, output or initializer."""
+    import onnx_ir as ir
+
+    bf16 = ir.DataType.BFLOAT16
+    g = model.graph
+    return any(v.dtype == bf16 for v in (*g.inputs, *g.outputs, *g.initializers.values()))
+
+
+def float32_view(model):
+    """A copy of an `onnx_ir` model with every bfloat16 type made float32; the input is unchanged.
+
+    Graph inputs/outputs, node outputs, initializers (converted lazily, on serialization: the
+    copy shares the other tensors), tensor attributes (`Constant`, `ConstantOfShape`) and dtype
+    attributes (`Cast(to=)`, `dtype=`) of the main graph and every subgraph. bf16 → float32 is
+    exact, so the view computes the bf16 graph without its intermediate rounding to bf16.
+    Q/DQ scales stored in bf16 become float32 scales of the same value.
+    """
+    import onnx_ir as ir
+
+    bf16, f32 = ir.DataType.BFLOAT16, ir.DataType.FLOAT
+
+    def widen(tensor, name=None):
+        return ir.LazyTensor(lambda t=tensor: ir.tensor(t.numpy().astype(np.float32)),
+                             dtype=f32, shape=tensor.shape, name=name or tensor.name)
+
+    view = model.clone()
+    for g in (view.graph, *view.graph.subgraphs()):
+        values = [*g.inputs, *g.outputs, *g.initializers.values()]
+        for node in g:
+            values.extend(node.outputs)
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.INT and name in ("to", "dtype") \
+                        and attr.value == bf16.value:
+                    node.attributes[name] = ir.Attr(name, ir.AttributeType.INT, f32.value)
+                elif attr.type == ir.AttributeType.TENSOR and attr.value.dtype == bf16:
+                    node.attributes[name] = ir.Attr(name, ir.AttributeType.TENSOR,
+                                                    ir.tensor(attr.value.numpy()
+                                                              .astype(np.float32)))
+        for v in values:
+            if v.dtype == bf16:
+                # A new type object: a clone shares its types with the original, and
+                # `Value.dtype = ...` would change the shared one in place.
+                v.type = ir.TensorType(f32)
+                if v.const_value is not None and v.const_value.dtype == bf16:
+                    v.const_value = widen(v.const_value, v.name)
+    return view
+
+
+def _file_is_bf16(path: Path) -> bool:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    bf16 = onnx.TensorProto.BFLOAT16
+    g = proto.graph
+    return any(v.type.tensor_type.elem_type == bf16 for v in (*g.input, *g.output)) \
+        or any(t.data_type == bf16 for t in g.initializer)
+
+
+def cpu_session(source, options=None, *, providers: list[str] | None = None):
+    """An `onnxruntime.InferenceSession` for a dsc graph: an `onnx_ir` model or an ONNX file.
+
+    A bf16 graph runs as its `float32_view` (feed and read float32: `ort_dtype`). A file of
+    any other dtype is opened directly (its external data beside it); a model in memory is
+    serialized, through a temporary file with external data when its initializers exceed
+    1.5 GiB (deleted with the session). `options` default to `session_options()`.
+    Raises what ONNX Runtime raises for a graph it cannot load.
+    """
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    options = options or session_options()
+    providers = providers or ["CPUExecutionProvider"]
+    if isinstance(source, (str, Path)):
+        if not _file_is_bf16(Path(source)):
+            return ort.InferenceSession(str(source), sess_options=options, providers=providers)
+        source = ir.load(str(source))
+    model = float32_view(source) if is_bf16(source) else source
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+    if size <= _IN_MEMORY_BYTES:
+        return ort.InferenceSession(ir.to_proto(model).SerializeToString(), sess_options=options,
+                                    providers=providers)
+    tmp = tempfile.TemporaryDirectory(prefix="dsc-ort-")
+    path = Path(tmp.name) / "model.onnx"
+    ir.save(model, str(path), external_data="model.onnx.data")
+    sess = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    weakref.finalize(sess, tmp.cleanup)
+    return sess
+
+
 @dataclass
 class StepOutput:
     logits: np.ndarray
@@ -60,22 +174,18 @@ class OrtCausalLM:
 
     def __init__(self, onnx_path: Path, io_spec: dict, *, providers: list[str] | None = None,
                  threads: int | None = None, optimization: str = "basic"):
-        import onnxruntime as ort
-
         self.io = io_spec
         cache = io_spec["cache"]
-        if cache["dtype"] == "bfloat16":
-            raise Unsupported("ONNX Runtime on the CPU cannot run a bf16 graph; export fp16 or fp32")
-        self.cache_dtype = np.dtype(cache["dtype"])
+        # A bf16 graph runs as its float32 view (see the module docstring).
+        self.float32_view = cache["dtype"] == "bfloat16"
+        self.cache_dtype = ort_dtype(cache["dtype"])
         self.num_layers = int(cache["num_layers"])
         self.entries = [(e["heads"], e["dim"]) for e in cache["entries"]]
         self.past_names = cache["inputs"]
         self.present_names = cache["outputs"]
         opts = session_options(optimization, threads)
         try:
-            self.session = ort.InferenceSession(
-                str(onnx_path), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
-            )
+            self.session = cpu_session(Path(onnx_path), opts, providers=providers)
         except Exception as e:  # ORT raises its own exception types for malformed graphs
             raise BadInput(f"ONNX Runtime cannot load {onnx_path}: {str(e).splitlines()[0]}") from None
         self._outputs = ["logits", *self.present_names]
