@@ -767,8 +767,8 @@ def _gate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: di
               "data_sha256": canonical_hash(text), "options": asdict(GateOptions()),
               "tools": {k: tools.get(k) for k in ("dsc", "onnxruntime")}}
     ih = canonical_hash(inputs)
-    label = progress.stage_line(5, "validate",
-                                f"accuracy gate ({config.quantize} vs fp16 reference, ONNX Runtime)")
+    label = progress.stage_line(5, "validate", f"accuracy gate ({config.quantize} vs "
+                                f"{config.dtype} reference, ONNX Runtime)")
     if _reusable(old, ih, previous) and isinstance(old.get("result"), dict):
         _link(previous, tmp, old["outputs"])
         progress.say(f"{label}: reused (graph and reference unchanged)")
@@ -783,7 +783,7 @@ def _gate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: di
                       options=GateOptions(), candidate_path=tmp / io["onnx"],
                       reference_path=ref_dir / ref_io["onnx"])
     result["candidate"] = io["onnx"]
-    result["reference"] = f"{REFERENCE_DIR}/ (fp16 graph before quantization)"
+    result["reference"] = f"{REFERENCE_DIR}/ ({config.dtype} graph before quantization)"
     ran["validate"] = True
     seconds = round(time.perf_counter() - t0, 2)
     p = result["perplexity"]

@@ -70,3 +70,9 @@ class DoesNotFit(DscError):
 
 class BackendError(DscError):
     exit_code = EXIT_BACKEND
+
+
+class InternalError(DscError):
+    """An invariant of dsc's own output broke (a bug, exit 70), said in one clear line."""
+
+    exit_code = EXIT_INTERNAL

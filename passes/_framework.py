@@ -76,11 +76,18 @@ class PassOptions:
     # Lower fp32 GEMMs over half-precision operands to half GEMMs even when the target runs
     # FP32 GEMMs (a build whose targets disagree sets it when any of them cannot).
     half_fp32_gemm: bool = False
+    # How `half-fp32-gemm` computes an fp32 GEMM in half GEMMs (dsc.passes.precision): "round"
+    # (weight rounded: one GEMM), "split" (weight as hi + lo: two), "compensated" (split, plus
+    # the hi GEMM's output rounding recovered by a third: fp32-exact as measured).
+    half_fp32_gemm_mode: str = "compensated"
 
     def __post_init__(self):
         if self.target_ops not in ("auto", "portable", "opset23"):
             raise BadInput(f"unknown target_ops {self.target_ops!r} "
                            f"(expected auto, portable or opset23)")
+        if self.half_fp32_gemm_mode not in ("round", "split", "compensated"):
+            raise BadInput(f"unknown half_fp32_gemm_mode {self.half_fp32_gemm_mode!r} "
+                           f"(expected round, split or compensated)")
         if self.mla_absorb_max_seq < 0:
             raise BadInput("mla_absorb_max_seq must be >= 0")
 

@@ -17,8 +17,8 @@ Measured here with TensorRT-RTX 1.7.1 (`tests/passes/test_target.py` re-checks i
   for q, k and v.
 
 - FP32 GEMMs are refused for SM75 ("FP32 GEMM is not supported" on Turing): the DeepSeek MoE
-  router, which the model computes in fp32 from fp16 operands, is lowered to an fp16 GEMM with
-  an fp32 cast of its output there (`half-fp32-gemm`).
+  router, which the model computes in fp32 (weight kept fp32 by transformers >= 5.24), is
+  computed with fp16 GEMMs summed in fp32 there (`half-fp32-gemm`).
 
 Standard TensorRT: the ONNX parser gained `Attention` in 10.14 and `RotaryEmbedding` (with
 `IRotaryEmbeddingLayer`) in 10.15.1, per NVIDIA's release notes; no release note for

@@ -46,6 +46,8 @@ def make_feeds(model: ir.Model, batch: int, seq: int, past: int, seed: int = 0) 
         roles = roles_for_input(value.name, dims)
         shape = tuple(r if isinstance(r, int) else sizes[r] for r in roles)
         dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+        if value.dtype == ir.DataType.BFLOAT16:
+            dtype = np.float32  # a bf16 graph runs as its float32 view (ort_run)
         if value.name == "input_ids":
             arr = rng.integers(0, vocab, shape)
         elif value.name == "attention_mask":
@@ -61,8 +63,9 @@ def make_feeds(model: ir.Model, batch: int, seq: int, past: int, seed: int = 0) 
 
 
 def ort_run(model: ir.Model, feeds_list: list[dict]) -> list[list[np.ndarray]]:
-    """Outputs of `model` for each feed dict (`inference_session`: external weights are read
-    from their own directory; more than 1.5 GiB of in-memory weights go through a file)."""
+    """Outputs of `model` for each feed dict (`inference_session`: a bf16 graph runs as its
+    float32 view, external weights are read from their own directory, more than 1.5 GiB of
+    in-memory weights go through a file)."""
     from dsc.backends.onnxruntime.runner import inference_session
 
     sess = inference_session(model)

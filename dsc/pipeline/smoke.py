@@ -9,8 +9,9 @@ step at a time through the KV cache. Checks:
   logit, within `TOLERANCE[dtype]`), and the same greedy tokens.
 
 This is a sanity check, not the accuracy gate: the gate (ONNX/engine vs the FP16 reference:
-KL, top-k, perplexity) is `dsc validate` (issue 7). ONNX Runtime's CPU provider cannot run bf16
-graphs, so a bf16 build records the stage as skipped with that reason.
+KL, top-k, perplexity) is `dsc validate` (issue 7). ONNX Runtime's CPU provider has no bf16
+MatMul: a bf16 graph is run as its float32 view (`dsc.backends.onnxruntime.runner.inference_session`),
+which checks the graph's structure and KV cache, not bf16 rounding.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 PROMPT = "And God said"
 # Relative tolerance of decode-vs-prefill logits: reduction order differs between one long
 # prefill and many one-token steps, which fp16 accumulation makes visible.
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}
 NOTE = "smoke check only (ONNX Runtime on the graph handed to the builder); the accuracy gate " \
        "against the FP16 reference is `dsc validate` (issue 7)"
 

@@ -99,9 +99,11 @@ def _feeds(model, ids: np.ndarray) -> dict[str, np.ndarray]:
 def _run_with_outputs(onnx_path: Path, names: list[str], ids: np.ndarray) -> dict[str, np.ndarray]:
     import onnx_ir as ir
 
-    from dsc.backends.onnxruntime.runner import inference_session
+    from dsc.backends.onnxruntime.runner import float32_view, inference_session, is_bf16
 
     model = ir.load(str(onnx_path))
+    if is_bf16(model):  # ONNX Runtime's CPU provider runs it as its float32 view
+        model = float32_view(model)
     feeds = _feeds(model, ids)
     values = {v.name: v for node in model.graph for v in node.outputs}
     existing = {v.name for v in model.graph.outputs}

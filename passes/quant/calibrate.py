@@ -172,9 +172,11 @@ class _Acc:
 
 
 def _feeds(io: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
+    from dsc.backends.onnxruntime.runner import ort_dtype
+
     b, n = ids.shape
     cache = io["cache"]
-    dt = np.dtype(cache["dtype"])
+    dt = ort_dtype(cache["dtype"])  # a bf16 graph runs as its float32 view
     feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, n), np.int64),
              "position_ids": np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()}
     names = iter(cache["inputs"])
@@ -212,12 +214,14 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
     sources = [[v.name for v in range_sources(t.activation)] for t in targets]
     routers = find_routers(model)
     idx_names = [idx.name for _, idx in routers]
+    # A bf16 graph is calibrated on its float32 view (ONNX Runtime's CPU provider has no bf16
+    # MatMul; same value names, and the statistics are float32 either way).
     with spilled(model) as (source, base_dir):
         proto = ir.to_proto(source)
         conds = {n.output[0]: n.input[0] for n in proto.graph.node
                  if n.op_type == "If" and n.domain in ("", "ai.onnx")}
         cond_names = list(dict.fromkeys(conds.values()))
-        vals = {v.name: v for n in model.graph.all_nodes() for v in n.outputs}
+        vals = {v.name: v for n in source.graph.all_nodes() for v in n.outputs}
         # The graph as written: higher levels could also fuse away the exposed tensors.
         sessions: dict[tuple, tuple] = {}
 

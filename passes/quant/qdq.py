@@ -14,7 +14,18 @@ shared Q→DQ pair; its other readers (the residual) keep the float value.
 Weight-only schemes (INT8 weight-only, INT4 AWQ) leave activations in float.
 
 Scales are symmetric (zero point 0, as TensorRT requires) and stored in the graph's float dtype
-(a DequantizeLinear producing fp16 needs an fp16 scale). INT4 blocked DequantizeLinear needs
+(a DequantizeLinear producing fp16 needs an fp16 scale; a bf16 graph needs bf16 ones). A stored
+scale is never zero, subnormal or non-finite (`store_scale`): a range is floored at 1e-8
+(weights) or 1e-6 (activations) before dividing by qmax, and the scale, after its cast to the
+storage type, at that type's smallest normal number (fp16 2^-14 ≈ 6.1e-5; bf16 and fp32 2^-126).
+A zero scale makes QuantizeLinear divide by zero, and a subnormal one has fewer significant bits
+and is flushed to zero where the GPU runs with flush-to-zero. The floor only matters for a dead
+output channel or an all-zero activation (any positive scale represents zeros exactly) and, in
+fp16, for channels whose range is below qmax · 2^-14 (INT8 7.8e-3, FP8 0.027, INT4 4.3e-4): their
+steps are coarser than their range asks for, by at most 2^-14 absolute. Weights are quantized
+with the stored scale, so DequantizeLinear reproduces what the scale was fitted for; a scale
+that would still be bad is an internal error (`InsertQDQPass` checks every one). INT4 blocked
+DequantizeLinear needs
 opset 21; the pass raises the default-domain opset import to 21 when needed (opset 20 → 21
 changes no operator this exporter emits except by widening type lists).
 
@@ -54,6 +65,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
+from dsc.errors import InternalError
 from dsc.validate.locate import module_path
 
 logger = logging.getLogger(__name__)
@@ -289,44 +301,89 @@ def find_routers(model: ir.Model) -> list[tuple[str, ir.Value]]:
     return list(found.items())
 
 
+# ---- scales ----------------------------------------------------------------------------------
+
+WEIGHT_AMAX_FLOOR = 1e-8
+ACT_AMAX_FLOOR = 1e-6
+
+
+def scale_floor(dtype) -> float:
+    """The smallest normal number of a scale storage dtype (float16, bfloat16, float32)."""
+    return float(ml_dtypes.finfo(np.dtype(dtype)).smallest_normal)
+
+
+def store_scale(scale, dtype) -> np.ndarray:
+    """`scale` (float32 values, any shape) cast to its storage `dtype`, then floored at the
+    dtype's smallest normal number: positive, normal and finite, in `dtype`.
+
+    Raises `InternalError` for a non-finite scale (an infinite or NaN range: nothing to floor).
+    """
+    scale = np.asarray(scale, dtype=np.float32)
+    if not np.isfinite(scale).all():
+        raise InternalError(f"a Q/DQ scale is not finite ({scale[~np.isfinite(scale)][:3]}): "
+                            f"the calibrated range or weight holds inf/NaN")
+    tiny = scale_floor(dtype)
+    with np.errstate(over="ignore"):
+        stored = scale.astype(dtype)
+    stored = np.where(stored.astype(np.float32) < tiny, np.asarray(tiny).astype(dtype), stored)
+    return stored.astype(dtype)
+
+
+def check_scales(name: str, scale: np.ndarray) -> None:
+    """Raise `InternalError` unless every value of a stored scale is positive, normal, finite."""
+    s = np.asarray(scale)
+    f = s.astype(np.float32)
+    bad = ~np.isfinite(f) | (f < scale_floor(s.dtype))
+    if bad.any():
+        raise InternalError(f"Q/DQ scale {name} ({s.dtype}) holds {int(bad.sum())} zero, "
+                            f"subnormal or non-finite value(s), e.g. {f[bad][:3].tolist()}; "
+                            f"scales must be floored by store_scale (a bug in dsc)")
+
+
 # ---- weight quantization (numpy; deterministic) ---------------------------------------------
 
-def quantize_weight(w: np.ndarray, scheme: QuantScheme,
-                    clip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def quantize_weight(w: np.ndarray, scheme: QuantScheme, clip: np.ndarray | None = None,
+                    scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray, dict]:
     """(quantized weight, scale, DequantizeLinear attributes) for an [in, out] weight.
 
-    `clip` (optional, AWQ's clip search): ratios ≤ 1 of the weight maxima that set the scales,
-    [in/block, out] for INT4, [out] otherwise; values beyond are clipped to the quantized range.
+    The scale is per output channel ([out]; INT4: per block of input rows, [in/block, out]),
+    stored in `scale_dtype` (the graph's float dtype) by `store_scale`: never zero or subnormal,
+    so a dead channel (all-zero column) gets the floor and quantizes to zeros. The weight is
+    quantized with the stored scale. `clip` (optional, AWQ's clip search): ratios ≤ 1 of the
+    weight maxima that set the scales, [in/block, out] for INT4, [out] otherwise; values beyond
+    are clipped to the quantized range.
     """
     w = w.astype(np.float32)
     if scheme.precision == "int4":
         block = int4_block(w.shape[0], scheme.block_size)
         g = w.reshape(w.shape[0] // block, block, w.shape[1])
         amax = np.abs(g).max(axis=1) if clip is None else np.abs(g).max(axis=1) * clip
-        scale = np.maximum(amax, 1e-8) / INT4_MAX  # [in/block, out]
-        q = np.clip(np.round(g / scale[:, None, :]), -8, 7).reshape(w.shape)
+        scale = store_scale(np.maximum(amax, WEIGHT_AMAX_FLOOR) / INT4_MAX, scale_dtype)
+        q = np.clip(np.round(g / scale.astype(np.float32)[:, None, :]), -8, 7).reshape(w.shape)
         return q.astype(ml_dtypes.int4), scale, {"axis": 0, "block_size": block}
     amax = np.abs(w).max(axis=0) if clip is None else np.abs(w).max(axis=0) * clip
-    amax = np.maximum(amax, 1e-8)  # per output channel
+    amax = np.maximum(amax, WEIGHT_AMAX_FLOOR)  # per output channel
     if scheme.precision == "int8":
-        scale = amax / INT8_MAX
-        q = np.clip(np.round(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+        scale = store_scale(amax / INT8_MAX, scale_dtype)
+        q = np.clip(np.round(w / scale.astype(np.float32)), -INT8_MAX, INT8_MAX).astype(np.int8)
     else:
-        scale = amax / FP8_MAX
-        wf = w / scale if clip is None else np.clip(w / scale, -FP8_MAX, FP8_MAX)
-        q = wf.astype(ml_dtypes.float8_e4m3fn)
+        scale = store_scale(amax / FP8_MAX, scale_dtype)
+        # clipped: the stored scale may round below amax / 448, and E4M3 casts 464+ to NaN
+        q = np.clip(w / scale.astype(np.float32), -FP8_MAX, FP8_MAX).astype(
+            ml_dtypes.float8_e4m3fn)
     return q, scale, {"axis": 1}
 
 
 def dequantize_weight(q: np.ndarray, scale: np.ndarray, attrs: dict) -> np.ndarray:
     qf = q.astype(np.float32)
+    scale = np.asarray(scale).astype(np.float32)
     if "block_size" in attrs:
         return qf * np.repeat(scale, attrs["block_size"], axis=attrs.get("axis", 1))
     return qf * scale
 
 
 def quantize_grouped(w: np.ndarray, scheme: QuantScheme, in_axis: int = 0,
-                     groups: int = 1, clip: np.ndarray | None = None
+                     groups: int = 1, clip: np.ndarray | None = None, scale_dtype=np.float32
                      ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(quantized weight, scale, DequantizeLinear attributes) for a weight of any form.
 
@@ -337,7 +394,7 @@ def quantize_grouped(w: np.ndarray, scheme: QuantScheme, in_axis: int = 0,
     INT8/FP8 (per group, per output channel), the INT4 block otherwise.
     """
     if w.ndim == 2 and groups == 1 and in_axis == 0:
-        return quantize_weight(w, scheme, clip)
+        return quantize_weight(w, scheme, clip, scale_dtype)
     if w.ndim == 3 and in_axis == 1:
         canon = w
     elif w.ndim == 3 and in_axis == 2:
@@ -349,7 +406,8 @@ def quantize_grouped(w: np.ndarray, scheme: QuantScheme, in_axis: int = 0,
                          f"{groups} groups)")
     qs, ss, block = [], [], canon.shape[1]
     for g in range(canon.shape[0]):
-        q, s, attrs = quantize_weight(np.ascontiguousarray(canon[g]), scheme)
+        q, s, attrs = quantize_weight(np.ascontiguousarray(canon[g]), scheme,
+                                      scale_dtype=scale_dtype)
         if "block_size" in attrs:
             block = attrs["block_size"]
         else:
@@ -379,9 +437,10 @@ def int4_block(in_dim: int, block: int = 128) -> int:
     return in_dim
 
 
-def _act_scale(amax: float, precision: str) -> float:
+def _act_scale(amax: float, precision: str, dtype) -> np.ndarray:
+    """The activation's per-tensor scale, a 0-d array in `dtype` (see `store_scale`)."""
     qmax = FP8_MAX if precision == "fp8" else INT8_MAX
-    return max(float(amax), 1e-6) / qmax
+    return store_scale(np.array(max(float(amax), ACT_AMAX_FLOOR) / qmax), dtype)
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
@@ -431,9 +490,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
             fdtype = w_np.dtype
             groups = max(t.groups for t in keep)
             q, scale, attrs = quantize_grouped(w_np, scheme, keep[0].in_axis, groups,
-                                               self.clip.get(w.name))
+                                               self.clip.get(w.name), scale_dtype=fdtype)
+            check_scales(f"{w.name}_scale", scale)
             blocked |= "block_size" in attrs
-            dq_out = self._weight_dq(graph, w, q, scale.astype(fdtype), attrs, keep)
+            dq_out = self._weight_dq(graph, w, q, scale, attrs, keep)
             for t in keep:
                 consumer = t.path[-1] if t.path else t.node
                 for i, v in enumerate(consumer.inputs):
@@ -512,9 +572,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         scheme, a, g = self.scheme, t.activation, t.graph
         key = (id(g), a.name)
         if key not in act_dq:
-            s = _act_scale(amax, scheme.precision)
+            s = _act_scale(amax, scheme.precision, fdtype)
+            check_scales(f"{a.name}_act_scale", s)
             zdtype = ml_dtypes.float8_e4m3fn if scheme.precision == "fp8" else np.int8
-            sv_a = _const(_fresh(names, f"{a.name}_act_scale"), np.array(s, dtype=fdtype))
+            sv_a = _const(_fresh(names, f"{a.name}_act_scale"), s)
             zv_a = _const(_fresh(names, f"{a.name}_act_zero_point"), np.zeros((), dtype=zdtype))
             main.register_initializer(sv_a)
             main.register_initializer(zv_a)
@@ -528,7 +589,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             g.insert_before(t.node, [qn, dqn])
             act_dq[key] = dqn.outputs[0]
             info["act_amax"] = amax
-            info["act_scale"] = s
+            info["act_scale"] = float(s)
         t.node.replace_input_with(t.activation_input, act_dq[key])
         info["activation"] = a.name
         if src != a.name:

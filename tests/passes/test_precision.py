@@ -1,9 +1,11 @@
-"""`half-fp32-gemm`: the fp32 MoE router GEMM becomes an fp16 GEMM on targets without FP32 GEMM.
+"""`half-fp32-gemm`: the fp32 MoE router GEMM becomes fp16 GEMMs on targets without FP32 GEMM.
 
-TensorRT-RTX refuses FP32 GEMMs on SM75 (T4). DeepSeek-V2/V3 compute the router in fp32 from
-fp16 operands; on T4 the pass lowers it, elsewhere it does nothing. Checked: structure, ONNX
-Runtime outputs before/after (the only change is the rounding of the router logits to fp16),
-and a real TensorRT-RTX build for SM75 that fails without the pass.
+TensorRT-RTX refuses FP32 GEMMs on SM75 (T4). DeepSeek-V2/V3 compute the router in fp32, and
+transformers >= 5.24 keeps its weight in fp32 (values not representable in fp16); on T4 the pass
+lowers it, elsewhere it does nothing. Checked: structure per mode, ONNX Runtime outputs against
+float64 on a one-node router whose weight is not fp16-representable (fp16 and fp32 activation),
+the whole V3 fixture before/after, and real TensorRT-RTX builds for SM75 (one fails without
+the pass; `dsc build --profile t4` compiles).
 """
 
 from __future__ import annotations
@@ -61,14 +63,140 @@ def test_lowered_only_where_the_target_has_no_fp32_gemm(v3_fp16):
             assert again.passes[0].modified is False
 
 
-def test_outputs_match_up_to_fp16_router_rounding(v3_fp16, tmp_path):
+def test_outputs_match_the_fp32_router(v3_fp16, tmp_path):
+    from dsc.passes.precision import fp32_view_of_half_gemms
+
     model = load(v3_fp16)
     run_pipeline(model, _ctx("t4"))
     assert _fp32_gemms(model) == 0
+    assert fp32_view_of_half_gemms(model) == 2 * 3  # 3 GEMMs per router, as TensorRT rounds
     path = save(model, tmp_path / "model.onnx")
     # The reference is the fp16 export itself (fp32 router); ONNX Runtime CPU fp16 kernels.
     worst = compare_ort(v3_fp16, path, atol=2e-2)
     assert np.isfinite(worst)
+
+
+# -- one router GEMM, fp32 weight not representable in fp16 ----------------------------------
+
+D, E, N = 256, 16, 200
+
+
+def _router(weight: np.ndarray, *, fp32_act: bool = False, op: str = "Gemm"):
+    """y[N, E] = x[N, D] @ W.T in fp32; x fp16 cast to fp32 (the export's form) or fp32."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [] if fp32_act else [helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT)]
+    x = "x" if fp32_act else "x32"
+    if op == "Gemm":
+        nodes.append(helper.make_node("Gemm", [x, "w"], ["y"], transB=1, name="router"))
+        w = weight
+    else:
+        nodes.append(helper.make_node("MatMul", [x, "w"], ["y"], name="router"))
+        w = weight.T.copy()
+    g = helper.make_graph(
+        nodes, "router",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT if fp32_act else TensorProto.FLOAT16,
+                                       ["n", D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", E]),
+         # a half output, as a half graph has (logits): the pass leaves fp32 graphs alone
+         helper.make_tensor_value_info("x16", TensorProto.FLOAT16, ["n", D])],
+        [numpy_helper.from_array(w, "w")])
+    g.node.append(helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    return ir.from_proto(m)
+
+
+def _ort(model, x: np.ndarray) -> np.ndarray:
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from dsc.backends.onnxruntime.runner import session_options
+
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
+                                sess_options=session_options("basic"),
+                                providers=["CPUExecutionProvider"])
+    return sess.run(["y"], {"x": x})[0]
+
+
+def _weight(seed: int = 0) -> np.ndarray:
+    w = (np.random.default_rng(seed).standard_normal((E, D)) * 0.05).astype(np.float32)
+    assert not np.array_equal(w.astype(np.float16).astype(np.float32), w)
+    return w
+
+
+GEMMS = {"round": 1, "split": 2, "compensated": 3}
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+@pytest.mark.parametrize("fp32_act", [False, True], ids=["fp16-act", "fp32-act"])
+def test_non_fp16_router_weight_lowered_per_mode(op, fp32_act):
+    from dsc.passes.precision import MARK, fp32_view_of_half_gemms
+
+    w = _weight()
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((N, D)) * 2).astype(np.float32 if fp32_act else np.float16)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    scale = np.abs(exact).max()
+    errors = {}
+    for mode, n_gemms in GEMMS.items():
+        model = _router(w, fp32_act=fp32_act, op=op)
+        rep = run_pipeline(model, _ctx(None, half_fp32_gemm=True, half_fp32_gemm_mode=mode),
+                           only=["half-fp32-gemm"])
+        assert rep.passes[0].modified and rep.passes[0].counts == {"half GEMM": 1}
+        gemms = [n for n in model.graph if n.op_type == op]
+        # an fp32 activation adds the GEMM of its low part (not in "round")
+        assert len(gemms) == n_gemms + (fp32_act and mode != "round"), mode
+        assert all(n.outputs[0].dtype.name == "FLOAT16" and MARK in n.metadata_props
+                   for n in gemms)
+        assert _fp32_gemms(model) == 0
+        again = run_pipeline(model, _ctx(None, half_fp32_gemm=True, half_fp32_gemm_mode=mode),
+                             only=["half-fp32-gemm"])
+        assert again.passes[0].modified is False
+        fp32_view_of_half_gemms(model)  # ORT then rounds each half GEMM's output as TensorRT does
+        y = _ort(model, x)
+        assert np.isfinite(y).all()
+        errors[mode] = float(np.abs(y - exact).max() / scale)
+    fp32 = float(np.abs(_ort(_router(w, fp32_act=fp32_act, op=op), x) - exact).max() / scale)
+    # round: the weight's and the output's fp16 rounding; split: the output's (<= 2^-11 of the
+    # largest logit); compensated: fp32 accuracy (measured: 4.5e-7 vs the fp32 graph's 4.2e-7)
+    assert 1e-4 < errors["round"] < 2e-3, errors
+    assert errors["split"] <= 2.0 ** -11 + 1e-6 and errors["split"] < errors["round"], errors
+    assert errors["compensated"] < max(4 * fp32, 2e-6), (errors, fp32)
+
+
+def test_fp16_exact_weight_needs_no_low_part():
+    from dsc.passes.precision import fp32_view_of_half_gemms
+
+    w = _weight().astype(np.float16).astype(np.float32)  # what transformers < 5.24 exported
+    x = np.random.default_rng(2).standard_normal((N, D)).astype(np.float16)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    # no W_lo GEMM; "compensated" still recovers the rounding of the fp16 output
+    for mode, gemms, tol in (("round", 1, 2.0 ** -11), ("split", 1, 2.0 ** -11),
+                             ("compensated", 2, 2e-6)):
+        model = _router(w)
+        run_pipeline(model, _ctx(None, half_fp32_gemm=True, half_fp32_gemm_mode=mode),
+                     only=["half-fp32-gemm"])
+        assert sum(n.op_type == "Gemm" for n in model.graph) == gemms, mode
+        fp32_view_of_half_gemms(model)
+        err = np.abs(_ort(model, x) - ref).max() / np.abs(ref).max()
+        assert err <= tol, (mode, err)
+
+
+def test_fp32_graph_and_fp32_targets_are_left_alone():
+    model = _router(_weight())
+    rep = run_pipeline(model, _ctx("rtx-4090"), only=["half-fp32-gemm"])
+    assert rep.passes[0].modified is False
+    # a graph without half inputs or outputs is an fp32 model: not silently made half
+    import onnx_ir as ir
+
+    model = _router(_weight(), fp32_act=True)
+    model.graph.outputs.pop()
+    rep = run_pipeline(model, _ctx("t4"), only=["half-fp32-gemm"])
+    assert rep.passes[0].modified is False and "fp32 graph" in rep.passes[0].notes[0]
+    assert sum(n.op_type == "Gemm" and n.outputs[0].dtype == ir.DataType.FLOAT
+               for n in model.graph) == 1
 
 
 @needs_rtx
@@ -87,3 +215,41 @@ def test_sm75_build_needs_the_pass(v3_fp16, tmp_path):
     model = load(v3_fp16)
     run_pipeline(model, _ctx("t4"))
     assert build(save(model, tmp_path / "with" / "model.onnx")).size_bytes > 0
+
+
+@needs_rtx
+@pytest.mark.rtx
+@pytest.mark.parametrize("mode", list(GEMMS))
+def test_every_mode_builds_for_sm75(mode, tmp_path):
+    from dsc.backends.tensorrt import BuildOptions, ShapeEnvelope, build_engine
+
+    for fp32_act in (False, True):
+        model = _router(_weight(), fp32_act=fp32_act)
+        run_pipeline(model, _ctx("t4", half_fp32_gemm_mode=mode), only=["half-fp32-gemm"])
+        path = save(model, tmp_path / f"{mode}-{fp32_act}" / "model.onnx")
+        result = build_engine(path, ShapeEnvelope(max_batch=1, max_input_len=16, max_kv=16),
+                              BuildOptions(target_sm=75), backend="rtx",
+                              io_roles={"x": ("seq", D)})
+        assert result.size_bytes > 0
+
+
+@needs_rtx
+@pytest.mark.rtx
+@pytest.mark.slow
+def test_dsc_build_v3_for_t4(checkpoints, tmp_path, capsys):
+    """`dsc build <V3 fixture> --profile t4`: fp32 router weight, TensorRT-RTX engine for SM75."""
+    import json
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "art"
+    code, stdout, err = run_cli(["build", str(checkpoints["deepseek_v3"]), "-o", str(out),
+                                 "--profile", "t4"], capsys)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    eng = m["profiles"]["t4"]["engine"]
+    assert eng["target_sm"] == 75 and (out / eng["path"]).stat().st_size > 0
+    passes = json.loads((out / "passes_report.json").read_text())["report"]["passes"]
+    half = next(p for p in passes if p["name"] == "half-fp32-gemm")
+    assert half["counts"] == {"half GEMM": 2}  # both MoE routers of the fixture
+    assert m["validation"]["passed"] is True

@@ -4,6 +4,16 @@ The runner only needs `model_io.json` (names, dtypes, cache layout); it is the r
 implementation of how a dsc graph is driven: prefill with an empty past, then one token per
 step feeding each `present.*` back as `past_key_values.*`. Batches of unequal prompts are
 left-padded; padding is masked out by `attention_mask` and skipped by `position_ids`.
+
+bf16 graphs: ONNX Runtime's CPU provider has no bf16 MatMul (nor most other bf16 kernels), so
+everything in dsc that runs a graph in ONNX Runtime on the CPU (calibration, `dsc run`, the
+smoke check, the accuracy gate and its layer locator, `--verify-each`) opens it with
+`inference_session`, which runs a bf16 graph as its `float32_view`: the same graph with every bf16
+type, initializer and constant widened to float32 (exactly: bf16 values are float32 values).
+Its inputs and outputs are then float32 (`ort_dtype`). What the view computes is the bf16
+graph's arithmetic without the rounding of intermediate values to bf16 (as ONNX Runtime also
+computes fp16 graphs on the CPU): fine for calibration statistics and for comparing two graphs
+run the same way, not a bit-exact model of a bf16 engine.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsc.errors import BadInput, Unsupported
+from dsc.errors import BadInput
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +68,71 @@ def session_options(optimization: str = "basic", threads: int | None = None):
     return opts
 
 
+def ort_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype ONNX Runtime takes and returns for a graph value of `dtype` (a
+    `model_io.json` name such as "float16"): float32 for "bfloat16", run as `float32_view`."""
+    return np.dtype(np.float32) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def is_bf16(model) -> bool:
+    """Whether an `onnx_ir` model has a bfloat16 graph input, output or initializer."""
+    import onnx_ir as ir
+
+    bf16 = ir.DataType.BFLOAT16
+    g = model.graph
+    return any(v.dtype == bf16 for v in (*g.inputs, *g.outputs, *g.initializers.values()))
+
+
+def float32_view(model):
+    """A copy of an `onnx_ir` model with every bfloat16 type made float32; the input is unchanged.
+
+    Graph inputs/outputs, node outputs, initializers (converted lazily, on serialization: the
+    copy shares the other tensors), tensor attributes (`Constant`, `ConstantOfShape`) and dtype
+    attributes (`Cast(to=)`, `dtype=`) of the main graph and every subgraph. bf16 → float32 is
+    exact, so the view computes the bf16 graph without its intermediate rounding to bf16.
+    Q/DQ scales stored in bf16 become float32 scales of the same value.
+    """
+    import onnx_ir as ir
+
+    bf16, f32 = ir.DataType.BFLOAT16, ir.DataType.FLOAT
+
+    def widen(tensor, name=None):
+        return ir.LazyTensor(lambda t=tensor: ir.tensor(t.numpy().astype(np.float32)),
+                             dtype=f32, shape=tensor.shape, name=name or tensor.name)
+
+    view = model.clone()
+    for g in (view.graph, *view.graph.subgraphs()):
+        values = [*g.inputs, *g.outputs, *g.initializers.values()]
+        for node in g:
+            values.extend(node.outputs)
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.INT and name in ("to", "dtype") \
+                        and attr.value == bf16.value:
+                    node.attributes[name] = ir.Attr(name, ir.AttributeType.INT, f32.value)
+                elif attr.type == ir.AttributeType.TENSOR and attr.value.dtype == bf16:
+                    node.attributes[name] = ir.Attr(name, ir.AttributeType.TENSOR,
+                                                    ir.tensor(attr.value.numpy()
+                                                              .astype(np.float32)))
+        for v in values:
+            if v.dtype == bf16:
+                # A new type object: a clone shares its types with the original, and
+                # `Value.dtype = ...` would change the shared one in place.
+                v.type = ir.TensorType(f32)
+                if v.const_value is not None and v.const_value.dtype == bf16:
+                    v.const_value = widen(v.const_value, v.name)
+    return view
+
+
+def _file_is_bf16(path: Path) -> bool:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    bf16 = onnx.TensorProto.BFLOAT16
+    g = proto.graph
+    return any(v.type.tensor_type.elem_type == bf16 for v in (*g.input, *g.output)) \
+        or any(t.data_type == bf16 for t in g.initializer)
+
+
 # ONNX Runtime reads a graph handed over as bytes through protobuf (2 GiB at most); above this
 # many bytes of tensors held in memory, `inference_session` writes them to a file instead.
 _IN_MEMORY_LIMIT = 3 * 2**29
@@ -81,7 +156,7 @@ def external_base_dir(model) -> Path | None:
 def spilled(model) -> Iterator[tuple[object, Path | None]]:
     """`model` ready to be handed to ONNX Runtime as a proto: yields (model, base_dir).
 
-    A model holding more than 1.5 GiB of tensors in memory (e.g. SmoothQuant's rescaled
+    A bf16 model becomes its `float32_view` (same value names; float32 types). A model holding more than 1.5 GiB of tensors in memory (e.g. SmoothQuant's rescaled
     weights) is written to a private temporary directory with external data and reloaded
     lazily, since the bytes handed to ONNX Runtime cannot exceed protobuf's 2 GiB; the
     directory lives until the block ends. Otherwise `model` itself and the directory its
@@ -89,6 +164,8 @@ def spilled(model) -> Iterator[tuple[object, Path | None]]:
     """
     import onnx_ir as ir
 
+    if is_bf16(model):  # ONNX Runtime's CPU provider has no bf16 MatMul
+        model = float32_view(model)
     in_memory = sum(v.const_value.nbytes for v in model.graph.initializers.values()
                     if v.const_value is not None
                     and not isinstance(v.const_value, ir.ExternalTensor))
@@ -105,7 +182,8 @@ def inference_session(graph, *, base_dir: Path | None = None, optimization: str 
                       threads: int | None = None, providers: list[str] | None = None):
     """An ONNX Runtime session over `graph`: a path, an onnx_ir model or an `onnx.ModelProto`.
 
-    A path is opened as a file, so ONNX Runtime finds its external data beside it. A graph in
+    A bf16 graph runs as its `float32_view` (feed and read float32: `ort_dtype`). Any other
+    path is opened as a file, so ONNX Runtime finds its external data beside it. A graph in
     memory is never resolved against the current directory: its external tensors are read from
     their own directory (`base_dir` for a ModelProto, which does not carry one; an onnx_ir
     model knows it, see `spilled`) through ONNX Runtime's
@@ -116,7 +194,11 @@ def inference_session(graph, *, base_dir: Path | None = None, optimization: str 
     opts = session_options(optimization, threads)
     providers = providers or ["CPUExecutionProvider"]
     if isinstance(graph, (str, Path)):
-        return ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
+        if not _file_is_bf16(Path(graph)):
+            return ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
+        import onnx_ir as ir
+
+        graph = ir.load(str(graph))  # run as its float32 view, below
     if not hasattr(graph, "SerializeToString"):  # an onnx_ir model
         import onnx_ir as ir
 
@@ -145,9 +227,9 @@ class OrtCausalLM:
                  threads: int | None = None, optimization: str = "basic"):
         self.io = io_spec
         cache = io_spec["cache"]
-        if cache["dtype"] == "bfloat16":
-            raise Unsupported("ONNX Runtime on the CPU cannot run a bf16 graph; export fp16 or fp32")
-        self.cache_dtype = np.dtype(cache["dtype"])
+        # A bf16 graph runs as its float32 view (see the module docstring).
+        self.float32_view = cache["dtype"] == "bfloat16"
+        self.cache_dtype = ort_dtype(cache["dtype"])
         self.num_layers = int(cache["num_layers"])
         self.entries = [(e["heads"], e["dim"]) for e in cache["entries"]]
         self.past_names = cache["inputs"]
