@@ -120,8 +120,8 @@ def environment_error(exc: BaseException) -> OSError | None:
         seen += 1
     # Libraries that re-raise an OSError's text as their own exception (torch, onnx, ORT).
     text = str(exc)
-    for code in sorted(ENVIRONMENT_ERRNOS):
-        if os.strerror(code) in text and code in (errno.ENOSPC, errno.EROFS):
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if os.strerror(code) in text:
             return OSError(code, os.strerror(code))
     return None
 
