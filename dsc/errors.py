@@ -62,6 +62,16 @@ class UsageError(DscError):
     exit_code = EXIT_USAGE
 
 
+class EnvironmentFailure(DscError):
+    """The machine refused: no space, a read-only or unwritable path, a path under a file."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt is for SIGINT (see `dsc.signals`)."""
+
+
 class BadInput(DscError):
     exit_code = EXIT_BAD_INPUT
 
@@ -84,13 +94,3 @@ class DoesNotFit(DscError):
 
 class BackendError(DscError):
     exit_code = EXIT_BACKEND
-
-
-class EnvironmentFailure(DscError):
-    """The machine refused: no space, a read-only or unwritable path, a path under a file."""
-
-    exit_code = EXIT_ENVIRONMENT
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt is for SIGINT (see `dsc.signals`)."""
