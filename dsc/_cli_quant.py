@@ -81,13 +81,15 @@ def quant_kwargs(int8: bool, fp8: bool, int4_awq: bool, weight_only: bool, calib
 def quantize(artifact: Path, output: Path, int8, fp8, int4_awq, weight_only, calib, method, alpha,
              samples, seq_len, exclude, profile, force) -> None:
     """Calibrate ARTIFACT and write a quantized artifact (Q/DQ graph + fp16 reference)."""
-    from dsc.errors import BadInput
     from dsc.quantize import quantize_artifact
 
     kw = quant_kwargs(int8, fp8, int4_awq, weight_only, calib, method, alpha, samples, seq_len,
                       exclude)
     if kw is None:
-        raise BadInput("choose a precision: --int8, --fp8 or --int4-awq")
+        raise click.UsageError("choose a precision: --int8, --fp8 or --int4-awq")
+    if weight_only and kw["precision"] != "int8":
+        raise click.UsageError("--weight-only applies to --int8 only (INT4-AWQ is always "
+                               "weight-only; FP8 quantizes weights and activations)")
     r = quantize_artifact(artifact, output, profile=profile, force=force, **kw)
     click.echo(f"quantized {artifact} to {r.path}: {r.scheme}, ranges by {r.method}")
     click.echo(f"  layers: {r.quantized_layers} quantized, {len(r.excluded)} excluded")

@@ -12,13 +12,15 @@ from dsc.errors import CheckFailed
 _PATH = click.Path(path_type=Path)
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _ints(text: str, option: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}",
+                                 param_hint=f"'{option}'") from None
     if not values or min(values) < 1:
-        raise click.BadParameter(f"expected positive integers, got {text!r}")
+        raise click.BadParameter(f"expected positive integers, got {text!r}",
+                                 param_hint=f"'{option}'")
     return values
 
 
@@ -92,7 +94,8 @@ def bench(artifact: Path, batch: str, prompt_len: str, gen_len: int, warmup: int
     """Latency of ARTIFACT: TTFT, TPOT (p50/p90/p99), tokens/s over a grid."""
     from dsc.validate.run import bench_artifact
 
-    r = bench_artifact(artifact, batches=_ints(batch), prompt_lens=_ints(prompt_len),
+    r = bench_artifact(artifact, batches=_ints(batch, "--batch"),
+                       prompt_lens=_ints(prompt_len, "--prompt-len"),
                        gen_len=gen_len, warmup=warmup, repeats=repeats, profile=profile)
     if as_json:
         click.echo(json.dumps(r, indent=2))

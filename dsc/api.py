@@ -20,7 +20,7 @@ from dsc.artifacts import (
     check_output,
     write_json,
 )
-from dsc.errors import BadInput, Unsupported
+from dsc.errors import BadInput, UsageError
 from dsc.models.checkpoint import inspect_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -65,9 +65,9 @@ def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
     from dsc.export.onnx_export import export_graph
 
     if dtype not in ("fp32", "fp16", "bf16"):
-        raise Unsupported(f"unsupported export dtype {dtype!r}; choose fp32, fp16 or bf16")
+        raise UsageError(f"unsupported export dtype {dtype!r}; choose fp32, fp16 or bf16")
     if opset is not None and not 18 <= opset <= 23:
-        raise Unsupported(f"opset {opset} is not supported by the exporter; choose 18..23")
+        raise UsageError(f"opset {opset} is not supported by the exporter; choose 18..23")
     info = inspect_checkpoint(checkpoint, allow_pickle=allow_pickle)
     output = Path(output)
     check_output(output, force=force)  # before any output, so a refusal is the only line
@@ -104,17 +104,27 @@ def load_tokenizer(artifact: str | Path):
     """The tokenizer stored in an artifact (or checkpoint) directory."""
     from transformers import AutoTokenizer
 
+    from dsc.models.loading import transformers_quiet
+
     try:
-        return AutoTokenizer.from_pretrained(str(artifact))
-    except (OSError, ValueError) as e:
-        raise BadInput(f"cannot load the tokenizer in {artifact}: {str(e).splitlines()[0]}") from None
+        with transformers_quiet():
+            return AutoTokenizer.from_pretrained(str(artifact))
+    except Exception as e:  # tokenizers raises plain Exception for a malformed tokenizer.json
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"cannot load the tokenizer in {artifact}: {first}") from None
 
 
 def run(artifact: str | Path, prompt: str, *, max_new_tokens: int = 64, greedy: bool = True,
         temperature: float = 0.8, seed: int = 0) -> str:
     """Generate a continuation of `prompt` through the artifact's ONNX graph."""
+    import math
+
     from dsc.backends.onnxruntime.runner import OrtCausalLM
 
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"temperature must be a positive number, got {temperature}")
+    if seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {seed}")
     runner = OrtCausalLM.from_artifact(Path(artifact))
     tok = load_tokenizer(artifact)
     ids = tok(prompt)["input_ids"]

@@ -4,6 +4,12 @@ An artifact directory is built in a hidden temporary directory beside its destin
 renamed into place only when every file is written, so a failure or Ctrl-C leaves the
 destination exactly as it was. dsc never writes into (or replaces) a directory that holds
 anything other than a dsc artifact; replacing an artifact needs `force=True`.
+
+The temporary directory is `.<name>.tmp-<pid>-<random>`: one left by a process that no longer
+runs (killed with SIGKILL, or the machine went down) is removed by the next `atomic_dir` for the
+same destination. Artifacts read as input are checked first (`load_manifest`, `load_io_spec`):
+no symbolic links or special files inside, every name the manifest and `model_io.json` give stays
+inside the directory (`dsc.paths.contained`), and so does the graph's external data.
 """
 
 from __future__ import annotations
@@ -17,7 +23,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from dsc.errors import BadInput, OutputConflict
+from dsc import signals
+from dsc.errors import BadInput, EnvironmentFailure, OutputConflict
+from dsc.paths import (
+    check_graph_file,
+    check_tree,
+    contained,
+    manifest_paths,
+    read_bounded,
+    regular_file,
+    remove_stale,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +48,8 @@ SCHEMA_VERSION = 1
 
 def is_artifact(path: Path) -> bool:
     try:
-        data = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError):
+        data = json.loads(read_bounded(Path(path) / MANIFEST, what=MANIFEST))
+    except (OSError, ValueError, BadInput):
         return False
     return isinstance(data, dict) and data.get("format") == ARTIFACT_FORMAT
 
@@ -42,6 +58,12 @@ def check_output(path: Path, *, force: bool) -> None:
     """Refuse an output path that holds anything but a dsc artifact (or an artifact, unforced)."""
     path = Path(path)
     if not path.exists():
+        for parent in path.absolute().parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise EnvironmentFailure(f"cannot create output path {path}: {parent} is "
+                                             "a file, not a directory")
+                break
         return
     if path.is_file() or path.is_symlink():
         raise OutputConflict(f"output path {path} is a file, not a directory")
@@ -61,42 +83,65 @@ def atomic_dir(dest: Path, *, force: bool = False) -> Iterator[Path]:
     dest = Path(dest).absolute()
     check_output(dest, force=force)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    remove_stale(dest)
+    with signals.deferred():  # no temporary directory without the cleanup below
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     # mkdtemp makes the directory private (0700); the artifact gets the usual umask mode.
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        # A signal during the swap is delivered once it is done (the artifact is complete).
+        with signals.deferred():
+            if dest.exists():
+                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                os.replace(dest, old)
+                os.replace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals.deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def load_manifest(artifact: Path) -> dict:
+def load_manifest(artifact: Path, *, check: bool = True) -> dict:
+    """The manifest of an artifact read as input.
+
+    `check` (the default): refuse an artifact holding symbolic links or special files, or whose
+    manifest names a file outside it (`dsc verify` passes False and reports these instead)."""
     artifact = Path(artifact)
     if not artifact.is_dir():
         raise BadInput(f"artifact directory not found: {artifact}")
     if not is_artifact(artifact):
         raise BadInput(f"{artifact} is not a dsc artifact (no valid {MANIFEST})")
-    return json.loads((artifact / MANIFEST).read_text())
+    manifest = json.loads(read_bounded(artifact / MANIFEST, what=MANIFEST))
+    if check:
+        check_tree(artifact)
+        for where, name in manifest_paths(manifest):
+            contained(artifact, name, what=f"{MANIFEST} {where}")
+    return manifest
 
 
 def load_io_spec(artifact: Path, *, check_manifest: bool = True) -> dict:
-    """model_io.json of an artifact (`check_manifest=False`: of one still being written)."""
+    """model_io.json of an artifact (`check_manifest=False`: of one still being written).
+
+    Its `onnx` entry must name a regular file inside the artifact; with `check_manifest` the
+    graph's external data is checked too (`dsc.paths.check_graph_file`)."""
     if check_manifest:
         load_manifest(artifact)
     try:
-        return json.loads((Path(artifact) / IO_SPEC).read_text())
+        io = json.loads(read_bounded(Path(artifact) / IO_SPEC, what=IO_SPEC))
     except (OSError, ValueError) as e:
         raise BadInput(f"artifact {artifact} has no valid {IO_SPEC}: {e}") from None
+    if not isinstance(io, dict):
+        raise BadInput(f"artifact {artifact} has no valid {IO_SPEC}: not a JSON object")
+    onnx = regular_file(artifact, io.get("onnx"), what=f"{IO_SPEC}'s onnx")
+    if check_manifest:
+        check_graph_file(onnx)
+    return io
 
 
 def data_file(onnx_name: str) -> str:

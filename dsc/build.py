@@ -35,12 +35,13 @@ from dsc.artifacts import (
     IO_SPEC,
     MANIFEST,
     atomic_dir,
+    check_output,
     is_artifact,
     is_external_data,
     load_io_spec,
     load_manifest,
 )
-from dsc.errors import BadInput, CheckFailed, OutputConflict
+from dsc.errors import BadInput, CheckFailed, OutputConflict, UsageError
 from dsc.manifest import (
     canonical_hash,
     export_inputs,
@@ -54,6 +55,7 @@ from dsc.manifest import (
     write_manifest,
 )
 from dsc.models.checkpoint import sha256_file
+from dsc.paths import contained
 from dsc.pipeline.progress import Progress, peak_rss_bytes, reset_peak_rss
 
 logger = logging.getLogger(__name__)
@@ -112,28 +114,28 @@ class BuildConfig:
 
             check_legal(self.quantize)
             if self.dtype == "fp32":
-                raise BadInput("quantization needs a half-precision graph (--dtype fp16 or bf16)")
+                raise UsageError("quantization needs a half-precision graph (--dtype fp16 or bf16)")
         if self.weight_only and self.quantize != "int8":
-            raise BadInput("--weight-only applies to --int8 only (INT4-AWQ is always "
-                           "weight-only; FP8 quantizes weights and activations)")
+            raise UsageError("--weight-only applies to --int8 only (INT4-AWQ is always "
+                             "weight-only; FP8 quantizes weights and activations)")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise BadInput(f"alpha must be in [0, 1], got {self.alpha}")
+            raise UsageError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.calib_samples < 1 or self.calib_seq_len < 2:
-            raise BadInput("calibration needs at least 1 sample of at least 2 tokens")
+            raise UsageError("calibration needs at least 1 sample of at least 2 tokens")
         if self.validate == "gate" and self.quantize is None:
-            raise BadInput("--validate gate compares a quantized graph with its fp16 reference: "
-                           "add --int8, --fp8 or --int4-awq (or run `dsc validate --reference`)")
+            raise UsageError("--validate gate compares a quantized graph with its fp16 reference: "
+                             "add --int8, --fp8 or --int4-awq (or run `dsc validate --reference`)")
         if not self.optimize and (self.passes or self.disable_passes):
-            raise BadInput("--passes/--disable-pass contradict --no-optimize")
+            raise UsageError("--passes/--disable-pass contradict --no-optimize")
         if self.validate not in VALIDATE_KINDS:
-            raise BadInput(f"unknown validation {self.validate!r} (choose "
-                           f"{', '.join(VALIDATE_KINDS)})")
+            raise UsageError(f"unknown validation {self.validate!r} (choose "
+                             f"{', '.join(VALIDATE_KINDS)})")
         if self.validate_tokens < 1:
-            raise BadInput(f"validate_tokens must be at least 1, got {self.validate_tokens}")
+            raise UsageError(f"validate_tokens must be at least 1, got {self.validate_tokens}")
         for name in ("max_batch", "max_input_len", "max_kv"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
 
     def record(self) -> dict:
         """The options as the manifest records them (not the ones that only steer this run)."""
@@ -268,7 +270,7 @@ def _link(src_root: Path, dst_root: Path, rels) -> None:
     ONNX external-data files are copied, never linked: onnx and onnx-ir refuse to read a data
     file with more than one hard link (a guard against tampering through a shared inode)."""
     for rel in rels:
-        src, dst = src_root / rel, dst_root / rel
+        src, dst = contained(src_root, rel), contained(dst_root, rel)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.exists():
             dst.unlink()
@@ -285,7 +287,7 @@ def _intact(root: Path | None, outputs: dict) -> bool:
     if root is None:
         return False
     for rel, digest in outputs.items():
-        p = root / rel
+        p = contained(root, rel, what=f"{MANIFEST} of {root} names")
         if not p.is_file() or sha256_file(p) != digest:
             return False
     return True
@@ -308,6 +310,7 @@ def _previous(output: Path, checkpoint: Path, checkpoint_hashes: dict, *,
     in place; one of another checkpoint is replaced only with --force.
     """
     if not output.exists():
+        check_output(output, force=True)  # an output path under a file is refused here
         return None, {}
     if output.is_file() or output.is_symlink():
         raise OutputConflict(f"output path {output} is a file, not a directory")
@@ -457,7 +460,7 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
         max_input_len=config.max_input_len, max_kv=config.max_kv, backend=config.backend,
         dla_core=config.dla_core, quantize=config.quantize)
     if config.opset is not None and not 18 <= config.opset <= 23:
-        raise BadInput(f"opset {config.opset} is not supported by the exporter; choose 18..23")
+        raise UsageError(f"opset {config.opset} is not supported by the exporter; choose 18..23")
     tools = tool_versions()
     export_in = export_inputs(info, dtype=config.dtype, opset=config.opset, tools=tools,
                               external_data=config.external_data)
@@ -868,6 +871,14 @@ def _inherit(config: BuildConfig, recorded: dict) -> BuildConfig:
 
 
 
+def _graph_of(io: dict, listed: dict) -> dict:
+    """`graph_record` of a verified artifact, from its manifest's hashes (no second read)."""
+    onnx_name = str(io["onnx"])
+    files = {n: listed[n] for n in (onnx_name, f"{onnx_name}.data", IO_SPEC) if n in listed}
+    return {"onnx": onnx_name, "dtype": io.get("dtype"), "opset": io.get("opset"),
+            "files": files, "hash": canonical_hash(files)}
+
+
 def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool = False,
                      echo=None) -> BuildOutcome:
     """Build engines (or preflights) for more profiles into an existing artifact, atomically."""
@@ -876,6 +887,15 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
     t_start = time.perf_counter()
     artifact = Path(artifact)
     old = load_manifest(artifact)
+    listed = old.get("outputs", {})
+    # Only a verified artifact is compiled (schema problems aside: records another tool wrote
+    # are kept as they are, below); its graph record then follows from the verified hashes.
+    problems = [(f, why) for f, why in verify_artifact(artifact).problems
+                if not (f == MANIFEST and why.startswith("schema:"))]
+    if problems:
+        rel, why = problems[0]
+        raise CheckFailed(f"{artifact}: {rel} does not match manifest.json ({why}); dsc compile "
+                          f"builds only a verified artifact (dsc verify {artifact})")
     io = load_io_spec(artifact)
     try:
         model_config = json.loads((artifact / "config.json").read_text())
@@ -892,12 +912,7 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
         max_batch=config.max_batch, max_input_len=config.max_input_len, max_kv=config.max_kv,
         backend=config.backend, dla_core=config.dla_core, dla_required=not dla_inherited,
         quantize=io.get("quantization"))
-    graph = graph_record(artifact, io)
-    listed = old.get("outputs", {})
-    for rel, digest in graph["files"].items():
-        if listed.get(rel) != digest:
-            raise CheckFailed(f"{artifact}: {rel} does not match manifest.json; the graph was "
-                              f"changed after it was written (dsc verify {artifact})")
+    graph = _graph_of(io, listed)
     tools = tool_versions()
     names = {t.name for t in targets}
     progress = Progress(1, quiet=quiet, echo=echo)

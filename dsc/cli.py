@@ -1,12 +1,15 @@
 """Command line: a thin click layer. Each command parses options and calls one `dsc.api` function.
 
 `main()` turns a `DscError` into one line on stderr and its documented exit code (see
-`dsc.errors`), Ctrl-C into exit 130, and any other exception into exit 70 with a short message
-(set DSC_DEBUG=1 for the traceback).
+`dsc.errors`), a usage error into one line and exit 2, an `OSError` of the machine (disk full,
+read-only, permission, a path under a file) into exit 8, SIGINT into exit 130 and SIGTERM into
+143 (`dsc.signals`), and any other exception into exit 70 with a short message (set DSC_DEBUG=1
+for the traceback).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -15,7 +18,15 @@ from pathlib import Path
 import click
 
 from dsc import __version__
-from dsc.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, DscError
+from dsc.errors import (
+    EXIT_ENVIRONMENT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    DscError,
+    Terminated,
+)
 
 _PATH = click.Path(path_type=Path)
 
@@ -90,30 +101,86 @@ def _register_optional_groups() -> None:
 _register_optional_groups()
 
 
-def main(argv: list[str] | None = None) -> None:
+# errno values that mean the machine, not dsc or its input, refused.
+ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM",
+                                      "ENOTDIR", "ENAMETOOLONG", "EMFILE", "ENFILE", "ELOOP",
+                                      "ETXTBSY")
+    if hasattr(errno, name))
+
+
+def environment_error(exc: BaseException) -> OSError | None:
+    """The OSError of the machine behind `exc` (itself, or its cause/context), if any."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 16:
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    # Libraries that re-raise an OSError's text as their own exception (torch, onnx, ORT).
+    text = str(exc)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if os.strerror(code) in text:
+            return OSError(code, os.strerror(code))
+    return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _run(argv: list[str] | None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name="dsc", standalone_mode=False)
+        # make_context/invoke rather than cli.main: click's main turns Ctrl-C into Abort after
+        # printing a blank line, and prints usage errors over several lines.
+        with cli.make_context("dsc", args) as ctx:
+            cli.invoke(ctx)
     except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
+        return e.exit_code
+    except click.exceptions.NoArgsIsHelpError as e:  # `dsc` or `dsc passes` alone: the help
         e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+        return EXIT_USAGE
+    except click.UsageError as e:
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"dsc: error: {_one_line(e.format_message())}{where}", err=True)
+        return EXIT_USAGE
+    except click.ClickException as e:
+        click.echo(f"dsc: error: {_one_line(e.format_message())}", err=True)
+        return e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("dsc: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        click.echo("dsc: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        click.echo("dsc: terminated", err=True)
+        return EXIT_TERMINATED
     except DscError as e:
         click.echo(f"dsc: error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except Exception as e:  # a bug: keep it to one line unless asked
-        if os.environ.get("DSC_DEBUG"):
+        return e.exit_code
+    except Exception as e:
+        env = environment_error(e)
+        if env is not None:
+            where = f": {env.filename}" if getattr(env, "filename", None) else ""
+            click.echo(f"dsc: error: {env.strerror or os.strerror(env.errno)}{where}", err=True)
+            return EXIT_ENVIRONMENT
+        if os.environ.get("DSC_DEBUG"):  # a bug: keep it to one line unless asked
             raise
-        click.echo(f"dsc: internal error: {type(e).__name__}: {e} (set DSC_DEBUG=1 for details)",
-                   err=True)
-        sys.exit(EXIT_INTERNAL)
-    sys.exit(0)
+        click.echo(f"dsc: internal error: {type(e).__name__}: {_one_line(e)} "
+                   "(set DSC_DEBUG=1 for details)", err=True)
+        return EXIT_INTERNAL
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    from dsc import signals
+
+    previous = signals.install()
+    try:
+        code = _run(argv)
+    finally:
+        signals.restore(previous)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

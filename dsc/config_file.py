@@ -69,8 +69,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     `set` becomes `overrides` (a tuple of "key=value"), `profiles` a tuple of names/paths.
     """
     path = Path(path)
+    from dsc.paths import read_text_bounded
+
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text_bounded(path, what="config file", kind="yaml"))
     except OSError as e:
         raise BadInput(f"cannot read config file {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:

@@ -2,7 +2,10 @@
 
 Every failure the user can cause (bad input, an impossible request) is a `DscError` subclass. The
 CLI prints `dsc: error: <message>` and exits with the class's code; it never shows a traceback
-for these. Anything else is a bug and exits with `EXIT_INTERNAL`.
+for these. An `OSError` the machine causes (a full disk, a read-only or unwritable target, an
+output path under a file) is an environment error, `EXIT_ENVIRONMENT`. SIGINT exits 130 and
+SIGTERM 143 (128 + the signal number), leaving the output path as it was. Anything else is a bug
+and exits with `EXIT_INTERNAL`.
 
 Exit codes (also in README.md):
 
@@ -10,14 +13,17 @@ Exit codes (also in README.md):
 |---|---|
 | 0 | success |
 | 1 | a check failed: validation gate, `dsc verify` hash mismatch |
-| 2 | usage error (unknown option, missing argument) |
-| 3 | bad input: corrupt checkpoint or tensor, config, ONNX, profile, artifact; fp16 overflow |
+| 2 | usage error: unknown option, missing argument, value out of range, exclusive flags |
+| 3 | bad input: corrupt checkpoint or tensor, config, ONNX, profile, artifact; fp16 overflow;
+|   | a name, link or external-data location leading outside its directory; a special file |
 | 4 | unsupported: architecture, checkpoint quantization, precision on this target, operation |
 | 5 | output path holds something that is not a dsc artifact |
 | 6 | the model does not fit the target |
 | 7 | a backend failed (ONNX export, TensorRT parse/build) |
+| 8 | environment: disk full, read-only or unwritable path, output path under a file |
 | 70 | internal error (a bug in dsc) |
-| 130 | interrupted (Ctrl-C) |
+| 130 | interrupted (SIGINT, Ctrl-C) |
+| 143 | terminated (SIGTERM) |
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ EXIT_UNSUPPORTED = 4
 EXIT_OUTPUT_CONFLICT = 5
 EXIT_DOES_NOT_FIT = 6
 EXIT_BACKEND = 7
+EXIT_ENVIRONMENT = 8
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class DscError(Exception):
@@ -46,6 +54,22 @@ class DscError(Exception):
 
 class CheckFailed(DscError):
     exit_code = EXIT_CHECK_FAILED
+
+
+class UsageError(DscError):
+    """Options that cannot work: out of range, or excluding each other (same code as click's)."""
+
+    exit_code = EXIT_USAGE
+
+
+class EnvironmentFailure(DscError):
+    """The machine refused: no space, a read-only or unwritable path, a path under a file."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt is for SIGINT (see `dsc.signals`)."""
 
 
 class BadInput(DscError):

@@ -353,6 +353,10 @@ def _check_rules(p: HardwareProfile, source: str) -> None:
     if p.schema_version != SCHEMA_VERSION:
         fail(f"schema_version {p.schema_version} is not supported (this dsc reads "
              f"{SCHEMA_VERSION})")
+    # The name becomes a directory of the artifact (engines/<name>/).
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", p.name) or ".." in p.name:
+        fail(f"name {p.name!r} must be letters, digits, '.', '_' or '-' (it names the "
+             "directory engines/<name>/ of an artifact)")
     if not re.fullmatch(r"\d{1,2}\.\d", p.compute_capability):
         fail(f"compute_capability {p.compute_capability!r} must look like \"8.7\"")
     sm = p.sm
@@ -415,9 +419,11 @@ def _check_rules(p: HardwareProfile, source: str) -> None:
 
 
 def _read_yaml(path: Path) -> Any:
+    from dsc.paths import read_text_bounded
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_text_bounded(path, what="profile", kind="yaml")
+    except OSError as e:
         raise BadInput(f"cannot read profile {path}: {e}") from e
     try:
         return yaml.safe_load(text)
@@ -526,7 +532,7 @@ def load_profile(name_or_path: str | Path,
     text = str(name_or_path)
     path = Path(text)
     if isinstance(name_or_path, Path) or _looks_like_path(text) or path.is_file():
-        if not path.is_file():
+        if not path.exists():
             raise BadInput(f"profile file {text} does not exist")
     else:
         path = resolve_name(text)

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -227,46 +228,133 @@ class VerifyResult:
 
 def verify_artifact(artifact: str | Path, *, check_inputs: bool = False,
                     checkpoint: str | Path | None = None) -> VerifyResult:
-    """Re-hash every file against the manifest. Never raises for a mismatch: see `problems`.
+    """Check everything the manifest claims. Never raises for a mismatch: see `problems`.
 
-    With `check_inputs` (or an explicit `checkpoint`), the checkpoint files are re-hashed
-    against `source.inputs` too.
+    - every file in `outputs` is there, a regular file, with that sha256; every file and
+      directory on disk is listed (a directory holding no listed file is a problem too);
+    - a symbolic link or special file is a problem and is never opened, nor is a listed name
+      that leads outside the artifact (absolute, `..`, through a link);
+    - `graph.files` and every stage's outputs agree with `outputs` (a stage's record of a file a
+      later stage rewrote is not compared);
+    - with `check_inputs` (or an explicit `checkpoint`), the checkpoint files are re-hashed
+      against `source.inputs`, under the same containment rules.
     """
+    from dsc.artifacts import manifest_paths
+    from dsc.paths import contained, odd_entries
+
     artifact = Path(artifact)
-    manifest = load_manifest(artifact)
+    manifest = load_manifest(artifact, check=False)
     result = VerifyResult(artifact)
-    for err in schema_errors(manifest):
-        result.problems.append((MANIFEST, f"schema: {err}"))
-    listed = manifest.get("outputs") or {}
+    problems = result.problems
+    odd = dict(odd_entries(artifact))
+    for rel, why in odd.items():
+        problems.append((rel, f"{why} (not followed)"))
+    outside: set[str] = set()
+    for where, name in manifest_paths(manifest):
+        try:
+            contained(artifact, name, what=where)
+        except BadInput:
+            if str(name) not in outside:
+                outside.add(str(name))
+                problems.append((str(name), f"{where} names a path outside the artifact or "
+                                            "through a link (not opened)"))
+    listed = manifest.get("outputs")
+    listed = listed if isinstance(listed, dict) else {}
     for rel, digest in sorted(listed.items()):
+        if rel in outside or rel in odd or _under_odd(rel, odd):
+            continue
         path = artifact / rel
         if not path.is_file():
-            result.problems.append((rel, "missing"))
+            problems.append((rel, "missing"))
             continue
         result.checked += 1
         actual = sha256_file(path)
         if actual != digest:
-            result.problems.append((rel, f"sha256 {actual[:12]}… differs from the manifest's "
-                                         f"{str(digest)[:12]}…"))
-    for p in sorted(artifact.rglob("*")):
-        rel = relpath(p, artifact)
-        if p.is_file() and rel != MANIFEST and rel not in listed:
-            result.problems.append((rel, "not listed in the manifest"))
+            problems.append((rel, f"sha256 {actual[:12]}… differs from the manifest's "
+                                  f"{str(digest)[:12]}…"))
+    parents = {p.as_posix() for rel in listed for p in Path(rel).parents}
+    for dirpath, dirnames, filenames in os.walk(artifact, followlinks=False):
+        base = Path(dirpath)
+        for name in filenames:
+            rel = relpath(base / name, artifact)
+            if rel != MANIFEST and rel not in listed and rel not in odd:
+                problems.append((rel, "not listed in the manifest"))
+        for name in dirnames:
+            rel = relpath(base / name, artifact)
+            if rel not in parents and rel not in odd:
+                problems.append((rel + "/", "directory holds no file the manifest lists"))
+    problems.extend(_disagreements(manifest, listed, outside))
     if check_inputs or checkpoint is not None:
-        src = manifest.get("source", {})
-        root = Path(checkpoint) if checkpoint is not None else Path(src.get("checkpoint", ""))
-        if not root.is_dir():
-            result.problems.append((str(root), "checkpoint directory not found"))
-        else:
-            for rel, digest in sorted((src.get("inputs") or {}).items()):
-                path = root / rel
-                if not path.is_file():
-                    result.problems.append((str(path), "input missing"))
-                    continue
-                result.inputs_checked += 1
-                if sha256_file(path) != digest:
-                    result.problems.append((str(path), "input sha256 differs from the manifest"))
+        _verify_inputs(manifest, checkpoint, result)
+    # Last: a name outside the artifact breaks the schema too, and the line the CLI prints
+    # (the first problem) should say what it is.
+    problems.extend((MANIFEST, f"schema: {err}") for err in schema_errors(manifest))
     return result
+
+
+def _under_odd(rel: str, odd: dict) -> bool:
+    return any(p.as_posix() in odd for p in Path(rel).parents)
+
+
+def _disagreements(manifest: Mapping, listed: Mapping, outside: set[str]) -> list:
+    """Where `graph.files` or a stage's outputs say something else than `outputs`."""
+    out = []
+    graph = manifest.get("graph")
+    if isinstance(graph, dict):
+        files = graph.get("files") if isinstance(graph.get("files"), dict) else {}
+        for rel, digest in sorted(files.items()):
+            if rel not in outside and listed.get(rel) != digest:
+                out.append((rel, "graph.files disagrees with outputs"))
+        onnx = graph.get("onnx")
+        if onnx is not None and files and onnx not in files:
+            out.append((str(onnx), "graph.onnx is not among graph.files"))
+    records: list[tuple[str, dict]] = []
+    stages = manifest.get("stages") if isinstance(manifest.get("stages"), dict) else {}
+    order = [n for n in STAGE_ORDER if n in stages] + [n for n in stages if n not in STAGE_ORDER]
+    for name in order:
+        st = stages[name]
+        if not isinstance(st, dict):
+            continue
+        if isinstance(st.get("outputs"), dict):
+            records.append((name, st["outputs"]))
+        profiles = st.get("profiles") if isinstance(st.get("profiles"), dict) else {}
+        for p, rec in profiles.items():
+            if isinstance(rec, dict) and isinstance(rec.get("outputs"), dict):
+                records.append((f"{name}.{p}", rec["outputs"]))
+    for i, (name, outputs) in enumerate(records):
+        later = {rel for _, o in records[i + 1:] for rel in o}
+        for rel, digest in sorted(outputs.items()):
+            if rel in outside:
+                continue
+            if rel not in listed:
+                out.append((rel, f"stage {name} lists it but outputs does not"))
+            elif listed[rel] != digest and rel not in later:
+                out.append((rel, f"stage {name}'s sha256 disagrees with outputs"))
+    return out
+
+
+def _verify_inputs(manifest: Mapping, checkpoint: str | Path | None,
+                   result: VerifyResult) -> None:
+    from dsc.paths import contained, hub_blobs
+
+    src = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    root = Path(checkpoint) if checkpoint is not None else Path(str(src.get("checkpoint", "")))
+    if not root.is_dir():
+        result.problems.append((str(root), "checkpoint directory not found"))
+        return
+    inputs = src.get("inputs") if isinstance(src.get("inputs"), dict) else {}
+    for rel, digest in sorted(inputs.items()):
+        try:
+            path = contained(root, rel, what="checkpoint input", links_into=hub_blobs(root))
+        except BadInput as e:
+            result.problems.append((str(rel), f"not opened: {e}"))
+            continue
+        if not path.is_file():
+            result.problems.append((str(path), "input missing"))
+            continue
+        result.inputs_checked += 1
+        if sha256_file(path) != digest:
+            result.problems.append((str(path), "input sha256 differs from the manifest"))
 
 
 def raise_for_problems(result: VerifyResult) -> None:

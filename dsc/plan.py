@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsc.errors import BadInput, Unsupported
+from dsc.errors import BadInput, Unsupported, UsageError
 from dsc.hardware import PRECISIONS, GiB, HardwareProfile, list_profiles
 from dsc.models.params import (
     ParamCounts,
@@ -237,6 +237,11 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
         raise BadInput(f"context must be at least 1, got {context}")
     if input_len is not None and input_len < 1:
         raise BadInput(f"input length must be at least 1, got {input_len}")
+    if input_len is not None and input_len > context:
+        # The prefill is part of the context: clamping it would plan another request.
+        raise UsageError(f"--input-len {input_len} exceeds the context of {context} tokens "
+                         "(--context, default: the profile's max_kv capped at the model's "
+                         "max_position_embeddings)")
 
     def prefill_len(ctx: int) -> int:
         cap = input_len if input_len is not None else profile.envelope.max_input_len

@@ -39,7 +39,7 @@ from dsc.artifacts import (
     write_graph,
     write_json,
 )
-from dsc.errors import BadInput, Unsupported
+from dsc.errors import BadInput, Unsupported, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ PRECISIONS = ("int8", "fp8", "int4")
 DEFAULT_CALIB = Path(__file__).resolve().parent / "data" / "calibration.txt"
 DEFAULT_METHOD = {"int8": "max", "fp8": "max", "int4": "max"}
 MIN_EXPERT_TOKENS = 16
+CALIB_LIMIT = 256 * 2**20  # bytes of calibration text read at most (all files together)
 
 
 @dataclass
@@ -66,7 +67,7 @@ def precision_from_flags(int8: bool = False, fp8: bool = False, int4_awq: bool =
     """The precision named by `--int8|--fp8|--int4-awq` (for `dsc quantize` and `dsc build`)."""
     chosen = [p for p, on in (("int8", int8), ("fp8", fp8), ("int4", int4_awq)) if on]
     if len(chosen) > 1:
-        raise BadInput("choose one of --int8, --fp8, --int4-awq")
+        raise UsageError("choose one of --int8, --fp8, --int4-awq")
     return chosen[0] if chosen else None
 
 
@@ -113,9 +114,18 @@ def read_calibration_text(calib: str | Path | None) -> str:
         if path.is_dir() else [path]
     if not files:
         raise BadInput(f"calibration directory {path} holds no .txt or .jsonl files")
+    from dsc.paths import MiB, read_text_bounded
+
     parts = []
+    left = CALIB_LIMIT
     for f in files:
-        raw = f.read_text(encoding="utf-8", errors="replace")
+        # Calibration uses samples x seq_len tokens: a bounded read refuses /dev/zero, a FIFO
+        # or a corpus far larger than any calibration needs, before tokenizing it.
+        raw = read_text_bounded(f, what="calibration data", kind="text", limit=left,
+                                errors="replace")
+        left -= len(raw.encode("utf-8", errors="replace"))
+        if left < 0:
+            raise BadInput(f"calibration data {path} is larger than {CALIB_LIMIT // MiB} MiB")
         if f.suffix in (".jsonl", ".json"):
             for n, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():

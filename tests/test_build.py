@@ -576,6 +576,8 @@ def _corrupt_graph(art: Path) -> str:
     m = _manifest(art)
     m["outputs"] = hash_tree(art)
     m["graph"] = graph_record(art, json.loads((art / "model_io.json").read_text()))
+    for st in m["stages"].values():  # consistent: verify compares stage records with outputs
+        st["outputs"] = {k: m["outputs"][k] for k in st.get("outputs", {})}
     (art / "manifest.json").write_text(json.dumps(m, indent=2))
     return node.name
 

@@ -11,7 +11,11 @@ Quantized checkpoints: DeepSeek-V3/R1 are published with FP8 block weights (`qua
 {quant_method: fp8, fmt: e4m3, weight_block_size: [128, 128]}`, see `dsc.models.weights`), which
 dsc dequantizes as it reads them; any other `quant_method` (gptq, awq, compressed-tensors,
 bitsandbytes, ...), or FP8 in another format, is `Unsupported` here, before any weight is read.
-A sharded checkpoint's index may only name shard files inside the checkpoint directory.
+A sharded checkpoint's index may only name shard files inside the checkpoint directory, and no
+file dsc reads may be a symbolic link (`dsc.paths`; the Hugging Face cache's links into its
+`blobs/` excepted). `config.json` is checked for types and ranges (`dsc.models.config_check`) and
+against the tensors the shards actually hold (layer count, embedding shape); `tokenizer.json`
+must load. All of this happens before any weight is read.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from dsc.errors import CheckpointError, Unsupported
+from dsc.errors import BadInput, CheckpointError, Unsupported
 from dsc.models.families import Family, family_for_architecture, supported_architectures
+from dsc.paths import hub_blobs, read_text_bounded, regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +92,9 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Check
         raise CheckpointError(f"checkpoint directory not found: {path}")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint must be a directory holding config.json: {path}")
-    config = read_config(path / "config.json")
+    if not (path / "config.json").exists() and not (path / "config.json").is_symlink():
+        raise CheckpointError(f"missing config.json in {path}")
+    config = read_config(_file(path, "config.json"))
     architecture = _architecture(config, path)
     family = family_for_architecture(architecture)
     if family is None:
@@ -94,11 +103,15 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Check
             f"supported: {', '.join(supported_architectures())}"
         )
     quantization = checkpoint_quantization(config, path)
+    from dsc.models.config_check import check_config
+
+    check_config(config, str(path / "config.json"))
     weight_files, fmt = _find_weights(path, allow_pickle)
     num_params = 0
     weight_bytes = 0
     if fmt == "safetensors":
         dtypes: dict[str, str] = {}
+        shapes: dict[str, list[int]] = {}
         for f in weight_files:
             n, b, header = _scan_safetensors(f)
             num_params += n
@@ -108,10 +121,14 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Check
                     raise CheckpointError(
                         f"tensor {name} is stored in more than one shard of {path}")
                 dtypes[name] = meta["dtype"]
+                shapes[name] = list(meta["shape"])
         _check_fp8_tensors(dtypes, quantization, path)
-    tokenizer_files = tuple(path / n for n in TOKENIZER_FILES if (path / n).is_file())
+        _check_against_config(shapes, config, path)
+    tokenizer_files = tuple(_file(path, n) for n in TOKENIZER_FILES
+                            if (path / n).exists() or (path / n).is_symlink())
     if not any(p.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for p in tokenizer_files):
         raise CheckpointError(f"no tokenizer in {path} (expected tokenizer.json)")
+    _check_tokenizer(path)
     return CheckpointInfo(
         path=path,
         config=config,
@@ -124,6 +141,68 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Check
         weight_bytes=weight_bytes,
         quantization=quantization,
     )
+
+
+def _file(path: Path, name: str) -> Path:
+    """A file of the checkpoint: inside it, regular, not a link (bar the hub cache's)."""
+    try:
+        return regular_file(path, name, what="checkpoint file", links_into=hub_blobs(path))
+    except BadInput as e:
+        raise CheckpointError(str(e)) from None
+
+
+_LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_against_config(shapes: dict[str, list[int]], config: dict, path: Path) -> None:
+    """The config's layer count and embedding shape against the tensors the shards hold."""
+    where = path / "config.json"
+    layers = config["num_hidden_layers"]
+    mtp = int(config.get("num_nextn_predict_layers") or 0)
+    held = sorted({int(m.group(1)) for name in shapes if (m := _LAYER_TENSOR.match(name))})
+    decoder = [i for i in held if i < layers]
+    beyond = [i for i in held if i >= layers + mtp]
+    if beyond:
+        raise CheckpointError(
+            f"{where} says num_hidden_layers {layers}, but the checkpoint holds tensors of layer "
+            f"{beyond[0]}" + (f" (and {mtp} multi-token-prediction layer(s))" if mtp else ""))
+    if len(decoder) != layers:
+        missing = sorted(set(range(layers)) - set(decoder))
+        raise CheckpointError(
+            f"{where} says num_hidden_layers {layers}, but the checkpoint holds tensors of "
+            f"{len(decoder)} decoder layer(s); none for layer {missing[0]}")
+    embed = shapes.get("model.embed_tokens.weight")
+    want = [config["vocab_size"], config["hidden_size"]]
+    if embed is not None and embed != want:
+        raise CheckpointError(
+            f"model.embed_tokens.weight is {embed}, but {where} says vocab_size x hidden_size "
+            f"= {want}")
+
+
+def _check_tokenizer(path: Path) -> None:
+    """tokenizer.json must load (a garbage one would otherwise pass export and build)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (path / name).is_file():
+            try:
+                data = json.loads(read_text_bounded(path / name, what=name))
+            except ValueError as e:
+                raise CheckpointError(f"invalid {name} in {path}: {e}") from None
+            except BadInput as e:
+                raise CheckpointError(str(e)) from None
+            if not isinstance(data, dict):
+                raise CheckpointError(f"invalid {name} in {path}: not a JSON object")
+    if not (path / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        text = read_text_bounded(path / "tokenizer.json", what="tokenizer.json", kind="text")
+        Tokenizer.from_str(text)
+    except BadInput as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:  # the tokenizers library raises plain Exception
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"tokenizer.json in {path} does not load: {first}") from None
 
 
 def checkpoint_quantization(config: dict, path: Path) -> FP8Blocks | None:
@@ -174,8 +253,10 @@ def read_config(config_path: Path) -> dict:
     if not config_path.is_file():
         raise CheckpointError(f"missing config.json in {config_path.parent}")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads(read_text_bounded(config_path, what="config.json"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"invalid config.json ({config_path}): {e}") from None
+    except BadInput as e:
         raise CheckpointError(f"invalid config.json ({config_path}): {e}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"invalid config.json ({config_path}): not a JSON object")
@@ -195,9 +276,10 @@ def _architecture(config: dict, path: Path) -> str:
 def _find_weights(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
+        _file(path, index.name)
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(read_text_bounded(index, what=index.name))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"invalid {index.name} in {path}: {e}") from None
         if not isinstance(weight_map, dict) or not all(
                 isinstance(v, str) and v for v in weight_map.values()):
@@ -211,14 +293,15 @@ def _find_weights(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
                    for p in (PurePosixPath(n), PureWindowsPath(n))):
                 raise CheckpointError(
                     f"{index.name} in {path} names shard {n!r} outside the checkpoint directory")
-        missing = [n for n in names if not (path / n).is_file()]
+        missing = [n for n in names if not (path / n).exists() and not (path / n).is_symlink()]
         if missing:
             raise CheckpointError(f"shards listed in {index.name} are missing: {', '.join(missing)}")
-        return [path / n for n in names], "safetensors"
+        return [_file(path, n) for n in names], "safetensors"
     shards = sorted(path.glob("*.safetensors"))
     if shards:
-        return shards, "safetensors"
-    pickles = sorted(p for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+        return [_file(path, p.name) for p in shards], "safetensors"
+    pickles = [_file(path, p.name) for p in sorted(path.iterdir())
+               if p.suffix in _PICKLE_SUFFIXES and (p.is_file() or p.is_symlink())]
     if pickles:
         if not allow_pickle:
             raise CheckpointError(
@@ -258,14 +341,12 @@ def _scan_safetensors(file: Path) -> tuple[int, int, dict]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        try:
-            begin, end = meta["data_offsets"]
-            count = 1
-            for d in meta["shape"]:
-                count *= int(d)
-            nbytes = count * _DTYPE_BYTES[meta["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"corrupt safetensors file {file}: bad entry {name!r}") from None
+        why = _bad_entry(meta)
+        if why:
+            raise CheckpointError(f"corrupt safetensors file {file}: entry {name!r} {why}")
+        begin, end = meta["data_offsets"]
+        count = math.prod(meta["shape"])
+        nbytes = count * _DTYPE_BYTES[meta["dtype"]]
         if end - begin != nbytes or end > data_len:
             raise CheckpointError(
                 f"truncated or corrupt safetensors file {file}: tensor {name!r} needs bytes "
@@ -279,6 +360,23 @@ def _scan_safetensors(file: Path) -> tuple[int, int, dict]:
         )
     header.pop("__metadata__", None)
     return num, data_len, header
+
+
+def _bad_entry(meta) -> str | None:
+    """Why a safetensors header entry is malformed (None: it is well formed)."""
+    if not isinstance(meta, dict):
+        return "is not a JSON object"
+    if meta.get("dtype") not in _DTYPE_BYTES:
+        return f"has an unknown dtype {meta.get('dtype')!r}"
+    shape, offsets = meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        return f"has shape {shape!r}; expected a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        return f"has data_offsets {offsets!r}; expected [begin, end] integers, begin <= end"
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:

@@ -82,7 +82,7 @@ def _model_config(info: CheckpointInfo):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             config = AutoConfig.from_pretrained(info.path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # config validators raise their own classes (strict dataclasses)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read the config of {info.path}: {first}") from None
     if hasattr(config, "quantization_config"):

@@ -142,14 +142,21 @@ def load_config(path: str | Path) -> tuple[dict[str, Any], Path]:
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    if not p.is_file():
+    if not p.exists():
         raise CheckpointError(f"no config.json at {path} (pass a checkpoint directory or the file)")
+    from dsc.models.config_check import check_config
+    from dsc.paths import read_text_bounded
+
     try:
-        config = json.loads(p.read_text(encoding="utf-8"))
+        config = json.loads(read_text_bounded(p, what="config"))
+    except BadInput as e:
+        raise CheckpointError(str(e)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p}: not a readable JSON config ({e})") from e
     if not isinstance(config, dict):
         raise CheckpointError(f"{p}: a config.json must hold a JSON object")
+    architecture(config)  # an unsupported architecture is exit 4, before the sizes are checked
+    check_config(config, str(p))
     return config, p
 
 

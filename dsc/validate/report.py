@@ -297,13 +297,15 @@ def write_reports(artifact: str | Path) -> dict:
     artifact = Path(artifact)
     rep = collect(artifact)
     md = _md(rep)
-    _write(artifact / "report.json", json.dumps(rep, indent=2) + "\n")
-    _write(artifact / "report.md", md)
-    _write(artifact / "report.html", _html(rep, md))
     manifest = load_manifest(artifact)
+    from dsc import signals
     from dsc.models.checkpoint import sha256_file
 
-    for name in ("report.json", "report.md", "report.html"):
-        manifest.setdefault("outputs", {})[name] = sha256_file(artifact / name)
-    _write(artifact / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    with signals.deferred():  # the reports and the manifest's hashes of them, or none
+        _write(artifact / "report.json", json.dumps(rep, indent=2) + "\n")
+        _write(artifact / "report.md", md)
+        _write(artifact / "report.html", _html(rep, md))
+        for name in ("report.json", "report.md", "report.html"):
+            manifest.setdefault("outputs", {})[name] = sha256_file(artifact / name)
+        _write(artifact / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return rep

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from dsc.artifacts import IO_SPEC, MANIFEST, load_io_spec, load_manifest
 from dsc.errors import BadInput
+from dsc import signals
 from dsc.models.checkpoint import sha256_file
+from dsc.paths import check_graph_file
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,8 @@ def resolve_reference(artifact: Path, reference: str | Path) -> tuple[Path, dict
     if str(reference) == "fp16":
         ref_dir = artifact / REFERENCE_DIR
         if (ref_dir / IO_SPEC).is_file():
-            io = json.loads((ref_dir / IO_SPEC).read_text())
+            io = load_io_spec(ref_dir, check_manifest=False)
+            check_graph_file(ref_dir / io["onnx"])
             return ref_dir / io["onnx"], io, f"{REFERENCE_DIR}/ (fp16 export)"
         io = load_io_spec(artifact)
         if io.get("dtype", "fp16") != "fp16":
@@ -55,7 +58,7 @@ def resolve_reference(artifact: Path, reference: str | Path) -> tuple[Path, dict
         io = load_io_spec(path)
         return path / io["onnx"], io, str(path)
     if path.is_file() and path.suffix == ".onnx":
-        return path, load_io_spec(artifact), str(path)
+        return check_graph_file(path), load_io_spec(artifact), str(path)
     raise BadInput(f"reference not found: {reference} (use fp16, an artifact dir or a .onnx file)")
 
 
@@ -69,15 +72,21 @@ def record(artifact: Path, filename: str, key: str, data: dict, summary: dict) -
     """Write `filename` into the artifact and note it in the manifest (atomic per file)."""
     artifact = Path(artifact)
     path = artifact / filename
-    tmp = path.with_name(f".{filename}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
     manifest = load_manifest(artifact)
-    manifest[key] = summary
-    manifest.setdefault("outputs", {})[filename] = sha256_file(path)
-    mtmp = artifact / f".{MANIFEST}.tmp"
-    mtmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(mtmp, artifact / MANIFEST)
+    with signals.deferred():  # both files or neither; no temporary file left behind
+        tmp = path.with_name(f".{filename}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+        manifest[key] = summary
+        manifest.setdefault("outputs", {})[filename] = sha256_file(path)
+        # The file is this command's now: a stage that wrote an earlier version no longer
+        # describes it (verify compares stage records with outputs).
+        for st in (manifest.get("stages") or {}).values():
+            if isinstance(st, dict) and isinstance(st.get("outputs"), dict):
+                st["outputs"].pop(filename, None)
+        mtmp = artifact / f".{MANIFEST}.tmp"
+        mtmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(mtmp, artifact / MANIFEST)
 
 
 def gate_summary(result: dict) -> dict:
@@ -87,6 +96,19 @@ def gate_summary(result: dict) -> dict:
     summary["top1_prefill"] = result["prefill"]["top1"]
     summary["first_divergence"] = result.get("first_divergence")
     return summary
+
+
+def _read_data(data: str | Path | None) -> str:
+    """The held-out text: the shipped split, or a regular file of at most 256 MiB."""
+    if data is None:
+        return _default_text()
+    from dsc.paths import read_text_bounded
+
+    p = Path(data)
+    if not p.exists():
+        raise BadInput(f"validation data not found: {p}")
+    return read_text_bounded(p, what="validation data", kind="text", limit=256 * 2**20,
+                             errors="replace")
 
 
 def validate_artifact(artifact: str | Path, *, reference: str | Path = "fp16",
@@ -100,15 +122,10 @@ def validate_artifact(artifact: str | Path, *, reference: str | Path = "fp16",
     manifest = load_manifest(artifact)
     io = load_io_spec(artifact)
     cand_path = artifact / io["onnx"]
+    text = _read_data(data)
     ref_path, ref_io, ref_desc = resolve_reference(artifact, reference)
-    if data is None:
-        text = _default_text()
-    else:
-        p = Path(data)
-        if not p.is_file():
-            raise BadInput(f"validation data not found: {p}")
-        text = p.read_text(encoding="utf-8", errors="replace")
     opts = options or GateOptions()
+
     if thresholds:
         opts.thresholds = dict(thresholds)
     prec = precision or candidate_precision(artifact, manifest, io)

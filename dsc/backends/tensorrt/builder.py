@@ -38,6 +38,7 @@ from dsc.backends.tensorrt._shapes import (
     io_roles_from_spec,
     profile_shapes,
 )
+from dsc import signals
 from dsc.errors import BackendError, BadInput, Unsupported
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,29 @@ def _make_logger(trt: ModuleType, verbose: bool):
             logger.log(to_python.get(severity, logging.DEBUG), "%s", msg)
 
     return CaptureLogger()
+
+
+def _cancel_monitor(trt: ModuleType):
+    """A progress monitor that cancels the build once SIGINT/SIGTERM is pending (None: this
+    TensorRT has no IProgressMonitor)."""
+    base = getattr(trt, "IProgressMonitor", None)
+    if base is None:
+        return None
+
+    class CancelOnSignal(base):
+        def __init__(self):
+            base.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def phase_finish(self, phase_name):
+            pass
+
+        def step_complete(self, phase_name, step):
+            return not signals.pending()
+
+    return CancelOnSignal()
 
 
 # -- error messages ---------------------------------------------------------------------------
@@ -329,7 +353,11 @@ def build_engine(
     network = builder.create_network(api.network_flags())
     parser = trt.OnnxParser(network, log)
     # From the file, not from bytes: the parser then finds external weight files beside it.
-    if not parser.parse_from_file(str(onnx_path)):
+    # TensorRT calls the Python logger from C++ and swallows what it raises: a Ctrl-C there
+    # would be lost, so signals wait for the call to return (`dsc.signals.deferred`).
+    with signals.deferred():
+        parsed = parser.parse_from_file(str(onnx_path))
+    if not parsed:
         raise _parser_failure(parser, onnx_path, label, log.records)
     strongly_typed = api.is_strongly_typed(network)
     if not strongly_typed:
@@ -393,7 +421,11 @@ def build_engine(
     num_layers = int(network.num_layers)
     logger.info("building %s engine from %s for %s (%d layers, %d profiles)", label,
                 onnx_path.name, target, num_layers, len(profiles))
-    serialized = builder.build_serialized_network(network, config)
+    monitor = _cancel_monitor(trt)
+    if monitor is not None:
+        config.progress_monitor = monitor  # a signal cancels the build at its next step
+    with signals.deferred():
+        serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
     if serialized is None:
         what = f"{label} build of {onnx_path.name} for {target}"
