@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 LEVELS = ("none", "basic", "extended", "all")
 
 
+def check_level(optimization: str) -> None:
+    """Raise ValueError unless `optimization` is one of `LEVELS` (a caller's bug, not input)."""
+    if optimization not in LEVELS:
+        raise ValueError(f"optimization must be one of {', '.join(LEVELS)}, got {optimization!r}")
+
+
 def session_options(optimization: str = "basic", threads: int | None = None):
     """ONNX Runtime session options that run a dsc graph as written.
 
@@ -53,8 +59,7 @@ def session_options(optimization: str = "basic", threads: int | None = None):
     """
     import onnxruntime as ort
 
-    if optimization not in LEVELS:
-        raise ValueError(f"optimization must be one of {', '.join(LEVELS)}, got {optimization!r}")
+    check_level(optimization)
     level = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -234,6 +239,7 @@ class OrtCausalLM:
         self.entries = [(e["heads"], e["dim"]) for e in cache["entries"]]
         self.past_names = cache["inputs"]
         self.present_names = cache["outputs"]
+        check_level(optimization)  # outside the try: a bad level is a bug, not a bad graph
         try:
             self.session = inference_session(Path(onnx_path), optimization=optimization,
                                              threads=threads, providers=providers)
