@@ -34,7 +34,9 @@ way (a16 = half(a), a_lo = half((a - a16) · 2^s)) and Gemm(a_lo, W_hi) joins th
 are then one GEMM, "compensated" two). Not rewritten (a note says why): a weight beyond the
 half range, a Gemm with a bias; with alpha or transA set, "compensated" falls back to "split".
 An fp32 activation beyond the half range (65504 for fp16) would round to infinity (router
-inputs are RMS-normalised).
+inputs are RMS-normalised). An fp32 MatMul over an inner dimension of 1 (an outer product:
+transformers 5.18–5.23 compute RoPE's `inv_freq @ position_ids` that way) becomes the Mul it
+is, exactly.
 
 This relies on what TensorRT does with a strongly typed half GEMM: fp32 accumulation and the
 declared half output. ONNX Runtime's CPU provider computes half GEMMs in fp32 and drops the
@@ -141,6 +143,37 @@ def _is_half_graph(graph: ir.Graph) -> bool:
     return bool(dtypes & set(_NUMPY))
 
 
+def _outer_product(node: ir.Node) -> bool:
+    """An fp32 MatMul of two rank >= 2 values over an inner dimension of 1 (static)."""
+    if node.op_type != "MatMul" or len(node.inputs) != 2:
+        return False
+    a, b = node.inputs
+    if a is None or b is None or a.dtype != ir.DataType.FLOAT or b.dtype != ir.DataType.FLOAT \
+            or a.shape is None or b.shape is None or len(a.shape) < 2 or len(b.shape) < 2:
+        return False
+    return a.shape[-1] == 1 and b.shape[-2] == 1
+
+
+def _to_mul(graph: ir.Graph, node: ir.Node) -> None:
+    """MatMul([..., M, 1], [..., 1, N]) → Mul: the same products, broadcast the same way."""
+    mul = ir.node("Mul", list(node.inputs), name=f"{node.name}/outer", num_outputs=1)
+    for k, v in node.metadata_props.items():
+        mul.metadata_props[k] = v
+    y, out = mul.outputs[0], node.outputs[0]
+    y.dtype = ir.DataType.FLOAT
+    if out.shape is not None:
+        y.shape = out.shape
+    graph.insert_before(node, mul)
+    if out.is_graph_output():
+        name = out.name
+        ir.convenience.replace_all_uses_with(out, y, replace_graph_outputs=True)
+        out.name, y.name = f"{name}/matmul", name
+    else:
+        y.name = f"{out.name}/outer"
+        ir.convenience.replace_all_uses_with(out, y)
+    graph.remove(node, safe=True)
+
+
 def _compensable(node: ir.Node) -> bool:
     """Whether `[a | y1] @ [W; -I]` computes a @ W - y1 for this node (no alpha, no transA)."""
     if node.op_type == "MatMul":
@@ -160,9 +193,13 @@ class HalfFp32GemmPass(DscPass):
             # without FP32 GEMM refuse fp32 builds before export instead (dsc.plan).
             self.notes.append("fp32 graph: fp32 GEMMs kept")
             return ir.passes.PassResult(model, False)
-        done = 0
+        done = outer = 0
         for node in list(graph):
             if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+                continue
+            if _outer_product(node):
+                _to_mul(graph, node)
+                outer += 1
                 continue
             out, w = node.outputs[0], node.inputs[1]
             if out.dtype != ir.DataType.FLOAT or w is None or w.const_value is None \
@@ -183,9 +220,8 @@ class HalfFp32GemmPass(DscPass):
                                   f"output compensation")
             self._rewrite(graph, node, src, half, w_hi, w_lo, mode)
             done += 1
-        if done:
-            self.counts = {"half GEMM": done}
-        return ir.passes.PassResult(model, bool(done))
+        self.counts = {k: v for k, v in (("half GEMM", done), ("outer product", outer)) if v}
+        return ir.passes.PassResult(model, bool(done or outer))
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, src: ir.Value | None, half: ir.DataType,
                  w_hi: np.ndarray, w_lo: np.ndarray | None, mode: str) -> None:

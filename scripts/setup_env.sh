@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Create (or update) .venv in the checkout and install dsc with its test and TensorRT-RTX extras.
-# DSC_CONSTRAINTS (default constraints/cpu.txt) pins torch to the CPU build used on the project's
-# build machines; set it to an empty string to let pip choose torch.
+# DSC_CONSTRAINTS (default constraints/lock.txt: the exact versions the test suite passed with,
+# torch==2.13.0 included, which resolves to the CPU wheel on the project's build machines) is
+# handed to pip as a constraints file. constraints/cpu.txt pins only torch; an empty string
+# (DSC_CONSTRAINTS=) lets pip choose every version within pyproject.toml's ranges.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-CONSTRAINTS=${DSC_CONSTRAINTS-constraints/cpu.txt}
+CONSTRAINTS=${DSC_CONSTRAINTS-constraints/lock.txt}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -253,7 +253,9 @@ def io_spec_from_onnx(onnx_path: Path, family: Family, config: dict) -> dict:
             dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
             out.append({
                 "name": v.name,
-                "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                # explicit for bf16: onnx < 1.19 maps it to numpy float32
+                "dtype": ("bfloat16" if t.elem_type == onnx.TensorProto.BFLOAT16 else
+                          onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name),
                 "shape": dims,
             })
         return out
