@@ -27,6 +27,10 @@ def _engine_options(f):
         click.option("--max-kv", type=click.IntRange(1), default=None,
                      help="Engine envelope: KV-cache capacity in tokens (default: the profile's, "
                           "capped at the model's max_position_embeddings)."),
+        click.option("--max-num-tokens", type=click.IntRange(1), default=None,
+                     help="Engine envelope: most tokens in one prefill pass; the prefill "
+                          "profile's batch is max(1, this // max-input-len) (default: the "
+                          "profile's, 8192)."),
         click.option("--backend", type=click.Choice(["auto", "tensorrt_rtx", "tensorrt"]),
                      default="auto", show_default=True,
                      help="auto: TensorRT-RTX where it can target the GPU, else standard "

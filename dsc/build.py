@@ -83,6 +83,7 @@ class BuildConfig:
     max_batch: int | None = None
     max_input_len: int | None = None
     max_kv: int | None = None
+    max_num_tokens: int | None = None
     backend: str = "auto"  # auto | tensorrt_rtx | tensorrt
     dla_core: int | None = None
     validate: str = "auto"  # auto (gate when quantized, else smoke) | smoke | gate | none
@@ -132,7 +133,7 @@ class BuildConfig:
                              f"{', '.join(VALIDATE_KINDS)})")
         if self.validate_tokens < 1:
             raise UsageError(f"validate_tokens must be at least 1, got {self.validate_tokens}")
-        for name in ("max_batch", "max_input_len", "max_kv"):
+        for name in ("max_batch", "max_input_len", "max_kv", "max_num_tokens"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
@@ -457,7 +458,8 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
     targets = resolve_targets(
         config.profiles, model_config=info.config, model_name=info.path.resolve().name,
         dtype=config.dtype, overrides=list(config.overrides), max_batch=config.max_batch,
-        max_input_len=config.max_input_len, max_kv=config.max_kv, backend=config.backend,
+        max_input_len=config.max_input_len, max_kv=config.max_kv,
+        max_num_tokens=config.max_num_tokens, backend=config.backend,
         dla_core=config.dla_core, quantize=config.quantize)
     if config.opset is not None and not 18 <= config.opset <= 23:
         raise UsageError(f"opset {config.opset} is not supported by the exporter; choose 18..23")
@@ -856,7 +858,7 @@ def _carry_downstream(previous: Path | None, old: dict, tmp: Path, manifest: dic
 
 # What `dsc compile` takes from the options `dsc build` recorded, unless given again: the device
 # build then matches the preflight and the trtexec.sh written where the artifact was made.
-INHERITED = ("overrides", "max_batch", "max_input_len", "max_kv", "dla_core")
+INHERITED = ("overrides", "max_batch", "max_input_len", "max_kv", "max_num_tokens", "dla_core")
 
 
 def _inherit(config: BuildConfig, recorded: dict) -> BuildConfig:
@@ -910,7 +912,7 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
         model_name=old.get("source", {}).get("checkpoint", str(artifact)).rstrip("/")
         .split("/")[-1], dtype=dtype, overrides=list(config.overrides),
         max_batch=config.max_batch, max_input_len=config.max_input_len, max_kv=config.max_kv,
-        backend=config.backend, dla_core=config.dla_core, dla_required=not dla_inherited,
+        max_num_tokens=config.max_num_tokens, backend=config.backend, dla_core=config.dla_core, dla_required=not dla_inherited,
         quantize=io.get("quantization"))
     graph = _graph_of(io, listed)
     tools = tool_versions()

@@ -13,6 +13,7 @@ Keys are the long options of `dsc build`, in snake_case (`max-batch` is accepted
     dtype                       fp16 | bf16 | fp32
     opset                       18..23 (null: the exporter's default)
     max_batch, max_input_len, max_kv   the engine's shape envelope (null: the profile's)
+    max_num_tokens                     prefill token budget: batch x prompt of one prefill pass
     backend                     auto | tensorrt_rtx | tensorrt
     dla_core                    DLA core on Jetson AGX Orin / Orin NX (standard TensorRT)
     validate                    auto (gate when quantized, else smoke) | smoke | gate | none
@@ -47,7 +48,7 @@ import yaml
 
 from dsc.errors import BadInput
 
-_INT_OR_NULL = ("opset", "max_batch", "max_input_len", "max_kv", "dla_core")
+_INT_OR_NULL = ("opset", "max_batch", "max_input_len", "max_kv", "max_num_tokens", "dla_core")
 _CHOICES = {"dtype": ("fp16", "bf16", "fp32"), "backend": ("auto", "tensorrt_rtx", "tensorrt"),
             "validate": ("auto", "smoke", "gate", "none")}
 _BOOLS = ("allow_pickle", "force", "rebuild", "optimize", "weight_only", "external_data")
@@ -55,7 +56,8 @@ _NAME_LISTS = ("passes", "disable_passes", "exclude")
 _POS_INTS = ("validate_tokens", "calib_samples", "calib_seq_len")
 KEYS = ("checkpoint", "output", "profiles", "set", *_INT_OR_NULL, *_CHOICES, *_POS_INTS,
         *_BOOLS, *_NAME_LISTS, "quantize", "calib", "calib_method", "alpha")
-COMPILE_KEYS = ("profiles", "set", "max_batch", "max_input_len", "max_kv", "backend", "dla_core",
+COMPILE_KEYS = ("profiles", "set", "max_batch", "max_input_len", "max_kv", "max_num_tokens",
+                "backend", "dla_core",
                 "rebuild")
 
 

@@ -118,6 +118,7 @@ _SCHEMA: dict[str, Any] = {
         "max_batch": _F("int"),
         "max_input_len": _F("int"),
         "max_kv": _F("int"),
+        "max_num_tokens": _F("int", required=False, default=8192),
     },
     "power_mode": _F("str", required=False, nullable=True),
     "notes": _F("strs", required=False, default=()),
@@ -258,6 +259,9 @@ class Envelope:
     max_batch: int
     max_input_len: int
     max_kv: int
+    # Prefill token budget (TensorRT-LLM's max_num_tokens, default 8192): see
+    # dsc.backends.tensorrt._shapes for the prefill profile it shapes.
+    max_num_tokens: int = 8192
 
 
 @dataclass(frozen=True)
@@ -409,8 +413,8 @@ def _check_rules(p: HardwareProfile, source: str) -> None:
         logger.warning("%s: hardware compatibility is documented as unsupported on JetPack "
                        "(TensorRT 8.6 guide; current status unconfirmed)", source)
     e = p.envelope
-    if min(e.max_batch, e.max_input_len, e.max_kv) <= 0:
-        fail("envelope: max_batch, max_input_len and max_kv must be positive")
+    if min(e.max_batch, e.max_input_len, e.max_kv, e.max_num_tokens) <= 0:
+        fail("envelope: max_batch, max_input_len, max_kv and max_num_tokens must be positive")
     if e.max_input_len > e.max_kv:
         fail(f"envelope.max_input_len {e.max_input_len} exceeds envelope.max_kv {e.max_kv}")
 

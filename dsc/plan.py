@@ -16,7 +16,9 @@ Memory (GiB = 2^30 bytes):
   (one layer's live tensors in fp16: residual and normed input, plus the widest of the q/k/v
   projections or the gate/up outputs; fused attention never holds input_len^2 scores) plus the
   logits of the last position, batch x vocab x 4 bytes (fp32). `input_len` is the prefill length:
-  `--input-len`, else min(context, the profile envelope's max_input_len).
+  `--input-len`, else min(context, the profile envelope's max_input_len). A prefill pass holds
+  at most max(1, envelope.max_num_tokens // input_len) sequences (the engine's prefill profile,
+  `dsc.backends.tensorrt._shapes`); a larger batch is prefilled in several passes.
 - TensorRT workspace (`builder.workspace_gb`), runtime overhead (`memory.runtime_overhead_gb`:
   CUDA context, TensorRT runtime) and, on Jetson, the share the OS keeps (`memory.os_reserved_gb`).
 
@@ -262,6 +264,7 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
         * ACT_BYTES
 
     def activations(b: int, t: int) -> float:
+        b = min(b, max(1, profile.envelope.max_num_tokens // t))  # one prefill pass
         return b * t * per_token_act + b * shape.vocab_size * LOGITS_BYTES
 
     fixed = {
@@ -278,9 +281,18 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
     capacity = profile.memory.capacity_bytes
     base = weights + sum(fixed.values())
 
-    # Largest batch at this context: memory = base + b * (kv(context) + act per sequence).
-    per_seq = context * kv_tok + activations(1, t_in)
-    max_batch = max(0, int((capacity - base) // per_seq)) if capacity > base else 0
+    # Largest batch at this context: memory = base + b * kv(context) + act(min(b, prefill
+    # batch)), affine in b once b reaches the prefill batch: closed form there, search below.
+    def used_at(b: int) -> float:
+        return base + b * context * kv_tok + activations(b, t_in)
+
+    pb = max(1, profile.envelope.max_num_tokens // t_in)
+    if used_at(1) > capacity:
+        max_batch = 0
+    elif used_at(pb) <= capacity:
+        max_batch = pb + int((capacity - used_at(pb)) // (context * kv_tok))
+    else:
+        max_batch = max(b for b in range(1, pb + 1) if used_at(b) <= capacity)
 
     # Longest context at this batch (memory is non-decreasing in context).
     def used(ctx: int) -> float:

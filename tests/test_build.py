@@ -117,7 +117,7 @@ def test_matrix_builds_two_engines_and_two_preflights(matrix, checkpoints):
         assert any("ONNX IR version" in r["message"] for r in summary["log"])
         # Envelope: the profile's batch, the KV capped at the model's 512 positions.
         assert p["envelope"] == {"max_batch": 64 if name == "a100-80gb" else 16,
-                                 "max_input_len": 512, "max_kv": 512}
+                                 "max_input_len": 512, "max_kv": 512, "max_num_tokens": 8192}
         assert p["plan"]["fits"] is True and p["plan"]["total_bytes"] > 0
         assert p["options"]["workspace_mib"] == int(p["profile"]["builder"]["workspace_gb"] * 1024)
     for name, pre_sm, sm in (("h100-sxm", 89, 90), ("jetson-agx-orin-64gb", 80, 87)):
@@ -135,7 +135,9 @@ def test_matrix_builds_two_engines_and_two_preflights(matrix, checkpoints):
                      "--profile=0", "--profile=1", "--stronglyTyped", "--memPoolSize=workspace:",
                      "--builderOptimizationLevel=3", f"--timingCacheFile=engines/{name}/"):
             assert flag in script, flag
-        assert "input_ids:64x512" in script if name == "h100-sxm" else "input_ids:8x512" in script
+            # prefill batch: min(max_batch, max_num_tokens 8192 // 512); decode keeps max_batch
+            assert ("input_ids:16x512" in script and "input_ids:64x1," in script
+                    if name == "h100-sxm" else "input_ids:8x512" in script)
         pre = json.loads((d / "preflight.json").read_text())
         assert pre["sm"] == pre_sm and pre["stands_in_for"] == sm
     # Plain words: which engines exist and which wait for the device.
@@ -357,7 +359,7 @@ def test_compile_adds_engines_to_an_exported_artifact(exported, tmp_path, counts
     eng = m["profiles"]["rtx-4090"]["engine"]
     assert (art / eng["path"]).stat().st_size == eng["size_bytes"] > 0
     assert m["profiles"]["rtx-4090"]["envelope"] == {"max_batch": 2, "max_input_len": 128,
-                                                    "max_kv": 128}
+                                                    "max_kv": 128, "max_num_tokens": 8192}
     assert "engines built:" in out
     # Again: nothing to do. Then a device-only profile: preflight, rtx-4090 kept.
     code, out, _ = run_cli(["compile", str(art), "--profile", "rtx-4090", "--max-batch", "2",
@@ -472,7 +474,7 @@ def test_build_here_then_finish_on_the_device(matrix_copy, checkpoints, monkeypa
     m = _manifest(art)
     p = m["profiles"]["jetson-agx-orin-64gb"]
     assert p["status"] == "built" and p["envelope"] == {"max_batch": 2, "max_input_len": 256,
-                                                       "max_kv": 256}
+                                                       "max_kv": 256, "max_num_tokens": 8192}
     assert m["profiles"]["a100-80gb"]["status"] == "built"  # untouched
     assert m["stages"]["compile"]["profiles"]["a100-80gb"] == a100
     assert "engines NOT built here" not in out

@@ -231,10 +231,14 @@ def test_largest_batch_and_longest_context_are_tight():
     assert not plan(model, prof, "int8", r.max_batch + 1, 8192).fits
     assert plan(model, prof, "int8", 1, r.max_context).fits
     assert not plan(model, prof, "int8", 1, r.max_context + 1).fits
-    # Closed form: (capacity - weights - fixed) // (kv per sequence + activations per sequence).
-    per_seq = (r.memory["kv_cache"] + r.memory["activations"])
-    fixed = r.memory["weights"] + r.memory["workspace"] + r.memory["runtime"]
+    # Closed form: one prefill pass holds max_num_tokens // input_len = 8192 // 4096 = 2
+    # sequences, so from batch 2 on the activations stay those of batch 2 and the largest batch
+    # is (capacity - weights - fixed - activations(2)) // kv per sequence.
+    act2 = plan(model, prof, "int8", 2, 8192).memory["activations"]
+    per_seq = r.memory["kv_cache"]
+    fixed = r.memory["weights"] + r.memory["workspace"] + r.memory["runtime"] + act2
     assert r.max_batch in ((r.capacity - fixed) // per_seq, (r.capacity - fixed) // per_seq - 1)
+    assert plan(model, prof, "int8", r.max_batch, 8192).memory["activations"] == act2
 
 
 def test_illegal_precision_names_the_legal_ones():

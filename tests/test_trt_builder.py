@@ -161,6 +161,32 @@ def test_envelope_profiles():
     assert ShapeEnvelope(1, 8, 8).profiles()[0].past == (0, 0, 0)
 
 
+def test_envelope_prefill_token_budget():
+    """max_num_tokens bounds the prefill profile's batch x prompt; decode keeps max_batch."""
+    # R1-Distill-Qwen-1.5B on jetson-orin: B 8, L 4096, K 16384, N 8192 -> prefill batch 2.
+    env = ShapeEnvelope(8, 4096, 16384, max_num_tokens=8192)
+    prefill, decode = env.profiles()
+    assert env.max_prefill_batch == 2
+    assert prefill.batch == (1, 1, 2) and decode.batch == (1, 4, 8)
+    assert prefill.batch[2] * prefill.seq[2] <= 8192
+    # A prompt longer than the budget still gets one sequence per pass.
+    assert ShapeEnvelope(8, 4096, 16384, max_num_tokens=1000).profiles()[0].batch == (1, 1, 1)
+    # The budget never raises the batch above max_batch; None keeps B x L.
+    assert ShapeEnvelope(4, 16, 64, max_num_tokens=10**6).max_prefill_batch == 4
+    assert ShapeEnvelope(4, 16, 64).profiles() == ENVELOPE.profiles()
+    with pytest.raises(BadInput):
+        ShapeEnvelope(4, 16, 64, max_num_tokens=0)
+
+
+def test_out_of_memory_is_named():
+    from dsc.backends.tensorrt.builder import LogRecord, _classify_build_failure
+
+    rec = LogRecord("ERROR", "[localCheckMacros.cpp::getErrorStr::132] Error Code 2: "
+                             "OutOfMemory (Requested size was 7849115392 bytes.)")
+    err = _classify_build_failure([rec], "TensorRT-RTX 1.7 build of model.onnx for SM80")
+    assert "could not allocate 7.31 GiB" in str(err) and "--max-num-tokens" in str(err)
+
+
 @pytest.mark.parametrize("args", [(0, 8, 8), (1, 16, 8), (1, 8, -1), (1.5, 8, 8)])
 def test_envelope_rejects_nonsense(args):
     with pytest.raises(BadInput):

@@ -83,7 +83,8 @@ def local_gpu_sm() -> int | None:
 
 
 def _envelope(profile: HardwareProfile, model_max: int | None, max_batch: int | None,
-              max_input_len: int | None, max_kv: int | None) -> ShapeEnvelope:
+              max_input_len: int | None, max_kv: int | None,
+              max_num_tokens: int | None = None) -> ShapeEnvelope:
     if max_kv is not None and model_max and max_kv > model_max:
         raise Unsupported(f"--max-kv {max_kv} exceeds the model's max_position_embeddings "
                           f"{model_max}")
@@ -92,7 +93,8 @@ def _envelope(profile: HardwareProfile, model_max: int | None, max_batch: int | 
         kv = min(kv, model_max)
     inp = max_input_len if max_input_len is not None else min(profile.envelope.max_input_len, kv)
     batch = max_batch if max_batch is not None else profile.envelope.max_batch
-    return ShapeEnvelope(max_batch=batch, max_input_len=inp, max_kv=kv)
+    tokens = max_num_tokens if max_num_tokens is not None else profile.envelope.max_num_tokens
+    return ShapeEnvelope(max_batch=batch, max_input_len=inp, max_kv=kv, max_num_tokens=tokens)
 
 
 def _mode(profile: HardwareProfile, backend: str, standard_only: list[str],
@@ -163,6 +165,7 @@ def resolve_targets(
     max_batch: int | None = None,
     max_input_len: int | None = None,
     max_kv: int | None = None,
+    max_num_tokens: int | None = None,
     backend: str = "auto",
     dla_core: int | None = None,
     dla_required: bool = True,
@@ -213,7 +216,7 @@ def resolve_targets(
             from dsc.quantize import check_legal
 
             check_legal(quantize, prof)
-        env = _envelope(prof, model_max, max_batch, max_input_len, max_kv)
+        env = _envelope(prof, model_max, max_batch, max_input_len, max_kv, max_num_tokens)
         b = prof.builder
         standard_only = []
         if b.hardware_compatibility != "none":

@@ -7,12 +7,20 @@ Each axis of each graph input has a role: `batch`, `seq` (new tokens), `past` (c
 input name (`input_ids`, `position_ids` → [batch, seq]; `attention_mask` → [batch, total];
 `past_key_values.N.*` → [batch, fixed, past, fixed]).
 
-A `ShapeEnvelope` (max batch, max input length, max KV capacity) gives two profiles:
+A `ShapeEnvelope` (max batch B, max input length L, max KV capacity K, and the prefill token
+budget N) gives two profiles:
 
-    prefill  batch 1..B   seq 1..L (opt L/2)   past 0..K-L (opt 0)
+    prefill  batch 1..Bp  seq 1..L (opt L/2)   past 0..K-L (opt 0)    Bp = min(B, max(1, N // L))
     decode   batch 1..B   seq 1                past 1..K-1 (opt K/2)
 
-so that past + seq never exceeds K, and `total` follows as past + seq. Batch opt is B/2.
+so that past + seq never exceeds K, and `total` follows as past + seq. Batch opt is half the max.
+
+N is TensorRT-LLM's `max_num_tokens` (the most tokens one forward pass takes; its default is 8192,
+https://nvidia.github.io/TensorRT-LLM/performance/performance-tuning-guide/tuning-max-batch-size-and-max-num-tokens.html).
+Without it the prefill profile's largest shape is B x L tokens, and the attention scores of an
+unfused prefill are B x heads x L x L: at R1-Distill-Qwen-1.5B on jetson-orin (B 8, L 4,096) the
+TensorRT-RTX builder asked for a 7.85 GB buffer and failed (docs/BENCHMARKS.md). A runtime runs a
+larger prefill batch as several passes of at most Bp sequences; decode keeps batch B.
 """
 
 from __future__ import annotations
@@ -51,21 +59,33 @@ class ShapeEnvelope:
     max_batch: int
     max_input_len: int
     max_kv: int
+    # Prefill token budget (batch x seq of one prefill pass); None: max_batch x max_input_len.
+    max_num_tokens: int | None = None
 
     def __post_init__(self):
-        for name in ("max_batch", "max_input_len", "max_kv"):
+        for name in ("max_batch", "max_input_len", "max_kv", "max_num_tokens"):
             value = getattr(self, name)
+            if value is None and name == "max_num_tokens":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise BadInput(f"shape envelope {name} must be a positive integer, got {value!r}")
         if self.max_input_len > self.max_kv:
             raise BadInput(f"shape envelope max_input_len ({self.max_input_len}) exceeds "
                            f"max_kv ({self.max_kv}): the prompt must fit the KV cache")
 
+    @property
+    def max_prefill_batch(self) -> int:
+        """Largest batch of one prefill pass: min(max_batch, max(1, max_num_tokens // max_input_len))."""
+        if self.max_num_tokens is None:
+            return self.max_batch
+        return min(self.max_batch, max(1, self.max_num_tokens // self.max_input_len))
+
     def profiles(self) -> list[ProfileRanges]:
         """The (min, opt, max) of every role, per profile: prefill first, then decode."""
         b = (1, max(1, self.max_batch // 2), self.max_batch)
+        bp = self.max_prefill_batch
         prefill = ProfileRanges(
-            "prefill", batch=b,
+            "prefill", batch=(1, max(1, bp // 2), bp),
             seq=(1, max(1, self.max_input_len // 2), self.max_input_len),
             past=(0, 0, self.max_kv - self.max_input_len),
         )

@@ -214,12 +214,23 @@ _UNSUPPORTED_TYPE = re.compile(
     r"datatypes: ([\w, ]+)")
 
 
+_OUT_OF_MEMORY = re.compile(r"OutOfMemory \(Requested size was (\d+) bytes")
+
+
 def _classify_build_failure(records: list[LogRecord], what: str) -> Exception:
     summary = condense_errors(records)
     for r in reversed(records):
         if r.severity not in ("ERROR", "INTERNAL_ERROR"):
             continue
         text = _condense(r.message)
+        m = _OUT_OF_MEMORY.search(r.message)
+        if m:
+            # The builder sizes buffers for the profiles' largest shapes: the prefill profile's
+            # batch x prompt (attention scores grow with prompt^2) is what to shrink.
+            return BackendError(
+                f"{what} failed: the builder could not allocate {int(m.group(1)) / 2**30:.2f} GiB "
+                f"for the optimization profiles' largest shapes; lower --max-num-tokens, "
+                f"--max-input-len or --max-batch")
         m = _UNSUPPORTED_TYPE.search(text)
         if m:
             types = [t.strip() for t in m.group(2).split(",")]
