@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import yaml
 
-from dsc.errors import DoesNotFit
+from dsc.errors import DoesNotFit, UsageError
 from dsc.hardware import PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -83,13 +83,19 @@ def profiles_show(name: str, overrides: tuple[str, ...], as_json: bool) -> None:
                    "capped at the model's max_position_embeddings].")
 @click.option("--input-len", type=click.IntRange(min=1), default=None,
               help="Prefill length [default: min(context, envelope max_input_len)].")
+@click.option("--quantize-lm-head", "lm_head", type=click.Choice(["int8", "fp8", "int4"]),
+              default=None, help="Count lm_head quantized at this precision [default: fp16].")
+@click.option("--quantize-embedding", "embedding", type=click.Choice(["int8", "fp8", "int4"]),
+              default=None, help="Count the embedding table quantized [default: fp16].")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tensor/expert parallel over N GPUs of the profile; memory is per GPU.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--strict", is_flag=True,
               help="Exit 6 when the model does not fit (with --profile all: fits none).")
 def plan_cmd(model: Path, profile_name: str, precision: str, batch: int, context: int | None,
-             input_len: int | None, overrides: tuple[str, ...], as_json: bool,
-             strict: bool) -> None:
+             input_len: int | None, lm_head: str | None, embedding: str | None, gpus: int,
+             overrides: tuple[str, ...], as_json: bool, strict: bool) -> None:
     """Memory, verdict and speed ceilings for MODEL (a checkpoint dir or config.json) on a target.
 
     Works from config.json alone, so examples/configs/* plan without weights.
@@ -98,6 +104,9 @@ def plan_cmd(model: Path, profile_name: str, precision: str, batch: int, context
     from dsc.hardware import load_profile
 
     if profile_name.strip().lower() == "all":
+        if lm_head or embedding or gpus > 1:
+            raise UsageError("--quantize-lm-head/--quantize-embedding/--gpus plan one profile; "
+                             "--profile all takes neither")
         rows = planner.plan_all(model, precision, batch, context, input_len, list(overrides))
         results = [r for r in rows if isinstance(r, planner.PlanResult)]
         if as_json:
@@ -111,12 +120,19 @@ def plan_cmd(model: Path, profile_name: str, precision: str, batch: int, context
         return
 
     prof = load_profile(profile_name, list(overrides))
-    result = planner.plan(model, prof, precision, batch, context, input_len)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else planner.format_plan(result))
+    kw = {"lm_head": lm_head, "embedding": embedding, "gpus": gpus}
+    result = planner.plan(model, prof, precision, batch, context, input_len, **kw)
+    rems = planner.remedies(model, prof, precision, batch, context, input_len, **kw)
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "remedies": [r.to_dict() for r in rems]},
+                              indent=2))
+    else:
+        click.echo(planner.format_plan(result, rems))
     if strict and not result.fits:
+        best = f"; {rems[0].change} ({rems[0].flags})" if rems and rems[0].fits else ""
         raise DoesNotFit(
             f"{result.model} needs {result.total / 2**30:.2f} GiB on {prof.name} "
-            f"({result.capacity / 2**30:.2f} GiB)"
+            f"({result.capacity / 2**30:.2f} GiB){best}"
         )
 
 

@@ -414,11 +414,13 @@ def _compile_stage(targets, tmp: Path, io: dict, graph: dict, tools: dict, progr
             "mode": t.mode,
             "profile": t.profile.to_dict(),
             "overrides": list(t.profile.overrides),
-            "envelope": asdict(t.envelope),
-            "options": _options_json(t.options),
+            "envelope": asdict(result.envelope or t.envelope),
+            "options": _options_json(result.options or t.options),
             "plan": t.plan,
-            "notes": list(t.notes),
+            "notes": [*t.notes, *result.notes],
         })
+        for note in result.notes:
+            progress.say(f"{done} {note}")
         entries[t.name] = entry
         ran[f"compile:{t.name}"] = True
         eng = entry.get("engine")

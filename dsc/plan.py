@@ -22,7 +22,29 @@ Memory (GiB = 2^30 bytes):
 - TensorRT workspace (`builder.workspace_gb`), runtime overhead (`memory.runtime_overhead_gb`:
   CUDA context, TensorRT runtime) and, on Jetson, the share the OS keeps (`memory.os_reserved_gb`).
 
-Verdict: fits when the sum is at most `memory.gb`; margin = capacity - total. Largest batch at
+Quantized lm_head / embedding (`lm_head=`, `embedding=`): the vocab x hidden table at int8/fp8
+(1 byte + one fp16 scale per row) or int4 (0.5 byte + one fp16 scale per block of 128 along
+hidden), the forms `dsc quantize --quantize-lm-head/--quantize-embedding` write. A tied table
+(`tie_word_embeddings`) is one tensor and takes one precision.
+
+Several GPUs (`gpus=N`, tensor parallel for attention and dense MLP, expert parallel for routed
+experts, as TensorRT-LLM and vLLM shard DeepSeek models), per GPU:
+
+- weights: attention projections and dense / shared-expert MLP / N (column- and row-parallel
+  linears); MLA's down projections (q_a_proj, kv_a_proj_with_mqa) are replicated (vLLM's
+  DeepseekV2 MLA builds them as ReplicatedLinear); routed experts ceil(E / N) of E per GPU;
+  embedding and lm_head / N (vocab-parallel); norms, biases and the router replicated.
+- KV cache: GQA/MHA shards KV heads, ceil(kv_heads / N) per GPU (a head is replicated once N
+  exceeds the KV heads); MLA's compressed latent has no head axis and is replicated on every GPU.
+- activations: batch x input_len x (2 x hidden + max(attn_width, 2 x ffn_width) / N) x 2 bytes
+  (the residual stream is replicated, the widest projection sharded) + the gathered logits.
+- communication (N > 1, an estimate, not measured): the all-reduce input and output of one layer,
+  2 x T x hidden x 2 bytes, T = the tokens of one prefill pass; with routed experts the all-to-all
+  dispatch and combine buffers, 2 x T x top_k x hidden x 2 bytes; plus 1 GiB for NCCL's own
+  buffers (NCCL_BUFFSIZE is 4 MiB per channel and peer; the channel count depends on the topology).
+- workspace, runtime overhead: per GPU, as for one GPU.
+
+Verdict: fits when the per-GPU sum is at most `memory.gb`; margin = capacity - total. Largest batch at
 the context: closed form (memory is affine in batch). Longest context at the batch: bisection
 (memory grows with context), reported next to the model's `max_position_embeddings`.
 
@@ -131,6 +153,9 @@ class PlanResult:
     bandwidth_gbps: float
     weights_label: str
     notes: tuple[str, ...] = field(default=())
+    gpus: int = 1
+    lm_head: str | None = None  # precision of a quantized lm_head (None: fp16)
+    embedding: str | None = None  # precision of a quantized embedding table (None: fp16)
 
     @property
     def total(self) -> int:
@@ -185,6 +210,9 @@ class PlanResult:
                 "peak_precision": self.peak_precision,
             },
             "weights": self.weights_label,
+            "gpus": self.gpus,
+            "lm_head": self.lm_head or "fp16",
+            "embedding": self.embedding or "fp16",
             "notes": list(self.notes),
         }
 
@@ -216,11 +244,58 @@ def check_precision(profile: HardwareProfile, precision: str) -> None:
         )
 
 
+TABLE_PRECISIONS = ("int8", "fp8", "int4")  # --quantize-lm-head / --quantize-embedding
+NCCL_BYTES = 1 * GiB
+_REPLICATED_ATTENTION = ("q_a_proj", "kv_a_proj_with_mqa")
+
+
+def _table_scheme(profile: HardwareProfile, which: str,
+                  precision: str | None) -> QuantScheme | None:
+    if precision is None:
+        return None
+    if precision not in TABLE_PRECISIONS:
+        raise BadInput(f"unknown {which} precision {precision!r} (known: "
+                       f"{', '.join(TABLE_PRECISIONS)})")
+    if not profile.supports(precision):
+        legal = [p for p in profile.precisions if p in TABLE_PRECISIONS]
+        raise Unsupported(f"{which} at {precision} is not supported on {profile.name} "
+                          f"(SM{profile.sm}); legal: {', '.join(legal) or 'none'}")
+    return SCHEMES[precision]
+
+
+def _shard(w: WeightGroup, gpus: int, n_experts: int) -> float:
+    """Fraction of a weight group one of `gpus` GPUs holds (module docstring, "Several GPUs")."""
+    if gpus == 1:
+        return 1.0
+    if w.moe_routed:
+        return math.ceil(n_experts / gpus) / n_experts
+    if w.component in ("embeddings", "lm_head"):
+        return 1.0 / gpus
+    if w.component in ("attention", "mlp", "shared_experts") and w.quantizable:
+        return 1.0 if w.name.endswith(_REPLICATED_ATTENTION) else 1.0 / gpus
+    return 1.0  # norms, biases, router
+
+
 def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfile, precision: str,
-         batch: int = 1, context: int | None = None, input_len: int | None = None) -> PlanResult:
+         batch: int = 1, context: int | None = None, input_len: int | None = None, *,
+         lm_head: str | None = None, embedding: str | None = None,
+         gpus: int = 1) -> PlanResult:
     """Plan one model on one target. `context` defaults to the envelope's max_kv (capped at the
-    model's max_position_embeddings), `input_len` to min(context, envelope max_input_len)."""
+    model's max_position_embeddings), `input_len` to min(context, envelope max_input_len).
+
+    `lm_head` / `embedding`: int8, fp8 or int4 for a quantized output head / embedding table
+    (None: fp16). `gpus`: tensor/expert parallel over that many GPUs of the profile; memory is
+    per GPU. Raises BadInput (unknown values, gpus < 1, a tied table given two precisions) and
+    Unsupported (a precision the profile cannot run, several GPUs on a Jetson module).
+    """
     check_precision(profile, precision)
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise BadInput(f"--gpus must be a positive integer, got {gpus!r}")
+    if gpus > 1 and profile.is_jetson:
+        raise Unsupported(f"{profile.name} is one Jetson module with one GPU; --gpus {gpus} "
+                          f"needs a datacenter or workstation profile")
+    head_scheme = _table_scheme(profile, "lm_head", lm_head)
+    embed_scheme = _table_scheme(profile, "embedding", embedding)
     m = _load_model(model)
     shape = model_shape(m.config, m.name)
     params = count_params(m.config)
@@ -258,9 +333,33 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
             f"max_kv {profile.envelope.max_kv}); build with --set envelope.* to match"
         )
 
+    tied = bool(m.config.get("tie_word_embeddings", False))
+    if tied and lm_head and embedding and lm_head != embedding:
+        raise BadInput(f"{m.name} ties lm_head to the embedding table (tie_word_embeddings): "
+                       f"one tensor takes one precision, got lm_head {lm_head} and embedding "
+                       f"{embedding}")
+    if tied:
+        embed_scheme = embed_scheme or head_scheme
+
+    def stored(w: WeightGroup, instances: float | None = None) -> float:
+        table = {"embeddings": embed_scheme, "lm_head": head_scheme}.get(w.component)
+        if table is not None:
+            w = WeightGroup(w.name, w.component, w.out_features, w.in_features, w.count,
+                            w.active, True)
+            return group_bytes(w, table, instances)
+        return group_bytes(w, scheme, instances)
+
     kv_tok = kv_bytes_per_token(m.config, scheme.kv_bytes)
-    weights = sum(group_bytes(w, scheme) for w in inventory)
-    per_token_act = (2 * shape.hidden_size + max(shape.attn_width, 2 * shape.ffn_width)) \
+    weights = sum(stored(w) * _shard(w, gpus, shape.n_routed_experts) for w in inventory)
+    if gpus > 1:
+        if shape.attention == "mla":
+            notes.append(f"MLA's compressed KV latent is replicated on each of the {gpus} GPUs")
+        else:
+            heads = int(m.config.get("num_key_value_heads") or m.config["num_attention_heads"])
+            kv_tok = kv_tok * math.ceil(heads / gpus) / heads
+            if gpus > heads:
+                notes.append(f"{gpus} GPUs > {heads} KV heads: each GPU holds one replicated head")
+    per_token_act = (2 * shape.hidden_size + max(shape.attn_width, 2 * shape.ffn_width) / gpus) \
         * ACT_BYTES
 
     def activations(b: int, t: int) -> float:
@@ -272,6 +371,12 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
         "runtime": profile.memory.runtime_overhead_gb * GiB,
         "os_reserved": profile.memory.os_reserved_gb * GiB,
     }
+    if gpus > 1:
+        pass_tokens = min(batch, max(1, profile.envelope.max_num_tokens // t_in)) * t_in
+        comm = 2 * pass_tokens * shape.hidden_size * ACT_BYTES + NCCL_BYTES
+        if shape.n_routed_experts:
+            comm += 2 * pass_tokens * shape.experts_per_token * shape.hidden_size * ACT_BYTES
+        fixed["communication"] = comm
     memory = {
         "weights": math.ceil(weights),
         "kv_cache": math.ceil(batch * context * kv_tok),
@@ -309,15 +414,19 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
             lo, hi = (mid, hi) if used(mid) <= capacity else (lo, mid)
         max_context = lo
 
-    # Decode: bytes one step reads.
-    read = batch * shape.hidden_size * HIGH_PRECISION_BYTES  # embedding rows
+    # Decode: bytes one step reads on one GPU (each reads its shard, in parallel).
+    embed_row = (embed_scheme.weight_bytes + embed_scheme.scale_bytes_per_row / shape.hidden_size
+                 + (embed_scheme.bytes_per_group / embed_scheme.group_size
+                    if embed_scheme.group_size else 0)) if embed_scheme else HIGH_PRECISION_BYTES
+    read = batch * shape.hidden_size * embed_row  # embedding rows
     for w in inventory:
+        share = _shard(w, gpus, shape.n_routed_experts)
         if w.moe_routed:
             frac = expected_active_experts(shape.n_routed_experts, shape.experts_per_token,
                                            batch) / shape.n_routed_experts
-            read += group_bytes(w, scheme, w.count * frac)
+            read += stored(w, w.count * frac) * share
         else:
-            read += group_bytes(w, scheme, w.active)
+            read += stored(w, w.active) * share
     read += batch * context * kv_tok
     bw = profile.memory.bandwidth_gbps * 1e9
     decode_tps = batch * bw / read
@@ -329,18 +438,19 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
         peak_key, peak = "fp16", profile.throughput_tflops.fp16
         notes.append(f"no {scheme.compute} peak in the profile; prefill uses the fp16 peak")
     tokens = batch * t_in
-    flops = 2.0 * params.active * tokens
+    flops = 2.0 * params.active * tokens / gpus
     compute_s = flops / (peak * 1e12)
     touched = 0.0
     for w in inventory:
         if w.component == "embeddings" and w.active == 0:
             continue
+        share = _shard(w, gpus, shape.n_routed_experts)
         if w.moe_routed:
             frac = expected_active_experts(shape.n_routed_experts, shape.experts_per_token,
                                            tokens) / shape.n_routed_experts
-            touched += group_bytes(w, scheme, w.count * frac)
+            touched += stored(w, w.count * frac) * share
         else:
-            touched += group_bytes(w, scheme, w.count)
+            touched += stored(w, w.count) * share
     memory_s = touched / bw
     prefill_s, bound = (compute_s, "compute") if compute_s >= memory_s else (memory_s, "memory")
 
@@ -371,10 +481,202 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
         peak_tflops=peak,
         peak_precision=peak_key,
         bandwidth_gbps=profile.memory.bandwidth_gbps,
-        weights_label=scheme.label + ("" if precision in ("fp16", "bf16")
-                                      else "; embed, lm_head, router fp16"),
+        weights_label=_weights_label(scheme, precision, embed_scheme, head_scheme, tied),
         notes=tuple(notes),
+        gpus=gpus,
+        lm_head=lm_head or (embedding if tied else None),
+        embedding=embedding or (lm_head if tied else None),
     )
+
+
+def _weights_label(scheme: QuantScheme, precision: str, embed: QuantScheme | None,
+                   head: QuantScheme | None, tied: bool) -> str:
+    if precision in ("fp16", "bf16") and not (embed or head):
+        return scheme.label
+    names = [("embed", embed), ("lm_head", None if tied else head)]
+    rest = [n for n, s in names if s is None and not (n == "lm_head" and tied)]
+    quant = [f"{n} {s.label}" for n, s in names if s is not None]
+    parts = [scheme.label, *quant]
+    if precision not in ("fp16", "bf16"):
+        rest.append("router")
+    if rest:
+        parts.append(f"{', '.join(rest)} fp16")
+    return "; ".join(parts)
+
+
+# --- what would make it fit -----------------------------------------------------------------
+
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)  # tensor-parallel sizes (powers of two split heads)
+_LOWER = ("fp16", "bf16", "int8", "fp8", "int4")  # from most to least bytes per weight
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One change that would make a plan fit (or get closest), and what it frees per GPU."""
+
+    kind: str  # context | batch | quantize_tables | precision | gpus | profile | combined
+    change: str  # in words, e.g. "context <= 2,730 tokens"
+    flags: str  # the dsc plan / dsc build flags that make the change
+    frees_bytes: int  # total of the original plan minus total of the changed one (per GPU)
+    fits: bool
+    result: PlanResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "change": self.change, "flags": self.flags,
+                "frees_bytes": self.frees_bytes, "fits": self.fits,
+                "total_bytes": self.result.total, "capacity_bytes": self.result.capacity}
+
+
+def smallest_gpu_count(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfile,
+                       precision: str, batch: int = 1, context: int | None = None,
+                       input_len: int | None = None, *, lm_head: str | None = None,
+                       embedding: str | None = None) -> PlanResult | None:
+    """The plan at the smallest count in GPU_COUNTS that fits, or None (a Jetson: only 1)."""
+    counts = (1,) if profile.is_jetson else GPU_COUNTS
+    for n in counts:
+        r = plan(model, profile, precision, batch, context, input_len, lm_head=lm_head,
+                 embedding=embedding, gpus=n)
+        if r.fits:
+            return r
+    return None
+
+
+def family(profile: HardwareProfile) -> list[HardwareProfile]:
+    """Built-in profiles of the same kind and SM with at least as much memory (H100 -> H200),
+    smallest memory first; `profile` itself first."""
+    same = [p for p in list_profiles()
+            if p.name != profile.name and p.kind == profile.kind and p.sm == profile.sm
+            and p.memory.capacity_bytes >= profile.memory.capacity_bytes]
+    return [profile, *sorted(same, key=lambda p: (p.memory.capacity_bytes, p.name))]
+
+
+def remedies(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfile,
+             precision: str, batch: int = 1, context: int | None = None,
+             input_len: int | None = None, *, lm_head: str | None = None,
+             embedding: str | None = None, gpus: int = 1) -> list[Remedy]:
+    """The smallest change of each kind that makes the plan fit, best first.
+
+    Kinds: a shorter context (the longest that fits at this batch), a smaller batch, quantized
+    lm_head and/or embedding (int8/fp8 before int4, one table before both), a lower precision
+    (the highest that fits), more GPUs (the smallest count in GPU_COUNTS), a larger-memory
+    profile of the same family, and, when no single change fits, quantized tables plus the
+    context that then fits. Empty when the plan already fits. When some change fits, only the
+    fitting ones are returned: quantized tables, precision, batch, context, combined, GPUs,
+    profile (the model and request as asked before a smaller request before more hardware);
+    otherwise every candidate, the one that frees most first.
+    """
+    m = _load_model(model)
+    base = plan(m, profile, precision, batch, context, input_len, lm_head=lm_head,
+                embedding=embedding, gpus=gpus)
+    if base.fits:
+        return []
+    kw = {"lm_head": lm_head, "embedding": embedding, "gpus": gpus}
+    out: list[Remedy] = []
+
+    def add(kind: str, change: str, flags: str, r: PlanResult) -> None:
+        out.append(Remedy(kind, change, flags, base.total - r.total, r.fits, r))
+
+    legal_tables = [p for p in ("int8", "fp8", "int4") if profile.supports(p)]
+    tied = bool(m.config.get("tie_word_embeddings", False))
+    # Quantized tables: one table before both, the gentler precision first.
+    table_options = []
+    for p in legal_tables:
+        if lm_head is None and not tied:
+            table_options.append(({"lm_head": p}, f"--quantize-lm-head {p}", f"lm_head {p}"))
+        if embedding is None:
+            table_options.append(({"embedding": p}, f"--quantize-embedding {p}",
+                                  f"embedding {p}" + (" (tied: lm_head too)" if tied else "")))
+        if lm_head is None and embedding is None and not tied:
+            table_options.append(({"lm_head": p, "embedding": p},
+                                  f"--quantize-lm-head {p} --quantize-embedding {p}",
+                                  f"lm_head and embedding {p}"))
+    tables = None
+    for opt, flags, words in table_options:
+        r = plan(m, profile, precision, batch, context, input_len, **{**kw, **opt})
+        if tables is None or r.total < tables[2].total:
+            tables = (opt, flags, r, words)[:2] + (r, words)
+        if r.fits:
+            add("quantize_tables", f"quantize {words}", flags, r)
+            break
+    else:
+        if tables is not None:
+            opt, flags, r, words = tables
+            add("quantize_tables", f"quantize {words}", flags, r)
+    if base.max_context >= 1 and base.max_context < base.context:
+        r = plan(m, profile, precision, batch, base.max_context, _cap(input_len, base.max_context),
+                 **kw)
+        add("context", f"context <= {base.max_context:,} tokens",
+            f"--context {base.max_context}", r)
+    if batch > 1 and base.max_batch >= 1:
+        r = plan(m, profile, precision, base.max_batch, context, input_len, **kw)
+        add("batch", f"batch <= {base.max_batch:,}", f"--batch {base.max_batch}", r)
+    lower = _LOWER[_LOWER.index(precision) + 1:] if precision in _LOWER else ()
+    for p in lower:
+        if not profile.supports(p) or (p == "bf16" and precision == "fp16"):
+            continue
+        r = plan(m, profile, p, batch, context, input_len, **kw)
+        add("precision", f"precision {p}", f"--precision {p}", r)
+        if r.fits:
+            break
+    else:
+        out[:] = [x for x in out if not (x.kind == "precision" and not x.fits)] + \
+            [x for x in out if x.kind == "precision" and not x.fits][-1:]
+    single_fit = False
+    for other in family(profile):
+        if not other.supports(precision):
+            continue
+        if other is not profile and not single_fit:
+            r = plan(m, other, precision, batch, context, input_len, **kw)
+            if r.fits:
+                single_fit = True
+                add("profile", f"one {other.name} ({other.memory.gb:g} GB)",
+                    f"--profile {other.name}", r)
+                continue
+        if other.is_jetson:
+            continue
+        r = smallest_gpu_count(m, other, precision, batch, context, input_len,
+                               lm_head=lm_head, embedding=embedding)
+        if r is not None and r.gpus > 1 and (other is not profile or r.gpus > gpus):
+            nodes = f", {math.ceil(r.gpus / 8)} nodes of 8" if r.gpus > 8 else ""
+            add("gpus", f"{r.gpus} x {other.name}{nodes}",
+                f"--gpus {r.gpus}" + ("" if other is profile else f" --profile {other.name}"), r)
+    if not any(x.fits for x in out) and tables is not None:
+        opt, flags, rt, words = tables
+        if rt.max_context >= 1:
+            r = plan(m, profile, precision, batch, rt.max_context, _cap(input_len, rt.max_context),
+                     **{**kw, **opt})
+            add("combined", f"quantize {words} and context <= {rt.max_context:,} tokens",
+                f"{flags} --context {rt.max_context}", r)
+    fitting = [x for x in out if x.fits]
+    # The model and request as asked first (quantized tables, then precision), then a smaller
+    # request, then more or larger hardware.
+    rank = {"quantize_tables": 0, "precision": 1, "batch": 2, "context": 3, "combined": 4,
+            "gpus": 5, "profile": 6}
+    if fitting:
+        return sorted(fitting, key=lambda x: rank[x.kind])
+    return sorted(out, key=lambda x: -x.frees_bytes)
+
+
+def _cap(input_len: int | None, context: int) -> int | None:
+    """A prefill length that fits a shorter context (the prompt is part of the context)."""
+    return None if input_len is None else min(input_len, context)
+
+
+def format_remedies(rems: list[Remedy]) -> list[str]:
+    """Lines for `dsc plan` after a DOES NOT FIT verdict."""
+    if not rems:
+        return []
+    fits = any(r.fits for r in rems)
+    lines = ["to fit, any one of:" if fits else "no single change fits; closest:"]
+    for r in rems:
+        mark = "fits" if r.fits else f"short by {_gib(-r.result.margin)} GiB"
+        if r.kind in ("profile", "gpus"):
+            what = f"{_gib(r.result.total)} of {_gib(r.result.capacity)} GiB" + \
+                (" per GPU" if r.kind == "gpus" else "")
+        else:
+            what = f"frees {_gib(r.frees_bytes)} GiB"
+        lines.append(f"  {r.change:<44} {what:<24} ({mark})  {r.flags}")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -417,17 +719,19 @@ def _count(n: float) -> str:
     return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M"
 
 
-def format_plan(r: PlanResult) -> str:
-    """The human-readable report of one plan."""
+def format_plan(r: PlanResult, rems: list[Remedy] | None = None) -> str:
+    """The human-readable report of one plan, with `remedies` when it does not fit."""
     p = r.params
     moe = f", {_count(p.active)} active per token" if p.by_component["experts"] else ""
     mtp = f" (+{_count(p.mtp)} MTP, not exported)" if p.mtp else ""
     lines = [
-        f"{r.model} ({r.architecture}, {_count(p.total)} params{moe}{mtp}) on {r.profile}",
+        f"{r.model} ({r.architecture}, {_count(p.total)} params{moe}{mtp}) on "
+        + (f"{r.gpus} x {r.profile} (tensor/expert parallel; memory per GPU)" if r.gpus > 1
+           else r.profile),
         (f"precision {r.precision}, batch {r.batch}, context {r.context:,} "
          f"(prefill {r.input_len:,} tokens)"),
         "",
-        f"{'memory':<50}{'GiB':>10}",
+        f"{'memory':<58}{'GiB':>10}",
     ]
     labels = {
         "weights": f"weights ({r.weights_label})",
@@ -436,15 +740,16 @@ def format_plan(r: PlanResult) -> str:
         "workspace": "TensorRT workspace",
         "runtime": "runtime overhead (CUDA context, TensorRT)",
         "os_reserved": "OS reserve (memory shared with the CPU)",
+        "communication": "communication buffers (all-reduce, all-to-all, NCCL)",
     }
     for key, value in r.memory.items():
         if key == "os_reserved" and value == 0:
             continue
         label = labels.get(key, key)
-        lines.append(f"  {label:<48}{_gib(value):>10}")
+        lines.append(f"  {label:<56}{_gib(value):>10}")
     lines += [
-        f"  {'total':<48}{_gib(r.total):>10}",
-        f"  {'capacity':<48}{_gib(r.capacity):>10}",
+        f"  {'total':<56}{_gib(r.total):>10}",
+        f"  {'capacity':<56}{_gib(r.capacity):>10}",
         "",
     ]
     pct = 100.0 * r.margin / r.capacity
@@ -467,6 +772,7 @@ def format_plan(r: PlanResult) -> str:
     )
     for n in r.notes:
         lines.append(f"note: {n}")
+    lines += format_remedies(rems or [])
     return "\n".join(lines)
 
 

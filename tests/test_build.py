@@ -548,7 +548,7 @@ def test_model_that_does_not_fit(tmp_path, checkpoints, counts, capsys):
     code, _, err = run_cli(["build", str(checkpoints["deepseek_v3"]), "-o", str(out),
                             "--profile", "jetson-orin-nano-4gb", "--max-batch", "20000"], capsys)
     assert code == 6
-    assert "does not fit jetson-orin-nano-4gb" in err and "largest batch is" in err
+    assert "does not fit jetson-orin-nano-4gb" in err and "best remedy: batch <= " in err
     code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(out), "--profile",
                             "a100", "--set", "memory.gb=9.001"], capsys)
     assert code == 6 and "a100-80gb" in err

@@ -23,7 +23,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsc.backends.tensorrt import EngineBuildResult, trtexec_command
+from dsc.backends.tensorrt import (
+    BuildOptions,
+    EngineBuildResult,
+    ShapeEnvelope,
+    WorkspaceTooSmall,
+    trtexec_command,
+)
 from dsc.backends.tensorrt import build_engine as _trt_build_engine
 from dsc.errors import DscError
 from dsc.models.checkpoint import sha256_file
@@ -47,6 +53,53 @@ class CompileResult:
     entry: dict  # the manifest's profiles.<name> record (without plan/profile, added by caller)
     seconds: float
     log: list[tuple[str, str]]
+    envelope: ShapeEnvelope | None = None  # what the engine was built for, when not the target's
+    notes: tuple[str, ...] = ()  # what the compile changed, for the manifest's profile notes
+    options: BuildOptions | None = None  # the engine's options, when the compile changed them
+
+
+def build_within_workspace(onnx_path: Path, envelope: ShapeEnvelope, options, progress: Progress,
+                           label: str, *, max_workspace_bytes: int | None = None,
+                           **kwargs) -> tuple[EngineBuildResult, ShapeEnvelope, object]:
+    """`build_engine`, and when the builder's scratch exceeds the workspace pool
+    (`WorkspaceTooSmall`), again with fewer sequences per prefill pass.
+
+    The scratch grows about linearly with the prefill profile's batch (measured, see
+    WorkspaceTooSmall), so the retry takes the prefill batch x workspace / requested x 0.9
+    (at least one less than before), at most three times. When one sequence per pass still
+    needs more and `max_workspace_bytes` (the pool plus the plan's margin; None: never) allows,
+    the pool is raised to the request rounded up to a GiB. Returns the result, the envelope it
+    was built for (max_num_tokens lowered when needed) and the options it used. Raises
+    WorkspaceTooSmall when nothing allowed fits.
+    """
+    from dataclasses import replace
+
+    env = envelope
+    for _ in range(5):
+        try:
+            return build_engine(onnx_path, env, options, **kwargs), env, options
+        except WorkspaceTooSmall as e:
+            batch = env.max_prefill_batch
+            if not e.workspace_bytes:
+                raise
+            if batch <= 1:
+                need = -(-e.requested_bytes // 2**30) * 2**30
+                if max_workspace_bytes is None or need > max_workspace_bytes \
+                        or need <= e.workspace_bytes:
+                    raise
+                progress.detail(f"{label} one {env.max_input_len}-token prefill asks for "
+                                f"{e.requested_bytes / 2**30:.2f} GiB of scratch; workspace "
+                                f"raised to {need // 2**30} GiB (within the plan's margin)")
+                options = replace(options, workspace_mib=need >> 20)
+                continue
+            new = min(batch - 1, int(batch * e.workspace_bytes / e.requested_bytes * 0.9))
+            if new < 1:
+                new = 1
+            progress.detail(f"{label} the builder asked for {e.requested_bytes / 2**30:.2f} GiB "
+                            f"of scratch (workspace {e.workspace_bytes / 2**30:.2f} GiB) at "
+                            f"{batch} x {env.max_input_len} prefill tokens; retrying at {new}")
+            env = replace(env, max_num_tokens=new * env.max_input_len)
+    return build_engine(onnx_path, env, options, **kwargs), env, options
 
 
 def engine_dir(name: str) -> str:
@@ -112,8 +165,9 @@ def _engine(target: Target, root: Path, out: Path, onnx_path: Path, io: dict,
 
         options = replace(options, timing_cache=cache)
     engine_path = out / ENGINE_FILE
-    result = build_engine(onnx_path, target.envelope, options, backend=backend, io_spec=io,
-                          engine_path=engine_path)
+    result, built_env, used = build_within_workspace(
+        onnx_path, target.envelope, options, progress, label, backend=backend, io_spec=io,
+        engine_path=engine_path, max_workspace_bytes=_workspace_ceiling(target, options))
     records = _log_records(result, progress, label)
     _write_json(out / "build.json", _summary(result, records))
     rel_engine = engine_path.relative_to(root).as_posix()
@@ -138,13 +192,48 @@ def _engine(target: Target, root: Path, out: Path, onnx_path: Path, io: dict,
         "device_command": None,
         "timing_cache": {"path": cache_rel, "note": cache_note},
     }
-    return CompileResult(entry, result.build_seconds, records)
+    notes = _changes(target.envelope, built_env, options, used)
+    return CompileResult(entry, result.build_seconds, records,
+                         built_env if built_env != target.envelope else None, notes,
+                         used if used != options else None)
+
+
+def _workspace_ceiling(target: Target, options) -> int | None:
+    """How far the workspace pool may grow: the profile's pool plus the plan's margin, unless
+    the user set builder.workspace_gb (then never)."""
+    if options.workspace_mib is None or any(o.split("=", 1)[0].strip() == "builder.workspace_gb"
+                                            for o in target.profile.overrides):
+        return None
+    margin = (target.plan or {}).get("margin_bytes")
+    if margin is None or margin <= 0:
+        return None
+    return (options.workspace_mib << 20) + int(margin)
+
+
+def _changes(asked: ShapeEnvelope, built: ShapeEnvelope, options, used) -> tuple[str, ...]:
+    notes = []
+    if built != asked:
+        notes.append(_lowered_note(asked, built, used))
+    if used.workspace_mib != options.workspace_mib:
+        notes.append(f"workspace raised from {options.workspace_mib / 1024:g} to "
+                     f"{used.workspace_mib / 1024:g} GiB: one {built.max_input_len}-token "
+                     f"prefill needs that much builder scratch (within the plan's margin)")
+    return tuple(notes)
+
+
+def _lowered_note(asked: ShapeEnvelope, built: ShapeEnvelope, options) -> str:
+    ws = options.workspace_mib / 1024 if options.workspace_mib else 0
+    return (f"prefill batch lowered from {asked.max_prefill_batch} to {built.max_prefill_batch} "
+            f"(max_num_tokens {built.max_num_tokens}) so the builder's scratch fits the "
+            f"{ws:g} GiB workspace; decode keeps batch {built.max_batch}")
 
 
 def _preflight(target: Target, root: Path, out: Path, onnx_path: Path, io: dict,
                progress: Progress, label: str) -> CompileResult:
     pre = target.preflight_options
-    result = build_engine(onnx_path, target.envelope, pre, backend="tensorrt_rtx", io_spec=io)
+    result, built_env, used = build_within_workspace(
+        onnx_path, target.envelope, pre, progress, label, backend="tensorrt_rtx", io_spec=io,
+        max_workspace_bytes=_workspace_ceiling(target, pre))
     records = _log_records(result, progress, label)
     preflight = {
         "sm": pre.target_sm,
@@ -159,6 +248,11 @@ def _preflight(target: Target, root: Path, out: Path, onnx_path: Path, io: dict,
                     f"SM{pre.target_sm}, the nearest SM TensorRT-RTX targets; the SM"
                     f"{target.profile.sm} engine itself is built on the device"),
     }
+    notes = tuple(f"preflight: {n}; trtexec.sh keeps the envelope and workspace asked for"
+                  for n in _changes(target.envelope, built_env, pre, used))
+    if notes:
+        preflight["prefill_batch"] = built_env.max_prefill_batch
+        preflight["meaning"] += f" ({'; '.join(notes)})"
     _write_json(out / "preflight.json", preflight | {"build": _summary(result, records)})
     script = out / "trtexec.sh"
     script.write_text(trtexec_script(target, io))
@@ -173,7 +267,7 @@ def _preflight(target: Target, root: Path, out: Path, onnx_path: Path, io: dict,
         "timing_cache": {"path": None, "note": "written on the device by trtexec.sh / dsc "
                                                "compile (engines/<profile>/timing.cache)"},
     }
-    return CompileResult(entry, result.build_seconds, records)
+    return CompileResult(entry, result.build_seconds, records, None, notes)
 
 
 def trtexec_script(target: Target, io: dict) -> str:

@@ -147,12 +147,37 @@ def _fit(model_config: Mapping[str, Any], model_name: str, profile: HardwareProf
         out["note"] = note
     if not out["fits"]:
         raise DoesNotFit(
-            f"{model_name} does not fit {profile.name} at the engine's envelope ({dtype}, batch "
+            f"{model_name} does not fit {profile.name} at the engine's envelope ({quantize or dtype}, batch "
             f"{env.max_batch}, context {env.max_kv:,}): needs {total / GiB:,.2f} GiB of "
-            f"{r.capacity / GiB:,.2f} GiB; at context {env.max_kv:,} the largest batch is "
-            f"{r.max_batch:,}, at batch {env.max_batch} the longest context is "
-            f"{r.max_context:,} (lower --max-batch/--max-kv; `dsc plan` shows the breakdown)")
+            f"{r.capacity / GiB:,.2f} GiB; "
+            f"{_best_remedy(model_config, model_name, profile, precision, env, r)}"
+            f" (`dsc plan` shows the breakdown)")
     return out
+
+
+def _best_remedy(model_config: Mapping[str, Any], model_name: str, profile: HardwareProfile,
+                 precision: str, env: ShapeEnvelope, r0: Any) -> str:
+    """The plan's first remedy in `dsc build` words (dsc.plan.remedies)."""
+    from dsc.plan import _Model, remedies
+
+    rems = [r for r in remedies(_Model(model_name, model_config), profile, precision,
+                                batch=env.max_batch, context=env.max_kv,
+                                input_len=env.max_input_len) if r.fits]
+    build_flags = {"context": lambda r: f"--max-kv {r.result.context}",
+                   "batch": lambda r: f"--max-batch {r.result.batch}",
+                   "precision": lambda r: f"--{r.result.precision.replace('int4', 'int4-awq')}",
+                   "quantize_tables": lambda r: r.flags,
+                   "profile": lambda r: r.flags}
+    for r in rems:
+        if r.kind in build_flags:
+            return f"best remedy: {r.change} ({build_flags[r.kind](r)})"
+        if r.kind == "gpus":
+            return (f"it needs {r.change} (tensor/expert parallel), and dsc builds one-GPU "
+                    f"engines")
+    return (f"no single change fits: at context {env.max_kv:,} the largest batch is "
+            f"{r0.max_batch:,}, at batch {env.max_batch} the longest context is "
+            f"{r0.max_context:,} (lower --max-batch/--max-kv, quantize, or pick a larger "
+            f"profile)")
 
 
 def resolve_targets(

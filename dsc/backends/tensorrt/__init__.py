@@ -27,6 +27,7 @@ from dsc.backends.tensorrt.builder import (
     EngineBuildResult,
     EngineInspection,
     LogRecord,
+    WorkspaceTooSmall,
     build_engine,
     inspect_engine,
     trtexec_command,
@@ -35,7 +36,7 @@ from dsc.backends.tensorrt.builder import (
 
 __all__ = [
     "RTX_TARGET_SMS", "BuildOptions", "EngineBuildResult", "EngineInspection", "Flavour",
-    "LogRecord", "ProfileRanges", "ProfileShapes", "ShapeEnvelope", "TrtFlavourApi",
+    "LogRecord", "WorkspaceTooSmall", "ProfileRanges", "ProfileShapes", "ShapeEnvelope", "TrtFlavourApi",
     "available_backends", "build_engine", "infer_io_roles", "inspect_engine",
     "io_roles_from_spec", "load_trt", "profile_shapes", "trtexec_command", "trtexec_command_line",
 ]

@@ -19,6 +19,7 @@ is nothing (see docs/TENSORRT.md).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import shlex
@@ -217,7 +218,24 @@ _UNSUPPORTED_TYPE = re.compile(
 _OUT_OF_MEMORY = re.compile(r"OutOfMemory \(Requested size was (\d+) bytes")
 
 
-def _classify_build_failure(records: list[LogRecord], what: str) -> Exception:
+class WorkspaceTooSmall(BackendError):
+    """The builder needed more scratch than the workspace pool allows (exit 7).
+
+    TensorRT-RTX's compiler backend sizes the scratch of a fused region for the optimization
+    profiles' largest shapes and takes it from the WORKSPACE pool: measured at
+    R1-Distill-Qwen-1.5B, about 240 KB per prefill token (7.85 GB asked for 8 x 4,096 tokens).
+    `requested_bytes` is what it asked for, `workspace_bytes` the pool limit (None: unlimited).
+    """
+
+    def __init__(self, message: str, requested_bytes: int = 0,
+                 workspace_bytes: int | None = None):
+        super().__init__(message)
+        self.requested_bytes = requested_bytes
+        self.workspace_bytes = workspace_bytes
+
+
+def _classify_build_failure(records: list[LogRecord], what: str,
+                            workspace_bytes: int | None = None) -> Exception:
     summary = condense_errors(records)
     for r in reversed(records):
         if r.severity not in ("ERROR", "INTERNAL_ERROR"):
@@ -227,10 +245,15 @@ def _classify_build_failure(records: list[LogRecord], what: str) -> Exception:
         if m:
             # The builder sizes buffers for the profiles' largest shapes: the prefill profile's
             # batch x prompt (attention scores grow with prompt^2) is what to shrink.
-            return BackendError(
-                f"{what} failed: the builder could not allocate {int(m.group(1)) / 2**30:.2f} GiB "
+            asked = int(m.group(1))
+            pool = (f" (workspace pool {workspace_bytes / 2**30:.2f} GiB)"
+                    if workspace_bytes else "")
+            raise_to = (f", or raise builder.workspace_gb (--set builder.workspace_gb="
+                        f"{math.ceil(asked / 2**30)})" if workspace_bytes else "")
+            return WorkspaceTooSmall(
+                f"{what} failed: the builder could not allocate {asked / 2**30:.2f} GiB{pool} "
                 f"for the optimization profiles' largest shapes; lower --max-num-tokens, "
-                f"--max-input-len or --max-batch")
+                f"--max-input-len or --max-batch{raise_to}", asked, workspace_bytes)
         m = _UNSUPPORTED_TYPE.search(text)
         if m:
             types = [t.strip() for t in m.group(2).split(",")]
@@ -440,7 +463,9 @@ def build_engine(
     seconds = time.perf_counter() - start
     if serialized is None:
         what = f"{label} build of {onnx_path.name} for {target}"
-        raise _classify_build_failure(log.records, what)
+        raise _classify_build_failure(
+            log.records, what,
+            options.workspace_mib << 20 if options.workspace_mib is not None else None)
 
     size = int(serialized.nbytes)
     if cache is not None and cache_path is not None:
