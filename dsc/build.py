@@ -395,7 +395,9 @@ def _compile_stage(targets, tmp: Path, io: dict, graph: dict, tools: dict, progr
         if _reusable(old, ih, previous) and t.name in old_profiles:
             _link(previous, tmp, old["outputs"])
             records[t.name] = _reused(old)
-            entries[t.name] = old_profiles[t.name]
+            # The plan is a function of the compile inputs: recomputed, it can only gain the
+            # fields a newer dsc records (e.g. the decode ceiling).
+            entries[t.name] = dict(old_profiles[t.name], plan=t.plan)
             progress.say(f"{done} reused (inputs unchanged)")
             ran[f"compile:{t.name}"] = False
             continue
