@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from dsc.validate import _report_plots as plots
+from dsc.validate.locate import DIVERGENCE_FLOOR
 
 GiB = 2**30
 MiB = 2**20
@@ -553,7 +554,7 @@ def _details(rep: dict) -> list[Section]:
 # --- entry point -------------------------------------------------------------------------------
 
 
-def build_view(rep: dict, *, draw: bool = True, floor: float = 1e-2) -> ReportView:
+def build_view(rep: dict, *, draw: bool = True, floor: float = DIVERGENCE_FLOOR) -> ReportView:
     """The report's content from report.json's record `rep`; `draw` makes the plots (SVG);
     `floor`: the locator's divergence threshold (relative error) drawn on the error plot."""
     src = rep.get("model") or {}

@@ -138,7 +138,10 @@ def _write(path: Path, text: str) -> None:
 
 
 def write_reports(artifact: str | Path) -> dict:
-    """(Re)generate report.json, report.md and report.html in the artifact."""
+    """(Re)generate report.json, report.md and report.html in `artifact` from its files, and
+    record their sha256 in its manifest (all of them or none: Ctrl-C is deferred). Returns
+    report.json's record (`collect`). Raises `dsc.errors.BadInput` (exit 3) when `artifact` is
+    not a readable dsc artifact."""
     artifact = Path(artifact)
     rep = collect(artifact)
     md = render_markdown(rep)
