@@ -125,7 +125,8 @@ def module_error(layers: Sequence[dict], first_divergence: dict | None, *, floor
         ax.set_yticks([0.0] + [10.0 ** k for k in range(round(math.log10(lin)),
                                                         round(math.log10(top)) + 1)])
         ax.axhline(floor, color=FAIL_COLOR, linestyle="--", linewidth=1,
-                   label=f"divergence threshold {floor:g}")
+                   label=f"first-divergence floor {floor:g} (the locator names the first "
+                         f"output above it whose error jumps)")
         fd = first_divergence or {}
         hit = next((i for i, e in enumerate(layers) if fd and e["tensor"] == fd.get("tensor")),
                    None)
@@ -151,7 +152,7 @@ def module_error(layers: Sequence[dict], first_divergence: dict | None, *, floor
             tick.set_fontweight("bold")
         ax.grid(axis="x", alpha=0.15)
         ax.set_xlim(-0.5, len(errs) - 0.5)
-        fig.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+        fig.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
         _label(ax, 0, f"{precision} vs reference: relative error per module output",
                "module output, in graph order (input → logits)",
                "relative error (symlog)")

@@ -157,7 +157,8 @@ def verdict(rep: dict) -> Verdict:
         if v.get("status") == "skipped":
             return Verdict("unknown", f"NOT VALIDATED: smoke check skipped ({v.get('reason')})")
         if v.get("passed"):
-            return Verdict("pass", "PASS (smoke check only): finite logits, greedy decode and "
+            # amber, not green: the graph runs, but nothing measured its accuracy
+            return Verdict("unknown", "PASS (smoke check only): finite logits, greedy decode and "
                                    "KV cache agree; no accuracy gate was run "
                                    f"({code('dsc validate ' + rep.get('artifact', '.'))})")
         return Verdict("fail", "FAIL: smoke check failed",
@@ -380,7 +381,7 @@ def _memory_section(profiles: dict, draw: bool) -> Section | None:
     return s
 
 
-def _stages_section(stages: dict, draw: bool) -> Section | None:
+def _stages_section(stages: dict, profiles: dict, draw: bool) -> Section | None:
     rows = _stage_rows(stages or {})
     if not rows:
         return None
@@ -399,6 +400,12 @@ def _stages_section(stages: dict, draw: bool) -> Section | None:
         elif name == "validate" and isinstance(rec.get("result"), dict):
             r = rec["result"]
             note = f"{r.get('kind')} {'passed' if r.get('passed') else 'FAILED'}"
+        elif name.startswith("compile: "):
+            p = (profiles or {}).get(name.removeprefix("compile: ")) or {}
+            if p.get("engine"):
+                note = f"engine {_size(p['engine'].get('size_bytes'))}"
+            elif p.get("preflight"):
+                note = f"preflight for SM{p['preflight'].get('sm')}; engine built on the device"
         elif name == "export" and rec.get("dtype"):
             note = f"{rec['dtype']}, opset {rec.get('opset', '?')}"
         rss = rec.get("peak_rss_bytes")
@@ -505,9 +512,11 @@ def _bench_section(b: dict | None, draw: bool) -> Section | None:
                            "bandwidth GB/s", "of host BW"], rows, align="r" * 11))
     t = b.get("target")
     if t:
+        # one per (batch, prompt): the KV cache read at the context differs
         s.notes.append(f"target {t['profile']} ({t['precision']}) decode ceilings: "
-                       + ", ".join(f"batch {r['batch']}: {r['decode_ceiling_tokens_per_s']:,.0f}"
-                                   f" tok/s" for r in t["rows"]) + f" ({t.get('note')})")
+                       + ", ".join(f"batch {r['batch']} prompt {r.get('prompt_len', '?')}: "
+                                   f"{r['decode_ceiling_tokens_per_s']:,.0f} tok/s"
+                                   for r in t["rows"]) + f" ({t.get('note')})")
     if draw:
         svg = plots.latency(b)
         if svg:
@@ -518,12 +527,13 @@ def _bench_section(b: dict | None, draw: bool) -> Section | None:
 def _details(rep: dict) -> list[Section]:
     out = []
     src = rep.get("model") or {}
-    rows = [["checkpoint", src.get("checkpoint", "—"), "—"]]
-    rows += [[f"input: {k}", v, "—"] for k, v in (src.get("inputs") or {}).items()]
+    rows = [[f"input: {k}", v, "—"] for k, v in (src.get("inputs") or {}).items()]
     for name, _, status, rec in _stage_rows(rep.get("stages") or {}):
         if rec.get("input_hash"):
             rows.append([f"stage {name}", rec["input_hash"], status])
     s = Section("hashes", "Input hashes (sha256)")
+    s.text.append(f"checkpoint {code(src.get('checkpoint', '?'))}; a stage's hash covers its "
+                  f"inputs, options and tool versions (a stage is reused when it is unchanged)")
     s.tables.append(Table(["what", "sha256", "status"], rows))
     out.append(s)
     outputs = rep.get("outputs") or {}
@@ -568,7 +578,8 @@ def build_view(rep: dict, *, draw: bool = True, floor: float = DIVERGENCE_FLOOR)
     if mv.get("kind") == "smoke" and not gates:
         sections.append(_smoke_section(mv))
     sections += [s for s in (_memory_section(rep.get("profiles") or {}, draw),
-                             _stages_section(rep.get("stages") or {}, draw),
+                             _stages_section(rep.get("stages") or {}, rep.get("profiles") or {},
+                                             draw),
                              _passes_section(rep.get("passes")),
                              _quant_section(rep.get("quantization"), draw),
                              _bench_section(rep.get("bench"), draw)) if s]
