@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from dsc.validate import _report_plots as plots
+from dsc.validate.gate import _apart  # a value with the digits that tell it from its threshold
 from dsc.validate.locate import DIVERGENCE_FLOOR
 
 GiB = 2**30
@@ -276,7 +277,8 @@ def _gate_section(v: dict, draw: bool, floor: float) -> Section:
             for x in (pre, dec):
                 if x is not None and not (x >= t if better == "min" else x <= t):
                     ok = False
-        rows.append([metric, _num(pre, ".5g"), _num(dec, ".5g"),
+        rows.append([metric, *(_num(x, ".5g") if t is None or x is None else _apart(x, t)
+                               for x in (pre, dec)),
                      f"{'≥' if better == 'min' else '≤'} {t:g}" if t is not None else "—",
                      "—" if t is None else ("pass" if ok else "FAIL")])
         flags.append("" if ok else "fail")
