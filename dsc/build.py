@@ -335,10 +335,13 @@ def _fix_report_paths(root: Path, dest: Path) -> None:
     """report.* name the directory they were generated in: the temp dir, until the swap."""
     import html
 
+    from markupsafe import escape
+
     pairs = []
     for a, b in ((str(root.resolve()), str(dest.resolve())), (str(root), str(dest))):
+        # as written in report.json, and as Jinja2 (markupsafe) or html.escape write it
         pairs += [(a, b), (json.dumps(a)[1:-1], json.dumps(b)[1:-1]),
-                  (html.escape(a), html.escape(b))]
+                  (str(escape(a)), str(escape(b))), (html.escape(a), html.escape(b))]
     for name in REPORTS:
         p = root / name
         if p.is_file():
@@ -395,7 +398,9 @@ def _compile_stage(targets, tmp: Path, io: dict, graph: dict, tools: dict, progr
         if _reusable(old, ih, previous) and t.name in old_profiles:
             _link(previous, tmp, old["outputs"])
             records[t.name] = _reused(old)
-            entries[t.name] = old_profiles[t.name]
+            # The plan is a function of the compile inputs: recomputed, it can only gain the
+            # fields a newer dsc records (e.g. the decode ceiling).
+            entries[t.name] = dict(old_profiles[t.name], plan=t.plan)
             progress.say(f"{done} reused (inputs unchanged)")
             ran[f"compile:{t.name}"] = False
             continue

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create (or update) .venv in the checkout and install dsc with its test and TensorRT-RTX extras.
+# Create (or update) .venv in the checkout and install dsc with its test and TensorRT-RTX extras,
+# and headless Chromium for the report's browser test where apt-get can (never fails for it;
+# DSC_NO_CHROMIUM=1 skips the attempt).
 # DSC_CONSTRAINTS (default constraints/lock.txt: the exact versions the test suite passed with,
 # torch==2.13.0 included, which resolves to the CPU wheel on the project's build machines) is
 # handed to pip as a constraints file. constraints/cpu.txt pins only torch; an empty string
@@ -17,3 +19,6 @@ if [ -n "$CONSTRAINTS" ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install "${args[@]}"
+if [ -z "${DSC_NO_CHROMIUM:-}" ]; then
+  bash scripts/install_chromium.sh
+fi

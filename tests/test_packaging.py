@@ -19,6 +19,7 @@ def test_installed_copy_has_passes_and_profiles(tmp_path):
     assert (target / "dsc" / "passes" / "__init__.py").is_file()
     assert not (target / "passes").exists(), "passes/ must not install as a top-level package"
     assert sorted(target.glob("dsc/profiles/*.yaml")), "profile YAML files are package data"
+    assert (target / "dsc/validate/templates/report.html.j2").is_file(), "report templates too"
     code = (
         "import dsc, dsc.passes, dsc.profiles, pathlib;"
         f"assert dsc.__file__.startswith({str(target)!r}), dsc.__file__;"

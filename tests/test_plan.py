@@ -400,3 +400,21 @@ def test_inventory_marks_only_linear_weights_quantizable():
     for w in weight_inventory(cfg("DeepSeek-V3")):
         assert w.quantizable == (w.component in ("attention", "mlp", "experts", "shared_experts")
                                  and w.in_features > 1)
+
+
+def test_engine_plan_records_the_decode_ceiling():
+    """The plan a build records per profile carries the decode ceiling at the engine's envelope
+    (the report's profile table shows it); fp32 weights are read twice over."""
+    from dsc.pipeline.targets import resolve_targets
+
+    c = cfg("DeepSeek-R1-Distill-Qwen-1.5B")
+    (t,) = resolve_targets(["a100"], model_config=c, model_name="q", dtype="fp16", max_batch=4,
+                           max_kv=2048)
+    p = plan(c, load_profile("a100"), "fp16", batch=4, context=2048,
+             input_len=t.envelope.max_input_len)
+    d = t.plan["decode"]
+    assert d["tokens_per_s"] == pytest.approx(p.decode_tokens_per_s)
+    assert d["tokens_per_s_per_sequence"] == pytest.approx(p.decode_tokens_per_s / 4)
+    (t32,) = resolve_targets(["a100"], model_config=c, model_name="q", dtype="fp32", max_batch=4,
+                             max_kv=2048)
+    assert t32.plan["decode"]["tokens_per_s"] < d["tokens_per_s"] * 0.6

@@ -138,11 +138,20 @@ def _fit(model_config: Mapping[str, Any], model_name: str, profile: HardwareProf
         memory["weights"] *= 2
         note = "fp32: weights counted at 4 bytes (the fp16 plan's weights doubled)"
     total = sum(memory.values())
+    # Decode ceiling at the envelope (batch max_batch, context max_kv): bandwidth over the bytes
+    # one step reads. fp32 reads every weight twice over the fp16 plan's bytes.
+    step = r.decode_bytes_per_step
+    if dtype == "fp32":
+        step += step - r.batch * r.context * r.kv_bytes_per_token
+    decode_tps = r.batch * r.bandwidth_gbps * 1e9 / step
     out = {"fits": total <= r.capacity, "precision": quantize or dtype, "batch": env.max_batch,
            "context": env.max_kv, "input_len": env.max_input_len, "total_bytes": int(total),
            "capacity_bytes": int(r.capacity), "margin_bytes": int(r.capacity - total),
            "memory_bytes": {k: int(v) for k, v in memory.items()},
-           "max_batch_at_context": r.max_batch, "max_context_at_batch": r.max_context}
+           "max_batch_at_context": r.max_batch, "max_context_at_batch": r.max_context,
+           "decode": {"tokens_per_s": decode_tps,
+                      "tokens_per_s_per_sequence": decode_tps / r.batch,
+                      "bytes_per_step": step, "bandwidth_gbps": r.bandwidth_gbps}}
     if note:
         out["note"] = note
     if not out["fits"]:

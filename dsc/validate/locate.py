@@ -33,6 +33,10 @@ _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 RESCALED_KEY = "dsc.rescaled"  # node metadata: its output is scaled per channel by design
 _LAYER = re.compile(r"layers\.(\d+)")
 
+# Relative error below which a module output never counts as the first divergence (the report
+# draws it as the threshold on the per-module error plot).
+DIVERGENCE_FLOOR = 1e-2
+
 
 @dataclass(frozen=True)
 class TensorError:
@@ -157,7 +161,7 @@ def _routing_sensitive(module: str, modules: set[str]) -> bool:
     return ".experts" in module or f"{module}.experts" in modules
 
 
-def first_jump(errors: list[TensorError], *, floor: float = 1e-2,
+def first_jump(errors: list[TensorError], *, floor: float = DIVERGENCE_FLOOR,
                factor: float = 5.0) -> TensorError | None:
     """Where the error jumps: the tensor above `floor` whose error is the largest multiple
     (at least `factor`) of every error before it; routed-expert outputs are not candidates."""
