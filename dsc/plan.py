@@ -491,16 +491,19 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
 
 def _weights_label(scheme: QuantScheme, precision: str, embed: QuantScheme | None,
                    head: QuantScheme | None, tied: bool) -> str:
+    """E.g. "int4 g128; embed, lm_head int8; router fp16" (what each part is stored in)."""
     if precision in ("fp16", "bf16") and not (embed or head):
         return scheme.label
-    names = [("embed", embed), ("lm_head", None if tied else head)]
-    rest = [n for n, s in names if s is None and not (n == "lm_head" and tied)]
-    quant = [f"{n} {s.label}" for n, s in names if s is not None]
-    parts = [scheme.label, *quant]
+    by: dict[str, list[str]] = {}
+    for name, table in (("embed", embed), ("lm_head", None if tied else head)):
+        if name == "lm_head" and tied:
+            continue
+        by.setdefault(table.label.split()[0] if table else "fp16", []).append(name)
     if precision not in ("fp16", "bf16"):
-        rest.append("router")
-    if rest:
-        parts.append(f"{', '.join(rest)} fp16")
+        by.setdefault("fp16", []).append("router")
+    parts = [scheme.label]
+    for prec, names_ in by.items():
+        parts.append(f"{', '.join(names_)} {prec}")
     return "; ".join(parts)
 
 

@@ -71,7 +71,7 @@ def test_qwen7b_int4_on_orin_nano_says_what_fits(capsys):
                                   "--quantize-lm-head", "int8", "--quantize-embedding", "int8",
                                   "--strict"])
     assert ok.exit_code == 0 and "verdict: FITS" in ok.output
-    assert "embed int8 per-channel" in ok.output and "lm_head int8 per-channel" in ok.output
+    assert "weights (int4 g128; embed, lm_head int8; router fp16)" in ok.output
 
 
 def _v3_weights_per_gpu(n: int) -> float:
