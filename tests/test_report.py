@@ -313,6 +313,11 @@ def test_html_structure_plots_and_tables(reports):
     # the profile rows: a final engine and a preflight, with their TensorRT and decode ceiling
     assert "final engine" in text and "preflight for SM89 passed" in text
     assert "TensorRT 11.4 on the device" in text and "1,200,000 tok/s at batch 16" in text
+    # a rejected artifact's engine is marked as such; the engine file and its runtime are named
+    assert "final engine (REJECTED: validation failed)" in text
+    assert "REJECTED" not in "".join(_parse(reports["pass"] / "report.html").text)
+    assert "engines/rtx-4090/model.engine" in text and "— (preflight only)" in text
+    assert "needs the TensorRT-RTX runtime, not the profile's TensorRT 11.4" in text
 
 
 def test_reports_are_reproducible_and_dsc_report_rewrites_them(reports, tmp_path, capsys):

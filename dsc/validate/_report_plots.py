@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 GiB = 2**30
 PASS_COLOR = "#2b8a3e"
 FAIL_COLOR = "#c92a2a"
+NEUTRAL_COLOR = "#495057"  # reference lines that are not pass/fail thresholds
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 _RC = {
     "svg.fonttype": "none",
@@ -124,9 +125,11 @@ def module_error(layers: Sequence[dict], first_divergence: dict | None, *, floor
         ax.set_ylim(0, top)
         ax.set_yticks([0.0] + [10.0 ** k for k in range(round(math.log10(lin)),
                                                         round(math.log10(top)) + 1)])
-        ax.axhline(floor, color=FAIL_COLOR, linestyle="--", linewidth=1,
-                   label=f"first-divergence floor {floor:g} (the locator names the first "
-                         f"output above it whose error jumps)")
+        # Not a gate threshold (outputs above it are normal for a quantized model): grey,
+        # not the red that marks a failure.
+        ax.axhline(floor, color=NEUTRAL_COLOR, linestyle=":", linewidth=1.2,
+                   label=f"locator floor {floor:g}: the first divergence is the first output "
+                         f"above it whose error jumps (not a pass/fail threshold)")
         fd = first_divergence or {}
         hit = next((i for i, e in enumerate(layers) if fd and e["tensor"] == fd.get("tensor")),
                    None)
@@ -190,7 +193,7 @@ def gate_metrics(validation: dict) -> str | None:
         p = validation.get("perplexity") or {}
         ax = axes[-2]
         _bars(ax, ["Δ ppl"], [p.get("delta", math.nan) * 100],
-              th.get("max_ppl_delta", math.nan) * 100, "max")
+              th.get("max_ppl_delta", math.nan) * 100, "max", unit="%")
         _label(ax, len(GATE_PANELS), "perplexity increase", "candidate vs reference",
                "percent")
         g = validation.get("greedy") or {}
@@ -206,7 +209,19 @@ def gate_metrics(validation: dict) -> str | None:
     return _draw("gate-metrics", build)
 
 
-def _bars(ax, labels: list[str], vals: list[float], threshold: float | None, better: str) -> None:
+def _ticks_up_to(hi: float):
+    """matplotlib's automatic tick locator, without the ticks above `hi`."""
+    from matplotlib.ticker import AutoLocator
+
+    class UpTo(AutoLocator):
+        def tick_values(self, vmin, vmax):
+            return [t for t in super().tick_values(vmin, vmax) if t <= hi + 1e-12]
+
+    return UpTo()
+
+
+def _bars(ax, labels: list[str], vals: list[float], threshold: float | None, better: str,
+          unit: str = "") -> None:
     from dsc.validate.gate import _apart  # as many digits as tell a value from its threshold
 
     def ok(v):
@@ -219,7 +234,7 @@ def _bars(ax, labels: list[str], vals: list[float], threshold: float | None, bet
     ax.bar(labels, shown, color=colors, width=0.6)
     for i, v in enumerate(vals):
         text = _apart(v, threshold) if threshold is not None and math.isfinite(v) else f"{v:.4g}"
-        ax.annotate(text, (i, shown[i]), xytext=(0, 2), textcoords="offset points",
+        ax.annotate(text + unit, (i, shown[i]), xytext=(0, 2), textcoords="offset points",
                     ha="center", va="bottom", fontsize=7, color=colors[i])
     if threshold is not None and math.isfinite(threshold):
         ax.axhline(threshold, color="#333", linestyle="--", linewidth=1)
@@ -228,8 +243,12 @@ def _bars(ax, labels: list[str], vals: list[float], threshold: float | None, bet
         # (these metrics are fractions or cosines), with room below and for the labels above.
         lo = min([threshold] + shown)
         span = max(1.0 - lo, 1e-6)
-        ax.set_ylim(max(0.0, lo - span * 0.6), max(1.0, max(shown)) + span * 0.25)
+        bottom, top = max(0.0, lo - span * 0.6), max(1.0, max(shown)) + span * 0.25
+        ax.set_ylim(bottom, top)
         ax.ticklabel_format(axis="y", useOffset=False)
+        # The headroom above 1 is for the value labels: no tick there (a fraction or a cosine
+        # of 1.2 does not exist).
+        ax.yaxis.set_major_locator(_ticks_up_to(1.0))
     else:
         hi = max([abs(v) for v in shown] + [threshold or 0.0])
         lo = min(shown + [0.0])
@@ -334,10 +353,12 @@ def expert_tokens(experts: dict) -> str | None:
         n_exp = max(len(t) for t in counts.values())
         ax.set_xticks(range(n_exp), [str(i) for i in range(n_exp)] if n_exp <= 64 else None)
         ax.set_yscale("log")
+        # A bar on a log axis needs a fixed base to be read: one token (10^0).
+        ax.set_ylim(bottom=1)
         fig.legend(loc="outside right upper", fontsize=8, frameon=False)
         ax.grid(axis="x", visible=False)
         _label(ax, 0, "calibration tokens per routed expert", "expert",
-               "tokens (log)")
+               "tokens (log scale)")
         return fig
 
     return _draw("experts", build)
@@ -366,7 +387,10 @@ def latency(bench: dict) -> str | None:
         for ax in axes:
             ax.set_xticks(batches)
             ax.set_ylim(bottom=0)
-            ax.legend(fontsize=8)
+        # One legend for both panels, under them (inside an axes it can cover a line).
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)),
+                   fontsize=8, frameon=False)
         _label(axes[0], 0, "time per output token (TPOT)", "batch size", "ms")
         _label(axes[1], 1, "time to first token (TTFT)", "batch size", "ms")
         fig.suptitle(f"latency on {bench.get('backend', '?')}", gid="suptitle")

@@ -214,24 +214,29 @@ def _overview(rep: dict) -> Table:
 
 def _trt(p: dict) -> str:
     eng, pre = p.get("engine"), p.get("preflight")
-    if eng:
-        name = "TensorRT-RTX" if eng.get("backend") == "tensorrt_rtx" else "TensorRT"
-        return f"{name} {eng.get('trt_version', '?')}"
     device = ((p.get("profile") or {}).get("tensorrt") or {}).get("version")
+    if eng:
+        if eng.get("backend") == "tensorrt_rtx":
+            # a TensorRT-RTX plan does not load in standard TensorRT: say what the device needs
+            return (f"TensorRT-RTX {eng.get('trt_version', '?')} (needs the TensorRT-RTX "
+                    f"runtime" + (f", not the profile's TensorRT {device})" if device else ")"))
+        return f"TensorRT {eng.get('trt_version', '?')}"
     if pre:
         return (f"TensorRT {device or '?'} on the device (preflight: TensorRT-RTX "
                 f"{pre.get('trt_version', '?')})")
     return f"TensorRT {device or '?'}"
 
 
-def _profiles(profiles: dict) -> Table | None:
+def _profiles(profiles: dict, rejected: bool = False) -> Table | None:
+    """One row per hardware profile; `rejected`: the artifact failed its validation, so its
+    engines are marked as not to ship."""
     if not profiles:
         return None
     rows, flags = [], []
     for name, p in profiles.items():
         eng, pre, plan = p.get("engine"), p.get("preflight"), p.get("plan") or {}
         if eng:
-            status = "final engine"
+            status = "final engine" + (" (REJECTED: validation failed)" if rejected else "")
         elif pre:
             status = (f"preflight for SM{pre.get('sm')} passed; build on the device "
                       f"({p.get('device_command') or 'dsc compile'})")
@@ -246,7 +251,7 @@ def _profiles(profiles: dict) -> Table | None:
         desc = ((p.get("profile") or {}).get("description") or "").split(",")[0]
         rows.append([name, desc or "—", f"SM{p.get('sm', '?')}", status,
                      _size(eng.get("size_bytes")) if eng else "—", _trt(p), fit, ceiling])
-        flags.append("" if plan.get("fits", True) else "fail")
+        flags.append("" if plan.get("fits", True) and not (eng and rejected) else "fail")
     return Table(["profile", "GPU", "SM", "engine", "engine size", "TensorRT", "memory plan",
                   "decode ceiling"], rows, align="llllrlll", flags=flags)
 
@@ -367,15 +372,17 @@ def _memory_section(profiles: dict, draw: bool) -> Section | None:
         eng = p.get("engine") or {}
         pre = p.get("preflight") or {}
         em = eng.get("memory_bytes") or {}
-        eng_rows.append([name, p.get("mode", "—"), str(eng.get("num_layers")
+        eng_rows.append([name, eng.get("path") or ("— (preflight only)" if pre else "—"),
+                         p.get("mode", "—"), str(eng.get("num_layers")
                                                        or pre.get("num_layers") or "—"),
                          _size(eng.get("size_bytes") or pre.get("size_bytes")),
                          _size(em.get("weights")) if em else "—",
                          _size(em.get("activation")) if em else "—",
                          _secs(eng.get("build_seconds") or pre.get("seconds"))])
-    s.tables.append(Table(["profile", "mode", "layers", "engine (or preflight) size",
-                           "engine weights", "engine activations", "builder time"],
-                          eng_rows, align="llrrrrr"))
+    s.tables.append(Table(["profile", "engine file", "mode", "layers",
+                           "engine (or preflight) size", "engine weights",
+                           "engine activations", "builder time"],
+                          eng_rows, align="lllrrrrr"))
     if draw:
         svg = plots.memory(dict(rows))
         if svg:
@@ -500,6 +507,9 @@ def _bench_section(b: dict | None, draw: bool) -> Section | None:
         return None
     s = Section("latency", f"Latency ({b.get('backend')}, host bandwidth "
                            f"{b.get('host_bandwidth_gbps', 0):.1f} GB/s)")
+    if str(b.get("backend", "")).startswith("onnxruntime"):
+        s.text.append(f"timed with {code(b.get('backend'))} on the build host (the ONNX graph, "
+                      f"not the TensorRT engines): not the latency on the target GPU")
     rows = []
     for r in b["rows"]:
         rows.append([str(r["batch"]), str(r["prompt_len"]),
@@ -586,5 +596,7 @@ def build_view(rep: dict, *, draw: bool = True, floor: float = DIVERGENCE_FLOOR)
                              _quant_section(rep.get("quantization"), draw),
                              _bench_section(rep.get("bench"), draw)) if s]
     return ReportView(title=title, artifact=rep.get("artifact", "?"), verdict=verdict(rep),
-                      overview=_overview(rep), profiles=_profiles(rep.get("profiles") or {}),
+                      overview=_overview(rep),
+                      profiles=_profiles(rep.get("profiles") or {},
+                                         rejected=verdict(rep).state == "fail"),
                       sections=sections, details=_details(rep))
