@@ -9,7 +9,7 @@ step at a time through the KV cache. Checks:
   logit, within `TOLERANCE[dtype]`), and the same greedy tokens.
 
 This is a sanity check, not the accuracy gate: the gate (ONNX/engine vs the FP16 reference:
-KL, top-k, perplexity) is `dsc validate` (issue 7). ONNX Runtime's CPU provider has no bf16
+KL, top-k, perplexity) is `dsc validate`. ONNX Runtime's CPU provider has no bf16
 MatMul: a bf16 graph is run as its float32 view (`dsc.backends.onnxruntime.runner.inference_session`),
 which checks the graph's structure and KV cache, not bf16 rounding.
 """
@@ -29,7 +29,7 @@ PROMPT = "And God said"
 # prefill and many one-token steps, which fp16 accumulation makes visible.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}
 NOTE = "smoke check only (ONNX Runtime on the graph handed to the builder); the accuracy gate " \
-       "against the FP16 reference is `dsc validate` (issue 7)"
+       "against the FP16 reference is `dsc validate`"
 
 
 def smoke_validate(artifact: Path, io: dict, *, tokens: int = 8, prompt: str = PROMPT) -> dict:
