@@ -30,7 +30,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -58,7 +57,7 @@ def _init(name, arr):
 
 
 def embedding_graph(form: str, precision: str, q, s) -> onnx.ModelProto:
-    V, H = q.shape
+    H = q.shape[1]
     nb = s.shape[1]
     block = H // nb
     inits = [_init("table_q", q), _init("table_scale", s)]

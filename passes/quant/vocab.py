@@ -48,9 +48,9 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
+from dsc.passes.quant.qdq import QuantScheme, _const, check_scales, quantize_weight
 
 from dsc.errors import Unsupported
-from dsc.passes.quant.qdq import QuantScheme, _const, check_scales, quantize_weight
 from dsc.validate.locate import module_path
 
 logger = logging.getLogger(__name__)

@@ -21,9 +21,9 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import pytest
+from dsc.passes.quant.vocab import VocabQDQPass, find_embedding, find_lm_head, quantize_table
 
 from dsc.errors import Unsupported
-from dsc.passes.quant.vocab import VocabQDQPass, find_embedding, find_lm_head, quantize_table
 from tests.passes.conftest import compare_ort, load, op_count, save
 
 PRECISIONS = ("int8", "int4", "fp8")
@@ -220,7 +220,7 @@ def test_quantize_table_layout():
 def _rtx() -> bool:
     try:
         import tensorrt_rtx  # noqa: F401
-    except Exception:
+    except ImportError:
         return False
     return True
 
