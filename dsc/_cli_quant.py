@@ -1,7 +1,8 @@
 """CLI command `dsc quantize`: calibrate an artifact and write a quantized artifact.
 
 `quant_options` is the same set of flags as a decorator, so `dsc build` can take them too
-(`--int8|--fp8|--int4-awq [--calib ...] [--method ...] [--exclude ...]`) and pass them to
+(`--int8|--fp8|--int4-awq [--calib ...] [--method ...] [--exclude ...] [--quantize-lm-head P]
+[--quantize-embedding P]`) and pass them to
 `dsc.quantize.quantize_artifact` via `quant_kwargs`.
 """
 
@@ -35,7 +36,14 @@ def quant_options(f):
                      help="Tokens per calibration window."),
         click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
                      help="Keep matching modules in float (glob on the HF module path; "
-                          "embeddings, lm_head and MoE routers are always kept)."),
+                          "embeddings, lm_head and MoE routers are kept unless the two "
+                          "options below quantize them)."),
+        click.option("--quantize-lm-head", "quantize_lm_head", type=_VOCAB, default=None,
+                     help="Also store lm_head quantized, weight-only: int8/fp8 per output "
+                          "channel, int4 per block of 128 (int4 SM80+, fp8 SM89+)."),
+        click.option("--quantize-embedding", "quantize_embedding", type=_VOCAB, default=None,
+                     help="Also store the embedding table quantized (per row; int4 per block "
+                          "of 128), dequantized before the gather."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -60,16 +68,22 @@ class _Alpha(click.ParamType):
 _ALPHA = _Alpha()
 
 
+_VOCAB = click.Choice(["int8", "int4", "fp8"])
+
+
 def quant_kwargs(int8: bool, fp8: bool, int4_awq: bool, weight_only: bool, calib, method, alpha,
-                 samples, seq_len, exclude) -> dict | None:
+                 samples, seq_len, exclude, quantize_lm_head=None,
+                 quantize_embedding=None) -> dict | None:
     """Keyword arguments for `quantize_artifact`, or None when no precision flag was given."""
-    from dsc.quantize import precision_from_flags
+    from dsc.quantize import check_vocab_options, precision_from_flags
 
     precision = precision_from_flags(int8, fp8, int4_awq)
+    check_vocab_options(quantize_lm_head, quantize_embedding, precision)
     if precision is None:
         return None
     return {"precision": precision, "weight_only": weight_only, "calib": calib, "method": method,
-            "alpha": alpha, "samples": samples, "seq_len": seq_len, "exclude": tuple(exclude)}
+            "alpha": alpha, "samples": samples, "seq_len": seq_len, "exclude": tuple(exclude),
+            "lm_head": quantize_lm_head, "embedding": quantize_embedding}
 
 
 @click.command()
@@ -79,12 +93,13 @@ def quant_kwargs(int8: bool, fp8: bool, int4_awq: bool, weight_only: bool, calib
 @click.option("--profile", default=None, help="Hardware profile: refuse precisions it cannot run.")
 @click.option("--force", is_flag=True, help="Replace an existing dsc artifact at OUTPUT.")
 def quantize(artifact: Path, output: Path, int8, fp8, int4_awq, weight_only, calib, method, alpha,
-             samples, seq_len, exclude, profile, force) -> None:
+             samples, seq_len, exclude, quantize_lm_head, quantize_embedding, profile,
+             force) -> None:
     """Calibrate ARTIFACT and write a quantized artifact (Q/DQ graph + fp16 reference)."""
     from dsc.quantize import quantize_artifact
 
     kw = quant_kwargs(int8, fp8, int4_awq, weight_only, calib, method, alpha, samples, seq_len,
-                      exclude)
+                      exclude, quantize_lm_head, quantize_embedding)
     if kw is None:
         raise click.UsageError("choose a precision: --int8, --fp8 or --int4-awq")
     if weight_only and kw["precision"] != "int8":
@@ -93,6 +108,12 @@ def quantize(artifact: Path, output: Path, int8, fp8, int4_awq, weight_only, cal
     r = quantize_artifact(artifact, output, profile=profile, force=force, **kw)
     click.echo(f"quantized {artifact} to {r.path}: {r.scheme}, ranges by {r.method}")
     click.echo(f"  layers: {r.quantized_layers} quantized, {len(r.excluded)} excluded")
+    for name in ("lm_head", "embedding"):
+        v = r.report["vocab"].get(name)
+        if v:
+            click.echo(f"  {name}: {v['precision']} weight-only, {v['scales']} "
+                       f"({v['bytes_before'] / 2**20:,.2f} -> {v['bytes_after'] / 2**20:,.2f} MiB"
+                       f"{', tied' if v['tied'] else ''})")
     if r.under_calibrated:
         click.echo(f"  warning: {len(r.under_calibrated)} MoE experts saw fewer than "
                    f"{r.report['experts']['min_tokens']} calibration tokens: "

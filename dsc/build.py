@@ -104,6 +104,9 @@ class BuildConfig:
     calib_samples: int = 64
     calib_seq_len: int = 128
     exclude: tuple[str, ...] = ()
+    # vocabulary weights, weight-only (dsc.passes.quant.vocab): None, int8, int4 or fp8
+    quantize_lm_head: str | None = None
+    quantize_embedding: str | None = None
 
     def __post_init__(self):
         for name in ("profiles", "overrides", "passes", "disable_passes", "exclude"):
@@ -116,6 +119,9 @@ class BuildConfig:
             check_legal(self.quantize)
             if self.dtype == "fp32":
                 raise UsageError("quantization needs a half-precision graph (--dtype fp16 or bf16)")
+        from dsc.quantize import check_vocab_options
+
+        check_vocab_options(self.quantize_lm_head, self.quantize_embedding, self.quantize)
         if self.weight_only and self.quantize != "int8":
             raise UsageError("--weight-only applies to --int8 only (INT4-AWQ is always "
                              "weight-only; FP8 quantizes weights and activations)")
@@ -458,6 +464,7 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
     from dsc.models.checkpoint import inspect_checkpoint
     from dsc.pipeline.smoke import PROMPT, smoke_validate
     from dsc.pipeline.targets import resolve_targets
+    from dsc.quantize import check_vocab_options, vocab_precisions
 
     t_start = time.perf_counter()
     info = inspect_checkpoint(checkpoint, allow_pickle=config.allow_pickle)
@@ -467,7 +474,10 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
         dtype=config.dtype, overrides=list(config.overrides), max_batch=config.max_batch,
         max_input_len=config.max_input_len, max_kv=config.max_kv,
         max_num_tokens=config.max_num_tokens, backend=config.backend,
-        dla_core=config.dla_core, quantize=config.quantize)
+        dla_core=config.dla_core, quantize=config.quantize,
+        weight_precisions=vocab_precisions(config.quantize_lm_head, config.quantize_embedding))
+    check_vocab_options(config.quantize_lm_head, config.quantize_embedding, config.quantize,
+                        info.config)
     if config.opset is not None and not 18 <= config.opset <= 23:
         raise UsageError(f"opset {config.opset} is not supported by the exporter; choose 18..23")
     tools = tool_versions()
@@ -598,7 +608,7 @@ def _graph_stage_inputs(config: BuildConfig, ctx, export_in: dict,
     else:
         plan["optimize"] = None
     if config.quantize:
-        from dsc.quantize import calibration_sha256
+        from dsc.quantize import calibration_sha256, vocab_inputs
 
         inputs = {"upstream": upstream, "precision": config.quantize,
                   "weight_only": config.weight_only or config.quantize == "int4",
@@ -606,7 +616,8 @@ def _graph_stage_inputs(config: BuildConfig, ctx, export_in: dict,
                   "alpha": "auto" if config.alpha is None else config.alpha,
                   "samples": config.calib_samples, "seq_len": config.calib_seq_len,
                   "exclude": list(config.exclude), "calib_sha256": calibration_sha256(config.calib),
-                  "tools": {k: tools.get(k) for k in ("dsc", "onnxruntime", "onnx-ir")}}
+                  "tools": {k: tools.get(k) for k in ("dsc", "onnxruntime", "onnx-ir")},
+                  **vocab_inputs(config.quantize_lm_head, config.quantize_embedding)}
         plan["quantize"] = inputs
     else:
         plan["quantize"] = None
@@ -692,7 +703,9 @@ def _run_graph_stages(config: BuildConfig, info, ctx, tmp: Path, plan: dict,
         report, extra = quantize_in_place(
             tmp, config.quantize, calib=config.calib, method=config.calib_method,
             samples=config.calib_samples, seq_len=config.calib_seq_len, alpha=config.alpha,
-            weight_only=config.weight_only, exclude=config.exclude, progress=progress.sub)
+            weight_only=config.weight_only, exclude=config.exclude,
+            lm_head=config.quantize_lm_head, embedding=config.quantize_embedding,
+            progress=progress.sub)
         seconds = time.perf_counter() - t0
         written["quantize"] = (_files(tmp) - before) | rewritten
         stages["quantize"] = {"status": "ran", "input_hash": canonical_hash(q), "inputs": q,
@@ -702,9 +715,12 @@ def _run_graph_stages(config: BuildConfig, info, ctx, tmp: Path, plan: dict,
             progress.say(f"warning: {extra['under_calibrated_experts']} MoE experts saw fewer "
                          f"than {report['experts']['min_tokens']} calibration tokens "
                          f"(quant_report.json lists them)")
+        vocab = ", ".join(f"{k} {v['precision']}" for k in ("lm_head", "embedding")
+                          if (v := extra.get(k)))
         progress.say(f"{progress.stage_line(3, 'quantize', '')}{extra['scheme']}: "
-                     f"{extra['quantized_layers']} layers quantized, "
-                     f"{len(report['excluded'])} kept in float, {seconds:.1f}s")
+                     f"{extra['quantized_layers']} layers quantized"
+                     + (f" (+ {vocab}, weight-only)" if vocab else "")
+                     + f", {len(report['excluded'])} kept in float, {seconds:.1f}s")
         ran["quantize"] = True
     # Each file belongs to the last stage that wrote it.
     final = hash_tree(tmp)
@@ -920,7 +936,7 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
         .split("/")[-1], dtype=dtype, overrides=list(config.overrides),
         max_batch=config.max_batch, max_input_len=config.max_input_len, max_kv=config.max_kv,
         max_num_tokens=config.max_num_tokens, backend=config.backend, dla_core=config.dla_core, dla_required=not dla_inherited,
-        quantize=io.get("quantization"))
+        quantize=io.get("quantization"), weight_precisions=io.get("vocab_quantization") or {})
     graph = _graph_of(io, listed)
     tools = tool_versions()
     names = {t.name for t in targets}

@@ -28,6 +28,8 @@ Keys are the long options of `dsc build`, in snake_case (`max-batch` is accepted
     alpha                       SmoothQuant migration strength: auto (per layer) or 0..1
     calib_samples, calib_seq_len   calibration windows and their length in tokens
     exclude                     module patterns kept in float (list)
+    quantize_lm_head            int8 | int4 | fp8 | null: lm_head weight-only (with `quantize`)
+    quantize_embedding          int8 | int4 | fp8 | null: the embedding table (with `quantize`)
 
 An unknown key is an error naming it (and the closest known key), and so is a value of the wrong
 type. A flag given on the command line wins over the file; `--set` pairs are applied after the
@@ -55,7 +57,8 @@ _BOOLS = ("allow_pickle", "force", "rebuild", "optimize", "weight_only", "extern
 _NAME_LISTS = ("passes", "disable_passes", "exclude")
 _POS_INTS = ("validate_tokens", "calib_samples", "calib_seq_len")
 KEYS = ("checkpoint", "output", "profiles", "set", *_INT_OR_NULL, *_CHOICES, *_POS_INTS,
-        *_BOOLS, *_NAME_LISTS, "quantize", "calib", "calib_method", "alpha")
+        *_BOOLS, *_NAME_LISTS, "quantize", "calib", "calib_method", "alpha", "quantize_lm_head",
+        "quantize_embedding")
 COMPILE_KEYS = ("profiles", "set", "max_batch", "max_input_len", "max_kv", "max_num_tokens",
                 "backend", "dla_core",
                 "rebuild")
@@ -121,9 +124,9 @@ def _check(key: str, value: Any, path: Path, base: Path) -> tuple[str, Any]:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise _fail(path, key, "a list of names", value)
         return key, tuple(value)
-    if key in ("quantize", "calib_method"):
-        known = ("int8", "fp8", "int4") if key == "quantize" else \
-            ("max", "percentile", "entropy", "mse")
+    if key in ("quantize", "calib_method", "quantize_lm_head", "quantize_embedding"):
+        known = ("max", "percentile", "entropy", "mse") if key == "calib_method" else \
+            ("int8", "fp8", "int4")
         if value is not None and value not in known:
             raise _fail(path, key, "one of " + ", ".join(known) + " or null", value)
         return key, value

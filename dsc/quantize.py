@@ -11,11 +11,15 @@ Steps (each deterministic given the model and the data):
 3. calibration (`dsc.passes.quant.calibrate`), cached by sha256(model) + sha256(data) + rows;
 4. INT8 W8A8: SmoothQuant (α per layer unless given, the down projection's input included)
    then calibrate again on the smoothed graph; INT4: AWQ scales and clip ratios;
-5. ranges by `method` and `InsertQDQPass`.
+5. ranges by `method` and `InsertQDQPass`;
+6. with `lm_head` / `embedding` (`--quantize-lm-head`, `--quantize-embedding`: int8, int4 or
+   fp8), `VocabQDQPass` stores those weights quantized, weight-only (`dsc.passes.quant.vocab`).
 
 The new artifact holds the quantized `model.onnx`, the input graph under `reference/` (the
 layout `dsc validate` compares against), `calibration/` (ranges + the statistics cache) and
-`quant_report.json`, and its manifest gains `stages.quantize`.
+`quant_report.json`, and its manifest gains `stages.quantize`, whose `lm_head` and `embedding`
+fields record what `VocabQDQPass` quantized (precision, block size, scale layout, bytes
+before/after, tied) or null.
 """
 
 from __future__ import annotations
@@ -69,6 +73,37 @@ def precision_from_flags(int8: bool = False, fp8: bool = False, int4_awq: bool =
     if len(chosen) > 1:
         raise UsageError("choose one of --int8, --fp8, --int4-awq")
     return chosen[0] if chosen else None
+
+
+def check_vocab_options(lm_head: str | None, embedding: str | None, precision: str | None,
+                        model_config: dict | None = None) -> None:
+    """Raise before any work for a bad `--quantize-lm-head` / `--quantize-embedding`.
+
+    `UsageError` (exit 2): an unknown precision, or either option without a quantized body
+    precision (`precision` None: they are part of the quantize stage). `Unsupported` (exit 4): a
+    model whose `model_config` ties the embedding and lm_head (`tie_word_embeddings`) asked for
+    only one of them, or for two precisions: one table serves both.
+    """
+    from dsc.passes.quant.vocab import PRECISIONS as VOCAB
+
+    for flag, p in (("--quantize-lm-head", lm_head), ("--quantize-embedding", embedding)):
+        if p is not None and p not in VOCAB:
+            raise UsageError(f"{flag}: unknown precision {p!r} (choose {', '.join(VOCAB)})")
+    if (lm_head or embedding) and precision is None:
+        raise UsageError("--quantize-lm-head/--quantize-embedding quantize within a quantized "
+                         "build: add --int8, --fp8 or --int4-awq")
+    if model_config and model_config.get("tie_word_embeddings") and (lm_head or embedding) \
+            and lm_head != embedding:
+        p = lm_head or embedding
+        raise Unsupported(f"this model ties its embedding and lm_head (tie_word_embeddings: "
+                          f"true, one table): quantize both at one precision "
+                          f"(--quantize-lm-head {p} --quantize-embedding {p}); got lm_head "
+                          f"{lm_head}, embedding {embedding}")
+
+
+def vocab_precisions(lm_head: str | None, embedding: str | None) -> dict[str, str]:
+    """{option: precision} of the vocabulary weights asked for (for the target checks)."""
+    return {k: v for k, v in (("lm-head", lm_head), ("embedding", embedding)) if v}
 
 
 def check_legal(precision: str, profile=None) -> None:
@@ -193,8 +228,13 @@ def _sha_tree(root: Path) -> dict[str, str]:
 def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, method=None,
                    samples: int = 64, seq_len: int = 128, alpha: float | None = None,
                    weight_only: bool = False, exclude=(), use_cache: bool = True,
-                   percentile: float = 99.99, progress=None) -> tuple[object, dict, dict]:
+                   percentile: float = 99.99, lm_head: str | None = None,
+                   embedding: str | None = None, progress=None) -> tuple[object, dict, dict]:
     """Quantize an in-memory onnx_ir model. Returns (model, report, calibration record).
+
+    `lm_head` / `embedding` (int8 | int4 | fp8 | None): also store those weights quantized,
+    weight-only (`VocabQDQPass`); raises `Unsupported` when the graph has no such weight, or
+    for a tied table asked for at two precisions.
 
     `alpha`: SmoothQuant's migration strength for INT8 W8A8; None (the default, "auto")
     searches it per layer, on the fake-quantized GEMM error of the calibration rows.
@@ -240,6 +280,7 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     result = qdq(model)
     report.update(qdq.report)
     report["modified"] = result.modified
+    report["vocab"] = _quantize_vocab(model, lm_head, embedding, report)
     under = cal.under_calibrated(experts, MIN_EXPERT_TOKENS)
     report["experts"] = {
         "token_counts": experts, "min_tokens": MIN_EXPERT_TOKENS, "under_calibrated": under,
@@ -262,6 +303,27 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     return result.model, report, record
 
 
+def _quantize_vocab(model, lm_head: str | None, embedding: str | None, report: dict) -> dict:
+    """Run `VocabQDQPass`; {"lm_head": record or None, "embedding": record or None}."""
+    from dsc.passes.quant.vocab import VocabQDQPass
+
+    if not (lm_head or embedding):
+        return {"lm_head": None, "embedding": None}
+    vq = VocabQDQPass(lm_head, embedding)
+    vq(model)
+    missing = vq.report.get("not_found")
+    if missing:
+        raise Unsupported(f"--quantize-{missing[0].replace('_', '-')}: the graph has no "
+                          f"{missing[0]} weight dsc can quantize (a Gather of a 2-D float table "
+                          f"for the embedding, a MatMul of module lm_head for the head)")
+    out = {k: vq.report.get(k) for k in ("lm_head", "embedding")}
+    # InsertQDQPass listed them as kept in float; they are not any more.
+    for k in list(report.get("excluded", {})):
+        if (out["lm_head"] and "lm_head" in k) or (out["embedding"] and "embed_tokens" in k):
+            report["excluded"].pop(k)
+    return out
+
+
 def calibration_sha256(calib: str | Path | None) -> str:
     """sha256 of the calibration text as read (files joined in order): a stage input."""
     import hashlib
@@ -272,7 +334,8 @@ def calibration_sha256(calib: str | Path | None) -> str:
 def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Path | None = None,
                       method: str | None = None, samples: int = 64, seq_len: int = 128,
                       alpha: float | None = None, weight_only: bool = False, exclude=(),
-                      use_cache: bool = True, progress=None) -> tuple[dict, dict]:
+                      use_cache: bool = True, lm_head: str | None = None,
+                      embedding: str | None = None, progress=None) -> tuple[dict, dict]:
     """Quantize the graph of the artifact being written at `directory`, in place.
 
     The input graph files move to `reference/` (what `dsc validate` compares against), the
@@ -298,7 +361,7 @@ def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Pat
     model, report, record = quantize_model(
         model, io, tokenizer, precision, calib=calib, method=method, samples=samples,
         seq_len=seq_len, alpha=alpha, weight_only=weight_only, exclude=exclude,
-        use_cache=use_cache, progress=progress)
+        use_cache=use_cache, lm_head=lm_head, embedding=embedding, progress=progress)
     external = (directory / data_file(onnx_name)).exists()
     ref = directory / "reference"
     ref.mkdir()
@@ -314,6 +377,9 @@ def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Pat
     new_io = dict(io)
     new_io["opset"] = new_opset
     new_io["quantization"] = precision
+    vocab = vocab_precisions(lm_head, embedding)
+    if vocab:  # what `dsc compile` checks each target against, beside `quantization`
+        new_io["vocab_quantization"] = vocab
     write_json(directory / IO_SPEC, new_io)
     cdir = directory / "calibration"
     cdir.mkdir()
@@ -331,7 +397,8 @@ def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Pat
              "calib": str(calib) if calib else "dsc/data/calibration.txt",
              "calib_sha256": record["data_sha256"], "exclude": list(exclude),
              "report": "quant_report.json", "quantized_layers": len(report["layers"]),
-             "under_calibrated_experts": len(report["experts"]["under_calibrated"])}
+             "under_calibrated_experts": len(report["experts"]["under_calibrated"]),
+             "lm_head": report["vocab"]["lm_head"], "embedding": report["vocab"]["embedding"]}
     return report, stage
 
 
@@ -346,12 +413,22 @@ def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, 
                       calib: str | Path | None = None, method: str | None = None,
                       samples: int = 64, seq_len: int = 128, alpha: float | None = None,
                       weight_only: bool = False, exclude=(), profile=None, force: bool = False,
-                      use_cache: bool = True, progress=None) -> QuantizeResult:
-    """Write a new artifact at `output`: the quantized graph of `artifact` plus its reference."""
+                      use_cache: bool = True, lm_head: str | None = None,
+                      embedding: str | None = None, progress=None) -> QuantizeResult:
+    """Write a new artifact at `output`: the quantized graph of `artifact` plus its reference.
+
+    `lm_head` / `embedding`: see `quantize_model` and `check_vocab_options` (checked, with
+    `profile`, before any work)."""
     from dsc.manifest import canonical_hash, graph_record, hash_tree, write_derived_manifest
 
     t0 = time.perf_counter()
     check_legal(precision, profile)
+    check_vocab_options(lm_head, embedding, precision, _model_config(artifact))
+    for flag, p in vocab_precisions(lm_head, embedding).items():
+        try:
+            check_legal(p, profile)
+        except Unsupported as e:
+            raise Unsupported(f"--quantize-{flag} {p}: {e}") from None
     from dsc.passes.quant.ranges import METHODS
 
     if method is not None and method not in METHODS:
@@ -373,14 +450,14 @@ def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, 
         report, stage = quantize_in_place(
             tmp, precision, calib=calib, method=method, samples=samples, seq_len=seq_len,
             alpha=alpha, weight_only=weight_only, exclude=exclude, use_cache=use_cache,
-            progress=progress)
+            lm_head=lm_head, embedding=embedding, progress=progress)
         seconds = round(time.perf_counter() - t0, 2)
         inputs = {"graph": (manifest.get("graph") or {}).get("hash")
                   or graph_record(artifact, io)["hash"],
                   "precision": precision, "weight_only": stage["weight_only"],
                   "method": stage["method"], "alpha": stage["alpha"], "samples": samples,
                   "seq_len": seq_len, "exclude": list(exclude), "calib_sha256": calib_sha,
-                  "tools": _tools()}
+                  "tools": _tools(), **vocab_inputs(lm_head, embedding)}
         if profile is not None:
             stage["profile"] = getattr(profile, "name", str(profile))
         new_io = load_io_spec(tmp, check_manifest=False)
@@ -399,6 +476,25 @@ def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, 
     return QuantizeResult(output, precision, report["scheme"], stage["method"],
                           len(report["layers"]), report["excluded"],
                           report["experts"]["under_calibrated"], seconds, report)
+
+
+def vocab_inputs(lm_head: str | None, embedding: str | None) -> dict:
+    """The quantize stage's input-hash fields for the vocabulary weights: none when neither is
+    quantized, so the hashes of artifacts built before these options existed do not change."""
+    out = {}
+    if lm_head:
+        out["lm_head"] = lm_head
+    if embedding:
+        out["embedding"] = embedding
+    return out
+
+
+def _model_config(artifact: Path) -> dict | None:
+    try:
+        cfg = json.loads((Path(artifact) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # load_manifest / load_io_spec report a broken artifact
+    return cfg if isinstance(cfg, dict) else None
 
 
 def _tools() -> dict:

@@ -204,6 +204,7 @@ def resolve_targets(
     dla_core: int | None = None,
     dla_required: bool = True,
     quantize: str | None = None,
+    weight_precisions: Mapping[str, str] | None = None,
 ) -> list[Target]:
     """Every target of the matrix, checked; raises before any heavy work.
 
@@ -211,6 +212,8 @@ def resolve_targets(
     it (a DLA core recorded by an earlier build) such profiles just build for the GPU.
     `quantize` (int8 | fp8 | int4) must be legal on every profile and for the SM each engine
     (or preflight) is compiled for; the memory fit is planned at that precision.
+    `weight_precisions` ({"lm-head": "int4", "embedding": "fp8"}, from `--quantize-lm-head` /
+    `--quantize-embedding`) must be legal the same way; a refusal names the option.
     """
     from dsc.models.params import model_shape
     from dsc.plan import check_precision
@@ -250,6 +253,11 @@ def resolve_targets(
             from dsc.quantize import check_legal
 
             check_legal(quantize, prof)
+            for flag, p in (weight_precisions or {}).items():
+                try:
+                    check_legal(p, prof)
+                except Unsupported as e:
+                    raise Unsupported(f"--quantize-{flag} {p}: {e}") from None
         env = _envelope(prof, model_max, max_batch, max_input_len, max_kv, max_num_tokens)
         b = prof.builder
         standard_only = []
@@ -306,6 +314,11 @@ def resolve_targets(
                 check_engine_target(quantize, sm)
             except Unsupported as e:
                 raise Unsupported(f"{prof.name}: {e}") from None
+            for flag, p in (weight_precisions or {}).items():
+                try:
+                    check_engine_target(p, sm)
+                except Unsupported as e:
+                    raise Unsupported(f"{prof.name}: --quantize-{flag} {p}: {e}") from None
         fit = _fit(model_config, model_name, prof, dtype, env, quantize)
         targets.append(Target(prof, env, mode, opts, pre, fit, tuple(notes)))
     needs_rtx = [t.name for t in targets if t.mode in ("rtx", "preflight")]

@@ -15,6 +15,8 @@
   on MatMul inputs only, as TensorRT fuses Q/DQ + MatMul into quantized GEMMs; routed-expert
   weights (3-D, per expert and channel, blocked DequantizeLinear) and MatMuls inside the
   If branches of the MLA/MoE passes included.
+- `vocab`: VocabQDQPass (lm_head and the embedding table stored quantized, weight-only, when
+  `--quantize-lm-head` / `--quantize-embedding` ask; DequantizeLinear before the Gather).
 """
 
 from __future__ import annotations

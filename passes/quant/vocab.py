@@ -1,0 +1,218 @@
+"""VocabQDQPass: the two vocabulary-sized weights stored quantized, weight-only.
+
+The input embedding table and the output head (lm_head) are each vocab × hidden, 1.1 GB apiece in
+fp16 for a 152,064 × 3,584 vocabulary (R1-Distill-Qwen-7B). `InsertQDQPass` keeps both in float
+(`DEFAULT_EXCLUDE`); this pass quantizes them when asked, weight-only (activations stay float):
+
+    lm_head     x ─▶ MatMul ◀── W [H, V] (float)
+                x ─▶ MatMul ◀── DequantizeLinear ◀── Wq [H, V]            (per output channel;
+                                                                         int4: block 128 along H)
+    embedding   ids ─▶ Gather ◀── T [V, H] (float)
+                ids ─▶ Gather ◀── DequantizeLinear ◀── Tq [V, H]          (per row = per token;
+                                                                         int4: block 128 along H)
+    tied        (tie_word_embeddings: one table T, read by the Gather and by Transpose → MatMul)
+                ids ─▶ Gather ◀── DequantizeLinear ◀── Tq [V, H]
+                x ─▶ MatMul ◀── Transpose ◀──┘       (one quantized table for both)
+
+The scales are those `quantize_weight` fits for an [in, out] weight: per output channel
+(int8, fp8 E4M3) or per block of 128 input rows and per output channel (int4), symmetric, stored
+in the graph's float dtype. For the embedding the table is quantized as its transpose [H, V], so
+"per output channel" is one scale per vocabulary row and int4 blocks run along H, exactly
+lm_head's layout: a tied table quantized once serves both readers.
+
+Why DequantizeLinear before the Gather (measured with TensorRT-RTX 1.7.1, SM75–SM120,
+`benchmarks/probe_embedding_forms.py`): TensorRT refuses a quantized constant read by anything
+but a DequantizeLinear ("Quantized constant (table_q) is only allowed before DQ"; for int4/fp8
+"… has datatype Int4 but is not consumed by … IDequantizeLayer"), so Gather → DequantizeLinear of
+the gathered rows (with gathered scales) and Gather → Cast → Mul do not build on any target, and
+ONNX Runtime has no Gather for int4 or fp8. DequantizeLinear → Gather builds and the engine keeps
+the table quantized (its weight memory is the int8/int4/fp8 table plus scales, no scratch for a
+dequantized copy). On a tied table TensorRT-RTX stores int8/fp8 twice (once per reader; the
+engine's weights equal the fp16 table's), int4 once.
+
+Targets: the embedding is the main-graph Gather (axis 0) of a 2-D float initializer whose module
+is `*embed_tokens*` or whose indices are the `input_ids` graph input; lm_head is the main-graph
+MatMul of module `*lm_head*` whose weight is a 2-D float initializer or a Transpose(perm [1, 0])
+of one (tied). A table read by both is tied, and both must be asked for at the same precision
+(`Unsupported` otherwise: quantizing only one reader would keep the float table and add a copy).
+
+Idempotent: a table or weight that already comes from a DequantizeLinear is not a target, so a
+second run returns `modified=False`. `report` says what was quantized: precision, block size,
+scale layout, shapes and the bytes before and after, per weight (the manifest records it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from dsc.passes.quant.qdq import QuantScheme, _const, check_scales, quantize_weight
+
+from dsc.errors import Unsupported
+from dsc.validate.locate import module_path
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("int8", "int4", "fp8")
+BLOCK_SIZE = 128  # int4: the block along the hidden (input) dimension, as InsertQDQPass uses
+_BITS = {"int8": 8, "fp8": 8, "int4": 4}
+
+
+def _float_init(v: ir.Value | None) -> bool:
+    return (v is not None and v.const_value is not None and v.dtype is not None
+            and v.dtype.is_floating_point() and len(v.shape or ()) == 2)
+
+
+def find_embedding(model: ir.Model) -> ir.Node | None:
+    """The main-graph Gather that reads the input embedding table, or None."""
+    inputs = {v.name for v in model.graph.inputs}
+    for node in model.graph:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") \
+                or node.attributes.get_int("axis", 0) != 0 or not _float_init(node.inputs[0]):
+            continue
+        mod = module_path(node) or ""
+        ids = node.inputs[1]
+        if fnmatch.fnmatchcase(mod, "*embed_tokens*") or (
+                ids is not None and ids.name in inputs and ids.name == "input_ids"):
+            return node
+    return None
+
+
+def find_lm_head(model: ir.Model) -> tuple[ir.Node, ir.Value, ir.Node | None] | None:
+    """(MatMul, weight initializer, Transpose or None) of the output head, or None.
+
+    The weight is W [H, V] read by the MatMul directly, or T [V, H] through a 2-D Transpose
+    (a tied table, which the export keeps as one initializer)."""
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        if not fnmatch.fnmatchcase(module_path(node) or "", "*lm_head*"):
+            continue
+        w = node.inputs[1]
+        if _float_init(w):
+            return node, w, None
+        p = w.producer() if w is not None else None
+        if p is not None and p.op_type == "Transpose" and _float_init(p.inputs[0]) \
+                and list(p.attributes.get_ints("perm", [1, 0])) == [1, 0]:
+            return node, p.inputs[0], p
+    return None
+
+
+def quantize_table(table: np.ndarray, precision: str, scale_dtype=np.float32
+                   ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(quantized [V, H], scale, DequantizeLinear attributes) of an embedding table [V, H].
+
+    int8 / fp8: one scale per row, shape [V], `axis` 0. int4: one per block of 128 along H
+    (the largest divisor of H up to 128 for small H, `int4_block`), shape [V, H / block],
+    `axis` 1 and `block_size`. Exactly `quantize_weight` of the transpose [H, V], transposed back.
+    """
+    q, s, attrs = quantize_weight(np.ascontiguousarray(table.T), QuantScheme(precision, True),
+                                  scale_dtype=scale_dtype)
+    q = np.ascontiguousarray(q.T)
+    if "block_size" in attrs:
+        return q, np.ascontiguousarray(s.T), {"axis": 1, "block_size": attrs["block_size"]}
+    return q, s, {"axis": 0}
+
+
+class VocabQDQPass(ir.passes.InPlacePass):
+    """Quantize lm_head and/or the embedding table weight-only (`lm_head`, `embedding`: one of
+    int8, int4, fp8, or None to leave it in float).
+
+    Raises `Unsupported` for a tied table asked for at two precisions (or only one), and
+    `ValueError` for an unknown precision.
+    """
+
+    def __init__(self, lm_head: str | None = None, embedding: str | None = None):
+        super().__init__()
+        for name, p in (("lm_head", lm_head), ("embedding", embedding)):
+            if p is not None and p not in PRECISIONS:
+                raise ValueError(f"unknown {name} precision {p!r} (known: {', '.join(PRECISIONS)})")
+        self.lm_head = lm_head
+        self.embedding = embedding
+        self.report: dict = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        report: dict = {}
+        gather = find_embedding(model) if self.embedding or self.lm_head else None
+        head = find_lm_head(model) if self.lm_head or self.embedding else None
+        tied = (gather is not None and head is not None and gather.inputs[0] is head[1])
+        modified = blocked = False
+        if tied and (self.lm_head or self.embedding):
+            if self.lm_head != self.embedding:
+                raise Unsupported(
+                    f"this model ties its embedding and lm_head (tie_word_embeddings: one "
+                    f"table, {head[1].name}): quantize both at one precision "
+                    f"(--quantize-lm-head {self.lm_head or self.embedding} --quantize-embedding "
+                    f"{self.lm_head or self.embedding}); quantizing one reader keeps the float "
+                    f"table and adds a quantized copy (got lm_head {self.lm_head}, embedding "
+                    f"{self.embedding})")
+            rec = self._quantize(graph, head[1], self.lm_head, table=True)
+            report["lm_head"] = report["embedding"] = dict(rec, tied=True)
+            modified, blocked = True, rec["block_size"] is not None
+        else:
+            if self.lm_head and head is not None:
+                rec = self._quantize(graph, head[1], self.lm_head, table=False)
+                report["lm_head"] = dict(rec, tied=False)
+                modified, blocked = True, blocked or rec["block_size"] is not None
+            if self.embedding and gather is not None:
+                rec = self._quantize(graph, gather.inputs[0], self.embedding, table=True)
+                report["embedding"] = dict(rec, tied=False)
+                modified, blocked = True, blocked or rec["block_size"] is not None
+        for name, asked in (("lm_head", self.lm_head), ("embedding", self.embedding)):
+            if asked and name not in report:
+                report.setdefault("not_found", []).append(name)
+        if modified and blocked and model.opset_imports.get("", 0) < 21:
+            model.opset_imports[""] = 21  # blocked DequantizeLinear
+            graph.opset_imports[""] = 21
+        if modified:
+            graph.sort()
+        self.report = report
+        return ir.passes.PassResult(model, modified)
+
+    def _quantize(self, graph: ir.Graph, w: ir.Value, precision: str, *, table: bool) -> dict:
+        """Replace initializer `w` by Wq + DequantizeLinear for every reader; the record."""
+        w_np = w.const_value.numpy()
+        dtype = w_np.dtype
+        if table:  # [V, H]: per row, int4 blocks along H
+            q, scale, attrs = quantize_table(w_np, precision, dtype)
+        else:  # [H, V]: per output channel, int4 blocks along H
+            q, scale, attrs = quantize_weight(w_np, QuantScheme(precision, True),
+                                              scale_dtype=dtype)
+        check_scales(f"{w.name}_scale", scale)
+        qv = ir.Value(name=f"{w.name}_quantized", shape=ir.Shape(q.shape),
+                      type=ir.TensorType(ir.Tensor(q).dtype), const_value=ir.Tensor(q))
+        sv = _const(f"{w.name}_scale", scale)
+        graph.register_initializer(qv)
+        graph.register_initializer(sv)
+        inputs = [qv, sv]
+        if precision != "int4":
+            zv = _const(f"{w.name}_zero_point", np.zeros(scale.shape, dtype=q.dtype))
+            graph.register_initializer(zv)
+            inputs.append(zv)
+        dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{w.name}/weight_dq",
+                     num_outputs=1)
+        dq.outputs[0].name = f"{w.name}_dq"
+        dq.outputs[0].dtype = w.dtype
+        dq.outputs[0].shape = w.shape
+        users = list(w.uses())
+        readers = {id(node) for node, _ in users}
+        first = next(n for n in graph if id(n) in readers)
+        graph.insert_before(first, dq)
+        for node, idx in users:
+            node.replace_input_with(idx, dq.outputs[0])
+        graph.initializers.pop(w.name, None)
+        n = int(np.prod(w_np.shape))
+        rec = {"weight": w.name, "precision": precision, "shape": list(w_np.shape),
+               "layout": "[vocab, hidden]" if table else "[hidden, vocab]",
+               "scales": ("per row (vocabulary entry)" if table else "per output channel")
+               + (f", per block of {attrs['block_size']} along hidden"
+                  if "block_size" in attrs else ""),
+               "scale_shape": list(scale.shape),
+               "bytes_before": n * w_np.itemsize,
+               "bytes_after": n * _BITS[precision] // 8 + scale.size * scale.itemsize}
+        rec["block_size"] = int(attrs["block_size"]) if "block_size" in attrs else None
+        logger.info("%s: %s weight-only, %s", w.name, precision, rec["scales"])
+        return rec
