@@ -285,8 +285,8 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
 
     `lm_head` / `embedding`: int8, fp8 or int4 for a quantized output head / embedding table
     (None: fp16). `gpus`: tensor/expert parallel over that many GPUs of the profile; memory is
-    per GPU. Raises BadInput (unknown values, gpus < 1, a tied table given two precisions) and
-    Unsupported (a precision the profile cannot run, several GPUs on a Jetson module).
+    per GPU. Raises BadInput (unknown values, gpus < 1) and Unsupported (a precision the profile
+    cannot run, a tied table given two precisions, several GPUs on a Jetson module).
     """
     check_precision(profile, precision)
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
@@ -335,7 +335,7 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
 
     tied = bool(m.config.get("tie_word_embeddings", False))
     if tied and lm_head and embedding and lm_head != embedding:
-        raise BadInput(f"{m.name} ties lm_head to the embedding table (tie_word_embeddings): "
+        raise Unsupported(f"{m.name} ties lm_head to the embedding table (tie_word_embeddings): "
                        f"one tensor takes one precision, got lm_head {lm_head} and embedding "
                        f"{embedding}")
     if tied:

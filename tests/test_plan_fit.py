@@ -14,8 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from dsc.cli import cli, main
-from dsc.errors import EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_UNSUPPORTED, BadInput, DoesNotFit
-from dsc.errors import Unsupported
+from dsc.errors import EXIT_DOES_NOT_FIT, EXIT_UNSUPPORTED, DoesNotFit, Unsupported
 from dsc.hardware import GiB, load_profile
 from dsc.plan import NCCL_BYTES, plan, remedies, smallest_gpu_count
 
@@ -91,7 +90,10 @@ def _v3_weights_per_gpu(n: int) -> float:
     sharded_attn = (fp8(heads * (nope + rope), ql) + fp8(heads * (nope + vd), kl)
                     + fp8(h, heads * vd)) / n
     norms = 2 * h * 2
-    mlp = lambda width: 2 * fp8(width, h) + fp8(h, width)  # noqa: E731
+
+    def mlp(width):  # SwiGLU: gate and up (width x h), down (h x width)
+        return 2 * fp8(width, h) + fp8(h, width)
+
     moe_layers = layers - dense
     experts = math.ceil(e / n) * mlp(moe)  # expert parallel
     shared = mlp(moe) / n
@@ -161,9 +163,8 @@ def test_tied_table_takes_one_precision(tmp_path):
     cfg = json.loads((CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B" / "config.json").read_text())
     cfg["tie_word_embeddings"] = True
     a100 = load_profile("a100-80gb")
-    with pytest.raises(BadInput, match="one tensor takes one precision"):
+    with pytest.raises(Unsupported, match="one tensor takes one precision"):
         plan(cfg, a100, "fp16", lm_head="int8", embedding="int4")
-    assert EXIT_BAD_INPUT == BadInput.exit_code
     # One precision for the tied table: counted once, and the plan says so.
     r = plan(cfg, a100, "fp16", lm_head="int8")
     untied = plan({**cfg, "tie_word_embeddings": False}, a100, "fp16", embedding="int8")
@@ -184,3 +185,8 @@ def test_build_refuses_before_work_with_the_best_remedy():
            "--quantize-embedding int8)" in str(e.value)
     with pytest.raises(Unsupported):
         plan(QWEN7, load_profile("jetson-orin"), "fp16", gpus=2)
+    # With the remedy's flags the same build passes the planner and records the fit.
+    (t,) = resolve_targets(["jetson-orin-nano-8gb"], model_config=cfg, model_name="qwen7",
+                           dtype="fp16", quantize="int4", max_kv=4096,
+                           weight_precisions={"lm-head": "int8", "embedding": "int8"})
+    assert t.plan["fits"] and t.plan["margin_bytes"] > 0

@@ -92,9 +92,8 @@ def build_within_workspace(onnx_path: Path, envelope: ShapeEnvelope, options, pr
                                 f"raised to {need // 2**30} GiB (within the plan's margin)")
                 options = replace(options, workspace_mib=need >> 20)
                 continue
-            new = min(batch - 1, int(batch * e.workspace_bytes / e.requested_bytes * 0.9))
-            if new < 1:
-                new = 1
+            new = max(1, min(batch - 1,
+                             int(batch * e.workspace_bytes / e.requested_bytes * 0.9)))
             progress.detail(f"{label} the builder asked for {e.requested_bytes / 2**30:.2f} GiB "
                             f"of scratch (workspace {e.workspace_bytes / 2**30:.2f} GiB) at "
                             f"{batch} x {env.max_input_len} prefill tokens; retrying at {new}")

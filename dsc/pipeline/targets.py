@@ -125,12 +125,15 @@ def _mode(profile: HardwareProfile, backend: str, standard_only: list[str],
 
 
 def _fit(model_config: Mapping[str, Any], model_name: str, profile: HardwareProfile,
-         dtype: str, env: ShapeEnvelope, quantize: str | None = None) -> dict:
+         dtype: str, env: ShapeEnvelope, quantize: str | None = None,
+         weight_precisions: Mapping[str, str] | None = None) -> dict:
     from dsc.plan import _Model, plan
 
     precision = quantize or (dtype if dtype in ("fp16", "bf16") else "fp16")
+    tables = {"lm_head": (weight_precisions or {}).get("lm-head"),
+              "embedding": (weight_precisions or {}).get("embedding")}
     r = plan(_Model(model_name, model_config), profile, precision, batch=env.max_batch,
-             context=env.max_kv, input_len=env.max_input_len)
+             context=env.max_kv, input_len=env.max_input_len, **tables)
     memory = dict(r.memory)
     note = None
     if dtype == "fp32":
@@ -159,19 +162,20 @@ def _fit(model_config: Mapping[str, Any], model_name: str, profile: HardwareProf
             f"{model_name} does not fit {profile.name} at the engine's envelope ({quantize or dtype}, batch "
             f"{env.max_batch}, context {env.max_kv:,}): needs {total / GiB:,.2f} GiB of "
             f"{r.capacity / GiB:,.2f} GiB; "
-            f"{_best_remedy(model_config, model_name, profile, precision, env, r)}"
+            f"{_best_remedy(model_config, model_name, profile, precision, env, r, tables)}"
             f" (`dsc plan` shows the breakdown)")
     return out
 
 
 def _best_remedy(model_config: Mapping[str, Any], model_name: str, profile: HardwareProfile,
-                 precision: str, env: ShapeEnvelope, r0: Any) -> str:
+                 precision: str, env: ShapeEnvelope, r0: Any,
+                 tables: Mapping[str, str | None]) -> str:
     """The plan's first remedy in `dsc build` words (dsc.plan.remedies)."""
     from dsc.plan import _Model, remedies
 
     rems = [r for r in remedies(_Model(model_name, model_config), profile, precision,
                                 batch=env.max_batch, context=env.max_kv,
-                                input_len=env.max_input_len) if r.fits]
+                                input_len=env.max_input_len, **tables) if r.fits]
     build_flags = {"context": lambda r: f"--max-kv {r.result.context}",
                    "batch": lambda r: f"--max-batch {r.result.batch}",
                    "precision": lambda r: f"--{r.result.precision.replace('int4', 'int4-awq')}",
@@ -319,7 +323,7 @@ def resolve_targets(
                     check_engine_target(p, sm)
                 except Unsupported as e:
                     raise Unsupported(f"{prof.name}: --quantize-{flag} {p}: {e}") from None
-        fit = _fit(model_config, model_name, prof, dtype, env, quantize)
+        fit = _fit(model_config, model_name, prof, dtype, env, quantize, weight_precisions)
         targets.append(Target(prof, env, mode, opts, pre, fit, tuple(notes)))
     needs_rtx = [t.name for t in targets if t.mode in ("rtx", "preflight")]
     if needs_rtx and Flavour.RTX not in available_backends():
