@@ -347,7 +347,7 @@ def test_compile_adds_engines_to_an_exported_artifact(exported, tmp_path, counts
     shutil.copytree(exported["llama"], art)
     before = _manifest(art)
     code, out, err = run_cli(["compile", str(art), "--profile", "rtx-4090", "--max-batch", "2",
-                              "--max-kv", "128"], capsys)
+                              "--max-kv", "128", "--max-num-tokens", "128"], capsys)
     assert code == 0, err
     assert counts["compile"] == 1
     m = _manifest(art)
@@ -359,11 +359,16 @@ def test_compile_adds_engines_to_an_exported_artifact(exported, tmp_path, counts
     eng = m["profiles"]["rtx-4090"]["engine"]
     assert (art / eng["path"]).stat().st_size == eng["size_bytes"] > 0
     assert m["profiles"]["rtx-4090"]["envelope"] == {"max_batch": 2, "max_input_len": 128,
-                                                    "max_kv": 128, "max_num_tokens": 8192}
+                                                    "max_kv": 128, "max_num_tokens": 128}
+    # One prefill pass holds 128 // 128 = 1 sequence; decode keeps batch 2.
+    built = json.loads((art / "engines" / "rtx-4090" / "build.json").read_text())
+    prefill, decode = built["profiles"]
+    assert prefill["shapes"]["input_ids"]["max"] == [1, 128]
+    assert decode["shapes"]["input_ids"]["max"] == [2, 1]
     assert "engines built:" in out
     # Again: nothing to do. Then a device-only profile: preflight, rtx-4090 kept.
     code, out, _ = run_cli(["compile", str(art), "--profile", "rtx-4090", "--max-batch", "2",
-                            "--max-kv", "128"], capsys)
+                            "--max-kv", "128", "--max-num-tokens", "128"], capsys)
     assert code == 0 and "up to date" in out and counts["compile"] == 1
     code, out, err = run_cli(["compile", str(art), "--profile", "jetson-orin-nano-8gb"], capsys)
     assert code == 0, err
