@@ -330,3 +330,25 @@ def test_compile_checks_the_artifacts_quantized_precision(int8_build, tmp_path, 
         resolve_targets(["a100"], model_config=cfg, model_name="m", dtype="fp16", quantize="fp8")
     with pytest.raises(Unsupported, match="int4 is not supported on t4"):
         resolve_targets(["t4"], model_config=cfg, model_name="m", dtype="fp16", quantize="int4")
+
+
+@pytest.mark.skipif(Flavour.RTX not in available_backends(), reason="tensorrt_rtx is not installed")
+def test_quantized_lm_head_and_embedding_pass_the_gate_with_sm80_and_sm89_engines(tmp_path, capsys):
+    """Issue 18: trained tiny-qwen2, int4-awq body, int4 lm_head, int8 embedding."""
+    out = tmp_path / "vocab"
+    code, _, err = run_cli(["build", str(TINY_QWEN2), "--profile", "a100-80gb,rtx-4090",
+                            "--int4-awq", "--quantize-lm-head", "int4", "--quantize-embedding",
+                            "int8", "--samples", "8", "--seq-len", "64", "-o", str(out), "-q"],
+                           capsys)
+    assert code == 0, err
+    m = _manifest(out)
+    q = m["stages"]["quantize"]
+    assert q["lm_head"]["precision"] == "int4" and q["lm_head"]["block_size"] == 128
+    assert q["embedding"]["precision"] == "int8" and q["embedding"]["block_size"] is None
+    assert q["lm_head"]["bytes_after"] < q["lm_head"]["bytes_before"] / 3
+    for name, sm in (("a100-80gb", 80), ("rtx-4090", 89)):
+        eng = m["profiles"][name]["engine"]
+        assert eng["target_sm"] == sm and (out / eng["path"]).is_file()
+    v = m["validation"]
+    assert v["kind"] == "gate" and v["passed"], v
+    assert verify_artifact(out).ok
