@@ -7,6 +7,7 @@ rejected artifact's, when the accuracy gate refuses a random-weight model) each 
 time and peak RSS (`seconds`, `peak_rss_bytes`), plus engine sizes and the gate verdict.
 
     python benchmarks/real_size.py --work /work/bench [--only q15-orin-int8,...] [--samples N]
+        [--validate smoke]
 
 Cases (the exact configs are in examples/configs/):
   q15-orin-int8   DeepSeek-R1-Distill-Qwen-1.5B   --profile jetson-orin --int8
@@ -139,6 +140,10 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="Comma-separated case names.")
     ap.add_argument("--samples", type=int, default=None,
                     help="Calibration windows for quantized cases (dsc's default: 64).")
+    ap.add_argument("--validate", choices=("auto", "smoke", "gate", "none"), default=None,
+                    help="dsc build --validate (default: dsc's, the gate for quantized builds; "
+                         "at 1.5B the gate's greedy decode takes over 30 min here, see "
+                         "docs/BENCHMARKS.md).")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     ckpts = make_checkpoints(args.work)
@@ -149,6 +154,8 @@ def main() -> int:
         which, flags = CASES[name]
         if args.samples and any(f in flags for f in ("--int8", "--fp8", "--int4-awq")):
             flags = [*flags, "--samples", str(args.samples)]
+        if args.validate:
+            flags = [*flags, "--validate", args.validate]
         rec = run_case(name, ckpts[which], flags, args.work)
         results = [r for r in results if r["case"] != name] + [rec]
         path.write_text(json.dumps(results, indent=2))
