@@ -923,12 +923,21 @@ _WAITING_EXPORT = textwrap.dedent("""
 """)
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT/SIGTERM as a terminal gives them. A suite started in the background
+    by a shell without job control (`cmd &`, nohup) inherits SIGINT ignored, and Python then
+    leaves it ignored (as a background job should), so the test would see no Ctrl-C at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _signal_midway(tmp_path: Path, script: str, argv: list[str], signum: int,
                    timeout: float = 90) -> tuple[int, str]:
     ready = tmp_path / "ready"
     proc = subprocess.Popen([sys.executable, "-c", script, str(ready), *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                            cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                            preexec_fn=_default_signals)
     deadline = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -1011,7 +1020,7 @@ def test_ctrl_c_during_tensorrt_compile(tmp_path, exported):
     ready = tmp_path / "ready"
     proc = subprocess.run([sys.executable, "-c", _TRT_SIGINT, str(ready), "compile", str(art),
                            "--profile", "rtx-4090"], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
+                          timeout=300, preexec_fn=_default_signals)
     assert ready.exists(), proc.stderr[-2000:]
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == "dsc: interrupted"
