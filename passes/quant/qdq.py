@@ -329,6 +329,24 @@ def store_scale(scale, dtype) -> np.ndarray:
     return stored.astype(dtype)
 
 
+def weight_dq_inputs(graph: ir.Graph, name: str, q: np.ndarray, scale: np.ndarray,
+                     precision: str) -> list[ir.Value]:
+    """The inputs of a weight's DequantizeLinear, registered as initializers of `graph`:
+    `<name>_quantized` (q: int8/fp8/int4 array), `<name>_scale` and, but for int4 (symmetric,
+    no zero point input), a zero `<name>_zero_point` of q's dtype and the scale's shape."""
+    qv = ir.Value(name=f"{name}_quantized", shape=ir.Shape(q.shape),
+                  type=ir.TensorType(ir.Tensor(q).dtype), const_value=ir.Tensor(q))
+    sv = _const(f"{name}_scale", scale)
+    graph.register_initializer(qv)
+    graph.register_initializer(sv)
+    inputs = [qv, sv]
+    if precision != "int4":
+        zv = _const(f"{name}_zero_point", np.zeros(scale.shape, dtype=q.dtype))
+        graph.register_initializer(zv)
+        inputs.append(zv)
+    return inputs
+
+
 def check_scales(name: str, scale: np.ndarray) -> None:
     """Raise `InternalError` unless every value of a stored scale is positive, normal, finite."""
     s = np.asarray(scale)
@@ -542,16 +560,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def _weight_dq(self, graph: ir.Graph, w: ir.Value, q, scale, attrs, targets) -> ir.Value:
         """One DequantizeLinear in the main graph for every reader of `w` (branches included:
         TensorRT-RTX refuses a quantized initializer read by a DQ inside an If branch)."""
-        qv = ir.Value(name=f"{w.name}_quantized", shape=ir.Shape(q.shape),
-                      type=ir.TensorType(ir.Tensor(q).dtype), const_value=ir.Tensor(q))
-        sv = _const(f"{w.name}_scale", scale)
-        graph.register_initializer(qv)
-        graph.register_initializer(sv)
-        inputs = [qv, sv]
-        if self.scheme.precision != "int4":
-            zv = _const(f"{w.name}_zero_point", np.zeros(scale.shape, dtype=q.dtype))
-            graph.register_initializer(zv)
-            inputs.append(zv)
+        inputs = weight_dq_inputs(graph, w.name, q, scale, self.scheme.precision)
         dq = ir.node("DequantizeLinear", inputs, attributes=attrs,
                      name=f"{targets[0].name}/weight_dq", num_outputs=1)
         dq.outputs[0].name = f"{w.name}_dq"

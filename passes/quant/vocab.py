@@ -48,7 +48,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from dsc.passes.quant.qdq import QuantScheme, _const, check_scales, quantize_weight
+from dsc.passes.quant.qdq import QuantScheme, check_scales, quantize_weight, weight_dq_inputs
 
 from dsc.errors import Unsupported
 from dsc.validate.locate import module_path
@@ -182,16 +182,7 @@ class VocabQDQPass(ir.passes.InPlacePass):
             q, scale, attrs = quantize_weight(w_np, QuantScheme(precision, True),
                                               scale_dtype=dtype)
         check_scales(f"{w.name}_scale", scale)
-        qv = ir.Value(name=f"{w.name}_quantized", shape=ir.Shape(q.shape),
-                      type=ir.TensorType(ir.Tensor(q).dtype), const_value=ir.Tensor(q))
-        sv = _const(f"{w.name}_scale", scale)
-        graph.register_initializer(qv)
-        graph.register_initializer(sv)
-        inputs = [qv, sv]
-        if precision != "int4":
-            zv = _const(f"{w.name}_zero_point", np.zeros(scale.shape, dtype=q.dtype))
-            graph.register_initializer(zv)
-            inputs.append(zv)
+        inputs = weight_dq_inputs(graph, w.name, q, scale, precision)
         dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{w.name}/weight_dq",
                      num_outputs=1)
         dq.outputs[0].name = f"{w.name}_dq"
