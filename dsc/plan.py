@@ -44,9 +44,10 @@ experts, as TensorRT-LLM and vLLM shard DeepSeek models), per GPU:
   buffers (NCCL_BUFFSIZE is 4 MiB per channel and peer; the channel count depends on the topology).
 - workspace, runtime overhead: per GPU, as for one GPU.
 
-Verdict: fits when the per-GPU sum is at most `memory.gb`; margin = capacity - total. Largest batch at
-the context: closed form (memory is affine in batch). Longest context at the batch: bisection
-(memory grows with context), reported next to the model's `max_position_embeddings`.
+Verdict: fits when the per-GPU sum is at most `memory.gb`; margin = capacity - total. Largest
+batch at the context: closed form once the batch fills a prefill pass (memory is affine in batch
+from there), a search below it. Longest context at the batch: bisection (memory grows with
+context), reported next to the model's `max_position_embeddings`.
 
 Speed:
 
@@ -415,10 +416,9 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
         max_context = lo
 
     # Decode: bytes one step reads on one GPU (each reads its shard, in parallel).
-    embed_row = (embed_scheme.weight_bytes + embed_scheme.scale_bytes_per_row / shape.hidden_size
-                 + (embed_scheme.bytes_per_group / embed_scheme.group_size
-                    if embed_scheme.group_size else 0)) if embed_scheme else HIGH_PRECISION_BYTES
-    read = batch * shape.hidden_size * embed_row  # embedding rows
+    # the embedding rows the batch looks up, stored as the table is
+    read = stored(WeightGroup("embed_tokens.rows", "embeddings", batch, shape.hidden_size, 1, 1,
+                              False))
     for w in inventory:
         share = _shard(w, gpus, shape.n_routed_experts)
         if w.moe_routed:
@@ -495,9 +495,7 @@ def _weights_label(scheme: QuantScheme, precision: str, embed: QuantScheme | Non
     if precision in ("fp16", "bf16") and not (embed or head):
         return scheme.label
     by: dict[str, list[str]] = {}
-    for name, table in (("embed", embed), ("lm_head", None if tied else head)):
-        if name == "lm_head" and tied:
-            continue
+    for name, table in (("embed", embed), *(() if tied else (("lm_head", head),))):
         by.setdefault(table.label.split()[0] if table else "fp16", []).append(name)
     if precision not in ("fp16", "bf16"):
         by.setdefault("fp16", []).append("router")
@@ -597,7 +595,7 @@ def remedies(model: str | Path | Mapping[str, Any] | _Model, profile: HardwarePr
     for opt, flags, words in table_options:
         r = plan(m, profile, precision, batch, context, input_len, **{**kw, **opt})
         if tables is None or r.total < tables[2].total:
-            tables = (opt, flags, r, words)[:2] + (r, words)
+            tables = (opt, flags, r, words)
         if r.fits:
             add("quantize_tables", f"quantize {words}", flags, r)
             break
@@ -613,17 +611,17 @@ def remedies(model: str | Path | Mapping[str, Any] | _Model, profile: HardwarePr
     if batch > 1 and base.max_batch >= 1:
         r = plan(m, profile, precision, base.max_batch, context, input_len, **kw)
         add("batch", f"batch <= {base.max_batch:,}", f"--batch {base.max_batch}", r)
+    # The highest lower precision that fits, else the lowest one tried.
     lower = _LOWER[_LOWER.index(precision) + 1:] if precision in _LOWER else ()
+    tried = None
     for p in lower:
         if not profile.supports(p) or (p == "bf16" and precision == "fp16"):
             continue
-        r = plan(m, profile, p, batch, context, input_len, **kw)
-        add("precision", f"precision {p}", f"--precision {p}", r)
-        if r.fits:
+        tried = (p, plan(m, profile, p, batch, context, input_len, **kw))
+        if tried[1].fits:
             break
-    else:
-        out[:] = [x for x in out if not (x.kind == "precision" and not x.fits)] + \
-            [x for x in out if x.kind == "precision" and not x.fits][-1:]
+    if tried is not None:
+        add("precision", f"precision {tried[0]}", f"--precision {tried[0]}", tried[1])
     single_fit = False
     for other in family(profile):
         if not other.supports(precision):

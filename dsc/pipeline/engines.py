@@ -58,29 +58,32 @@ class CompileResult:
     options: BuildOptions | None = None  # the engine's options, when the compile changed them
 
 
+RETRIES = 5  # builds after the first: lowered prefill batches, then one raised workspace
+
+
 def build_within_workspace(onnx_path: Path, envelope: ShapeEnvelope, options, progress: Progress,
                            label: str, *, max_workspace_bytes: int | None = None,
-                           **kwargs) -> tuple[EngineBuildResult, ShapeEnvelope, object]:
+                           **kwargs) -> tuple[EngineBuildResult, ShapeEnvelope, BuildOptions]:
     """`build_engine`, and when the builder's scratch exceeds the workspace pool
     (`WorkspaceTooSmall`), again with fewer sequences per prefill pass.
 
     The scratch grows about linearly with the prefill profile's batch (measured, see
-    WorkspaceTooSmall), so the retry takes the prefill batch x workspace / requested x 0.9
-    (at least one less than before), at most three times. When one sequence per pass still
-    needs more and `max_workspace_bytes` (the pool plus the plan's margin; None: never) allows,
-    the pool is raised to the request rounded up to a GiB. Returns the result, the envelope it
-    was built for (max_num_tokens lowered when needed) and the options it used. Raises
-    WorkspaceTooSmall when nothing allowed fits.
+    WorkspaceTooSmall), so a retry takes the prefill batch x workspace / requested x 0.9
+    (at least one less than before); at most RETRIES retries in all. When one sequence per pass
+    still needs more and `max_workspace_bytes` (the pool plus the plan's margin; None: never)
+    allows, the pool is raised to the request rounded up to a GiB. Returns the result, the
+    envelope it was built for (max_num_tokens lowered when needed) and the options it used.
+    Raises WorkspaceTooSmall when nothing allowed fits.
     """
     from dataclasses import replace
 
     env = envelope
-    for _ in range(5):
+    for attempt in range(RETRIES + 1):
         try:
             return build_engine(onnx_path, env, options, **kwargs), env, options
         except WorkspaceTooSmall as e:
             batch = env.max_prefill_batch
-            if not e.workspace_bytes:
+            if not e.workspace_bytes or attempt == RETRIES:
                 raise
             if batch <= 1:
                 need = -(-e.requested_bytes // 2**30) * 2**30
@@ -98,7 +101,7 @@ def build_within_workspace(onnx_path: Path, envelope: ShapeEnvelope, options, pr
                             f"of scratch (workspace {e.workspace_bytes / 2**30:.2f} GiB) at "
                             f"{batch} x {env.max_input_len} prefill tokens; retrying at {new}")
             env = replace(env, max_num_tokens=new * env.max_input_len)
-    return build_engine(onnx_path, env, options, **kwargs), env, options
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def engine_dir(name: str) -> str:
@@ -200,8 +203,10 @@ def _engine(target: Target, root: Path, out: Path, onnx_path: Path, io: dict,
 def _workspace_ceiling(target: Target, options) -> int | None:
     """How far the workspace pool may grow: the profile's pool plus the plan's margin, unless
     the user set builder.workspace_gb (then never)."""
-    if options.workspace_mib is None or any(o.split("=", 1)[0].strip() == "builder.workspace_gb"
-                                            for o in target.profile.overrides):
+    from dsc.hardware import parse_overrides
+
+    if options.workspace_mib is None or \
+            "builder.workspace_gb" in parse_overrides(target.profile.overrides):
         return None
     margin = (target.plan or {}).get("margin_bytes")
     if margin is None or margin <= 0:

@@ -159,9 +159,9 @@ def _fit(model_config: Mapping[str, Any], model_name: str, profile: HardwareProf
         out["note"] = note
     if not out["fits"]:
         raise DoesNotFit(
-            f"{model_name} does not fit {profile.name} at the engine's envelope ({quantize or dtype}, batch "
-            f"{env.max_batch}, context {env.max_kv:,}): needs {total / GiB:,.2f} GiB of "
-            f"{r.capacity / GiB:,.2f} GiB; "
+            f"{model_name} does not fit {profile.name} at the engine's envelope "
+            f"({quantize or dtype}, batch {env.max_batch}, context {env.max_kv:,}): needs "
+            f"{total / GiB:,.2f} GiB of {r.capacity / GiB:,.2f} GiB; "
             f"{_best_remedy(model_config, model_name, profile, precision, env, r, tables)}"
             f" (`dsc plan` shows the breakdown)")
     return out

@@ -75,7 +75,8 @@ class ShapeEnvelope:
 
     @property
     def max_prefill_batch(self) -> int:
-        """Largest batch of one prefill pass: min(max_batch, max(1, max_num_tokens // max_input_len))."""
+        """Largest batch of one prefill pass:
+        min(max_batch, max(1, max_num_tokens // max_input_len))."""
         if self.max_num_tokens is None:
             return self.max_batch
         return min(self.max_batch, max(1, self.max_num_tokens // self.max_input_len))
