@@ -855,7 +855,8 @@ def _gate_failure(precision: str | None, summary: dict, kept: str) -> str:
 
 def _validation_summary(result: dict) -> dict:
     keys = ("kind", "status", "passed", "reason", "backend", "graph", "dtype", "prompt_tokens",
-            "generated_tokens", "text", "finite", "kv_rel_diff", "greedy_agreement", "note")
+            "generated_tokens", "text", "finite", "kv_rel_diff", "kv_rel_diff_exact_graph",
+            "kv_checked_without_activation_qdq", "greedy_agreement", "note")
     return {k: result[k] for k in keys if k in result}
 
 

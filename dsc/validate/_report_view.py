@@ -339,6 +339,13 @@ def _smoke_section(v: dict) -> Section:
          ["greedy tokens generated", str(len(v.get("generated_tokens") or []))],
          ["greedy agreement, cached vs uncached", _num(v.get("greedy_agreement"), ".3f")],
          ["KV cache vs prefill, relative difference", _num(v.get("kv_rel_diff"), ".2e")]]))
+    if v.get("kv_checked_without_activation_qdq"):
+        s.tables[-1].rows.append(["KV cache vs prefill with activation Q/DQ (not checked)",
+                                  _num(v.get("kv_rel_diff_exact_graph"), ".2e")])
+        s.notes.append(f"the KV-cache check ran with the graph's "
+                       f"{v['kv_checked_without_activation_qdq']} activation Q/DQ pairs removed: "
+                       "rounding to the neighbouring step on one path only moves a quantized "
+                       "graph's logits by more than float noise (see dsc.pipeline.smoke)")
     if v.get("text"):
         s.notes.append(f"greedy text: {code(' '.join(v['text'].split()))}")
     return s

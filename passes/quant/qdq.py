@@ -618,3 +618,33 @@ def _fresh(names: set, stem: str) -> str:
         name, n = f"{stem}_{n}", n + 1
     names.add(name)
     return name
+
+
+def strip_activation_qdq(model: ir.Model) -> int:
+    """Remove every activation Q→DQ pair in place (weights stay quantized); returns how many.
+
+    An activation pair is a QuantizeLinear whose input is not a constant, read only by
+    DequantizeLinear nodes; their readers get the pair's float input back. Weight
+    DequantizeLinear nodes (constant input) are kept, so the graph computes with the same
+    dequantized weights and the same KV-cache path, without activation rounding. Used by the
+    smoke check: one activation element rounded to the neighbouring step changes every value
+    downstream, so decode and prefill of a Q/DQ graph differ by more than float noise even when
+    the KV cache is right (see `dsc.pipeline.smoke`). Branch subgraphs included.
+    """
+    removed = 0
+    for q, _ in list(_walk(model.graph)):
+        if q.op_type != "QuantizeLinear":
+            continue
+        x = q.inputs[0]
+        if x is None or x.const_value is not None or x.is_initializer():
+            continue
+        readers = [use.node for use in q.outputs[0].uses()]
+        if not readers or any(r.op_type != "DequantizeLinear" or r.outputs[0].is_graph_output()
+                              for r in readers):
+            continue
+        for dq in readers:
+            ir.convenience.replace_all_uses_with(dq.outputs[0], x)
+            dq.graph.remove(dq, safe=True)
+        q.graph.remove(q, safe=True)
+        removed += 1
+    return removed

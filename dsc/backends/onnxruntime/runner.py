@@ -228,8 +228,9 @@ class StepOutput:
 class OrtCausalLM:
     """A dsc ONNX graph in an ONNX Runtime session."""
 
-    def __init__(self, onnx_path: Path, io_spec: dict, *, providers: list[str] | None = None,
+    def __init__(self, onnx_path, io_spec: dict, *, providers: list[str] | None = None,
                  threads: int | None = None, optimization: str = "basic"):
+        """`onnx_path`: the graph's file, or an onnx_ir model (see `inference_session`)."""
         self.io = io_spec
         cache = io_spec["cache"]
         # A bf16 graph runs as its float32 view (see the module docstring).
@@ -241,10 +242,12 @@ class OrtCausalLM:
         self.present_names = cache["outputs"]
         check_level(optimization)  # outside the try: a bad level is a bug, not a bad graph
         try:
-            self.session = inference_session(Path(onnx_path), optimization=optimization,
+            graph = onnx_path if hasattr(onnx_path, "graph") else Path(onnx_path)
+            self.session = inference_session(graph, optimization=optimization,
                                              threads=threads, providers=providers)
         except Exception as e:  # ORT raises its own exception types for malformed graphs
-            raise BadInput(f"ONNX Runtime cannot load {onnx_path}: {str(e).splitlines()[0]}") from None
+            where = "the graph" if hasattr(onnx_path, "graph") else onnx_path
+            raise BadInput(f"ONNX Runtime cannot load {where}: {str(e).splitlines()[0]}") from None
         self._outputs = ["logits", *self.present_names]
 
     @classmethod
