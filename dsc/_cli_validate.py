@@ -49,7 +49,7 @@ def validate(artifact: Path, reference: str, data: Path | None, thresholds: tupl
     opts = GateOptions(window=window, windows=windows, prompts=prompts, gen_len=gen_len)
     r = validate_artifact(artifact, reference=reference, data=data,
                           thresholds=parse_thresholds(thresholds), precision=precision,
-                          options=opts)
+                          options=opts, quiet=as_json)
     if as_json:
         click.echo(json.dumps(r, indent=2))
     else:

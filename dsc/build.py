@@ -805,11 +805,12 @@ def _gate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: di
     progress.say(f"{label} ...")
     t0 = time.perf_counter()
     reset_peak_rss()
-    cand = OrtCausalLM(tmp / io["onnx"], io)
-    ref = OrtCausalLM(ref_dir / ref_io["onnx"], ref_io)
-    result = run_gate(cand, ref, load_tokenizer(tmp), text, precision=config.quantize,
+    # Each graph is loaded when the gate gets to it and freed after (never both at once).
+    result = run_gate(lambda: OrtCausalLM(tmp / io["onnx"], io),
+                      lambda: OrtCausalLM(ref_dir / ref_io["onnx"], ref_io),
+                      load_tokenizer(tmp), text, precision=config.quantize,
                       options=GateOptions(), candidate_path=tmp / io["onnx"],
-                      reference_path=ref_dir / ref_io["onnx"])
+                      reference_path=ref_dir / ref_io["onnx"], quiet=progress.quiet)
     result["candidate"] = io["onnx"]
     result["reference"] = f"{REFERENCE_DIR}/ ({config.dtype} graph before quantization)"
     ran["validate"] = True

@@ -189,3 +189,58 @@ def test_bench_and_report(fp16_artifact, tmp_path, capsys):
     for plot in ("gate-metrics", "module-error", "latency"):  # matplotlib SVG, inline
         assert f'<svg class="plot" id="plot-{plot}"' in page
     assert "<script" not in page and "<link" not in page and " src=" not in page
+
+
+def test_logits_accumulator_equals_whole_batch_metrics():
+    from dsc.validate import metrics
+
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(3, 40, 97)).astype(np.float16)
+    c = (r + rng.normal(scale=0.3, size=r.shape)).astype(np.float16)
+    acc = metrics.LogitsAccumulator()
+    for w in range(3):
+        acc.add(c[w], r[w])
+    assert acc.result() == metrics.logits_metrics(c, r)
+    with pytest.raises(ValueError):
+        acc.add(c[0], r[0, :5])
+
+
+def test_gate_never_holds_both_graphs_and_matches_resident_runners(fp16_artifact, tmp_path):
+    """Given makers, the gate loads the reference, runs it, frees it, then the candidate: at
+    most one runner is alive at a time. Its numbers equal those of two resident runners."""
+    import gc
+    import weakref
+
+    from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.validate.gate import GateOptions, run_gate
+    from dsc.validate.run import _default_text
+
+    dst = tmp_path / "int8"
+    _candidate(fp16_artifact, dst, _int8_weights)
+    io = json.loads((dst / "model_io.json").read_text())
+    alive, peak, order = set(), [0], []
+
+    def maker(path, name):
+        def make():
+            gc.collect()
+            runner = OrtCausalLM(path, io)
+            alive.add(name)
+            peak[0] = max(peak[0], len(alive))
+            order.append(name)
+            weakref.finalize(runner, alive.discard, name)
+            return runner
+        return make
+
+    opts = GateOptions(window=32, windows=3, decode_steps=3, prompts=2, gen_len=6, locate=False)
+    tok = api.load_tokenizer(dst)
+    text = _default_text()
+    streamed = run_gate(maker(dst / "model.onnx", "candidate"),
+                        maker(dst / "reference" / "model.onnx", "reference"), tok, text,
+                        precision="int8", options=opts, quiet=True)
+    assert order == ["reference", "candidate"] and peak[0] == 1
+    resident = run_gate(OrtCausalLM(dst / "model.onnx", io),
+                        OrtCausalLM(dst / "reference" / "model.onnx", io), tok, text,
+                        precision="int8", options=opts, quiet=True)
+    for key in ("prefill", "decode", "perplexity", "greedy", "passed"):
+        assert streamed[key] == resident[key], key
+    assert 0 < streamed["prefill"]["kl_mean"] < 0.08 and streamed["passed"] is True

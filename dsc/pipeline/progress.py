@@ -5,7 +5,8 @@
     [4/5] compile   a100-80gb: engine for SM80 with TensorRT-RTX 1.7.1 ... 2.9s
 
 `say()` and `sub()` lines go to stderr and the log; `detail()` lines (TensorRT's messages, the
-targets' envelopes and plans) only to the log.
+targets' envelopes and plans) only to the log. Long loops inside a stage (the gate's windows and
+decode steps, calibration batches) show a bar with counts and an ETA (`counted`) on a terminal.
 """
 
 from __future__ import annotations
@@ -84,3 +85,22 @@ class Progress:
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
+
+
+@contextlib.contextmanager
+def counted(label: str, total: int, *, quiet: bool = False) -> Iterator[Callable[..., None]]:
+    """A progress bar on stderr for a loop of `total` steps: label, bar, `done/total`, elapsed
+    time and ETA (rich), removed when the block ends. Yields `advance(n=1)`. Shows nothing when
+    `quiet` (`--json`), when stderr is not a terminal (CI, pipes, logs) or when `total` < 1."""
+    if quiet or total < 1 or not sys.stderr.isatty():
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n=1: bar.advance(task, n)

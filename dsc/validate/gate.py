@@ -110,46 +110,83 @@ def _windows(tokenizer, text: str, window: int, count: int) -> np.ndarray:
     return np.asarray(ids[:need], dtype=np.int64).reshape(count, window)
 
 
-def _prefill(cand, ref, ids) -> tuple[dict, float, float]:
-    mask = np.ones_like(ids)
-    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
-    c = cand.step(ids, mask, pos, cand.empty_past(len(ids))).logits
-    r = ref.step(ids, mask, pos, ref.empty_past(len(ids))).logits
-    return metrics.logits_metrics(c, r), metrics.perplexity(c, ids), metrics.perplexity(r, ids)
+@dataclass
+class _Outputs:
+    """What one graph gave on the gate's inputs."""
+
+    prefill: np.ndarray  # [windows, window, vocab] logits; a memory-mapped .npy under `spill`
+    nll: list[float]  # per window: mean next-token negative log-likelihood, nats
+    decode: list[np.ndarray]  # per teacher-forced step: [windows, 1, vocab] logits
+    greedy: list[list[int]]  # per prompt: greedy tokens
 
 
-def _decode(cand, ref, ids, steps: int) -> dict:
-    half = ids.shape[1] // 2
-    steps = min(steps, ids.shape[1] - half)
-    prompt = ids[:, :half]
-    b = len(ids)
-    mask = np.ones_like(prompt)
-    pos = np.broadcast_to(np.arange(half), prompt.shape).copy()
-    oc = cand.step(prompt, mask, pos, cand.empty_past(b))
-    orf = ref.step(prompt, mask, pos, ref.empty_past(b))
-    parts = []
-    for k in range(steps):
-        tok = ids[:, half + k: half + k + 1]
-        mask = np.ones((b, half + k + 1), dtype=np.int64)
-        pos = np.full((b, 1), half + k, dtype=np.int64)
-        oc = cand.step(tok, mask, pos, oc.present)
-        orf = ref.step(tok, mask, pos, orf.present)
-        parts.append(metrics.logits_metrics(oc.logits, orf.logits))
-    return metrics.merge(parts)
-
-
-def _greedy(cand, ref, tokenizer, text: str, prompts: int, gen_len: int) -> dict:
+def _greedy_prompts(tokenizer, text: str, prompts: int) -> list[list[int]]:
     lines = [ln for ln in text.splitlines() if len(ln.split()) >= 6][: prompts * 7: 7]
-    starts = [tokenizer(" ".join(ln.split()[:5]))["input_ids"] for ln in lines[:prompts]]
-    matched = []
+    return [tokenizer(" ".join(ln.split()[:5]))["input_ids"] for ln in lines[:prompts]]
+
+
+def _run_graph(runner, ids: np.ndarray, starts: list[list[int]], opts: GateOptions,
+               spill: Path, advance) -> _Outputs:
+    """Every input of the gate through one graph: prefill of each window (one at a time: the
+    logits of one window are resident, the rest go to `spill`), the teacher-forced decode of
+    the windows' second halves, and greedy generation from each prompt."""
+    count, window = ids.shape
+    prefill = None
+    nll = []
+    for w in range(count):
+        row = ids[w: w + 1]
+        logits = runner.step(row, np.ones_like(row), np.arange(window)[None, :],
+                             runner.empty_past(1)).logits
+        if prefill is None:
+            prefill = np.lib.format.open_memmap(spill, mode="w+", dtype=logits.dtype,
+                                                shape=(count, window, logits.shape[-1]))
+        prefill[w] = logits[0]
+        nll.append(metrics.nll(logits, row))
+        advance()
+    half = window // 2
+    steps = min(opts.decode_steps, window - half)
+    prompt = ids[:, :half]
+    out = runner.step(prompt, np.ones_like(prompt),
+                      np.broadcast_to(np.arange(half), prompt.shape).copy(),
+                      runner.empty_past(count))
+    decode = []
+    for k in range(steps):
+        out = runner.step(ids[:, half + k: half + k + 1],
+                          np.ones((count, half + k + 1), dtype=np.int64),
+                          np.full((count, 1), half + k, dtype=np.int64), out.present)
+        decode.append(out.logits)
+        advance()
+    greedy = []
     for p in starts:
-        a = cand.generate([p], gen_len, eos_token_id=None)[0]
-        b = ref.generate([p], gen_len, eos_token_id=None)[0]
-        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        matched.append(n)
-    return {"prompts": len(starts), "gen_len": gen_len, "tokens_until_divergence": matched,
-            "mean_tokens_until_divergence": float(np.mean(matched)) if matched else 0.0,
-            "greedy_match": float(np.mean(matched) / gen_len) if matched else 0.0}
+        greedy.append(runner.generate([p], opts.gen_len, eos_token_id=None)[0])
+        advance()
+    return _Outputs(prefill, nll, decode, greedy)
+
+
+def _maker(graph):
+    """A zero-argument callable that makes the runner: `graph` itself when it is one (has
+    `step`), else `graph` (already such a callable)."""
+    return (lambda: graph) if hasattr(graph, "step") else graph
+
+
+def _compare(cand: _Outputs, ref: _Outputs, gen_len: int) -> dict:
+    acc = metrics.LogitsAccumulator()
+    for w in range(ref.prefill.shape[0]):  # one window of each resident at a time
+        acc.add(cand.prefill[w], ref.prefill[w])
+    ppl_c, ppl_r = math.exp(float(np.mean(cand.nll))), math.exp(float(np.mean(ref.nll)))
+    matched = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+               for a, b in zip(cand.greedy, ref.greedy)]
+    return {
+        "prefill": acc.result(),
+        "decode": metrics.merge([metrics.logits_metrics(c, r)
+                                 for c, r in zip(cand.decode, ref.decode)]),
+        "perplexity": {"candidate": ppl_c, "reference": ppl_r,
+                       "delta": (ppl_c - ppl_r) / ppl_r if math.isfinite(ppl_c) else math.inf},
+        "greedy": {"prompts": len(matched), "gen_len": gen_len,
+                   "tokens_until_divergence": matched,
+                   "mean_tokens_until_divergence": float(np.mean(matched)) if matched else 0.0,
+                   "greedy_match": float(np.mean(matched) / gen_len) if matched else 0.0},
+    }
 
 
 def _apart(v: float, t: float) -> str:
@@ -182,24 +219,47 @@ def _check(result: dict, th: dict[str, float]) -> list[str]:
 
 def run_gate(candidate, reference, tokenizer, text: str, *, precision: str,
              options: GateOptions | None = None, candidate_path: Path | None = None,
-             reference_path: Path | None = None) -> dict:
-    """Compare two OrtCausalLM runners; return the validation record (verdict included)."""
+             reference_path: Path | None = None, quiet: bool = False) -> dict:
+    """Compare a candidate graph with its reference; return the validation record.
+
+    `candidate`, `reference`: runners with `OrtCausalLM`'s interface (`step`, `empty_past`,
+    `generate`), or zero-argument callables that make one. Given callables, each runner is made
+    when its turn comes and dropped after: the reference runs every input first, its prefill
+    logits spilled to a temporary .npy ([windows, window, vocab], memory-mapped), then the
+    candidate, compared one window at a time; the two graphs are never resident at once and
+    only one window's logits of each are in memory. The record (`prefill`, `decode`,
+    `perplexity`, `greedy`, `failures`, `passed`, `layers`/`first_divergence` from the locator
+    when the paths are given) is what `DEFAULT_THRESHOLDS` are checked against; perplexity in
+    nats-based units (exp of the mean next-token NLL). A bar with counts and an ETA shows on
+    a terminal unless `quiet`. Raises BadInput if the text is shorter than one window.
+    """
+    import tempfile
+
+    from dsc.pipeline.progress import counted
+
     opts = options or GateOptions()
     th = resolve_thresholds(precision, opts.thresholds)
     t0 = time.perf_counter()
     ids = _windows(tokenizer, text, opts.window, opts.windows)
-    prefill, ppl_c, ppl_r = _prefill(candidate, reference, ids)
+    starts = _greedy_prompts(tokenizer, text, opts.prompts)
+    steps = min(opts.decode_steps, ids.shape[1] - ids.shape[1] // 2)
+    per_graph = ids.shape[0] + steps + len(starts)
+    with tempfile.TemporaryDirectory(prefix="dsc-gate-") as spill, \
+            counted("accuracy gate: reference, then candidate", 2 * per_graph,
+                    quiet=quiet) as advance:
+        ref = _run_graph(_maker(reference)(), ids, starts, opts, Path(spill) / "reference.npy",
+                         advance)
+        cand = _run_graph(_maker(candidate)(), ids, starts, opts,
+                          Path(spill) / "candidate.npy", advance)
+        compared = _compare(cand, ref, opts.gen_len)
+        del ref, cand  # close the memory maps before the directory goes
     result = {
         "kind": "gate",
         "precision": precision,
         "thresholds": th,
         "data": {"windows": int(ids.shape[0]), "window": int(ids.shape[1]),
                  "tokens": int(ids.size)},
-        "prefill": prefill,
-        "decode": _decode(candidate, reference, ids, opts.decode_steps),
-        "perplexity": {"candidate": ppl_c, "reference": ppl_r,
-                       "delta": (ppl_c - ppl_r) / ppl_r if math.isfinite(ppl_c) else math.inf},
-        "greedy": _greedy(candidate, reference, tokenizer, text, opts.prompts, opts.gen_len),
+        **compared,
     }
     fails = _check(result, th)
     result["failures"] = fails

@@ -28,26 +28,57 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+class LogitsAccumulator:
+    """`logits_metrics` over logits that arrive in chunks, with the memory of one chunk.
+
+    `add(candidate, reference)` takes logits shaped [..., vocab] (any leading shape, the same
+    for both); `result()` equals `logits_metrics` of all chunks concatenated (the per-position
+    cosine, KL and top-k flags are kept, 3 floats per position, so the 1st percentile is exact).
+    Raises ValueError if a chunk's shapes differ.
+    """
+
+    def __init__(self) -> None:
+        self._cos: list[np.ndarray] = []
+        self._kl: list[np.ndarray] = []
+        self._top1: list[np.ndarray] = []
+        self._top5: list[np.ndarray] = []
+        self._max_abs = 0.0
+
+    def add(self, candidate: np.ndarray, reference: np.ndarray) -> None:
+        c, r = _flat(candidate), _flat(reference)
+        if c.shape != r.shape:
+            raise ValueError(f"logit shapes differ: {c.shape} vs {r.shape}")
+        self._cos.append((c * r).sum(-1)
+                         / (np.linalg.norm(c, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-30))
+        lc, lr = log_softmax(c), log_softmax(r)
+        self._kl.append((np.exp(lr) * (lr - lc)).sum(-1))
+        ref_top1 = r.argmax(-1)
+        top5 = np.argpartition(-c, kth=min(4, c.shape[-1] - 1), axis=-1)[:, :5]
+        self._top1.append(c.argmax(-1) == ref_top1)
+        self._top5.append((top5 == ref_top1[:, None]).any(-1))
+        self._max_abs = max(self._max_abs, float(np.abs(c - r).max()))
+
+    def result(self) -> dict[str, float]:
+        cos, kl = np.concatenate(self._cos), np.concatenate(self._kl)
+        return {
+            "positions": int(cos.shape[0]),
+            "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()),
+            "cosine_p01": float(np.percentile(cos, 1)),
+            "max_abs": self._max_abs,
+            "kl_mean": float(max(kl.mean(), 0.0)),
+            "kl_max": float(max(kl.max(), 0.0)),
+            "top1": float(np.concatenate(self._top1).mean()),
+            "top5": float(np.concatenate(self._top5).mean()),
+        }
+
+
 def logits_metrics(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    c, r = _flat(candidate), _flat(reference)
-    if c.shape != r.shape:
-        raise ValueError(f"logit shapes differ: {c.shape} vs {r.shape}")
-    cos = (c * r).sum(-1) / (np.linalg.norm(c, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-30)
-    lc, lr = log_softmax(c), log_softmax(r)
-    kl = (np.exp(lr) * (lr - lc)).sum(-1)
-    ref_top1 = r.argmax(-1)
-    top5 = np.argpartition(-c, kth=min(4, c.shape[-1] - 1), axis=-1)[:, :5]
-    return {
-        "positions": int(c.shape[0]),
-        "cosine_mean": float(cos.mean()),
-        "cosine_min": float(cos.min()),
-        "cosine_p01": float(np.percentile(cos, 1)),
-        "max_abs": float(np.abs(c - r).max()),
-        "kl_mean": float(max(kl.mean(), 0.0)),
-        "kl_max": float(max(kl.max(), 0.0)),
-        "top1": float((c.argmax(-1) == ref_top1).mean()),
-        "top5": float((top5 == ref_top1[:, None]).any(-1).mean()),
-    }
+    """The metrics of the module docstring for logits shaped [..., vocab] (the same shape for
+    both); raises ValueError if the shapes differ."""
+    acc = LogitsAccumulator()
+    acc.add(candidate, reference)
+    return acc.result()
 
 
 def nll(logits: np.ndarray, ids: np.ndarray) -> float:

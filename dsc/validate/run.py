@@ -113,7 +113,8 @@ def _read_data(data: str | Path | None) -> str:
 
 def validate_artifact(artifact: str | Path, *, reference: str | Path = "fp16",
                       data: str | Path | None = None, thresholds: dict | None = None,
-                      precision: str | None = None, options=None, write: bool = True) -> dict:
+                      precision: str | None = None, options=None, write: bool = True,
+                      quiet: bool = False) -> dict:
     from dsc.api import load_tokenizer
     from dsc.backends.onnxruntime.runner import OrtCausalLM
     from dsc.validate.gate import GateOptions, run_gate
@@ -129,10 +130,10 @@ def validate_artifact(artifact: str | Path, *, reference: str | Path = "fp16",
     if thresholds:
         opts.thresholds = dict(thresholds)
     prec = precision or candidate_precision(artifact, manifest, io)
-    cand = OrtCausalLM(cand_path, io)
-    ref = cand if ref_path.resolve() == cand_path.resolve() else OrtCausalLM(ref_path, ref_io)
-    result = run_gate(cand, ref, load_tokenizer(artifact), text, precision=prec, options=opts,
-                      candidate_path=cand_path, reference_path=ref_path)
+    # Each graph is loaded when the gate gets to it and freed after (never both at once).
+    result = run_gate(lambda: OrtCausalLM(cand_path, io), lambda: OrtCausalLM(ref_path, ref_io),
+                      load_tokenizer(artifact), text, precision=prec, options=opts,
+                      candidate_path=cand_path, reference_path=ref_path, quiet=quiet)
     result["candidate"] = io["onnx"]
     result["reference"] = ref_desc
     if write:
