@@ -256,3 +256,26 @@ def test_insert_qdq_clip_argument(exported):
     InsertQDQPass(None, INT4)(plain)
     s_plain = plain.graph.initializers[f"{t.weight.name}_scale"].const_value.numpy()
     np.testing.assert_allclose(scale, s_plain * 0.875, rtol=1e-5)
+
+
+def test_gemm_error_blocks_equal_whole_weight():
+    """`gemm_error` works per block of output columns; per-channel scales make that exact:
+    the result equals the W8A8 GEMM error computed on the whole weights at once."""
+    from dsc.passes.quant import smoothquant
+    from dsc.passes.quant.smoothquant import _fake_int8, gemm_error
+
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(64, 96)).astype(np.float32) * rng.uniform(0.1, 8, 96)
+    weights = [rng.normal(size=(96, n)).astype(np.float16) for n in (1300, 7)]
+    absmax = np.abs(rows).max(0)
+    s = rng.uniform(0.5, 2.0, 96).astype(np.float32)
+    whole = 0.0
+    xs = _fake_int8(rows / s, float((absmax / s).max()))
+    for w in weights:
+        q, sc, attrs = quantize_weight(w.astype(np.float32) * s[:, None], QuantScheme("int8"))
+        whole += float(np.mean((xs.astype(np.float64) @ dequantize_weight(q, sc, attrs)
+                                - rows.astype(np.float64) @ w.astype(np.float64)) ** 2))
+    assert smoothquant.GEMM_ERROR_COLUMNS < 1300
+    refs = [rows @ w.astype(np.float32) for w in weights]
+    for r in (None, refs):
+        assert gemm_error(rows, absmax, weights, s, r) == pytest.approx(whole, rel=1e-5)
