@@ -109,3 +109,25 @@ def test_smoke_on_int8_catches_a_broken_cache(int8_artifact, tmp_path):
     rec = smoke_validate(broken, load_io_spec(broken))
     assert rec["passed"] is False and rec["kv_rel_diff"] > TOLERANCE[rec["dtype"]]
     assert "activation Q/DQ removed" in rec["failures"][0]
+
+
+def test_quantized_build_with_smoke_validation_writes_its_report(checkpoints, tmp_path, capsys,
+                                                                 monkeypatch):
+    """`dsc build --int8 --validate smoke` end to end: the smoke record of a Q/DQ graph (with
+    the exact graph's gap) reaches the manifest, build output and both reports."""
+    import json
+
+    from tests.conftest import run_cli
+
+    monkeypatch.setenv("DSC_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "--profile", "rtx-4090",
+                            "--int8", "--samples", "4", "--validate", "smoke", "-o", str(out)],
+                           capsys)
+    assert code == 0, err
+    v = json.loads((out / "manifest.json").read_text())["validation"]
+    assert v["kind"] == "smoke" and v["passed"] is True
+    assert v["kv_checked_without_activation_qdq"] > 0 and v["kv_rel_diff_exact_graph"] >= 0
+    md = (out / "report.md").read_text()
+    assert "KV cache vs prefill with activation Q/DQ (not checked)" in md
+    assert "activation Q/DQ pairs removed" in (out / "report.html").read_text()

@@ -332,20 +332,19 @@ def _smoke_section(v: dict) -> Section:
         s.text.append(f"skipped: {v.get('reason')}")
         return s
     s.text.append(v.get("note") or "smoke check of the graph handed to the builder")
-    s.tables.append(Table(
-        ["check", "result"],
-        [["backend", str(v.get("backend", "—"))],
-         ["logits finite", "yes" if v.get("finite") else "no"],
-         ["greedy tokens generated", str(len(v.get("generated_tokens") or []))],
-         ["greedy agreement, cached vs uncached", _num(v.get("greedy_agreement"), ".3f")],
-         ["KV cache vs prefill, relative difference", _num(v.get("kv_rel_diff"), ".2e")]]))
+    rows = [["backend", str(v.get("backend", "—"))],
+            ["logits finite", "yes" if v.get("finite") else "no"],
+            ["greedy tokens generated", str(len(v.get("generated_tokens") or []))],
+            ["greedy agreement, cached vs uncached", _num(v.get("greedy_agreement"), ".3f")],
+            ["KV cache vs prefill, relative difference", _num(v.get("kv_rel_diff"), ".2e")]]
     if v.get("kv_checked_without_activation_qdq"):
-        s.tables[-1].rows.append(["KV cache vs prefill with activation Q/DQ (not checked)",
-                                  _num(v.get("kv_rel_diff_exact_graph"), ".2e")])
+        rows.append(["KV cache vs prefill with activation Q/DQ (not checked)",
+                     _num(v.get("kv_rel_diff_exact_graph"), ".2e")])
         s.notes.append(f"the KV-cache check ran with the graph's "
                        f"{v['kv_checked_without_activation_qdq']} activation Q/DQ pairs removed: "
                        "rounding to the neighbouring step on one path only moves a quantized "
                        "graph's logits by more than float noise (see dsc.pipeline.smoke)")
+    s.tables.append(Table(["check", "result"], rows))
     if v.get("text"):
         s.notes.append(f"greedy text: {code(' '.join(v['text'].split()))}")
     return s
