@@ -318,13 +318,17 @@ def install_engine(artifact: Path, profile: str, envelope, *, sm: int = 89,
     path = artifact / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     write_engine(path, artifact / io["onnx"], io, envelope, trt_version=trt_version, sm=sm)
+    note = "stand-in engine (dsc.runtime.standin): no builder ran, no plan was made"
     record = {
         "status": "built", "sm": sm, "envelope": asdict(envelope),
-        "profile": {"name": profile_name or profile},
+        "profile": {"name": profile_name or profile, "compute_capability": sm,
+                    "precisions": [], "builder": {}, "envelope": asdict(envelope)},
+        "options": {}, "plan": {"fits": True, "precision": io.get("dtype"), "total_bytes": 0,
+                                "capacity_bytes": 0, "note": note},
         "engine": {"path": rel, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
                    "backend": backend, "trt_version": trt_version, "target_sm": sm,
-                   "runtime": RUNTIME_LABEL},
-        "preflight": None, "device_command": None,
+                   "build_seconds": 0.0, "runtime": RUNTIME_LABEL},
+        "preflight": None, "device_command": None, "notes": [note],
     }
     manifest.setdefault("profiles", {})[profile] = record
     manifest.setdefault("outputs", {})[rel] = record["engine"]["sha256"]
