@@ -306,33 +306,17 @@ def install_engine(artifact: Path, profile: str, envelope, *, sm: int = 89,
     """Put a stand-in engine for `profile` into `artifact` (engines/<profile>/model.engine) and
     record it in manifest.json as the builder records an engine, with `runtime` saying it is
     the stand-in. For tests and for trying the commands without a GPU; returns the record."""
-    from dataclasses import asdict
-
-    from dsc.artifacts import MANIFEST, load_io_spec, load_manifest
-    from dsc.models.checkpoint import sha256_file
+    from dsc.artifacts import load_io_spec
+    from dsc.runtime.evaluate import record_engine
 
     artifact = Path(artifact)
-    manifest = load_manifest(artifact)
     io = load_io_spec(artifact)
     rel = f"engines/{profile}/model.engine"
     path = artifact / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     write_engine(path, artifact / io["onnx"], io, envelope, trt_version=trt_version, sm=sm)
-    note = "stand-in engine (dsc.runtime.standin): no builder ran, no plan was made"
-    record = {
-        "status": "built", "sm": sm, "envelope": asdict(envelope),
-        "profile": {"name": profile_name or profile, "compute_capability": sm,
-                    "precisions": [], "builder": {}, "envelope": asdict(envelope)},
-        "options": {}, "plan": {"fits": True, "precision": io.get("dtype"), "total_bytes": 0,
-                                "capacity_bytes": 0, "note": note},
-        "engine": {"path": rel, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
-                   "backend": backend, "trt_version": trt_version, "target_sm": sm,
-                   "build_seconds": 0.0, "runtime": RUNTIME_LABEL},
-        "preflight": None, "device_command": None, "notes": [note],
-    }
-    manifest.setdefault("profiles", {})[profile] = record
-    manifest.setdefault("outputs", {})[rel] = record["engine"]["sha256"]
-    tmp = artifact / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, artifact / MANIFEST)
-    return record
+    return record_engine(artifact, profile, rel, envelope, backend=backend,
+                         trt_version=trt_version, sm=sm, runtime=RUNTIME_LABEL,
+                         profile_name=profile_name,
+                         note="stand-in engine (dsc.runtime.standin): no builder ran, no plan "
+                              "was made")
