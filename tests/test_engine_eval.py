@@ -124,3 +124,25 @@ def test_engine_bad_inputs_exit_4_one_line(artifact, capsys, tmp_path):
     assert code == 3 and "no profile 'h100'" in err
     code, out, err = run_cli(["bench", str(artifact), "--runtime", "standin"], capsys)
     assert code == 2
+
+
+def test_device_check_of_a_preflight_without_gpu_exits_4(artifact, tmp_path, capsys):
+    """A profile awaiting its device build: no GPU/TensorRT here, so exit 4 before any build,
+    one line, manifest untouched; the stand-in refuses to pretend to build."""
+    import shutil
+
+    other = tmp_path / "pre"
+    shutil.copytree(artifact, other)
+    m = json.loads((other / "manifest.json").read_text())
+    rec = m["profiles"]["l4"]
+    rec.update(status="awaiting_device_build", engine=None)
+    (other / "manifest.json").write_text(json.dumps(m))
+    before = (other / "manifest.json").read_bytes()
+    code, out, err = run_cli(["device-check", str(other), "--profile", "l4", "-q"], capsys)
+    assert code == 4 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert (other / "manifest.json").read_bytes() == before
+    code, out, err = run_cli(["device-check", str(other), "--profile", "l4", "-q", "--runtime",
+                              "standin"], capsys)
+    assert code == 4 and "cannot build engines" in err
+    code, out, err = run_cli(["device-check", str(other), "--profile", "h100", "-q"], capsys)
+    assert code == 3 and "no profile 'h100'" in err

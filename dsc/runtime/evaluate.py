@@ -268,8 +268,20 @@ def device_check(artifact: str | Path, profile: str, *, runtime: str | None = No
         if rec.get("engine") is None:
             from dsc import api
             from dsc.build import BuildConfig
+            from dsc.errors import Unsupported
+            from dsc.runtime.engine import load_runtime, runtime_flavour
 
+            flavour = runtime_flavour(runtime, "tensorrt")
+            if flavour == "standin":
+                raise Unsupported(f"profile {profile} holds only a preflight and the stand-in "
+                                  f"runtime cannot build engines; run this on the device")
+            load_runtime(flavour)  # no GPU or runtime: exit 4 before any build
             api.compile_artifact(artifact, BuildConfig(profiles=(profile,)), quiet=True)
+            rec = (load_manifest(artifact).get("profiles") or {}).get(profile) or {}
+            if rec.get("engine") is None:
+                raise Unsupported(f"dsc compile did not build an engine for {profile} here "
+                                  f"(status {rec.get('status')}): this machine is not the "
+                                  f"profile's device")
             compiled = True
         else:
             note["end"] = f"engine present ({rec['engine'].get('backend')} " \
