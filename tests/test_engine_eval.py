@@ -98,7 +98,7 @@ def test_device_check_with_engine_present(artifact, capsys):
 
 def test_engine_bad_inputs_exit_4_one_line(artifact, capsys, tmp_path):
     # no GPU here: the real runtimes refuse
-    code, out, err = run_cli(["validate", str(artifact), "--engine", "l4", "--runtime",
+    code, _, err = run_cli(["validate", str(artifact), "--engine", "l4", "--runtime",
                               "tensorrt"], capsys)
     assert code == 4 and err.count("\n") == 1 and "Traceback" not in err, err
     # an engine built for another TensorRT version / SM than the device's
@@ -107,22 +107,22 @@ def test_engine_bad_inputs_exit_4_one_line(artifact, capsys, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(artifact, other)
     standin.install_engine(other, "l4", ENVELOPE, sm=89, trt_version="10.13.2")
-    code, out, err = run_cli(["bench", str(other), "--engine", "l4", "--runtime", "standin"],
+    code, _, err = run_cli(["bench", str(other), "--engine", "l4", "--runtime", "standin"],
                              capsys)
     assert code == 4 and "10.13.2" in err and standin.__version__ in err
     assert err.count("\n") == 1
     standin.install_engine(other, "l4", ENVELOPE, sm=90)
-    code, out, err = run_cli(["validate", str(other), "--engine", "l4", "--runtime", "standin"],
+    code, _, err = run_cli(["validate", str(other), "--engine", "l4", "--runtime", "standin"],
                              capsys)
     assert code == 4 and "SM90" in err and "SM89" in err and err.count("\n") == 1
     # a window beyond the engine's max input length: outside every profile
-    code, out, err = run_cli(["validate", str(artifact), "--engine", "l4", "--runtime",
+    code, _, err = run_cli(["validate", str(artifact), "--engine", "l4", "--runtime",
                               "standin", "--window", "64", "--windows", "1"], capsys)
     assert code == 4 and "outside every optimization profile" in err
     # unknown profile; --runtime without --engine
-    code, out, err = run_cli(["validate", str(artifact), "--engine", "h100"], capsys)
+    code, _, err = run_cli(["validate", str(artifact), "--engine", "h100"], capsys)
     assert code == 3 and "no profile 'h100'" in err
-    code, out, err = run_cli(["bench", str(artifact), "--runtime", "standin"], capsys)
+    code, _, err = run_cli(["bench", str(artifact), "--runtime", "standin"], capsys)
     assert code == 2
 
 
@@ -138,11 +138,11 @@ def test_device_check_of_a_preflight_without_gpu_exits_4(artifact, tmp_path, cap
     rec.update(status="awaiting_device_build", engine=None)
     (other / "manifest.json").write_text(json.dumps(m))
     before = (other / "manifest.json").read_bytes()
-    code, out, err = run_cli(["device-check", str(other), "--profile", "l4", "-q"], capsys)
+    code, _, err = run_cli(["device-check", str(other), "--profile", "l4", "-q"], capsys)
     assert code == 4 and err.count("\n") == 1 and "Traceback" not in err, err
     assert (other / "manifest.json").read_bytes() == before
-    code, out, err = run_cli(["device-check", str(other), "--profile", "l4", "-q", "--runtime",
+    code, _, err = run_cli(["device-check", str(other), "--profile", "l4", "-q", "--runtime",
                               "standin"], capsys)
     assert code == 4 and "cannot build engines" in err
-    code, out, err = run_cli(["device-check", str(other), "--profile", "h100", "-q"], capsys)
+    code, _, err = run_cli(["device-check", str(other), "--profile", "h100", "-q"], capsys)
     assert code == 3 and "no profile 'h100'" in err

@@ -20,7 +20,7 @@ import pytest
 
 from dsc import api
 from dsc.backends.onnxruntime.runner import OrtCausalLM
-from dsc.backends.tensorrt import ShapeEnvelope
+from dsc.backends.tensorrt import Flavour, ShapeEnvelope, available_backends
 from dsc.runtime import standin
 from dsc.runtime.triton import parse_config, write_repository
 from tests.conftest import run_cli
@@ -162,3 +162,30 @@ def test_triton_cli_and_refusals(artifact, tmp_path, capsys):
                           "h100"], capsys)
     assert code == 3 and not (tmp_path / "r2").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(Flavour.RTX not in available_backends(),
+                    reason="needs tensorrt_rtx (pip install 'dsc[rtx]')")
+def test_build_triton_writes_the_repository_of_the_real_engine(tmp_path, capsys):
+    """`dsc build --triton` with a real TensorRT-RTX engine (SM80, built here without a GPU):
+    the repository's engine is that engine and config.pbtxt carries the profile's envelope."""
+    art = tmp_path / "art"
+    code, out, err = run_cli(["build", str(REPO / "examples/models/tiny-deepseek-v3"),
+                              "--profile", "a100", "--max-batch", "3", "--max-input-len", "64",
+                              "--max-kv", "128", "-o", str(art), "-q", "--triton"], capsys)
+    assert code == 0, err
+    repo = tmp_path / "art.triton"
+    assert f"tritonserver --model-repository={repo}" in out
+    m = json.loads((art / "manifest.json").read_text())
+    (name, rec), = m["profiles"].items()
+    c = parse_config(repo / f"dsc_{name}" / "config.pbtxt")
+    assert c.max_batch_size == rec["envelope"]["max_batch"] == 3
+    p = {k: v.string_value for k, v in c.parameters.items()}
+    assert (p["max_input_len"], p["max_kv"]) == ("64", "128")
+    from dsc.models.checkpoint import sha256_file
+
+    engine = repo / f"dsc_{name}" / "1" / "model.engine"
+    assert sha256_file(engine) == rec["engine"]["sha256"]
+    record = json.loads((engine.parent / "dsc_model.json").read_text())
+    assert record["engine"]["backend"] == "tensorrt_rtx" and record["sm"] == 80

@@ -57,7 +57,7 @@ class CudaDevice:
             self._w = cuda.wrapper()
             count = ctypes.c_int(0)
             status = self._w.handle.cudaGetDeviceCount(ctypes.byref(count))
-        except Exception as e:  # no libcudart, no driver: Polygraphy raises its own types
+        except Exception as e:  # noqa: BLE001  no libcudart or driver: Polygraphy raises its own
             raise Unsupported(f"no CUDA runtime: {' '.join(str(e).split())[:200]}") from None
         if status != 0 or count.value < 1:
             raise Unsupported(f"no CUDA GPU visible (cudaGetDeviceCount status {status}, "

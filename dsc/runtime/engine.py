@@ -234,7 +234,7 @@ class EngineCausalLM:
             raise BadInput(f"cannot read engine {engine_path}: {e.strerror or e}") from None
         try:
             self.engine = runtime.deserialize(data, engine_path.parent)
-        except Exception as e:  # Polygraphy raises PolygraphyException for a bad engine
+        except Exception as e:  # noqa: BLE001  Polygraphy raises its own type for a bad engine
             raise BadInput(f"{runtime.label} cannot deserialize {engine_path}: "
                            f"{' '.join(str(e).split())[:200]}") from None
         if self.engine is None:
@@ -327,7 +327,7 @@ class EngineCausalLM:
         index = self.select_profile(shapes)
         if index is None:
             return self._split_prefill(small, past, shapes)
-        batch, seq = shapes["input_ids"]
+        seq = shapes["input_ids"][1]
         past_len = shapes[self.past_names[0]][2]
         if self.cuda_graphs and seq == 1 and past_len >= 1:
             return self._graph_step(index, small, past, shapes)

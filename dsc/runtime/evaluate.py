@@ -32,7 +32,7 @@ from pathlib import Path
 
 from dsc import signals
 from dsc.artifacts import MANIFEST, load_io_spec, load_manifest
-from dsc.errors import BadInput, CheckFailed
+from dsc.errors import BadInput, CheckFailed, DscError
 from dsc.models.checkpoint import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def _ceilings(artifact: Path, manifest: dict, io: dict, profile: str, batches, p
     name = (rec.get("profile") or {}).get("name") or profile
     try:
         prof = load_profile(name)
-    except Exception as e:  # a profile file that moved: the timings stand without a ceiling
+    except DscError as e:  # a profile file that moved: the timings stand without a ceiling
         logger.warning("no roofline for %s: %s", name, e)
         return {}
     precision = candidate_precision(artifact, manifest, io)

@@ -182,7 +182,7 @@ class Runtime:
     def deserialize_cuda_engine(self, data: bytes, base_dir: Path | None = None):
         """An `ICudaEngine`, or None for bytes that are not a stand-in engine (as TensorRT
         returns None for an engine it cannot read)."""
-        if not bytes(data[:len(MAGIC)]) == MAGIC:
+        if bytes(data[:len(MAGIC)]) != MAGIC:
             return None
         header = json.loads(bytes(data[len(MAGIC):]))
         return ICudaEngine(header, Path(base_dir or "."))
@@ -272,7 +272,10 @@ class IExecutionContext:
         # The bindings as they are now: a captured graph replays them, not later ones.
         shapes = dict(self._shapes)
         addrs = dict(self._addr)
-        op = lambda: self._execute(shapes, addrs)  # noqa: E731
+
+        def op():
+            return self._execute(shapes, addrs)
+
         if MEMORY.capturing is not None:
             MEMORY.capturing.append(op)
             return True

@@ -88,7 +88,7 @@ def model_config_pb2():
     spec = importlib.util.find_spec("tritonclient")
     if spec is None or not spec.submodule_search_locations:
         raise Unsupported("reading a Triton config needs tritonclient (pip install 'dsc[triton]')")
-    path = Path(list(spec.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py"
+    path = Path(next(iter(spec.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
     mspec = importlib.util.spec_from_file_location(key, path)
     module = importlib.util.module_from_spec(mspec)
     mspec.loader.exec_module(module)

@@ -54,7 +54,7 @@ class TritonPythonModel:
                     sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
                 if final:
                     sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
+        # decoupled: every response went through a sender; execute returns nothing
 
     def finalize(self):
         self.model = None
