@@ -146,3 +146,19 @@ def test_device_check_of_a_preflight_without_gpu_exits_4(artifact, tmp_path, cap
     assert code == 4 and "cannot build engines" in err
     code, _, err = run_cli(["device-check", str(other), "--profile", "h100", "-q"], capsys)
     assert code == 3 and "no profile 'h100'" in err
+
+
+def test_reference_engine_when_the_reference_artifact_has_one(artifact, tmp_path, capsys):
+    """--reference DIR holding an engine for the profile: that engine is the reference (both
+    through the stand-in here, so the gate sees identical logits)."""
+    import shutil
+
+    ref = tmp_path / "ref"
+    shutil.copytree(artifact, ref)
+    code, out, err = run_cli(["validate", str(artifact), "--engine", "l4", "--runtime",
+                              "standin", "--reference", str(ref), "--window", "16",
+                              "--windows", "2", "--prompts", "1", "--gen-len", "3", "--json"],
+                             capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["reference"].startswith(f"{ref} engine l4") and r["prefill"]["kl_mean"] == 0.0
