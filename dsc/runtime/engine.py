@@ -84,6 +84,11 @@ class RuntimeApi:
         return EngineFromBytes(data)()
 
     def nptype(self, dtype) -> np.dtype:
+        """numpy dtype of a runtime tensor dtype; bfloat16 is ml_dtypes' (numpy has none)."""
+        if self.flavour != "standin" and "BF16" in str(dtype).upper():
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
         return np.dtype(self.trt.nptype(dtype))
 
 
@@ -317,9 +322,10 @@ class EngineCausalLM:
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: list) -> StepOutput:
-        small = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
-                 "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64)}
+        # in the engine's own integer type (int64 as exported; int32 if a builder narrowed it)
+        small = {n: np.ascontiguousarray(a, dtype=self.dtypes[n]) for n, a in
+                 (("input_ids", input_ids), ("attention_mask", attention_mask),
+                  ("position_ids", position_ids))}
         if len(past) != len(self.past_names):
             raise BadInput(f"expected {len(self.past_names)} cache tensors, got {len(past)}")
         shapes = {n: tuple(a.shape) for n, a in small.items()}
