@@ -184,3 +184,21 @@ def test_no_gpu_or_runtime_is_unsupported(monkeypatch):
         with pytest.raises(Unsupported) as e:
             load_runtime(flavour)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_native_graphs_of_tensorrt_rtx_are_switched_on_the_context(artifact, graphs):
+    """Stand-in posing as a runtime with native CUDA graphs (as TensorRT-RTX): the runner sets
+    the context's strategy and captures nothing itself; logits unchanged."""
+    from dataclasses import replace
+
+    rt = replace(load_runtime("standin"), native_graphs=True)
+    io = OrtCausalLM.from_artifact(artifact).io
+    r = EngineCausalLM(artifact / "engines/l4/model.engine", io, runtime=rt, cuda_graphs=graphs)
+    want = standin.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE if graphs else \
+        standin.CudaGraphStrategy.DISABLED
+    assert r.context.runtime_config.cuda_graph_strategy == want
+    out = r.generate([[5, 6, 7]], 4)
+    assert out == OrtCausalLM.from_artifact(artifact).generate([[5, 6, 7]], 4)
+    s = r.graph_stats
+    assert s.graph_captures == 0 and s.native_graph_steps == (4 if graphs else 0)

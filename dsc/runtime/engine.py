@@ -19,8 +19,12 @@ whose batch exceeds the prefill profile's (the builder caps it at max_num_tokens
 runs as several passes of at most that many sequences, its `present` gathered on the host. A
 shape no profile holds raises `Unsupported` (exit 4) naming the input and the engine's limits.
 
-CUDA graphs (`cuda_graphs=True`, the default): decode steps run under a graph when their shape
-signature recurs. The exported graph concatenates past and new tokens, so every decode step of a
+CUDA graphs (`cuda_graphs=True`, the default). TensorRT-RTX: the context is created with
+`IRuntimeConfig.cuda_graph_strategy = WHOLE_GRAPH_CAPTURE` (DISABLED when off), and the runtime
+captures and replays graphs itself, dynamic shapes included (its documented way; manual stream
+capture there needs engines built for user allocation); `native_graph_steps` counts the steps.
+Standard TensorRT: decode steps run under a graph dsc captures when their shape signature
+recurs. The exported graph concatenates past and new tokens, so every decode step of a
 sequence has a new `past` length and a graph serves one (batch, past) signature: the first time
 a signature is seen the step runs eagerly; the second time it is captured (after one eager
 enqueue, which TensorRT needs after a shape change); after that it is replayed. Signatures
@@ -75,6 +79,9 @@ class RuntimeApi:
     version: str
     device: object  # CudaDevice | standin.HostDevice
     label: str
+    # TensorRT-RTX captures CUDA graphs itself (IRuntimeConfig.cuda_graph_strategy), dynamic
+    # shapes included; its docs require user-allocated engines for manual stream capture.
+    native_graphs: bool = False
 
     def deserialize(self, data: bytes, base_dir: Path):
         if self.flavour == "standin":
@@ -131,7 +138,8 @@ def load_runtime(flavour: str) -> RuntimeApi:
     except Unsupported as e:
         raise Unsupported(f"--engine needs a GPU: {e}") from None
     version = str(getattr(trt, "__version__", "unknown"))
-    return RuntimeApi(trt, flavour, version, device, f"{label} {version} (Polygraphy)")
+    return RuntimeApi(trt, flavour, version, device, f"{label} {version} (Polygraphy)",
+                      native_graphs=flavour == "tensorrt_rtx")
 
 
 def check_compatible(engine: dict, profile_sm: int | None, runtime: RuntimeApi) -> None:
@@ -196,6 +204,7 @@ class GraphStats:
     graph_evictions: int = 0
     profile_switches: int = 0
     split_prefills: int = 0
+    native_graph_steps: int = 0  # steps run with the runtime's own CUDA graphs (TensorRT-RTX)
     profile_steps: dict = field(default_factory=dict)  # profile index -> steps
 
     def to_json(self) -> dict:
@@ -258,7 +267,14 @@ class EngineCausalLM:
                                    for s in eng.get_tensor_profile_shape(n, i))
                           for n in self.input_names}
                          for i in range(eng.num_optimization_profiles)]
-        self.context = eng.create_execution_context()
+        if runtime.native_graphs:
+            config = eng.create_runtime_config()
+            strategy = runtime.trt.CudaGraphStrategy
+            config.cuda_graph_strategy = (strategy.WHOLE_GRAPH_CAPTURE if self.cuda_graphs
+                                          else strategy.DISABLED)
+            self.context = eng.create_execution_context(config)
+        else:
+            self.context = eng.create_execution_context()
         self._profile = 0
         self.graph_stats = GraphStats()
         self._seen: set = set()
@@ -335,7 +351,9 @@ class EngineCausalLM:
             return self._split_prefill(small, past, shapes)
         seq = shapes["input_ids"][1]
         past_len = shapes[self.past_names[0]][2]
-        if self.cuda_graphs and seq == 1 and past_len >= 1:
+        if self.cuda_graphs and self.runtime.native_graphs:
+            self.graph_stats.native_graph_steps += 1  # the runtime captures and replays
+        elif self.cuda_graphs and seq == 1 and past_len >= 1:
             return self._graph_step(index, small, past, shapes)
         self.graph_stats.eager_steps += 1
         return self._eager(index, small, past, shapes)

@@ -5,7 +5,8 @@ THIS IS NOT TENSORRT. There is no GPU on dsc's build machines, so the engine run
 bookkeeping) is tested against this module. It mirrors the names and return conventions of
 TensorRT 10's Python runtime (`Runtime.deserialize_cuda_engine`, `ICudaEngine.num_io_tensors` /
 `get_tensor_name` / `get_tensor_mode` / `get_tensor_dtype` / `num_optimization_profiles` /
-`get_tensor_profile_shape`, `IExecutionContext.set_optimization_profile_async` /
+`get_tensor_profile_shape` / `create_runtime_config` (TensorRT-RTX's, with `cuda_graph_strategy`)
+/ `create_execution_context`, `IExecutionContext.set_optimization_profile_async` /
 `set_input_shape` (False outside the active profile) / `get_tensor_shape` / `set_tensor_address`
 / `execute_async_v3`), and executes the artifact's ONNX graph in ONNX Runtime on the CPU,
 reading inputs from and writing outputs to the "device" addresses the runner bound.
@@ -45,6 +46,18 @@ class TensorIOMode(enum.Enum):
     NONE = 0
     INPUT = 1
     OUTPUT = 2
+
+
+class CudaGraphStrategy(enum.Enum):
+    """TensorRT-RTX's native CUDA-graph switch (recorded by the stand-in, which has no GPU)."""
+
+    DISABLED = 0
+    WHOLE_GRAPH_CAPTURE = 1
+
+
+class IRuntimeConfig:
+    def __init__(self):
+        self.cuda_graph_strategy = CudaGraphStrategy.DISABLED
 
 
 class Logger:
@@ -218,8 +231,14 @@ class ICudaEngine:
     def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple]:
         return [tuple(x) for x in self.header["profiles"][profile_index]["shapes"][name]]
 
-    def create_execution_context(self) -> IExecutionContext:
-        return IExecutionContext(self)
+    def create_runtime_config(self) -> IRuntimeConfig:
+        return IRuntimeConfig()
+
+    def create_execution_context(self, runtime_config: IRuntimeConfig | None = None
+                                 ) -> IExecutionContext:
+        ctx = IExecutionContext(self)
+        ctx.runtime_config = runtime_config
+        return ctx
 
     def session(self):
         if self._session is None:
