@@ -93,6 +93,14 @@ def test_gpu_cuda_graph_replay_equals_eager(gpu_artifact):
     eager = _chain(_runner(gpu_artifact, cuda_graphs=False))
     r = _runner(gpu_artifact)
     runs = [_chain(r) for _ in range(3)]
+    if r.runtime.native_graphs:
+        # TensorRT-RTX captures by itself; its shape-specialized kernels (compiled at run time)
+        # may round differently from the first run's fallback kernels
+        assert r.graph_stats.native_graph_steps == 21 and r.graph_stats.graph_captures == 0
+        for a, b in zip(eager, runs[2]):
+            assert (a.argmax(-1) == b.argmax(-1)).all()
+            np.testing.assert_allclose(a, b, atol=2e-2)
+        return
     assert r.graph_stats.graph_captures == 6 and r.graph_stats.graph_replays == 6
     for a, b in zip(eager, runs[2]):
         np.testing.assert_array_equal(a, b)
@@ -112,8 +120,8 @@ def test_gpu_bench_engine(gpu_artifact):
 
     r = bench_engine(gpu_artifact[0], PROFILE, runtime=gpu_artifact[1], batches=(1, 4),
                      prompt_lens=(32,), gen_len=16, repeats=3)
-    on = r["runs"][0]
-    assert on["graph_stats"]["graph_replays"] > 0
+    s = r["runs"][0]["graph_stats"]
+    assert s["graph_replays"] > 0 or s["native_graph_steps"] > 0
     for run in r["runs"]:
         for row in run["rows"]:
             assert row["decode_tokens_per_s"] > 0 and 0 < row["fraction_of_roofline"] < 2
