@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 _CAPTURE_THREAD_LOCAL = 1
 _ATTR_CC_MAJOR, _ATTR_CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor / Minor
+
+
+class _Owner:
+    """Lifetime token of one allocation (freed by a finalizer when the last reference goes)."""
 
 
 @dataclass
@@ -64,11 +69,15 @@ class CudaDevice:
                               f"{count.value} devices)")
         self.stream = cuda.Stream()
         self.stream_ptr = self.stream.ptr
+        weakref.finalize(self, self.stream.free)
         self.name = "cuda"
 
     def alloc(self, nbytes: int) -> Buffer:
         arr = self._cuda.DeviceArray.raw((max(1, int(nbytes)),))
-        return Buffer(arr.ptr, int(nbytes), arr)
+        # Polygraphy's DeviceArray has no finalizer: free it when the Buffer's owner goes
+        owner = _Owner()
+        weakref.finalize(owner, arr.free)
+        return Buffer(arr.ptr, int(nbytes), owner)
 
     def upload(self, buf: Buffer, array: np.ndarray) -> None:
         a = np.ascontiguousarray(array)

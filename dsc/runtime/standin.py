@@ -114,7 +114,7 @@ class HostDevice:
 
     def alloc(self, nbytes: int) -> Buffer:
         ptr = MEMORY.alloc(nbytes)
-        token = object.__new__(_Owner)
+        token = _Owner()
         weakref.finalize(token, MEMORY.blocks.pop, ptr, None)
         return Buffer(ptr, int(nbytes), token)
 
@@ -154,7 +154,7 @@ class HostDevice:
 
 
 class _Owner:
-    pass
+    """Lifetime token of one allocation (as `dsc.runtime.device`'s)."""
 
 
 # -- engine file ---------------------------------------------------------------------------------
