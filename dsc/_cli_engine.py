@@ -174,8 +174,9 @@ def _wrap_build(cmd: click.Command) -> None:
 
             out = Path(str(kw["output"]).rstrip("/") + ".triton")
             r = write_repository(kw["output"], out, force=True)
-            click.echo(f"triton repository: {r.path} (models: {', '.join(r.models)})")
-            click.echo(f"start: {r.command}")
+            err = bool(kw.get("as_json"))  # keep stdout the build's JSON
+            click.echo(f"triton repository: {r.path} (models: {', '.join(r.models)})", err=err)
+            click.echo(f"start: {r.command}", err=err)
         return result
 
     cmd.callback = callback
