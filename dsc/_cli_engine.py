@@ -57,7 +57,7 @@ def _validate(engine, runtime, cuda_graphs, *, artifact, reference, data, thresh
     opts = GateOptions(window=window, windows=windows, prompts=prompts, gen_len=gen_len)
     r = validate_engine(artifact, engine, reference=reference, data=data,
                         thresholds=parse_thresholds(thresholds), precision=precision,
-                        options=opts, runtime=runtime, cuda_graphs=cuda_graphs)
+                        options=opts, runtime=runtime, cuda_graphs=cuda_graphs, quiet=as_json)
     if as_json:
         click.echo(json.dumps(r, indent=2))
     else:

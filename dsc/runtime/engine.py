@@ -284,14 +284,7 @@ class EngineCausalLM:
     def from_artifact(cls, artifact: Path, profile: str, *, runtime: str | None = None,
                       **kw) -> EngineCausalLM:
         """The engine of `profile` in `artifact`, checked against this device first."""
-        from dsc.artifacts import load_io_spec, load_manifest
-
-        artifact = Path(artifact)
-        manifest = load_manifest(artifact)
-        entry = engine_entry(manifest, profile, artifact)
-        rt = load_runtime(runtime_flavour(runtime, entry["engine"].get("backend")))
-        check_compatible(entry["engine"], entry.get("sm"), rt)
-        return cls(artifact / entry["engine"]["path"], load_io_spec(artifact), runtime=rt, **kw)
+        return engine_factory(artifact, profile, runtime=runtime, **kw)()
 
     # -- shapes and profiles ---------------------------------------------------------------------
 
@@ -486,3 +479,30 @@ def engine_entry(manifest: dict, profile: str, artifact: Path) -> dict:
                           f"build it on the device: dsc device-check {artifact} --profile "
                           f"{profile}")
     return entry
+
+
+class EngineFactory:
+    """Makes the runner of a profile's engine on call, after checking now (at construction)
+    that this runtime and device can run it; `runtime` (the `RuntimeApi`) and `last` (the
+    runner made last) stay readable. The gate makes each runner when its turn comes."""
+
+    def __init__(self, path: Path, io: dict, runtime: RuntimeApi, **kw):
+        self.path, self.io, self.runtime, self.kw = path, io, runtime, kw
+        self.last: EngineCausalLM | None = None
+
+    def __call__(self) -> EngineCausalLM:
+        self.last = EngineCausalLM(self.path, self.io, runtime=self.runtime, **self.kw)
+        return self.last
+
+
+def engine_factory(artifact: Path, profile: str, *, runtime: str | None = None,
+                   **kw) -> EngineFactory:
+    """`EngineFactory` for `profile` of `artifact`: raises now what `from_artifact` raises
+    (`BadInput` no such profile, `Unsupported` no engine, GPU or runtime, other SM/version)."""
+    from dsc.artifacts import load_io_spec, load_manifest
+
+    artifact = Path(artifact)
+    entry = engine_entry(load_manifest(artifact), profile, artifact)
+    rt = load_runtime(runtime_flavour(runtime, entry["engine"].get("backend")))
+    check_compatible(entry["engine"], entry.get("sm"), rt)
+    return EngineFactory(artifact / entry["engine"]["path"], load_io_spec(artifact), rt, **kw)

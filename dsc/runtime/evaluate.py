@@ -105,9 +105,9 @@ def record_engine(artifact: Path, profile: str, rel: str, envelope, *, backend: 
 
 def _reference(artifact: Path, reference: str | Path, profile: str, runtime: str | None,
                cuda_graphs: bool):
-    """(runner, onnx path, description) of the reference."""
+    """(runner factory, onnx path, description) of the reference."""
     from dsc.backends.onnxruntime.runner import OrtCausalLM
-    from dsc.runtime.engine import EngineCausalLM
+    from dsc.runtime.engine import engine_factory
     from dsc.validate.run import resolve_reference
 
     ref_dir = Path(reference) if str(reference) != "fp16" else None
@@ -115,48 +115,50 @@ def _reference(artifact: Path, reference: str | Path, profile: str, runtime: str
         entry = (load_manifest(ref_dir).get("profiles") or {}).get(profile)
         if isinstance(entry, dict) and isinstance(entry.get("engine"), dict):
             io = load_io_spec(ref_dir)
-            r = EngineCausalLM.from_artifact(ref_dir, profile, runtime=runtime,
-                                             cuda_graphs=cuda_graphs)
-            return r, ref_dir / io["onnx"], f"{ref_dir} engine {profile} ({r.runtime.label})"
+            make = engine_factory(ref_dir, profile, runtime=runtime, cuda_graphs=cuda_graphs)
+            return make, ref_dir / io["onnx"], \
+                f"{ref_dir} engine {profile} ({make.runtime.label})"
     path, io, desc = resolve_reference(artifact, reference)
-    return OrtCausalLM(path, io), path, f"{desc} in ONNX Runtime"
+    return (lambda: OrtCausalLM(path, io)), path, f"{desc} in ONNX Runtime"
 
 
 def validate_engine(artifact: str | Path, profile: str, *, reference: str | Path = "fp16",
                     data: str | Path | None = None, thresholds: dict | None = None,
                     precision: str | None = None, options=None, runtime: str | None = None,
-                    cuda_graphs: bool = True, write: bool = True) -> dict:
+                    cuda_graphs: bool = True, write: bool = True, quiet: bool = False) -> dict:
     """The accuracy gate with the engine of `profile` as candidate; returns the gate record
     (validation.json's fields, plus `engine`, `runtime`, `graph_stats`, `locator_scope`).
 
     Raises `Unsupported` (exit 4) without a GPU/runtime or for an engine of another SM or
     version, `BadInput` (exit 3) for a missing profile or unreadable engine."""
     from dsc.api import load_tokenizer
-    from dsc.runtime.engine import EngineCausalLM
+    from dsc.runtime.engine import engine_factory
     from dsc.validate.gate import GateOptions, run_gate
     from dsc.validate.run import _read_data, candidate_precision
 
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
     io = load_io_spec(artifact)
-    cand = EngineCausalLM.from_artifact(artifact, profile, runtime=runtime,
-                                        cuda_graphs=cuda_graphs)
+    # checked now (GPU, runtime, SM, version); each runner is made when the gate gets to it and
+    # dropped after, so engine and reference are never resident together
+    make = engine_factory(artifact, profile, runtime=runtime, cuda_graphs=cuda_graphs)
     text = _read_data(data)
     ref, ref_path, ref_desc = _reference(artifact, reference, profile, runtime, cuda_graphs)
     opts = options or GateOptions()
     if thresholds:
         opts.thresholds = dict(thresholds)
     prec = precision or candidate_precision(artifact, manifest, io)
-    result = run_gate(cand, ref, load_tokenizer(artifact), text, precision=prec, options=opts,
-                      candidate_path=artifact / io["onnx"], reference_path=ref_path)
+    result = run_gate(make, ref, load_tokenizer(artifact), text, precision=prec, options=opts,
+                      candidate_path=artifact / io["onnx"], reference_path=ref_path,
+                      quiet=quiet)
     engine = manifest["profiles"][profile]["engine"]
-    result["candidate"] = f"{engine['path']} ({cand.runtime.label})"
+    result["candidate"] = f"{engine['path']} ({make.runtime.label})"
     result["reference"] = ref_desc
     result["engine"] = {"profile": profile, "path": engine["path"], "sha256": engine["sha256"],
                         "backend": engine.get("backend"), "trt_version": engine.get("trt_version")}
-    result["runtime"] = cand.runtime.label
+    result["runtime"] = make.runtime.label
     result["cuda_graphs"] = cuda_graphs
-    result["graph_stats"] = cand.graph_stats.to_json()
+    result["graph_stats"] = make.last.graph_stats.to_json() if make.last else None
     result["locator_scope"] = ("the ONNX graph the engine was built from against the reference "
                                "graph, in ONNX Runtime (an engine's inner tensors are not read)")
     if write:
@@ -287,7 +289,8 @@ def device_check(artifact: str | Path, profile: str, *, runtime: str | None = No
             note["end"] = f"engine present ({rec['engine'].get('backend')} " \
                           f"{rec['engine'].get('trt_version')}); not rebuilt"
     with progress.stage(2, "validate", f"engine {profile} against the fp16 reference") as note:
-        v = validate_engine(artifact, profile, runtime=runtime, **(validate_options or {}))
+        v = validate_engine(artifact, profile, runtime=runtime, quiet=quiet,
+                            **(validate_options or {}))
         note["end"] = f"{'PASS' if v['passed'] else 'FAIL'} " \
                       f"(perplexity {v['perplexity']['delta']:+.2%})"
     with progress.stage(3, "bench", f"engine {profile}, with and without CUDA graphs") as note:
