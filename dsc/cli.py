@@ -96,6 +96,8 @@ def _register_optional_groups() -> None:
     _cli_quant.register(cli)
     from dsc import _cli_passes
     _cli_passes.register(cli)
+    from dsc import _cli_engine  # after validate/bench/build: it adds options to them
+    _cli_engine.register(cli)
 
 
 _register_optional_groups()

@@ -20,6 +20,8 @@ def test_installed_copy_has_passes_and_profiles(tmp_path):
     assert not (target / "passes").exists(), "passes/ must not install as a top-level package"
     assert sorted(target.glob("dsc/profiles/*.yaml")), "profile YAML files are package data"
     assert (target / "dsc/validate/templates/report.html.j2").is_file(), "report templates too"
+    # the Triton model file is copied out of the installed package by `dsc triton`
+    assert (target / "dsc/runtime/triton_model.py").is_file(), "dsc.runtime is a package"
     code = (
         "import dsc, dsc.passes, dsc.profiles, pathlib;"
         f"assert dsc.__file__.startswith({str(target)!r}), dsc.__file__;"

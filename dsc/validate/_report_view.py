@@ -601,6 +601,9 @@ def build_view(rep: dict, *, draw: bool = True, floor: float = DIVERGENCE_FLOOR)
                              _passes_section(rep.get("passes")),
                              _quant_section(rep.get("quantization"), draw),
                              _bench_section(rep.get("bench"), draw)) if s]
+    from dsc.runtime.report_section import engine_bench_sections
+
+    sections += engine_bench_sections(rep.get("engine_benches") or [])
     return ReportView(title=title, artifact=rep.get("artifact", "?"), verdict=verdict(rep),
                       overview=_overview(rep),
                       profiles=_profiles(rep.get("profiles") or {},

@@ -70,6 +70,9 @@ def collect(artifact: str | Path) -> dict:
         "validation": manifest.get("validation"),
         "validations": validations,
         "bench": _load(artifact / "bench.json"),
+        # `dsc bench --engine P` / `dsc device-check`: one per profile (dsc.runtime.evaluate)
+        "engine_benches": [b for p in sorted(artifact.glob("bench-engine-*.json"))
+                           if (b := _load(p))],
         "passes": _load(artifact / "passes_report.json"),
         "quantization": _load(artifact / "quant_report.json"),
         "outputs": {k: v for k, v in (manifest.get("outputs") or {}).items()
