@@ -75,7 +75,8 @@ def quant_kwargs(int8: bool, fp8: bool, int4_awq: bool, weight_only: bool, calib
                  samples, seq_len, exclude, quantize_lm_head=None,
                  quantize_embedding=None) -> dict | None:
     """Keyword arguments for `quantize_artifact`, or None when no precision flag was given."""
-    from dsc.quantize import check_vocab_options, precision_from_flags
+    from dsc.precision import precision_from_flags
+    from dsc.quantize import check_vocab_options
 
     precision = precision_from_flags(int8, fp8, int4_awq)
     check_vocab_options(quantize_lm_head, quantize_embedding, precision)

@@ -21,7 +21,9 @@ from dsc.artifacts import (
     write_json,
 )
 from dsc.errors import BadInput, UsageError
+from dsc.manifest import tool_versions
 from dsc.models.checkpoint import inspect_checkpoint
+from dsc.models.loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +42,6 @@ class ExportResult:
 
 def _progress(msg: str) -> None:
     print(f"[dsc] {msg}", file=sys.stderr, flush=True)
-
-
-def tool_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    versions: dict[str, str | None] = {"dsc": __version__}
-    for dist in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir",
-                 "tensorrt", "tensorrt-rtx-cu13"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return versions
 
 
 def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
@@ -98,20 +87,6 @@ def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
         cache_kind=io["cache"]["kind"],
         seconds=graph.seconds,
     )
-
-
-def load_tokenizer(artifact: str | Path):
-    """The tokenizer stored in an artifact (or checkpoint) directory."""
-    from transformers import AutoTokenizer
-
-    from dsc.models.loading import transformers_quiet
-
-    try:
-        with transformers_quiet():
-            return AutoTokenizer.from_pretrained(str(artifact))
-    except Exception as e:  # tokenizers raises plain Exception for a malformed tokenizer.json
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"cannot load the tokenizer in {artifact}: {first}") from None
 
 
 def run(artifact: str | Path, prompt: str, *, max_new_tokens: int = 64, greedy: bool = True,

@@ -51,6 +51,7 @@ from dsc.manifest import (
     relpath,
     schema_errors,
     source_record,
+    tool_versions,
     verify_artifact,
     write_manifest,
 )
@@ -114,9 +115,9 @@ class BuildConfig:
         if self.calib is not None:
             object.__setattr__(self, "calib", str(self.calib))
         if self.quantize is not None:
-            from dsc.quantize import check_legal
+            from dsc.precision import check_quantized
 
-            check_legal(self.quantize)
+            check_quantized(self.quantize)
             if self.dtype == "fp32":
                 raise UsageError("quantization needs a half-precision graph (--dtype fp16 or bf16)")
         from dsc.quantize import check_vocab_options
@@ -263,12 +264,6 @@ class _UpToDate(Exception):
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def tool_versions() -> dict:
-    from dsc.api import tool_versions as versions
-
-    return versions()
 
 
 def _link(src_root: Path, dst_root: Path, rels) -> None:
@@ -664,7 +659,7 @@ def _run_graph_stages(config: BuildConfig, info, ctx, tmp: Path, plan: dict,
         progress.say(progress.stage_line(2, "optimize",
                                          f"not run ({stages['optimize']['reason']})"))
     else:
-        from dsc.passes._optimize import optimize_in_place, stage_summary
+        from dsc.passes.optimize import optimize_in_place, stage_summary
 
         label = progress.stage_line(2, "optimize", f"graph passes for {ctx.target.name}")
         progress.say(f"{label} ...")
@@ -782,14 +777,14 @@ def _gate_stage(config: BuildConfig, tmp: Path, io: dict, graph: dict, tools: di
     A failed gate fails the build (exit 1): OUT is left as it was. The record and
     validation.json are those `dsc validate` writes.
     """
-    from dsc.api import load_tokenizer
+    from dsc.models.loading import load_tokenizer
     from dsc.backends.onnxruntime.runner import OrtCausalLM
     from dsc.validate.gate import GateOptions, run_gate
-    from dsc.validate.run import REFERENCE_DIR, VALIDATION_FILE, _default_text, gate_summary
+    from dsc.validate.run import REFERENCE_DIR, VALIDATION_FILE, default_text, gate_summary
 
     ref_dir = tmp / REFERENCE_DIR
     ref_io = json.loads((ref_dir / IO_SPEC).read_text())
-    text = _default_text()
+    text = default_text()
     inputs = {"graph": graph["hash"], "kind": "gate", "precision": config.quantize,
               "reference": graph_record(ref_dir, ref_io)["hash"],
               "data_sha256": canonical_hash(text), "options": asdict(GateOptions()),

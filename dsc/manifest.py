@@ -51,6 +51,27 @@ __all__ = [
 ]
 
 
+# The distributions whose versions shape an artifact (recorded in `tools`; stage inputs pick
+# the ones that shape their output).
+TOOL_DISTS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir",
+              "tensorrt", "tensorrt-rtx-cu13")
+
+
+def tool_versions(dists: tuple[str, ...] = TOOL_DISTS) -> dict[str, str | None]:
+    """{"dsc": its version, dist: installed version or None for each of `dists`}, in order."""
+    from importlib import metadata
+
+    from dsc import __version__
+
+    versions: dict[str, str | None] = {"dsc": __version__}
+    for dist in dists:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 

@@ -44,10 +44,10 @@ from dsc.artifacts import (
     write_json,
 )
 from dsc.errors import BadInput, Unsupported, UsageError
+from dsc.precision import check_quantized_target
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("int8", "fp8", "int4")
 DEFAULT_CALIB = Path(__file__).resolve().parent / "data" / "calibration.txt"
 DEFAULT_METHOD = {"int8": "max", "fp8": "max", "int4": "max"}
 MIN_EXPERT_TOKENS = 16
@@ -67,14 +67,6 @@ class QuantizeResult:
     report: dict = field(default_factory=dict)
 
 
-def precision_from_flags(int8: bool = False, fp8: bool = False, int4_awq: bool = False) -> str | None:
-    """The precision named by `--int8|--fp8|--int4-awq` (for `dsc quantize` and `dsc build`)."""
-    chosen = [p for p, on in (("int8", int8), ("fp8", fp8), ("int4", int4_awq)) if on]
-    if len(chosen) > 1:
-        raise UsageError("choose one of --int8, --fp8, --int4-awq")
-    return chosen[0] if chosen else None
-
-
 def check_vocab_options(lm_head: str | None, embedding: str | None, precision: str | None,
                         model_config: dict | None = None) -> None:
     """Raise before any work for a bad `--quantize-lm-head` / `--quantize-embedding`.
@@ -84,7 +76,7 @@ def check_vocab_options(lm_head: str | None, embedding: str | None, precision: s
     model whose `model_config` ties the embedding and lm_head (`tie_word_embeddings`) asked for
     only one of them, or for two precisions: one table serves both.
     """
-    from dsc.passes.quant.vocab import PRECISIONS as VOCAB
+    from dsc.precision import QUANTIZED as VOCAB
 
     for flag, p in (("--quantize-lm-head", lm_head), ("--quantize-embedding", embedding)):
         if p is not None and p not in VOCAB:
@@ -107,38 +99,12 @@ def vocab_precisions(lm_head: str | None, embedding: str | None) -> dict[str, st
 
 
 def check_legal(precision: str, profile=None) -> None:
-    """Raise before any work when `precision` is unknown or the target cannot run it."""
-    if precision not in PRECISIONS:
-        raise BadInput(f"unknown quantized precision {precision!r} (known: {', '.join(PRECISIONS)})")
-    if profile is None:
-        return
+    """`check_quantized_target` with `profile` a name, a YAML path or a loaded profile."""
     from dsc.hardware import load_profile
-    from dsc.plan import check_precision
 
-    prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
-    try:
-        check_precision(prof, precision)
-    except Unsupported:
-        legal = [p for p in prof.precisions if p in PRECISIONS]
-        raise Unsupported(
-            f"{precision} is not supported on {prof.name} (SM{prof.sm}); this target can run "
-            f"{', '.join(prof.precisions)}"
-            + (f" (quantized: {', '.join('--' + ('int4-awq' if p == 'int4' else p) for p in legal)})"
-               if legal else " (no quantized precision)")
-        ) from None
-
-
-# The lowest SM whose TensorRT kernels run each quantized precision (docs/TENSORRT.md).
-ENGINE_MIN_SM = {"int8": 75, "int4": 80, "fp8": 89}
-
-
-def check_engine_target(precision: str, sm: int) -> None:
-    """Raise `Unsupported` when an engine for SM`sm` cannot run `precision` (for `dsc build`)."""
-    need = ENGINE_MIN_SM.get(precision)
-    if need is not None and int(sm) < need:
-        legal = [p for p, m in ENGINE_MIN_SM.items() if int(sm) >= m]
-        raise Unsupported(f"{precision} engines need SM{need} or newer; SM{sm} can run "
-                          f"{', '.join(['fp16', *legal])}")
+    if isinstance(profile, (str, Path)):
+        profile = load_profile(profile)
+    check_quantized_target(precision, profile)
 
 
 def read_calibration_text(calib: str | Path | None) -> str:
@@ -239,7 +205,7 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     `alpha`: SmoothQuant's migration strength for INT8 W8A8; None (the default, "auto")
     searches it per layer, on the fake-quantized GEMM error of the calibration rows.
     """
-    from dsc.passes._ir import reset_unique_names
+    from dsc.passes import reset_unique_names
     from dsc.passes.quant import calibrate as cal
     from dsc.passes.quant.awq import AWQScalePass
     from dsc.passes.quant.qdq import InsertQDQPass, QuantScheme
@@ -345,7 +311,7 @@ def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Pat
     """
     import onnx_ir as ir
 
-    from dsc.api import load_tokenizer
+    from dsc.models.loading import load_tokenizer
     from dsc.passes.quant.ranges import METHODS
 
     if method is not None and method not in METHODS:
@@ -498,6 +464,6 @@ def _model_config(artifact: Path) -> dict | None:
 
 
 def _tools() -> dict:
-    from dsc.passes._optimize import _tools as tools
+    from dsc.manifest import tool_versions
 
-    return tools()
+    return tool_versions(("onnx", "onnxscript", "onnx-ir", "onnxruntime"))

@@ -37,7 +37,7 @@ def _cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def graphs(exported, tmp_path_factory):
     """(family, form) -> artifact directory; form "exported" or "optimized" (rtx-4090)."""
-    from dsc.passes._optimize import optimize_artifact
+    from dsc.passes.optimize import optimize_artifact
 
     from dsc.hardware import load_profile
 

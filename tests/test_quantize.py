@@ -293,7 +293,7 @@ def fp16_fixtures(checkpoints, tmp_path_factory):
 def test_engines_build_per_sm(fp16_fixtures, family, tmp_path):
     from dsc.backends.tensorrt import BuildOptions, ShapeEnvelope, build_engine
     from dsc.errors import Unsupported
-    from dsc.quantize import ENGINE_MIN_SM, check_engine_target
+    from dsc.precision import ENGINE_MIN_SM, check_engine_sm
 
     env = ShapeEnvelope(1, 8, 32)
     for precision, sms in (("int8", (75, 80, 89)), ("int4", (80, 89)), ("fp8", (89,))):
@@ -322,14 +322,14 @@ def test_engines_build_per_sm(fp16_fixtures, family, tmp_path):
                 q, _, _ = _quantize(t4_dir, precision)
                 target = tmp_path / f"{precision}-sm75.onnx"
                 ir.save(q, str(target))
-            check_engine_target(precision, sm)
+            check_engine_sm(precision, sm)
             r = build_engine(target, env, BuildOptions(target_sm=sm), backend="rtx")
             assert r.size_bytes > 0, (precision, sm)
         below = ENGINE_MIN_SM[precision] - 1
         refused = {"int8": None, "int4": 75, "fp8": 80}[precision]
         if refused:
             with pytest.raises(Unsupported, match=f"SM{ENGINE_MIN_SM[precision]}"):
-                check_engine_target(precision, refused)
+                check_engine_sm(precision, refused)
             with pytest.raises(Unsupported, match="cannot run"):
                 build_engine(path, env, BuildOptions(target_sm=refused), backend="rtx")
         assert below < ENGINE_MIN_SM[precision]

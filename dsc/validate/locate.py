@@ -19,7 +19,6 @@ design) carry the node metadata `dsc.rescaled` and are not compared.
 
 from __future__ import annotations
 
-import ast
 import logging
 import re
 from dataclasses import dataclass
@@ -27,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dsc.node_meta import RESCALED_KEY, module_path
+
 logger = logging.getLogger(__name__)
 
-_SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-RESCALED_KEY = "dsc.rescaled"  # node metadata: its output is scaled per channel by design
 _LAYER = re.compile(r"layers\.(\d+)")
 
 # Relative error below which a module output never counts as the first divergence (the report
@@ -48,24 +47,6 @@ class TensorError:
     def to_json(self) -> dict:
         return {"tensor": self.tensor, "module": self.module, "layer": self.layer,
                 "rel_error": self.rel_error}
-
-
-def module_path(node) -> str | None:
-    raw = node.metadata_props.get(_SCOPE_KEY)
-    if not raw:
-        return None
-    try:
-        scopes = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return None
-    chain = []
-    for s in scopes:
-        if not s:
-            continue
-        if chain and not s.startswith(chain[-1] + "."):
-            break
-        chain.append(s)
-    return chain[-1] if chain else None
 
 
 def module_outputs(model) -> list[tuple[str, str]]:

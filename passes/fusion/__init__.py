@@ -4,9 +4,12 @@ rmsnorm, mlp (SiLU-gated), rotary, mla (DeepSeek MLA incl. weight absorption), a
 (MHA/GQA), moe (routed experts). Importing this package registers their passes.
 """
 
-from dsc.passes.fusion import rmsnorm  # noqa: F401
+from dsc.passes.fusion import rmsnorm  # noqa: F401  (rmsnorm first: the registration order)
 from dsc.passes.fusion import mlp  # noqa: F401
 from dsc.passes.fusion import rotary  # noqa: F401
 from dsc.passes.fusion import attention  # noqa: F401
 from dsc.passes.fusion import mla  # noqa: F401
 from dsc.passes.fusion import moe  # noqa: F401
+from dsc.passes.fusion._common import block_of, explain, form_of
+
+__all__ = ["block_of", "explain", "form_of"]

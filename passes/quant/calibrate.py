@@ -337,7 +337,7 @@ def _num_experts(model: ir.Model, router: str) -> int:
     """Number of experts of a router: rows of its Gemm/MatMul weight (the router's out-dim)."""
     for node in model.graph:
         if node.op_type in ("Gemm", "MatMul"):
-            from dsc.validate.locate import module_path
+            from dsc.node_meta import module_path
 
             if module_path(node) == router and node.inputs[1] is not None and \
                     node.inputs[1].shape is not None:

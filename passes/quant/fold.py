@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 from dsc.passes._ir import attr, const_array, const_ints
 
-from dsc.validate.locate import module_path
+from dsc.node_meta import module_path
 
 _MOVE = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Cast", "Identity", "Split",
          "Slice", "Concat")
@@ -94,7 +94,7 @@ class Fold:
             v.const_value = ir.Tensor(f.astype(a.dtype), name=v.name)
         # Their outputs now differ from the float graph's by design: the validation locator
         # (dsc.validate.locate) does not compare them.
-        from dsc.validate.locate import RESCALED_KEY
+        from dsc.node_meta import RESCALED_KEY
 
         for node in self.nodes:
             node.metadata_props[RESCALED_KEY] = "1"

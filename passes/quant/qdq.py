@@ -66,7 +66,7 @@ import numpy as np
 import onnx_ir as ir
 
 from dsc.errors import InternalError
-from dsc.validate.locate import module_path
+from dsc.node_meta import module_path
 
 logger = logging.getLogger(__name__)
 

@@ -18,13 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx_ir as ir
-from dsc.passes._framework import (
-    PassContext,
-    PassOptions,
-    PipelineReport,
-    build_pipeline,
-    run_pipeline,
-)
+from dsc.passes._framework import PassContext, PassOptions, PipelineReport
+from dsc.passes._pipeline import build_pipeline, run_pipeline
 
 from dsc.artifacts import (
     IO_SPEC,
@@ -71,19 +66,9 @@ def _signature(model: ir.Model) -> list:
 
 
 def _tools() -> dict:
-    from importlib import metadata
+    from dsc.manifest import tool_versions
 
-    out = {}
-    for dist in ("dsc", "onnx", "onnxscript", "onnx-ir", "onnxruntime"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    if out["dsc"] is None:
-        from dsc import __version__
-
-        out["dsc"] = __version__
-    return out
+    return tool_versions(("onnx", "onnxscript", "onnx-ir", "onnxruntime"))
 
 
 def optimize_in_place(directory: Path, ctx: PassContext, *, only=None, disable=(),
