@@ -44,11 +44,10 @@ def _quiet(msg):
 
 
 def _reference(model_dir: Path, out: Path) -> Path:
-    from dsc.passes import PassContext, PassOptions
-    from dsc.passes.optimize import optimize_in_place
-
     from dsc import api
     from dsc.hardware import load_profile
+    from dsc.passes import PassContext, PassOptions
+    from dsc.passes.optimize import optimize_in_place
 
     api.export(model_dir, out, dtype="fp16", progress=_quiet)
     optimize_in_place(out, PassContext(load_profile("rtx-4090"), PassOptions()))
@@ -59,11 +58,11 @@ def vocab_only(model_dir: Path, work: Path, windows: int) -> list[dict]:
     import shutil
 
     import onnx_ir as ir
-    from dsc.passes.quant.vocab import VocabQDQPass
 
     from dsc.api import load_tokenizer
     from dsc.artifacts import load_io_spec
     from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.passes.quant.vocab import VocabQDQPass
     from dsc.validate.gate import GateOptions, run_gate
     from dsc.validate.run import default_text
 

@@ -112,7 +112,7 @@ def _to_config_names(values: dict, explicit: set[str]) -> None:
 
 
 def _config(values: dict):
-    from dsc.build import BuildConfig
+    from dsc.build_config import BuildConfig
 
     keys = set(BuildConfig.keys())
     return BuildConfig(**{k: v for k, v in values.items() if k in keys})

@@ -182,13 +182,12 @@ def export_inputs(info, *, dtype: str, opset: int | None, tools: Mapping[str, An
     }
 
 
-def export_manifest(info, directory: Path, io: Mapping, *, dtype: str, seconds: float,
-                    tools: Mapping[str, Any], opset: int | None = None,
-                    external_data: bool = False) -> dict:
-    """The manifest `dsc export` writes: source, graph, one export stage, every output's hash."""
+def export_manifest(info, directory: Path, io: Mapping, record: Mapping, *,
+                    tools: Mapping[str, Any]) -> dict:
+    """The manifest `dsc export` writes: source, graph, the export stage's `record` (its
+    `to_json()`; outputs filled in here), every output's hash."""
     directory = Path(directory)
-    inputs = export_inputs(info, dtype=dtype, opset=opset, tools=tools,
-                           external_data=external_data)
+    inputs = record["inputs"]
     outputs = hash_tree(directory)
     return {
         "format": ARTIFACT_FORMAT,
@@ -196,19 +195,11 @@ def export_manifest(info, directory: Path, io: Mapping, *, dtype: str, seconds: 
         "created": now(),
         "command": "export",
         "tools": dict(tools),
-        "precision": dtype,
+        "precision": inputs["dtype"],
         "source": source_record(info, inputs["checkpoint"]),
         "graph": graph_record(directory, io),
         "stages": {
-            "export": {
-                "status": "ran",
-                "input_hash": canonical_hash(inputs),
-                "inputs": inputs,
-                "outputs": dict(outputs),
-                "seconds": round(seconds, 2),
-                "dtype": dtype,
-                "opset": io.get("opset"),
-            },
+            "export": dict(record, outputs=dict(outputs)),
         },
         "outputs": outputs,
     }

@@ -71,7 +71,6 @@ from typing import Any
 
 from dsc.errors import BadInput, Unsupported, UsageError
 from dsc.hardware import GiB, HardwareProfile, list_profiles
-from dsc.precision import QUANTIZED, check_on_profile, check_quantized
 from dsc.models.params import (
     ParamCounts,
     WeightGroup,
@@ -83,6 +82,7 @@ from dsc.models.params import (
     model_shape,
     weight_inventory,
 )
+from dsc.precision import QUANTIZED, check_on_profile, check_quantized
 
 logger = logging.getLogger(__name__)
 

@@ -36,10 +36,8 @@ import numpy as np
 from dsc.artifacts import (
     IO_SPEC,
     MANIFEST,
-    atomic_dir,
     data_file,
     load_io_spec,
-    load_manifest,
     write_graph,
     write_json,
 )
@@ -375,75 +373,6 @@ def quant_outputs(outputs: dict, onnx_name: str) -> dict:
             if k in mine or k.startswith(("reference/", "calibration/"))}
 
 
-def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, *,
-                      calib: str | Path | None = None, method: str | None = None,
-                      samples: int = 64, seq_len: int = 128, alpha: float | None = None,
-                      weight_only: bool = False, exclude=(), profile=None, force: bool = False,
-                      use_cache: bool = True, lm_head: str | None = None,
-                      embedding: str | None = None, progress=None) -> QuantizeResult:
-    """Write a new artifact at `output`: the quantized graph of `artifact` plus its reference.
-
-    `lm_head` / `embedding`: see `quantize_model` and `check_vocab_options` (checked, with
-    `profile`, before any work)."""
-    from dsc.manifest import canonical_hash, graph_record, hash_tree, write_derived_manifest
-
-    t0 = time.perf_counter()
-    check_legal(precision, profile)
-    check_vocab_options(lm_head, embedding, precision, _model_config(artifact))
-    for flag, p in vocab_precisions(lm_head, embedding).items():
-        try:
-            check_legal(p, profile)
-        except Unsupported as e:
-            raise Unsupported(f"--quantize-{flag} {p}: {e}") from None
-    from dsc.passes.quant.ranges import METHODS
-
-    if method is not None and method not in METHODS:
-        raise BadInput(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
-    artifact, output = Path(artifact), Path(output)
-    manifest = load_manifest(artifact)
-    io = load_io_spec(artifact)
-    if (artifact / "reference").exists() or manifest.get("stages", {}).get("quantize", {}) \
-            .get("status") in ("ran", "reused"):
-        raise BadInput(f"{artifact} is already quantized; quantize its fp16 export instead")
-    if output.absolute() == artifact.absolute():
-        raise BadInput("the output must be a new directory, not the input artifact")
-    calib_sha = calibration_sha256(calib)
-    with atomic_dir(output, force=force) as tmp:
-        for p in artifact.iterdir():
-            if p.name == MANIFEST or p.name == "engines":
-                continue  # engines of the float graph do not belong to the quantized one
-            (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
-        report, stage = quantize_in_place(
-            tmp, precision, calib=calib, method=method, samples=samples, seq_len=seq_len,
-            alpha=alpha, weight_only=weight_only, exclude=exclude, use_cache=use_cache,
-            lm_head=lm_head, embedding=embedding, progress=progress)
-        seconds = round(time.perf_counter() - t0, 2)
-        inputs = {"graph": (manifest.get("graph") or {}).get("hash")
-                  or graph_record(artifact, io)["hash"],
-                  "precision": precision, "weight_only": stage["weight_only"],
-                  "method": stage["method"], "alpha": stage["alpha"], "samples": samples,
-                  "seq_len": seq_len, "exclude": list(exclude), "calib_sha256": calib_sha,
-                  "tools": _tools(), **vocab_inputs(lm_head, embedding)}
-        if profile is not None:
-            stage["profile"] = getattr(profile, "name", str(profile))
-        new_io = load_io_spec(tmp, check_manifest=False)
-        outputs = hash_tree(tmp)
-        stages = dict(manifest.get("stages", {}))
-        stages["quantize"] = {"status": "ran", "input_hash": canonical_hash(inputs),
-                              "inputs": inputs, "outputs": quant_outputs(outputs, io["onnx"]),
-                              "seconds": seconds, **stage}
-        # Engines of the input graph are not copied: their records go too.
-        new = {k: v for k, v in manifest.items() if k not in ("profiles", "validation")}
-        stages.pop("compile", None)
-        stages.pop("validate", None)
-        new.update(stages=stages, graph=graph_record(tmp, new_io), outputs=outputs,
-                   precision=precision)
-        write_derived_manifest(tmp, new, manifest, artifact)
-    return QuantizeResult(output, precision, report["scheme"], stage["method"],
-                          len(report["layers"]), report["excluded"],
-                          report["experts"]["under_calibrated"], seconds, report)
-
-
 def vocab_inputs(lm_head: str | None, embedding: str | None) -> dict:
     """The quantize stage's input-hash fields for the vocabulary weights: none when neither is
     quantized, so the hashes of artifacts built before these options existed do not change."""
@@ -455,15 +384,10 @@ def vocab_inputs(lm_head: str | None, embedding: str | None) -> dict:
     return out
 
 
-def _model_config(artifact: Path) -> dict | None:
+def model_config(artifact: Path) -> dict | None:
+    """The config.json of `artifact` as a dict, or None when it is missing or unreadable."""
     try:
         cfg = json.loads((Path(artifact) / "config.json").read_text())
     except (OSError, ValueError):
         return None  # load_manifest / load_io_spec report a broken artifact
     return cfg if isinstance(cfg, dict) else None
-
-
-def _tools() -> dict:
-    from dsc.manifest import tool_versions
-
-    return tool_versions(("onnx", "onnxscript", "onnx-ir", "onnxruntime"))

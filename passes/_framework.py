@@ -21,9 +21,8 @@ import onnx_ir as ir
 from dsc.errors import BadInput
 
 if TYPE_CHECKING:
-    from dsc.passes._target import TargetOps
-
     from dsc.hardware import HardwareProfile
+    from dsc.passes._target import TargetOps
 
 # The default order. Cleanup first (fusion patterns assume folded constants and no dead
 # branches); the opset upgrade before the fusions that may emit opset-23 ops; MLA before

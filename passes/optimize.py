@@ -1,50 +1,34 @@
-"""`dsc optimize`: run the pass pipeline on an artifact's graph and write a new artifact.
+"""Run the pass pipeline on the graph of an artifact directory, in place.
 
-The new artifact is the input's files with model.onnx (+ .data) replaced, model_io.json's
-opset updated (names, dtypes and ranks of the graph's inputs and outputs must not change; a
-pass that changed them is a bug and fails the run), `passes_report.json` (per pass: seconds,
-node counts, counts per rule, verify results; the coverage record) and manifest.json with a
-`stages.optimize` record, the new `graph` record and every output's sha256. Written
-atomically (dsc.artifacts.atomic_dir): a failure leaves the destination as it was.
+model.onnx (+ .data) is replaced and model_io.json's opset updated (names, dtypes and ranks of
+the graph's inputs and outputs must not change; a pass that changed them is a bug and fails the
+run), and `passes_report.json` is written (per pass: seconds, node counts, counts per rule,
+verify results; the coverage record). The optimize stage (`dsc.stages.optimize`) calls this for
+`dsc build` and `dsc optimize`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx_ir as ir
-from dsc.passes._framework import PassContext, PassOptions, PipelineReport
-from dsc.passes._pipeline import build_pipeline, run_pipeline
 
 from dsc.artifacts import (
     IO_SPEC,
-    MANIFEST,
-    atomic_dir,
-    check_output,
-    load_io_spec,
     data_file,
-    load_manifest,
+    load_io_spec,
     write_graph,
     write_json,
 )
-from dsc.errors import BadInput
+from dsc.passes._framework import PassContext, PipelineReport
+from dsc.passes._pipeline import build_pipeline, run_pipeline
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "passes_report.json"
-
-
-@dataclass
-class OptimizeResult:
-    path: Path
-    report: PipelineReport
-    coverage: dict
-    seconds: float
 
 
 def optimize_model(model: ir.Model, ctx: PassContext, *, config: dict | None = None,
@@ -65,20 +49,14 @@ def _signature(model: ir.Model) -> list:
     return [sig(model.graph.inputs), sig(model.graph.outputs)]
 
 
-def _tools() -> dict:
-    from dsc.manifest import tool_versions
-
-    return tool_versions(("onnx", "onnxscript", "onnx-ir", "onnxruntime"))
-
-
 def optimize_in_place(directory: Path, ctx: PassContext, *, only=None, disable=(),
                       dump_after=(), verify_each: bool = False,
                       progress=None) -> tuple[PipelineReport, dict]:
     """Optimize the graph of the artifact being written at `directory`, in place.
 
     Replaces model.onnx (+ .data), updates model_io.json's opset and writes passes_report.json.
-    Returns the pipeline report and the record passes_report.json holds. Used by `dsc optimize` (on a
-    copy of its input) and by `dsc build` (stage 2).
+    Returns the pipeline report and the record passes_report.json holds. Used by the optimize
+    stage (`dsc.stages.optimize`: `dsc optimize` on a copy of its input, `dsc build` stage 2).
     """
     directory = Path(directory)
     io = load_io_spec(directory, check_manifest=False)
@@ -118,47 +96,3 @@ def stage_summary(record: dict) -> dict:
             "nodes_after": rep["nodes_after"], "counts": rep["counts"],
             "coverage": {k: {"fused": e["fused"] + e["kept"], "blocks": e["blocks"]}
                          for k, e in record["coverage"]["kinds"].items()}}
-
-
-def optimize_artifact(artifact: str | Path, output: str | Path, *, profile=None,
-                      options: PassOptions | None = None, only=None, disable=(),
-                      dump_after=(), verify_each: bool = False, force: bool = False,
-                      progress=None) -> OptimizeResult:
-    """Optimize `artifact` into a new artifact at `output` (see the module docstring)."""
-    from dsc.manifest import canonical_hash, graph_record, hash_tree, write_derived_manifest
-
-    artifact, output = Path(artifact), Path(output)
-    manifest = load_manifest(artifact)
-    io = load_io_spec(artifact)
-    if artifact.resolve() == output.resolve():
-        raise BadInput("dsc optimize writes a new artifact; choose an output other than the input")
-    check_output(output, force=force)
-    ctx = PassContext(profile, options or PassOptions())
-    names = [n for n, _ in build_pipeline(ctx, only, disable)]  # validates the names early
-    onnx_name = io["onnx"]
-    t0 = time.perf_counter()
-    with atomic_dir(output, force=force) as tmp:
-        skip = {MANIFEST, REPORT_FILE}
-        for f in sorted(artifact.iterdir()):
-            if f.is_file() and f.name not in skip:
-                shutil.copy2(f, tmp / f.name)
-        report, record = optimize_in_place(tmp, ctx, only=only, disable=disable,
-                                   dump_after=dump_after, verify_each=verify_each,
-                                   progress=progress)
-        io = load_io_spec(tmp, check_manifest=False)
-        seconds = time.perf_counter() - t0
-        inputs = {"graph": manifest.get("graph", {}).get("hash")
-                  or graph_record(artifact, load_io_spec(artifact))["hash"],
-                  "passes": names, "options": asdict(ctx.options),
-                  "profile": getattr(profile, "name", None), "tools": _tools()}
-        outputs = hash_tree(tmp)
-        stages = dict(manifest.get("stages", {}))
-        stages["optimize"] = {
-            "status": "ran", "input_hash": canonical_hash(inputs), "inputs": inputs,
-            "outputs": {k: outputs[k] for k in (onnx_name, f"{onnx_name}.data", IO_SPEC,
-                                                REPORT_FILE) if k in outputs},
-            "seconds": round(seconds, 2), **stage_summary(record),
-        }
-        new = dict(manifest, stages=stages, graph=graph_record(tmp, io), outputs=outputs)
-        write_derived_manifest(tmp, new, manifest, artifact)
-    return OptimizeResult(output, report, record["coverage"], seconds)

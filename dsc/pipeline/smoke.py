@@ -10,7 +10,8 @@ step at a time through the KV cache. Checks:
 
 This is a sanity check, not the accuracy gate: the gate (ONNX/engine vs the FP16 reference:
 KL, top-k, perplexity) is `dsc validate`. ONNX Runtime's CPU provider has no bf16
-MatMul: a bf16 graph is run as its float32 view (`dsc.backends.onnxruntime.runner.inference_session`),
+MatMul: a bf16 graph is run as its float32 view
+(`dsc.backends.onnxruntime.runner.inference_session`),
 which checks the graph's structure and KV cache, not bf16 rounding.
 """
 

@@ -145,7 +145,7 @@ def _greedy(cand, ref, tokenizer, text: str, prompts: int, gen_len: int) -> dict
     for p in starts:
         a = cand.generate([p], gen_len, eos_token_id=None)[0]
         b = ref.generate([p], gen_len, eos_token_id=None)[0]
-        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         matched.append(n)
     return {"prompts": len(starts), "gen_len": gen_len, "tokens_until_divergence": matched,
             "mean_tokens_until_divergence": float(np.mean(matched)) if matched else 0.0,

@@ -1,7 +1,8 @@
 """Find where a candidate graph departs from its reference, layer by layer.
 
 The exporter records, on every node, the module it came from (metadata
-`pkg.torch.onnx.name_scopes`, e.g. `[..., 'model.model.layers.3', 'model.model.layers.3.mlp', ...]`).
+`pkg.torch.onnx.name_scopes`, e.g.
+`[..., 'model.model.layers.3', 'model.model.layers.3.mlp', ...]`).
 For each module the output of its last node (in topological order) stands for the module's
 output. Every such tensor that exists under the same name in both graphs is made a graph output,
 both graphs run on the same inputs, and the relative error ||c - r|| / ||r|| is computed per tensor.
@@ -98,7 +99,7 @@ def _run_with_outputs(onnx_path: Path, names: list[str], ids: np.ndarray) -> dic
             model.graph.outputs.append(values[n])
     # The weights are read where they are (no copy of the graph's data file is written).
     outs = inference_session(model).run(wanted, feeds)
-    return dict(zip(wanted, outs))
+    return dict(zip(wanted, outs, strict=False))
 
 
 def _rel_error(c: np.ndarray, r: np.ndarray) -> float:

@@ -17,9 +17,9 @@ import logging
 import os
 from pathlib import Path
 
+from dsc import signals
 from dsc.artifacts import IO_SPEC, MANIFEST, load_io_spec, load_manifest
 from dsc.errors import BadInput
-from dsc import signals
 from dsc.models.checkpoint import sha256_file
 from dsc.paths import check_graph_file
 
@@ -115,8 +115,8 @@ def _read_data(data: str | Path | None) -> str:
 def validate_artifact(artifact: str | Path, *, reference: str | Path = "fp16",
                       data: str | Path | None = None, thresholds: dict | None = None,
                       precision: str | None = None, options=None, write: bool = True) -> dict:
-    from dsc.models.loading import load_tokenizer
     from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.models.loading import load_tokenizer
     from dsc.validate.gate import GateOptions, run_gate
 
     artifact = Path(artifact)

@@ -48,10 +48,10 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from dsc.passes.quant.qdq import QuantScheme, check_scales, quantize_weight, weight_dq_inputs
 
 from dsc.errors import Unsupported
 from dsc.node_meta import module_path
+from dsc.passes.quant.qdq import QuantScheme, check_scales, quantize_weight, weight_dq_inputs
 from dsc.precision import QUANTIZED
 
 logger = logging.getLogger(__name__)

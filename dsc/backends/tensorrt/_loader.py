@@ -27,7 +27,7 @@ from dsc.precision import RTX_TARGET_SMS
 logger = logging.getLogger(__name__)
 
 
-class Flavour(str, enum.Enum):
+class Flavour(str, enum.Enum):  # noqa: UP042  (str() of a member stays "Flavour.X")
     """A TensorRT distribution; the value is its Python module name."""
 
     TENSORRT = "tensorrt"
