@@ -8,7 +8,8 @@ fp32 tolerance), and, on the dense qwen2 fixture, its prefill logits stay within
 relative tolerance of the original float graph's (`FLOAT_RTOL`; on the random-weight MoE
 fixture a rounded embedding flips expert choices, so only the exact comparison applies there).
 Tied tables: one quantized table read by the Gather and the Transpose → MatMul; asked for at
-two precisions, refused. Compile: the quantized graphs build with TensorRT-RTX for SM80 (int8/int4) and SM89 (fp8).
+two precisions, refused. Compile: the quantized graphs build with TensorRT-RTX for SM80
+(int8/int4) and SM89 (fp8).
 """
 
 from __future__ import annotations

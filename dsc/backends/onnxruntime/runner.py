@@ -163,7 +163,8 @@ def spilled(model) -> Iterator[tuple[object, Path | None]]:
 
     A bf16 model becomes its `float32_view` (same value names; float32 types). A model holding
     more than 1.5 GiB of tensors in memory (e.g. SmoothQuant's rescaled weights) is written to
-    a private temporary directory with external data and reloaded lazily, since the bytes handed to ONNX Runtime cannot exceed protobuf's 2 GiB; the
+    a private temporary directory with external data and reloaded lazily, since the bytes
+    handed to ONNX Runtime cannot exceed protobuf's 2 GiB; the
     directory lives until the block ends. Otherwise `model` itself and the directory its
     external tensors are read from (None: it has none).
     """
