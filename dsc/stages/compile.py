@@ -2,18 +2,25 @@
 
 Inputs per target: the graph hash, the resolved profile and its overrides, the engine envelope,
 the mode (rtx | device | preflight), the builder options and the TensorRT tool versions. Run by
-`dsc build` (stage 4) and by `dsc compile` (more profiles into an existing artifact).
+`dsc build` (stage 4) and by `dsc compile` (`compile_artifact`: more profiles into an existing
+artifact, atomically).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from dsc.manifest import hash_tree
-from dsc.pipeline.progress import peak_rss_bytes, reset_peak_rss
+from dsc.artifacts import MANIFEST, atomic_dir, load_io_spec, load_manifest
+from dsc.build_config import BuildConfig
+from dsc.errors import BadInput, CheckFailed
+from dsc.manifest import hash_tree, now, schema_errors, tool_versions, verify_artifact
+from dsc.outcome import BUILD_LOG, BuildOutcome
+from dsc.pipeline.progress import Progress, peak_rss_bytes, reset_peak_rss
 from dsc.stages._base import Stage, StageRecord, link, reusable, reused
+from dsc.stages.artifact import REPORTS, UpToDate, finish, graph_of, inherit
 
 TOOLS = ("dsc", "tensorrt", "tensorrt-rtx-cu13")
 
@@ -115,3 +122,84 @@ def aggregate(records: dict) -> str:
     if not statuses:
         return "not_run"
     return "ran" if "ran" in statuses else "reused"
+
+
+COMPILE = CompileStage()
+
+
+def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool = False,
+                     echo=None) -> BuildOutcome:
+    """Build engines (or preflights) for more profiles into an existing artifact, atomically."""
+    from dsc.pipeline.targets import resolve_targets
+
+    t_start = time.perf_counter()
+    artifact = Path(artifact)
+    old = load_manifest(artifact)
+    listed = old.get("outputs", {})
+    # Only a verified artifact is compiled (schema problems aside: records another tool wrote
+    # are kept as they are, below); its graph record then follows from the verified hashes.
+    problems = [(f, why) for f, why in verify_artifact(artifact).problems
+                if not (f == MANIFEST and why.startswith("schema:"))]
+    if problems:
+        rel, why = problems[0]
+        raise CheckFailed(f"{artifact}: {rel} does not match manifest.json ({why}); dsc compile "
+                          f"builds only a verified artifact (dsc verify {artifact})")
+    io = load_io_spec(artifact)
+    try:
+        model_config = json.loads((artifact / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"artifact {artifact} has no readable config.json: {e}") from None
+    dtype = str(io.get("dtype", "fp16"))
+    inherited = inherit(config, old.get("options") or {})
+    dla_inherited = inherited.dla_core is not None and config.dla_core is None
+    config = inherited
+    targets = resolve_targets(
+        config.profiles, model_config=model_config,
+        model_name=old.get("source", {}).get("checkpoint", str(artifact)).rstrip("/")
+        .split("/")[-1], dtype=dtype, overrides=list(config.overrides),
+        max_batch=config.max_batch, max_input_len=config.max_input_len, max_kv=config.max_kv,
+        max_num_tokens=config.max_num_tokens, backend=config.backend, dla_core=config.dla_core,
+        dla_required=not dla_inherited,
+        quantize=io.get("quantization"), weight_precisions=io.get("vocab_quantization") or {})
+    graph = graph_of(io, listed)
+    tools = tool_versions()
+    names = {t.name for t in targets}
+    progress = Progress(1, quiet=quiet, echo=echo)
+    progress.say(f"dsc compile {artifact}: profiles {', '.join(sorted(names))}")
+    ran: dict[str, bool] = {}
+    reuse_from = None if config.rebuild else old
+    try:
+        with atomic_dir(artifact, force=True) as tmp:
+            keep = [rel for rel in listed
+                    if rel not in (BUILD_LOG, *REPORTS)
+                    and not any(rel.startswith(f"engines/{n}/") for n in names)
+                    and (artifact / rel).is_file()]
+            link(artifact, tmp, keep)
+            records, entries = COMPILE.run(targets, tmp, io, graph, tools, progress,
+                                           artifact, reuse_from or {}, ran, index=1)
+            if not any(ran.values()):
+                raise UpToDate()
+            manifest = json.loads(json.dumps(old))
+            manifest.update(created=now(), command="compile")
+            manifest["tools"] = {**old.get("tools", {}), **tools}
+            manifest["graph"] = graph  # the graph just compiled (checked against outputs)
+            stage = manifest.setdefault("stages", {}).setdefault(
+                "compile", {"status": "ran", "profiles": {}})
+            stage.setdefault("profiles", {}).update(records)
+            stage["status"] = aggregate(stage["profiles"])
+            manifest.setdefault("profiles", {}).update(entries)
+            # build.log keeps the earlier runs (it was not linked: it is rewritten here).
+            if (artifact / BUILD_LOG).is_file():
+                earlier = (artifact / BUILD_LOG).read_text().rstrip("\n")
+                progress.lines = [earlier, f"== dsc compile at {now()}", *progress.lines]
+            old_errors = schema_errors(old)
+            if old_errors:
+                # Records another tool wrote are kept as they are, not repaired or refused.
+                progress.say(f"note: {MANIFEST} did not match the schema before this compile "
+                             f"({old_errors[0]}); its records are kept unchanged")
+            finish(tmp, artifact, manifest, progress, check=not old_errors)
+    except UpToDate:
+        progress.say(f"{artifact}: up to date, nothing rebuilt")
+        return BuildOutcome(artifact, "compile", True, time.perf_counter() - t_start,
+                            load_manifest(artifact), ran)
+    return BuildOutcome(artifact, "compile", False, time.perf_counter() - t_start, manifest, ran)
