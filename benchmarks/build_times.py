@@ -42,7 +42,7 @@ def _checkpoints(work: Path, only: set[str] | None) -> dict[str, Path]:
 
 def measure(name: str, ckpt: Path, out: Path) -> dict:
     from dsc import api
-    from dsc.build import BuildConfig
+    from dsc.build_config import BuildConfig
 
     config = BuildConfig(profiles=(",".join(PROFILES),), dtype="fp16")
     t0 = time.perf_counter()

@@ -4,7 +4,8 @@ Builds a random-weight checkpoint from a real config.json (default: DeepSeek-R1-
 in fp16, then runs `dsc export --dtype fp16` in a child process and reads the child's peak RSS
 from the kernel (getrusage RUSAGE_CHILDREN). The budget is 2.5x the fp16 weight bytes.
 
-    python benchmarks/export_memory.py [--config examples/configs/DeepSeek-R1-Distill-Qwen-1.5B/config.json]
+    python benchmarks/export_memory.py \
+        [--config examples/configs/DeepSeek-R1-Distill-Qwen-1.5B/config.json]
 """
 
 from __future__ import annotations

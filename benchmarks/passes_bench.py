@@ -130,7 +130,7 @@ def bench(family: str, work: Path, wide: bool) -> dict:
     from dsc import api
     from dsc.hardware import load_profile
     from dsc.passes import PassOptions
-    from dsc.passes._optimize import optimize_artifact
+    from dsc.stages.optimize import optimize_artifact
 
     ckpt = _checkpoint(family, work, wide)
     exported = work / "exported" / ckpt.name

@@ -52,7 +52,7 @@ DSC_RUNS = [("dsc int8 SmoothQuant W8A8", "int8", False, None),
 ORT_RUNS = [("ORT quantize_static int8 QDQ", "int8"),
             ("ORT MatMulNBits int8 weight-only (g128)", "int8-wo"),
             ("ORT quantize_static fp8 QDQ", "fp8"), ("ORT MatMulNBits int4 (g128)", "int4")]
-PAIRS = list(zip((r[0] for r in DSC_RUNS), (r[0] for r in ORT_RUNS)))  # same precision
+PAIRS = list(zip((r[0] for r in DSC_RUNS), (r[0] for r in ORT_RUNS), strict=False))  # same precision
 
 
 def _quiet(msg):
@@ -62,8 +62,6 @@ def _quiet(msg):
 def ort_quantize(fp32_art: Path, out: Path, precision: str, windows: np.ndarray) -> Path:
     import onnx
     import onnx_ir as ir
-    from dsc.passes.quant.calibrate import _feeds
-    from dsc.passes.quant.qdq import find_targets
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -73,6 +71,8 @@ def ort_quantize(fp32_art: Path, out: Path, precision: str, windows: np.ndarray)
     )
 
     from dsc.artifacts import load_io_spec
+    from dsc.passes.quant.calibrate import _feeds
+    from dsc.passes.quant.qdq import find_targets
 
     src = fp32_art / "model.onnx"
     model = ir.load(str(src))
@@ -251,7 +251,8 @@ def main() -> None:
     args = ap.parse_args()
     from dsc import api
     from dsc.artifacts import load_io_spec
-    from dsc.quantize import calibration_windows, quantize_artifact, read_calibration_text
+    from dsc.quantize import calibration_windows, read_calibration_text
+    from dsc.stages.quantize import quantize_artifact
 
     work = args.out or Path(tempfile.mkdtemp(prefix="dsc-quant-bench-"))
     rows, pairs = [], []

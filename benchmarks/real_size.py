@@ -117,7 +117,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         st = r.get("stages", {})
 
-        def cell(key):
+        def cell(key, st=st):
             s = st.get(key) or {}
             if s.get("seconds") is None:
                 return s.get("status") or "—"

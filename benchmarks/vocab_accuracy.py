@@ -44,11 +44,10 @@ def _quiet(msg):
 
 
 def _reference(model_dir: Path, out: Path) -> Path:
-    from dsc.passes import PassContext, PassOptions
-    from dsc.passes._optimize import optimize_in_place
-
     from dsc import api
     from dsc.hardware import load_profile
+    from dsc.passes import PassContext, PassOptions
+    from dsc.passes.optimize import optimize_in_place
 
     api.export(model_dir, out, dtype="fp16", progress=_quiet)
     optimize_in_place(out, PassContext(load_profile("rtx-4090"), PassOptions()))
@@ -59,18 +58,18 @@ def vocab_only(model_dir: Path, work: Path, windows: int) -> list[dict]:
     import shutil
 
     import onnx_ir as ir
-    from dsc.passes.quant.vocab import VocabQDQPass
 
     from dsc.api import load_tokenizer
     from dsc.artifacts import load_io_spec
     from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.passes.quant.vocab import VocabQDQPass
     from dsc.validate.gate import GateOptions, run_gate
-    from dsc.validate.run import _default_text
+    from dsc.validate.run import default_text
 
     ref_dir = _reference(model_dir, work / "fp16")
     io = load_io_spec(ref_dir, check_manifest=False)
     tok = load_tokenizer(ref_dir)
-    text = _default_text()
+    text = default_text()
     opts = GateOptions(windows=windows, locate=False)
     ref = OrtCausalLM(ref_dir / io["onnx"], io)
     rows = []

@@ -91,7 +91,7 @@ _RENAMES = {"method": "calib_method", "samples": "calib_samples", "seq_len": "ca
 
 def _to_config_names(values: dict, explicit: set[str]) -> None:
     """Rename CLI parameters to config names in place (values and the explicit set)."""
-    from dsc.quantize import precision_from_flags
+    from dsc.precision import precision_from_flags
 
     flags = ("int8", "fp8", "int4_awq")
     if any(k in values for k in flags):
@@ -112,7 +112,7 @@ def _to_config_names(values: dict, explicit: set[str]) -> None:
 
 
 def _config(values: dict):
-    from dsc.build import BuildConfig
+    from dsc.build_config import BuildConfig
 
     keys = set(BuildConfig.keys())
     return BuildConfig(**{k: v for k, v in values.items() if k in keys})

@@ -14,7 +14,7 @@ import click
 import yaml
 
 from dsc.errors import DoesNotFit, UsageError
-from dsc.hardware import PRECISIONS
+from dsc.precision import TARGET_PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def profiles_show(name: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--profile", "profile_name", required=True,
               help="Profile name, alias or YAML path; 'all' plans every built-in profile.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True)
+@click.option("--precision", type=click.Choice(TARGET_PRECISIONS), default="fp16", show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--context", type=click.IntRange(min=1), default=None,
               help="Tokens of KV cache per sequence [default: the profile's envelope max_kv, "

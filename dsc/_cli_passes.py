@@ -65,8 +65,8 @@ def optimize(artifact: Path, output: Path, only: tuple[str, ...], disable: tuple
              dump_after: tuple[str, ...], verify_each: bool, force: bool, as_json: bool) -> None:
     """Run the graph passes on ARTIFACT's ONNX graph and write a new artifact to OUTPUT."""
     from dsc.passes import PassOptions
-    from dsc.passes._optimize import optimize_artifact
     from dsc.passes.coverage import format_coverage
+    from dsc.stages.optimize import optimize_artifact
 
     hw = None
     if profile:

@@ -3,7 +3,7 @@
 `quant_options` is the same set of flags as a decorator, so `dsc build` can take them too
 (`--int8|--fp8|--int4-awq [--calib ...] [--method ...] [--exclude ...] [--quantize-lm-head P]
 [--quantize-embedding P]`) and pass them to
-`dsc.quantize.quantize_artifact` via `quant_kwargs`.
+`dsc.stages.quantize.quantize_artifact` via `quant_kwargs`.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def quant_kwargs(int8: bool, fp8: bool, int4_awq: bool, weight_only: bool, calib
                  samples, seq_len, exclude, quantize_lm_head=None,
                  quantize_embedding=None) -> dict | None:
     """Keyword arguments for `quantize_artifact`, or None when no precision flag was given."""
-    from dsc.quantize import check_vocab_options, precision_from_flags
+    from dsc.precision import precision_from_flags
+    from dsc.quantize import check_vocab_options
 
     precision = precision_from_flags(int8, fp8, int4_awq)
     check_vocab_options(quantize_lm_head, quantize_embedding, precision)
@@ -96,7 +97,7 @@ def quantize(artifact: Path, output: Path, int8, fp8, int4_awq, weight_only, cal
              samples, seq_len, exclude, quantize_lm_head, quantize_embedding, profile,
              force) -> None:
     """Calibrate ARTIFACT and write a quantized artifact (Q/DQ graph + fp16 reference)."""
-    from dsc.quantize import quantize_artifact
+    from dsc.stages.quantize import quantize_artifact
 
     kw = quant_kwargs(int8, fp8, int4_awq, weight_only, calib, method, alpha, samples, seq_len,
                       exclude, quantize_lm_head, quantize_embedding)

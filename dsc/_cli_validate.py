@@ -56,11 +56,12 @@ def validate(artifact: Path, reference: str, data: Path | None, thresholds: tupl
         p = r["perplexity"]
         click.echo(f"validation ({r['precision']}) against {r['reference']}: "
                    f"{'PASS' if r['passed'] else 'FAIL'}")
-        click.echo(f"  prefill: cosine p01 {r['prefill'].get('cosine_p01', r['prefill']['cosine_min']):.5f} "
+        pre, dec = r["prefill"], r["decode"]
+        click.echo(f"  prefill: cosine p01 {pre.get('cosine_p01', pre['cosine_min']):.5f} "
                    f"(min {r['prefill']['cosine_min']:.5f})  top-1 "
                    f"{r['prefill']['top1']:.3f}  top-5 {r['prefill']['top5']:.3f}  "
                    f"KL {r['prefill']['kl_mean']:.2e}  max abs {r['prefill']['max_abs']:.3g}")
-        click.echo(f"  decode:  cosine p01 {r['decode'].get('cosine_p01', r['decode']['cosine_min']):.5f} "
+        click.echo(f"  decode:  cosine p01 {dec.get('cosine_p01', dec['cosine_min']):.5f} "
                    f"(min {r['decode']['cosine_min']:.5f})  top-1 "
                    f"{r['decode']['top1']:.3f}  KL {r['decode']['kl_mean']:.2e}")
         click.echo(f"  perplexity {p['candidate']:.3f} vs {p['reference']:.3f} ({p['delta']:+.2%});"

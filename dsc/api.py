@@ -7,21 +7,20 @@ for anything the user can fix, and writes output directories atomically (`dsc.ar
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsc import __version__
 from dsc.artifacts import (
-    IO_SPEC,
     MANIFEST,
     atomic_dir,
     check_output,
     write_json,
 )
 from dsc.errors import BadInput, UsageError
+from dsc.manifest import tool_versions
 from dsc.models.checkpoint import inspect_checkpoint
+from dsc.models.loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +41,6 @@ def _progress(msg: str) -> None:
     print(f"[dsc] {msg}", file=sys.stderr, flush=True)
 
 
-def tool_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    versions: dict[str, str | None] = {"dsc": __version__}
-    for dist in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir",
-                 "tensorrt", "tensorrt-rtx-cu13"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return versions
-
-
 def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
            opset: int | None = None, external_data: bool = False, allow_pickle: bool = False,
            force: bool = False, progress=_progress) -> ExportResult:
@@ -62,9 +48,10 @@ def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
 
     `external_data`: always write the weights to `model.onnx.data` (they go there anyway at
     1.5 GiB and above)."""
-    from dsc.export.onnx_export import export_graph
+    from dsc.precision import GRAPH_DTYPES
+    from dsc.stages.export import ExportStage
 
-    if dtype not in ("fp32", "fp16", "bf16"):
+    if dtype not in GRAPH_DTYPES:
         raise UsageError(f"unsupported export dtype {dtype!r}; choose fp32, fp16 or bf16")
     if opset is not None and not 18 <= opset <= 23:
         raise UsageError(f"opset {opset} is not supported by the exporter; choose 18..23")
@@ -72,20 +59,16 @@ def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
     output = Path(output)
     check_output(output, force=force)  # before any output, so a refusal is the only line
     progress(f"checked {info.path}: {info.architecture} → family {info.family.name}")
+    stage = ExportStage()
+    tools = tool_versions()
+    inputs = stage.inputs(info, dtype=dtype, opset=opset, tools=tools, external_data=external_data)
     with atomic_dir(output, force=force) as tmp:
-        graph = export_graph(info, tmp, dtype=dtype, opset=opset, external_data=external_data,
-                             progress=progress)
-        for f in info.tokenizer_files:
-            shutil.copy2(f, tmp / f.name)
-        shutil.copy2(info.path / "config.json", tmp / "config.json")
+        record, graph = stage.run(info, tmp, inputs, progress=progress)
         io = dict(graph.io_spec, dtype=dtype)
-        write_json(tmp / IO_SPEC, io)
         progress("hashing inputs and outputs")
         from dsc.manifest import export_manifest
 
-        manifest = export_manifest(info, tmp, io, dtype=dtype, seconds=graph.seconds,
-                                   tools=tool_versions(), opset=opset,
-                                   external_data=external_data)
+        manifest = export_manifest(info, tmp, io, record.to_json(), tools=tools)
         write_json(tmp / MANIFEST, manifest)
     progress(f"artifact written to {output}")
     return ExportResult(
@@ -98,20 +81,6 @@ def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
         cache_kind=io["cache"]["kind"],
         seconds=graph.seconds,
     )
-
-
-def load_tokenizer(artifact: str | Path):
-    """The tokenizer stored in an artifact (or checkpoint) directory."""
-    from transformers import AutoTokenizer
-
-    from dsc.models.loading import transformers_quiet
-
-    try:
-        with transformers_quiet():
-            return AutoTokenizer.from_pretrained(str(artifact))
-    except Exception as e:  # tokenizers raises plain Exception for a malformed tokenizer.json
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"cannot load the tokenizer in {artifact}: {first}") from None
 
 
 def run(artifact: str | Path, prompt: str, *, max_new_tokens: int = 64, greedy: bool = True,

@@ -13,7 +13,7 @@ every listed precision except INT4 weight-only has a peak figure, DLA only on Je
 TensorRT-RTX target SM is one RTX can compile for, ...).
 
 Two fields exist for the build stage. TensorRT-RTX compiles ahead of time, without a GPU, for
-SM75/80/86/89/120 only:
+the SMs in `dsc.precision.RTX_TARGET_SMS` only:
 
 - `rtx_target_sm`: the SM an RTX engine for this target is compiled for; null where RTX cannot
   target the GPU (H100/H200 are SM90, every Orin is SM87). Those engines are built on the device.
@@ -47,20 +47,18 @@ from typing import Any
 import yaml
 
 from dsc.errors import BadInput
+from dsc.precision import PROFILE_MIN_SM, RTX_TARGET_SMS, TARGET_PRECISIONS
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 GiB = 2**30
 
-PRECISIONS = ("fp16", "bf16", "int8", "fp8", "int4")
 THROUGHPUT_KEYS = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4")
 KINDS = ("datacenter", "workstation", "jetson")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
-RTX_AOT_SMS = (75, 80, 86, 89, 120)  # what TensorRT-RTX compiles for without a GPU
 
 # Minimum SM per precision (hardware-facts §3: S19, S20, S21).
-MIN_SM = {"fp16": 0, "int8": 0, "bf16": 80, "int4": 80, "fp8": 89}
 
 
 def _profiles_dir() -> Path:
@@ -364,16 +362,16 @@ def _check_rules(p: HardwareProfile, source: str) -> None:
     if not re.fullmatch(r"\d{1,2}\.\d", p.compute_capability):
         fail(f"compute_capability {p.compute_capability!r} must look like \"8.7\"")
     sm = p.sm
-    unknown = [x for x in p.precisions if x not in PRECISIONS]
+    unknown = [x for x in p.precisions if x not in TARGET_PRECISIONS]
     if unknown:
-        fail(f"precisions: unknown {', '.join(unknown)} (known: {', '.join(PRECISIONS)})")
+        fail(f"precisions: unknown {', '.join(unknown)} (known: {', '.join(TARGET_PRECISIONS)})")
     if len(set(p.precisions)) != len(p.precisions):
         fail("precisions: listed twice")
     if "fp16" not in p.precisions:
         fail("precisions must include fp16 (the reference precision)")
     for prec in p.precisions:
-        if sm < MIN_SM[prec]:
-            fail(f"precision {prec} needs SM >= {MIN_SM[prec]}, but compute_capability "
+        if sm < PROFILE_MIN_SM[prec]:
+            fail(f"precision {prec} needs SM >= {PROFILE_MIN_SM[prec]}, but compute_capability "
                  f"{p.compute_capability} is SM{sm}")
         # INT4 here is weight-only (W4A16): its matmuls run at the fp16 rate.
         if prec != "int4" and p.throughput_tflops.peak(prec) is None:
@@ -390,16 +388,16 @@ def _check_rules(p: HardwareProfile, source: str) -> None:
     if p.is_jetson != (p.tensorrt.jetpack is not None):
         fail("tensorrt.jetpack is set exactly when kind is jetson")
     if p.rtx_target_sm is not None:
-        if p.rtx_target_sm not in RTX_AOT_SMS:
+        if p.rtx_target_sm not in RTX_TARGET_SMS:
             fail(f"rtx_target_sm {p.rtx_target_sm}: TensorRT-RTX compiles only for "
-                 f"SM{'/'.join(map(str, RTX_AOT_SMS))} (use null)")
+                 f"SM{'/'.join(map(str, RTX_TARGET_SMS))} (use null)")
         if p.rtx_target_sm != sm:
             fail(f"rtx_target_sm {p.rtx_target_sm} differs from the GPU's SM{sm}")
         if p.preflight_sm != p.rtx_target_sm:
             fail("preflight_sm must equal rtx_target_sm when RTX can target the GPU")
-    if p.preflight_sm not in RTX_AOT_SMS:
+    if p.preflight_sm not in RTX_TARGET_SMS:
         fail(f"preflight_sm {p.preflight_sm} is not an SM TensorRT-RTX compiles for "
-             f"({', '.join(map(str, RTX_AOT_SMS))})")
+             f"({', '.join(map(str, RTX_TARGET_SMS))})")
     b = p.builder
     if not 0 <= b.optimization_level <= 5:
         fail(f"builder.optimization_level {b.optimization_level} must be 0..5")

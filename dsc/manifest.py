@@ -51,6 +51,27 @@ __all__ = [
 ]
 
 
+# The distributions whose versions shape an artifact (recorded in `tools`; stage inputs pick
+# the ones that shape their output).
+TOOL_DISTS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir",
+              "tensorrt", "tensorrt-rtx-cu13")
+
+
+def tool_versions(dists: tuple[str, ...] = TOOL_DISTS) -> dict[str, str | None]:
+    """{"dsc": its version, dist: installed version or None for each of `dists`}, in order."""
+    from importlib import metadata
+
+    from dsc import __version__
+
+    versions: dict[str, str | None] = {"dsc": __version__}
+    for dist in dists:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -161,13 +182,12 @@ def export_inputs(info, *, dtype: str, opset: int | None, tools: Mapping[str, An
     }
 
 
-def export_manifest(info, directory: Path, io: Mapping, *, dtype: str, seconds: float,
-                    tools: Mapping[str, Any], opset: int | None = None,
-                    external_data: bool = False) -> dict:
-    """The manifest `dsc export` writes: source, graph, one export stage, every output's hash."""
+def export_manifest(info, directory: Path, io: Mapping, record: Mapping, *,
+                    tools: Mapping[str, Any]) -> dict:
+    """The manifest `dsc export` writes: source, graph, the export stage's `record` (its
+    `to_json()`; outputs filled in here), every output's hash."""
     directory = Path(directory)
-    inputs = export_inputs(info, dtype=dtype, opset=opset, tools=tools,
-                           external_data=external_data)
+    inputs = record["inputs"]
     outputs = hash_tree(directory)
     return {
         "format": ARTIFACT_FORMAT,
@@ -175,19 +195,11 @@ def export_manifest(info, directory: Path, io: Mapping, *, dtype: str, seconds: 
         "created": now(),
         "command": "export",
         "tools": dict(tools),
-        "precision": dtype,
+        "precision": inputs["dtype"],
         "source": source_record(info, inputs["checkpoint"]),
         "graph": graph_record(directory, io),
         "stages": {
-            "export": {
-                "status": "ran",
-                "input_hash": canonical_hash(inputs),
-                "inputs": inputs,
-                "outputs": dict(outputs),
-                "seconds": round(seconds, 2),
-                "dtype": dtype,
-                "opset": io.get("opset"),
-            },
+            "export": dict(record, outputs=dict(outputs)),
         },
         "outputs": outputs,
     }

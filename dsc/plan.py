@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from dsc.errors import BadInput, Unsupported, UsageError
-from dsc.hardware import PRECISIONS, GiB, HardwareProfile, list_profiles
+from dsc.hardware import GiB, HardwareProfile, list_profiles
 from dsc.models.params import (
     ParamCounts,
     WeightGroup,
@@ -82,6 +82,7 @@ from dsc.models.params import (
     model_shape,
     weight_inventory,
 )
+from dsc.precision import QUANTIZED, check_on_profile, check_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -219,33 +220,23 @@ class PlanResult:
 
 
 @dataclass(frozen=True)
-class _Model:
+class PlanModel:
+    """A model to plan for: its name (for messages) and its `config.json` as a mapping."""
+
     name: str
     config: Mapping[str, Any]
 
 
-def _load_model(model: str | Path | Mapping[str, Any] | _Model) -> _Model:
-    if isinstance(model, _Model):
+def _load_model(model: str | Path | Mapping[str, Any] | PlanModel) -> PlanModel:
+    if isinstance(model, PlanModel):
         return model
     if isinstance(model, Mapping):
-        return _Model(str(model.get("_name_or_path", "model")), model)
+        return PlanModel(str(model.get("_name_or_path", "model")), model)
     config, path = load_config(model)
     name = path.parent.name if path.name == "config.json" else path.stem
-    return _Model(name or str(path), config)
+    return PlanModel(name or str(path), config)
 
 
-def check_precision(profile: HardwareProfile, precision: str) -> None:
-    """Raise `Unsupported` naming the legal precisions when the target cannot run `precision`."""
-    if precision not in PRECISIONS:
-        raise BadInput(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
-    if not profile.supports(precision):
-        raise Unsupported(
-            f"precision {precision} is not supported on {profile.name} "
-            f"(SM{profile.sm}); legal: {', '.join(profile.precisions)}"
-        )
-
-
-TABLE_PRECISIONS = ("int8", "fp8", "int4")  # --quantize-lm-head / --quantize-embedding
 NCCL_BYTES = 1 * GiB
 _REPLICATED_ATTENTION = ("q_a_proj", "kv_a_proj_with_mqa")
 
@@ -254,11 +245,9 @@ def _table_scheme(profile: HardwareProfile, which: str,
                   precision: str | None) -> QuantScheme | None:
     if precision is None:
         return None
-    if precision not in TABLE_PRECISIONS:
-        raise BadInput(f"unknown {which} precision {precision!r} (known: "
-                       f"{', '.join(TABLE_PRECISIONS)})")
+    check_quantized(precision, f"{which} precision")
     if not profile.supports(precision):
-        legal = [p for p in profile.precisions if p in TABLE_PRECISIONS]
+        legal = [p for p in profile.precisions if p in QUANTIZED]
         raise Unsupported(f"{which} at {precision} is not supported on {profile.name} "
                           f"(SM{profile.sm}); legal: {', '.join(legal) or 'none'}")
     return SCHEMES[precision]
@@ -277,7 +266,7 @@ def _shard(w: WeightGroup, gpus: int, n_experts: int) -> float:
     return 1.0  # norms, biases, router
 
 
-def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfile, precision: str,
+def plan(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwareProfile, precision: str,
          batch: int = 1, context: int | None = None, input_len: int | None = None, *,
          lm_head: str | None = None, embedding: str | None = None,
          gpus: int = 1) -> PlanResult:
@@ -289,7 +278,7 @@ def plan(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfil
     per GPU. Raises BadInput (unknown values, gpus < 1) and Unsupported (a precision the profile
     cannot run, a tied table given two precisions, several GPUs on a Jetson module).
     """
-    check_precision(profile, precision)
+    check_on_profile(profile, precision)
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise BadInput(f"--gpus must be a positive integer, got {gpus!r}")
     if gpus > 1 and profile.is_jetson:
@@ -528,7 +517,7 @@ class Remedy:
                 "total_bytes": self.result.total, "capacity_bytes": self.result.capacity}
 
 
-def smallest_gpu_count(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfile,
+def smallest_gpu_count(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwareProfile,
                        precision: str, batch: int = 1, context: int | None = None,
                        input_len: int | None = None, *, lm_head: str | None = None,
                        embedding: str | None = None) -> PlanResult | None:
@@ -551,7 +540,7 @@ def family(profile: HardwareProfile) -> list[HardwareProfile]:
     return [profile, *sorted(same, key=lambda p: (p.memory.capacity_bytes, p.name))]
 
 
-def remedies(model: str | Path | Mapping[str, Any] | _Model, profile: HardwareProfile,
+def remedies(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwareProfile,
              precision: str, batch: int = 1, context: int | None = None,
              input_len: int | None = None, *, lm_head: str | None = None,
              embedding: str | None = None, gpus: int = 1) -> list[Remedy]:

@@ -36,18 +36,16 @@ import numpy as np
 from dsc.artifacts import (
     IO_SPEC,
     MANIFEST,
-    atomic_dir,
     data_file,
     load_io_spec,
-    load_manifest,
     write_graph,
     write_json,
 )
 from dsc.errors import BadInput, Unsupported, UsageError
+from dsc.precision import check_quantized_target
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("int8", "fp8", "int4")
 DEFAULT_CALIB = Path(__file__).resolve().parent / "data" / "calibration.txt"
 DEFAULT_METHOD = {"int8": "max", "fp8": "max", "int4": "max"}
 MIN_EXPERT_TOKENS = 16
@@ -67,14 +65,6 @@ class QuantizeResult:
     report: dict = field(default_factory=dict)
 
 
-def precision_from_flags(int8: bool = False, fp8: bool = False, int4_awq: bool = False) -> str | None:
-    """The precision named by `--int8|--fp8|--int4-awq` (for `dsc quantize` and `dsc build`)."""
-    chosen = [p for p, on in (("int8", int8), ("fp8", fp8), ("int4", int4_awq)) if on]
-    if len(chosen) > 1:
-        raise UsageError("choose one of --int8, --fp8, --int4-awq")
-    return chosen[0] if chosen else None
-
-
 def check_vocab_options(lm_head: str | None, embedding: str | None, precision: str | None,
                         model_config: dict | None = None) -> None:
     """Raise before any work for a bad `--quantize-lm-head` / `--quantize-embedding`.
@@ -84,7 +74,7 @@ def check_vocab_options(lm_head: str | None, embedding: str | None, precision: s
     model whose `model_config` ties the embedding and lm_head (`tie_word_embeddings`) asked for
     only one of them, or for two precisions: one table serves both.
     """
-    from dsc.passes.quant.vocab import PRECISIONS as VOCAB
+    from dsc.precision import QUANTIZED as VOCAB
 
     for flag, p in (("--quantize-lm-head", lm_head), ("--quantize-embedding", embedding)):
         if p is not None and p not in VOCAB:
@@ -107,38 +97,12 @@ def vocab_precisions(lm_head: str | None, embedding: str | None) -> dict[str, st
 
 
 def check_legal(precision: str, profile=None) -> None:
-    """Raise before any work when `precision` is unknown or the target cannot run it."""
-    if precision not in PRECISIONS:
-        raise BadInput(f"unknown quantized precision {precision!r} (known: {', '.join(PRECISIONS)})")
-    if profile is None:
-        return
+    """`check_quantized_target` with `profile` a name, a YAML path or a loaded profile."""
     from dsc.hardware import load_profile
-    from dsc.plan import check_precision
 
-    prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
-    try:
-        check_precision(prof, precision)
-    except Unsupported:
-        legal = [p for p in prof.precisions if p in PRECISIONS]
-        raise Unsupported(
-            f"{precision} is not supported on {prof.name} (SM{prof.sm}); this target can run "
-            f"{', '.join(prof.precisions)}"
-            + (f" (quantized: {', '.join('--' + ('int4-awq' if p == 'int4' else p) for p in legal)})"
-               if legal else " (no quantized precision)")
-        ) from None
-
-
-# The lowest SM whose TensorRT kernels run each quantized precision (docs/TENSORRT.md).
-ENGINE_MIN_SM = {"int8": 75, "int4": 80, "fp8": 89}
-
-
-def check_engine_target(precision: str, sm: int) -> None:
-    """Raise `Unsupported` when an engine for SM`sm` cannot run `precision` (for `dsc build`)."""
-    need = ENGINE_MIN_SM.get(precision)
-    if need is not None and int(sm) < need:
-        legal = [p for p, m in ENGINE_MIN_SM.items() if int(sm) >= m]
-        raise Unsupported(f"{precision} engines need SM{need} or newer; SM{sm} can run "
-                          f"{', '.join(['fp16', *legal])}")
+    if isinstance(profile, (str, Path)):
+        profile = load_profile(profile)
+    check_quantized_target(precision, profile)
 
 
 def read_calibration_text(calib: str | Path | None) -> str:
@@ -239,7 +203,7 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     `alpha`: SmoothQuant's migration strength for INT8 W8A8; None (the default, "auto")
     searches it per layer, on the fake-quantized GEMM error of the calibration rows.
     """
-    from dsc.passes._ir import reset_unique_names
+    from dsc.passes import reset_unique_names
     from dsc.passes.quant import calibrate as cal
     from dsc.passes.quant.awq import AWQScalePass
     from dsc.passes.quant.qdq import InsertQDQPass, QuantScheme
@@ -345,7 +309,7 @@ def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Pat
     """
     import onnx_ir as ir
 
-    from dsc.api import load_tokenizer
+    from dsc.models.loading import load_tokenizer
     from dsc.passes.quant.ranges import METHODS
 
     if method is not None and method not in METHODS:
@@ -409,75 +373,6 @@ def quant_outputs(outputs: dict, onnx_name: str) -> dict:
             if k in mine or k.startswith(("reference/", "calibration/"))}
 
 
-def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, *,
-                      calib: str | Path | None = None, method: str | None = None,
-                      samples: int = 64, seq_len: int = 128, alpha: float | None = None,
-                      weight_only: bool = False, exclude=(), profile=None, force: bool = False,
-                      use_cache: bool = True, lm_head: str | None = None,
-                      embedding: str | None = None, progress=None) -> QuantizeResult:
-    """Write a new artifact at `output`: the quantized graph of `artifact` plus its reference.
-
-    `lm_head` / `embedding`: see `quantize_model` and `check_vocab_options` (checked, with
-    `profile`, before any work)."""
-    from dsc.manifest import canonical_hash, graph_record, hash_tree, write_derived_manifest
-
-    t0 = time.perf_counter()
-    check_legal(precision, profile)
-    check_vocab_options(lm_head, embedding, precision, _model_config(artifact))
-    for flag, p in vocab_precisions(lm_head, embedding).items():
-        try:
-            check_legal(p, profile)
-        except Unsupported as e:
-            raise Unsupported(f"--quantize-{flag} {p}: {e}") from None
-    from dsc.passes.quant.ranges import METHODS
-
-    if method is not None and method not in METHODS:
-        raise BadInput(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
-    artifact, output = Path(artifact), Path(output)
-    manifest = load_manifest(artifact)
-    io = load_io_spec(artifact)
-    if (artifact / "reference").exists() or manifest.get("stages", {}).get("quantize", {}) \
-            .get("status") in ("ran", "reused"):
-        raise BadInput(f"{artifact} is already quantized; quantize its fp16 export instead")
-    if output.absolute() == artifact.absolute():
-        raise BadInput("the output must be a new directory, not the input artifact")
-    calib_sha = calibration_sha256(calib)
-    with atomic_dir(output, force=force) as tmp:
-        for p in artifact.iterdir():
-            if p.name == MANIFEST or p.name == "engines":
-                continue  # engines of the float graph do not belong to the quantized one
-            (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
-        report, stage = quantize_in_place(
-            tmp, precision, calib=calib, method=method, samples=samples, seq_len=seq_len,
-            alpha=alpha, weight_only=weight_only, exclude=exclude, use_cache=use_cache,
-            lm_head=lm_head, embedding=embedding, progress=progress)
-        seconds = round(time.perf_counter() - t0, 2)
-        inputs = {"graph": (manifest.get("graph") or {}).get("hash")
-                  or graph_record(artifact, io)["hash"],
-                  "precision": precision, "weight_only": stage["weight_only"],
-                  "method": stage["method"], "alpha": stage["alpha"], "samples": samples,
-                  "seq_len": seq_len, "exclude": list(exclude), "calib_sha256": calib_sha,
-                  "tools": _tools(), **vocab_inputs(lm_head, embedding)}
-        if profile is not None:
-            stage["profile"] = getattr(profile, "name", str(profile))
-        new_io = load_io_spec(tmp, check_manifest=False)
-        outputs = hash_tree(tmp)
-        stages = dict(manifest.get("stages", {}))
-        stages["quantize"] = {"status": "ran", "input_hash": canonical_hash(inputs),
-                              "inputs": inputs, "outputs": quant_outputs(outputs, io["onnx"]),
-                              "seconds": seconds, **stage}
-        # Engines of the input graph are not copied: their records go too.
-        new = {k: v for k, v in manifest.items() if k not in ("profiles", "validation")}
-        stages.pop("compile", None)
-        stages.pop("validate", None)
-        new.update(stages=stages, graph=graph_record(tmp, new_io), outputs=outputs,
-                   precision=precision)
-        write_derived_manifest(tmp, new, manifest, artifact)
-    return QuantizeResult(output, precision, report["scheme"], stage["method"],
-                          len(report["layers"]), report["excluded"],
-                          report["experts"]["under_calibrated"], seconds, report)
-
-
 def vocab_inputs(lm_head: str | None, embedding: str | None) -> dict:
     """The quantize stage's input-hash fields for the vocabulary weights: none when neither is
     quantized, so the hashes of artifacts built before these options existed do not change."""
@@ -489,15 +384,10 @@ def vocab_inputs(lm_head: str | None, embedding: str | None) -> dict:
     return out
 
 
-def _model_config(artifact: Path) -> dict | None:
+def model_config(artifact: Path) -> dict | None:
+    """The config.json of `artifact` as a dict, or None when it is missing or unreadable."""
     try:
         cfg = json.loads((Path(artifact) / "config.json").read_text())
     except (OSError, ValueError):
         return None  # load_manifest / load_io_spec report a broken artifact
     return cfg if isinstance(cfg, dict) else None
-
-
-def _tools() -> dict:
-    from dsc.passes._optimize import _tools as tools
-
-    return tools()

@@ -8,24 +8,15 @@ from dsc.passes._framework import (
     PassOptions,
     PassRecord,
     PipelineReport,
-    build_pipeline,
     count_nodes,
-    get_pass,
-    list_passes,
     register_pass,
-    run_pipeline,
 )
+from dsc.passes._ir import reset_unique_names
+from dsc.passes._pipeline import build_pipeline, get_pass, list_passes, run_pipeline
 from dsc.passes._target import TargetOps, target_ops
 
 __all__ = [
     "PIPELINE", "DscPass", "PassContext", "PassInfo", "PassOptions", "PassRecord",
     "PipelineReport", "TargetOps", "build_pipeline", "count_nodes", "get_pass", "list_passes",
-    "optimize_artifact", "register_pass", "run_pipeline", "target_ops",
+    "register_pass", "reset_unique_names", "run_pipeline", "target_ops",
 ]
-
-
-def optimize_artifact(*args, **kwargs):
-    """`dsc optimize` (see dsc.passes._optimize.optimize_artifact)."""
-    from dsc.passes._optimize import optimize_artifact as impl
-
-    return impl(*args, **kwargs)

@@ -1,6 +1,6 @@
 """Verify-each: run ONNX Runtime on fixed small inputs after a pass and compare with before.
 
-Inputs are made from the graph's own inputs, by role (see `dsc.backends.tensorrt._shapes`):
+Inputs are made from the graph's own inputs, by role (see `dsc.backends.tensorrt.roles_for_input`):
 two cases, a prefill (batch 2, 5 new tokens, empty past) and a decode step (batch 2, 1 new
 token, 4 cached), so passes that branch on sequence length are checked on both branches.
 """
@@ -34,7 +34,7 @@ def _vocab(model: ir.Model) -> int:
 
 def make_feeds(model: ir.Model, batch: int, seq: int, past: int, seed: int = 0) -> dict:
     """Deterministic inputs for a dsc KV-cache graph (or any graph whose axes have roles)."""
-    from dsc.backends.tensorrt._shapes import roles_for_input
+    from dsc.backends.tensorrt import roles_for_input
 
     rng = np.random.default_rng(seed)
     sizes = {"batch": batch, "seq": seq, "past": past, "total": past + seq}

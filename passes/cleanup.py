@@ -58,7 +58,7 @@ class TransposeLastTwo(pattern.RewriteRuleClassBase):
                 and entry_equals(e1[2], Dim(x, 3))):
             return result.fail(f"first reshape is not [-1, d2, d3] of the input: {e1}", s1)
         want = [Dim(x, 0), Dim(x, 1), Dim(x, 3), Dim(x, 2)]
-        if len(e2) != 4 or not all(entry_equals(a, b) for a, b in zip(e2, want)):
+        if len(e2) != 4 or not all(entry_equals(a, b) for a, b in zip(e2, want, strict=False)):
             return result.fail(f"second reshape is not [d0, d1, d3, d2]: {e2}", s2)
         return result
 

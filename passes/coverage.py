@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import onnx_ir as ir
 
 from dsc.passes._ir import const_array, const_scalar, producer, rank
-from dsc.passes.fusion._common import block_of, explain, form_of
+from dsc.passes.fusion import block_of, explain, form_of
 
 KINDS = ("rmsnorm", "attention", "mlp", "moe", "rope")
 

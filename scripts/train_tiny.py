@@ -353,7 +353,8 @@ def train_one(
             msg = f"   step {step:5d}  loss {avg:.3f}  lr {lr_at(step, plan):.2e}  {el:6.1f}s"
             if load:  # busiest expert's share of this step's routed tokens, over all layers
                 top = max(max(f) for f in load.fractions().values())
-                msg += f"  max expert load {top:.3f} (even: {1 / len(load.counts[next(iter(load.counts))]):.3f})"
+                even = 1 / len(load.counts[next(iter(load.counts))])
+                msg += f"  max expert load {top:.3f} (even: {even:.3f})"
             print(msg, flush=True)
     steps_done = len(losses)
     train_s = time.perf_counter() - t0
@@ -454,7 +455,8 @@ def train_one(
     }
     if kind == "v3":
         record["moe_balancing"] = {
-            "method": "aux-loss-free: e_score_correction_bias += u * sign(mean_load - load) per step",
+            "method": "aux-loss-free: e_score_correction_bias += u * sign(mean_load - load) "
+                      "per step",
             "bias_update_speed": args.bias_update_speed,
             "experts_implementation_in_training": args.experts_implementation,
             "heldout_expert_token_fractions": expert_load,

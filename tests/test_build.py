@@ -702,11 +702,11 @@ def test_config_file_errors_name_the_key(tmp_path, capsys):
 
 
 def test_example_release_config_is_valid():
-    from dsc.build import BuildConfig
+    from dsc.build_config import BuildConfig
     from dsc.config_file import load_config_file
 
     path = Path(__file__).resolve().parent.parent / "examples" / "dsc.yaml"
     values = load_config_file(path)
     assert values["checkpoint"].is_dir() and (values["checkpoint"] / "config.json").is_file()
     assert len(values["profiles"]) >= 2
-    BuildConfig(**{k: v for k, v in values.items() if k in BuildConfig.keys()})
+    BuildConfig(**{k: v for k, v in values.items() if k in BuildConfig.keys()})  # noqa: SIM118

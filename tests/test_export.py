@@ -77,7 +77,7 @@ def test_prefill_and_decode_match_pytorch(family, batch, length, exported, refer
     want_logits, want_present = torch_step(model, ids, mask, pos, None)
     _check_close(got.logits, want_logits, f"{family} prefill logits")
     assert len(got.present) == len(want_present) == 2 * runner.num_layers
-    for name, g, w in zip(runner.present_names, got.present, want_present):
+    for name, g, w in zip(runner.present_names, got.present, want_present, strict=False):
         assert g.shape == w.shape, name
         _check_close(g, w, f"{family} prefill {name}")
 
@@ -89,7 +89,7 @@ def test_prefill_and_decode_match_pytorch(family, batch, length, exported, refer
         got = runner.step(tok, mask, pos, past_ort)
         want_logits, want_present = torch_step(model, tok, mask, pos, past_ref)
         _check_close(got.logits, want_logits, f"{family} decode {step} logits")
-        for name, g, w in zip(runner.present_names, got.present, want_present):
+        for name, g, w in zip(runner.present_names, got.present, want_present, strict=False):
             assert g.shape[2] == length + step + 1, name
             _check_close(g, w, f"{family} decode {step} {name}")
         past_ort, past_ref = got.present, want_present

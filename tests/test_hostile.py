@@ -888,7 +888,7 @@ def test_the_detectors_see_a_read(tmp_path, atime_works):
         v.read_bytes()
     finally:
         _WATCHED.clear()
-    assert _OPENED == [os.path.realpath(v)]
+    assert [os.path.realpath(v)] == _OPENED
     if atime_works:
         st = v.stat()
         os.utime(v, ns=(st.st_mtime_ns - 10**12, st.st_mtime_ns))

@@ -1,4 +1,4 @@
-"""The package installs from the checkout, with passes/ as dsc.passes and profiles/ as dsc.profiles."""
+"""The package installs from the checkout: passes/ as dsc.passes, profiles/ as dsc.profiles."""
 
 from __future__ import annotations
 

@@ -37,9 +37,8 @@ def _cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def graphs(exported, tmp_path_factory):
     """(family, form) -> artifact directory; form "exported" or "optimized" (rtx-4090)."""
-    from dsc.passes._optimize import optimize_artifact
-
     from dsc.hardware import load_profile
+    from dsc.stages.optimize import optimize_artifact
 
     root = tmp_path_factory.mktemp("quant_moe")
 
@@ -122,10 +121,9 @@ def test_smoothing_sees_no_branch_target(graphs):
 
 
 def test_calibration_sees_inlined_branches(graphs):
-    from dsc.passes.quant.calibrate import collect
-
     from dsc.api import load_tokenizer
     from dsc.artifacts import load_io_spec
+    from dsc.passes.quant.calibrate import collect
     from dsc.quantize import calibration_windows, read_calibration_text
 
     art = graphs["deepseek_v3", "optimized"]
@@ -145,10 +143,9 @@ def test_calibration_sees_inlined_branches(graphs):
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
 def test_experts_quantized_and_logits_close(graphs, quantized, family, form, precision,
                                             weight_only):
-    from dsc.passes.quant.qdq import InsertQDQPass, QuantScheme, find_targets
-
     from dsc.artifacts import load_io_spec
     from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.passes.quant.qdq import InsertQDQPass, QuantScheme, find_targets
 
     art = graphs[family, form]
     io = load_io_spec(art)

@@ -39,7 +39,7 @@ def _quantize(artifact, precision, **kw):
 def _consumers(model):
     out = {}
     for n in model.graph:
-        for i, v in enumerate(n.inputs):
+        for v in n.inputs:
             if v is not None:
                 out.setdefault(v.name, []).append(n)
     return out
@@ -200,8 +200,8 @@ def test_under_calibrated_listing():
 
 
 def test_ranges_methods():
+    from dsc.passes.quant.calibrate import CalibStats, _Acc
     from dsc.passes.quant.ranges import METHODS, compute_amax
-    from dsc.passes.quant.calibrate import _Acc, CalibStats
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4096, 8)).astype(np.float32)
@@ -267,8 +267,9 @@ def _quick_gate():
 
 def _rtx():
     try:
-        from dsc.backends.tensorrt import available_backends  # noqa: F401
         import tensorrt_rtx  # noqa: F401
+
+        from dsc.backends.tensorrt import available_backends  # noqa: F401
     except Exception:
         return False
     return True
@@ -293,7 +294,7 @@ def fp16_fixtures(checkpoints, tmp_path_factory):
 def test_engines_build_per_sm(fp16_fixtures, family, tmp_path):
     from dsc.backends.tensorrt import BuildOptions, ShapeEnvelope, build_engine
     from dsc.errors import Unsupported
-    from dsc.quantize import ENGINE_MIN_SM, check_engine_target
+    from dsc.precision import ENGINE_MIN_SM, check_engine_sm
 
     env = ShapeEnvelope(1, 8, 32)
     for precision, sms in (("int8", (75, 80, 89)), ("int4", (80, 89)), ("fp8", (89,))):
@@ -322,14 +323,14 @@ def test_engines_build_per_sm(fp16_fixtures, family, tmp_path):
                 q, _, _ = _quantize(t4_dir, precision)
                 target = tmp_path / f"{precision}-sm75.onnx"
                 ir.save(q, str(target))
-            check_engine_target(precision, sm)
+            check_engine_sm(precision, sm)
             r = build_engine(target, env, BuildOptions(target_sm=sm), backend="rtx")
             assert r.size_bytes > 0, (precision, sm)
         below = ENGINE_MIN_SM[precision] - 1
         refused = {"int8": None, "int4": 75, "fp8": 80}[precision]
         if refused:
             with pytest.raises(Unsupported, match=f"SM{ENGINE_MIN_SM[precision]}"):
-                check_engine_target(precision, refused)
+                check_engine_sm(precision, refused)
             with pytest.raises(Unsupported, match="cannot run"):
                 build_engine(path, env, BuildOptions(target_sm=refused), backend="rtx")
         assert below < ENGINE_MIN_SM[precision]
@@ -353,7 +354,7 @@ BUDGETS = {("fp8", False): 0.01, ("int8", False): 0.02, ("int8", True): 0.02, ("
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,weight_only", list(BUDGETS))
 def test_accuracy_budget_tiny_v3(tiny_v3_fp16, tmp_path, precision, weight_only):
-    from dsc.quantize import quantize_artifact
+    from dsc.stages.quantize import quantize_artifact
     from dsc.validate.gate import GateOptions
     from dsc.validate.run import validate_artifact
 
@@ -409,7 +410,7 @@ def test_onnxruntime_runs_weight_only_graph_as_written(exported, tmp_path, preci
     # with the dequantized weights written out as float initializers.
     from dsc.artifacts import load_io_spec
     from dsc.backends.onnxruntime.runner import OrtCausalLM
-    from dsc.quantize import quantize_artifact
+    from dsc.stages.quantize import quantize_artifact
 
     art = exported["qwen2"]
     out = tmp_path / "q"
@@ -439,7 +440,7 @@ def test_int8_defaults_beat_fixed_alpha_trained(tmp_path):
     # tiny-qwen2, scored by the gate on held-out text: KL at least 1.5x lower (measured: 0.0007
     # against 0.0018 on all 447 held-out windows, docs/BENCHMARKS.md).
     from dsc import api
-    from dsc.quantize import quantize_artifact
+    from dsc.stages.quantize import quantize_artifact
     from dsc.validate.gate import GateOptions
     from dsc.validate.run import validate_artifact
 

@@ -213,7 +213,7 @@ def test_gate_never_holds_both_graphs_and_matches_resident_runners(fp16_artifact
 
     from dsc.backends.onnxruntime.runner import OrtCausalLM
     from dsc.validate.gate import GateOptions, run_gate
-    from dsc.validate.run import _default_text
+    from dsc.validate.run import default_text
 
     dst = tmp_path / "int8"
     _candidate(fp16_artifact, dst, _int8_weights)
@@ -233,7 +233,7 @@ def test_gate_never_holds_both_graphs_and_matches_resident_runners(fp16_artifact
 
     opts = GateOptions(window=32, windows=3, decode_steps=3, prompts=2, gen_len=6, locate=False)
     tok = api.load_tokenizer(dst)
-    text = _default_text()
+    text = default_text()
     streamed = run_gate(maker(dst / "model.onnx", "candidate"),
                         maker(dst / "reference" / "model.onnx", "reference"), tok, text,
                         precision="int8", options=opts, quiet=True)

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import warnings
 
-from dsc.errors import CheckpointError
+from dsc.errors import BadInput, CheckpointError
 from dsc.models.checkpoint import CheckpointInfo
 
 logger = logging.getLogger(__name__)
@@ -176,3 +176,17 @@ def _check_finite_parameters(model, info: CheckpointInfo) -> None:
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"checkpoint {info.path}: tensor {name} holds NaN or Inf "
                                   "values (after the cast to the export dtype)")
+
+
+def load_tokenizer(directory):
+    """The tokenizer stored in an artifact (or checkpoint) directory.
+
+    Raises `BadInput` (exit 3) for a missing or malformed tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        with transformers_quiet():
+            return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as e:  # tokenizers raises plain Exception for a malformed tokenizer.json
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"cannot load the tokenizer in {directory}: {first}") from None

@@ -123,7 +123,7 @@ class WeightReader:
                 except (OSError, SafetensorError) as e:
                     raise CheckpointError(f"cannot open {f}: {e}") from None
                 self._handles[f] = handle
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
                     if key in self._where:
                         raise CheckpointError(f"tensor {key} is stored twice: in "
                                               f"{self._where[key].name} and {f.name}")

@@ -26,7 +26,8 @@ difference is recorded beside it (`kv_rel_diff_exact_graph`), and its logits mus
 
 This is a sanity check, not the accuracy gate: the gate (ONNX/engine vs the FP16 reference:
 KL, top-k, perplexity) is `dsc validate`. ONNX Runtime's CPU provider has no bf16
-MatMul: a bf16 graph is run as its float32 view (`dsc.backends.onnxruntime.runner.inference_session`),
+MatMul: a bf16 graph is run as its float32 view
+(`dsc.backends.onnxruntime.runner.inference_session`),
 which checks the graph's structure and KV cache, not bf16 rounding.
 """
 

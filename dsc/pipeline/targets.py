@@ -127,12 +127,12 @@ def _mode(profile: HardwareProfile, backend: str, standard_only: list[str],
 def _fit(model_config: Mapping[str, Any], model_name: str, profile: HardwareProfile,
          dtype: str, env: ShapeEnvelope, quantize: str | None = None,
          weight_precisions: Mapping[str, str] | None = None) -> dict:
-    from dsc.plan import _Model, plan
+    from dsc.plan import PlanModel, plan
 
     precision = quantize or (dtype if dtype in ("fp16", "bf16") else "fp16")
     tables = {"lm_head": (weight_precisions or {}).get("lm-head"),
               "embedding": (weight_precisions or {}).get("embedding")}
-    r = plan(_Model(model_name, model_config), profile, precision, batch=env.max_batch,
+    r = plan(PlanModel(model_name, model_config), profile, precision, batch=env.max_batch,
              context=env.max_kv, input_len=env.max_input_len, **tables)
     memory = dict(r.memory)
     note = None
@@ -171,9 +171,9 @@ def _best_remedy(model_config: Mapping[str, Any], model_name: str, profile: Hard
                  precision: str, env: ShapeEnvelope, r0: Any,
                  tables: Mapping[str, str | None]) -> str:
     """The plan's first remedy in `dsc build` words (dsc.plan.remedies)."""
-    from dsc.plan import _Model, remedies
+    from dsc.plan import PlanModel, remedies
 
-    rems = [r for r in remedies(_Model(model_name, model_config), profile, precision,
+    rems = [r for r in remedies(PlanModel(model_name, model_config), profile, precision,
                                 batch=env.max_batch, context=env.max_kv,
                                 input_len=env.max_input_len, **tables) if r.fits]
     build_flags = {"context": lambda r: f"--max-kv {r.result.context}",
@@ -220,7 +220,7 @@ def resolve_targets(
     `--quantize-embedding`) must be legal the same way; a refusal names the option.
     """
     from dsc.models.params import model_shape
-    from dsc.plan import check_precision
+    from dsc.precision import check_on_profile
 
     names = split_profiles(profiles)
     if not names:
@@ -250,16 +250,16 @@ def resolve_targets(
     targets = []
     for prof in loaded:
         if dtype == "fp32":
-            check_precision(prof, "fp16")
+            check_on_profile(prof, "fp16")
         else:
-            check_precision(prof, dtype)
+            check_on_profile(prof, dtype)
         if quantize is not None:
-            from dsc.quantize import check_legal
+            from dsc.precision import check_quantized_target
 
-            check_legal(quantize, prof)
+            check_quantized_target(quantize, prof)
             for flag, p in (weight_precisions or {}).items():
                 try:
-                    check_legal(p, prof)
+                    check_quantized_target(p, prof)
                 except Unsupported as e:
                     raise Unsupported(f"--quantize-{flag} {p}: {e}") from None
         env = _envelope(prof, model_max, max_batch, max_input_len, max_kv, max_num_tokens)
@@ -310,17 +310,17 @@ def resolve_targets(
                 pre = BuildOptions(target_sm=prof.preflight_sm, workspace_mib=workspace,
                                    optimization_level=b.optimization_level)
         if quantize is not None:
-            from dsc.quantize import check_engine_target
+            from dsc.precision import check_engine_sm
 
             sm = {"rtx": opts.target_sm, "device": prof.sm,
                   "preflight": pre.target_sm if pre is not None else prof.sm}[mode]
             try:
-                check_engine_target(quantize, sm)
+                check_engine_sm(quantize, sm)
             except Unsupported as e:
                 raise Unsupported(f"{prof.name}: {e}") from None
             for flag, p in (weight_precisions or {}).items():
                 try:
-                    check_engine_target(p, sm)
+                    check_engine_sm(p, sm)
                 except Unsupported as e:
                     raise Unsupported(f"{prof.name}: --quantize-{flag} {p}: {e}") from None
         fit = _fit(model_config, model_name, prof, dtype, env, quantize, weight_precisions)

@@ -183,9 +183,9 @@ def gate_metrics(validation: dict) -> str | None:
 
     def build():
         fig, axes = _figure(10.5, 2.8, ncols=len(GATE_PANELS) + 2)
-        for n, (ax, (metric, key, title, better)) in enumerate(zip(axes, GATE_PANELS)):
+        for n, (ax, (metric, key, title, better)) in enumerate(zip(axes, GATE_PANELS, strict=False)):
             vals = [validation[ph].get(metric) for ph in ("prefill", "decode")]
-            labels = [ph for ph, v in zip(("prefill", "decode"), vals) if v is not None]
+            labels = [ph for ph, v in zip(("prefill", "decode"), vals, strict=False) if v is not None]
             vals = [v for v in vals if v is not None]
             _bars(ax, labels, vals, th.get(key), better)
             _label(ax, n, title, "phase", {"cosine_p01": "cosine", "kl_mean": "nats"}.get(
@@ -284,8 +284,8 @@ def memory(profiles: dict[str, dict]) -> str | None:
             widths = [plan["memory_bytes"].get(part, 0) / GiB for _, plan in rows]
             ax.barh(ys, widths, left=left, height=0.45, color=COLORS[n % len(COLORS)],
                     label=part.replace("_", " "))
-            left = [a + b for a, b in zip(left, widths)]
-        for y, (_, plan) in zip(ys, rows):
+            left = [a + b for a, b in zip(left, widths, strict=False)]
+        for y, (_, plan) in zip(ys, rows, strict=False):
             total, cap = plan["total_bytes"] / GiB, plan["capacity_bytes"] / GiB
             ax.annotate(f"{total:,.2f} of {cap:,.0f} GiB ({total / cap:.0%})", (cap, y),
                         xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
@@ -313,10 +313,10 @@ def stage_times(rows: Sequence[tuple[str, float, str]]) -> str | None:
         ys = list(range(len(rows)))
         colors = [COLORS[0] if status == "ran" else "#ced4da" for _, _, status in rows]
         bars = ax.barh(ys, [s for _, s, _ in rows], color=colors, height=0.6)
-        for bar, (_, _, status) in zip(bars, rows):
+        for bar, (_, _, status) in zip(bars, rows, strict=False):
             if status != "ran":
                 bar.set_hatch("//")
-        for y, (_, s, status) in zip(ys, rows):
+        for y, (_, s, status) in zip(ys, rows, strict=False):
             ax.annotate(f"{s:,.1f} s" + ("" if status == "ran" else f" ({status})"), (s, y),
                         xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
         ax.set_yticks(ys, [name for name, _, _ in rows])
@@ -378,7 +378,7 @@ def latency(bench: dict) -> str | None:
             rs = sorted((r for r in rows if r["prompt_len"] == length), key=lambda r: r["batch"])
             b = [r["batch"] for r in rs]
             c = COLORS[n % len(COLORS)]
-            for ax, key in zip(axes, ("tpot", "ttft")):
+            for ax, key in zip(axes, ("tpot", "ttft"), strict=False):
                 ax.plot(b, [r[key]["p50_ms"] for r in rs], marker="o", color=c,
                         label=f"prompt {length}, p50")
                 ax.plot(b, [r[key]["p99_ms"] for r in rs], linestyle="--", linewidth=1,

@@ -1,7 +1,8 @@
 """Find where a candidate graph departs from its reference, layer by layer.
 
 The exporter records, on every node, the module it came from (metadata
-`pkg.torch.onnx.name_scopes`, e.g. `[..., 'model.model.layers.3', 'model.model.layers.3.mlp', ...]`).
+`pkg.torch.onnx.name_scopes`, e.g.
+`[..., 'model.model.layers.3', 'model.model.layers.3.mlp', ...]`).
 For each module the output of its last node (in topological order) stands for the module's
 output. Every such tensor that exists under the same name in both graphs is made a graph output,
 both graphs run on the same inputs, and the relative error ||c - r|| / ||r|| is computed per tensor.
@@ -19,7 +20,6 @@ design) carry the node metadata `dsc.rescaled` and are not compared.
 
 from __future__ import annotations
 
-import ast
 import logging
 import re
 from dataclasses import dataclass
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dsc.node_meta import RESCALED_KEY, module_path
+
 logger = logging.getLogger(__name__)
 
-_SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-RESCALED_KEY = "dsc.rescaled"  # node metadata: its output is scaled per channel by design
 _LAYER = re.compile(r"layers\.(\d+)")
 
 # Relative error below which a module output never counts as the first divergence (the report
@@ -48,24 +48,6 @@ class TensorError:
     def to_json(self) -> dict:
         return {"tensor": self.tensor, "module": self.module, "layer": self.layer,
                 "rel_error": self.rel_error}
-
-
-def module_path(node) -> str | None:
-    raw = node.metadata_props.get(_SCOPE_KEY)
-    if not raw:
-        return None
-    try:
-        scopes = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return None
-    chain = []
-    for s in scopes:
-        if not s:
-            continue
-        if chain and not s.startswith(chain[-1] + "."):
-            break
-        chain.append(s)
-    return chain[-1] if chain else None
 
 
 def module_outputs(model) -> list[tuple[str, str]]:
@@ -117,7 +99,7 @@ def _run_with_outputs(onnx_path: Path, names: list[str], ids: np.ndarray) -> dic
             model.graph.outputs.append(values[n])
     # The weights are read where they are (no copy of the graph's data file is written).
     outs = inference_session(model).run(wanted, feeds)
-    return dict(zip(wanted, outs))
+    return dict(zip(wanted, outs, strict=False))
 
 
 def _rel_error(c: np.ndarray, r: np.ndarray) -> float:

@@ -17,9 +17,9 @@ import logging
 import os
 from pathlib import Path
 
+from dsc import signals
 from dsc.artifacts import IO_SPEC, MANIFEST, load_io_spec, load_manifest
 from dsc.errors import BadInput
-from dsc import signals
 from dsc.models.checkpoint import sha256_file
 from dsc.paths import check_graph_file
 
@@ -62,7 +62,8 @@ def resolve_reference(artifact: Path, reference: str | Path) -> tuple[Path, dict
     raise BadInput(f"reference not found: {reference} (use fp16, an artifact dir or a .onnx file)")
 
 
-def _default_text() -> str:
+def default_text() -> str:
+    """The held-out split of the shipped corpus: the gate's default data (never calibrated on)."""
     from dsc.corpus import heldout_text
 
     return heldout_text()
@@ -101,7 +102,7 @@ def gate_summary(result: dict) -> dict:
 def _read_data(data: str | Path | None) -> str:
     """The held-out text: the shipped split, or a regular file of at most 256 MiB."""
     if data is None:
-        return _default_text()
+        return default_text()
     from dsc.paths import read_text_bounded
 
     p = Path(data)
@@ -115,8 +116,8 @@ def validate_artifact(artifact: str | Path, *, reference: str | Path = "fp16",
                       data: str | Path | None = None, thresholds: dict | None = None,
                       precision: str | None = None, options=None, write: bool = True,
                       quiet: bool = False) -> dict:
-    from dsc.api import load_tokenizer
     from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.models.loading import load_tokenizer
     from dsc.validate.gate import GateOptions, run_gate
 
     artifact = Path(artifact)

@@ -4,9 +4,14 @@ rmsnorm, mlp (SiLU-gated), rotary, mla (DeepSeek MLA incl. weight absorption), a
 (MHA/GQA), moe (routed experts). Importing this package registers their passes.
 """
 
-from dsc.passes.fusion import rmsnorm  # noqa: F401
-from dsc.passes.fusion import mlp  # noqa: F401
-from dsc.passes.fusion import rotary  # noqa: F401
-from dsc.passes.fusion import attention  # noqa: F401
-from dsc.passes.fusion import mla  # noqa: F401
-from dsc.passes.fusion import moe  # noqa: F401
+from dsc.passes.fusion import (
+    attention,  # noqa: F401
+    mla,  # noqa: F401
+    mlp,  # noqa: F401
+    moe,  # noqa: F401
+    rmsnorm,  # noqa: F401  (rmsnorm first: the registration order)
+    rotary,  # noqa: F401
+)
+from dsc.passes.fusion._common import block_of, explain, form_of
+
+__all__ = ["block_of", "explain", "form_of"]

@@ -22,9 +22,10 @@ is rewritten, by target and dtype (see dsc.passes._target), into
 
 Fully masked rows (a left-padding query) keep the exported meaning: with the exporter's finite
 bias Where(mask, 0, finfo.min) they attend uniformly (the bias goes in as an additive mask);
-with a -inf bias they are 0, as the exported NaN guard made them: Where(any(mask), out, 0). With MHA (G = 1) the canonical form only drops the repeat and
-the guard between Softmax and the second BMM. DeepSeek MLA reaches this rule after `fuse-mla`
-has turned its key construction into a plain Concat (see dsc.passes.fusion.mla).
+with a -inf bias they are 0, as the exported NaN guard made them: Where(any(mask), out, 0).
+With MHA (G = 1) the canonical form only drops the repeat and the guard between Softmax and
+the second BMM. DeepSeek MLA reaches this rule after `fuse-mla` has turned its key
+construction into a plain Concat (see dsc.passes.fusion.mla).
 """
 
 from __future__ import annotations

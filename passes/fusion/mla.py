@@ -35,7 +35,16 @@ from onnxscript._internal.tape_builder import TapeBuilder
 from onnxscript.rewriter import pattern
 
 from dsc.passes._framework import register_pass
-from dsc.passes._ir import attr, const_array, const_ints, const_scalar, dim, dtype_name, producer, rank
+from dsc.passes._ir import (
+    attr,
+    const_array,
+    const_ints,
+    const_scalar,
+    dim,
+    dtype_name,
+    producer,
+    rank,
+)
 from dsc.passes._target import TargetOps
 from dsc.passes.fusion._common import FusionPass, branch_graph, new_const, tag
 from dsc.passes.fusion.attention import emit_attention, mask_of

@@ -27,8 +27,17 @@ from __future__ import annotations
 from onnxscript.rewriter import pattern
 
 from dsc.passes._framework import register_pass
-from dsc.passes._ir import Dim, attr, const_ints, const_scalar, dim, entry_equals, producer, \
-    rank, shape_expr
+from dsc.passes._ir import (
+    Dim,
+    attr,
+    const_ints,
+    const_scalar,
+    dim,
+    entry_equals,
+    producer,
+    rank,
+    shape_expr,
+)
 from dsc.passes.fusion._common import FusionPass, tag
 
 FORM = "RotaryEmbedding"
@@ -77,9 +86,7 @@ def _halves_equal(cos4) -> bool:
         if n.op_type == "Concat":
             return len(n.inputs) == 2 and n.inputs[0] is n.inputs[1] \
                 and attr(n, "axis") in (-1, (rank(v) or 0) - 1)
-        if n.op_type in ("Cos", "Sin", "Cast", "Identity"):
-            v = n.inputs[0]
-        elif n.op_type in ("Mul", "Div") and const_scalar(n.inputs[1]) is not None:
+        if n.op_type in ("Cos", "Sin", "Cast", "Identity") or n.op_type in ("Mul", "Div") and const_scalar(n.inputs[1]) is not None:
             v = n.inputs[0]
         elif n.op_type == "Mul" and const_scalar(n.inputs[0]) is not None:
             v = n.inputs[1]
@@ -182,10 +189,10 @@ class RopeV2Fusion(pattern.RewriteRuleClassBase):
         e5, e4 = shape_expr(shape5), shape_expr(shape4)
         want = [Dim(x, 0), Dim(x, 1), Dim(x, 2)]
         if e5 is None or len(e5) != 5 or e5[3:] != [d // 2, 2] \
-                or not all(entry_equals(p, q) for p, q in zip(e5[:3], want)):
+                or not all(entry_equals(p, q) for p, q in zip(e5[:3], want, strict=False)):
             return result.fail(f"x is not reshaped to [B, H, S, D/2, 2]: {e5}", shape5)
         if e4 is None or len(e4) != 4 or not entry_equals(e4[3], d) \
-                or not all(entry_equals(p, q) for p, q in zip(e4[:3], want)):
+                or not all(entry_equals(p, q) for p, q in zip(e4[:3], want, strict=False)):
             return result.fail(f"result is not reshaped back to [B, H, S, D]: {e4}", shape4)
         return result
 

@@ -1,4 +1,5 @@
-"""AWQScalePass: activation-aware scaling and clipping before INT4 (group-128) weight-only quantization.
+"""AWQScalePass: activation-aware scaling and clipping before INT4 (group-128) weight-only
+quantization.
 
 Two searches on the calibration rows X (sampled by `calibrate`), as llm-awq does:
 
@@ -25,6 +26,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
+
 from dsc.passes.quant.qdq import (
     INT4_MAX,
     QuantScheme,
@@ -58,7 +60,7 @@ def search_scale(rows: np.ndarray, meanabs: np.ndarray, weights: list[np.ndarray
         s = m ** a
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         err = 0.0
-        for w, y in zip(ws, ref):
+        for w, y in zip(ws, ref, strict=False):
             wq = _qdq(w * s[:, None], scheme)
             err += float(np.mean(((x / s) @ wq - y) ** 2))
         if a == 0.0:

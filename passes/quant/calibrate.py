@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+
 from dsc.passes.quant.qdq import find_routers, find_targets, range_sources
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class CalibStats:
 
     def save(self, path: Path) -> None:
         arrays = {}
-        for i, (name, s) in enumerate(self.acts.items()):
+        for i, s in enumerate(self.acts.values()):
             for k in ("absmax", "meanabs", "hist", "rows"):
                 arrays[f"{i}.{k}"] = getattr(s, k)
         meta = {"model_sha256": self.model_sha256, "data_sha256": self.data_sha256,
@@ -248,7 +249,7 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
             p.CopyFrom(proto)
             _expose(p, cond_names, vals)
             sess0 = inference_session(p, base_dir=base_dir, threads=threads)
-            res = dict(zip(cond_names, sess0.run(cond_names, _feeds(io, windows[:batch]))))
+            res = dict(zip(cond_names, sess0.run(cond_names, _feeds(io, windows[:batch])), strict=False))
             taken = {k: bool(res[c]) for k, c in conds.items()}
             del sess0, p
         total = int(windows.shape[0] * windows.shape[1])
@@ -261,16 +262,16 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
             while True:
                 sess, acts = session(taken)
                 res = sess.run(acts + idx_names + cond_names, feeds)
-                c = dict(zip(cond_names, res[len(acts) + len(idx_names):]))
+                c = dict(zip(cond_names, res[len(acts) + len(idx_names):], strict=False))
                 got = {k: bool(c[v]) for k, v in conds.items()}
                 if got == taken:
                     break
                 taken = got  # this batch takes other branches: run it again on their inlined copy
-            for name, x in zip(acts, res[: len(acts)]):
+            for name, x in zip(acts, res[: len(acts)], strict=False):
                 if name not in accs:
                     accs[name] = _Acc(x.shape[-1], stride, max_rows)
                 accs[name].add(x)
-            for (mod, _), idx in zip(routers, res[len(acts):len(acts) + len(idx_names)]):
+            for (mod, _), idx in zip(routers, res[len(acts):len(acts) + len(idx_names)], strict=False):
                 c = np.bincount(idx.reshape(-1).astype(np.int64), minlength=n_experts[mod] or 0)
                 counts[mod] = counts.get(mod, 0) + c
             if progress:
@@ -310,7 +311,7 @@ def inline_branches(proto, taken: dict[str, bool]):
         nodes.extend(br.node)
         g.initializer.extend(br.initializer)
         g.value_info.extend(br.value_info)
-        for o_if, o_br in zip(n.output, br.output):
+        for o_if, o_br in zip(n.output, br.output, strict=False):
             nodes.append(helper.make_node("Identity", [o_br.name], [o_if],
                                           name=f"{n.name or o_if}/inlined/{o_if}"))
     del g.node[:]
@@ -337,7 +338,7 @@ def _num_experts(model: ir.Model, router: str) -> int:
     """Number of experts of a router: rows of its Gemm/MatMul weight (the router's out-dim)."""
     for node in model.graph:
         if node.op_type in ("Gemm", "MatMul"):
-            from dsc.validate.locate import module_path
+            from dsc.node_meta import module_path
 
             if module_path(node) == router and node.inputs[1] is not None and \
                     node.inputs[1].shape is not None:

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-from dsc.passes._ir import attr, const_array, const_ints
 
-from dsc.validate.locate import module_path
+from dsc.node_meta import module_path
+from dsc.passes._ir import attr, const_array, const_ints
 
 _MOVE = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Cast", "Identity", "Split",
          "Slice", "Concat")
@@ -94,7 +94,7 @@ class Fold:
             v.const_value = ir.Tensor(f.astype(a.dtype), name=v.name)
         # Their outputs now differ from the float graph's by design: the validation locator
         # (dsc.validate.locate) does not compare them.
-        from dsc.validate.locate import RESCALED_KEY
+        from dsc.node_meta import RESCALED_KEY
 
         for node in self.nodes:
             node.metadata_props[RESCALED_KEY] = "1"
@@ -175,7 +175,7 @@ def _transfer(node: ir.Node, i: int, out: ir.Value, lay: _Layout, fold: Fold) ->
     din, dout = _dims(x), _dims(out)
     r = lay.rank
     if din is not None and (len(din) != r or any(
-            din[a] != n for a, n in zip(lay.axes, lay.idx.shape))):
+            din[a] != n for a, n in zip(lay.axes, lay.idx.shape, strict=False))):
         return f"{op} {out.name}: channel dims not static"
 
     def moved(ro: int | None) -> _Layout | str:
@@ -277,7 +277,7 @@ def _selection(node: ir.Node, out_index: int, lay: _Layout):
     if starts is None or ends is None or axes is None or steps is None:
         return "Slice parameters not constant", None
     sel = None
-    for st, en, ax, sp in zip(starts, ends, [a + r if a < 0 else a for a in axes], steps):
+    for st, en, ax, sp in zip(starts, ends, [a + r if a < 0 else a for a in axes], steps, strict=False):
         if ax in lay.axes:
             if sel is not None:
                 return "Slice on two channel axes", None

@@ -66,7 +66,7 @@ import numpy as np
 import onnx_ir as ir
 
 from dsc.errors import InternalError
-from dsc.validate.locate import module_path
+from dsc.node_meta import module_path
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class QuantScheme:
     @property
     def label(self) -> str:
         if self.precision == "int4":
-            return "int4-awq (W4A16, block %d)" % self.block_size
+            return f"int4-awq (W4A16, block {self.block_size:d})"
         return f"{self.precision} {'weight-only' if self.weight_only else 'W8A8'}"
 
 
@@ -245,7 +245,7 @@ def find_targets(model: ir.Model, exclude=(), *, defaults: bool = True) -> list[
         found.append((node, owner, base, form))
     # role names: per (graph, base) in order
     by_key: dict = {}
-    for node, owner, base, _ in found:
+    for node, _owner, base, _ in found:
         by_key.setdefault((id(node.graph), base), []).append(node)
     out = []
     for node, owner, base, (wi, w, path, kind, in_axis, groups) in found:

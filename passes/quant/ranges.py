@@ -51,7 +51,7 @@ def amax_entropy(hist: np.ndarray, hmax: float, absmax: float, levels: int = 128
         edges = np.linspace(0, i, levels + 1).astype(int)
         q = np.zeros(i)
         src = hist[:i]
-        for a, b in zip(edges[:-1], edges[1:]):
+        for a, b in zip(edges[:-1], edges[1:], strict=False):
             if b <= a:
                 continue
             seg = src[a:b]
@@ -79,7 +79,8 @@ def amax_mse(hist: np.ndarray, hmax: float, absmax: float, precision: str = "int
         inside = x <= a
         clip = np.sum(h[~inside] * (x[~inside] - a) ** 2)
         if precision == "fp8":
-            # E4M3 has 3 mantissa bits: rounding error ~ (x * 2^-4)^2 / 3, floor at the subnormal step
+            # E4M3 has 3 mantissa bits: rounding error ~ (x * 2^-4)^2 / 3, floor at the
+            # subnormal step
             step = np.maximum(x[inside] * 2.0 ** -3, a / 448.0 * 2.0 ** -9)
         else:
             step = np.full(inside.sum(), a / 127.0)

@@ -36,6 +36,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
+
 from dsc.passes.quant.fold import Fold, find_fold
 from dsc.passes.quant.qdq import Target, find_targets
 

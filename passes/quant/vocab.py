@@ -48,14 +48,15 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from dsc.passes.quant.qdq import QuantScheme, check_scales, quantize_weight, weight_dq_inputs
 
 from dsc.errors import Unsupported
-from dsc.validate.locate import module_path
+from dsc.node_meta import module_path
+from dsc.passes.quant.qdq import QuantScheme, check_scales, quantize_weight, weight_dq_inputs
+from dsc.precision import QUANTIZED
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("int8", "int4", "fp8")
+PRECISIONS = QUANTIZED  # what each vocabulary table may be stored at
 BLOCK_SIZE = 128  # int4: the block along the hidden (input) dimension, as InsertQDQPass uses
 _BITS = {"int8": 8, "fp8": 8, "int4": 4}
 

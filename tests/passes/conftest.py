@@ -87,10 +87,10 @@ def compare_ort(artifact: Path, new_onnx: Path, *, batch: int = 2, seq: int = 9,
     worst = 0.0
     for step, ((a, qmask, kmask), (b, _, _)) in enumerate(
             zip(_steps(ref, io, batch, seq, decode, pad, seed),
-                _steps(new, io, batch, seq, decode, pad, seed))):
+                _steps(new, io, batch, seq, decode, pad, seed), strict=False)):
         for name, x, y in [("logits", a.logits, b.logits),
                            *((f"present[{i}]", p, q) for i, (p, q)
-                             in enumerate(zip(a.present, b.present)))]:
+                             in enumerate(zip(a.present, b.present, strict=False)))]:
             assert x.shape == y.shape, f"step {step} {name}: shape {y.shape} != {x.shape}"
             assert np.isfinite(y).all(), f"step {step} {name}: not finite"
             if padded_rows_free:

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dsc.passes import PassContext
-from tests.passes.conftest import FAMILIES, check_pass, load, op_count, run
+from tests.passes.conftest import FAMILIES, check_pass, op_count, run
 
 EXPECTED = {"llama": 5, "qwen2": 5, "deepseek_v2": 10, "deepseek_v3": 13}
 

@@ -6,9 +6,10 @@ here, not dsc's), the quantized graph equals in ONNX Runtime the float graph who
 replaced by those dequantized values (atol 1e-4 on logits and every present, the pass tests'
 fp32 tolerance), and, on the dense qwen2 fixture, its prefill logits stay within a stated
 relative tolerance of the original float graph's (`FLOAT_RTOL`; on the random-weight MoE
-fixture a rounded embedding flips expert choices, so only the exact comparison applies there). Tied tables: one quantized table read by
-the Gather and the Transpose → MatMul; asked for at two precisions, refused. Compile: the
-quantized graphs build with TensorRT-RTX for SM80 (int8/int4) and SM89 (fp8).
+fixture a rounded embedding flips expert choices, so only the exact comparison applies there).
+Tied tables: one quantized table read by the Gather and the Transpose → MatMul; asked for at
+two precisions, refused. Compile: the quantized graphs build with TensorRT-RTX for SM80
+(int8/int4) and SM89 (fp8).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import pytest
-from dsc.passes.quant.vocab import VocabQDQPass, find_embedding, find_lm_head, quantize_table
 
 from dsc.errors import Unsupported
+from dsc.passes.quant.vocab import VocabQDQPass, find_embedding, find_lm_head, quantize_table
 from tests.passes.conftest import compare_ort, load, op_count, save
 
 PRECISIONS = ("int8", "int4", "fp8")

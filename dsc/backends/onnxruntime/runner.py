@@ -161,9 +161,10 @@ def external_base_dir(model) -> Path | None:
 def spilled(model) -> Iterator[tuple[object, Path | None]]:
     """`model` ready to be handed to ONNX Runtime as a proto: yields (model, base_dir).
 
-    A bf16 model becomes its `float32_view` (same value names; float32 types). A model holding more than 1.5 GiB of tensors in memory (e.g. SmoothQuant's rescaled
-    weights) is written to a private temporary directory with external data and reloaded
-    lazily, since the bytes handed to ONNX Runtime cannot exceed protobuf's 2 GiB; the
+    A bf16 model becomes its `float32_view` (same value names; float32 types). A model holding
+    more than 1.5 GiB of tensors in memory (e.g. SmoothQuant's rescaled weights) is written to
+    a private temporary directory with external data and reloaded lazily, since the bytes
+    handed to ONNX Runtime cannot exceed protobuf's 2 GiB; the
     directory lives until the block ends. Otherwise `model` itself and the directory its
     external tensors are read from (None: it has none).
     """
@@ -271,7 +272,7 @@ class OrtCausalLM:
             "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
             "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
         }
-        feeds.update(zip(self.past_names, past))
+        feeds.update(zip(self.past_names, past, strict=False))
         logits, *present = self.session.run(self._outputs, feeds)
         return StepOutput(logits, present)
 

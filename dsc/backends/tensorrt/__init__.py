@@ -21,6 +21,7 @@ from dsc.backends.tensorrt._shapes import (
     infer_io_roles,
     io_roles_from_spec,
     profile_shapes,
+    roles_for_input,
 )
 from dsc.backends.tensorrt.builder import (
     BuildOptions,
@@ -38,5 +39,6 @@ __all__ = [
     "RTX_TARGET_SMS", "BuildOptions", "EngineBuildResult", "EngineInspection", "Flavour",
     "LogRecord", "WorkspaceTooSmall", "ProfileRanges", "ProfileShapes", "ShapeEnvelope", "TrtFlavourApi",
     "available_backends", "build_engine", "infer_io_roles", "inspect_engine",
-    "io_roles_from_spec", "load_trt", "profile_shapes", "trtexec_command", "trtexec_command_line",
+    "io_roles_from_spec", "load_trt", "profile_shapes", "roles_for_input", "trtexec_command",
+    "trtexec_command_line",
 ]

@@ -22,11 +22,12 @@ import logging
 from types import ModuleType
 
 from dsc.errors import Unsupported
+from dsc.precision import RTX_TARGET_SMS
 
 logger = logging.getLogger(__name__)
 
 
-class Flavour(str, enum.Enum):
+class Flavour(str, enum.Enum):  # noqa: UP042  (str() of a member stays "Flavour.X")
     """A TensorRT distribution; the value is its Python module name."""
 
     TENSORRT = "tensorrt"
@@ -53,8 +54,6 @@ class Flavour(str, enum.Enum):
 # standard package builds for the device itself; TensorRT-RTX is the CPU-only AOT fallback.
 DEFAULT_ORDER = (Flavour.TENSORRT, Flavour.RTX)
 
-# Ahead-of-time targets TensorRT-RTX 1.7 can compile for (ComputeCapability members SM75..SM121).
-RTX_TARGET_SMS = (75, 80, 86, 89, 120, 121)
 
 _INSTALL_HINT = {
     Flavour.TENSORRT: "standard TensorRT is not installed (it comes with JetPack on a Jetson, or "

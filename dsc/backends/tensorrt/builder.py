@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from dsc import signals
 from dsc.backends.tensorrt._loader import Flavour, TrtFlavourApi, load_trt, trt_version
 from dsc.backends.tensorrt._shapes import (
     ProfileShapes,
@@ -39,7 +40,6 @@ from dsc.backends.tensorrt._shapes import (
     io_roles_from_spec,
     profile_shapes,
 )
-from dsc import signals
 from dsc.errors import BackendError, BadInput, Unsupported
 
 logger = logging.getLogger(__name__)
