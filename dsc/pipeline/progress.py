@@ -45,8 +45,9 @@ def peak_rss_bytes() -> int | None:
 class Progress:
     """Stage-numbered progress lines; every line is also kept for build.log."""
 
-    def __init__(self, total: int, *, echo: Callable[[str], None] | None = None,
-                 quiet: bool = False):
+    def __init__(
+        self, total: int, *, echo: Callable[[str], None] | None = None, quiet: bool = False
+    ):
         self.total = total
         self.quiet = quiet
         self._echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))

@@ -29,8 +29,10 @@ PROMPT = "And God said"
 # Relative tolerance of decode-vs-prefill logits: reduction order differs between one long
 # prefill and many one-token steps, which fp16 accumulation makes visible.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}
-NOTE = "smoke check only (ONNX Runtime on the graph handed to the builder); the accuracy gate " \
-       "against the FP16 reference is `dsc validate`"
+NOTE = (
+    "smoke check only (ONNX Runtime on the graph handed to the builder); the accuracy gate "
+    "against the FP16 reference is `dsc validate`"
+)
 
 
 def smoke_validate(artifact: Path, io: dict, *, tokens: int = 8, prompt: str = PROMPT) -> dict:
@@ -38,11 +40,19 @@ def smoke_validate(artifact: Path, io: dict, *, tokens: int = 8, prompt: str = P
     from dsc.backends.onnxruntime.runner import OrtCausalLM
 
     dtype = str(io.get("dtype", "fp16"))
-    record = {"kind": "smoke", "backend": "onnxruntime", "graph": io["onnx"], "dtype": dtype,
-              "note": NOTE}
+    record = {
+        "kind": "smoke",
+        "backend": "onnxruntime",
+        "graph": io["onnx"],
+        "dtype": dtype,
+        "note": NOTE,
+    }
     if dtype not in TOLERANCE:
-        record.update(status="skipped", passed=None,
-                      reason=f"ONNX Runtime's CPU provider cannot run a {dtype} graph")
+        record.update(
+            status="skipped",
+            passed=None,
+            reason=f"ONNX Runtime's CPU provider cannot run a {dtype} graph",
+        )
         return record
     t0 = time.perf_counter()
     runner = OrtCausalLM(Path(artifact) / io["onnx"], io)
@@ -61,16 +71,22 @@ def smoke_validate(artifact: Path, io: dict, *, tokens: int = 8, prompt: str = P
         if i == tokens - 1:
             break
         total = n + len(generated)
-        out = runner.step(np.array([[tok]]), np.ones((1, total), np.int64),
-                          np.array([[total - 1]]), past)
+        out = runner.step(
+            np.array([[tok]]), np.ones((1, total), np.int64), np.array([[total - 1]]), past
+        )
         past = out.present
         finite &= bool(np.isfinite(out.logits).all())
         step_logits.append(out.logits[0, -1].astype(np.float32))
     # One prefill of the prompt and all but the last generated token: its last `tokens`
     # positions must reproduce the step-by-step logits.
     full = np.array([prompt_ids + generated[:-1]], dtype=np.int64)
-    ref = runner.step(full, np.ones_like(full), np.arange(full.shape[1])[None, :],
-                      runner.empty_past(1)).logits[0, n - 1:].astype(np.float32)
+    ref = (
+        runner.step(
+            full, np.ones_like(full), np.arange(full.shape[1])[None, :], runner.empty_past(1)
+        )
+        .logits[0, n - 1 :]
+        .astype(np.float32)
+    )
     inc = np.stack(step_logits)
     scale = float(np.abs(ref).max()) or 1.0
     max_abs = float(np.abs(inc - ref).max()) if finite else float("inf")
@@ -81,13 +97,23 @@ def smoke_validate(artifact: Path, io: dict, *, tokens: int = 8, prompt: str = P
     if not finite:
         failures.append("non-finite logits")
     if finite and rel > TOLERANCE[dtype]:
-        failures.append(f"decode through the KV cache differs from prefill by {rel:.3g} of the "
-                        f"largest logit (tolerance {TOLERANCE[dtype]:g})")
+        failures.append(
+            f"decode through the KV cache differs from prefill by {rel:.3g} of the "
+            f"largest logit (tolerance {TOLERANCE[dtype]:g})"
+        )
     record.update(
-        status="ran", passed=passed, failures=failures, prompt=prompt,
-        prompt_tokens=n, generated_tokens=generated, finite=finite,
-        kv_max_abs_diff=max_abs, kv_rel_diff=rel, tolerance=TOLERANCE[dtype],
-        greedy_agreement=agree, seconds=round(time.perf_counter() - t0, 3),
+        status="ran",
+        passed=passed,
+        failures=failures,
+        prompt=prompt,
+        prompt_tokens=n,
+        generated_tokens=generated,
+        finite=finite,
+        kv_max_abs_diff=max_abs,
+        kv_rel_diff=rel,
+        tolerance=TOLERANCE[dtype],
+        greedy_agreement=agree,
+        seconds=round(time.perf_counter() - t0, 3),
     )
     if tokenizer is not None:
         record["text"] = prompt + tokenizer.decode(generated, skip_special_tokens=True)

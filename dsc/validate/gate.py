@@ -43,18 +43,54 @@ logger = logging.getLogger(__name__)
 # correct graph at that precision passes on the shipped tiny models with margin and a broken
 # layer does not (see tests/test_validate.py).
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
-    "fp32": {"min_cosine": 0.999, "min_top1": 0.98, "min_top5": 0.99, "max_kl": 0.005,
-             "max_ppl_delta": 0.005, "min_greedy_match": 0.75},
-    "fp16": {"min_cosine": 0.999, "min_top1": 0.98, "min_top5": 0.99, "max_kl": 0.005,
-             "max_ppl_delta": 0.005, "min_greedy_match": 0.75},
-    "bf16": {"min_cosine": 0.995, "min_top1": 0.95, "min_top5": 0.98, "max_kl": 0.02,
-             "max_ppl_delta": 0.01, "min_greedy_match": 0.5},
-    "fp8": {"min_cosine": 0.98, "min_top1": 0.85, "min_top5": 0.95, "max_kl": 0.05,
-            "max_ppl_delta": 0.01, "min_greedy_match": 0.25},
-    "int8": {"min_cosine": 0.97, "min_top1": 0.8, "min_top5": 0.93, "max_kl": 0.08,
-             "max_ppl_delta": 0.02, "min_greedy_match": 0.2},
-    "int4": {"min_cosine": 0.95, "min_top1": 0.7, "min_top5": 0.9, "max_kl": 0.15,
-             "max_ppl_delta": 0.04, "min_greedy_match": 0.1},
+    "fp32": {
+        "min_cosine": 0.999,
+        "min_top1": 0.98,
+        "min_top5": 0.99,
+        "max_kl": 0.005,
+        "max_ppl_delta": 0.005,
+        "min_greedy_match": 0.75,
+    },
+    "fp16": {
+        "min_cosine": 0.999,
+        "min_top1": 0.98,
+        "min_top5": 0.99,
+        "max_kl": 0.005,
+        "max_ppl_delta": 0.005,
+        "min_greedy_match": 0.75,
+    },
+    "bf16": {
+        "min_cosine": 0.995,
+        "min_top1": 0.95,
+        "min_top5": 0.98,
+        "max_kl": 0.02,
+        "max_ppl_delta": 0.01,
+        "min_greedy_match": 0.5,
+    },
+    "fp8": {
+        "min_cosine": 0.98,
+        "min_top1": 0.85,
+        "min_top5": 0.95,
+        "max_kl": 0.05,
+        "max_ppl_delta": 0.01,
+        "min_greedy_match": 0.25,
+    },
+    "int8": {
+        "min_cosine": 0.97,
+        "min_top1": 0.8,
+        "min_top5": 0.93,
+        "max_kl": 0.08,
+        "max_ppl_delta": 0.02,
+        "min_greedy_match": 0.2,
+    },
+    "int4": {
+        "min_cosine": 0.95,
+        "min_top1": 0.7,
+        "min_top5": 0.9,
+        "max_kl": 0.15,
+        "max_ppl_delta": 0.04,
+        "min_greedy_match": 0.1,
+    },
 }
 THRESHOLD_KEYS = tuple(DEFAULT_THRESHOLDS["fp16"])
 
@@ -70,10 +106,14 @@ class GateOptions:
     thresholds: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_thresholds(precision: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
+def resolve_thresholds(
+    precision: str, overrides: dict[str, float] | None = None
+) -> dict[str, float]:
     if precision not in DEFAULT_THRESHOLDS:
-        raise BadInput(f"no default thresholds for precision {precision!r}; "
-                       f"known: {', '.join(DEFAULT_THRESHOLDS)}")
+        raise BadInput(
+            f"no default thresholds for precision {precision!r}; "
+            f"known: {', '.join(DEFAULT_THRESHOLDS)}"
+        )
     out = dict(DEFAULT_THRESHOLDS[precision])
     for key, value in (overrides or {}).items():
         if key not in THRESHOLD_KEYS:
@@ -129,7 +169,7 @@ def _decode(cand, ref, ids, steps: int) -> dict:
     orf = ref.step(prompt, mask, pos, ref.empty_past(b))
     parts = []
     for k in range(steps):
-        tok = ids[:, half + k: half + k + 1]
+        tok = ids[:, half + k : half + k + 1]
         mask = np.ones((b, half + k + 1), dtype=np.int64)
         pos = np.full((b, 1), half + k, dtype=np.int64)
         oc = cand.step(tok, mask, pos, oc.present)
@@ -139,17 +179,23 @@ def _decode(cand, ref, ids, steps: int) -> dict:
 
 
 def _greedy(cand, ref, tokenizer, text: str, prompts: int, gen_len: int) -> dict:
-    lines = [ln for ln in text.splitlines() if len(ln.split()) >= 6][: prompts * 7: 7]
+    lines = [ln for ln in text.splitlines() if len(ln.split()) >= 6][: prompts * 7 : 7]
     starts = [tokenizer(" ".join(ln.split()[:5]))["input_ids"] for ln in lines[:prompts]]
     matched = []
     for p in starts:
         a = cand.generate([p], gen_len, eos_token_id=None)[0]
         b = ref.generate([p], gen_len, eos_token_id=None)[0]
-        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        n = next(
+            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+        )
         matched.append(n)
-    return {"prompts": len(starts), "gen_len": gen_len, "tokens_until_divergence": matched,
-            "mean_tokens_until_divergence": float(np.mean(matched)) if matched else 0.0,
-            "greedy_match": float(np.mean(matched) / gen_len) if matched else 0.0}
+    return {
+        "prompts": len(starts),
+        "gen_len": gen_len,
+        "tokens_until_divergence": matched,
+        "mean_tokens_until_divergence": float(np.mean(matched)) if matched else 0.0,
+        "greedy_match": float(np.mean(matched) / gen_len) if matched else 0.0,
+    }
 
 
 def _apart(v: float, t: float) -> str:
@@ -166,11 +212,17 @@ def _check(result: dict, th: dict[str, float]) -> list[str]:
     fails = []
     for phase in ("prefill", "decode"):
         m = result[phase]
-        for key, metric, better in (("min_cosine", "cosine_p01", "min"), ("min_top1", "top1", "min"),
-                                    ("min_top5", "top5", "min"), ("max_kl", "kl_mean", "max")):
+        for key, metric, better in (
+            ("min_cosine", "cosine_p01", "min"),
+            ("min_top1", "top1", "min"),
+            ("min_top5", "top5", "min"),
+            ("max_kl", "kl_mean", "max"),
+        ):
             v, t = m[metric], th[key]
             if (better == "min" and not v >= t) or (better == "max" and not v <= t):
-                fails.append(f"{phase} {metric} {_apart(v, t)} {'<' if better == 'min' else '>'} {t:g}")
+                fails.append(
+                    f"{phase} {metric} {_apart(v, t)} {'<' if better == 'min' else '>'} {t:g}"
+                )
     d, t = result["perplexity"]["delta"], th["max_ppl_delta"]
     if not d <= t:
         fails.append(f"perplexity delta {d:+.2%} > {t:.2%}")
@@ -180,9 +232,17 @@ def _check(result: dict, th: dict[str, float]) -> list[str]:
     return fails
 
 
-def run_gate(candidate, reference, tokenizer, text: str, *, precision: str,
-             options: GateOptions | None = None, candidate_path: Path | None = None,
-             reference_path: Path | None = None) -> dict:
+def run_gate(
+    candidate,
+    reference,
+    tokenizer,
+    text: str,
+    *,
+    precision: str,
+    options: GateOptions | None = None,
+    candidate_path: Path | None = None,
+    reference_path: Path | None = None,
+) -> dict:
     """Compare two OrtCausalLM runners; return the validation record (verdict included)."""
     opts = options or GateOptions()
     th = resolve_thresholds(precision, opts.thresholds)
@@ -193,19 +253,27 @@ def run_gate(candidate, reference, tokenizer, text: str, *, precision: str,
         "kind": "gate",
         "precision": precision,
         "thresholds": th,
-        "data": {"windows": int(ids.shape[0]), "window": int(ids.shape[1]),
-                 "tokens": int(ids.size)},
+        "data": {
+            "windows": int(ids.shape[0]),
+            "window": int(ids.shape[1]),
+            "tokens": int(ids.size),
+        },
         "prefill": prefill,
         "decode": _decode(candidate, reference, ids, opts.decode_steps),
-        "perplexity": {"candidate": ppl_c, "reference": ppl_r,
-                       "delta": (ppl_c - ppl_r) / ppl_r if math.isfinite(ppl_c) else math.inf},
+        "perplexity": {
+            "candidate": ppl_c,
+            "reference": ppl_r,
+            "delta": (ppl_c - ppl_r) / ppl_r if math.isfinite(ppl_c) else math.inf,
+        },
         "greedy": _greedy(candidate, reference, tokenizer, text, opts.prompts, opts.gen_len),
     }
     fails = _check(result, th)
     result["failures"] = fails
     result["passed"] = not fails
     if candidate_path is not None and reference_path is not None and (fails or opts.locate):
-        errors = locate.layer_errors(candidate_path, reference_path, ids[:2, : min(32, ids.shape[1])])
+        errors = locate.layer_errors(
+            candidate_path, reference_path, ids[:2, : min(32, ids.shape[1])]
+        )
         jump = locate.first_jump(errors)
         result["layers"] = [e.to_json() for e in errors]
         result["first_divergence"] = jump.to_json() if jump else None
