@@ -58,8 +58,9 @@ def measure(name: str, ckpt: Path, out: Path) -> dict:
         "model": name,
         "family": m["source"]["family"],
         "parameters": m["source"]["num_parameters"],
-        "onnx_bytes": sum((out / f).stat().st_size for f in m["graph"]["files"]
-                          if f.startswith("model.onnx")),
+        "onnx_bytes": sum(
+            (out / f).stat().st_size for f in m["graph"]["files"] if f.startswith("model.onnx")
+        ),
         "export_s": st["export"]["seconds"],
         "validate_s": st["validate"]["seconds"],
         "wall_s": round(wall, 2),
@@ -80,8 +81,10 @@ def measure(name: str, ckpt: Path, out: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | params | ONNX MB | export s | SM80 compile s | SM80 engine MB | "
-            "SM89 compile s | SM89 engine MB | validate s | total s | re-run s |")
+    head = (
+        "| model | params | ONNX MB | export s | SM80 compile s | SM80 engine MB | "
+        "SM89 compile s | SM89 engine MB | validate s | total s | re-run s |"
+    )
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         a, b = r["engines"]["a100-80gb"], r["engines"]["rtx-4090"]
@@ -89,13 +92,15 @@ def table(rows: list[dict]) -> str:
             f"| {r['model']} | {r['parameters'] / 1e6:.2f}M | {r['onnx_bytes'] / 1e6:.2f} | "
             f"{r['export_s']:.1f} | {a['compile_s']:.1f} | {a['engine_bytes'] / 1e6:.2f} | "
             f"{b['compile_s']:.1f} | {b['engine_bytes'] / 1e6:.2f} | {r['validate_s']:.2f} | "
-            f"{r['wall_s']:.1f} | {r['rerun_s']:.2f} |")
+            f"{r['wall_s']:.1f} | {r['rerun_s']:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--only", default=None, help="Comma-separated model names.")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows here.")

@@ -93,8 +93,13 @@ def _build(path: Path, io: dict) -> tuple[float, int]:
     from dsc.backends.tensorrt import BuildOptions, ShapeEnvelope, build_engine
 
     t0 = time.perf_counter()
-    r = build_engine(path, ShapeEnvelope(max_batch=1, max_input_len=PREFILL, max_kv=256),
-                     BuildOptions(target_sm=89), backend="rtx", io_spec=io)
+    r = build_engine(
+        path,
+        ShapeEnvelope(max_batch=1, max_input_len=PREFILL, max_kv=256),
+        BuildOptions(target_sm=89),
+        backend="rtx",
+        io_spec=io,
+    )
     return time.perf_counter() - t0, r.size_bytes
 
 
@@ -119,8 +124,9 @@ def _latency(path: Path, io: dict) -> tuple[float, float]:
         t0 = time.perf_counter()
         for i in range(DECODE):
             m = np.ones((1, PREFILL + i + 1), dtype=np.int64)
-            step = lm.step(rng.integers(0, io["vocab_size"], (1, 1)), m,
-                           np.array([[PREFILL + i]]), past)
+            step = lm.step(
+                rng.integers(0, io["vocab_size"], (1, 1)), m, np.array([[PREFILL + i]]), past
+            )
             past = step.present
         decode.append((time.perf_counter() - t0) / DECODE)
     return statistics.median(prefill) * 1e3, statistics.median(decode) * 1e3
@@ -137,25 +143,39 @@ def bench(family: str, work: Path, wide: bool) -> dict:
     api.export(ckpt, exported, dtype="fp32", progress=_quiet, force=True)
     optimized = work / "optimized" / ckpt.name
     t0 = time.perf_counter()
-    result = optimize_artifact(exported, optimized, profile=load_profile("rtx-4090"),
-                               options=PassOptions(), force=True)
+    result = optimize_artifact(
+        exported, optimized, profile=load_profile("rtx-4090"), options=PassOptions(), force=True
+    )
     pass_seconds = time.perf_counter() - t0
-    row = {"model": ckpt.name, "pass_seconds": round(pass_seconds, 2),
-           "coverage": {k: f"{e['fused'] + e['kept']}/{e['blocks']}"
-                        for k, e in result.coverage["kinds"].items()
-                        if e["blocks"] and k != "rope"}}
+    row = {
+        "model": ckpt.name,
+        "pass_seconds": round(pass_seconds, 2),
+        "coverage": {
+            k: f"{e['fused'] + e['kept']}/{e['blocks']}"
+            for k, e in result.coverage["kinds"].items()
+            if e["blocks"] and k != "rope"
+        },
+    }
     for label, art in (("before", exported), ("after", optimized)):
         io = json.loads((art / "model_io.json").read_text())
         path = art / io["onnx"]
         main, total = _nodes(path)
         build_s, engine = _build(path, io)
         prefill_ms, decode_ms = _latency(path, io)
-        row[label] = {"nodes": main, "nodes_with_branches": total, "build_s": round(build_s, 2),
-                      "engine_mib": round(engine / 2**20, 2), "prefill_ms": round(prefill_ms, 2),
-                      "decode_ms_per_token": round(decode_ms, 3)}
-        print(f"{ckpt.name:<16} {label:<6} nodes {main:4d} ({total:4d})  build {build_s:5.1f}s  "
-              f"engine {engine / 2**20:6.1f} MiB  prefill {prefill_ms:7.2f} ms  "
-              f"decode {decode_ms:6.3f} ms/token", flush=True)
+        row[label] = {
+            "nodes": main,
+            "nodes_with_branches": total,
+            "build_s": round(build_s, 2),
+            "engine_mib": round(engine / 2**20, 2),
+            "prefill_ms": round(prefill_ms, 2),
+            "decode_ms_per_token": round(decode_ms, 3),
+        }
+        print(
+            f"{ckpt.name:<16} {label:<6} nodes {main:4d} ({total:4d})  build {build_s:5.1f}s  "
+            f"engine {engine / 2**20:6.1f} MiB  prefill {prefill_ms:7.2f} ms  "
+            f"decode {decode_ms:6.3f} ms/token",
+            flush=True,
+        )
     return row
 
 

@@ -44,8 +44,9 @@ def _quantize_rows(table: np.ndarray, precision: str):
 
     # quantize_weight takes [in, out] and scales per out (per block of in for int4): the
     # transposed table is [H, V], so "per output channel" is per vocabulary row.
-    q, s, _ = quantize_weight(table.T, QuantScheme(precision, weight_only=True),
-                              scale_dtype=np.float16)
+    q, s, _ = quantize_weight(
+        table.T, QuantScheme(precision, weight_only=True), scale_dtype=np.float16
+    )
     q, s = np.ascontiguousarray(q.T), np.ascontiguousarray(s.T if s.ndim == 2 else s[:, None])
     block = table.shape[1] // s.shape[1]
     deq = q.astype(np.float32) * np.repeat(s.astype(np.float32), block, axis=1)
@@ -68,24 +69,31 @@ def embedding_graph(form: str, precision: str, q, s) -> onnx.ModelProto:
         scale = "table_scale" if precision == "int4" else "table_scale_1d"
         if precision != "int4":
             inits.append(_init("table_scale_1d", s.reshape(-1)))
-        nodes = [helper.make_node("DequantizeLinear", ["table_q", scale], ["table"], **attrs),
-                 helper.make_node("Gather", ["table", "input_ids"], ["hidden"], axis=0)]
+        nodes = [
+            helper.make_node("DequantizeLinear", ["table_q", scale], ["table"], **attrs),
+            helper.make_node("Gather", ["table", "input_ids"], ["hidden"], axis=0),
+        ]
     elif form == "gather-dq":
-        nodes = [helper.make_node("Gather", ["table_q", "input_ids"], ["rows_q"], axis=0),
-                 helper.make_node("Gather", ["table_scale", "input_ids"], ["rows_scale"], axis=0),
-                 helper.make_node("DequantizeLinear", ["rows_q", "rows_scale"], ["hidden"],
-                                  axis=2, block_size=block)]
+        nodes = [
+            helper.make_node("Gather", ["table_q", "input_ids"], ["rows_q"], axis=0),
+            helper.make_node("Gather", ["table_scale", "input_ids"], ["rows_scale"], axis=0),
+            helper.make_node(
+                "DequantizeLinear", ["rows_q", "rows_scale"], ["hidden"], axis=2, block_size=block
+            ),
+        ]
     elif form == "gather-cast-mul":
         inits.append(_init("blocks_shape", np.array([0, 0, nb, block], np.int64)))
         inits.append(_init("hidden_shape", np.array([0, 0, H], np.int64)))
         inits.append(_init("axis3", np.array([3], np.int64)))
-        nodes = [helper.make_node("Gather", ["table_q", "input_ids"], ["rows_q"], axis=0),
-                 helper.make_node("Cast", ["rows_q"], ["rows"], to=TensorProto.FLOAT16),
-                 helper.make_node("Reshape", ["rows", "blocks_shape"], ["rows_b"]),
-                 helper.make_node("Gather", ["table_scale", "input_ids"], ["rows_scale"], axis=0),
-                 helper.make_node("Unsqueeze", ["rows_scale", "axis3"], ["rows_scale_b"]),
-                 helper.make_node("Mul", ["rows_b", "rows_scale_b"], ["hidden_b"]),
-                 helper.make_node("Reshape", ["hidden_b", "hidden_shape"], ["hidden"])]
+        nodes = [
+            helper.make_node("Gather", ["table_q", "input_ids"], ["rows_q"], axis=0),
+            helper.make_node("Cast", ["rows_q"], ["rows"], to=TensorProto.FLOAT16),
+            helper.make_node("Reshape", ["rows", "blocks_shape"], ["rows_b"]),
+            helper.make_node("Gather", ["table_scale", "input_ids"], ["rows_scale"], axis=0),
+            helper.make_node("Unsqueeze", ["rows_scale", "axis3"], ["rows_scale_b"]),
+            helper.make_node("Mul", ["rows_b", "rows_scale_b"], ["hidden_b"]),
+            helper.make_node("Reshape", ["hidden_b", "hidden_shape"], ["hidden"]),
+        ]
     else:
         raise ValueError(form)
     g = helper.make_graph(nodes, f"embedding_{form}_{precision}", [ids], [out], inits)
@@ -100,8 +108,10 @@ def lm_head_graph(precision: str, q, s) -> onnx.ModelProto:
     inits = [_init("w_q", wq), _init("w_scale", ws if precision == "int4" else ws.reshape(-1))]
     x = helper.make_tensor_value_info("hidden", TensorProto.FLOAT16, ["batch", "seq", H])
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["batch", "seq", V])
-    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], **attrs),
-             helper.make_node("MatMul", ["hidden", "w"], ["logits"])]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], **attrs),
+        helper.make_node("MatMul", ["hidden", "w"], ["logits"]),
+    ]
     g = helper.make_graph(nodes, f"lm_head_{precision}", [x], [out], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)], ir_version=11)
 
@@ -112,10 +122,12 @@ def tied_graph(precision: str, q, s) -> onnx.ModelProto:
     inits = [_init("table_q", q), _init("table_scale", s if precision == "int4" else s.reshape(-1))]
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
     out = helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["batch", "seq", V])
-    nodes = [helper.make_node("DequantizeLinear", ["table_q", "table_scale"], ["table"], **attrs),
-             helper.make_node("Gather", ["table", "input_ids"], ["hidden"], axis=0),
-             helper.make_node("Transpose", ["table"], ["w"], perm=[1, 0]),
-             helper.make_node("MatMul", ["hidden", "w"], ["logits"])]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["table_q", "table_scale"], ["table"], **attrs),
+        helper.make_node("Gather", ["table", "input_ids"], ["hidden"], axis=0),
+        helper.make_node("Transpose", ["table"], ["w"], perm=[1, 0]),
+        helper.make_node("MatMul", ["hidden", "w"], ["logits"]),
+    ]
     g = helper.make_graph(nodes, f"tied_{precision}", [ids], [out], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)], ir_version=11)
 
@@ -135,10 +147,18 @@ def _trt(path: Path, sm: int, roles: dict):
     from dsc.errors import DscError
 
     try:
-        r = build_engine(path, ShapeEnvelope(max_batch=2, max_input_len=16, max_kv=32),
-                         BuildOptions(target_sm=sm), backend="tensorrt_rtx", io_roles=roles)
-        return {"ok": True, "engine_bytes": r.size_bytes,
-                "weights_bytes": r.memory_bytes.get("weights")}
+        r = build_engine(
+            path,
+            ShapeEnvelope(max_batch=2, max_input_len=16, max_kv=32),
+            BuildOptions(target_sm=sm),
+            backend="tensorrt_rtx",
+            io_roles=roles,
+        )
+        return {
+            "ok": True,
+            "engine_bytes": r.size_bytes,
+            "weights_bytes": r.memory_bytes.get("weights"),
+        }
     except DscError as e:
         return {"ok": False, "error": str(e)[-220:]}
 
@@ -160,30 +180,61 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for precision in a.precisions.split(","):
             q, s, deq = _quantize_rows(table.astype(np.float32), precision)
-            cases = [(f"embedding {f}", embedding_graph(f, precision, q, s),
-                      {"input_ids": ids}, deq[ids], {"input_ids": ("batch", "seq")})
-                     for f in ("dq-gather", "gather-dq", "gather-cast-mul")]
-            cases.append(("lm_head dq-matmul", lm_head_graph(precision, q, s),
-                          {"hidden": hidden}, hidden.astype(np.float32) @ deq.T,
-                          {"hidden": ("batch", "seq", a.hidden)}))
+            cases = [
+                (
+                    f"embedding {f}",
+                    embedding_graph(f, precision, q, s),
+                    {"input_ids": ids},
+                    deq[ids],
+                    {"input_ids": ("batch", "seq")},
+                )
+                for f in ("dq-gather", "gather-dq", "gather-cast-mul")
+            ]
+            cases.append(
+                (
+                    "lm_head dq-matmul",
+                    lm_head_graph(precision, q, s),
+                    {"hidden": hidden},
+                    hidden.astype(np.float32) @ deq.T,
+                    {"hidden": ("batch", "seq", a.hidden)},
+                )
+            )
             emb = deq[ids].astype(np.float16).astype(np.float32)
-            cases.append(("tied dq-gather+transpose", tied_graph(precision, q, s),
-                          {"input_ids": ids}, emb @ deq.T, {"input_ids": ("batch", "seq")}))
+            cases.append(
+                (
+                    "tied dq-gather+transpose",
+                    tied_graph(precision, q, s),
+                    {"input_ids": ids},
+                    emb @ deq.T,
+                    {"input_ids": ("batch", "seq")},
+                )
+            )
             for name, model, feeds, ref, roles in cases:
                 path = Path(tmp) / f"{name.replace(' ', '_')}_{precision}.onnx"
                 onnx.save(model, path)
                 got, ort_err = _ort(model, feeds)
-                err = None if got is None else float(np.abs(got.astype(np.float32) - ref).max()
-                                                     / max(np.abs(ref).max(), 1e-12))
-                row = {"graph": name, "precision": precision, "ort_error": ort_err,
-                       "ort_rel_max_err": err, "sm": {}}
+                err = (
+                    None
+                    if got is None
+                    else float(
+                        np.abs(got.astype(np.float32) - ref).max() / max(np.abs(ref).max(), 1e-12)
+                    )
+                )
+                row = {
+                    "graph": name,
+                    "precision": precision,
+                    "ort_error": ort_err,
+                    "ort_rel_max_err": err,
+                    "sm": {},
+                }
                 for sm in sms:
                     row["sm"][sm] = _trt(path, sm, roles)
                 results.append(row)
                 cells = "  ".join(
-                    f"SM{sm}:" + (f"ok({r['weights_bytes'] or r['engine_bytes']})" if r["ok"]
-                                  else "NO")
-                    for sm, r in row["sm"].items())
+                    f"SM{sm}:"
+                    + (f"ok({r['weights_bytes'] or r['engine_bytes']})" if r["ok"] else "NO")
+                    for sm, r in row["sm"].items()
+                )
                 ortc = f"ort err {err:.1e}" if err is not None else f"ORT fails: {ort_err}"
                 print(f"{precision:5s} {name:26s} {ortc:24s} {cells}", flush=True)
                 for sm, r in row["sm"].items():

@@ -50,14 +50,24 @@ def make_checkpoints(work: Path) -> dict[str, Path]:
     v2_cfg = work / "cfg-v2lite-3l" / "config.json"
     v2_cfg.parent.mkdir(parents=True, exist_ok=True)
     v2_cfg.write_text(json.dumps(cfg, indent=2))
-    out = {"q15": (CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B" / "config.json", work / "qwen1p5b"),
-           "v2l3": (v2_cfg, work / "v2lite3")}
+    out = {
+        "q15": (CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B" / "config.json", work / "qwen1p5b"),
+        "v2l3": (v2_cfg, work / "v2lite3"),
+    }
     for config, ckpt in out.values():
         if not (ckpt / "config.json").is_file():
-            subprocess.run([sys.executable, "-c",
-                            "import sys; from dsc.fixtures import random_checkpoint; "
-                            "random_checkpoint(sys.argv[1], sys.argv[2], dtype='bf16')",
-                            str(config), str(ckpt)], check=True, cwd=REPO)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from dsc.fixtures import random_checkpoint; "
+                    "random_checkpoint(sys.argv[1], sys.argv[2], dtype='bf16')",
+                    str(config),
+                    str(ckpt),
+                ],
+                check=True,
+                cwd=REPO,
+            )
     return {k: ckpt for k, (_, ckpt) in out.items()}
 
 
@@ -67,21 +77,36 @@ def _time_v(text: str) -> dict:
     seconds = None
     if wall:
         parts = [float(p) for p in wall.group(1).split(":")]
-        seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+        seconds = sum(p * 60**i for i, p in enumerate(reversed(parts)))
     return {"wall_s": seconds, "peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None}
 
 
 def run_case(name: str, ckpt: Path, flags: list[str], work: Path) -> dict:
     out = work / "out" / name
     log = work / f"{name}.log"
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "dsc", "build", str(ckpt), *flags,
-           "-o", str(out), "--rebuild"]
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "dsc",
+        "build",
+        str(ckpt),
+        *flags,
+        "-o",
+        str(out),
+        "--rebuild",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
-    rec = {"case": name, "command": " ".join(["dsc", "build", ckpt.name, *flags]),
-           "exit": proc.returncode, **_time_v(proc.stderr),
-           "wall_s_outer": round(time.perf_counter() - t0, 1)}
+    rec = {
+        "case": name,
+        "command": " ".join(["dsc", "build", ckpt.name, *flags]),
+        "exit": proc.returncode,
+        **_time_v(proc.stderr),
+        "wall_s_outer": round(time.perf_counter() - t0, 1),
+    }
     art = out if (out / "manifest.json").is_file() else out.with_name(out.name + ".rejected")
     if not (art / "manifest.json").is_file():
         rec["error"] = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsc: error")][-1:]
@@ -93,13 +118,19 @@ def run_case(name: str, ckpt: Path, flags: list[str], work: Path) -> dict:
         st = m["stages"].get(s) or {}
         rec["stages"][s] = {k: st.get(k) for k in ("status", "seconds", "peak_rss_bytes")}
     for prof, st in (m["stages"].get("compile") or {}).get("profiles", {}).items():
-        rec["stages"][f"compile:{prof}"] = {k: st.get(k) for k in
-                                            ("status", "seconds", "peak_rss_bytes")}
-    rec["engines"] = {p: {"sm": e.get("sm"), "status": e.get("status"),
-                          "engine_bytes": (e.get("engine") or {}).get("size_bytes"),
-                          "preflight_bytes": (e.get("preflight") or {}).get("size_bytes"),
-                          "preflight_sm": (e.get("preflight") or {}).get("sm")}
-                      for p, e in (m.get("profiles") or {}).items()}
+        rec["stages"][f"compile:{prof}"] = {
+            k: st.get(k) for k in ("status", "seconds", "peak_rss_bytes")
+        }
+    rec["engines"] = {
+        p: {
+            "sm": e.get("sm"),
+            "status": e.get("status"),
+            "engine_bytes": (e.get("engine") or {}).get("size_bytes"),
+            "preflight_bytes": (e.get("preflight") or {}).get("size_bytes"),
+            "preflight_sm": (e.get("preflight") or {}).get("sm"),
+        }
+        for p, e in (m.get("profiles") or {}).items()
+    }
     # dsc resets VmHWM per stage (clear_refs 5), which also lowers the ru_maxrss GNU time
     # reports at exit: the whole build's peak is the largest stage peak.
     peaks = [v.get("peak_rss_bytes") or 0 for v in rec["stages"].values()]
@@ -110,10 +141,15 @@ def run_case(name: str, ckpt: Path, flags: list[str], work: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    gib = 2 ** 30
-    lines = ["| case | exit | wall s | peak RSS GiB | " + " | ".join(
-        f"{s} s / GiB" for s in ("export", "optimize", "quantize", "compile", "validate"))
-        + " | engine MiB | gate |", "|---" * 11 + "|"]
+    gib = 2**30
+    lines = [
+        "| case | exit | wall s | peak RSS GiB | "
+        + " | ".join(
+            f"{s} s / GiB" for s in ("export", "optimize", "quantize", "compile", "validate")
+        )
+        + " | engine MiB | gate |",
+        "|---" * 11 + "|",
+    ]
     for r in results:
         st = r.get("stages", {})
 
@@ -128,28 +164,40 @@ def table(results: list[dict]) -> str:
         size = eng.get("engine_bytes") or eng.get("preflight_bytes")
         kind = "" if eng.get("engine_bytes") else f" (preflight SM{eng.get('preflight_sm')})"
         v = r.get("validation") or {}
-        gate = (f"{v.get('kind')} {'pass' if v.get('passed') else 'FAIL'}" if v else "—")
+        gate = f"{v.get('kind')} {'pass' if v.get('passed') else 'FAIL'}" if v else "—"
         if v.get("kind") == "gate":
-            gate += f" (ppl {v.get('perplexity_delta', 0):+.2%}, top-1 {v.get('top1_prefill', 0):.2f})"
+            gate += (
+                f" (ppl {v.get('perplexity_delta', 0):+.2%}, top-1 {v.get('top1_prefill', 0):.2f})"
+            )
         lines.append(
             f"| {r['case']} | {r['exit']} | {r['wall_s'] or 0:.0f} | "
             f"{(r['peak_rss_bytes'] or 0) / gib:.2f} | {cell('export')} | {cell('optimize')} | "
             f"{cell('quantize')} | {cell(comp) if comp else '—'} | {cell('validate')} | "
-            f"{(size or 0) / 2**20:,.0f}{kind} | {gate} |")
+            f"{(size or 0) / 2**20:,.0f}{kind} | {gate} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--only", default=None, help="Comma-separated case names.")
-    ap.add_argument("--samples", type=int, default=None,
-                    help="Calibration windows for quantized cases (dsc's default: 64).")
-    ap.add_argument("--validate", choices=("auto", "smoke", "gate", "none"), default=None,
-                    help="dsc build --validate (default: dsc's, the gate for quantized builds; "
-                         "at 1.5B the gate's greedy decode takes over 30 min here, see "
-                         "docs/BENCHMARKS.md).")
+    ap.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="Calibration windows for quantized cases (dsc's default: 64).",
+    )
+    ap.add_argument(
+        "--validate",
+        choices=("auto", "smoke", "gate", "none"),
+        default=None,
+        help="dsc build --validate (default: dsc's, the gate for quantized builds; "
+        "at 1.5B the gate's greedy decode takes over 30 min here, see "
+        "docs/BENCHMARKS.md).",
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     ckpts = make_checkpoints(args.work)

@@ -71,11 +71,12 @@ def _run(path: Path, io: dict, routers: list[str], ids: np.ndarray, batch: int =
     from dsc.backends.onnxruntime.runner import session_options
     from dsc.passes.quant.calibrate import _feeds
 
-    sess = ort.InferenceSession(str(path), sess_options=session_options("basic"),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(path), sess_options=session_options("basic"), providers=["CPUExecutionProvider"]
+    )
     logits, topk = [], []
     for i in range(0, len(ids), batch):
-        res = sess.run(["logits", *routers], _feeds(io, ids[i:i + batch]))
+        res = sess.run(["logits", *routers], _feeds(io, ids[i : i + batch]))
         logits.append(res[0].astype(np.float32))
         # [tokens, k] per router, the expert set sorted
         topk.append(np.stack([np.sort(r.reshape(-1, r.shape[-1]), axis=-1) for r in res[1:]]))
@@ -108,8 +109,11 @@ def measure(model_dir: Path, windows: int, work: Path) -> dict:
         logits, topk = _run(path, io, routers, ids)
         if ref is None:
             ref = (logits, topk, _log_softmax(logits))
-            results[v] = {"routers": len(routers), "tokens": int(ids.size),
-                          "seconds": round(time.perf_counter() - t0, 1)}
+            results[v] = {
+                "routers": len(routers),
+                "tokens": int(ids.size),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             continue
         lr = ref[2]
         lc = _log_softmax(logits)
@@ -130,21 +134,28 @@ def measure(model_dir: Path, windows: int, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(REPO / "examples/models/tiny-deepseek-v3"))
-    ap.add_argument("--windows", type=int, default=64,
-                    help="held-out 128-token windows (0: all 447)")
+    ap.add_argument(
+        "--windows", type=int, default=64, help="held-out 128-token windows (0: all 447)"
+    )
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="dsc-router-") as tmp:
         res = measure(Path(args.model), args.windows, Path(tmp))
     ref = res.pop("reference")
-    print(f"{Path(args.model).name}: {ref['tokens']} held-out tokens, {ref['routers']} MoE "
-          f"routers; each against the fp32 router")
-    print(f"{'variant':<8} {'top-k changed (token,layer)':>28} {'tokens with any change':>23} "
-          f"{'mean KL':>10} {'max KL':>10} {'top-1':>7} {'max |dlogit|':>13}")
+    print(
+        f"{Path(args.model).name}: {ref['tokens']} held-out tokens, {ref['routers']} MoE "
+        f"routers; each against the fp32 router"
+    )
+    print(
+        f"{'variant':<8} {'top-k changed (token,layer)':>28} {'tokens with any change':>23} "
+        f"{'mean KL':>10} {'max KL':>10} {'top-1':>7} {'max |dlogit|':>13}"
+    )
     for v, r in res.items():
-        print(f"{v:<8} {r['topk_changed_pairs']:>28.4%} {r['topk_changed_tokens']:>23.4%} "
-              f"{r['kl_mean']:>10.2e} {r['kl_max']:>10.2e} {r['top1_agreement']:>7.4f} "
-              f"{r['max_abs_logit_diff']:>13.3e}")
+        print(
+            f"{v:<8} {r['topk_changed_pairs']:>28.4%} {r['topk_changed_tokens']:>23.4%} "
+            f"{r['kl_mean']:>10.2e} {r['kl_max']:>10.2e} {r['top1_agreement']:>7.4f} "
+            f"{r['max_abs_logit_diff']:>13.3e}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"reference": ref, **res}, indent=2) + "\n")
 

@@ -56,21 +56,27 @@ def main() -> None:
                 exposed.add(v.name)
     if not pairs:
         sys.exit(f"{args.artifact}: no activation Q/DQ pairs")
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     names = [o.name for o in session.get_outputs()]
     cache = io["cache"]
     dtype = ort_dtype(cache["dtype"])
 
     def run(tokens, start, past):
-        feeds = {"input_ids": np.array([tokens], np.int64),
-                 "attention_mask": np.ones((1, start + len(tokens)), np.int64),
-                 "position_ids": np.arange(start, start + len(tokens))[None]}
+        feeds = {
+            "input_ids": np.array([tokens], np.int64),
+            "attention_mask": np.ones((1, start + len(tokens)), np.int64),
+            "position_ids": np.arange(start, start + len(tokens))[None],
+        }
         feeds.update(zip(cache["inputs"], past))
         return dict(zip(names, session.run(names, feeds)))
 
-    empty = [np.zeros((1, e["heads"], 0, e["dim"]), dtype)
-             for _ in range(cache["num_layers"]) for e in cache["entries"]]
+    empty = [
+        np.zeros((1, e["heads"], 0, e["dim"]), dtype)
+        for _ in range(cache["num_layers"])
+        for e in cache["entries"]
+    ]
     vocab = int(io.get("vocab_size") or 1000)
     prompt = [(7 * i + 3) % vocab for i in range(args.prompt_tokens)]
     out = run(prompt, 0, empty)
@@ -83,23 +89,37 @@ def main() -> None:
         steps.append(out)
     full = run(prompt + generated[:-1], 0, empty)
     n = len(prompt)
-    scale = float(np.abs(full["logits"][0, n - 1:]).max())
-    print(f"{args.artifact}: {len(pairs)} activation Q/DQ pairs, prompt {n} tokens, "
-          f"{args.steps} steps")
+    scale = float(np.abs(full["logits"][0, n - 1 :]).max())
+    print(
+        f"{args.artifact}: {len(pairs)} activation Q/DQ pairs, prompt {n} tokens, "
+        f"{args.steps} steps"
+    )
     for i, st in enumerate(steps):
         pos = n - 1 + i
-        rel = float(np.abs(st["logits"][0, -1].astype(np.float32)
-                           - full["logits"][0, pos].astype(np.float32)).max()) / scale
+        rel = (
+            float(
+                np.abs(
+                    st["logits"][0, -1].astype(np.float32)
+                    - full["logits"][0, pos].astype(np.float32)
+                ).max()
+            )
+            / scale
+        )
         flips = []
         for dq, (pre, step) in pairs.items():
             a, b = st[dq][0, -1], full[dq][0, pos]
             k = int((a != b).sum())
             if k:
-                d = float(np.abs(st[pre][0, -1].astype(np.float32)
-                                 - full[pre][0, pos].astype(np.float32)).max())
+                d = float(
+                    np.abs(
+                        st[pre][0, -1].astype(np.float32) - full[pre][0, pos].astype(np.float32)
+                    ).max()
+                )
                 flips.append(f"{dq}: {k} elements (pre-Q diff {d:.2e}, step {step:.2e})")
-        print(f"step {i}: logits differ by {rel:.2e} of the largest; "
-              f"{'; '.join(flips) if flips else 'no rounding flips'}")
+        print(
+            f"step {i}: logits differ by {rel:.2e} of the largest; "
+            f"{'; '.join(flips) if flips else 'no rounding flips'}"
+        )
 
 
 if __name__ == "__main__":

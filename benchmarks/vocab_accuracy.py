@@ -27,16 +27,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VOCAB_RUNS = [("int8", None), ("fp8", None), ("int4", None), (None, "int8"), (None, "fp8"),
-              (None, "int4"), ("int8", "int8"), ("int4", "int8"), ("int4", "int4")]
+VOCAB_RUNS = [
+    ("int8", None),
+    ("fp8", None),
+    ("int4", None),
+    (None, "int8"),
+    (None, "fp8"),
+    (None, "int4"),
+    ("int8", "int8"),
+    ("int4", "int8"),
+    ("int4", "int4"),
+]
 # (body flag, lm_head, embedding, profiles)
-BUILD_RUNS = [("--int4-awq", None, None, "a100-80gb,rtx-4090"),
-              ("--int4-awq", "int4", "int8", "a100-80gb,rtx-4090"),
-              ("--int4-awq", "int4", "int4", "a100-80gb,rtx-4090"),
-              ("--int8", None, None, "a100-80gb,rtx-4090"),
-              ("--int8", "int8", "int8", "a100-80gb,rtx-4090"),
-              ("--fp8", None, None, "rtx-4090"),
-              ("--fp8", "fp8", "fp8", "rtx-4090")]
+BUILD_RUNS = [
+    ("--int4-awq", None, None, "a100-80gb,rtx-4090"),
+    ("--int4-awq", "int4", "int8", "a100-80gb,rtx-4090"),
+    ("--int4-awq", "int4", "int4", "a100-80gb,rtx-4090"),
+    ("--int8", None, None, "a100-80gb,rtx-4090"),
+    ("--int8", "int8", "int8", "a100-80gb,rtx-4090"),
+    ("--fp8", None, None, "rtx-4090"),
+    ("--fp8", "fp8", "fp8", "rtx-4090"),
+]
 
 
 def _quiet(msg):
@@ -84,16 +95,30 @@ def vocab_only(model_dir: Path, work: Path, windows: int) -> list[dict]:
         cand = OrtCausalLM(cand_dir / io["onnx"], io)
         precision = "int4" if "int4" in (lm_head, embedding) else (lm_head or embedding)
         r = run_gate(cand, ref, tok, text, precision=precision, options=opts)
-        saved = sum(v["bytes_before"] - v["bytes_after"] for v in
-                    {v["weight"]: v for v in (vq.report.get("lm_head"),
-                                              vq.report.get("embedding")) if v}.values())
-        rows.append({"model": model_dir.name, "lm_head": lm_head, "embedding": embedding,
-                     "ppl_delta": r["perplexity"]["delta"], "kl_mean": r["prefill"]["kl_mean"],
-                     "top1": r["prefill"]["top1"], "tokens": r["data"]["tokens"],
-                     "bytes_saved": saved})
-        print(f"{model_dir.name:18s} lm_head {lm_head or 'fp16':5s} embedding "
-              f"{embedding or 'fp16':5s}  ppl {r['perplexity']['delta']:+.3%}  "
-              f"KL {r['prefill']['kl_mean']:.5f}  top-1 {r['prefill']['top1']:.4f}", flush=True)
+        saved = sum(
+            v["bytes_before"] - v["bytes_after"]
+            for v in {
+                v["weight"]: v for v in (vq.report.get("lm_head"), vq.report.get("embedding")) if v
+            }.values()
+        )
+        rows.append(
+            {
+                "model": model_dir.name,
+                "lm_head": lm_head,
+                "embedding": embedding,
+                "ppl_delta": r["perplexity"]["delta"],
+                "kl_mean": r["prefill"]["kl_mean"],
+                "top1": r["prefill"]["top1"],
+                "tokens": r["data"]["tokens"],
+                "bytes_saved": saved,
+            }
+        )
+        print(
+            f"{model_dir.name:18s} lm_head {lm_head or 'fp16':5s} embedding "
+            f"{embedding or 'fp16':5s}  ppl {r['perplexity']['delta']:+.3%}  "
+            f"KL {r['prefill']['kl_mean']:.5f}  top-1 {r['prefill']['top1']:.4f}",
+            flush=True,
+        )
     return rows
 
 
@@ -101,8 +126,19 @@ def builds(model_dir: Path, work: Path) -> list[dict]:
     rows = []
     for body, lm_head, embedding, profiles in BUILD_RUNS:
         out = work / f"build{body}-{lm_head}-{embedding}"
-        cmd = [sys.executable, "-m", "dsc", "build", str(model_dir), "-o", str(out),
-               "--profile", profiles, body, "-q"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dsc",
+            "build",
+            str(model_dir),
+            "-o",
+            str(out),
+            "--profile",
+            profiles,
+            body,
+            "-q",
+        ]
         if lm_head:
             cmd += ["--quantize-lm-head", lm_head]
         if embedding:
@@ -110,19 +146,34 @@ def builds(model_dir: Path, work: Path) -> list[dict]:
         t0 = time.perf_counter()
         p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - t0
-        v = json.loads((out / "validation.json").read_text()) if (out / "validation.json") \
-            .is_file() else {}
-        m = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json") \
-            .is_file() else {}
-        engines = {n: (p_.get("engine") or {}).get("size_bytes")
-                   for n, p_ in (m.get("profiles") or {}).items()}
-        row = {"model": model_dir.name, "body": body, "lm_head": lm_head,
-               "embedding": embedding, "exit": p.returncode, "passed": v.get("passed"),
-               "ppl_delta": (v.get("perplexity") or {}).get("delta"),
-               "kl_mean": (v.get("prefill") or {}).get("kl_mean"),
-               "top1": (v.get("prefill") or {}).get("top1"), "engines": engines,
-               "seconds": round(seconds, 1),
-               "command": "dsc build " + " ".join(cmd[4:]).replace(str(work) + "/", "OUT/")}
+        v = (
+            json.loads((out / "validation.json").read_text())
+            if (out / "validation.json").is_file()
+            else {}
+        )
+        m = (
+            json.loads((out / "manifest.json").read_text())
+            if (out / "manifest.json").is_file()
+            else {}
+        )
+        engines = {
+            n: (p_.get("engine") or {}).get("size_bytes")
+            for n, p_ in (m.get("profiles") or {}).items()
+        }
+        row = {
+            "model": model_dir.name,
+            "body": body,
+            "lm_head": lm_head,
+            "embedding": embedding,
+            "exit": p.returncode,
+            "passed": v.get("passed"),
+            "ppl_delta": (v.get("perplexity") or {}).get("delta"),
+            "kl_mean": (v.get("prefill") or {}).get("kl_mean"),
+            "top1": (v.get("prefill") or {}).get("top1"),
+            "engines": engines,
+            "seconds": round(seconds, 1),
+            "command": "dsc build " + " ".join(cmd[4:]).replace(str(work) + "/", "OUT/"),
+        }
         if p.returncode:
             row["error"] = p.stderr.strip().splitlines()[-1:] if p.stderr else None
         rows.append(row)

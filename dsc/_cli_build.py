@@ -14,36 +14,80 @@ _PATH = click.Path(path_type=Path)
 def _engine_options(f):
     """Options shared by build and compile (the ones that shape an engine)."""
     opts = [
-        click.option("-p", "--profile", "profiles", multiple=True,
-                     help="Hardware profile(s): name, alias or .yaml path; a,b,c builds a "
-                          "matrix (repeatable)."),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                     help="Override a profile field for every profile, e.g. "
-                          "builder.workspace_gb=4 (repeatable)."),
-        click.option("--max-batch", type=click.IntRange(1), default=None,
-                     help="Engine envelope: largest batch (default: the profile's)."),
-        click.option("--max-input-len", type=click.IntRange(1), default=None,
-                     help="Engine envelope: longest prompt (default: the profile's, capped)."),
-        click.option("--max-kv", type=click.IntRange(1), default=None,
-                     help="Engine envelope: KV-cache capacity in tokens (default: the profile's, "
-                          "capped at the model's max_position_embeddings)."),
-        click.option("--max-num-tokens", type=click.IntRange(1), default=None,
-                     help="Engine envelope: most tokens in one prefill pass; the prefill "
-                          "profile's batch is max(1, this // max-input-len) (default: the "
-                          "profile's, 8192)."),
-        click.option("--backend", type=click.Choice(["auto", "tensorrt_rtx", "tensorrt"]),
-                     default="auto", show_default=True,
-                     help="auto: TensorRT-RTX where it can target the GPU, else standard "
-                          "TensorRT on the device (preflight + trtexec command elsewhere)."),
-        click.option("--dla-core", type=int, default=None,
-                     help="Jetson AGX Orin / Orin NX: build for this DLA core with GPU fallback "
-                          "(standard TensorRT, on the device)."),
-        click.option("--rebuild", is_flag=True,
-                     help="Run every stage even when its inputs are unchanged."),
-        click.option("--config", "config_path", type=_PATH, default=None,
-                     help="dsc.yaml with pinned options; flags given here override it."),
-        click.option("--json", "as_json", is_flag=True,
-                     help="Print one JSON document on stdout (progress stays on stderr)."),
+        click.option(
+            "-p",
+            "--profile",
+            "profiles",
+            multiple=True,
+            help="Hardware profile(s): name, alias or .yaml path; a,b,c builds a "
+            "matrix (repeatable).",
+        ),
+        click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Override a profile field for every profile, e.g. "
+            "builder.workspace_gb=4 (repeatable).",
+        ),
+        click.option(
+            "--max-batch",
+            type=click.IntRange(1),
+            default=None,
+            help="Engine envelope: largest batch (default: the profile's).",
+        ),
+        click.option(
+            "--max-input-len",
+            type=click.IntRange(1),
+            default=None,
+            help="Engine envelope: longest prompt (default: the profile's, capped).",
+        ),
+        click.option(
+            "--max-kv",
+            type=click.IntRange(1),
+            default=None,
+            help="Engine envelope: KV-cache capacity in tokens (default: the profile's, "
+            "capped at the model's max_position_embeddings).",
+        ),
+        click.option(
+            "--max-num-tokens",
+            type=click.IntRange(1),
+            default=None,
+            help="Engine envelope: most tokens in one prefill pass; the prefill "
+            "profile's batch is max(1, this // max-input-len) (default: the "
+            "profile's, 8192).",
+        ),
+        click.option(
+            "--backend",
+            type=click.Choice(["auto", "tensorrt_rtx", "tensorrt"]),
+            default="auto",
+            show_default=True,
+            help="auto: TensorRT-RTX where it can target the GPU, else standard "
+            "TensorRT on the device (preflight + trtexec command elsewhere).",
+        ),
+        click.option(
+            "--dla-core",
+            type=int,
+            default=None,
+            help="Jetson AGX Orin / Orin NX: build for this DLA core with GPU fallback "
+            "(standard TensorRT, on the device).",
+        ),
+        click.option(
+            "--rebuild", is_flag=True, help="Run every stage even when its inputs are unchanged."
+        ),
+        click.option(
+            "--config",
+            "config_path",
+            type=_PATH,
+            default=None,
+            help="dsc.yaml with pinned options; flags given here override it.",
+        ),
+        click.option(
+            "--json",
+            "as_json",
+            is_flag=True,
+            help="Print one JSON document on stdout (progress stays on stderr).",
+        ),
         click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr."),
     ]
     for opt in reversed(opts):
@@ -56,8 +100,11 @@ def _merged(params: dict, allowed: tuple[str, ...] | None = None) -> dict:
     from dsc.config_file import load_config_file, merge
 
     ctx = click.get_current_context()
-    explicit = {name for name in params
-                if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+    explicit = {
+        name
+        for name in params
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+    }
     values = dict(params)
     values["profiles"] = tuple(params.get("profiles") or ())
     values["overrides"] = tuple(params.get("overrides") or ())
@@ -67,8 +114,11 @@ def _merged(params: dict, allowed: tuple[str, ...] | None = None) -> dict:
         return values
     from_file = load_config_file(path)
     if allowed is not None:
-        from_file = {k: v for k, v in from_file.items()
-                     if k in allowed or (k == "overrides" and "set" in allowed)}
+        from_file = {
+            k: v
+            for k, v in from_file.items()
+            if k in allowed or (k == "overrides" and "set" in allowed)
+        }
     if "profiles" in explicit and not values["profiles"]:
         explicit.discard("profiles")
     return merge(from_file, values, explicit)
@@ -128,30 +178,62 @@ def _emit(outcome, as_json: bool) -> None:
 @click.command()
 @click.argument("checkpoint", type=_PATH, required=False)
 @click.option("-o", "--output", type=_PATH, default=None, help="Artifact directory.")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16",
-              show_default=True, help="Precision of the exported graph (and engine).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp16", "bf16", "fp32"]),
+    default="fp16",
+    show_default=True,
+    help="Precision of the exported graph (and engine).",
+)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
-@click.option("--external-data", is_flag=True,
-              help="Always write the weights to model.onnx.data (default: only when they "
-                   "reach 1.5 GiB, as every real model does).")
-@click.option("--validate", type=click.Choice(["auto", "smoke", "gate", "none"]), default="auto",
-              show_default=True,
-              help="Validate stage: gate = quantized graph vs its fp16 reference on held-out "
-                   "text (fails the build when over budget); smoke = finite logits, greedy "
-                   "decode, KV cache; auto = gate when quantizing, else smoke.")
-@click.option("--validate-tokens", type=click.IntRange(1), default=8, show_default=True,
-              help="Greedy tokens the smoke check decodes.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Load pytorch_model*.bin pickles (runs code from the file; trusted input only).")
-@click.option("--force", is_flag=True,
-              help="Replace an artifact of another checkpoint at OUTPUT.")
-@click.option("--optimize/--no-optimize", default=True, show_default=True,
-              help="Run the graph passes (cleanup, fusions) before quantizing and compiling.")
-@click.option("--passes", "passes", multiple=True, metavar="A,B",
-              help="Run only these passes, in this order (default: the pipeline; "
-                   "`dsc passes list`).")
-@click.option("--disable-pass", "disable_passes", multiple=True, metavar="NAME",
-              help="Leave this pass out of the pipeline (repeatable).")
+@click.option(
+    "--external-data",
+    is_flag=True,
+    help="Always write the weights to model.onnx.data (default: only when they "
+    "reach 1.5 GiB, as every real model does).",
+)
+@click.option(
+    "--validate",
+    type=click.Choice(["auto", "smoke", "gate", "none"]),
+    default="auto",
+    show_default=True,
+    help="Validate stage: gate = quantized graph vs its fp16 reference on held-out "
+    "text (fails the build when over budget); smoke = finite logits, greedy "
+    "decode, KV cache; auto = gate when quantizing, else smoke.",
+)
+@click.option(
+    "--validate-tokens",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Greedy tokens the smoke check decodes.",
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Load pytorch_model*.bin pickles (runs code from the file; trusted input only).",
+)
+@click.option("--force", is_flag=True, help="Replace an artifact of another checkpoint at OUTPUT.")
+@click.option(
+    "--optimize/--no-optimize",
+    default=True,
+    show_default=True,
+    help="Run the graph passes (cleanup, fusions) before quantizing and compiling.",
+)
+@click.option(
+    "--passes",
+    "passes",
+    multiple=True,
+    metavar="A,B",
+    help="Run only these passes, in this order (default: the pipeline; `dsc passes list`).",
+)
+@click.option(
+    "--disable-pass",
+    "disable_passes",
+    multiple=True,
+    metavar="NAME",
+    help="Leave this pass out of the pipeline (repeatable).",
+)
 @_quant_options
 @_engine_options
 def build(checkpoint: Path | None, **params) -> None:
@@ -170,8 +252,9 @@ def build(checkpoint: Path | None, **params) -> None:
         raise click.UsageError("missing CHECKPOINT (or `checkpoint:` in --config)")
     if values.get("output") is None:
         raise click.UsageError("missing -o/--output (or `output:` in --config)")
-    outcome = api.build(values["checkpoint"], values["output"], _config(values),
-                        quiet=values["quiet"])
+    outcome = api.build(
+        values["checkpoint"], values["output"], _config(values), quiet=values["quiet"]
+    )
     _emit(outcome, values["as_json"])
 
 
@@ -206,10 +289,15 @@ def inspect(artifact: Path, as_json: bool) -> None:
 
 @click.command()
 @click.argument("artifact", type=_PATH)
-@click.option("--inputs", "check_inputs", is_flag=True,
-              help="Also re-hash the source checkpoint files recorded in the manifest.")
-@click.option("--checkpoint", type=_PATH, default=None,
-              help="Where the checkpoint is now (implies --inputs).")
+@click.option(
+    "--inputs",
+    "check_inputs",
+    is_flag=True,
+    help="Also re-hash the source checkpoint files recorded in the manifest.",
+)
+@click.option(
+    "--checkpoint", type=_PATH, default=None, help="Where the checkpoint is now (implies --inputs)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def verify(artifact: Path, check_inputs: bool, checkpoint: Path | None, as_json: bool) -> None:
     """Re-check every hash in ARTIFACT's manifest; exit 1 naming any file that differs."""
@@ -223,8 +311,9 @@ def verify(artifact: Path, check_inputs: bool, checkpoint: Path | None, as_json:
         for rel, problem in result.problems:
             click.echo(f"MISMATCH {rel}: {problem}")
         if result.ok:
-            extra = f" and {result.inputs_checked} checkpoint files" if result.inputs_checked \
-                else ""
+            extra = (
+                f" and {result.inputs_checked} checkpoint files" if result.inputs_checked else ""
+            )
             click.echo(f"OK: {result.checked} files{extra} match {artifact}/manifest.json")
     raise_for_problems(result)
 
@@ -234,4 +323,3 @@ def register(cli: click.Group) -> None:
     cli.add_command(compile_)
     cli.add_command(inspect)
     cli.add_command(verify)
-

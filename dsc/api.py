@@ -41,9 +41,17 @@ def _progress(msg: str) -> None:
     print(f"[dsc] {msg}", file=sys.stderr, flush=True)
 
 
-def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
-           opset: int | None = None, external_data: bool = False, allow_pickle: bool = False,
-           force: bool = False, progress=_progress) -> ExportResult:
+def export(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "fp16",
+    opset: int | None = None,
+    external_data: bool = False,
+    allow_pickle: bool = False,
+    force: bool = False,
+    progress=_progress,
+) -> ExportResult:
     """Export a checkpoint to an artifact directory holding the ONNX graph and its I/O spec.
 
     `external_data`: always write the weights to `model.onnx.data` (they go there anyway at
@@ -83,8 +91,15 @@ def export(checkpoint: str | Path, output: str | Path, *, dtype: str = "fp16",
     )
 
 
-def run(artifact: str | Path, prompt: str, *, max_new_tokens: int = 64, greedy: bool = True,
-        temperature: float = 0.8, seed: int = 0) -> str:
+def run(
+    artifact: str | Path,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    greedy: bool = True,
+    temperature: float = 0.8,
+    seed: int = 0,
+) -> str:
     """Generate a continuation of `prompt` through the artifact's ONNX graph."""
     import math
 
@@ -100,16 +115,29 @@ def run(artifact: str | Path, prompt: str, *, max_new_tokens: int = 64, greedy: 
     if not ids:
         raise BadInput("the prompt encodes to no tokens")
     eos = runner.io.get("eos_token_id")
-    new = runner.generate([ids], max_new_tokens, greedy=greedy, temperature=temperature,
-                          seed=seed, eos_token_id=eos if isinstance(eos, int) else None)[0]
+    new = runner.generate(
+        [ids],
+        max_new_tokens,
+        greedy=greedy,
+        temperature=temperature,
+        seed=seed,
+        eos_token_id=eos if isinstance(eos, int) else None,
+    )[0]
     return prompt + tok.decode(new, skip_special_tokens=True)
 
 
 # --- dsc build / compile / inspect / verify (dsc.build, dsc.manifest) ---------------------------
 
 
-def build(checkpoint: str | Path, output: str | Path, config=None, *, quiet: bool = False,
-          echo=None, **options):
+def build(
+    checkpoint: str | Path,
+    output: str | Path,
+    config=None,
+    *,
+    quiet: bool = False,
+    echo=None,
+    **options,
+):
     """`dsc build`: export → (passes) → (quantize) → compile per profile → validate, with reuse.
 
     `config` is a `dsc.build.BuildConfig`, or pass its fields as keyword arguments.
@@ -122,8 +150,9 @@ def build(checkpoint: str | Path, output: str | Path, config=None, *, quiet: boo
     return run_build(checkpoint, output, config, quiet=quiet, echo=echo)
 
 
-def compile_artifact(artifact: str | Path, config=None, *, quiet: bool = False, echo=None,
-                     **options):
+def compile_artifact(
+    artifact: str | Path, config=None, *, quiet: bool = False, echo=None, **options
+):
     """`dsc compile`: engines (or preflights) for more profiles, into an existing artifact."""
     from dsc.build import BuildConfig
     from dsc.build import compile_artifact as run_compile
@@ -139,8 +168,9 @@ def inspect_artifact(artifact: str | Path) -> dict:
     return summarise(artifact)
 
 
-def verify_artifact(artifact: str | Path, *, check_inputs: bool = False,
-                    checkpoint: str | Path | None = None):
+def verify_artifact(
+    artifact: str | Path, *, check_inputs: bool = False, checkpoint: str | Path | None = None
+):
     """`dsc verify`: re-hash every file against the manifest (a `dsc.manifest.VerifyResult`)."""
     from dsc.manifest import verify_artifact as verify
 

@@ -61,8 +61,9 @@ def check_output(path: Path, *, force: bool) -> None:
         for parent in path.absolute().parents:
             if parent.exists():
                 if not parent.is_dir():
-                    raise EnvironmentFailure(f"cannot create output path {path}: {parent} is "
-                                             "a file, not a directory")
+                    raise EnvironmentFailure(
+                        f"cannot create output path {path}: {parent} is a file, not a directory"
+                    )
                 break
         return
     if path.is_file() or path.is_symlink():
@@ -74,7 +75,9 @@ def check_output(path: Path, *, force: bool) -> None:
             f"output path {path} is not empty and is not a dsc artifact; choose another path"
         )
     if not force:
-        raise OutputConflict(f"output path {path} already holds a dsc artifact; pass --force to replace it")
+        raise OutputConflict(
+            f"output path {path} already holds a dsc artifact; pass --force to replace it"
+        )
 
 
 @contextlib.contextmanager
@@ -157,8 +160,9 @@ def is_external_data(rel: str) -> bool:
 
 def weight_bytes(model) -> int:
     """Bytes of an onnx_ir model's initializers (external ones counted, not read)."""
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
-               if v.const_value is not None)
+    return sum(
+        v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
+    )
 
 
 def write_graph(model, directory: Path, onnx_name: str, *, external: bool | None = None) -> bool:

@@ -68,8 +68,14 @@ STAGES = (EXPORT, OPTIMIZE, QUANTIZE, COMPILE, VALIDATE)
 GRAPH_STAGES = STAGES[:3]
 
 
-def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
-          quiet: bool = False, echo=None) -> BuildOutcome:
+def build(
+    checkpoint: str | Path,
+    output: str | Path,
+    config: BuildConfig,
+    *,
+    quiet: bool = False,
+    echo=None,
+) -> BuildOutcome:
     """Checkpoint → artifact with one engine (or preflight + device command) per profile."""
     from dsc.models.checkpoint import inspect_checkpoint
     from dsc.pipeline.targets import resolve_targets
@@ -79,14 +85,23 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
     info = inspect_checkpoint(checkpoint, allow_pickle=config.allow_pickle)
     output = Path(output)
     targets = resolve_targets(
-        config.profiles, model_config=info.config, model_name=info.path.resolve().name,
-        dtype=config.dtype, overrides=list(config.overrides), max_batch=config.max_batch,
-        max_input_len=config.max_input_len, max_kv=config.max_kv,
-        max_num_tokens=config.max_num_tokens, backend=config.backend,
-        dla_core=config.dla_core, quantize=config.quantize,
-        weight_precisions=vocab_precisions(config.quantize_lm_head, config.quantize_embedding))
-    check_vocab_options(config.quantize_lm_head, config.quantize_embedding, config.quantize,
-                        info.config)
+        config.profiles,
+        model_config=info.config,
+        model_name=info.path.resolve().name,
+        dtype=config.dtype,
+        overrides=list(config.overrides),
+        max_batch=config.max_batch,
+        max_input_len=config.max_input_len,
+        max_kv=config.max_kv,
+        max_num_tokens=config.max_num_tokens,
+        backend=config.backend,
+        dla_core=config.dla_core,
+        quantize=config.quantize,
+        weight_precisions=vocab_precisions(config.quantize_lm_head, config.quantize_embedding),
+    )
+    check_vocab_options(
+        config.quantize_lm_head, config.quantize_embedding, config.quantize, info.config
+    )
     if config.opset is not None and not 18 <= config.opset <= 23:
         raise UsageError(f"opset {config.opset} is not supported by the exporter; choose 18..23")
     tools = tool_versions()
@@ -100,40 +115,48 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
     old_stages = old.get("stages", {})
     progress = Progress(5, quiet=quiet, echo=echo)
     ran: dict[str, bool] = {}
-    progress.say(f"dsc build {info.path} -> {output}: {info.family.name} {config.dtype}, "
-                 f"profiles {', '.join(t.name for t in targets)}")
+    progress.say(
+        f"dsc build {info.path} -> {output}: {info.family.name} {config.dtype}, "
+        f"profiles {', '.join(t.name for t in targets)}"
+    )
     for t in targets:
-        progress.detail(f"{t.name}: mode {t.mode}, envelope {asdict(t.envelope)}, plan "
-                        f"{t.plan['total_bytes'] / 2**30:.3f} of "
-                        f"{t.plan['capacity_bytes'] / 2**30:.1f} GiB; "
-                        + "; ".join(t.notes))
+        progress.detail(
+            f"{t.name}: mode {t.mode}, envelope {asdict(t.envelope)}, plan "
+            f"{t.plan['total_bytes'] / 2**30:.3f} of "
+            f"{t.plan['capacity_bytes'] / 2**30:.1f} GiB; " + "; ".join(t.notes)
+        )
     # The graph stages (export, optimize, quantize) are reused together or not at all: a later
     # graph stage replaces model.onnx, so the earlier stage's graph is no longer there to reuse.
     chain_reusable = previous is not None and all(
         reusable(old_stages.get(name), EXPORT.input_hash(inputs), previous)
-        if inputs is not None else (old_stages.get(name) or {}).get("status") in (None, "not_run")
-        for name, inputs in graph_plan.items())
+        if inputs is not None
+        else (old_stages.get(name) or {}).get("status") in (None, "not_run")
+        for name, inputs in graph_plan.items()
+    )
     try:
         with atomic_dir(output, force=True) as tmp:
             stages: dict = {}
             if chain_reusable:
-                stages = reuse_graph_stages(GRAPH_STAGES, graph_plan, old_stages, previous,
-                                            tmp, progress, ran)
+                stages = reuse_graph_stages(
+                    GRAPH_STAGES, graph_plan, old_stages, previous, tmp, progress, ran
+                )
             else:
-                stages = run_graph_stages(GRAPH_STAGES, config, info, ctx, tmp, graph_plan,
-                                          progress, ran)
+                stages = run_graph_stages(
+                    GRAPH_STAGES, config, info, ctx, tmp, graph_plan, progress, ran
+                )
             io = json.loads((tmp / IO_SPEC).read_text())
             graph = graph_record(tmp, io)
 
             # 4. compile, per profile
-            records, entries = COMPILE.run(targets, tmp, io, graph, tools, progress,
-                                           previous, old, ran)
+            records, entries = COMPILE.run(
+                targets, tmp, io, graph, tools, progress, previous, old, ran
+            )
             stages["compile"] = {"status": aggregate(records), "profiles": records}
 
             # 5. validate
             stages["validate"], validation = VALIDATE.run(
-                config, tmp, io, graph, tools, progress, old_stages.get("validate"), ran,
-                previous)
+                config, tmp, io, graph, tools, progress, old_stages.get("validate"), ran, previous
+            )
 
             manifest = {
                 "format": "dsc-artifact",
@@ -153,23 +176,26 @@ def build(checkpoint: str | Path, output: str | Path, config: BuildConfig, *,
                 manifest["validation"] = validation
             if validation and validation.get("kind") == "gate" and not validation["passed"]:
                 finish(tmp, rejected_path(output), manifest, progress)
-                raise CheckFailed(gate_failure(config.quantize, validation,
-                                                keep_rejected(tmp, output)))
+                raise CheckFailed(
+                    gate_failure(config.quantize, validation, keep_rejected(tmp, output))
+                )
             carry_downstream(previous, old, tmp, manifest, graph)
 
-            if (previous is not None and not any(ran.values())
-                    and set(old.get("profiles") or {}) == set(entries)
-                    and old.get("options") == manifest["options"]
-                    and verify_artifact(previous).ok):
+            if (
+                previous is not None
+                and not any(ran.values())
+                and set(old.get("profiles") or {}) == set(entries)
+                and old.get("options") == manifest["options"]
+                and verify_artifact(previous).ok
+            ):
                 raise UpToDate()
             finish(tmp, output, manifest, progress)
     except UpToDate:
         progress.say(f"{output}: up to date, nothing rebuilt")
-        return BuildOutcome(output, "build", True, time.perf_counter() - t_start,
-                            load_manifest(output), ran)
+        return BuildOutcome(
+            output, "build", True, time.perf_counter() - t_start, load_manifest(output), ran
+        )
     return BuildOutcome(output, "build", False, time.perf_counter() - t_start, manifest, ran)
-
-
 
 
 __all__ = ["STAGES", "BuildConfig", "BuildOutcome", "__version__", "build", "compile_artifact"]

@@ -61,20 +61,25 @@ class BuildConfig:
 
         check_vocab_options(self.quantize_lm_head, self.quantize_embedding, self.quantize)
         if self.weight_only and self.quantize != "int8":
-            raise UsageError("--weight-only applies to --int8 only (INT4-AWQ is always "
-                             "weight-only; FP8 quantizes weights and activations)")
+            raise UsageError(
+                "--weight-only applies to --int8 only (INT4-AWQ is always "
+                "weight-only; FP8 quantizes weights and activations)"
+            )
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise UsageError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.calib_samples < 1 or self.calib_seq_len < 2:
             raise UsageError("calibration needs at least 1 sample of at least 2 tokens")
         if self.validate == "gate" and self.quantize is None:
-            raise UsageError("--validate gate compares a quantized graph with its fp16 reference: "
-                             "add --int8, --fp8 or --int4-awq (or run `dsc validate --reference`)")
+            raise UsageError(
+                "--validate gate compares a quantized graph with its fp16 reference: "
+                "add --int8, --fp8 or --int4-awq (or run `dsc validate --reference`)"
+            )
         if not self.optimize and (self.passes or self.disable_passes):
             raise UsageError("--passes/--disable-pass contradict --no-optimize")
         if self.validate not in VALIDATE_KINDS:
-            raise UsageError(f"unknown validation {self.validate!r} (choose "
-                             f"{', '.join(VALIDATE_KINDS)})")
+            raise UsageError(
+                f"unknown validation {self.validate!r} (choose {', '.join(VALIDATE_KINDS)})"
+            )
         if self.validate_tokens < 1:
             raise UsageError(f"validate_tokens must be at least 1, got {self.validate_tokens}")
         for name in ("max_batch", "max_input_len", "max_kv", "max_num_tokens"):

@@ -43,25 +43,52 @@ def cli(verbose: int) -> None:
 @cli.command()
 @click.argument("checkpoint", type=_PATH)
 @click.option("-o", "--output", "output", type=_PATH, required=True, help="Artifact directory.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16",
-              show_default=True, help="Precision of the exported graph.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp16",
+    show_default=True,
+    help="Precision of the exported graph.",
+)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
-@click.option("--external-data", is_flag=True,
-              help="Always write the weights to model.onnx.data (default: only when they "
-                   "reach 1.5 GiB, as every real model does).")
-@click.option("--allow-pickle", is_flag=True,
-              help="Load pytorch_model*.bin pickles (runs code from the file; trusted input only).")
+@click.option(
+    "--external-data",
+    is_flag=True,
+    help="Always write the weights to model.onnx.data (default: only when they "
+    "reach 1.5 GiB, as every real model does).",
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Load pytorch_model*.bin pickles (runs code from the file; trusted input only).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing dsc artifact at OUTPUT.")
-def export(checkpoint: Path, output: Path, dtype: str, opset: int | None, external_data: bool,
-           allow_pickle: bool, force: bool) -> None:
+def export(
+    checkpoint: Path,
+    output: Path,
+    dtype: str,
+    opset: int | None,
+    external_data: bool,
+    allow_pickle: bool,
+    force: bool,
+) -> None:
     """Export a Hugging Face checkpoint to one ONNX graph with KV-cache inputs/outputs."""
     from dsc import api
 
-    result = api.export(checkpoint, output, dtype=dtype, opset=opset,
-                        external_data=external_data, allow_pickle=allow_pickle, force=force)
+    result = api.export(
+        checkpoint,
+        output,
+        dtype=dtype,
+        opset=opset,
+        external_data=external_data,
+        allow_pickle=allow_pickle,
+        force=force,
+    )
     click.echo(f"exported {result.family} ({result.architecture}) to {result.path}")
-    click.echo(f"  graph: {result.onnx_path.name}  dtype: {result.dtype}  "
-               f"layers: {result.num_layers}  cache: {result.cache_kind}")
+    click.echo(
+        f"  graph: {result.onnx_path.name}  dtype: {result.dtype}  "
+        f"layers: {result.num_layers}  cache: {result.cache_kind}"
+    )
 
 
 @cli.command()
@@ -71,13 +98,20 @@ def export(checkpoint: Path, output: Path, dtype: str, opset: int | None, extern
 @click.option("--greedy/--sample", default=True, show_default=True)
 @click.option("--temperature", type=float, default=0.8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def run(artifact: Path, prompt: str, max_new_tokens: int, greedy: bool, temperature: float,
-        seed: int) -> None:
+def run(
+    artifact: Path, prompt: str, max_new_tokens: int, greedy: bool, temperature: float, seed: int
+) -> None:
     """Generate text from an exported artifact with ONNX Runtime."""
     from dsc import api
 
-    text = api.run(artifact, prompt, max_new_tokens=max_new_tokens, greedy=greedy,
-                   temperature=temperature, seed=seed)
+    text = api.run(
+        artifact,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        temperature=temperature,
+        seed=seed,
+    )
     click.echo(text)
 
 
@@ -93,10 +127,13 @@ def _register_optional_groups() -> None:
 
     _cli_build.register(cli)
     from dsc import _cli_quant
+
     _cli_quant.register(cli)
     from dsc import _cli_passes
+
     _cli_passes.register(cli)
     from dsc import _cli_engine  # after validate/bench/build: it adds options to them
+
     _cli_engine.register(cli)
 
 
@@ -105,10 +142,23 @@ _register_optional_groups()
 
 # errno values that mean the machine, not dsc or its input, refused.
 ENVIRONMENT_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM",
-                                      "ENOTDIR", "ENAMETOOLONG", "EMFILE", "ENFILE", "ELOOP",
-                                      "ETXTBSY")
-    if hasattr(errno, name))
+    getattr(errno, name)
+    for name in (
+        "ENOSPC",
+        "EDQUOT",
+        "EFBIG",
+        "EROFS",
+        "EACCES",
+        "EPERM",
+        "ENOTDIR",
+        "ENAMETOOLONG",
+        "EMFILE",
+        "ENFILE",
+        "ELOOP",
+        "ETXTBSY",
+    )
+    if hasattr(errno, name)
+)
 
 
 def environment_error(exc: BaseException) -> OSError | None:
@@ -168,8 +218,11 @@ def _run(argv: list[str] | None) -> int:
             return EXIT_ENVIRONMENT
         if os.environ.get("DSC_DEBUG"):  # a bug: keep it to one line unless asked
             raise
-        click.echo(f"dsc: internal error: {type(e).__name__}: {_one_line(e)} "
-                   "(set DSC_DEBUG=1 for details)", err=True)
+        click.echo(
+            f"dsc: internal error: {type(e).__name__}: {_one_line(e)} "
+            "(set DSC_DEBUG=1 for details)",
+            err=True,
+        )
         return EXIT_INTERNAL
     return 0
 

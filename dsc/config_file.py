@@ -51,17 +51,42 @@ import yaml
 from dsc.errors import BadInput
 
 _INT_OR_NULL = ("opset", "max_batch", "max_input_len", "max_kv", "max_num_tokens", "dla_core")
-_CHOICES = {"dtype": ("fp16", "bf16", "fp32"), "backend": ("auto", "tensorrt_rtx", "tensorrt"),
-            "validate": ("auto", "smoke", "gate", "none")}
+_CHOICES = {
+    "dtype": ("fp16", "bf16", "fp32"),
+    "backend": ("auto", "tensorrt_rtx", "tensorrt"),
+    "validate": ("auto", "smoke", "gate", "none"),
+}
 _BOOLS = ("allow_pickle", "force", "rebuild", "optimize", "weight_only", "external_data")
 _NAME_LISTS = ("passes", "disable_passes", "exclude")
 _POS_INTS = ("validate_tokens", "calib_samples", "calib_seq_len")
-KEYS = ("checkpoint", "output", "profiles", "set", *_INT_OR_NULL, *_CHOICES, *_POS_INTS,
-        *_BOOLS, *_NAME_LISTS, "quantize", "calib", "calib_method", "alpha", "quantize_lm_head",
-        "quantize_embedding")
-COMPILE_KEYS = ("profiles", "set", "max_batch", "max_input_len", "max_kv", "max_num_tokens",
-                "backend", "dla_core",
-                "rebuild")
+KEYS = (
+    "checkpoint",
+    "output",
+    "profiles",
+    "set",
+    *_INT_OR_NULL,
+    *_CHOICES,
+    *_POS_INTS,
+    *_BOOLS,
+    *_NAME_LISTS,
+    "quantize",
+    "calib",
+    "calib_method",
+    "alpha",
+    "quantize_lm_head",
+    "quantize_embedding",
+)
+COMPILE_KEYS = (
+    "profiles",
+    "set",
+    "max_batch",
+    "max_input_len",
+    "max_kv",
+    "max_num_tokens",
+    "backend",
+    "dla_core",
+    "rebuild",
+)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -83,8 +108,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise BadInput(f"{path}: not valid YAML ({getattr(e, 'problem', None) or e}{where})") \
-            from None
+        raise BadInput(
+            f"{path}: not valid YAML ({getattr(e, 'problem', None) or e}{where})"
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
@@ -125,8 +151,11 @@ def _check(key: str, value: Any, path: Path, base: Path) -> tuple[str, Any]:
             raise _fail(path, key, "a list of names", value)
         return key, tuple(value)
     if key in ("quantize", "calib_method", "quantize_lm_head", "quantize_embedding"):
-        known = ("max", "percentile", "entropy", "mse") if key == "calib_method" else \
-            ("int8", "fp8", "int4")
+        known = (
+            ("max", "percentile", "entropy", "mse")
+            if key == "calib_method"
+            else ("int8", "fp8", "int4")
+        )
         if value is not None and value not in known:
             raise _fail(path, key, "one of " + ", ".join(known) + " or null", value)
         return key, value
@@ -177,8 +206,9 @@ def _scalar(v: Any) -> str:
     return "null" if v is None else str(v)
 
 
-def merge(from_file: Mapping[str, Any], from_cli: Mapping[str, Any],
-          explicit: set[str]) -> dict[str, Any]:
+def merge(
+    from_file: Mapping[str, Any], from_cli: Mapping[str, Any], explicit: set[str]
+) -> dict[str, Any]:
     """File values, then the command line's explicitly given flags on top.
 
     `from_cli` holds every option's value (defaults included); only names in `explicit` win.

@@ -76,8 +76,15 @@ def train_tokenizer(out_dir: Path, *, vocab_size: int = 512, chars: int = 400_00
     return out_dir
 
 
-def fixture_config(family: str, vocab_size: int, *, bos: int = 0, eos: int = 1, pad: int = 2,
-                   overrides: dict | None = None):
+def fixture_config(
+    family: str,
+    vocab_size: int,
+    *,
+    bos: int = 0,
+    eos: int = 1,
+    pad: int = 2,
+    overrides: dict | None = None,
+):
     """A small transformers config of the family's real architecture.
 
     `overrides` replace fields before the config is constructed, so derived fields follow
@@ -86,40 +93,95 @@ def fixture_config(family: str, vocab_size: int, *, bos: int = 0, eos: int = 1, 
     import transformers
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=64, num_attention_heads=4, max_position_embeddings=512,
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
-        initializer_range=0.08, rms_norm_eps=1e-6,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=False,
+        initializer_range=0.08,
+        rms_norm_eps=1e-6,
     )
     mla = dict(
-        num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
-        v_head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-        first_k_dense_replace=1, n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=2,
-        n_group=4, topk_group=2,
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        n_routed_experts=16,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
     )
     if family == "llama":
-        cls, kwargs = transformers.LlamaConfig, dict(
-            **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2,
-            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 64},
+        cls, kwargs = (
+            transformers.LlamaConfig,
+            dict(
+                **common,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_key_value_heads=2,
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "rope_theta": 500000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                },
+            ),
         )
     elif family == "qwen2":
-        cls, kwargs = transformers.Qwen2Config, dict(
-            **common, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        cls, kwargs = (
+            transformers.Qwen2Config,
+            dict(
+                **common,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_key_value_heads=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            ),
         )
     elif family == "deepseek_v2":
-        cls, kwargs = transformers.DeepseekV2Config, dict(
-            **common, **mla, q_lora_rank=None, topk_method="group_limited_greedy",
-            routed_scaling_factor=1.0, norm_topk_prob=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        cls, kwargs = (
+            transformers.DeepseekV2Config,
+            dict(
+                **common,
+                **mla,
+                q_lora_rank=None,
+                topk_method="group_limited_greedy",
+                routed_scaling_factor=1.0,
+                norm_topk_prob=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            ),
         )
     elif family == "deepseek_v3":
-        cls, kwargs = transformers.DeepseekV3Config, dict(
-            **common, **mla, q_lora_rank=24, routed_scaling_factor=2.5, norm_topk_prob=True,
-            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                             "original_max_position_embeddings": 128, "beta_fast": 32.0,
-                             "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        cls, kwargs = (
+            transformers.DeepseekV3Config,
+            dict(
+                **common,
+                **mla,
+                q_lora_rank=24,
+                routed_scaling_factor=2.5,
+                norm_topk_prob=True,
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "rope_theta": 10000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 128,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                    "mscale": 1.0,
+                    "mscale_all_dim": 1.0,
+                },
+            ),
         )
     else:
         raise ValueError(f"unknown fixture family {family!r}; choose from {FAMILIES}")
@@ -127,8 +189,14 @@ def fixture_config(family: str, vocab_size: int, *, bos: int = 0, eos: int = 1, 
     return cls(**kwargs)
 
 
-def make_fixture(family: str, out_dir: str | Path, *, seed: int = 0,
-                 tokenizer_dir: Path | None = None, overrides: dict | None = None) -> Path:
+def make_fixture(
+    family: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    tokenizer_dir: Path | None = None,
+    overrides: dict | None = None,
+) -> Path:
     """Write a random-weight checkpoint of `family` to `out_dir`; return the directory.
 
     `overrides` sets config fields on top of the family's tiny config.
@@ -143,8 +211,14 @@ def make_fixture(family: str, out_dir: str | Path, *, seed: int = 0,
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer_dir != out_dir:
         tok.save_pretrained(out_dir)
-    config = fixture_config(family, len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id,
-                            pad=tok.pad_token_id, overrides=overrides)
+    config = fixture_config(
+        family,
+        len(tok),
+        bos=tok.bos_token_id,
+        eos=tok.eos_token_id,
+        pad=tok.pad_token_id,
+        overrides=overrides,
+    )
     config.architectures = [type(AutoModelForCausalLM.from_config(config)).__name__]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
@@ -180,19 +254,26 @@ def _random_init(name: str, shape: tuple[int, ...], dtype, std: float, seed: int
     if "norm" in name and leaf == "weight":
         return torch.ones(shape, dtype=dtype)
     gen = torch.Generator().manual_seed(
-        int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little"))
+        int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+    )
     out = torch.empty(shape, dtype=dtype)
     flat = out.view(shape[0], -1) if len(shape) > 1 else out.view(1, -1)
     rows = max(1, (64 * 2**20) // max(1, flat.shape[1] * 4))  # 64 MiB of fp32 at a time
     for r in range(0, flat.shape[0], rows):
         block = torch.empty((min(rows, flat.shape[0] - r), flat.shape[1]), dtype=torch.float32)
-        flat[r: r + block.shape[0]] = block.normal_(0.0, std, generator=gen).to(dtype)
+        flat[r : r + block.shape[0]] = block.normal_(0.0, std, generator=gen).to(dtype)
     return out
 
 
-def random_checkpoint(config_path: str | Path, out_dir: str | Path, *, dtype: str = "fp16",
-                      tokenizer_dir: Path | None = None, seed: int = 0,
-                      shard_bytes: int = RANDOM_SHARD_BYTES) -> Path:
+def random_checkpoint(
+    config_path: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "fp16",
+    tokenizer_dir: Path | None = None,
+    seed: int = 0,
+    shard_bytes: int = RANDOM_SHARD_BYTES,
+) -> Path:
     """A random-weight checkpoint with a real model's config.json (for measurements), streamed.
 
     The model is built on PyTorch's meta device (shapes only, no memory); each tensor of its
@@ -214,8 +295,9 @@ def random_checkpoint(config_path: str | Path, out_dir: str | Path, *, dtype: st
     torch_dtype = dtypes[dtype]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = AutoConfig.from_pretrained(Path(config_path).parent if Path(config_path).is_file()
-                                        else config_path)
+    config = AutoConfig.from_pretrained(
+        Path(config_path).parent if Path(config_path).is_file() else config_path
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     seen: set[int] = set()
@@ -245,8 +327,11 @@ def random_checkpoint(config_path: str | Path, out_dir: str | Path, *, dtype: st
         size += nbytes
     weight_map, total = {}, 0
     for k, group in enumerate(shards):
-        file = ("model.safetensors" if len(shards) == 1
-                else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+        file = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
         tensors = {name: _random_init(name, shape, dt, std, seed) for name, shape, dt in group}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, out_dir / file, metadata={"format": "pt"})
@@ -280,8 +365,13 @@ _FP8_LINEAR = re.compile(
     r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
     r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj)|eh_proj)\.weight$"
 )
-_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json")
+_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def read_tensors(src: str | Path) -> dict:
@@ -311,8 +401,9 @@ def write_shards(tensors: dict, dst: str | Path, *, shards: int = 2) -> Path:
     weight_map = {}
     for i, group in enumerate(groups):
         file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: tensors[n].contiguous() for n in group}, dst / file,
-                  metadata={"format": "pt"})
+        save_file(
+            {n: tensors[n].contiguous() for n in group}, dst / file, metadata={"format": "pt"}
+        )
         weight_map.update(dict.fromkeys(group, file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -326,15 +417,17 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def write_sharded(src: str | Path, dst: str | Path, *, shards: int = 2,
-                  dtype: str = "bf16") -> Path:
+def write_sharded(
+    src: str | Path, dst: str | Path, *, shards: int = 2, dtype: str = "bf16"
+) -> Path:
     """Copy checkpoint `src` to `dst` with its float tensors in `dtype`, over `shards` files."""
     import torch
 
     src, dst = Path(src), Path(dst)
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    tensors = {n: t.to(torch_dtype) if t.is_floating_point() else t
-               for n, t in read_tensors(src).items()}
+    tensors = {
+        n: t.to(torch_dtype) if t.is_floating_point() else t for n, t in read_tensors(src).items()
+    }
     _copy_side_files(src, dst)
     cfg = json.loads((dst / "config.json").read_text())
     cfg["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
@@ -357,12 +450,13 @@ def quantize_fp8_blocks(weight, block: tuple[int, int] = FP8_BLOCK):
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
     for i in range(grid[0]):
         for j in range(grid[1]):
-            tile = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
+            tile = w[i * br : (i + 1) * br, j * bc : (j + 1) * bc]
             amax = float(tile.abs().max())
             s = amax / FP8_MAX if amax > 0 else 1.0
             scale[i, j] = s
-            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (
-                (tile / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+            q[i * br : (i + 1) * br, j * bc : (j + 1) * bc] = (
+                (tile / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            )
     return q, scale
 
 
@@ -392,8 +486,15 @@ def _mtp_tensors(config: dict, seed: int) -> dict:
     }
 
 
-def to_fp8_published(src: str | Path, dst: str | Path, *, shards: int = 2,
-                     block: tuple[int, int] = FP8_BLOCK, mtp: bool = True, seed: int = 0) -> Path:
+def to_fp8_published(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    shards: int = 2,
+    block: tuple[int, int] = FP8_BLOCK,
+    mtp: bool = True,
+    seed: int = 0,
+) -> Path:
     """Rewrite checkpoint `src` into DeepSeek-V3/R1's published FP8 layout at `dst`.
 
     Each FP8 linear weight becomes float8_e4m3fn `<name>` plus float32 `<name>_scale_inv`
@@ -423,20 +524,24 @@ def to_fp8_published(src: str | Path, dst: str | Path, *, shards: int = 2,
     _copy_side_files(src, dst)
     config["dtype"] = "bfloat16"
     config["quantization_config"] = {
-        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
         "weight_block_size": list(block),
     }
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return write_shards(out, dst, shards=shards)
 
 
-def make_fp8_fixture(out_dir: str | Path, *, seed: int = 0,
-                     tokenizer_dir: Path | None = None) -> Path:
+def make_fp8_fixture(
+    out_dir: str | Path, *, seed: int = 0, tokenizer_dir: Path | None = None
+) -> Path:
     """The tiny DeepSeek-V3 (with V3's 576-wide latent) in the published FP8 layout."""
     out_dir = Path(out_dir)
     plain = out_dir.with_name(out_dir.name + ".plain")
-    make_fixture("deepseek_v3", plain, seed=seed, tokenizer_dir=tokenizer_dir,
-                 overrides=FP8_V3_OVERRIDES)
+    make_fixture(
+        "deepseek_v3", plain, seed=seed, tokenizer_dir=tokenizer_dir, overrides=FP8_V3_OVERRIDES
+    )
     try:
         return to_fp8_published(plain, out_dir, seed=seed)
     finally:

@@ -108,8 +108,9 @@ _SCHEMA: dict[str, Any] = {
     "builder": {
         "workspace_gb": _F("number"),
         "optimization_level": _F("int"),
-        "hardware_compatibility": _F("enum", required=False, default="none",
-                                     choices=HARDWARE_COMPATIBILITY),
+        "hardware_compatibility": _F(
+            "enum", required=False, default="none", choices=HARDWARE_COMPATIBILITY
+        ),
         "version_compatible": _F("bool", required=False, default=False),
     },
     "envelope": {
@@ -123,8 +124,13 @@ _SCHEMA: dict[str, Any] = {
     "sources": _F("strs"),
 }
 
-_TYPE_WORDS = {"int": "an integer", "number": "a number", "bool": "true or false",
-               "str": "a string", "strs": "a list of strings"}
+_TYPE_WORDS = {
+    "int": "an integer",
+    "number": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "strs": "a list of strings",
+}
 
 
 def _type_name(value: Any) -> str:
@@ -155,8 +161,9 @@ def _check_value(value: Any, spec: _Field, key: str, source: str) -> Any:
     else:  # pragma: no cover - schema typo
         raise AssertionError(spec.kind)
     if not ok:
-        raise BadInput(f"{key} in {source}: expected {_describe(spec)}, "
-                       f"got {_type_name(value)} {value!r}")
+        raise BadInput(
+            f"{key} in {source}: expected {_describe(spec)}, got {_type_name(value)} {value!r}"
+        )
     return value
 
 
@@ -353,14 +360,17 @@ def _check_rules(p: HardwareProfile, source: str) -> None:
         raise BadInput(f"{source}: {msg}")
 
     if p.schema_version != SCHEMA_VERSION:
-        fail(f"schema_version {p.schema_version} is not supported (this dsc reads "
-             f"{SCHEMA_VERSION})")
+        fail(
+            f"schema_version {p.schema_version} is not supported (this dsc reads {SCHEMA_VERSION})"
+        )
     # The name becomes a directory of the artifact (engines/<name>/).
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", p.name) or ".." in p.name:
-        fail(f"name {p.name!r} must be letters, digits, '.', '_' or '-' (it names the "
-             "directory engines/<name>/ of an artifact)")
+        fail(
+            f"name {p.name!r} must be letters, digits, '.', '_' or '-' (it names the "
+            "directory engines/<name>/ of an artifact)"
+        )
     if not re.fullmatch(r"\d{1,2}\.\d", p.compute_capability):
-        fail(f"compute_capability {p.compute_capability!r} must look like \"8.7\"")
+        fail(f'compute_capability {p.compute_capability!r} must look like "8.7"')
     sm = p.sm
     unknown = [x for x in p.precisions if x not in TARGET_PRECISIONS]
     if unknown:
@@ -371,8 +381,10 @@ def _check_rules(p: HardwareProfile, source: str) -> None:
         fail("precisions must include fp16 (the reference precision)")
     for prec in p.precisions:
         if sm < PROFILE_MIN_SM[prec]:
-            fail(f"precision {prec} needs SM >= {PROFILE_MIN_SM[prec]}, but compute_capability "
-                 f"{p.compute_capability} is SM{sm}")
+            fail(
+                f"precision {prec} needs SM >= {PROFILE_MIN_SM[prec]}, but compute_capability "
+                f"{p.compute_capability} is SM{sm}"
+            )
         # INT4 here is weight-only (W4A16): its matmuls run at the fp16 rate.
         if prec != "int4" and p.throughput_tflops.peak(prec) is None:
             fail(f"precision {prec} is listed but throughput_tflops.{prec} is null")
@@ -389,15 +401,19 @@ def _check_rules(p: HardwareProfile, source: str) -> None:
         fail("tensorrt.jetpack is set exactly when kind is jetson")
     if p.rtx_target_sm is not None:
         if p.rtx_target_sm not in RTX_TARGET_SMS:
-            fail(f"rtx_target_sm {p.rtx_target_sm}: TensorRT-RTX compiles only for "
-                 f"SM{'/'.join(map(str, RTX_TARGET_SMS))} (use null)")
+            fail(
+                f"rtx_target_sm {p.rtx_target_sm}: TensorRT-RTX compiles only for "
+                f"SM{'/'.join(map(str, RTX_TARGET_SMS))} (use null)"
+            )
         if p.rtx_target_sm != sm:
             fail(f"rtx_target_sm {p.rtx_target_sm} differs from the GPU's SM{sm}")
         if p.preflight_sm != p.rtx_target_sm:
             fail("preflight_sm must equal rtx_target_sm when RTX can target the GPU")
     if p.preflight_sm not in RTX_TARGET_SMS:
-        fail(f"preflight_sm {p.preflight_sm} is not an SM TensorRT-RTX compiles for "
-             f"({', '.join(map(str, RTX_TARGET_SMS))})")
+        fail(
+            f"preflight_sm {p.preflight_sm} is not an SM TensorRT-RTX compiles for "
+            f"({', '.join(map(str, RTX_TARGET_SMS))})"
+        )
     b = p.builder
     if not 0 <= b.optimization_level <= 5:
         fail(f"builder.optimization_level {b.optimization_level} must be 0..5")
@@ -408,8 +424,11 @@ def _check_rules(p: HardwareProfile, source: str) -> None:
     if b.hardware_compatibility == "same_compute_capability" and sm < 75:
         fail("builder.hardware_compatibility same_compute_capability needs SM >= 75")
     if p.is_jetson and b.hardware_compatibility != "none":
-        logger.warning("%s: hardware compatibility is documented as unsupported on JetPack "
-                       "(TensorRT 8.6 guide; current status unconfirmed)", source)
+        logger.warning(
+            "%s: hardware compatibility is documented as unsupported on JetPack "
+            "(TensorRT 8.6 guide; current status unconfirmed)",
+            source,
+        )
     e = p.envelope
     if min(e.max_batch, e.max_input_len, e.max_kv, e.max_num_tokens) <= 0:
         fail("envelope: max_batch, max_input_len, max_kv and max_num_tokens must be positive")
@@ -472,8 +491,9 @@ def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict
     return data
 
 
-def _from_data(raw: Any, source: str, path: str | None,
-               overrides: Mapping[str, Any]) -> HardwareProfile:
+def _from_data(
+    raw: Any, source: str, path: str | None, overrides: Mapping[str, Any]
+) -> HardwareProfile:
     data = _validate(raw, _SCHEMA, source)  # the file alone must be valid
     label = source
     if overrides:
@@ -524,12 +544,15 @@ def resolve_name(name: str) -> Path:
         return files[alias_map[key]]
     near = difflib.get_close_matches(key, list(files) + list(alias_map), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
-    raise BadInput(f"unknown profile {name!r}{hint} (`dsc profiles list` shows all; a path "
-                   f"to a .yaml file works too)")
+    raise BadInput(
+        f"unknown profile {name!r}{hint} (`dsc profiles list` shows all; a path "
+        f"to a .yaml file works too)"
+    )
 
 
-def load_profile(name_or_path: str | Path,
-                 overrides: Mapping[str, Any] | Iterable[str] | None = None) -> HardwareProfile:
+def load_profile(
+    name_or_path: str | Path, overrides: Mapping[str, Any] | Iterable[str] | None = None
+) -> HardwareProfile:
     """Load a built-in profile by name or alias, or a user profile by path; apply overrides."""
     text = str(name_or_path)
     path = Path(text)

@@ -45,16 +45,34 @@ SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "manifest.schema.jso
 STAGE_ORDER = ("export", "optimize", "quantize", "compile", "validate")
 
 __all__ = [
-    "STAGE_ORDER", "VerifyResult", "canonical_hash", "check_schema", "export_manifest",
-    "format_inspect", "hash_tree", "inspect_artifact", "now", "schema_errors", "sha256_file",
-    "verify_artifact", "write_manifest",
+    "STAGE_ORDER",
+    "VerifyResult",
+    "canonical_hash",
+    "check_schema",
+    "export_manifest",
+    "format_inspect",
+    "hash_tree",
+    "inspect_artifact",
+    "now",
+    "schema_errors",
+    "sha256_file",
+    "verify_artifact",
+    "write_manifest",
 ]
 
 
 # The distributions whose versions shape an artifact (recorded in `tools`; stage inputs pick
 # the ones that shape their output).
-TOOL_DISTS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-ir",
-              "tensorrt", "tensorrt-rtx-cu13")
+TOOL_DISTS = (
+    "torch",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "onnx-ir",
+    "tensorrt",
+    "tensorrt-rtx-cu13",
+)
 
 
 def tool_versions(dists: tuple[str, ...] = TOOL_DISTS) -> dict[str, str | None]:
@@ -141,16 +159,18 @@ def write_manifest(directory: Path, manifest: dict, *, check: bool = True) -> Pa
     return path
 
 
-def write_derived_manifest(directory: Path, manifest: dict, source: Mapping,
-                           source_path: Path) -> Path:
+def write_derived_manifest(
+    directory: Path, manifest: dict, source: Mapping, source_path: Path
+) -> Path:
     """Write the manifest of an artifact made from `source_path` (dsc optimize / quantize).
 
     Checked against the schema, unless the source's own manifest breaks it (written before the
     schema): then its format is kept and the new records are added unchecked.
     """
     if schema_errors(source):
-        logger.warning("%s has a pre-schema manifest; written without the schema check",
-                       source_path)
+        logger.warning(
+            "%s has a pre-schema manifest; written without the schema check", source_path
+        )
         return write_manifest(directory, manifest, check=False)
     return write_manifest(directory, manifest)
 
@@ -164,12 +184,18 @@ def graph_record(directory: Path, io: Mapping) -> dict:
     onnx_name = str(io["onnx"])
     names = [onnx_name, f"{onnx_name}.data", "model_io.json"]
     files = {n: sha256_file(directory / n) for n in names if (directory / n).is_file()}
-    return {"onnx": onnx_name, "dtype": io.get("dtype"), "opset": io.get("opset"),
-            "files": files, "hash": canonical_hash(files)}
+    return {
+        "onnx": onnx_name,
+        "dtype": io.get("dtype"),
+        "opset": io.get("opset"),
+        "files": files,
+        "hash": canonical_hash(files),
+    }
 
 
-def export_inputs(info, *, dtype: str, opset: int | None, tools: Mapping[str, Any],
-                  external_data: bool = False) -> dict:
+def export_inputs(
+    info, *, dtype: str, opset: int | None, tools: Mapping[str, Any], external_data: bool = False
+) -> dict:
     """What the export stage depends on: checkpoint content, dtype, opset, where the weights
     go (`--external-data`), exporter versions."""
     return {
@@ -177,13 +203,16 @@ def export_inputs(info, *, dtype: str, opset: int | None, tools: Mapping[str, An
         "dtype": dtype,
         "opset": opset,
         "external_data": external_data,
-        "tools": {k: tools.get(k) for k in ("dsc", "torch", "transformers", "onnx", "onnxscript",
-                                            "onnx-ir")},
+        "tools": {
+            k: tools.get(k)
+            for k in ("dsc", "torch", "transformers", "onnx", "onnxscript", "onnx-ir")
+        },
     }
 
 
-def export_manifest(info, directory: Path, io: Mapping, record: Mapping, *,
-                    tools: Mapping[str, Any]) -> dict:
+def export_manifest(
+    info, directory: Path, io: Mapping, record: Mapping, *, tools: Mapping[str, Any]
+) -> dict:
     """The manifest `dsc export` writes: source, graph, the export stage's `record` (its
     `to_json()`; outputs filled in here), every output's hash."""
     directory = Path(directory)
@@ -232,14 +261,19 @@ class VerifyResult:
         return not self.problems
 
     def to_json(self) -> dict:
-        return {"artifact": str(self.artifact), "ok": self.ok, "checked": self.checked,
-                "inputs_checked": self.inputs_checked,
-                "problems": [{"file": f, "problem": p} for f, p in self.problems],
-                "notes": list(self.notes)}
+        return {
+            "artifact": str(self.artifact),
+            "ok": self.ok,
+            "checked": self.checked,
+            "inputs_checked": self.inputs_checked,
+            "problems": [{"file": f, "problem": p} for f, p in self.problems],
+            "notes": list(self.notes),
+        }
 
 
-def verify_artifact(artifact: str | Path, *, check_inputs: bool = False,
-                    checkpoint: str | Path | None = None) -> VerifyResult:
+def verify_artifact(
+    artifact: str | Path, *, check_inputs: bool = False, checkpoint: str | Path | None = None
+) -> VerifyResult:
     """Check everything the manifest claims. Never raises for a mismatch: see `problems`.
 
     - every file in `outputs` is there, a regular file, with that sha256; every file and
@@ -268,8 +302,12 @@ def verify_artifact(artifact: str | Path, *, check_inputs: bool = False,
         except BadInput:
             if str(name) not in outside:
                 outside.add(str(name))
-                problems.append((str(name), f"{where} names a path outside the artifact or "
-                                            "through a link (not opened)"))
+                problems.append(
+                    (
+                        str(name),
+                        f"{where} names a path outside the artifact or through a link (not opened)",
+                    )
+                )
     listed = manifest.get("outputs")
     listed = listed if isinstance(listed, dict) else {}
     for rel, digest in sorted(listed.items()):
@@ -282,8 +320,9 @@ def verify_artifact(artifact: str | Path, *, check_inputs: bool = False,
         result.checked += 1
         actual = sha256_file(path)
         if actual != digest:
-            problems.append((rel, f"sha256 {actual[:12]}… differs from the manifest's "
-                                  f"{str(digest)[:12]}…"))
+            problems.append(
+                (rel, f"sha256 {actual[:12]}… differs from the manifest's {str(digest)[:12]}…")
+            )
     parents = {p.as_posix() for rel in listed for p in Path(rel).parents}
     for dirpath, dirnames, filenames in os.walk(artifact, followlinks=False):
         base = Path(dirpath)
@@ -334,7 +373,7 @@ def _disagreements(manifest: Mapping, listed: Mapping, outside: set[str]) -> lis
             if isinstance(rec, dict) and isinstance(rec.get("outputs"), dict):
                 records.append((f"{name}.{p}", rec["outputs"]))
     for i, (name, outputs) in enumerate(records):
-        later = {rel for _, o in records[i + 1:] for rel in o}
+        later = {rel for _, o in records[i + 1 :] for rel in o}
         for rel, digest in sorted(outputs.items()):
             if rel in outside:
                 continue
@@ -345,8 +384,7 @@ def _disagreements(manifest: Mapping, listed: Mapping, outside: set[str]) -> lis
     return out
 
 
-def _verify_inputs(manifest: Mapping, checkpoint: str | Path | None,
-                   result: VerifyResult) -> None:
+def _verify_inputs(manifest: Mapping, checkpoint: str | Path | None, result: VerifyResult) -> None:
     from dsc.paths import contained, hub_blobs
 
     src = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
@@ -388,8 +426,11 @@ def inspect_artifact(artifact: str | Path) -> dict:
     """A summary of an artifact: model, graph, stages, engines per profile, validation, files."""
     artifact = Path(artifact)
     m = load_manifest(artifact)
-    sizes = {rel: (artifact / rel).stat().st_size for rel in m.get("outputs", {})
-             if (artifact / rel).is_file()}
+    sizes = {
+        rel: (artifact / rel).stat().st_size
+        for rel in m.get("outputs", {})
+        if (artifact / rel).is_file()
+    }
     stages = {}
     for name in STAGE_ORDER:
         st = m.get("stages", {}).get(name)
@@ -440,12 +481,16 @@ def inspect_artifact(artifact: str | Path) -> dict:
 
 def format_inspect(s: dict) -> str:
     src = s["source"]
-    lines = [f"artifact {s['artifact']} ({s['format']} v{s['schema_version']}, written by "
-             f"dsc {s.get('command') or '?'} at {s['created']})"]
+    lines = [
+        f"artifact {s['artifact']} ({s['format']} v{s['schema_version']}, written by "
+        f"dsc {s.get('command') or '?'} at {s['created']})"
+    ]
     params = src.get("num_parameters")
     size = f", {params / 1e6:,.1f}M parameters" if params else ""
-    lines.append(f"model: {src.get('family')} ({src.get('architecture')}){size}, "
-                 f"from {src.get('checkpoint')} ({src.get('input_files')} input files hashed)")
+    lines.append(
+        f"model: {src.get('family')} ({src.get('architecture')}){size}, "
+        f"from {src.get('checkpoint')} ({src.get('input_files')} input files hashed)"
+    )
     g = s.get("graph") or {}
     if g:
         scheme = (s["stages"].get("quantize") or {}).get("scheme")
@@ -457,8 +502,11 @@ def format_inspect(s: dict) -> str:
         extra = f" ({st['reason']})" if st.get("reason") else ""
         secs = ""
         if isinstance(st.get("seconds"), (int, float)):
-            secs = (f" (its run took {st['seconds']:.1f}s)" if st["status"] == "reused"
-                    else f" {st['seconds']:.1f}s")
+            secs = (
+                f" (its run took {st['seconds']:.1f}s)"
+                if st["status"] == "reused"
+                else f" {st['seconds']:.1f}s"
+            )
         if name == "compile" and st.get("profiles"):
             extra = " (" + ", ".join(f"{p}: {v}" for p, v in st["profiles"].items()) + ")"
         lines.append(f"  {name:<9} {status}{secs}{extra}")
@@ -468,13 +516,17 @@ def format_inspect(s: dict) -> str:
         for name, p in s["profiles"].items():
             head = f"  {name:<{width}}  SM{p['sm']}"
             if p["engine"]:
-                lines.append(f"{head}  built: {p['engine']} ({_mib(p['engine_bytes'])}, "
-                             f"{p['backend']} {p['trt_version']})")
+                lines.append(
+                    f"{head}  built: {p['engine']} ({_mib(p['engine_bytes'])}, "
+                    f"{p['backend']} {p['trt_version']})"
+                )
             else:
                 verdict = "passed" if p["preflight_passed"] else "failed"
-                lines.append(f"{head}  NOT built here: preflight for SM{p['preflight_sm']} "
-                             f"{verdict}; build it on the device: dsc compile ARTIFACT --profile "
-                             f"{name} (or {p['device_command']})")
+                lines.append(
+                    f"{head}  NOT built here: preflight for SM{p['preflight_sm']} "
+                    f"{verdict}; build it on the device: dsc compile ARTIFACT --profile "
+                    f"{name} (or {p['device_command']})"
+                )
     else:
         lines.append("engines: none (dsc compile ARTIFACT --profile P builds one)")
     v = s.get("validation")
@@ -482,8 +534,9 @@ def format_inspect(s: dict) -> str:
         verdict = "passed" if v.get("passed") else "FAILED"
         if v.get("status") == "skipped":
             verdict = f"skipped ({v.get('reason')})"
-        lines.append(f"validation: {v.get('kind')} {verdict}"
-                     + (f" — {v['note']}" if v.get("note") else ""))
+        lines.append(
+            f"validation: {v.get('kind')} {verdict}" + (f" — {v['note']}" if v.get("note") else "")
+        )
     lines.append(f"files: {s['files']} listed, {_mib(s['bytes'])}")
     tools = s.get("tools") or {}
     shown = ", ".join(f"{k} {v}" for k, v in tools.items() if v)

@@ -62,8 +62,9 @@ def hub_blobs(root: Path) -> Path | None:
     return None
 
 
-def contained(root: str | Path, name: object, *, what: str = "file",
-              links_into: Path | None = None) -> Path:
+def contained(
+    root: str | Path, name: object, *, what: str = "file", links_into: Path | None = None
+) -> Path:
     """`root / name`, checked: a relative name without `..`, no symbolic link on the way.
 
     `links_into`: a directory a link may point into (the hub cache's blobs). Does not require
@@ -71,16 +72,19 @@ def contained(root: str | Path, name: object, *, what: str = "file",
     root = Path(root)
     why = unsafe_name(name)
     if why is not None:
-        raise Escapes(f"{what} {name!r} in {root} {why}; dsc only reads and writes files inside "
-                      f"{root}")
+        raise Escapes(
+            f"{what} {name!r} in {root} {why}; dsc only reads and writes files inside {root}"
+        )
     path = root
     for part in PurePosixPath(str(name).replace("\\", "/")).parts:
         path = path / part
         if path.is_symlink():
             if links_into is not None and _links_into(path, links_into):
                 continue
-            raise Escapes(f"{what} {path} is a symbolic link; dsc does not follow links in "
-                          f"{root} (copy the file there instead)")
+            raise Escapes(
+                f"{what} {path} is a symbolic link; dsc does not follow links in "
+                f"{root} (copy the file there instead)"
+            )
     return path
 
 
@@ -92,8 +96,9 @@ def _links_into(link: Path, directory: Path) -> bool:
         return False
 
 
-def regular_file(root: str | Path, name: object, *, what: str = "file",
-                 links_into: Path | None = None) -> Path:
+def regular_file(
+    root: str | Path, name: object, *, what: str = "file", links_into: Path | None = None
+) -> Path:
     """`contained`, and the path must be a regular file (not a FIFO, device or directory)."""
     path = contained(root, name, what=what, links_into=links_into)
     try:
@@ -107,8 +112,9 @@ def regular_file(root: str | Path, name: object, *, what: str = "file",
     return path
 
 
-def read_bounded(path: str | Path, *, what: str = "file", kind: str = "json",
-                 limit: int | None = None) -> bytes:
+def read_bounded(
+    path: str | Path, *, what: str = "file", kind: str = "json", limit: int | None = None
+) -> bytes:
     """The bytes of a regular file of at most `limit` bytes (default by `kind`).
 
     A FIFO, a device (`/dev/zero`), a directory or an oversized file is a `BadInput` before
@@ -121,8 +127,10 @@ def read_bounded(path: str | Path, *, what: str = "file", kind: str = "json",
             if not stat.S_ISREG(st.st_mode):
                 raise BadInput(f"{what} {path} is not a regular file")
             if st.st_size > limit:
-                raise BadInput(f"{what} {path} is {st.st_size / MiB:,.1f} MiB; dsc reads at most "
-                               f"{limit / MiB:,.0f} MiB there")
+                raise BadInput(
+                    f"{what} {path} is {st.st_size / MiB:,.1f} MiB; dsc reads at most "
+                    f"{limit / MiB:,.0f} MiB there"
+                )
             data = fh.read(limit + 1)
     except FileNotFoundError:
         raise BadInput(f"{what} not found: {path}") from None
@@ -133,14 +141,19 @@ def read_bounded(path: str | Path, *, what: str = "file", kind: str = "json",
     return data
 
 
-def read_text_bounded(path: str | Path, *, what: str = "file", kind: str = "json",
-                      limit: int | None = None, errors: str = "strict") -> str:
+def read_text_bounded(
+    path: str | Path,
+    *,
+    what: str = "file",
+    kind: str = "json",
+    limit: int | None = None,
+    errors: str = "strict",
+) -> str:
     data = read_bounded(path, what=what, kind=kind, limit=limit)
     try:
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        raise BadInput(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") \
-            from None
+        raise BadInput(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _nonblocking(path, flags):
@@ -176,8 +189,10 @@ def check_tree(root: str | Path, what: str = "artifact") -> None:
     if odd:
         rel, why = odd[0]
         more = f" (+{len(odd) - 1} more)" if len(odd) > 1 else ""
-        raise Escapes(f"{what} {root}: {rel} {why}{more}; dsc does not follow links or read "
-                      "special files in an artifact")
+        raise Escapes(
+            f"{what} {root}: {rel} {why}{more}; dsc does not follow links or read "
+            "special files in an artifact"
+        )
 
 
 def external_data_locations(onnx_path: str | Path) -> list[str]:
@@ -227,12 +242,12 @@ def manifest_paths(manifest: dict) -> list[tuple[str, object]]:
             out.append(("graph.onnx", graph["onnx"]))
         names("graph.files", graph.get("files"))
     stages = manifest.get("stages")
-    for name, st in (stages.items() if isinstance(stages, dict) else ()):
+    for name, st in stages.items() if isinstance(stages, dict) else ():
         if not isinstance(st, dict):
             continue
         names(f"stages.{name}.outputs", st.get("outputs"))
         profiles = st.get("profiles")
-        for p, rec in (profiles.items() if isinstance(profiles, dict) else ()):
+        for p, rec in profiles.items() if isinstance(profiles, dict) else ():
             if isinstance(rec, dict):
                 names(f"stages.{name}.profiles.{p}.outputs", rec.get("outputs"))
     return out
@@ -259,7 +274,7 @@ def remove_stale(dest: Path) -> list[Path]:
     dest = Path(dest)
     removed = []
     for p in sorted(dest.parent.glob(f".{glob.escape(dest.name)}.*")):
-        kind, _, rest = p.name[len(dest.name) + 2:].partition("-")
+        kind, _, rest = p.name[len(dest.name) + 2 :].partition("-")
         pid = rest.split("-", 1)[0]
         if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
             continue

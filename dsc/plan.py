@@ -121,8 +121,11 @@ def group_bytes(w: WeightGroup, scheme: QuantScheme, instances: float | None = N
     per = w.out_features * w.in_features * scheme.weight_bytes
     per += w.out_features * scheme.scale_bytes_per_row
     if scheme.group_size:
-        per += w.out_features * groups_per_row(w.in_features, scheme.group_size) \
+        per += (
+            w.out_features
+            * groups_per_row(w.in_features, scheme.group_size)
             * scheme.bytes_per_group
+        )
     return per * n
 
 
@@ -241,15 +244,18 @@ NCCL_BYTES = 1 * GiB
 _REPLICATED_ATTENTION = ("q_a_proj", "kv_a_proj_with_mqa")
 
 
-def _table_scheme(profile: HardwareProfile, which: str,
-                  precision: str | None) -> QuantScheme | None:
+def _table_scheme(
+    profile: HardwareProfile, which: str, precision: str | None
+) -> QuantScheme | None:
     if precision is None:
         return None
     check_quantized(precision, f"{which} precision")
     if not profile.supports(precision):
         legal = [p for p in profile.precisions if p in QUANTIZED]
-        raise Unsupported(f"{which} at {precision} is not supported on {profile.name} "
-                          f"(SM{profile.sm}); legal: {', '.join(legal) or 'none'}")
+        raise Unsupported(
+            f"{which} at {precision} is not supported on {profile.name} "
+            f"(SM{profile.sm}); legal: {', '.join(legal) or 'none'}"
+        )
     return SCHEMES[precision]
 
 
@@ -266,10 +272,18 @@ def _shard(w: WeightGroup, gpus: int, n_experts: int) -> float:
     return 1.0  # norms, biases, router
 
 
-def plan(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwareProfile, precision: str,
-         batch: int = 1, context: int | None = None, input_len: int | None = None, *,
-         lm_head: str | None = None, embedding: str | None = None,
-         gpus: int = 1) -> PlanResult:
+def plan(
+    model: str | Path | Mapping[str, Any] | PlanModel,
+    profile: HardwareProfile,
+    precision: str,
+    batch: int = 1,
+    context: int | None = None,
+    input_len: int | None = None,
+    *,
+    lm_head: str | None = None,
+    embedding: str | None = None,
+    gpus: int = 1,
+) -> PlanResult:
     """Plan one model on one target. `context` defaults to the envelope's max_kv (capped at the
     model's max_position_embeddings), `input_len` to min(context, envelope max_input_len).
 
@@ -282,8 +296,10 @@ def plan(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwarePro
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise BadInput(f"--gpus must be a positive integer, got {gpus!r}")
     if gpus > 1 and profile.is_jetson:
-        raise Unsupported(f"{profile.name} is one Jetson module with one GPU; --gpus {gpus} "
-                          f"needs a datacenter or workstation profile")
+        raise Unsupported(
+            f"{profile.name} is one Jetson module with one GPU; --gpus {gpus} "
+            f"needs a datacenter or workstation profile"
+        )
     head_scheme = _table_scheme(profile, "lm_head", lm_head)
     embed_scheme = _table_scheme(profile, "embedding", embedding)
     m = _load_model(model)
@@ -306,9 +322,11 @@ def plan(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwarePro
         raise BadInput(f"input length must be at least 1, got {input_len}")
     if input_len is not None and input_len > context:
         # The prefill is part of the context: clamping it would plan another request.
-        raise UsageError(f"--input-len {input_len} exceeds the context of {context} tokens "
-                         "(--context, default: the profile's max_kv capped at the model's "
-                         "max_position_embeddings)")
+        raise UsageError(
+            f"--input-len {input_len} exceeds the context of {context} tokens "
+            "(--context, default: the profile's max_kv capped at the model's "
+            "max_position_embeddings)"
+        )
 
     def prefill_len(ctx: int) -> int:
         cap = input_len if input_len is not None else profile.envelope.max_input_len
@@ -325,17 +343,20 @@ def plan(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwarePro
 
     tied = bool(m.config.get("tie_word_embeddings", False))
     if tied and lm_head and embedding and lm_head != embedding:
-        raise Unsupported(f"{m.name} ties lm_head to the embedding table (tie_word_embeddings): "
-                       f"one tensor takes one precision, got lm_head {lm_head} and embedding "
-                       f"{embedding}")
+        raise Unsupported(
+            f"{m.name} ties lm_head to the embedding table (tie_word_embeddings): "
+            f"one tensor takes one precision, got lm_head {lm_head} and embedding "
+            f"{embedding}"
+        )
     if tied:
         embed_scheme = embed_scheme or head_scheme
 
     def stored(w: WeightGroup, instances: float | None = None) -> float:
         table = {"embeddings": embed_scheme, "lm_head": head_scheme}.get(w.component)
         if table is not None:
-            w = WeightGroup(w.name, w.component, w.out_features, w.in_features, w.count,
-                            w.active, True)
+            w = WeightGroup(
+                w.name, w.component, w.out_features, w.in_features, w.count, w.active, True
+            )
             return group_bytes(w, table, instances)
         return group_bytes(w, scheme, instances)
 
@@ -349,8 +370,9 @@ def plan(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwarePro
             kv_tok = kv_tok * math.ceil(heads / gpus) / heads
             if gpus > heads:
                 notes.append(f"{gpus} GPUs > {heads} KV heads: each GPU holds one replicated head")
-    per_token_act = (2 * shape.hidden_size + max(shape.attn_width, 2 * shape.ffn_width) / gpus) \
-        * ACT_BYTES
+    per_token_act = (
+        2 * shape.hidden_size + max(shape.attn_width, 2 * shape.ffn_width) / gpus
+    ) * ACT_BYTES
 
     def activations(b: int, t: int) -> float:
         b = min(b, max(1, profile.envelope.max_num_tokens // t))  # one prefill pass
@@ -406,13 +428,16 @@ def plan(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwarePro
 
     # Decode: bytes one step reads on one GPU (each reads its shard, in parallel).
     # the embedding rows the batch looks up, stored as the table is
-    read = stored(WeightGroup("embed_tokens.rows", "embeddings", batch, shape.hidden_size, 1, 1,
-                              False))
+    read = stored(
+        WeightGroup("embed_tokens.rows", "embeddings", batch, shape.hidden_size, 1, 1, False)
+    )
     for w in inventory:
         share = _shard(w, gpus, shape.n_routed_experts)
         if w.moe_routed:
-            frac = expected_active_experts(shape.n_routed_experts, shape.experts_per_token,
-                                           batch) / shape.n_routed_experts
+            frac = (
+                expected_active_experts(shape.n_routed_experts, shape.experts_per_token, batch)
+                / shape.n_routed_experts
+            )
             read += stored(w, w.count * frac) * share
         else:
             read += stored(w, w.active) * share
@@ -435,8 +460,10 @@ def plan(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwarePro
             continue
         share = _shard(w, gpus, shape.n_routed_experts)
         if w.moe_routed:
-            frac = expected_active_experts(shape.n_routed_experts, shape.experts_per_token,
-                                           tokens) / shape.n_routed_experts
+            frac = (
+                expected_active_experts(shape.n_routed_experts, shape.experts_per_token, tokens)
+                / shape.n_routed_experts
+            )
             touched += stored(w, w.count * frac) * share
         else:
             touched += stored(w, w.count) * share
@@ -444,8 +471,10 @@ def plan(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwarePro
     prefill_s, bound = (compute_s, "compute") if compute_s >= memory_s else (memory_s, "memory")
 
     if profile.is_jetson:
-        notes.append("Jetson: CPU and GPU share this memory; the OS reserve is an estimate "
-                     "(hardware-facts §7-8)")
+        notes.append(
+            "Jetson: CPU and GPU share this memory; the OS reserve is an estimate "
+            "(hardware-facts §7-8)"
+        )
     return PlanResult(
         model=m.name,
         architecture=shape.architecture,
@@ -478,8 +507,13 @@ def plan(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwarePro
     )
 
 
-def _weights_label(scheme: QuantScheme, precision: str, embed: QuantScheme | None,
-                   head: QuantScheme | None, tied: bool) -> str:
+def _weights_label(
+    scheme: QuantScheme,
+    precision: str,
+    embed: QuantScheme | None,
+    head: QuantScheme | None,
+    tied: bool,
+) -> str:
     """E.g. "int4 g128; embed, lm_head int8; router fp16" (what each part is stored in)."""
     if precision in ("fp16", "bf16") and not (embed or head):
         return scheme.label
@@ -512,20 +546,42 @@ class Remedy:
     result: PlanResult
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "change": self.change, "flags": self.flags,
-                "frees_bytes": self.frees_bytes, "fits": self.fits,
-                "total_bytes": self.result.total, "capacity_bytes": self.result.capacity}
+        return {
+            "kind": self.kind,
+            "change": self.change,
+            "flags": self.flags,
+            "frees_bytes": self.frees_bytes,
+            "fits": self.fits,
+            "total_bytes": self.result.total,
+            "capacity_bytes": self.result.capacity,
+        }
 
 
-def smallest_gpu_count(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwareProfile,
-                       precision: str, batch: int = 1, context: int | None = None,
-                       input_len: int | None = None, *, lm_head: str | None = None,
-                       embedding: str | None = None) -> PlanResult | None:
+def smallest_gpu_count(
+    model: str | Path | Mapping[str, Any] | PlanModel,
+    profile: HardwareProfile,
+    precision: str,
+    batch: int = 1,
+    context: int | None = None,
+    input_len: int | None = None,
+    *,
+    lm_head: str | None = None,
+    embedding: str | None = None,
+) -> PlanResult | None:
     """The plan at the smallest count in GPU_COUNTS that fits, or None (a Jetson: only 1)."""
     counts = (1,) if profile.is_jetson else GPU_COUNTS
     for n in counts:
-        r = plan(model, profile, precision, batch, context, input_len, lm_head=lm_head,
-                 embedding=embedding, gpus=n)
+        r = plan(
+            model,
+            profile,
+            precision,
+            batch,
+            context,
+            input_len,
+            lm_head=lm_head,
+            embedding=embedding,
+            gpus=n,
+        )
         if r.fits:
             return r
     return None
@@ -534,16 +590,29 @@ def smallest_gpu_count(model: str | Path | Mapping[str, Any] | PlanModel, profil
 def family(profile: HardwareProfile) -> list[HardwareProfile]:
     """Built-in profiles of the same kind and SM with at least as much memory (H100 -> H200),
     smallest memory first; `profile` itself first."""
-    same = [p for p in list_profiles()
-            if p.name != profile.name and p.kind == profile.kind and p.sm == profile.sm
-            and p.memory.capacity_bytes >= profile.memory.capacity_bytes]
+    same = [
+        p
+        for p in list_profiles()
+        if p.name != profile.name
+        and p.kind == profile.kind
+        and p.sm == profile.sm
+        and p.memory.capacity_bytes >= profile.memory.capacity_bytes
+    ]
     return [profile, *sorted(same, key=lambda p: (p.memory.capacity_bytes, p.name))]
 
 
-def remedies(model: str | Path | Mapping[str, Any] | PlanModel, profile: HardwareProfile,
-             precision: str, batch: int = 1, context: int | None = None,
-             input_len: int | None = None, *, lm_head: str | None = None,
-             embedding: str | None = None, gpus: int = 1) -> list[Remedy]:
+def remedies(
+    model: str | Path | Mapping[str, Any] | PlanModel,
+    profile: HardwareProfile,
+    precision: str,
+    batch: int = 1,
+    context: int | None = None,
+    input_len: int | None = None,
+    *,
+    lm_head: str | None = None,
+    embedding: str | None = None,
+    gpus: int = 1,
+) -> list[Remedy]:
     """The smallest change of each kind that makes the plan fit, best first.
 
     Kinds: a shorter context (the longest that fits at this batch), a smaller batch, quantized
@@ -556,8 +625,17 @@ def remedies(model: str | Path | Mapping[str, Any] | PlanModel, profile: Hardwar
     otherwise every candidate, the one that frees most first.
     """
     m = _load_model(model)
-    base = plan(m, profile, precision, batch, context, input_len, lm_head=lm_head,
-                embedding=embedding, gpus=gpus)
+    base = plan(
+        m,
+        profile,
+        precision,
+        batch,
+        context,
+        input_len,
+        lm_head=lm_head,
+        embedding=embedding,
+        gpus=gpus,
+    )
     if base.fits:
         return []
     kw = {"lm_head": lm_head, "embedding": embedding, "gpus": gpus}
@@ -574,12 +652,21 @@ def remedies(model: str | Path | Mapping[str, Any] | PlanModel, profile: Hardwar
         if lm_head is None and not tied:
             table_options.append(({"lm_head": p}, f"--quantize-lm-head {p}", f"lm_head {p}"))
         if embedding is None:
-            table_options.append(({"embedding": p}, f"--quantize-embedding {p}",
-                                  f"embedding {p}" + (" (tied: lm_head too)" if tied else "")))
+            table_options.append(
+                (
+                    {"embedding": p},
+                    f"--quantize-embedding {p}",
+                    f"embedding {p}" + (" (tied: lm_head too)" if tied else ""),
+                )
+            )
         if lm_head is None and embedding is None and not tied:
-            table_options.append(({"lm_head": p, "embedding": p},
-                                  f"--quantize-lm-head {p} --quantize-embedding {p}",
-                                  f"lm_head and embedding {p}"))
+            table_options.append(
+                (
+                    {"lm_head": p, "embedding": p},
+                    f"--quantize-lm-head {p} --quantize-embedding {p}",
+                    f"lm_head and embedding {p}",
+                )
+            )
     tables = None
     for opt, flags, words in table_options:
         r = plan(m, profile, precision, batch, context, input_len, **{**kw, **opt})
@@ -593,15 +680,17 @@ def remedies(model: str | Path | Mapping[str, Any] | PlanModel, profile: Hardwar
             opt, flags, r, words = tables
             add("quantize_tables", f"quantize {words}", flags, r)
     if base.max_context >= 1 and base.max_context < base.context:
-        r = plan(m, profile, precision, batch, base.max_context, _cap(input_len, base.max_context),
-                 **kw)
-        add("context", f"context <= {base.max_context:,} tokens",
-            f"--context {base.max_context}", r)
+        r = plan(
+            m, profile, precision, batch, base.max_context, _cap(input_len, base.max_context), **kw
+        )
+        add(
+            "context", f"context <= {base.max_context:,} tokens", f"--context {base.max_context}", r
+        )
     if batch > 1 and base.max_batch >= 1:
         r = plan(m, profile, precision, base.max_batch, context, input_len, **kw)
         add("batch", f"batch <= {base.max_batch:,}", f"--batch {base.max_batch}", r)
     # The highest lower precision that fits, else the lowest one tried.
-    lower = _LOWER[_LOWER.index(precision) + 1:] if precision in _LOWER else ()
+    lower = _LOWER[_LOWER.index(precision) + 1 :] if precision in _LOWER else ()
     tried = None
     for p in lower:
         if not profile.supports(p) or (p == "bf16" and precision == "fp16"):
@@ -619,29 +708,56 @@ def remedies(model: str | Path | Mapping[str, Any] | PlanModel, profile: Hardwar
             r = plan(m, other, precision, batch, context, input_len, **kw)
             if r.fits:
                 single_fit = True
-                add("profile", f"one {other.name} ({other.memory.gb:g} GB)",
-                    f"--profile {other.name}", r)
+                add(
+                    "profile",
+                    f"one {other.name} ({other.memory.gb:g} GB)",
+                    f"--profile {other.name}",
+                    r,
+                )
                 continue
         if other.is_jetson:
             continue
-        r = smallest_gpu_count(m, other, precision, batch, context, input_len,
-                               lm_head=lm_head, embedding=embedding)
+        r = smallest_gpu_count(
+            m, other, precision, batch, context, input_len, lm_head=lm_head, embedding=embedding
+        )
         if r is not None and r.gpus > 1 and (other is not profile or r.gpus > gpus):
             nodes = f", {math.ceil(r.gpus / 8)} nodes of 8" if r.gpus > 8 else ""
-            add("gpus", f"{r.gpus} x {other.name}{nodes}",
-                f"--gpus {r.gpus}" + ("" if other is profile else f" --profile {other.name}"), r)
+            add(
+                "gpus",
+                f"{r.gpus} x {other.name}{nodes}",
+                f"--gpus {r.gpus}" + ("" if other is profile else f" --profile {other.name}"),
+                r,
+            )
     if not any(x.fits for x in out) and tables is not None:
         opt, flags, rt, words = tables
         if rt.max_context >= 1:
-            r = plan(m, profile, precision, batch, rt.max_context, _cap(input_len, rt.max_context),
-                     **{**kw, **opt})
-            add("combined", f"quantize {words} and context <= {rt.max_context:,} tokens",
-                f"{flags} --context {rt.max_context}", r)
+            r = plan(
+                m,
+                profile,
+                precision,
+                batch,
+                rt.max_context,
+                _cap(input_len, rt.max_context),
+                **{**kw, **opt},
+            )
+            add(
+                "combined",
+                f"quantize {words} and context <= {rt.max_context:,} tokens",
+                f"{flags} --context {rt.max_context}",
+                r,
+            )
     fitting = [x for x in out if x.fits]
     # The model and request as asked first (quantized tables, then precision), then a smaller
     # request, then more or larger hardware.
-    rank = {"quantize_tables": 0, "precision": 1, "batch": 2, "context": 3, "combined": 4,
-            "gpus": 5, "profile": 6}
+    rank = {
+        "quantize_tables": 0,
+        "precision": 1,
+        "batch": 2,
+        "context": 3,
+        "combined": 4,
+        "gpus": 5,
+        "profile": 6,
+    }
     if fitting:
         return sorted(fitting, key=lambda x: rank[x.kind])
     return sorted(out, key=lambda x: -x.frees_bytes)
@@ -661,8 +777,9 @@ def format_remedies(rems: list[Remedy]) -> list[str]:
     for r in rems:
         mark = "fits" if r.fits else f"short by {_gib(-r.result.margin)} GiB"
         if r.kind in ("profile", "gpus"):
-            what = f"{_gib(r.result.total)} of {_gib(r.result.capacity)} GiB" + \
-                (" per GPU" if r.kind == "gpus" else "")
+            what = f"{_gib(r.result.total)} of {_gib(r.result.capacity)} GiB" + (
+                " per GPU" if r.kind == "gpus" else ""
+            )
         else:
             what = f"frees {_gib(r.frees_bytes)} GiB"
         lines.append(f"  {r.change:<44} {what:<24} ({mark})  {r.flags}")
@@ -677,22 +794,33 @@ class Skipped:
     reason: str
 
 
-def plan_all(model: str | Path | Mapping[str, Any], precision: str, batch: int = 1,
-             context: int | None = None, input_len: int | None = None,
-             overrides: Mapping[str, Any] | Iterable[str] | None = None,
-             profiles: Iterable[HardwareProfile] | None = None) -> list[PlanResult | Skipped]:
+def plan_all(
+    model: str | Path | Mapping[str, Any],
+    precision: str,
+    batch: int = 1,
+    context: int | None = None,
+    input_len: int | None = None,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+    profiles: Iterable[HardwareProfile] | None = None,
+) -> list[PlanResult | Skipped]:
     """One plan per built-in profile (each at its own default context unless given)."""
     from dsc.hardware import load_profile
 
     if profiles is None:
-        profiles = [load_profile(p.path or p.name, overrides) for p in list_profiles()] \
-            if overrides else list_profiles()
+        profiles = (
+            [load_profile(p.path or p.name, overrides) for p in list_profiles()]
+            if overrides
+            else list_profiles()
+        )
     m = _load_model(model)
     out: list[PlanResult | Skipped] = []
     for prof in profiles:
         if not prof.supports(precision):
-            out.append(Skipped(prof.name, f"{precision} not supported "
-                                          f"(legal: {', '.join(prof.precisions)})"))
+            out.append(
+                Skipped(
+                    prof.name, f"{precision} not supported (legal: {', '.join(prof.precisions)})"
+                )
+            )
             continue
         out.append(plan(m, prof, precision, batch, context, input_len))
     return out
@@ -716,10 +844,15 @@ def format_plan(r: PlanResult, rems: list[Remedy] | None = None) -> str:
     mtp = f" (+{_count(p.mtp)} MTP, not exported)" if p.mtp else ""
     lines = [
         f"{r.model} ({r.architecture}, {_count(p.total)} params{moe}{mtp}) on "
-        + (f"{r.gpus} x {r.profile} (tensor/expert parallel; memory per GPU)" if r.gpus > 1
-           else r.profile),
-        (f"precision {r.precision}, batch {r.batch}, context {r.context:,} "
-         f"(prefill {r.input_len:,} tokens)"),
+        + (
+            f"{r.gpus} x {r.profile} (tensor/expert parallel; memory per GPU)"
+            if r.gpus > 1
+            else r.profile
+        ),
+        (
+            f"precision {r.precision}, batch {r.batch}, context {r.context:,} "
+            f"(prefill {r.input_len:,} tokens)"
+        ),
         "",
         f"{'memory':<58}{'GiB':>10}",
     ]
@@ -769,25 +902,50 @@ def format_plan(r: PlanResult, rems: list[Remedy] | None = None) -> str:
 def format_table(rows: list[PlanResult | Skipped]) -> str:
     """One line per profile (`dsc plan --profile all`). "max context" is the longest context
     that both fits at the batch and the model supports (`max_position_embeddings`)."""
-    head = ["profile", "fits", "context", "total GiB", "capacity", "margin", "max batch",
-            "max context", "decode tok/s", "prefill tok/s"]
+    head = [
+        "profile",
+        "fits",
+        "context",
+        "total GiB",
+        "capacity",
+        "margin",
+        "max batch",
+        "max context",
+        "decode tok/s",
+        "prefill tok/s",
+    ]
     body: list[list[str]] = []
     for r in rows:
         if isinstance(r, Skipped):
             body.append([r.profile, "n/a", r.reason] + [""] * 7)
             continue
         ctx = min(r.max_context, r.model_max_context or r.max_context)
-        body.append([
-            r.profile, "yes" if r.fits else "no", f"{r.context:,}", _gib(r.total),
-            _gib(r.capacity), _gib(r.margin), f"{r.max_batch:,}", f"{ctx:,}",
-            f"{r.decode_tokens_per_s:,.1f}", f"{r.prefill_tokens_per_s:,.0f}",
-        ])
+        body.append(
+            [
+                r.profile,
+                "yes" if r.fits else "no",
+                f"{r.context:,}",
+                _gib(r.total),
+                _gib(r.capacity),
+                _gib(r.margin),
+                f"{r.max_batch:,}",
+                f"{ctx:,}",
+                f"{r.decode_tokens_per_s:,.1f}",
+                f"{r.prefill_tokens_per_s:,.0f}",
+            ]
+        )
     # The reason of a skipped row spans the numeric columns; keep it out of the widths.
-    widths = [max(len(head[i]), *(len(b[i]) for b in body if not (b[1] == "n/a" and i == 2)))
-              for i in range(len(head))]
+    widths = [
+        max(len(head[i]), *(len(b[i]) for b in body if not (b[1] == "n/a" and i == 2)))
+        for i in range(len(head))
+    ]
+
     def line(cells: list[str]) -> str:
         if cells[1] == "n/a":
             return f"{cells[0]:<{widths[0]}}  {cells[1]:<{widths[1]}}  {cells[2]}"
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])

@@ -56,8 +56,9 @@ ENGINE_MIN_SM = {"int8": 75, "int4": 80, "fp8": 89}
 RTX_TARGET_SMS = (75, 80, 86, 89, 120, 121)
 
 
-def precision_from_flags(int8: bool = False, fp8: bool = False,
-                         int4_awq: bool = False) -> str | None:
+def precision_from_flags(
+    int8: bool = False, fp8: bool = False, int4_awq: bool = False
+) -> str | None:
     """The precision named by `--int8|--fp8|--int4-awq`, None for none; `UsageError` for two."""
     chosen = [p for p, on in (("int8", int8), ("fp8", fp8), ("int4", int4_awq)) if on]
     if len(chosen) > 1:
@@ -68,8 +69,7 @@ def precision_from_flags(int8: bool = False, fp8: bool = False,
 def check_target_precision(precision: str) -> None:
     """`BadInput` (exit 3) unless `precision` is one a profile can list."""
     if precision not in TARGET_PRECISIONS:
-        raise BadInput(f"unknown precision {precision!r} (known: "
-                       f"{', '.join(TARGET_PRECISIONS)})")
+        raise BadInput(f"unknown precision {precision!r} (known: {', '.join(TARGET_PRECISIONS)})")
 
 
 def check_quantized(precision: str, what: str = "quantized precision") -> None:
@@ -94,8 +94,10 @@ def check_engine_sm(precision: str, sm: int) -> None:
     need = ENGINE_MIN_SM.get(precision)
     if need is not None and int(sm) < need:
         legal = [p for p, m in ENGINE_MIN_SM.items() if int(sm) >= m]
-        raise Unsupported(f"{precision} engines need SM{need} or newer; SM{sm} can run "
-                          f"{', '.join(['fp16', *legal])}")
+        raise Unsupported(
+            f"{precision} engines need SM{need} or newer; SM{sm} can run "
+            f"{', '.join(['fp16', *legal])}"
+        )
 
 
 def check_quantized_target(precision: str, profile=None) -> None:
@@ -111,6 +113,9 @@ def check_quantized_target(precision: str, profile=None) -> None:
         raise Unsupported(
             f"{precision} is not supported on {profile.name} (SM{profile.sm}); this target can "
             f"run {', '.join(profile.precisions)}"
-            + (f" (quantized: {', '.join(Precision(p).flag for p in legal)})"
-               if legal else " (no quantized precision)")
+            + (
+                f" (quantized: {', '.join(Precision(p).flag for p in legal)})"
+                if legal
+                else " (no quantized precision)"
+            )
         ) from None

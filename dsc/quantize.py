@@ -65,8 +65,12 @@ class QuantizeResult:
     report: dict = field(default_factory=dict)
 
 
-def check_vocab_options(lm_head: str | None, embedding: str | None, precision: str | None,
-                        model_config: dict | None = None) -> None:
+def check_vocab_options(
+    lm_head: str | None,
+    embedding: str | None,
+    precision: str | None,
+    model_config: dict | None = None,
+) -> None:
     """Raise before any work for a bad `--quantize-lm-head` / `--quantize-embedding`.
 
     `UsageError` (exit 2): an unknown precision, or either option without a quantized body
@@ -80,15 +84,23 @@ def check_vocab_options(lm_head: str | None, embedding: str | None, precision: s
         if p is not None and p not in VOCAB:
             raise UsageError(f"{flag}: unknown precision {p!r} (choose {', '.join(VOCAB)})")
     if (lm_head or embedding) and precision is None:
-        raise UsageError("--quantize-lm-head/--quantize-embedding quantize within a quantized "
-                         "build: add --int8, --fp8 or --int4-awq")
-    if model_config and model_config.get("tie_word_embeddings") and (lm_head or embedding) \
-            and lm_head != embedding:
+        raise UsageError(
+            "--quantize-lm-head/--quantize-embedding quantize within a quantized "
+            "build: add --int8, --fp8 or --int4-awq"
+        )
+    if (
+        model_config
+        and model_config.get("tie_word_embeddings")
+        and (lm_head or embedding)
+        and lm_head != embedding
+    ):
         p = lm_head or embedding
-        raise Unsupported(f"this model ties its embedding and lm_head (tie_word_embeddings: "
-                          f"true, one table): quantize both at one precision "
-                          f"(--quantize-lm-head {p} --quantize-embedding {p}); got lm_head "
-                          f"{lm_head}, embedding {embedding}")
+        raise Unsupported(
+            f"this model ties its embedding and lm_head (tie_word_embeddings: "
+            f"true, one table): quantize both at one precision "
+            f"(--quantize-lm-head {p} --quantize-embedding {p}); got lm_head "
+            f"{lm_head}, embedding {embedding}"
+        )
 
 
 def vocab_precisions(lm_head: str | None, embedding: str | None) -> dict[str, str]:
@@ -109,8 +121,11 @@ def read_calibration_text(calib: str | Path | None) -> str:
     path = Path(calib) if calib is not None else DEFAULT_CALIB
     if not path.exists():
         raise BadInput(f"calibration data not found: {path}")
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".json")) \
-        if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".json"))
+        if path.is_dir()
+        else [path]
+    )
     if not files:
         raise BadInput(f"calibration directory {path} holds no .txt or .jsonl files")
     from dsc.paths import MiB, read_text_bounded
@@ -120,8 +135,9 @@ def read_calibration_text(calib: str | Path | None) -> str:
     for f in files:
         # Calibration uses samples x seq_len tokens: a bounded read refuses /dev/zero, a FIFO
         # or a corpus far larger than any calibration needs, before tokenizing it.
-        raw = read_text_bounded(f, what="calibration data", kind="text", limit=left,
-                                errors="replace")
+        raw = read_text_bounded(
+            f, what="calibration data", kind="text", limit=left, errors="replace"
+        )
         left -= len(raw.encode("utf-8", errors="replace"))
         if left < 0:
             raise BadInput(f"calibration data {path} is larger than {CALIB_LIMIT // MiB} MiB")
@@ -154,8 +170,9 @@ def prompt_prefix(tokenizer) -> list[int]:
     return list(with_sp[:n]) if n > 0 and list(with_sp[n:]) == list(plain) else []
 
 
-def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, *,
-                        prompt: bool = False) -> np.ndarray:
+def calibration_windows(
+    tokenizer, text: str, samples: int, seq_len: int, *, prompt: bool = False
+) -> np.ndarray:
     """`samples` windows of `seq_len` tokens at evenly spaced offsets (deterministic); with
     `prompt`, each starts the way a prompt does (`prompt_prefix`, then text).
 
@@ -163,8 +180,9 @@ def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, *,
     first position (tiny-qwen2's down_proj input: 35.6 against 25.2 anywhere in running text),
     and the smoothing scales of the down projection must be fitted with them. INT4 AWQ and FP8
     measured the same either way on the trained models and use text windows."""
-    ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"],
-                     dtype=np.int64)
+    ids = np.asarray(
+        tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64
+    )
     if ids.size < 2:
         raise BadInput("calibration data tokenizes to fewer than 2 tokens")
     prefix = prompt_prefix(tokenizer) if prompt else []
@@ -172,8 +190,9 @@ def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, *,
         prefix = []
     body = int(min(seq_len - len(prefix), ids.size))
     starts = np.unique(np.linspace(0, ids.size - body, samples).round().astype(np.int64))
-    return np.stack([np.concatenate([np.asarray(prefix, np.int64), ids[s:s + body]])
-                     for s in starts])
+    return np.stack(
+        [np.concatenate([np.asarray(prefix, np.int64), ids[s : s + body]]) for s in starts]
+    )
 
 
 def _load(onnx_path: Path):
@@ -185,15 +204,32 @@ def _load(onnx_path: Path):
 def _sha_tree(root: Path) -> dict[str, str]:
     from dsc.models.checkpoint import sha256_file
 
-    return {p.relative_to(root).as_posix(): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
 
 
-def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, method=None,
-                   samples: int = 64, seq_len: int = 128, alpha: float | None = None,
-                   weight_only: bool = False, exclude=(), use_cache: bool = True,
-                   percentile: float = 99.99, lm_head: str | None = None,
-                   embedding: str | None = None, progress=None) -> tuple[object, dict, dict]:
+def quantize_model(
+    model,
+    io: dict,
+    tokenizer,
+    precision: str,
+    *,
+    calib=None,
+    method=None,
+    samples: int = 64,
+    seq_len: int = 128,
+    alpha: float | None = None,
+    weight_only: bool = False,
+    exclude=(),
+    use_cache: bool = True,
+    percentile: float = 99.99,
+    lm_head: str | None = None,
+    embedding: str | None = None,
+    progress=None,
+) -> tuple[object, dict, dict]:
     """Quantize an in-memory onnx_ir model. Returns (model, report, calibration record).
 
     `lm_head` / `embedding` (int8 | int4 | fp8 | None): also store those weights quantized,
@@ -219,8 +255,7 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     dsha = cal.data_sha256(windows)
     say = progress or (lambda msg: None)
     say(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens")
-    stats = cal.collect(model, io, windows, exclude=exclude, use_cache=use_cache,
-                        progress=say)
+    stats = cal.collect(model, io, windows, exclude=exclude, use_cache=use_cache, progress=say)
     # Expert coverage is a property of the original model on this data.
     experts = stats.experts
     report: dict = {"scheme": scheme.label, "method": method}
@@ -232,8 +267,7 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
         sq(model)
         report["smoothquant"] = sq.report
         say("calibrating the smoothed graph")
-        stats = cal.collect(model, io, windows, exclude=exclude, use_cache=use_cache,
-                            progress=say)
+        stats = cal.collect(model, io, windows, exclude=exclude, use_cache=use_cache, progress=say)
         cache_files.append(stats)
     if precision == "int4":
         aw = AWQScalePass(stats, scheme, exclude)
@@ -247,23 +281,41 @@ def quantize_model(model, io: dict, tokenizer, precision: str, *, calib=None, me
     report["vocab"] = _quantize_vocab(model, lm_head, embedding, report)
     under = cal.under_calibrated(experts, MIN_EXPERT_TOKENS)
     report["experts"] = {
-        "token_counts": experts, "min_tokens": MIN_EXPERT_TOKENS, "under_calibrated": under,
+        "token_counts": experts,
+        "min_tokens": MIN_EXPERT_TOKENS,
+        "under_calibrated": under,
         "routed_expert_weights": {
-            "quantized": sorted(k for k, v in report["layers"].items()
-                                if ".mlp.experts." in k and v.get("kind") != "linear"
-                                or ".mlp.experts.down_proj" in k),
+            "quantized": sorted(
+                k
+                for k, v in report["layers"].items()
+                if ".mlp.experts." in k
+                and v.get("kind") != "linear"
+                or ".mlp.experts.down_proj" in k
+            ),
             "excluded": sorted(k for k in report["excluded"] if ".mlp.experts." in k),
             "scales": "one quantized copy per expert weight (shared by the gather and dense "
-                      "branches); scales per expert and per output channel (INT4: per block "
-                      "of input rows)"},
+            "branches); scales per expert and per output channel (INT4: per block "
+            "of input rows)",
+        },
     }
     if under:
-        logger.warning("%d MoE experts saw fewer than %d calibration tokens: %s", len(under),
-                       MIN_EXPERT_TOKENS, ", ".join(u["expert"] for u in under[:8]))
-    record = {"model_sha256": stats.model_sha256, "data_sha256": dsha, "method": method,
-              "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-              "tokens": int(windows.size), "ranges": ranges,
-              "cache_hit": [s.cache_hit for s in cache_files], "stats": cache_files}
+        logger.warning(
+            "%d MoE experts saw fewer than %d calibration tokens: %s",
+            len(under),
+            MIN_EXPERT_TOKENS,
+            ", ".join(u["expert"] for u in under[:8]),
+        )
+    record = {
+        "model_sha256": stats.model_sha256,
+        "data_sha256": dsha,
+        "method": method,
+        "samples": int(windows.shape[0]),
+        "seq_len": int(windows.shape[1]),
+        "tokens": int(windows.size),
+        "ranges": ranges,
+        "cache_hit": [s.cache_hit for s in cache_files],
+        "stats": cache_files,
+    }
     return result.model, report, record
 
 
@@ -277,9 +329,11 @@ def _quantize_vocab(model, lm_head: str | None, embedding: str | None, report: d
     vq(model)
     missing = vq.report.get("not_found")
     if missing:
-        raise Unsupported(f"--quantize-{missing[0].replace('_', '-')}: the graph has no "
-                          f"{missing[0]} weight dsc can quantize (a Gather of a 2-D float table "
-                          f"for the embedding, a MatMul of module lm_head for the head)")
+        raise Unsupported(
+            f"--quantize-{missing[0].replace('_', '-')}: the graph has no "
+            f"{missing[0]} weight dsc can quantize (a Gather of a 2-D float table "
+            f"for the embedding, a MatMul of module lm_head for the head)"
+        )
     out = {k: vq.report.get(k) for k in ("lm_head", "embedding")}
     # InsertQDQPass listed them as kept in float; they are not any more.
     for k in list(report.get("excluded", {})):
@@ -295,11 +349,22 @@ def calibration_sha256(calib: str | Path | None) -> str:
     return hashlib.sha256(read_calibration_text(calib).encode("utf-8")).hexdigest()
 
 
-def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Path | None = None,
-                      method: str | None = None, samples: int = 64, seq_len: int = 128,
-                      alpha: float | None = None, weight_only: bool = False, exclude=(),
-                      use_cache: bool = True, lm_head: str | None = None,
-                      embedding: str | None = None, progress=None) -> tuple[dict, dict]:
+def quantize_in_place(
+    directory: str | Path,
+    precision: str,
+    *,
+    calib: str | Path | None = None,
+    method: str | None = None,
+    samples: int = 64,
+    seq_len: int = 128,
+    alpha: float | None = None,
+    weight_only: bool = False,
+    exclude=(),
+    use_cache: bool = True,
+    lm_head: str | None = None,
+    embedding: str | None = None,
+    progress=None,
+) -> tuple[dict, dict]:
     """Quantize the graph of the artifact being written at `directory`, in place.
 
     The input graph files move to `reference/` (what `dsc validate` compares against), the
@@ -317,15 +382,31 @@ def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Pat
     directory = Path(directory)
     io = load_io_spec(directory, check_manifest=False)
     onnx_name = io["onnx"]
-    graph_files = [p for p in directory.iterdir() if p.name == onnx_name
-                   or p.name.startswith(onnx_name + ".") or p.name == IO_SPEC]
+    graph_files = [
+        p
+        for p in directory.iterdir()
+        if p.name == onnx_name or p.name.startswith(onnx_name + ".") or p.name == IO_SPEC
+    ]
     tokenizer = load_tokenizer(directory)
     model = _load(directory / onnx_name)
     t0 = time.perf_counter()
     model, report, record = quantize_model(
-        model, io, tokenizer, precision, calib=calib, method=method, samples=samples,
-        seq_len=seq_len, alpha=alpha, weight_only=weight_only, exclude=exclude,
-        use_cache=use_cache, lm_head=lm_head, embedding=embedding, progress=progress)
+        model,
+        io,
+        tokenizer,
+        precision,
+        calib=calib,
+        method=method,
+        samples=samples,
+        seq_len=seq_len,
+        alpha=alpha,
+        weight_only=weight_only,
+        exclude=exclude,
+        use_cache=use_cache,
+        lm_head=lm_head,
+        embedding=embedding,
+        progress=progress,
+    )
     external = (directory / data_file(onnx_name)).exists()
     ref = directory / "reference"
     ref.mkdir()
@@ -353,24 +434,38 @@ def quantize_in_place(directory: str | Path, precision: str, *, calib: str | Pat
     seconds = round(time.perf_counter() - t0, 2)
     report["seconds"] = seconds
     write_json(directory / "quant_report.json", report)
-    stage = {"precision": precision, "scheme": report["scheme"], "method": record["method"],
-             "alpha": (("auto" if alpha is None else alpha)
-                       if precision == "int8" and not weight_only else None),
-             "weight_only": precision == "int4" or weight_only,
-             "samples": record["samples"], "seq_len": record["seq_len"],
-             "calib": str(calib) if calib else "dsc/data/calibration.txt",
-             "calib_sha256": record["data_sha256"], "exclude": list(exclude),
-             "report": "quant_report.json", "quantized_layers": len(report["layers"]),
-             "under_calibrated_experts": len(report["experts"]["under_calibrated"]),
-             "lm_head": report["vocab"]["lm_head"], "embedding": report["vocab"]["embedding"]}
+    stage = {
+        "precision": precision,
+        "scheme": report["scheme"],
+        "method": record["method"],
+        "alpha": (
+            ("auto" if alpha is None else alpha)
+            if precision == "int8" and not weight_only
+            else None
+        ),
+        "weight_only": precision == "int4" or weight_only,
+        "samples": record["samples"],
+        "seq_len": record["seq_len"],
+        "calib": str(calib) if calib else "dsc/data/calibration.txt",
+        "calib_sha256": record["data_sha256"],
+        "exclude": list(exclude),
+        "report": "quant_report.json",
+        "quantized_layers": len(report["layers"]),
+        "under_calibrated_experts": len(report["experts"]["under_calibrated"]),
+        "lm_head": report["vocab"]["lm_head"],
+        "embedding": report["vocab"]["embedding"],
+    }
     return report, stage
 
 
 def quant_outputs(outputs: dict, onnx_name: str) -> dict:
     """The files the quantize stage wrote, out of an artifact's `outputs`."""
     mine = (onnx_name, f"{onnx_name}.data", IO_SPEC, "quant_report.json")
-    return {k: v for k, v in outputs.items()
-            if k in mine or k.startswith(("reference/", "calibration/"))}
+    return {
+        k: v
+        for k, v in outputs.items()
+        if k in mine or k.startswith(("reference/", "calibration/"))
+    }
 
 
 def vocab_inputs(lm_head: str | None, embedding: str | None) -> dict:

@@ -44,8 +44,7 @@ def install() -> dict:
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous = {s: signal.getsignal(s) for s in SIGNALS}
-    for s, handler in ((signal.SIGINT, signal.default_int_handler),
-                       (signal.SIGTERM, _terminate)):
+    for s, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _terminate)):
         if previous[s] is not signal.SIG_IGN:
             signal.signal(s, handler)
     _pending.clear()

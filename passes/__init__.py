@@ -16,7 +16,20 @@ from dsc.passes._pipeline import build_pipeline, get_pass, list_passes, run_pipe
 from dsc.passes._target import TargetOps, target_ops
 
 __all__ = [
-    "PIPELINE", "DscPass", "PassContext", "PassInfo", "PassOptions", "PassRecord",
-    "PipelineReport", "TargetOps", "build_pipeline", "count_nodes", "get_pass", "list_passes",
-    "register_pass", "reset_unique_names", "run_pipeline", "target_ops",
+    "PIPELINE",
+    "DscPass",
+    "PassContext",
+    "PassInfo",
+    "PassOptions",
+    "PassRecord",
+    "PipelineReport",
+    "TargetOps",
+    "build_pipeline",
+    "count_nodes",
+    "get_pass",
+    "list_passes",
+    "register_pass",
+    "reset_unique_names",
+    "run_pipeline",
+    "target_ops",
 ]

@@ -72,11 +72,14 @@ class PassOptions:
 
     def __post_init__(self):
         if self.target_ops not in ("auto", "portable", "opset23"):
-            raise BadInput(f"unknown target_ops {self.target_ops!r} "
-                           f"(expected auto, portable or opset23)")
+            raise BadInput(
+                f"unknown target_ops {self.target_ops!r} (expected auto, portable or opset23)"
+            )
         if self.half_fp32_gemm_mode not in ("round", "split", "compensated"):
-            raise BadInput(f"unknown half_fp32_gemm_mode {self.half_fp32_gemm_mode!r} "
-                           f"(expected round, split or compensated)")
+            raise BadInput(
+                f"unknown half_fp32_gemm_mode {self.half_fp32_gemm_mode!r} "
+                f"(expected round, split or compensated)"
+            )
         if self.mla_absorb_max_seq < 0:
             raise BadInput("mla_absorb_max_seq must be >= 0")
 
@@ -116,8 +119,9 @@ class PassInfo:
 _REGISTRY: dict[str, PassInfo] = {}
 
 
-def register_pass(name: str, factory: Callable[[PassContext], ir.passes.PassBase], doc: str,
-                  kind: str = "cleanup") -> None:
+def register_pass(
+    name: str, factory: Callable[[PassContext], ir.passes.PassBase], doc: str, kind: str = "cleanup"
+) -> None:
     if name in _REGISTRY and _REGISTRY[name].factory is not factory:
         raise ValueError(f"pass {name!r} is already registered")
     _REGISTRY[name] = PassInfo(name, factory, doc, kind)
@@ -138,9 +142,14 @@ class PassRecord:
     verify_max_abs: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        d = {"name": self.name, "seconds": round(self.seconds, 4),
-             "nodes_before": self.nodes_before, "nodes_after": self.nodes_after,
-             "modified": self.modified, "counts": dict(self.counts)}
+        d = {
+            "name": self.name,
+            "seconds": round(self.seconds, 4),
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "modified": self.modified,
+            "counts": dict(self.counts),
+        }
         if self.notes:
             d["notes"] = list(self.notes)
         if self.verify_max_abs is not None:
@@ -169,10 +178,15 @@ class PipelineReport:
         return total
 
     def to_json(self) -> dict[str, Any]:
-        return {"target": self.target, "nodes_before": self.nodes_before,
-                "nodes_after": self.nodes_after, "seconds": round(self.seconds, 3),
-                "counts": self.counts(), "passes": [p.to_json() for p in self.passes],
-                **({"dumps": self.dumps} if self.dumps else {})}
+        return {
+            "target": self.target,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "seconds": round(self.seconds, 3),
+            "counts": self.counts(),
+            "passes": [p.to_json() for p in self.passes],
+            **({"dumps": self.dumps} if self.dumps else {}),
+        }
 
 
 def count_nodes(model: ir.Model) -> int:
@@ -181,6 +195,13 @@ def count_nodes(model: ir.Model) -> int:
 
 
 __all__ = [
-    "PIPELINE", "DscPass", "PassContext", "PassInfo", "PassOptions", "PassRecord",
-    "PipelineReport", "count_nodes", "register_pass",
+    "PIPELINE",
+    "DscPass",
+    "PassContext",
+    "PassInfo",
+    "PassOptions",
+    "PassRecord",
+    "PipelineReport",
+    "count_nodes",
+    "register_pass",
 ]

@@ -126,8 +126,9 @@ def add_initializer(graph: ir.Graph, stem: str, array: np.ndarray) -> ir.Value:
     """Register a new initializer holding `array` in the main graph; return its value."""
     name = unique_name(graph, stem)
     tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
-                     const_value=tensor)
+    value = ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
+    )
     graph.register_initializer(value)
     return value
 

@@ -58,8 +58,9 @@ def list_passes() -> list[PassInfo]:
     return [_REGISTRY[n] for n in order + rest if n in _REGISTRY]
 
 
-def build_pipeline(ctx: PassContext, only: Sequence[str] | None = None,
-                   disable: Iterable[str] = ()) -> list[tuple[str, ir.passes.PassBase]]:
+def build_pipeline(
+    ctx: PassContext, only: Sequence[str] | None = None, disable: Iterable[str] = ()
+) -> list[tuple[str, ir.passes.PassBase]]:
     """The passes to run, as (name, pass): `only` in its given order, else `PIPELINE`."""
     disable = set(disable)
     for name in disable:
@@ -68,12 +69,19 @@ def build_pipeline(ctx: PassContext, only: Sequence[str] | None = None,
     return [(n, get_pass(n).factory(ctx)) for n in names if n not in disable]
 
 
-def run_pipeline(model: ir.Model, ctx: PassContext | None = None, *,
-                 only: Sequence[str] | None = None, disable: Iterable[str] = (),
-                 passes: Sequence[tuple[str, ir.passes.PassBase]] | None = None,
-                 dump_after: Iterable[str] = (), dump_dir: Path | None = None,
-                 verify_each: bool = False, verify_atol: float = 1e-4,
-                 progress: Callable[[str], None] | None = None) -> PipelineReport:
+def run_pipeline(
+    model: ir.Model,
+    ctx: PassContext | None = None,
+    *,
+    only: Sequence[str] | None = None,
+    disable: Iterable[str] = (),
+    passes: Sequence[tuple[str, ir.passes.PassBase]] | None = None,
+    dump_after: Iterable[str] = (),
+    dump_dir: Path | None = None,
+    verify_each: bool = False,
+    verify_atol: float = 1e-4,
+    progress: Callable[[str], None] | None = None,
+) -> PipelineReport:
     """Run the pipeline in place on `model`; return the report.
 
     `verify_each` runs ONNX Runtime on fixed small inputs (a prefill and a decode step) before
@@ -87,7 +95,9 @@ def run_pipeline(model: ir.Model, ctx: PassContext | None = None, *,
     dump_after = set(dump_after)
     unknown = dump_after - {n for n, _ in pipeline}
     if unknown:
-        raise BadInput(f"--dump-after names passes not in this pipeline: {', '.join(sorted(unknown))}")
+        raise BadInput(
+            f"--dump-after names passes not in this pipeline: {', '.join(sorted(unknown))}"
+        )
     if dump_after and dump_dir is None:
         raise BadInput("dump_after needs a dump directory")
     report = PipelineReport(target=ctx.target.name, nodes_before=count_nodes(model))
@@ -106,14 +116,26 @@ def run_pipeline(model: ir.Model, ctx: PassContext | None = None, *,
         seconds = time.perf_counter() - t0
         if result.model is not model:
             raise RuntimeError(f"pass {name} returned a new model; dsc passes work in place")
-        record = PassRecord(name, seconds, before, count_nodes(model), bool(result.modified),
-                            dict(getattr(p, "counts", {}) or {}),
-                            list(getattr(p, "notes", []) or []))
+        record = PassRecord(
+            name,
+            seconds,
+            before,
+            count_nodes(model),
+            bool(result.modified),
+            dict(getattr(p, "counts", {}) or {}),
+            list(getattr(p, "notes", []) or []),
+        )
         if verifier is not None and result.modified:
             record.verify_max_abs = verifier.check(model, name)
         report.passes.append(record)
-        logger.info("%s: %.3fs, %d -> %d nodes%s", name, seconds, before, record.nodes_after,
-                    f" {record.counts}" if record.counts else "")
+        logger.info(
+            "%s: %.3fs, %d -> %d nodes%s",
+            name,
+            seconds,
+            before,
+            record.nodes_after,
+            f" {record.counts}" if record.counts else "",
+        )
         if name in dump_after:
             path = Path(dump_dir) / f"after-{index:02d}-{name}.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +143,8 @@ def run_pipeline(model: ir.Model, ctx: PassContext | None = None, *,
             # not resolve from dumps/ (and that file is rewritten when the stage ends).
             external = weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD or any(
                 isinstance(v.const_value, ir.ExternalTensor)
-                for v in model.graph.initializers.values())
+                for v in model.graph.initializers.values()
+            )
             ir.save(model, path, external_data=f"{path.name}.data" if external else None)
             report.dumps.append(str(path))
     report.seconds = time.perf_counter() - start

@@ -61,19 +61,31 @@ class TargetOps:
         return head_dim is None or limit is None or head_dim <= limit
 
     def to_json(self) -> dict:
-        return {"name": self.name, "rms_normalization": self.rms_normalization,
-                "rotary_embedding": self.rotary_embedding,
-                "attention_dtypes": sorted(self.attention_dtypes), "fp32_gemm": self.fp32_gemm}
+        return {
+            "name": self.name,
+            "rms_normalization": self.rms_normalization,
+            "rotary_embedding": self.rotary_embedding,
+            "attention_dtypes": sorted(self.attention_dtypes),
+            "fp32_gemm": self.fp32_gemm,
+        }
 
 
 PORTABLE = TargetOps("portable (opset <= 20 ops only)")
-RTX_1_7 = TargetOps("TensorRT-RTX 1.7 (RMSNormalization, RotaryEmbedding; Attention fp16/bf16)",
-                    rms_normalization=True, rotary_embedding=True, attention_dtypes=_HALF,
-                    rotary_interleaved=False)
-OPSET23 = TargetOps("opset 23 (every fused op, any float dtype)", rms_normalization=True,
-                    rotary_embedding=True,
-                    attention_dtypes=frozenset({"float32", "float16", "bfloat16"}),
-                    attention_equal_head_dims=False, attention_max_head_dim=None)
+RTX_1_7 = TargetOps(
+    "TensorRT-RTX 1.7 (RMSNormalization, RotaryEmbedding; Attention fp16/bf16)",
+    rms_normalization=True,
+    rotary_embedding=True,
+    attention_dtypes=_HALF,
+    rotary_interleaved=False,
+)
+OPSET23 = TargetOps(
+    "opset 23 (every fused op, any float dtype)",
+    rms_normalization=True,
+    rotary_embedding=True,
+    attention_dtypes=frozenset({"float32", "float16", "bfloat16"}),
+    attention_equal_head_dims=False,
+    attention_max_head_dim=None,
+)
 
 
 def _version(text: str | None) -> tuple[int, ...]:
@@ -95,13 +107,15 @@ def target_ops(profile: HardwareProfile | None, mode: str = "auto") -> TargetOps
     if profile.rtx_target_sm is not None:
         # The engine for this target is compiled ahead of time by TensorRT-RTX (measured).
         if profile.rtx_target_sm < 80:
-            return replace(RTX_1_7, name=RTX_1_7.name + "; no FP32 GEMM on SM75",
-                           fp32_gemm=False)
+            return replace(RTX_1_7, name=RTX_1_7.name + "; no FP32 GEMM on SM75", fp32_gemm=False)
         return RTX_1_7
     version = _version(profile.tensorrt.version)
     attention = version >= (10, 14)
     rotary = version >= (10, 15, 1)
     if not (attention or rotary):
         return TargetOps(f"TensorRT {profile.tensorrt.version} (opset <= 20 ops only)")
-    return TargetOps(f"TensorRT {profile.tensorrt.version}", rotary_embedding=rotary,
-                     attention_dtypes=_HALF if attention else frozenset())
+    return TargetOps(
+        f"TensorRT {profile.tensorrt.version}",
+        rotary_embedding=rotary,
+        attention_dtypes=_HALF if attention else frozenset(),
+    )

@@ -21,8 +21,12 @@ CASES = (("prefill", 2, 5, 0), ("decode", 2, 1, 4))
 
 def _vocab(model: ir.Model) -> int:
     for node in model.graph:
-        if node.op_type == "Gather" and len(node.inputs) == 2 and node.inputs[1] is not None \
-                and node.inputs[1].name == "input_ids":
+        if (
+            node.op_type == "Gather"
+            and len(node.inputs) == 2
+            and node.inputs[1] is not None
+            and node.inputs[1].name == "input_ids"
+        ):
             shape = node.inputs[0].shape
             if shape is not None and isinstance(shape[0], int):
                 return shape[0]
@@ -41,8 +45,10 @@ def make_feeds(model: ir.Model, batch: int, seq: int, past: int, seed: int = 0) 
     vocab = _vocab(model)
     feeds = {}
     for value in model.graph.inputs:
-        dims = [d if isinstance(d, int) else (d.value if d is not None else None)
-                for d in (value.shape or [])]
+        dims = [
+            d if isinstance(d, int) else (d.value if d is not None else None)
+            for d in (value.shape or [])
+        ]
         roles = roles_for_input(value.name, dims)
         shape = tuple(r if isinstance(r, int) else sizes[r] for r in roles)
         dtype = value.dtype.numpy() if value.dtype is not None else np.float32
@@ -97,11 +103,15 @@ class Verifier:
         try:
             outputs = ort_run(model, self.feeds)
         except Exception as e:  # ORT's own exception types
-            raise CheckFailed(f"verify-each: the graph after pass {pass_name} does not run in "
-                              f"ONNX Runtime: {str(e).splitlines()[0]}") from None
+            raise CheckFailed(
+                f"verify-each: the graph after pass {pass_name} does not run in "
+                f"ONNX Runtime: {str(e).splitlines()[0]}"
+            ) from None
         worst = max(max_abs_diff(r, o) for r, o in zip(self.reference, outputs, strict=True))
         if not worst <= self.atol:
-            raise CheckFailed(f"verify-each: pass {pass_name} changed the outputs (max abs "
-                              f"difference {worst:.3g} > {self.atol:g})")
+            raise CheckFailed(
+                f"verify-each: pass {pass_name} changed the outputs (max abs "
+                f"difference {worst:.3g} > {self.atol:g})"
+            )
         self.reference = outputs
         return worst

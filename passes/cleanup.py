@@ -54,8 +54,12 @@ class TransposeLastTwo(pattern.RewriteRuleClassBase):
         e1, e2 = shape_expr(s1), shape_expr(s2)
         if e1 is None or e2 is None:
             return result.fail("reshape shapes are not readable shape expressions")
-        if not (len(e1) == 3 and e1[0] == -1 and entry_equals(e1[1], Dim(x, 2))
-                and entry_equals(e1[2], Dim(x, 3))):
+        if not (
+            len(e1) == 3
+            and e1[0] == -1
+            and entry_equals(e1[1], Dim(x, 2))
+            and entry_equals(e1[2], Dim(x, 3))
+        ):
             return result.fail(f"first reshape is not [-1, d2, d3] of the input: {e1}", s1)
         want = [Dim(x, 0), Dim(x, 1), Dim(x, 3), Dim(x, 2)]
         if len(e2) != 4 or not all(entry_equals(a, b) for a, b in zip(e2, want, strict=False)):
@@ -111,8 +115,11 @@ class CsePass(_Wrapped):
 class RemoveUnusedPass(DscPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(),
-                  common.RemoveUnusedOpsetsPass()):
+        for p in (
+            common.RemoveUnusedNodesPass(),
+            common.RemoveUnusedFunctionsPass(),
+            common.RemoveUnusedOpsetsPass(),
+        ):
             modified |= bool(p(model).modified)
         return ir.passes.PassResult(model, modified)
 
@@ -148,12 +155,19 @@ class UpgradeOpsetPass(DscPass):
 
 
 register_pass("fold-constants", FoldConstantsPass, "constant folding (onnxscript optimizer)")
-register_pass("simplify", SimplifyPass,
-              "no-op/identity/redundant-cast removal and small canonicalisations "
-              "(onnxscript basic rules + transpose-last-two)")
+register_pass(
+    "simplify",
+    SimplifyPass,
+    "no-op/identity/redundant-cast removal and small canonicalisations "
+    "(onnxscript basic rules + transpose-last-two)",
+)
 register_pass("cse", CsePass, "common-subexpression elimination (onnx_ir)")
 register_pass("remove-unused", RemoveUnusedPass, "dead node, function and opset removal (onnx_ir)")
 register_pass("shape-inference", ShapeInferencePass, "ONNX shape inference (onnx_ir)")
 register_pass("topo-sort", TopoSortPass, "topological sort (onnx_ir)")
-register_pass("upgrade-opset", UpgradeOpsetPass,
-              "convert to opset 23 when the target parser takes opset-23 fused ops", "opset")
+register_pass(
+    "upgrade-opset",
+    UpgradeOpsetPass,
+    "convert to opset 23 when the target parser takes opset-23 fused ops",
+    "opset",
+)

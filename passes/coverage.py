@@ -136,8 +136,13 @@ def _kept_reason(kind: str, target) -> str | None:
     return None
 
 
-_PASS_OF = {"rmsnorm": "fuse-rmsnorm", "attention": "fuse-attention/fuse-mla",
-            "mlp": "fuse-mlp", "moe": "lower-moe", "rope": "fuse-rotary"}
+_PASS_OF = {
+    "rmsnorm": "fuse-rmsnorm",
+    "attention": "fuse-attention/fuse-mla",
+    "mlp": "fuse-mlp",
+    "moe": "lower-moe",
+    "rope": "fuse-rotary",
+}
 
 
 def coverage(model: ir.Model, config: dict | None = None, *, target=None) -> dict:
@@ -155,8 +160,11 @@ def coverage(model: ir.Model, config: dict | None = None, *, target=None) -> dic
         rules, commute = _rules(kind, model)
         for node in anchors[kind]:
             depth = {"mlp": 2, "moe": 14}.get(kind, 8)
-            ok, reason = explain(rules, model, _downstream(node, depth), commute=commute) \
-                if rules else (False, "no rule")
+            ok, reason = (
+                explain(rules, model, _downstream(node, depth), commute=commute)
+                if rules
+                else (False, "no rule")
+            )
             if ok and _kept_reason(kind, target):
                 kept += 1
                 continue
@@ -164,17 +172,27 @@ def coverage(model: ir.Model, config: dict | None = None, *, target=None) -> dic
                 reason = f"{_PASS_OF[kind]} would fuse it: the pass was not run or was disabled"
             unfused.append({"node": node.name or node.op_type, "reason": reason})
         blocks = len(tagged[kind]) + len(anchors[kind])
-        entry = {"blocks": blocks, "fused": len(tagged[kind]), "kept": kept,
-                 "forms": dict(Counter(form_of(n) for n in tagged[kind])),
-                 "unfused": unfused}
+        entry = {
+            "blocks": blocks,
+            "fused": len(tagged[kind]),
+            "kept": kept,
+            "forms": dict(Counter(form_of(n) for n in tagged[kind])),
+            "unfused": unfused,
+        }
         if kind in expected:
             entry["expected"] = expected[kind]
         entry["percent"] = round(100.0 * (entry["fused"] + kept) / blocks, 1) if blocks else None
         kinds[kind] = entry
-    complete = all(not e["unfused"] and e.get("expected", e["blocks"]) == e["blocks"]
-                   for k, e in kinds.items() if k != "rope")
-    return {"target": target.name if target is not None else None, "kinds": kinds,
-            "complete": complete}
+    complete = all(
+        not e["unfused"] and e.get("expected", e["blocks"]) == e["blocks"]
+        for k, e in kinds.items()
+        if k != "rope"
+    )
+    return {
+        "target": target.name if target is not None else None,
+        "kinds": kinds,
+        "complete": complete,
+    }
 
 
 def format_coverage(cov: dict, title: str = "") -> str:
@@ -184,16 +202,24 @@ def format_coverage(cov: dict, title: str = "") -> str:
             continue
         pct = f"{e['percent']:.0f}%" if e["percent"] is not None else "-"
         extra = f", {e['kept']} kept in target form" if e["kept"] else ""
-        exp = f" (config: {e['expected']})" if "expected" in e and e["expected"] != e["blocks"] \
+        exp = (
+            f" (config: {e['expected']})"
+            if "expected" in e and e["expected"] != e["blocks"]
             else ""
+        )
         forms = ", ".join(f"{f} x{n}" for f, n in e["forms"].items())
-        lines.append(f"  {kind:<9} {e['fused'] + e['kept']}/{e['blocks']} {pct}{exp}"
-                     f"{extra}{' [' + forms + ']' if forms else ''}")
+        lines.append(
+            f"  {kind:<9} {e['fused'] + e['kept']}/{e['blocks']} {pct}{exp}"
+            f"{extra}{' [' + forms + ']' if forms else ''}"
+        )
         for u in e["unfused"]:
             lines.append(f"    not fused: {u['node']}: {u['reason']}")
     return "\n".join(lines)
 
 
 def summary_rows(cov: dict, kinds: Iterable[str] = ("rmsnorm", "attention", "mlp", "moe")):
-    return {k: f"{cov['kinds'][k]['fused'] + cov['kinds'][k]['kept']}/{cov['kinds'][k]['blocks']}"
-            for k in kinds if k in cov["kinds"]}
+    return {
+        k: f"{cov['kinds'][k]['fused'] + cov['kinds'][k]['kept']}/{cov['kinds'][k]['blocks']}"
+        for k in kinds
+        if k in cov["kinds"]
+    }

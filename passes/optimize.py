@@ -31,14 +31,31 @@ logger = logging.getLogger(__name__)
 REPORT_FILE = "passes_report.json"
 
 
-def optimize_model(model: ir.Model, ctx: PassContext, *, config: dict | None = None,
-                   only=None, disable=(), dump_after=(), dump_dir: Path | None = None,
-                   verify_each: bool = False, progress=None) -> tuple[PipelineReport, dict]:
+def optimize_model(
+    model: ir.Model,
+    ctx: PassContext,
+    *,
+    config: dict | None = None,
+    only=None,
+    disable=(),
+    dump_after=(),
+    dump_dir: Path | None = None,
+    verify_each: bool = False,
+    progress=None,
+) -> tuple[PipelineReport, dict]:
     """Run the pipeline in place; return its report and the coverage of the result."""
     from dsc.passes.coverage import coverage
 
-    report = run_pipeline(model, ctx, only=only, disable=disable, dump_after=dump_after,
-                          dump_dir=dump_dir, verify_each=verify_each, progress=progress)
+    report = run_pipeline(
+        model,
+        ctx,
+        only=only,
+        disable=disable,
+        dump_after=dump_after,
+        dump_dir=dump_dir,
+        verify_each=verify_each,
+        progress=progress,
+    )
     return report, coverage(model, config, target=ctx.target)
 
 
@@ -49,9 +66,16 @@ def _signature(model: ir.Model) -> list:
     return [sig(model.graph.inputs), sig(model.graph.outputs)]
 
 
-def optimize_in_place(directory: Path, ctx: PassContext, *, only=None, disable=(),
-                      dump_after=(), verify_each: bool = False,
-                      progress=None) -> tuple[PipelineReport, dict]:
+def optimize_in_place(
+    directory: Path,
+    ctx: PassContext,
+    *,
+    only=None,
+    disable=(),
+    dump_after=(),
+    verify_each: bool = False,
+    progress=None,
+) -> tuple[PipelineReport, dict]:
     """Optimize the graph of the artifact being written at `directory`, in place.
 
     Replaces model.onnx (+ .data), updates model_io.json's opset and writes passes_report.json.
@@ -67,24 +91,40 @@ def optimize_in_place(directory: Path, ctx: PassContext, *, only=None, disable=(
     onnx_name = io["onnx"]
     model = ir.load(directory / onnx_name)
     before = _signature(model)
-    report, cov = optimize_model(model, ctx, config=config, only=only, disable=disable,
-                                 dump_after=dump_after, dump_dir=directory / "dumps",
-                                 verify_each=verify_each, progress=progress)
+    report, cov = optimize_model(
+        model,
+        ctx,
+        config=config,
+        only=only,
+        disable=disable,
+        dump_after=dump_after,
+        dump_dir=directory / "dumps",
+        verify_each=verify_each,
+        progress=progress,
+    )
     if _signature(model) != before:
         raise RuntimeError("a pass changed the graph's inputs or outputs (a dsc bug)")
     if progress:
         progress(f"writing {onnx_name}")
     opset = model.opset_imports.get("", io.get("opset"))
     # Weights stay external when the input graph's were (--external-data, or over 1.5 GiB).
-    write_graph(model, directory, onnx_name,
-                external=True if (directory / data_file(onnx_name)).exists() else None)
+    write_graph(
+        model,
+        directory,
+        onnx_name,
+        external=True if (directory / data_file(onnx_name)).exists() else None,
+    )
     del model  # its lazy tensors now point at the new data file
     io = dict(io, opset=opset)
     write_json(directory / IO_SPEC, io)
-    record = {"target": ctx.target.to_json(),
-              "profile": getattr(ctx.profile, "name", None),
-              "options": asdict(ctx.options), "passes": names,
-              "report": report.to_json(), "coverage": cov}
+    record = {
+        "target": ctx.target.to_json(),
+        "profile": getattr(ctx.profile, "name", None),
+        "options": asdict(ctx.options),
+        "passes": names,
+        "report": report.to_json(),
+        "coverage": cov,
+    }
     write_json(directory / REPORT_FILE, record)
     return report, record
 
@@ -92,7 +132,13 @@ def optimize_in_place(directory: Path, ctx: PassContext, *, only=None, disable=(
 def stage_summary(record: dict) -> dict:
     """The manifest's short form of a passes_report.json record."""
     rep = record["report"]
-    return {"report": REPORT_FILE, "nodes_before": rep["nodes_before"],
-            "nodes_after": rep["nodes_after"], "counts": rep["counts"],
-            "coverage": {k: {"fused": e["fused"] + e["kept"], "blocks": e["blocks"]}
-                         for k, e in record["coverage"]["kinds"].items()}}
+    return {
+        "report": REPORT_FILE,
+        "nodes_before": rep["nodes_before"],
+        "nodes_after": rep["nodes_after"],
+        "counts": rep["counts"],
+        "coverage": {
+            k: {"fused": e["fused"] + e["kept"], "blocks": e["blocks"]}
+            for k, e in record["coverage"]["kinds"].items()
+        },
+    }

@@ -85,8 +85,9 @@ def split_weight(w: np.ndarray, half: ir.DataType) -> tuple[np.ndarray, np.ndarr
     with np.errstate(over="ignore"):
         hi = w.astype(np_half)
     if not np.isfinite(hi.astype(np.float32)).all():
-        raise ValueError(f"values beyond the {half.name.lower()} range "
-                         f"(max |w| = {float(np.abs(w).max()):.4g})")
+        raise ValueError(
+            f"values beyond the {half.name.lower()} range (max |w| = {float(np.abs(w).max()):.4g})"
+        )
     resid = w - hi.astype(np.float32)  # exact in fp32 (|resid| <= ulp(hi) / 2)
     if not resid.any():
         return hi, None
@@ -102,8 +103,13 @@ class _Emitter:
         self.nodes: list[ir.Node] = []
 
     def op(self, op_type: str, inputs, dtype: ir.DataType, stem: str, **attrs) -> ir.Value:
-        n = ir.node(op_type, inputs, attributes=attrs or None, name=f"{self.node.name}/{stem}",
-                    num_outputs=1)
+        n = ir.node(
+            op_type,
+            inputs,
+            attributes=attrs or None,
+            name=f"{self.node.name}/{stem}",
+            num_outputs=1,
+        )
         n.outputs[0].dtype = dtype
         n.outputs[0].name = f"{self.out.name}/{stem}"
         for k, v in self.node.metadata_props.items():
@@ -113,15 +119,24 @@ class _Emitter:
 
     def const(self, stem: str, arr: np.ndarray, dtype: ir.DataType) -> ir.Value:
         name = f"{self.node.inputs[1].name}_{stem}"
-        v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(dtype),
-                     const_value=ir.tensor(arr, dtype=dtype, name=name))
+        v = ir.Value(
+            name=name,
+            shape=ir.Shape(arr.shape),
+            type=ir.TensorType(dtype),
+            const_value=ir.tensor(arr, dtype=dtype, name=name),
+        )
         self.graph.register_initializer(v)
         return v
 
     def gemm(self, x: ir.Value, w: ir.Value, stem: str) -> ir.Value:
         """The node's GEMM (same op and attributes) on half operands, its output cast to fp32."""
-        n = ir.node(self.node.op_type, [x, w], attributes=self.node.attributes,
-                    name=f"{self.node.name}/{stem}", num_outputs=1)
+        n = ir.node(
+            self.node.op_type,
+            [x, w],
+            attributes=self.node.attributes,
+            name=f"{self.node.name}/{stem}",
+            num_outputs=1,
+        )
         n.outputs[0].dtype = self.half
         n.outputs[0].shape = self.out.shape
         n.outputs[0].name = f"{self.out.name}/{stem}"
@@ -139,8 +154,11 @@ class _Emitter:
 
 def _is_half_graph(graph: ir.Graph) -> bool:
     """Whether the graph's float inputs/outputs (logits, KV cache) are half precision."""
-    dtypes = {v.dtype for v in (*graph.inputs, *graph.outputs)
-              if v.dtype is not None and v.dtype.is_floating_point()}
+    dtypes = {
+        v.dtype
+        for v in (*graph.inputs, *graph.outputs)
+        if v.dtype is not None and v.dtype.is_floating_point()
+    }
     return bool(dtypes & set(_NUMPY))
 
 
@@ -149,8 +167,16 @@ def _outer_product(node: ir.Node) -> bool:
     if node.op_type != "MatMul" or len(node.inputs) != 2:
         return False
     a, b = node.inputs
-    if a is None or b is None or a.dtype != ir.DataType.FLOAT or b.dtype != ir.DataType.FLOAT \
-            or a.shape is None or b.shape is None or len(a.shape) < 2 or len(b.shape) < 2:
+    if (
+        a is None
+        or b is None
+        or a.dtype != ir.DataType.FLOAT
+        or b.dtype != ir.DataType.FLOAT
+        or a.shape is None
+        or b.shape is None
+        or len(a.shape) < 2
+        or len(b.shape) < 2
+    ):
         return False
     return a.shape[-1] == 1 and b.shape[-2] == 1
 
@@ -179,8 +205,9 @@ def _compensable(node: ir.Node) -> bool:
     """Whether `[a | y1] @ [W; -I]` computes a @ W - y1 for this node (no alpha, no transA)."""
     if node.op_type == "MatMul":
         return True
-    return node.attributes.get_float("alpha", 1.0) == 1.0 \
-        and node.attributes.get_int("transA", 0) == 0
+    return (
+        node.attributes.get_float("alpha", 1.0) == 1.0 and node.attributes.get_int("transA", 0) == 0
+    )
 
 
 class HalfFp32GemmPass(DscPass):
@@ -203,8 +230,13 @@ class HalfFp32GemmPass(DscPass):
                 outer += 1
                 continue
             out, w = node.outputs[0], node.inputs[1]
-            if out.dtype != ir.DataType.FLOAT or w is None or w.const_value is None \
-                    or w.dtype != ir.DataType.FLOAT or len(w.const_value.shape) != 2:
+            if (
+                out.dtype != ir.DataType.FLOAT
+                or w is None
+                or w.const_value is None
+                or w.dtype != ir.DataType.FLOAT
+                or len(w.const_value.shape) != 2
+            ):
                 continue
             if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
                 self.notes.append(f"{node.name}: fp32 GEMM kept (Gemm with a bias input)")
@@ -217,15 +249,24 @@ class HalfFp32GemmPass(DscPass):
                 self.notes.append(f"{node.name}: fp32 GEMM kept (weight {e})")
                 continue
             if mode == "compensated" and not _compensable(node):
-                self.notes.append(f"{node.name}: alpha or transA set; split without the "
-                                  f"output compensation")
+                self.notes.append(
+                    f"{node.name}: alpha or transA set; split without the output compensation"
+                )
             self._rewrite(graph, node, src, half, w_hi, w_lo, mode)
             done += 1
         self.counts = {k: v for k, v in (("half GEMM", done), ("outer product", outer)) if v}
         return ir.passes.PassResult(model, bool(done or outer))
 
-    def _rewrite(self, graph: ir.Graph, node: ir.Node, src: ir.Value | None, half: ir.DataType,
-                 w_hi: np.ndarray, w_lo: np.ndarray | None, mode: str) -> None:
+    def _rewrite(
+        self,
+        graph: ir.Graph,
+        node: ir.Node,
+        src: ir.Value | None,
+        half: ir.DataType,
+        w_hi: np.ndarray,
+        w_lo: np.ndarray | None,
+        mode: str,
+    ) -> None:
         """Insert the half GEMMs and their fp32 sum before `node`; remove `node`."""
         e = _Emitter(graph, node, half)
         out, w, a = node.outputs[0], node.inputs[1], node.inputs[0]
@@ -239,10 +280,9 @@ class HalfFp32GemmPass(DscPass):
             a16 = e.op("Cast", [a], half, f"act_{tag}", to=half)
             a16.shape = a.shape
             if mode != "round":
-                back = e.op("Cast", [a16], ir.DataType.FLOAT, "act_hi_float",
-                            to=ir.DataType.FLOAT)
+                back = e.op("Cast", [a16], ir.DataType.FLOAT, "act_hi_float", to=ir.DataType.FLOAT)
                 resid = e.op("Sub", [a, back], ir.DataType.FLOAT, "act_resid")
-                up = e.const("act_up", np.array(2.0 ** shift, np.float32), ir.DataType.FLOAT)
+                up = e.const("act_up", np.array(2.0**shift, np.float32), ir.DataType.FLOAT)
                 scaled = e.op("Mul", [resid, up], ir.DataType.FLOAT, "act_resid_scaled")
                 a_lo = e.op("Cast", [scaled], half, f"act_lo_{tag}", to=half)
                 low.append(e.to_float(e.gemm(a_lo, hi, "gemm_act_lo"), "gemm_act_lo_float"))
@@ -250,20 +290,27 @@ class HalfFp32GemmPass(DscPass):
         y = e.to_float(y1, "gemm_float" if exact or mode == "round" else "gemm_hi_float")
         if mode == "compensated" and _compensable(node):
             # r = a @ W_hi - y1, accumulated in fp32 inside one GEMM: the rounding error of y1.
-            eye = -np.eye(w_hi.shape[0 if node.op_type == "Gemm"
-                                   and node.attributes.get_int("transB", 0) else 1],
-                          dtype=np.float32).astype(w_hi.dtype)
+            eye = -np.eye(
+                w_hi.shape[
+                    0 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 1
+                ],
+                dtype=np.float32,
+            ).astype(w_hi.dtype)
             along = 1 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 0
             aug = e.const(f"{tag}_hi_neg_eye", np.concatenate([w_hi, eye], axis=along), half)
             cat = e.op("Concat", [a16, y1], half, "act_and_hi", axis=-1)
             r = e.to_float(e.gemm(cat, aug, "gemm_hi_residual"), "gemm_hi_residual_float")
             y = e.op("Add", [y, r], ir.DataType.FLOAT, "hi_compensated")
         if w_lo is not None and mode != "round":
-            low.insert(0, e.to_float(e.gemm(a16, e.const(f"{tag}_lo", w_lo, half), "gemm_lo"),
-                                     "gemm_lo_float"))
+            low.insert(
+                0,
+                e.to_float(
+                    e.gemm(a16, e.const(f"{tag}_lo", w_lo, half), "gemm_lo"), "gemm_lo_float"
+                ),
+            )
         if low:
             total = low[0] if len(low) == 1 else e.op("Add", low, ir.DataType.FLOAT, "lo_sum")
-            down = e.const("lo_down", np.array(2.0 ** -shift, np.float32), ir.DataType.FLOAT)
+            down = e.const("lo_down", np.array(2.0**-shift, np.float32), ir.DataType.FLOAT)
             total = e.op("Mul", [total, down], ir.DataType.FLOAT, "lo_scaled")
             y = e.op("Add", [y, total], ir.DataType.FLOAT, "sum")
         y.shape = out.shape
@@ -301,22 +348,27 @@ def fp32_view_of_half_gemms(model: ir.Model, *, round_outputs: bool = True) -> i
         if out.dtype not in _NUMPY or w is None or w.const_value is None:
             continue
         uses = list(out.uses())
-        if not round_outputs and (out.is_graph_output() or any(
-                u.node.op_type != "Cast" or u.node.attributes.get_int("to") != 1
-                for u in uses)):
+        if not round_outputs and (
+            out.is_graph_output()
+            or any(u.node.op_type != "Cast" or u.node.attributes.get_int("to") != 1 for u in uses)
+        ):
             continue
         name = f"{w.name}_as_float"
         if name in graph.initializers:
             w32 = graph.initializers[name]
         else:
-            w32 = ir.Value(name=name, shape=w.shape, type=ir.TensorType(ir.DataType.FLOAT),
-                           const_value=ir.tensor(w.const_value.numpy().astype(np.float32),
-                                                 name=name))
+            w32 = ir.Value(
+                name=name,
+                shape=w.shape,
+                type=ir.TensorType(ir.DataType.FLOAT),
+                const_value=ir.tensor(w.const_value.numpy().astype(np.float32), name=name),
+            )
             graph.register_initializer(w32)
         up = ir.node("Cast", [a], attributes={"to": ir.DataType.FLOAT}, name=f"{node.name}/up")
         up.outputs[0].dtype = ir.DataType.FLOAT
-        g32 = ir.node(node.op_type, [up.outputs[0], w32], attributes=node.attributes,
-                      name=f"{node.name}/fp32")
+        g32 = ir.node(
+            node.op_type, [up.outputs[0], w32], attributes=node.attributes, name=f"{node.name}/fp32"
+        )
         g32.outputs[0].dtype = ir.DataType.FLOAT
         new, y = [up, g32], g32.outputs[0]
         if round_outputs:
@@ -335,7 +387,10 @@ def fp32_view_of_half_gemms(model: ir.Model, *, round_outputs: bool = True) -> i
     return done
 
 
-register_pass("half-fp32-gemm", HalfFp32GemmPass,
-              "fp32 GEMM over a constant fp32 weight (MoE router) → half GEMMs (hi + lo weight "
-              "split) summed in fp32, where the target has no FP32 GEMM (TensorRT-RTX SM75)",
-              "precision")
+register_pass(
+    "half-fp32-gemm",
+    HalfFp32GemmPass,
+    "fp32 GEMM over a constant fp32 weight (MoE router) → half GEMMs (hi + lo weight "
+    "split) summed in fp32, where the target has no FP32 GEMM (TensorRT-RTX SM75)",
+    "precision",
+)

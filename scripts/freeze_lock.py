@@ -38,8 +38,12 @@ HEADER = """\
 
 def lock_lines() -> list[str]:
     """`name==version[; marker]` for every distribution `pip freeze` lists, dsc excluded."""
-    out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     lines = []
     for raw in out.splitlines():

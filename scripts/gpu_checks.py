@@ -23,7 +23,7 @@ class _Summary:
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or (report.when == "setup" and not report.passed):
-            state = ("PASS" if report.passed else "SKIP" if report.skipped else "FAIL")
+            state = "PASS" if report.passed else "SKIP" if report.skipped else "FAIL"
             why = ""
             if report.skipped and isinstance(report.longrepr, tuple):
                 why = report.longrepr[2]
@@ -41,8 +41,17 @@ def main(argv: list[str]) -> int:
         os.environ["DSC_GPU_RUNTIME"] = argv[1]
         argv = argv[2:]
     summary = _Summary()
-    code = pytest.main([str(ROOT / "tests" / "test_engine_gpu.py"), "-p",
-                        "no:cacheprovider", "-p", "no:terminal", *argv], plugins=[summary])
+    code = pytest.main(
+        [
+            str(ROOT / "tests" / "test_engine_gpu.py"),
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:terminal",
+            *argv,
+        ],
+        plugins=[summary],
+    )
     c = summary.counts
     print(f"gpu-checks: {c['PASS']} passed, {c['FAIL']} failed, {c['SKIP']} skipped")
     return int(code)

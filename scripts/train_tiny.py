@@ -160,12 +160,30 @@ def make_config(kind: str, tokenizer) -> Any:
 
 def config_summary(config) -> dict[str, Any]:
     keys = [
-        "model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers",
-        "num_attention_heads", "num_key_value_heads", "intermediate_size", "moe_intermediate_size",
-        "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-        "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "n_shared_experts",
-        "first_k_dense_replace", "norm_topk_prob", "routed_scaling_factor",
-        "max_position_embeddings", "tie_word_embeddings",
+        "model_type",
+        "architectures",
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "n_group",
+        "topk_group",
+        "n_shared_experts",
+        "first_k_dense_replace",
+        "norm_topk_prob",
+        "routed_scaling_factor",
+        "max_position_embeddings",
+        "tie_word_embeddings",
     ]
     d = config.to_dict()
     return {k: d[k] for k in keys if k in d}
@@ -225,7 +243,9 @@ def lr_at(step: int, plan: TrainPlan) -> float:
     if step < plan.warmup:
         return plan.lr * (step + 1) / plan.warmup
     t = (step - plan.warmup) / max(1, plan.steps - plan.warmup)
-    return plan.lr * (plan.min_lr_ratio + (1 - plan.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return plan.lr * (
+        plan.min_lr_ratio + (1 - plan.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    )
 
 
 def make_optimizer(model, plan: TrainPlan) -> torch.optim.Optimizer:
@@ -265,13 +285,17 @@ def heldout_nll(model, ids: np.ndarray, bos: int, seq_len: int, batch_size: int 
     model.eval()
     n = seq_len - 1
     full = len(ids) // n
-    batches = [ids[i * n : (i + b) * n].reshape(-1, n) for i, b in
-               ((i, min(batch_size, full - i)) for i in range(0, full, batch_size))]
+    batches = [
+        ids[i * n : (i + b) * n].reshape(-1, n)
+        for i, b in ((i, min(batch_size, full - i)) for i in range(0, full, batch_size))
+    ]
     if len(ids) % n:
         batches.append(ids[full * n :][None, :])
     total, count = 0.0, 0
     for rows in batches:
-        x = torch.from_numpy(np.concatenate([np.full((len(rows), 1), bos, dtype=np.int64), rows], axis=1))
+        x = torch.from_numpy(
+            np.concatenate([np.full((len(rows), 1), bos, dtype=np.int64), rows], axis=1)
+        )
         logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
         total += F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
@@ -374,8 +398,11 @@ def train_one(
         max_new_tokens=64,
     )
     sample = generate_sample(model, tokenizer)
-    print(f"   held-out loss {heldout_loss:.4f}  ppl {math.exp(heldout_loss):.2f}"
-          f"  (unigram {data['unigram_ppl']:.1f})", flush=True)
+    print(
+        f"   held-out loss {heldout_loss:.4f}  ppl {math.exp(heldout_loss):.2f}"
+        f"  (unigram {data['unigram_ppl']:.1f})",
+        flush=True,
+    )
     print(f"   sample: {sample!r}", flush=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -410,7 +437,9 @@ def train_one(
         "tokenizer": {
             "type": "byte-level BPE (tokenizers)",
             "vocab_size": len(tokenizer),
-            "bos": BOS, "eos": EOS, "pad": PAD,
+            "bos": BOS,
+            "eos": EOS,
+            "pad": PAD,
         },
         "corpus": {
             "file": str(DEFAULT_CORPUS.relative_to(REPO)),
@@ -456,37 +485,55 @@ def train_one(
     if kind == "v3":
         record["moe_balancing"] = {
             "method": "aux-loss-free: e_score_correction_bias += u * sign(mean_load - load) "
-                      "per step",
+            "per step",
             "bias_update_speed": args.bias_update_speed,
             "experts_implementation_in_training": args.experts_implementation,
             "heldout_expert_token_fractions": expert_load,
             "e_score_correction_bias": {
-                n.removeprefix("model.").removesuffix(".mlp.gate.e_score_correction_bias"):
-                    [round(float(x), 4) for x in b]
-                for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")
+                n.removeprefix("model.").removesuffix(".mlp.gate.e_score_correction_bias"): [
+                    round(float(x), 4) for x in b
+                ]
+                for n, b in model.named_buffers()
+                if n.endswith("e_score_correction_bias")
             },
         }
     (out_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"   wrote {out_dir} ({weights.stat().st_size / 2**20:.1f} MiB weights, "
-          f"{train_s:.0f}s training)", flush=True)
+    print(
+        f"   wrote {out_dir} ({weights.stat().st_size / 2**20:.1f} MiB weights, "
+        f"{train_s:.0f}s training)",
+        flush=True,
+    )
     return record
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["v3", "qwen2", "all"], default="all")
-    p.add_argument("--out", type=Path, default=REPO / "examples" / "models",
-                   help="parent directory of tiny-deepseek-v3/ and tiny-qwen2/")
-    p.add_argument("--minutes", type=float, default=7.5,
-                   help="safety cap on training wall time per model (default 7.5)")
-    p.add_argument("--steps", type=int, default=0,
-                   help="override the planned number of steps (for quick checks)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "examples" / "models",
+        help="parent directory of tiny-deepseek-v3/ and tiny-qwen2/",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=7.5,
+        help="safety cap on training wall time per model (default 7.5)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="override the planned number of steps (for quick checks)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--bias-update-speed", type=float, default=1e-3)
-    p.add_argument("--experts-implementation", default="eager",
-                   choices=["eager", "grouped_mm", "batched_mm"])
+    p.add_argument(
+        "--experts-implementation", default="eager", choices=["eager", "grouped_mm", "batched_mm"]
+    )
     p.add_argument("--corpus", type=Path, default=None, help="default: the shipped KJV")
     args = p.parse_args(argv)
 
@@ -506,9 +553,12 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_chars": len(heldout),
         "unigram_ppl": unigram_ppl(train_ids, heldout_ids, len(tokenizer)),
     }
-    print(f"tokenizer: vocab {len(tokenizer)}, train {len(train_ids):,} tokens, held-out "
-          f"{len(heldout_ids):,} tokens, unigram ppl {data['unigram_ppl']:.1f} "
-          f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    print(
+        f"tokenizer: vocab {len(tokenizer)}, train {len(train_ids):,} tokens, held-out "
+        f"{len(heldout_ids):,} tokens, unigram ppl {data['unigram_ppl']:.1f} "
+        f"({time.perf_counter() - t0:.1f}s)",
+        flush=True,
+    )
 
     kinds = ["v3", "qwen2"] if args.model == "all" else [args.model]
     for kind in kinds:

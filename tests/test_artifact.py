@@ -40,7 +40,12 @@ def test_io_spec_describes_the_graph(family, exported, checkpoints):
     if family.startswith("deepseek"):
         # MLA: the compressed latent and the rotary key, not expanded K/V.
         assert cache["kind"] == "mla"
-        assert shapes["past_key_values.0.compressed_kv"] == ["batch", 1, "past", cfg["kv_lora_rank"]]
+        assert shapes["past_key_values.0.compressed_kv"] == [
+            "batch",
+            1,
+            "past",
+            cfg["kv_lora_rank"],
+        ]
         assert shapes["past_key_values.0.k_pe"] == ["batch", 1, "past", cfg["qk_rope_head_dim"]]
         per_token = layers * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * 4
     else:
@@ -95,20 +100,27 @@ def test_large_models_use_external_data(tmp_path, checkpoints, monkeypatch):
     m = json.loads((art / "manifest.json").read_text())
     assert "model.onnx.data" in m["outputs"]
     runner = OrtCausalLM.from_artifact(art)
-    out = runner.step(np.array([[5, 6, 7]]), np.ones((1, 3), np.int64), np.array([[0, 1, 2]]),
-                      runner.empty_past(1))
+    out = runner.step(
+        np.array([[5, 6, 7]]),
+        np.ones((1, 3), np.int64),
+        np.array([[0, 1, 2]]),
+        runner.empty_past(1),
+    )
     assert np.isfinite(out.logits).all()
 
 
 def test_cli_export_and_run(tmp_path, checkpoints, capsys):
     out = tmp_path / "art"
-    code, stdout, err = run_cli(["export", str(checkpoints["qwen2"]), "-o", str(out),
-                                 "--dtype", "fp32", "--opset", "20"], capsys)
+    code, stdout, err = run_cli(
+        ["export", str(checkpoints["qwen2"]), "-o", str(out), "--dtype", "fp32", "--opset", "20"],
+        capsys,
+    )
     assert code == 0, err
     assert "exported qwen2" in stdout
     assert json.loads((out / "model_io.json").read_text())["opset"] == 20
-    code, stdout, err = run_cli(["run", str(out), "--prompt", "And God said",
-                                 "--max-new-tokens", "5"], capsys)
+    code, stdout, err = run_cli(
+        ["run", str(out), "--prompt", "And God said", "--max-new-tokens", "5"], capsys
+    )
     assert code == 0, err
     assert stdout.startswith("And God said")
     assert len(stdout.strip()) > len("And God said")

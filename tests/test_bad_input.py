@@ -34,8 +34,9 @@ def _assert_clean(parent: Path, out: Path) -> None:
     assert not leftovers, f"temporary directories left behind: {leftovers}"
 
 
-def _export_fails(argv_ckpt: Path, tmp_path: Path, capsys, *extra: str,
-                  after_progress: bool = False) -> tuple[int, str]:
+def _export_fails(
+    argv_ckpt: Path, tmp_path: Path, capsys, *extra: str, after_progress: bool = False
+) -> tuple[int, str]:
     """Run `dsc export`; expect one `dsc: error:` line and a clean output path.
 
     `after_progress`: the error is found while the weights are read, so `[dsc] ...` progress lines
@@ -101,8 +102,9 @@ def test_pickle_only_checkpoint_is_refused_unless_allowed(tmp_path, checkpoints,
     assert "pickle" in msg and "--allow-pickle" in msg
 
     out = tmp_path / "allowed"
-    code, stdout, err = run_cli(["export", str(ckpt), "-o", str(out), "--allow-pickle",
-                                 "--dtype", "fp32"], capsys)
+    code, stdout, err = run_cli(
+        ["export", str(ckpt), "-o", str(out), "--allow-pickle", "--dtype", "fp32"], capsys
+    )
     assert code == 0, err
     assert (out / "model.onnx").is_file()
 
@@ -154,8 +156,9 @@ def test_existing_artifact_needs_force(tmp_path, checkpoints, exported, capsys):
     assert "--force" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
-    code, _, err = run_cli(["export", str(checkpoints["llama"]), "-o", str(out), "--force",
-                            "--dtype", "fp32"], capsys)
+    code, _, err = run_cli(
+        ["export", str(checkpoints["llama"]), "-o", str(out), "--force", "--dtype", "fp32"], capsys
+    )
     assert code == 0, err
     assert json.loads((out / "model_io.json").read_text())["family"] == "llama"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art.")]
@@ -222,16 +225,24 @@ def _edit_tensors(ckpt: Path, edit) -> None:
         save_file(tensors, f, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("quant", [
-    {"quant_method": "gptq", "bits": 4, "group_size": 128},
-    {"quant_method": "awq", "bits": 4, "version": "gemm"},
-    {"quant_method": "compressed-tensors", "format": "pack-quantized"},
-    {"quant_method": "bitsandbytes", "load_in_4bit": True},
-    {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]},
-    {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": None},
-    {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "static",
-     "weight_block_size": [128, 128]},
-], ids=lambda q: "-".join(str(v) for v in q.values())[:40])
+@pytest.mark.parametrize(
+    "quant",
+    [
+        {"quant_method": "gptq", "bits": 4, "group_size": 128},
+        {"quant_method": "awq", "bits": 4, "version": "gemm"},
+        {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+        {"quant_method": "bitsandbytes", "load_in_4bit": True},
+        {"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]},
+        {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": None},
+        {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "static",
+            "weight_block_size": [128, 128],
+        },
+    ],
+    ids=lambda q: "-".join(str(v) for v in q.values())[:40],
+)
 def test_other_quantization_is_refused_before_loading(tmp_path, checkpoints, capsys, quant):
     ckpt = _copy(checkpoints["llama"], tmp_path / "ckpt")
     _edit_config(ckpt, quantization_config=quant)
@@ -242,8 +253,9 @@ def test_other_quantization_is_refused_before_loading(tmp_path, checkpoints, cap
         assert quant["quant_method"] in msg
 
 
-@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors",
-                                   "sub/../../outside.safetensors"])
+@pytest.mark.parametrize(
+    "shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../outside.safetensors"]
+)
 def test_index_naming_a_shard_outside_the_checkpoint(tmp_path, checkpoints, capsys, shard):
     from dsc.fixtures import write_sharded
 
@@ -253,17 +265,21 @@ def test_index_naming_a_shard_outside_the_checkpoint(tmp_path, checkpoints, caps
     first = next(iter(index["weight_map"]))
     index["weight_map"][first] = shard
     index_path.write_text(json.dumps(index))
-    (tmp_path / "outside.safetensors").write_bytes((ckpt / "model-00001-of-00002.safetensors")
-                                                   .read_bytes())
+    (tmp_path / "outside.safetensors").write_bytes(
+        (ckpt / "model-00001-of-00002.safetensors").read_bytes()
+    )
     code, msg = _export_fails(ckpt, tmp_path, capsys)
     assert code == EXIT_BAD_INPUT
     assert "outside the checkpoint directory" in msg and shard in msg
 
 
-@pytest.mark.parametrize("family,name", [
-    ("deepseek_v3", "model.layers.1.post_attention_layernorm.weight"),
-    ("fp8", "model.layers.2.mlp.experts.4.down_proj.weight"),
-])
+@pytest.mark.parametrize(
+    "family,name",
+    [
+        ("deepseek_v3", "model.layers.1.post_attention_layernorm.weight"),
+        ("fp8", "model.layers.2.mlp.experts.4.down_proj.weight"),
+    ],
+)
 def test_nan_in_a_weight_is_named(tmp_path, checkpoints, fp8_checkpoint, capsys, family, name):
     import torch
 
@@ -285,11 +301,14 @@ def test_nan_in_a_weight_is_named(tmp_path, checkpoints, fp8_checkpoint, capsys,
     assert name in msg and "NaN" in msg
 
 
-@pytest.mark.parametrize("family,name", [
-    ("llama", "model.layers.1.post_attention_layernorm.weight"),
-    ("deepseek_v3", "model.layers.1.mlp.experts.3.up_proj.weight"),  # one of 16 fused experts
-    ("fp8", "model.layers.0.self_attn.kv_b_proj.weight"),
-])
+@pytest.mark.parametrize(
+    "family,name",
+    [
+        ("llama", "model.layers.1.post_attention_layernorm.weight"),
+        ("deepseek_v3", "model.layers.1.mlp.experts.3.up_proj.weight"),  # one of 16 fused experts
+        ("fp8", "model.layers.0.self_attn.kv_b_proj.weight"),
+    ],
+)
 def test_missing_tensor_is_named(tmp_path, checkpoints, fp8_checkpoint, capsys, family, name):
     src = fp8_checkpoint if family == "fp8" else checkpoints[family]
     ckpt = _copy(src, tmp_path / "ckpt")
@@ -302,8 +321,9 @@ def test_missing_tensor_is_named(tmp_path, checkpoints, fp8_checkpoint, capsys, 
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
-        data["weight_map"] = {k: v for k, v in data["weight_map"].items()
-                              if k not in (name, name + "_scale_inv")}
+        data["weight_map"] = {
+            k: v for k, v in data["weight_map"].items() if k not in (name, name + "_scale_inv")
+        }
         index.write_text(json.dumps(data))
     code, msg = _export_fails(ckpt, tmp_path, capsys, **LATE)
     assert code == EXIT_BAD_INPUT

@@ -22,8 +22,10 @@ from dsc.backends.tensorrt import Flavour, available_backends
 
 from .conftest import REPO, run_cli
 
-needs_rtx = pytest.mark.skipif(Flavour.RTX not in available_backends(),
-                               reason="tensorrt_rtx is not installed (pip install 'dsc[rtx]')")
+needs_rtx = pytest.mark.skipif(
+    Flavour.RTX not in available_backends(),
+    reason="tensorrt_rtx is not installed (pip install 'dsc[rtx]')",
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +47,14 @@ def test_float32_view_runs_the_bf16_graph_and_leaves_it_bf16(qwen2_bf16, exporte
     view = float32_view(model)
     assert is_bf16(model) and not is_bf16(view)
     # the view is a copy: the bf16 model keeps its types (a clone shares type objects)
-    assert all(v.dtype == ir.DataType.BFLOAT16 for v in model.graph.inputs
-               if v.name.startswith("past_key_values."))
-    assert not any(o.dtype == ir.DataType.BFLOAT16 for n in view.graph.all_nodes()
-                   for o in n.outputs)
+    assert all(
+        v.dtype == ir.DataType.BFLOAT16
+        for v in model.graph.inputs
+        if v.name.startswith("past_key_values.")
+    )
+    assert not any(
+        o.dtype == ir.DataType.BFLOAT16 for n in view.graph.all_nodes() for o in n.outputs
+    )
 
     io_bf16 = json.loads((qwen2_bf16 / "model_io.json").read_text())
     io_fp32 = json.loads((exported["qwen2"] / "model_io.json").read_text())
@@ -62,8 +68,11 @@ def test_float32_view_runs_the_bf16_graph_and_leaves_it_bf16(qwen2_bf16, exporte
     # the only difference: the weights rounded to bf16 (8 bits): a few per mille of the logits
     rel = np.abs(a.logits - b.logits).max() / np.abs(b.logits).max()
     assert 0 < rel < 3e-2, rel
-    cos = (a.logits * b.logits).sum(-1) / np.linalg.norm(a.logits, axis=-1) \
+    cos = (
+        (a.logits * b.logits).sum(-1)
+        / np.linalg.norm(a.logits, axis=-1)
         / np.linalg.norm(b.logits, axis=-1)
+    )
     assert cos.min() > 0.999, cos.min()
     smoke = smoke_validate(qwen2_bf16, io_bf16, tokens=4)
     assert smoke["status"] == "ran" and smoke["passed"], smoke
@@ -80,8 +89,9 @@ def test_verify_each_runs_bf16_passes_and_their_if_branches(checkpoints, tmp_pat
     art = tmp_path / "v2"
     api.export(checkpoints["deepseek_v2"], art, dtype="bf16", progress=lambda m: None)
     model = ir.load(str(art / "model.onnx"))
-    report = run_pipeline(model, PassContext(load_profile("a100")), verify_each=True,
-                          verify_atol=2e-2)
+    report = run_pipeline(
+        model, PassContext(load_profile("a100")), verify_each=True, verify_atol=2e-2
+    )
     assert sum(1 for n in model.graph if n.op_type == "If") >= 2  # MLA absorb + MoE lowering
     assert all(p.verify_max_abs is None or p.verify_max_abs <= 2e-2 for p in report.passes)
     assert any(p.verify_max_abs is not None for p in report.passes)
@@ -106,13 +116,30 @@ def _qdq_scale_types(path: Path) -> set[int]:
 
 @needs_rtx
 @pytest.mark.slow
-@pytest.mark.parametrize("model, flag", [("tiny-qwen2", "--int8"),
-                                         ("tiny-deepseek-v3", "--int4-awq")])
+@pytest.mark.parametrize(
+    "model, flag", [("tiny-qwen2", "--int8"), ("tiny-deepseek-v3", "--int4-awq")]
+)
 def test_bf16_build_quantizes_compiles_and_passes_the_gate(model, flag, tmp_path, capsys):
     out = tmp_path / "art"
-    code, _, err = run_cli(["build", str(REPO / "examples" / "models" / model), "--profile",
-                            "a100", "--dtype", "bf16", flag, "--samples", "8", "--seq-len",
-                            "64", "-o", str(out), "-q"], capsys)
+    code, _, err = run_cli(
+        [
+            "build",
+            str(REPO / "examples" / "models" / model),
+            "--profile",
+            "a100",
+            "--dtype",
+            "bf16",
+            flag,
+            "--samples",
+            "8",
+            "--seq-len",
+            "64",
+            "-o",
+            str(out),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     m = json.loads((out / "manifest.json").read_text())
     precision = flag.lstrip("-").split("-")[0]

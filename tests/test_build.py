@@ -27,8 +27,10 @@ MATRIX = "a100,rtx-4090,h100,jetson-orin"
 BUILT = ("a100-80gb", "rtx-4090")
 PENDING = ("h100-sxm", "jetson-agx-orin-64gb")
 
-needs_rtx = pytest.mark.skipif(Flavour.RTX not in available_backends(),
-                               reason="tensorrt_rtx is not installed (pip install 'dsc[rtx]')")
+needs_rtx = pytest.mark.skipif(
+    Flavour.RTX not in available_backends(),
+    reason="tensorrt_rtx is not installed (pip install 'dsc[rtx]')",
+)
 
 
 def _cli(argv: list[str]) -> tuple[int, str, str]:
@@ -80,8 +82,9 @@ def matrix(tmp_path_factory, checkpoints):
     if Flavour.RTX not in available_backends():
         pytest.skip("tensorrt_rtx is not installed (pip install 'dsc[rtx]')")
     out = tmp_path_factory.mktemp("matrix") / "art"
-    code, stdout, stderr = _cli(["build", str(checkpoints["qwen2"]), "-o", str(out),
-                                 "--profile", MATRIX])
+    code, stdout, stderr = _cli(
+        ["build", str(checkpoints["qwen2"]), "-o", str(out), "--profile", MATRIX]
+    )
     assert code == 0, stderr
     return out, stdout, stderr
 
@@ -116,8 +119,12 @@ def test_matrix_builds_two_engines_and_two_preflights(matrix, checkpoints):
         assert [pr["name"] for pr in summary["profiles"]] == ["prefill", "decode"]
         assert any("ONNX IR version" in r["message"] for r in summary["log"])
         # Envelope: the profile's batch, the KV capped at the model's 512 positions.
-        assert p["envelope"] == {"max_batch": 64 if name == "a100-80gb" else 16,
-                                 "max_input_len": 512, "max_kv": 512, "max_num_tokens": 8192}
+        assert p["envelope"] == {
+            "max_batch": 64 if name == "a100-80gb" else 16,
+            "max_input_len": 512,
+            "max_kv": 512,
+            "max_num_tokens": 8192,
+        }
         assert p["plan"]["fits"] is True and p["plan"]["total_bytes"] > 0
         assert p["options"]["workspace_mib"] == int(p["profile"]["builder"]["workspace_gb"] * 1024)
     for name, pre_sm, sm in (("h100-sxm", 89, 90), ("jetson-agx-orin-64gb", 80, 87)):
@@ -131,13 +138,23 @@ def test_matrix_builds_two_engines_and_two_preflights(matrix, checkpoints):
         script = (d / "trtexec.sh").read_text()
         assert p["device_command"] == f"engines/{name}/trtexec.sh"
         assert os.access(d / "trtexec.sh", os.X_OK)
-        for flag in ("--onnx=model.onnx", f"--saveEngine=engines/{name}/model.engine",
-                     "--profile=0", "--profile=1", "--stronglyTyped", "--memPoolSize=workspace:",
-                     "--builderOptimizationLevel=3", f"--timingCacheFile=engines/{name}/"):
+        for flag in (
+            "--onnx=model.onnx",
+            f"--saveEngine=engines/{name}/model.engine",
+            "--profile=0",
+            "--profile=1",
+            "--stronglyTyped",
+            "--memPoolSize=workspace:",
+            "--builderOptimizationLevel=3",
+            f"--timingCacheFile=engines/{name}/",
+        ):
             assert flag in script, flag
             # prefill batch: min(max_batch, max_num_tokens 8192 // 512); decode keeps max_batch
-            assert ("input_ids:16x512" in script and "input_ids:64x1," in script
-                    if name == "h100-sxm" else "input_ids:8x512" in script)
+            assert (
+                "input_ids:16x512" in script and "input_ids:64x1," in script
+                if name == "h100-sxm"
+                else "input_ids:8x512" in script
+            )
         pre = json.loads((d / "preflight.json").read_text())
         assert pre["sm"] == pre_sm and pre["stands_in_for"] == sm
     # Plain words: which engines exist and which wait for the device.
@@ -147,9 +164,13 @@ def test_matrix_builds_two_engines_and_two_preflights(matrix, checkpoints):
     for name in PENDING:
         assert name not in built_part
         assert f"dsc compile {art} --profile {name}" in pending_part
-    for line in ("[1/5] export", "[2/5] optimize  graph passes for portable",
-                 "[3/5] quantize  not run",
-                 "[4/5] compile", "[5/5] validate"):
+    for line in (
+        "[1/5] export",
+        "[2/5] optimize  graph passes for portable",
+        "[3/5] quantize  not run",
+        "[4/5] compile",
+        "[5/5] validate",
+    ):
         assert line in stderr
     assert not _leftovers(art.parent)
 
@@ -159,8 +180,9 @@ def test_matrix_manifest_records_inputs_stages_and_outputs(matrix, checkpoints):
     m = _manifest(art)
     ck = checkpoints["qwen2"]
     info = inspect_checkpoint(ck)
-    assert m["source"]["inputs"] == {p.relative_to(ck).as_posix(): sha256_file(p)
-                                     for p in info.input_files()}
+    assert m["source"]["inputs"] == {
+        p.relative_to(ck).as_posix(): sha256_file(p) for p in info.input_files()
+    }
     assert m["tools"]["tensorrt-rtx-cu13"] and m["tools"]["onnxruntime"] and m["tools"]["torch"]
     st = m["stages"]
     assert st["export"]["status"] == "ran" and st["export"]["seconds"] > 0
@@ -169,8 +191,7 @@ def test_matrix_manifest_records_inputs_stages_and_outputs(matrix, checkpoints):
     # targets, so the fused ops are the portable ones every parser takes.
     assert st["optimize"]["status"] == "ran"
     assert st["optimize"]["inputs"]["target"]["name"].startswith("portable")
-    assert set(st["optimize"]["outputs"]) == {"model.onnx", "model_io.json",
-                                               "passes_report.json"}
+    assert set(st["optimize"]["outputs"]) == {"model.onnx", "model_io.json", "passes_report.json"}
     assert "model.onnx" not in st["export"]["outputs"]
     assert all(c["fused"] == c["blocks"] for c in st["optimize"]["coverage"].values())
     assert st["quantize"] == {"status": "not_run", "reason": "no quantization requested"}
@@ -188,10 +209,14 @@ def test_matrix_manifest_records_inputs_stages_and_outputs(matrix, checkpoints):
     assert "dsc validate" in v["note"]
     assert st["validate"]["result"]["graph"] == m["graph"]["onnx"] == "model.onnx"
     # The graph the smoke check ran is the one every compile stage hashed.
-    assert {r["inputs"]["graph"] for r in st["compile"]["profiles"].values()} == \
-        {m["graph"]["hash"]}
-    on_disk = {p.relative_to(art).as_posix() for p in art.rglob("*")
-               if p.is_file() and p.name != "manifest.json"}
+    assert {r["inputs"]["graph"] for r in st["compile"]["profiles"].values()} == {
+        m["graph"]["hash"]
+    }
+    on_disk = {
+        p.relative_to(art).as_posix()
+        for p in art.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    }
     assert set(m["outputs"]) == on_disk
     for rel, digest in m["outputs"].items():
         assert sha256_file(art / rel) == digest, rel
@@ -205,16 +230,22 @@ def test_rerun_is_up_to_date_and_does_no_work(matrix, checkpoints, counts, capsy
     art = matrix[0]
     before = (art / "manifest.json").read_bytes()
     engine_inode = (art / "engines/a100-80gb/model.engine").stat().st_ino
-    code, out, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(art), "--profile",
-                              MATRIX, "--json"], capsys)
+    code, out, err = run_cli(
+        ["build", str(checkpoints["qwen2"]), "-o", str(art), "--profile", MATRIX, "--json"], capsys
+    )
     assert code == 0, err
     assert counts == {"export": 0, "compile": 0}
     doc = json.loads(out)  # one JSON document, nothing else on stdout
     assert doc["up_to_date"] is True
-    assert {n: p["built_here"] for n, p in doc["profiles"].items()} == \
-        {"a100-80gb": True, "rtx-4090": True, "h100-sxm": False, "jetson-agx-orin-64gb": False}
-    assert doc["profiles"]["h100-sxm"]["finish_on_device"] == \
-        f"dsc compile {art} --profile h100-sxm"
+    assert {n: p["built_here"] for n, p in doc["profiles"].items()} == {
+        "a100-80gb": True,
+        "rtx-4090": True,
+        "h100-sxm": False,
+        "jetson-agx-orin-64gb": False,
+    }
+    assert (
+        doc["profiles"]["h100-sxm"]["finish_on_device"] == f"dsc compile {art} --profile h100-sxm"
+    )
     assert (art / "manifest.json").read_bytes() == before
     assert (art / "engines/a100-80gb/model.engine").stat().st_ino == engine_inode
     assert "reused (inputs unchanged)" in err
@@ -225,8 +256,20 @@ def test_changed_envelope_recompiles_without_exporting(matrix_copy, checkpoints,
     old = _manifest(art)
     # a100 with h100 keeps the matrix's pass target (portable ops: h100 is standard TensorRT),
     # so the graph is the same; a100 alone would get TensorRT-RTX's fused ops, a new graph.
-    code, out, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(art), "--profile",
-                              "a100,h100", "--max-batch", "2", "-q"], capsys)
+    code, out, err = run_cli(
+        [
+            "build",
+            str(checkpoints["qwen2"]),
+            "-o",
+            str(art),
+            "--profile",
+            "a100,h100",
+            "--max-batch",
+            "2",
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert counts == {"export": 0, "compile": 2}
     m = _manifest(art)
@@ -247,13 +290,27 @@ def test_changed_envelope_recompiles_without_exporting(matrix_copy, checkpoints,
 
 def test_gate_results_survive_a_rebuild_of_the_same_graph(matrix_copy, checkpoints, capsys):
     art = matrix_copy
-    code, _, err = run_cli(["validate", str(art), "--windows", "2", "--window", "32",
-                            "--prompts", "2", "--gen-len", "8"], capsys)
+    code, _, err = run_cli(
+        [
+            "validate",
+            str(art),
+            "--windows",
+            "2",
+            "--window",
+            "32",
+            "--prompts",
+            "2",
+            "--gen-len",
+            "8",
+        ],
+        capsys,
+    )
     assert code == 0, err
     gate = _manifest(art)["validation"]
     assert gate["kind"] == "gate"
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(art), "--profile",
-                            "a100,h100", "-q"], capsys)
+    code, _, err = run_cli(
+        ["build", str(checkpoints["qwen2"]), "-o", str(art), "--profile", "a100,h100", "-q"], capsys
+    )
     assert code == 0, err
     m = _manifest(art)
     assert m["validation"] == gate and m["stages"]["validate"]["result"]["kind"] == "smoke"
@@ -263,8 +320,7 @@ def test_gate_results_survive_a_rebuild_of_the_same_graph(matrix_copy, checkpoin
     assert code == 0
 
 
-def test_a_changed_checkpoint_is_exported_again(matrix_copy, checkpoints, tmp_path, counts,
-                                              capsys):
+def test_a_changed_checkpoint_is_exported_again(matrix_copy, checkpoints, tmp_path, counts, capsys):
     """Same checkpoint directory, new content: no --force needed, export and compile re-run."""
     ck = tmp_path / "ck"
     shutil.copytree(checkpoints["qwen2"], ck)
@@ -286,8 +342,9 @@ def test_a_changed_checkpoint_is_exported_again(matrix_copy, checkpoints, tmp_pa
     assert after["stages"]["validate"]["status"] == "ran"
 
 
-def test_tampering_is_caught_by_verify_and_rebuilt_by_build(matrix_copy, checkpoints, counts,
-                                                            capsys):
+def test_tampering_is_caught_by_verify_and_rebuilt_by_build(
+    matrix_copy, checkpoints, counts, capsys
+):
     art = matrix_copy
     code, out, _ = run_cli(["verify", str(art)], capsys)
     assert code == 0 and out.startswith("OK: ")
@@ -300,8 +357,9 @@ def test_tampering_is_caught_by_verify_and_rebuilt_by_build(matrix_copy, checkpo
     assert "MISMATCH engines/rtx-4090/model.engine" in out
     assert "engines/rtx-4090/model.engine" in err and err.startswith("dsc: error:")
     # The same build again: only the tampered engine is compiled again.
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(art), "--profile",
-                            MATRIX, "-q"], capsys)
+    code, _, err = run_cli(
+        ["build", str(checkpoints["qwen2"]), "-o", str(art), "--profile", MATRIX, "-q"], capsys
+    )
     assert code == 0, err
     assert counts == {"export": 0, "compile": 1}
     m = _manifest(art)
@@ -318,8 +376,10 @@ def test_verify_names_missing_and_unlisted_files(matrix_copy, capsys):
     code, out, err = run_cli(["verify", str(art), "--json"], capsys)
     assert code == 1
     problems = {p["file"]: p["problem"] for p in json.loads(out)["problems"]}
-    assert problems == {"engines/h100-sxm/trtexec.sh": "missing",
-                        "stray.txt": "not listed in the manifest"}
+    assert problems == {
+        "engines/h100-sxm/trtexec.sh": "missing",
+        "stray.txt": "not listed in the manifest",
+    }
 
 
 def test_inspect_summarises_engines_and_preflights(matrix, capsys):
@@ -332,8 +392,10 @@ def test_inspect_summarises_engines_and_preflights(matrix, capsys):
     assert "validation: smoke passed" in out
     code, out, _ = run_cli(["inspect", str(art), "--json"], capsys)
     s = json.loads(out)
-    assert s["profiles"]["rtx-4090"]["engine_bytes"] == \
-        (art / "engines/rtx-4090/model.engine").stat().st_size
+    assert (
+        s["profiles"]["rtx-4090"]["engine_bytes"]
+        == (art / "engines/rtx-4090/model.engine").stat().st_size
+    )
     assert s["profiles"]["jetson-agx-orin-64gb"]["preflight_sm"] == 80
     assert s["files"] == len(_manifest(art)["outputs"])
 
@@ -346,8 +408,21 @@ def test_compile_adds_engines_to_an_exported_artifact(exported, tmp_path, counts
     art = tmp_path / "art"
     shutil.copytree(exported["llama"], art)
     before = _manifest(art)
-    code, out, err = run_cli(["compile", str(art), "--profile", "rtx-4090", "--max-batch", "2",
-                              "--max-kv", "128", "--max-num-tokens", "128"], capsys)
+    code, out, err = run_cli(
+        [
+            "compile",
+            str(art),
+            "--profile",
+            "rtx-4090",
+            "--max-batch",
+            "2",
+            "--max-kv",
+            "128",
+            "--max-num-tokens",
+            "128",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert counts["compile"] == 1
     m = _manifest(art)
@@ -358,8 +433,12 @@ def test_compile_adds_engines_to_an_exported_artifact(exported, tmp_path, counts
         assert m["outputs"][rel] == digest == sha256_file(art / rel)
     eng = m["profiles"]["rtx-4090"]["engine"]
     assert (art / eng["path"]).stat().st_size == eng["size_bytes"] > 0
-    assert m["profiles"]["rtx-4090"]["envelope"] == {"max_batch": 2, "max_input_len": 128,
-                                                    "max_kv": 128, "max_num_tokens": 128}
+    assert m["profiles"]["rtx-4090"]["envelope"] == {
+        "max_batch": 2,
+        "max_input_len": 128,
+        "max_kv": 128,
+        "max_num_tokens": 128,
+    }
     # One prefill pass holds 128 // 128 = 1 sequence; decode keeps batch 2.
     built = json.loads((art / "engines" / "rtx-4090" / "build.json").read_text())
     prefill, decode = built["profiles"]
@@ -367,8 +446,21 @@ def test_compile_adds_engines_to_an_exported_artifact(exported, tmp_path, counts
     assert decode["shapes"]["input_ids"]["max"] == [2, 1]
     assert "engines built:" in out
     # Again: nothing to do. Then a device-only profile: preflight, rtx-4090 kept.
-    code, out, _ = run_cli(["compile", str(art), "--profile", "rtx-4090", "--max-batch", "2",
-                            "--max-kv", "128", "--max-num-tokens", "128"], capsys)
+    code, out, _ = run_cli(
+        [
+            "compile",
+            str(art),
+            "--profile",
+            "rtx-4090",
+            "--max-batch",
+            "2",
+            "--max-kv",
+            "128",
+            "--max-num-tokens",
+            "128",
+        ],
+        capsys,
+    )
     assert code == 0 and "up to date" in out and counts["compile"] == 1
     code, out, err = run_cli(["compile", str(art), "--profile", "jetson-orin-nano-8gb"], capsys)
     assert code == 0, err
@@ -389,8 +481,7 @@ def test_compile_keeps_records_it_does_not_own(exported, tmp_path, capsys):
     m = _manifest(art)
     m["stages"]["quantize"] = {"precision": "int8", "seconds": 1.0}  # no status
     (art / "manifest.json").write_text(json.dumps(m))
-    code, _, err = run_cli(["compile", str(art), "--profile", "rtx-4090", "--max-kv", "64"],
-                           capsys)
+    code, _, err = run_cli(["compile", str(art), "--profile", "rtx-4090", "--max-kv", "64"], capsys)
     assert code == 0, err
     assert "did not match the schema" in err
     after = _manifest(art)
@@ -413,10 +504,19 @@ class _FakeStandardTensorRT:
         if options.timing_cache is not None:
             Path(options.timing_cache).write_bytes(b"fake timing cache")
         return EngineBuildResult(
-            engine=None, engine_path=Path(engine_path), size_bytes=4126, build_seconds=0.5,
-            flavour=Flavour.TENSORRT, trt_version="10.3.0", target_sm=options.target_sm,
-            num_layers=10, profiles=profile_shapes(io_roles_from_spec(io_spec), envelope),
-            strongly_typed=True, timing_cache_path=options.timing_cache, options=options)
+            engine=None,
+            engine_path=Path(engine_path),
+            size_bytes=4126,
+            build_seconds=0.5,
+            flavour=Flavour.TENSORRT,
+            trt_version="10.3.0",
+            target_sm=options.target_sm,
+            num_layers=10,
+            profiles=profile_shapes(io_roles_from_spec(io_spec), envelope),
+            strongly_typed=True,
+            timing_cache_path=options.timing_cache,
+            options=options,
+        )
 
 
 @needs_rtx
@@ -430,8 +530,21 @@ def test_compile_on_the_device_with_standard_tensorrt(exported, tmp_path, monkey
     monkeypatch.setattr(eng, "build_engine", fake)
     art = tmp_path / "art"
     shutil.copytree(exported["llama"], art)
-    code, out, err = run_cli(["compile", str(art), "--profile", "jetson-orin", "--dla-core", "1",
-                              "--max-batch", "1", "--max-kv", "256"], capsys)
+    code, out, err = run_cli(
+        [
+            "compile",
+            str(art),
+            "--profile",
+            "jetson-orin",
+            "--dla-core",
+            "1",
+            "--max-batch",
+            "1",
+            "--max-kv",
+            "256",
+        ],
+        capsys,
+    )
     assert code == 0, err
     (opts,) = fake.calls
     assert opts.dla_core == 1 and opts.gpu_fallback and opts.target_sm == 87
@@ -443,11 +556,27 @@ def test_compile_on_the_device_with_standard_tensorrt(exported, tmp_path, monkey
     assert p["timing_cache"]["path"] == "engines/jetson-agx-orin-64gb/timing.cache"
     assert "standard TensorRT, on this GPU" in out
     # A rebuild reuses the saved timing cache (copied in before the builder loads it).
-    code, _, err = run_cli(["compile", str(art), "--profile", "jetson-orin", "--dla-core", "1",
-                            "--max-batch", "1", "--max-kv", "256", "--rebuild"], capsys)
+    code, _, err = run_cli(
+        [
+            "compile",
+            str(art),
+            "--profile",
+            "jetson-orin",
+            "--dla-core",
+            "1",
+            "--max-batch",
+            "1",
+            "--max-kv",
+            "256",
+            "--rebuild",
+        ],
+        capsys,
+    )
     assert code == 0, err
-    assert "loaded from the previous artifact" in \
-        _manifest(art)["profiles"]["jetson-agx-orin-64gb"]["timing_cache"]["note"]
+    assert (
+        "loaded from the previous artifact"
+        in _manifest(art)["profiles"]["jetson-agx-orin-64gb"]["timing_cache"]["note"]
+    )
     # The wrong GPU is refused before any build.
     monkeypatch.setattr(tg, "local_gpu_sm", lambda: 86)
     code, _, err = run_cli(["compile", str(art), "--profile", "h100"], capsys)
@@ -455,16 +584,30 @@ def test_compile_on_the_device_with_standard_tensorrt(exported, tmp_path, monkey
     assert len(fake.calls) == 2
 
 
-def test_build_here_then_finish_on_the_device(matrix_copy, checkpoints, monkeypatch, counts,
-                                             capsys):
+def test_build_here_then_finish_on_the_device(
+    matrix_copy, checkpoints, monkeypatch, counts, capsys
+):
     """CI builds and preflights; on the Jetson `dsc compile` (no flags) builds the same envelope."""
     import dsc.pipeline.engines as eng
     import dsc.pipeline.targets as tg
 
     art = matrix_copy
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(art), "--profile",
-                            "a100,jetson-orin", "--max-batch", "2", "--max-kv", "256", "-q"],
-                           capsys)
+    code, _, err = run_cli(
+        [
+            "build",
+            str(checkpoints["qwen2"]),
+            "-o",
+            str(art),
+            "--profile",
+            "a100,jetson-orin",
+            "--max-batch",
+            "2",
+            "--max-kv",
+            "256",
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert counts == {"export": 0, "compile": 2}
     script = (art / "engines/jetson-agx-orin-64gb/trtexec.sh").read_text()
@@ -478,8 +621,12 @@ def test_build_here_then_finish_on_the_device(matrix_copy, checkpoints, monkeypa
     assert code == 0, err
     m = _manifest(art)
     p = m["profiles"]["jetson-agx-orin-64gb"]
-    assert p["status"] == "built" and p["envelope"] == {"max_batch": 2, "max_input_len": 256,
-                                                       "max_kv": 256, "max_num_tokens": 8192}
+    assert p["status"] == "built" and p["envelope"] == {
+        "max_batch": 2,
+        "max_input_len": 256,
+        "max_kv": 256,
+        "max_num_tokens": 8192,
+    }
     assert m["profiles"]["a100-80gb"]["status"] == "built"  # untouched
     assert m["stages"]["compile"]["profiles"]["a100-80gb"] == a100
     assert "engines NOT built here" not in out
@@ -491,23 +638,46 @@ def test_build_here_then_finish_on_the_device(matrix_copy, checkpoints, monkeypa
 def test_standard_only_option_sends_an_rtx_target_to_the_device(exported, tmp_path, capsys):
     art = tmp_path / "art"
     shutil.copytree(exported["llama"], art)
-    code, out, err = run_cli(["compile", str(art), "--profile", "a100", "--set",
-                              "builder.version_compatible=true", "--max-kv", "64"], capsys)
+    code, out, err = run_cli(
+        [
+            "compile",
+            str(art),
+            "--profile",
+            "a100",
+            "--set",
+            "builder.version_compatible=true",
+            "--max-kv",
+            "64",
+        ],
+        capsys,
+    )
     assert code == 0, err
     p = _manifest(art)["profiles"]["a100-80gb"]
     assert p["status"] == "awaiting_device_build" and p["preflight"]["sm"] == 80
     assert any("version-compatible" in n for n in p["notes"])
     assert "--versionCompatible" in (art / "engines/a100-80gb/trtexec.sh").read_text()
-    code, _, err = run_cli(["compile", str(art), "--profile", "a100", "--set",
-                            "builder.version_compatible=true", "--backend", "tensorrt_rtx"],
-                           capsys)
+    code, _, err = run_cli(
+        [
+            "compile",
+            str(art),
+            "--profile",
+            "a100",
+            "--set",
+            "builder.version_compatible=true",
+            "--backend",
+            "tensorrt_rtx",
+        ],
+        capsys,
+    )
     assert code == 4 and "use --backend tensorrt" in err
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(Flavour.TENSORRT not in available_backends(),
-                    reason="standard TensorRT is not installed (not installable from the package "
-                           "registries here; it comes with JetPack or NVIDIA's index)")
+@pytest.mark.skipif(
+    Flavour.TENSORRT not in available_backends(),
+    reason="standard TensorRT is not installed (not installable from the package "
+    "registries here; it comes with JetPack or NVIDIA's index)",
+)
 def test_compile_with_real_standard_tensorrt(exported, tmp_path, capsys):  # pragma: no cover
     from dsc.pipeline.targets import local_gpu_sm
 
@@ -521,8 +691,21 @@ def test_compile_with_real_standard_tensorrt(exported, tmp_path, capsys):  # pra
         pytest.skip(f"no built-in profile for SM{sm}")
     art = tmp_path / "art"
     shutil.copytree(exported["llama"], art)
-    code, _, err = run_cli(["compile", str(art), "--profile", prof.name, "--backend", "tensorrt",
-                            "--max-batch", "1", "--max-kv", "128"], capsys)
+    code, _, err = run_cli(
+        [
+            "compile",
+            str(art),
+            "--profile",
+            prof.name,
+            "--backend",
+            "tensorrt",
+            "--max-batch",
+            "1",
+            "--max-kv",
+            "128",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert _manifest(art)["profiles"][prof.name]["engine"]["backend"] == "tensorrt"
 
@@ -538,32 +721,68 @@ def _assert_nothing_written(out: Path, counts: dict) -> None:
 
 def test_precision_the_target_cannot_run(tmp_path, checkpoints, counts, capsys):
     out = tmp_path / "out"
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(out), "--profile",
-                            "t4", "--dtype", "bf16"], capsys)
+    code, _, err = run_cli(
+        ["build", str(checkpoints["qwen2"]), "-o", str(out), "--profile", "t4", "--dtype", "bf16"],
+        capsys,
+    )
     assert code == 4
     assert "bf16 is not supported on t4" in err and "legal: fp16, int8" in err
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(out), "--profile",
-                            "a100,t4", "--dtype", "fp32"], capsys)
+    code, _, err = run_cli(
+        [
+            "build",
+            str(checkpoints["qwen2"]),
+            "-o",
+            str(out),
+            "--profile",
+            "a100,t4",
+            "--dtype",
+            "fp32",
+        ],
+        capsys,
+    )
     assert code == 4 and "FP32 GEMM" in err and "t4" in err
     _assert_nothing_written(out, counts)
 
 
 def test_model_that_does_not_fit(tmp_path, checkpoints, counts, capsys):
     out = tmp_path / "out"
-    code, _, err = run_cli(["build", str(checkpoints["deepseek_v3"]), "-o", str(out),
-                            "--profile", "jetson-orin-nano-4gb", "--max-batch", "20000"], capsys)
+    code, _, err = run_cli(
+        [
+            "build",
+            str(checkpoints["deepseek_v3"]),
+            "-o",
+            str(out),
+            "--profile",
+            "jetson-orin-nano-4gb",
+            "--max-batch",
+            "20000",
+        ],
+        capsys,
+    )
     assert code == 6
     assert "does not fit jetson-orin-nano-4gb" in err and "best remedy: batch <= " in err
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(out), "--profile",
-                            "a100", "--set", "memory.gb=9.001"], capsys)
+    code, _, err = run_cli(
+        [
+            "build",
+            str(checkpoints["qwen2"]),
+            "-o",
+            str(out),
+            "--profile",
+            "a100",
+            "--set",
+            "memory.gb=9.001",
+        ],
+        capsys,
+    )
     assert code == 6 and "a100-80gb" in err
     _assert_nothing_written(out, counts)
 
 
 def test_unknown_profile_suggests_the_closest(tmp_path, checkpoints, counts, capsys):
     out = tmp_path / "out"
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(out), "--profile",
-                            "a100,rtx4090"], capsys)
+    code, _, err = run_cli(
+        ["build", str(checkpoints["qwen2"]), "-o", str(out), "--profile", "a100,rtx4090"], capsys
+    )
     assert code == 3
     assert "unknown profile 'rtx4090'" in err and "did you mean 'rtx-4090'" in err
     code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(out)], capsys)
@@ -622,8 +841,9 @@ def test_interrupt_leaves_nothing_behind(tmp_path, checkpoints, monkeypatch, cap
 
     monkeypatch.setattr(ex, "export_graph", interrupted)
     out = tmp_path / "out"
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(out), "--profile",
-                            "a100"], capsys)
+    code, _, err = run_cli(
+        ["build", str(checkpoints["qwen2"]), "-o", str(out), "--profile", "a100"], capsys
+    )
     assert code == 130 and "interrupted" in err
     assert not out.exists() and not _leftovers(tmp_path)
 
@@ -648,17 +868,21 @@ def test_interrupted_compile_keeps_the_artifact(exported, tmp_path, monkeypatch,
 
 
 @needs_rtx
-def test_artifact_of_another_checkpoint_needs_force(exported, tmp_path, checkpoints, counts,
-                                                    capsys):
+def test_artifact_of_another_checkpoint_needs_force(
+    exported, tmp_path, checkpoints, counts, capsys
+):
     art = tmp_path / "art"
     shutil.copytree(exported["llama"], art)
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(art), "--profile",
-                            "a100"], capsys)
+    code, _, err = run_cli(
+        ["build", str(checkpoints["qwen2"]), "-o", str(art), "--profile", "a100"], capsys
+    )
     assert code == 5 and "another checkpoint" in err and "--force" in err
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "-o", str(tmp_path / "foreign"),
-                            "--profile", "a100"], capsys)
+    code, _, err = run_cli(
+        ["build", str(checkpoints["qwen2"]), "-o", str(tmp_path / "foreign"), "--profile", "a100"],
+        capsys,
+    )
     assert code == 5 and "not a dsc artifact" in err
     assert counts == {"export": 0, "compile": 0}
 
@@ -677,15 +901,15 @@ def test_config_file_with_cli_overrides(matrix_copy, checkpoints, counts, capsys
         "validate_tokens: 3\n"
         "set:\n  builder.optimization_level: 2\n"
     )
-    code, out, err = run_cli(["build", "--config", str(cfg), "--max-batch", "2", "--json"],
-                             capsys)
+    code, out, err = run_cli(["build", "--config", str(cfg), "--max-batch", "2", "--json"], capsys)
     assert code == 0, err
     assert counts == {"export": 0, "compile": 2}  # same graph (portable passes), new envelope
     m = _manifest(matrix_copy)
     p = m["profiles"]["rtx-4090"]
     assert p["envelope"]["max_batch"] == 2  # the flag wins over the file
-    assert p["options"]["optimization_level"] == 2 and p["overrides"] == \
-        ["builder.optimization_level=2"]
+    assert p["options"]["optimization_level"] == 2 and p["overrides"] == [
+        "builder.optimization_level=2"
+    ]
     assert len(m["validation"]["generated_tokens"]) == 3
     assert m["options"]["validate_tokens"] == 3 and m["options"]["max_batch"] == 2
     assert json.loads(out)["artifact"] == str(matrix_copy)

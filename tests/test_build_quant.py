@@ -21,8 +21,10 @@ from dsc.manifest import schema_errors, verify_artifact
 
 from .conftest import run_cli
 
-needs_rtx = pytest.mark.skipif(Flavour.RTX not in available_backends(),
-                               reason="tensorrt_rtx is not installed (pip install 'dsc[rtx]')")
+needs_rtx = pytest.mark.skipif(
+    Flavour.RTX not in available_backends(),
+    reason="tensorrt_rtx is not installed (pip install 'dsc[rtx]')",
+)
 
 
 def _manifest(art: Path) -> dict:
@@ -54,8 +56,21 @@ def int8_build(tmp_path_factory):
     from dsc.cli import main
 
     out = tmp_path_factory.mktemp("bq") / "int8"
-    argv = ["build", str(TINY_QWEN2), "--profile", "rtx-4090", "--int8",
-            "--samples", "8", "--seq-len", "64", "-o", str(out), "--json", "-q"]
+    argv = [
+        "build",
+        str(TINY_QWEN2),
+        "--profile",
+        "rtx-4090",
+        "--int8",
+        "--samples",
+        "8",
+        "--seq-len",
+        "64",
+        "-o",
+        str(out),
+        "--json",
+        "-q",
+    ]
     try:
         main(argv)
     except SystemExit as e:
@@ -77,8 +92,13 @@ def test_int8_build_runs_every_stage_and_verifies(int8_build):
     # Each file belongs to the stage that wrote it last: the quantized graph to quantize, the
     # pass report to optimize, the tokenizer to export.
     q_out, o_out, e_out = (set(st[n]["outputs"]) for n in ("quantize", "optimize", "export"))
-    assert {"model.onnx", "model_io.json", "quant_report.json",
-            "reference/model.onnx", "calibration/ranges.json"} <= q_out
+    assert {
+        "model.onnx",
+        "model_io.json",
+        "quant_report.json",
+        "reference/model.onnx",
+        "calibration/ranges.json",
+    } <= q_out
     assert o_out == {"passes_report.json"}
     assert "config.json" in e_out and "model.onnx" not in e_out
     assert not (q_out & o_out) and not (q_out & e_out)
@@ -115,8 +135,9 @@ def test_int8_build_runs_every_stage_and_verifies(int8_build):
 
 
 @needs_rtx
-def test_failed_gate_keeps_the_rejected_artifact_beside_out(int8_build, tmp_path, monkeypatch,
-                                                            capsys):
+def test_failed_gate_keeps_the_rejected_artifact_beside_out(
+    int8_build, tmp_path, monkeypatch, capsys
+):
     from dsc.manifest import hash_tree
     from dsc.validate import gate
 
@@ -127,9 +148,24 @@ def test_failed_gate_keeps_the_rejected_artifact_beside_out(int8_build, tmp_path
     strict = {k: dict(v) for k, v in gate.DEFAULT_THRESHOLDS.items()}
     strict["int8"]["min_cosine"] = 0.99999
     monkeypatch.setattr(gate, "DEFAULT_THRESHOLDS", strict)
-    code, _, err = run_cli(["build", str(TINY_QWEN2), "--profile", "rtx-4090", "--int8",
-                            "--weight-only", "--samples", "4", "--seq-len", "32", "-o", str(out),
-                            "-q"], capsys)
+    code, _, err = run_cli(
+        [
+            "build",
+            str(TINY_QWEN2),
+            "--profile",
+            "rtx-4090",
+            "--int8",
+            "--weight-only",
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "-o",
+            str(out),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 1, err
     # the cosine is printed with the digits that tell it from the threshold, not rounded to 1
     m = re.search(r"accuracy gate \(int8\) failed: prefill cosine_p01 ([0-9.]+) < 0\.99999", err)
@@ -149,9 +185,24 @@ def test_failed_gate_keeps_the_rejected_artifact_beside_out(int8_build, tmp_path
     assert str(rejected) in (rejected / "report.json").read_text()
     assert (rejected / "engines" / "rtx-4090" / "model.engine").is_file()
     # A second failure replaces the earlier evidence; OUT still stays as it was.
-    code, _, err = run_cli(["build", str(TINY_QWEN2), "--profile", "rtx-4090", "--int8",
-                            "--weight-only", "--samples", "4", "--seq-len", "32", "-o", str(out),
-                            "-q"], capsys)
+    code, _, err = run_cli(
+        [
+            "build",
+            str(TINY_QWEN2),
+            "--profile",
+            "rtx-4090",
+            "--int8",
+            "--weight-only",
+            "--samples",
+            "4",
+            "--seq-len",
+            "32",
+            "-o",
+            str(out),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 1 and "is at" in err and hash_tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.rejected"]
 
@@ -181,9 +232,24 @@ def test_int8_build_rerun_reuses_and_option_change_reruns(int8_build, tmp_path, 
 @needs_rtx
 def test_no_optimize_and_int4_awq(tmp_path, capsys):
     out = tmp_path / "int4"
-    code, _, err = run_cli(["build", str(TINY_QWEN2), "--profile", "a100",
-                            "--int4-awq", "--no-optimize", "--samples", "8", "--seq-len", "64",
-                            "-o", str(out), "-q"], capsys)
+    code, _, err = run_cli(
+        [
+            "build",
+            str(TINY_QWEN2),
+            "--profile",
+            "a100",
+            "--int4-awq",
+            "--no-optimize",
+            "--samples",
+            "8",
+            "--seq-len",
+            "64",
+            "-o",
+            str(out),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     m = _manifest(out)
     assert m["stages"]["optimize"] == {"status": "not_run", "reason": "--no-optimize"}
@@ -197,13 +263,17 @@ def test_no_optimize_and_int4_awq(tmp_path, capsys):
     assert verify_artifact(out).ok
 
 
-@pytest.mark.parametrize("flag, profile, needle", [
-    ("--int4-awq", "t4", "int4 is not supported on t4 (SM75); this target can run"),
-    ("--fp8", "a100", "fp8 is not supported on a100-80gb (SM80)"),
-    ("--fp8", "jetson-orin", "fp8 is not supported on jetson-agx-orin-64gb"),
-])
-def test_illegal_precision_fails_before_any_work(tmp_path, checkpoints, capsys, monkeypatch,
-                                                 flag, profile, needle):
+@pytest.mark.parametrize(
+    "flag, profile, needle",
+    [
+        ("--int4-awq", "t4", "int4 is not supported on t4 (SM75); this target can run"),
+        ("--fp8", "a100", "fp8 is not supported on a100-80gb (SM80)"),
+        ("--fp8", "jetson-orin", "fp8 is not supported on jetson-agx-orin-64gb"),
+    ],
+)
+def test_illegal_precision_fails_before_any_work(
+    tmp_path, checkpoints, capsys, monkeypatch, flag, profile, needle
+):
     import dsc.export.onnx_export as ex
 
     def boom(*a, **k):
@@ -211,27 +281,32 @@ def test_illegal_precision_fails_before_any_work(tmp_path, checkpoints, capsys, 
 
     monkeypatch.setattr(ex, "export_graph", boom)
     out = tmp_path / "out"
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "--profile", profile, flag,
-                            "-o", str(out)], capsys)
+    code, _, err = run_cli(
+        ["build", str(checkpoints["qwen2"]), "--profile", profile, flag, "-o", str(out)], capsys
+    )
     assert code == 4, err
     assert needle in err and err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("argv, needle, want", [
-    # Flags that exclude each other are usage errors (2); a name or file that is not there is
-    # bad input (3).
-    (["--int8", "--fp8"], "choose one of --int8, --fp8, --int4-awq", 2),
-    (["--fp8", "--weight-only"], "--weight-only applies to --int8 only", 2),
-    (["--int8", "--dtype", "fp32"], "quantization needs a half-precision graph", 2),
-    (["--no-optimize", "--disable-pass", "cse"], "contradict --no-optimize", 2),
-    (["--disable-pass", "no-such-pass"], "unknown pass 'no-such-pass'", 3),
-    (["--int8", "--calib", "/nonexistent/calib.txt"], "calibration data not found", 3),
-])
+@pytest.mark.parametrize(
+    "argv, needle, want",
+    [
+        # Flags that exclude each other are usage errors (2); a name or file that is not there is
+        # bad input (3).
+        (["--int8", "--fp8"], "choose one of --int8, --fp8, --int4-awq", 2),
+        (["--fp8", "--weight-only"], "--weight-only applies to --int8 only", 2),
+        (["--int8", "--dtype", "fp32"], "quantization needs a half-precision graph", 2),
+        (["--no-optimize", "--disable-pass", "cse"], "contradict --no-optimize", 2),
+        (["--disable-pass", "no-such-pass"], "unknown pass 'no-such-pass'", 3),
+        (["--int8", "--calib", "/nonexistent/calib.txt"], "calibration data not found", 3),
+    ],
+)
 def test_bad_quant_and_pass_options(tmp_path, checkpoints, capsys, argv, needle, want):
     out = tmp_path / "out"
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "--profile", "rtx-4090",
-                            *argv, "-o", str(out)], capsys)
+    code, _, err = run_cli(
+        ["build", str(checkpoints["qwen2"]), "--profile", "rtx-4090", *argv, "-o", str(out)], capsys
+    )
     assert code == want, err
     assert needle in err and err.count("\n") == 1  # one line, no progress before it
     assert not out.exists()
@@ -243,15 +318,25 @@ def test_config_file_quant_keys(tmp_path):
 
     (tmp_path / "calib.txt").write_text("some text\n")
     cfg = tmp_path / "dsc.yaml"
-    cfg.write_text("quantize: int8\nalpha: 0.6\ncalib: calib.txt\ncalib_samples: 16\n"
-                   "exclude: ['*.o_proj']\ndisable_passes: cse\noptimize: true\n")
+    cfg.write_text(
+        "quantize: int8\nalpha: 0.6\ncalib: calib.txt\ncalib_samples: 16\n"
+        "exclude: ['*.o_proj']\ndisable_passes: cse\noptimize: true\n"
+    )
     got = load_config_file(cfg)
-    assert got == {"quantize": "int8", "alpha": 0.6, "calib": str(tmp_path / "calib.txt"),
-                   "calib_samples": 16, "exclude": ("*.o_proj",), "disable_passes": ("cse",),
-                   "optimize": True}
-    for bad, needle in (("quantize: int3\n", "one of int8, fp8, int4"),
-                        ("alpha: 2\n", "a number in [0, 1]"),
-                        ("calib_samples: 0\n", "a positive integer")):
+    assert got == {
+        "quantize": "int8",
+        "alpha": 0.6,
+        "calib": str(tmp_path / "calib.txt"),
+        "calib_samples": 16,
+        "exclude": ("*.o_proj",),
+        "disable_passes": ("cse",),
+        "optimize": True,
+    }
+    for bad, needle in (
+        ("quantize: int3\n", "one of int8, fp8, int4"),
+        ("alpha: 2\n", "a number in [0, 1]"),
+        ("calib_samples: 0\n", "a positive integer"),
+    ):
         cfg.write_text(bad)
         with pytest.raises(BadInput, match=re.escape(needle)):
             load_config_file(cfg)
@@ -260,8 +345,10 @@ def test_config_file_quant_keys(tmp_path):
 @needs_rtx
 def test_build_from_config_file_quantizes(tmp_path, checkpoints, capsys):
     cfg = tmp_path / "dsc.yaml"
-    cfg.write_text(f"checkpoint: {checkpoints['qwen2']}\noutput: out\nprofiles: rtx-4090\n"
-                   "quantize: int8\nweight_only: true\ncalib_samples: 4\ncalib_seq_len: 32\n")
+    cfg.write_text(
+        f"checkpoint: {checkpoints['qwen2']}\noutput: out\nprofiles: rtx-4090\n"
+        "quantize: int8\nweight_only: true\ncalib_samples: 4\ncalib_seq_len: 32\n"
+    )
     code, _, err = run_cli(["build", "--config", str(cfg), "-q"], capsys)
     assert code == 0, err
     st = _manifest(tmp_path / "out")["stages"]["quantize"]
@@ -275,8 +362,10 @@ def test_dsc_quantize_record_verifies(tmp_path, checkpoints, capsys):
     src = tmp_path / "fp16"
     api.export(checkpoints["qwen2"], src, dtype="fp16", progress=lambda m: None)
     out = tmp_path / "q"
-    code, _, err = run_cli(["quantize", str(src), "-o", str(out), "--int8", "--samples", "4",
-                            "--seq-len", "32"], capsys)
+    code, _, err = run_cli(
+        ["quantize", str(src), "-o", str(out), "--int8", "--samples", "4", "--seq-len", "32"],
+        capsys,
+    )
     assert code == 0, err
     m = _manifest(out)
     assert not schema_errors(m)
@@ -337,10 +426,27 @@ def test_compile_checks_the_artifacts_quantized_precision(int8_build, tmp_path, 
 def test_quantized_lm_head_and_embedding_pass_the_gate_with_sm80_and_sm89_engines(tmp_path, capsys):
     """Issue 18: trained tiny-qwen2, int4-awq body, int4 lm_head, int8 embedding."""
     out = tmp_path / "vocab"
-    code, _, err = run_cli(["build", str(TINY_QWEN2), "--profile", "a100-80gb,rtx-4090",
-                            "--int4-awq", "--quantize-lm-head", "int4", "--quantize-embedding",
-                            "int8", "--samples", "8", "--seq-len", "64", "-o", str(out), "-q"],
-                           capsys)
+    code, _, err = run_cli(
+        [
+            "build",
+            str(TINY_QWEN2),
+            "--profile",
+            "a100-80gb,rtx-4090",
+            "--int4-awq",
+            "--quantize-lm-head",
+            "int4",
+            "--quantize-embedding",
+            "int8",
+            "--samples",
+            "8",
+            "--seq-len",
+            "64",
+            "-o",
+            str(out),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 0, err
     m = _manifest(out)
     q = m["stages"]["quantize"]

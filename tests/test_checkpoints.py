@@ -77,7 +77,8 @@ def _compare(artifact, reference, *, batch=2, length=6, seed=5):
 
 
 def test_fp8_block_checkpoint_exports_and_matches_reference_dequantization(
-        fp8_checkpoint, fp8_reference, tmp_path):
+    fp8_checkpoint, fp8_reference, tmp_path
+):
     config = json.loads((fp8_checkpoint / "config.json").read_text())
     assert config["kv_lora_rank"] + config["qk_rope_head_dim"] == 576
     messages: list[str] = []

@@ -31,7 +31,7 @@ def _runtime():
 
     wanted = os.environ.get("DSC_GPU_RUNTIME")
     reasons = []
-    for flavour in ([wanted] if wanted else ["tensorrt", "tensorrt_rtx"]):
+    for flavour in [wanted] if wanted else ["tensorrt", "tensorrt_rtx"]:
         try:
             return flavour, load_runtime(flavour)
         except DscError as e:
@@ -48,16 +48,32 @@ def gpu_artifact(tmp_path_factory):
     if flavour == "tensorrt_rtx" and sm not in RTX_TARGET_SMS:
         pytest.skip(f"TensorRT-RTX cannot target this device's SM{sm}")
     out = tmp_path_factory.mktemp("gpu") / "v3-fp16"
-    api.export(REPO / "examples/models/tiny-deepseek-v3", out, dtype="fp16",
-               progress=lambda m: None)
+    api.export(
+        REPO / "examples/models/tiny-deepseek-v3", out, dtype="fp16", progress=lambda m: None
+    )
     io = OrtCausalLM.from_artifact(out).io
     rel = f"engines/{PROFILE}/model.engine"
     (out / rel).parent.mkdir(parents=True)
-    res = build_engine(out / io["onnx"], ENVELOPE,
-                       BuildOptions(target_sm=sm if flavour == "tensorrt_rtx" else None),
-                       backend=flavour, io_spec=io, engine_path=out / rel)
-    record_engine(out, PROFILE, rel, ENVELOPE, backend=flavour, trt_version=res.trt_version,
-                  sm=sm, runtime=rt.label, build_seconds=res.build_seconds, profile_name="h100")
+    res = build_engine(
+        out / io["onnx"],
+        ENVELOPE,
+        BuildOptions(target_sm=sm if flavour == "tensorrt_rtx" else None),
+        backend=flavour,
+        io_spec=io,
+        engine_path=out / rel,
+    )
+    record_engine(
+        out,
+        PROFILE,
+        rel,
+        ENVELOPE,
+        backend=flavour,
+        trt_version=res.trt_version,
+        sm=sm,
+        runtime=rt.label,
+        build_seconds=res.build_seconds,
+        profile_name="h100",
+    )
     return out, flavour
 
 
@@ -110,16 +126,27 @@ def test_gpu_validate_engine_passes(gpu_artifact):
     from dsc.runtime.evaluate import validate_engine
     from dsc.validate.gate import GateOptions
 
-    r = validate_engine(gpu_artifact[0], PROFILE, runtime=gpu_artifact[1],
-                        options=GateOptions(window=64, windows=4, prompts=2, gen_len=8))
+    r = validate_engine(
+        gpu_artifact[0],
+        PROFILE,
+        runtime=gpu_artifact[1],
+        options=GateOptions(window=64, windows=4, prompts=2, gen_len=8),
+    )
     assert r["passed"], r["failures"]
 
 
 def test_gpu_bench_engine(gpu_artifact):
     from dsc.runtime.evaluate import bench_engine
 
-    r = bench_engine(gpu_artifact[0], PROFILE, runtime=gpu_artifact[1], batches=(1, 4),
-                     prompt_lens=(32,), gen_len=16, repeats=3)
+    r = bench_engine(
+        gpu_artifact[0],
+        PROFILE,
+        runtime=gpu_artifact[1],
+        batches=(1, 4),
+        prompt_lens=(32,),
+        gen_len=16,
+        repeats=3,
+    )
     s = r["runs"][0]["graph_stats"]
     assert s["graph_replays"] > 0 or s["native_graph_steps"] > 0
     for run in r["runs"]:
@@ -134,7 +161,15 @@ def test_gpu_engine_of_another_version_is_refused(gpu_artifact, tmp_path):
 
     other = tmp_path / "other"
     shutil.copytree(gpu_artifact[0], other)
-    record_engine(other, PROFILE, f"engines/{PROFILE}/model.engine", ENVELOPE,
-                  backend=gpu_artifact[1], trt_version="0.0.1", sm=75, runtime="x")
+    record_engine(
+        other,
+        PROFILE,
+        f"engines/{PROFILE}/model.engine",
+        ENVELOPE,
+        backend=gpu_artifact[1],
+        trt_version="0.0.1",
+        sm=75,
+        runtime="x",
+    )
     with pytest.raises(Unsupported, match=r"0\.0\.1"):
         _runner((other, gpu_artifact[1]))

@@ -28,8 +28,9 @@ ENVELOPE = ShapeEnvelope(max_batch=4, max_input_len=16, max_kv=48, max_num_token
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine") / "v3-fp16"
-    api.export(REPO / "examples/models/tiny-deepseek-v3", out, dtype="fp16",
-               progress=lambda m: None)
+    api.export(
+        REPO / "examples/models/tiny-deepseek-v3", out, dtype="fp16", progress=lambda m: None
+    )
     standin.install_engine(out, "l4", ENVELOPE, sm=89)
     return out
 
@@ -52,15 +53,17 @@ def test_profiles_are_the_builders_and_selection_follows_shape(artifact):
     assert r.profiles[1]["input_ids"] == ((1, 1), (2, 1), (4, 1))
     past = r.past_names[0]
     assert r.profiles[1][past][2][2] == 47 and r.profiles[0][past][2][2] == 32
+
     def full(b, s, p):
         d = {"input_ids": (b, s), "attention_mask": (b, p + s), "position_ids": (b, s)}
         for n, (h, dim) in zip(r.past_names, r.entries * r.num_layers):
             d[n] = (b, h, p, dim)
         return d
-    assert r.select_profile(full(1, 7, 0)) == 0     # a prompt
-    assert r.select_profile(full(1, 1, 0)) == 0     # a one-token prompt: decode needs past >= 1
-    assert r.select_profile(full(3, 1, 20)) == 1    # a decode step
-    assert r.select_profile(full(1, 1, 40)) == 1    # past beyond the prefill profile's 32
+
+    assert r.select_profile(full(1, 7, 0)) == 0  # a prompt
+    assert r.select_profile(full(1, 1, 0)) == 0  # a one-token prompt: decode needs past >= 1
+    assert r.select_profile(full(3, 1, 20)) == 1  # a decode step
+    assert r.select_profile(full(1, 1, 40)) == 1  # past beyond the prefill profile's 32
     assert r.select_profile(full(5, 1, 20)) is None  # batch beyond both
 
 
@@ -195,8 +198,11 @@ def test_native_graphs_of_tensorrt_rtx_are_switched_on_the_context(artifact, gra
     rt = replace(load_runtime("standin"), native_graphs=True)
     io = OrtCausalLM.from_artifact(artifact).io
     r = EngineCausalLM(artifact / "engines/l4/model.engine", io, runtime=rt, cuda_graphs=graphs)
-    want = standin.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE if graphs else \
-        standin.CudaGraphStrategy.DISABLED
+    want = (
+        standin.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        if graphs
+        else standin.CudaGraphStrategy.DISABLED
+    )
     assert r.context.runtime_config.cuda_graph_strategy == want
     out = r.generate([[5, 6, 7]], 4)
     assert out == OrtCausalLM.from_artifact(artifact).generate([[5, 6, 7]], 4)

@@ -46,8 +46,13 @@ def torch_step(model, ids, mask, pos, past):
         for i in range(0, len(past), 2):
             cache.update(torch.from_numpy(past[i]), torch.from_numpy(past[i + 1]), i // 2)
     with torch.no_grad():
-        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(pos),
+            past_key_values=cache,
+            use_cache=True,
+        )
     present = []
     for layer in out.past_key_values.layers:
         present += [layer.keys.numpy(), layer.values.numpy()]
@@ -105,12 +110,12 @@ def test_left_padded_batch_matches_pytorch(family, exported, references):
     mask = np.zeros_like(ids)
     for row, n in enumerate(lengths):
         ids[row, : width - n] = 2  # pad
-        mask[row, width - n:] = 1
+        mask[row, width - n :] = 1
     pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     got = runner.step(ids, mask, pos, runner.empty_past(2))
     want, want_present = torch_step(model, ids, mask, pos, None)
     for row, n in enumerate(lengths):
-        _check_close(got.logits[row, width - n:], want[row, width - n:], f"{family} row {row}")
+        _check_close(got.logits[row, width - n :], want[row, width - n :], f"{family} row {row}")
     tok = want[:, -1].argmax(-1)[:, None]
     mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
     got = runner.step(tok, mask, pos[:, -1:] + 1, got.present)
@@ -150,15 +155,21 @@ def test_moe_routing_stays_data_dependent(family, exported, references):
     ex_ids, ex_mask, ex_pos, ex_cache = example_inputs(
         config, fam, batch=EXAMPLE_BATCH, seq=EXAMPLE_SEQ, past=EXAMPLE_PAST, dtype=torch.float32
     )
-    example_routes = _routing(model, lambda: torch_step(
-        model, ex_ids.numpy(), ex_mask.numpy(), ex_pos.numpy(), [c.numpy() for c in ex_cache]))
+    example_routes = _routing(
+        model,
+        lambda: torch_step(
+            model, ex_ids.numpy(), ex_mask.numpy(), ex_pos.numpy(), [c.numpy() for c in ex_cache]
+        ),
+    )
     assert example_routes, "hooks saw no routing: the test would prove nothing"
 
     ids = _random_prompts(runner.io["vocab_size"], 2, 24, seed=11)
     mask = np.ones_like(ids)
     pos = np.broadcast_to(np.arange(24), ids.shape).copy()
     want = {}
-    test_routes = _routing(model, lambda: want.setdefault("out", torch_step(model, ids, mask, pos, None)))
+    test_routes = _routing(
+        model, lambda: want.setdefault("out", torch_step(model, ids, mask, pos, None))
+    )
     unseen = test_routes - example_routes
     assert len(unseen) >= 4, f"test inputs reuse the example's experts: {sorted(unseen)}"
     got = runner.step(ids, mask, pos, runner.empty_past(2))
@@ -170,13 +181,20 @@ def test_greedy_generation_matches_transformers(family, exported, references):
     runner = OrtCausalLM.from_artifact(exported[family])
     model = references(family)
     prompt = _random_prompts(runner.io["vocab_size"], 1, 6, seed=3)
-    gen = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None,
-                           pad_token_id=runner.io["pad_token_id"])
+    gen = GenerationConfig(
+        max_new_tokens=32,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=runner.io["pad_token_id"],
+    )
     # generate() fills unset fields from the model's own generation config, EOS included.
     model.generation_config.eos_token_id = None
     with torch.no_grad():
-        want = model.generate(torch.from_numpy(prompt), attention_mask=torch.ones_like(
-            torch.from_numpy(prompt)), generation_config=gen)[0, prompt.shape[1]:].tolist()
+        want = model.generate(
+            torch.from_numpy(prompt),
+            attention_mask=torch.ones_like(torch.from_numpy(prompt)),
+            generation_config=gen,
+        )[0, prompt.shape[1] :].tolist()
     got = runner.generate(prompt.tolist(), 32, eos_token_id=None)[0]
     assert len(want) == 32
     assert got == want

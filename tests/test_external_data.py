@@ -23,8 +23,10 @@ from dsc.manifest import hash_tree, schema_errors, verify_artifact
 
 from .conftest import run_cli
 
-needs_rtx = pytest.mark.skipif(Flavour.RTX not in available_backends(),
-                               reason="tensorrt_rtx is not installed (pip install 'dsc[rtx]')")
+needs_rtx = pytest.mark.skipif(
+    Flavour.RTX not in available_backends(),
+    reason="tensorrt_rtx is not installed (pip install 'dsc[rtx]')",
+)
 
 MODELS = Path(__file__).resolve().parents[1] / "examples" / "models"
 CALIB = ["--samples", "8", "--seq-len", "64"]
@@ -44,11 +46,15 @@ def _checkpoint(name: str, checkpoints) -> Path:
 def _external_only(onnx_path: Path) -> None:
     """Every initializer of more than 1 KiB lives in the data file beside the graph."""
     proto = onnx.load(str(onnx_path), load_external_data=False)
-    inline = [t.name for t in proto.graph.initializer
-              if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024]
+    inline = [
+        t.name
+        for t in proto.graph.initializer
+        if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024
+    ]
     assert not inline, inline[:5]
-    locations = {e.value for t in proto.graph.initializer for e in t.external_data
-                 if e.key == "location"}
+    locations = {
+        e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"
+    }
     assert locations == {f"{onnx_path.name}.data"}
     data = onnx_path.with_name(f"{onnx_path.name}.data")
     assert data.stat().st_size > 0 and data.stat().st_nlink == 1
@@ -63,8 +69,19 @@ def builds(tmp_path_factory, checkpoints) -> dict[str, Path]:
     for name, (ckpt, flags, profile) in CASES.items():
         art = root / name
         try:
-            main(["build", str(_checkpoint(ckpt, checkpoints)), "--external-data", "--profile",
-                  profile, *flags, "-o", str(art), "-q"])
+            main(
+                [
+                    "build",
+                    str(_checkpoint(ckpt, checkpoints)),
+                    "--external-data",
+                    "--profile",
+                    profile,
+                    *flags,
+                    "-o",
+                    str(art),
+                    "-q",
+                ]
+            )
         except SystemExit as e:
             assert e.code in (0, None), (name, e)
         out[name] = art
@@ -101,8 +118,9 @@ def test_every_family_builds_with_external_data(builds, name):
 def test_commands_on_an_external_data_artifact(builds, name, tmp_path, capsys):
     art = tmp_path / name
     shutil.copytree(builds[name], art)
-    code, out, err = run_cli(["run", str(art), "--prompt", "In the beginning",
-                              "--max-new-tokens", "4"], capsys)
+    code, out, err = run_cli(
+        ["run", str(art), "--prompt", "In the beginning", "--max-new-tokens", "4"], capsys
+    )
     assert code == 0 and out.startswith("In the beginning"), err
     code, out, err = run_cli(["verify", str(art)], capsys)
     assert code == 0 and out.startswith("OK:"), err
@@ -110,8 +128,9 @@ def test_commands_on_an_external_data_artifact(builds, name, tmp_path, capsys):
     summary = json.loads(out) if code == 0 else {}
     assert summary.get("files", 0) >= 5, err
     assert summary["bytes"] >= (art / "model.onnx.data").stat().st_size
-    code, out, err = run_cli(["bench", str(art), "--batch", "1", "--prompt-len", "8",
-                              "--gen-len", "2"], capsys)
+    code, out, err = run_cli(
+        ["bench", str(art), "--batch", "1", "--prompt-len", "8", "--gen-len", "2"], capsys
+    )
     assert code == 0, err
     if name == "qwen2-int8":
         code, out, err = run_cli(["validate", str(art)], capsys)
@@ -127,8 +146,16 @@ def test_rebuild_reuses_external_data_without_hard_links(builds, tmp_path, check
     ckpt, flags, profile = CASES["qwen2-int8"]
     art = tmp_path / "art"
     shutil.copytree(builds["qwen2-int8"], art)
-    argv = ["build", str(_checkpoint(ckpt, checkpoints)), "--external-data", *flags, "-o",
-            str(art), "-q", "--json"]
+    argv = [
+        "build",
+        str(_checkpoint(ckpt, checkpoints)),
+        "--external-data",
+        *flags,
+        "-o",
+        str(art),
+        "-q",
+        "--json",
+    ]
     before = hash_tree(art)
     code, out, err = run_cli([*argv, "--profile", profile], capsys)
     assert code == 0 and json.loads(out)["up_to_date"] is True, err
@@ -140,7 +167,11 @@ def test_rebuild_reuses_external_data_without_hard_links(builds, tmp_path, check
     assert code == 0, err
     d = json.loads(out)
     assert {k: v["status"] for k, v in d["stages"].items() if k != "compile"} == {
-        "export": "reused", "optimize": "reused", "quantize": "reused", "validate": "reused"}
+        "export": "reused",
+        "optimize": "reused",
+        "quantize": "reused",
+        "validate": "reused",
+    }
     assert d["stages"]["compile"]["profiles"] == {profile: "reused", "a100-80gb": "ran"}
     for rel in ("model.onnx.data", "reference/model.onnx.data"):
         assert (art / rel).stat().st_nlink == 1 and (keep / rel).stat().st_nlink == 1
@@ -166,10 +197,19 @@ def test_external_data_changes_no_number(checkpoints, tmp_path, capsys):
     for ext in (False, True):
         flag = ["--external-data"] if ext else []
         base = tmp_path / ("ext" if ext else "inline")
-        steps = [["export", str(checkpoints["deepseek_v3"]), "--dtype", "fp16", *flag, "-o",
-                  str(base / "e")],
-                 ["optimize", str(base / "e"), "-o", str(base / "o"), "--profile", "rtx-4090"],
-                 ["quantize", str(base / "o"), "-o", str(base / "q"), "--int8", *CALIB]]
+        steps = [
+            [
+                "export",
+                str(checkpoints["deepseek_v3"]),
+                "--dtype",
+                "fp16",
+                *flag,
+                "-o",
+                str(base / "e"),
+            ],
+            ["optimize", str(base / "e"), "-o", str(base / "o"), "--profile", "rtx-4090"],
+            ["quantize", str(base / "o"), "-o", str(base / "q"), "--int8", *CALIB],
+        ]
         for argv in steps:
             code, _, err = run_cli(argv, capsys)
             assert code == 0, (argv, err)
@@ -187,8 +227,7 @@ def test_external_data_changes_no_number(checkpoints, tmp_path, capsys):
     assert r_inline["model_sha256"] == r_ext["model_sha256"]
 
 
-def test_calibration_spills_large_in_memory_weights_to_a_file(checkpoints, tmp_path,
-                                                              monkeypatch):
+def test_calibration_spills_large_in_memory_weights_to_a_file(checkpoints, tmp_path, monkeypatch):
     """A model holding more in-memory weights than protobuf can pass (here: any) reaches ONNX
     Runtime through a temporary file, with the same statistics."""
     import onnx_ir as ir
@@ -206,8 +245,9 @@ def test_calibration_spills_large_in_memory_weights_to_a_file(checkpoints, tmp_p
     saved = []
     real_save = ir.save
     monkeypatch.setattr(runner, "_IN_MEMORY_LIMIT", 0)
-    monkeypatch.setattr(ir, "save", lambda m, p, **kw: (saved.append(Path(p)),
-                                                        real_save(m, p, **kw))[1])
+    monkeypatch.setattr(
+        ir, "save", lambda m, p, **kw: (saved.append(Path(p)), real_save(m, p, **kw))[1]
+    )
     spilled = calibrate.collect(model, io, windows, use_cache=False)
     assert saved and saved[0].name == "graph.onnx" and not saved[0].parent.exists()
     assert plain.acts.keys() == spilled.acts.keys() and plain.acts
@@ -225,10 +265,19 @@ def test_verify_each_and_calibration_key_with_external_weights(checkpoints, tmp_
     from dsc.passes.quant.calibrate import model_sha256
 
     art = tmp_path / "e"
-    api.export(checkpoints["llama"], art, dtype="fp32", external_data=True,
-               progress=lambda m: None)
-    code, _, err = run_cli(["optimize", str(art), "-o", str(tmp_path / "o"), "--verify-each",
-                            "--dump-after", "fuse-rmsnorm"], capsys)
+    api.export(checkpoints["llama"], art, dtype="fp32", external_data=True, progress=lambda m: None)
+    code, _, err = run_cli(
+        [
+            "optimize",
+            str(art),
+            "-o",
+            str(tmp_path / "o"),
+            "--verify-each",
+            "--dump-after",
+            "fuse-rmsnorm",
+        ],
+        capsys,
+    )
     assert code == 0, err
     _external_only(tmp_path / "o" / "model.onnx")
     dumps = list((tmp_path / "o" / "dumps").glob("*.onnx"))

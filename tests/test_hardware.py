@@ -26,12 +26,29 @@ from dsc.profiles import PROFILES_DIR
 FACTS = Path(__file__).resolve().parents[2] / "shared" / "hardware-facts.md"
 
 ISSUE_TARGETS = {
-    "a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie", "h200", "l4", "l40s", "t4", "rtx-4090",
-    "rtx-a6000", "jetson-agx-orin-64gb", "jetson-agx-orin-32gb", "jetson-orin-nx-16gb",
-    "jetson-orin-nx-8gb", "jetson-orin-nano-8gb", "jetson-orin-nano-4gb",
+    "a100-40gb",
+    "a100-80gb",
+    "h100-sxm",
+    "h100-pcie",
+    "h200",
+    "l4",
+    "l40s",
+    "t4",
+    "rtx-4090",
+    "rtx-a6000",
+    "jetson-agx-orin-64gb",
+    "jetson-agx-orin-32gb",
+    "jetson-orin-nx-16gb",
+    "jetson-orin-nx-8gb",
+    "jetson-orin-nano-8gb",
+    "jetson-orin-nano-4gb",
 }
-SUPER = {"jetson-orin-nx-16gb", "jetson-orin-nx-8gb", "jetson-orin-nano-8gb",
-         "jetson-orin-nano-4gb"}
+SUPER = {
+    "jetson-orin-nx-16gb",
+    "jetson-orin-nx-8gb",
+    "jetson-orin-nano-8gb",
+    "jetson-orin-nano-4gb",
+}
 
 
 def _raw(name: str) -> dict:
@@ -62,8 +79,11 @@ def test_each_file_is_named_after_its_profile_and_loads():
 
 
 def test_aliases_resolve_case_insensitively():
-    assert aliases() == {"a100": "a100-80gb", "h100": "h100-sxm",
-                         "jetson-orin": "jetson-agx-orin-64gb"}
+    assert aliases() == {
+        "a100": "a100-80gb",
+        "h100": "h100-sxm",
+        "jetson-orin": "jetson-agx-orin-64gb",
+    }
     assert load_profile("A100").name == "a100-80gb"
     assert load_profile("h100").name == "h100-sxm"
     assert load_profile("Jetson-Orin").name == "jetson-agx-orin-64gb"
@@ -177,15 +197,18 @@ def test_unknown_top_level_key(tmp_path):
         load_profile(str(path))
 
 
-@pytest.mark.parametrize(("key", "value", "expected"), [
-    (("memory", "gb"), "sixteen", "expected a number, got str 'sixteen'"),
-    (("envelope", "max_batch"), True, "expected an integer, got bool True"),
-    (("envelope", "max_batch"), 2.5, "expected an integer, got float 2.5"),
-    (("memory", "shared_with_cpu"), "yes", "expected true or false"),
-    (("precisions",), "fp16", "expected a list of strings"),
-    (("kind",), "laptop", "expected one of datacenter, workstation, jetson"),
-    (("compute_capability",), 8.9, "expected a string"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        (("memory", "gb"), "sixteen", "expected a number, got str 'sixteen'"),
+        (("envelope", "max_batch"), True, "expected an integer, got bool True"),
+        (("envelope", "max_batch"), 2.5, "expected an integer, got float 2.5"),
+        (("memory", "shared_with_cpu"), "yes", "expected true or false"),
+        (("precisions",), "fp16", "expected a list of strings"),
+        (("kind",), "laptop", "expected one of datacenter, workstation, jetson"),
+        (("compute_capability",), 8.9, "expected a string"),
+    ],
+)
 def test_wrong_type_names_key_and_file(tmp_path, key, value, expected):
     data = _raw("l4")
     target = data
@@ -211,8 +234,11 @@ def test_fp8_needs_sm89(tmp_path):
     data = _raw("jetson-orin-nano-8gb")
     data["precisions"] = ["fp16", "int8", "fp8"]
     data["throughput_tflops"]["fp8"] = 20.0
-    with pytest.raises(BadInput, match=r"precision fp8 needs SM >= 89, but compute_capability "
-                                       r"8.7 is SM87"):
+    with pytest.raises(
+        BadInput,
+        match=r"precision fp8 needs SM >= 89, but compute_capability "
+        r"8.7 is SM87",
+    ):
         load_profile(_write(tmp_path, data))
     # The same list is legal on an SM89 part.
     data = _raw("l4")
@@ -232,23 +258,30 @@ def test_listed_precision_needs_a_peak():
         load_profile("l4", ["throughput_tflops.int8=null"])
 
 
-@pytest.mark.parametrize(("name", "overrides", "match"), [
-    ("h100", ["rtx_target_sm=90"], "TensorRT-RTX compiles only for SM75/80/86/89/120"),
-    ("h100", ["preflight_sm=90"], "preflight_sm 90 is not an SM TensorRT-RTX compiles for"),
-    ("l4", ["preflight_sm=80"], "preflight_sm must equal rtx_target_sm"),
-    ("l4", ["rtx_target_sm=86", "preflight_sm=86"], "rtx_target_sm 86 differs from the GPU's SM89"),
-    ("l4", ["dla_cores=2"], "dla_cores > 0 needs kind: jetson"),
-    ("l4", ["memory.shared_with_cpu=true"], "only true on Jetson"),
-    ("jetson-orin", ["tensorrt.jetpack=null"], "tensorrt.jetpack is set exactly when"),
-    ("jetson-orin", ["memory.os_reserved_gb=64"], "leaves nothing of memory.gb"),
-    ("l4", ["envelope.max_input_len=99999"], "exceeds envelope.max_kv"),
-    ("l4", ["builder.optimization_level=7"], "must be 0..5"),
-    ("l4", ["schema_version=2"], "schema_version 2 is not supported"),
-    ("l4", ["compute_capability=nine"], "must look like"),
-    ("l4", ["precisions=[fp16, fp16]"], "listed twice"),
-    ("l4", ["precisions=[int8]"], "must include fp16"),
-    ("l4", ["precisions=[fp16, fp4]"], "unknown fp4"),
-])
+@pytest.mark.parametrize(
+    ("name", "overrides", "match"),
+    [
+        ("h100", ["rtx_target_sm=90"], "TensorRT-RTX compiles only for SM75/80/86/89/120"),
+        ("h100", ["preflight_sm=90"], "preflight_sm 90 is not an SM TensorRT-RTX compiles for"),
+        ("l4", ["preflight_sm=80"], "preflight_sm must equal rtx_target_sm"),
+        (
+            "l4",
+            ["rtx_target_sm=86", "preflight_sm=86"],
+            "rtx_target_sm 86 differs from the GPU's SM89",
+        ),
+        ("l4", ["dla_cores=2"], "dla_cores > 0 needs kind: jetson"),
+        ("l4", ["memory.shared_with_cpu=true"], "only true on Jetson"),
+        ("jetson-orin", ["tensorrt.jetpack=null"], "tensorrt.jetpack is set exactly when"),
+        ("jetson-orin", ["memory.os_reserved_gb=64"], "leaves nothing of memory.gb"),
+        ("l4", ["envelope.max_input_len=99999"], "exceeds envelope.max_kv"),
+        ("l4", ["builder.optimization_level=7"], "must be 0..5"),
+        ("l4", ["schema_version=2"], "schema_version 2 is not supported"),
+        ("l4", ["compute_capability=nine"], "must look like"),
+        ("l4", ["precisions=[fp16, fp16]"], "listed twice"),
+        ("l4", ["precisions=[int8]"], "must include fp16"),
+        ("l4", ["precisions=[fp16, fp4]"], "unknown fp4"),
+    ],
+)
 def test_cross_field_rules(name, overrides, match):
     with pytest.raises(BadInput, match=match):
         load_profile(name, overrides)
@@ -257,8 +290,12 @@ def test_cross_field_rules(name, overrides, match):
 def test_ampere_plus_needs_ampere():
     with pytest.raises(BadInput, match="ampere_plus needs an Ampere or newer GPU"):
         load_profile("t4", ["builder.hardware_compatibility=ampere_plus"])
-    assert load_profile("a100", ["builder.hardware_compatibility=ampere_plus"]) \
-        .builder.hardware_compatibility == "ampere_plus"
+    assert (
+        load_profile(
+            "a100", ["builder.hardware_compatibility=ampere_plus"]
+        ).builder.hardware_compatibility
+        == "ampere_plus"
+    )
 
 
 def test_invalid_yaml_and_missing_file(tmp_path):
@@ -308,10 +345,18 @@ def test_set_overrides_one_field_and_keeps_the_rest():
 
 
 def test_set_values_are_yaml_scalars_and_type_checked():
-    assert parse_overrides(["a.b=8", "c=[fp16, int8]", "d=null", "e=true", "f=2.5"]) == \
-        {"a.b": 8, "c": ["fp16", "int8"], "d": None, "e": True, "f": 2.5}
-    with pytest.raises(BadInput, match=r"envelope.max_batch in --set: expected an integer, "
-                                       r"got float 2.5"):
+    assert parse_overrides(["a.b=8", "c=[fp16, int8]", "d=null", "e=true", "f=2.5"]) == {
+        "a.b": 8,
+        "c": ["fp16", "int8"],
+        "d": None,
+        "e": True,
+        "f": 2.5,
+    }
+    with pytest.raises(
+        BadInput,
+        match=r"envelope.max_batch in --set: expected an integer, "
+        r"got float 2.5",
+    ):
         load_profile("l4", ["envelope.max_batch=2.5"])
     with pytest.raises(BadInput, match=r"unknown key 'memory.size' in --set"):
         load_profile("l4", ["memory.size=3"])
@@ -341,8 +386,9 @@ def test_cli_profiles_list():
 
 
 def test_cli_profiles_show_alias_and_set():
-    result = CliRunner().invoke(cli, ["profiles", "show", "jetson-orin", "--set",
-                                      "builder.workspace_gb=2"])
+    result = CliRunner().invoke(
+        cli, ["profiles", "show", "jetson-orin", "--set", "builder.workspace_gb=2"]
+    )
     assert result.exit_code == 0, result.output
     assert "with --set builder.workspace_gb=2" in result.output
     shown = yaml.safe_load(result.output)

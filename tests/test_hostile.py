@@ -85,8 +85,12 @@ def _snapshot(root: Path) -> dict[str, tuple]:
             if os.path.islink(p):
                 out[rel] = ("link", os.readlink(p))
             elif p.is_file():
-                out[rel] = ("file", st.st_size, st.st_mtime_ns,
-                            hashlib.sha256(p.read_bytes()).hexdigest())
+                out[rel] = (
+                    "file",
+                    st.st_size,
+                    st.st_mtime_ns,
+                    hashlib.sha256(p.read_bytes()).hexdigest(),
+                )
             elif p.is_dir():
                 out[rel] = ("dir",)
             else:
@@ -166,7 +170,7 @@ def write_header(path: Path, header) -> None:
     """Replace a safetensors file's header (its data stays)."""
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    body = data[8 + n:]
+    body = data[8 + n :]
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
 
@@ -174,7 +178,7 @@ def write_header(path: Path, header) -> None:
 def edit_header(path: Path, change: Callable[[dict], None]) -> None:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     change(header)
     write_header(path, header)
 
@@ -254,8 +258,10 @@ def library_full(c: Ctx) -> None:
     import dsc.export.onnx_export as ex
 
     def full(info, out_dir, **kw):
-        raise RuntimeError(f"[enforce fail at inline_container.cc:603] . unexpected pos 64 vs "
-                           f"0: {os.strerror(errno.ENOSPC)}")
+        raise RuntimeError(
+            f"[enforce fail at inline_container.cc:603] . unexpected pos 64 vs "
+            f"0: {os.strerror(errno.ENOSPC)}"
+        )
 
     c.monkeypatch.setattr(ex, "export_graph", full)
 
@@ -268,6 +274,7 @@ def refused_by_os(code: int):
             raise OSError(code, os.strerror(code), str(dir))
 
         c.monkeypatch.setattr(artifacts.tempfile, "mkdtemp", refuse)
+
     return patch
 
 
@@ -277,8 +284,13 @@ def profile_named(c: Ctx, name: str) -> Path:
     text = resolve_name("rtx-4090").read_text()
     p = c.root / "in" / "evil.yaml"
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("\n".join(f"name: {json.dumps(name)}" if ln.startswith("name:") else ln
-                           for ln in text.splitlines()) + "\n")
+    p.write_text(
+        "\n".join(
+            f"name: {json.dumps(name)}" if ln.startswith("name:") else ln
+            for ln in text.splitlines()
+        )
+        + "\n"
+    )
     return p
 
 
@@ -305,10 +317,12 @@ def _build(c: Ctx, ck: Path, *extra: str) -> list[str]:
 
 def _ck(edit: Callable[[Ctx, Path], object], make: Callable[..., list[str]] = _export):
     """A copy of the llama checkpoint, edited, handed to `make` (export or build)."""
+
     def setup(c: Ctx) -> list[str]:
         ck = c.ckpt()
         edit(c, ck)
         return make(c, ck)
+
     return setup
 
 
@@ -317,6 +331,7 @@ def _cfg(**fields):
         ck = c.ckpt()
         edit_json(ck / "config.json", config(**fields))
         return _export(c, ck)
+
     return setup
 
 
@@ -325,6 +340,7 @@ def _plan_cfg(**fields):
         ck = c.ckpt()
         edit_json(ck / "config.json", config(**fields))
         return ["plan", str(ck / "config.json"), "--profile", "rtx-4090"]
+
     return setup
 
 
@@ -333,6 +349,7 @@ def _header(change):
         ck = c.ckpt()
         edit_header(ck / "model.safetensors", change)
         return _export(c, ck)
+
     return setup
 
 
@@ -342,6 +359,7 @@ def _ck_link(name: str):
         v = c.victim(name, (ck / name).read_bytes() if (ck / name).exists() else b"x\n")
         c.link(ck / name, v)
         return _export(c, ck)
+
     return setup
 
 
@@ -350,6 +368,7 @@ def _art_then(make_argv: Callable[[Ctx, Path], list[str]], tamper: Callable[[Ctx
         art = c.art()
         tamper(c, art)
         return make_argv(c, art)
+
     return setup
 
 
@@ -416,14 +435,17 @@ def _manifest_outputs(name_of: Callable[[Ctx], str]):
         v = c.victim("passwd")
         digest = hashlib.sha256(v.read_bytes()).hexdigest()
         edit_json(art / "manifest.json", lambda m: m["outputs"].update({name_of(c): digest}))
+
     return tamper
 
 
 def _stage_output_outside(c: Ctx, art: Path) -> None:
     v = c.victim("passwd")
     digest = hashlib.sha256(v.read_bytes()).hexdigest()
-    edit_json(art / "manifest.json",
-              lambda m: m["stages"]["export"]["outputs"].update({"../../outside/passwd": digest}))
+    edit_json(
+        art / "manifest.json",
+        lambda m: m["stages"]["export"]["outputs"].update({"../../outside/passwd": digest}),
+    )
 
 
 def _listed_link(c: Ctx, art: Path) -> None:
@@ -438,8 +460,10 @@ def _inputs_outside(c: Ctx) -> list[str]:
     ck = c.ckpt()
     v = c.victim("passwd")
     digest = hashlib.sha256(v.read_bytes()).hexdigest()
-    edit_json(art / "manifest.json",
-              lambda m: m["source"]["inputs"].update({"../../outside/passwd": digest}))
+    edit_json(
+        art / "manifest.json",
+        lambda m: m["source"]["inputs"].update({"../../outside/passwd": digest}),
+    )
     return ["verify", str(art), "--checkpoint", str(ck)]
 
 
@@ -452,8 +476,10 @@ def _tampered_out(c: Ctx) -> list[str]:
     api.export(ck, c.out, dtype="fp16", progress=lambda m: None)
     v = c.victim("passwd")
     digest = hashlib.sha256(v.read_bytes()).hexdigest()
-    edit_json(c.out / "manifest.json",
-              lambda m: m["stages"]["export"]["outputs"].update({"../outside/passwd": digest}))
+    edit_json(
+        c.out / "manifest.json",
+        lambda m: m["stages"]["export"]["outputs"].update({"../outside/passwd": digest}),
+    )
     return ["build", str(ck), "-o", str(c.out), "--profile", "rtx-4090"]
 
 
@@ -462,6 +488,7 @@ def _drop_tensor(name: str):
         ck = c.ckpt()
         edit_tensors(ck, lambda t: t.pop(name))
         return _export(c, ck)
+
     return setup
 
 
@@ -470,6 +497,7 @@ def _tensor_edit(edit):
         ck = c.ckpt()
         edit_tensors(ck, edit)
         return _export(c, ck)
+
     return setup
 
 
@@ -496,6 +524,7 @@ def _file_at(rel: str, data: bytes):
         ck = c.ckpt()
         (ck / rel).write_bytes(data)
         return _export(c, ck)
+
     return setup
 
 
@@ -506,6 +535,7 @@ def _out_under_file(make: Callable[[Ctx], list[str]]):
         blocker.write_text("a file\n")
         c.out = blocker / "out"
         return [str(c.out) if a == str(c.root / "out") else a for a in argv]
+
     return setup
 
 
@@ -513,8 +543,8 @@ def _calib(path_of: Callable[[Ctx], Path], command: str = "build"):
     def setup(c: Ctx) -> list[str]:
         if command == "build":
             return _build(c, c.ckpt(), "--int8", "--calib", str(path_of(c)))
-        return ["quantize", str(c.art()), "-o", str(c.out), "--int8", "--calib",
-                str(path_of(c))]
+        return ["quantize", str(c.art()), "-o", str(c.out), "--int8", "--calib", str(path_of(c))]
+
     return setup
 
 
@@ -524,6 +554,7 @@ def _yaml(text: str, *extra: str):
         cfg = c.root / "in" / "dsc.yaml"
         cfg.write_text(text)
         return _build(c, ck, "--config", str(cfg), *extra)
+
     return setup
 
 
@@ -532,285 +563,644 @@ def _fifo_in_art(make_argv):
         art = c.art()
         c.fifo(art / "notes.txt")
         return make_argv(c, art)
+
     return setup
 
 
 CASES: list[Case] = [
     # export: the checkpoint directory and config.json
     Case("export-missing-dir", lambda c: _export(c, c.root / "nope"), 3, "not found"),
-    Case("export-checkpoint-is-a-file",
-         lambda c: _export(c, c.victim("file", b"x")), 3, "must be a directory"),
-    Case("export-config-not-json", _file_at("config.json", b'{"architectures": '), 3,
-         "invalid config.json"),
+    Case(
+        "export-checkpoint-is-a-file",
+        lambda c: _export(c, c.victim("file", b"x")),
+        3,
+        "must be a directory",
+    ),
+    Case(
+        "export-config-not-json",
+        _file_at("config.json", b'{"architectures": '),
+        3,
+        "invalid config.json",
+    ),
     Case("export-config-a-list", _file_at("config.json", b"[1, 2]"), 3, "not a JSON object"),
-    Case("export-config-fifo", _ck(lambda c, ck: c.fifo(ck / "config.json")), 3,
-         "not a regular file"),
-    Case("export-config-links-to-dev-zero",
-         _ck(lambda c, ck: c.link(ck / "config.json", "/dev/zero")), 3, "symbolic link"),
-    Case("export-config-links-outside", _ck_link("config.json"), 3, "symbolic link",
-         contained=True),
+    Case(
+        "export-config-fifo", _ck(lambda c, ck: c.fifo(ck / "config.json")), 3, "not a regular file"
+    ),
+    Case(
+        "export-config-links-to-dev-zero",
+        _ck(lambda c, ck: c.link(ck / "config.json", "/dev/zero")),
+        3,
+        "symbolic link",
+    ),
+    Case(
+        "export-config-links-outside", _ck_link("config.json"), 3, "symbolic link", contained=True
+    ),
     Case("export-hidden-size-string", _cfg(hidden_size="abc"), 3, "'hidden_size' must be an"),
     Case("export-vocab-size-zero", _cfg(vocab_size=0), 3, "'vocab_size' must be in"),
     Case("export-layers-negative", _cfg(num_hidden_layers=-1), 3, "'num_hidden_layers'"),
     Case("export-layers-absurd", _cfg(num_hidden_layers=10**9), 3, "'num_hidden_layers'"),
-    Case("export-layers-beyond-tensors", _cfg(num_hidden_layers=3), 3,
-         "holds tensors of 2 decoder layer(s)"),
-    Case("export-layers-fewer-than-tensors", _cfg(num_hidden_layers=1), 3,
-         "holds tensors of layer 1"),
+    Case(
+        "export-layers-beyond-tensors",
+        _cfg(num_hidden_layers=3),
+        3,
+        "holds tensors of 2 decoder layer(s)",
+    ),
+    Case(
+        "export-layers-fewer-than-tensors", _cfg(num_hidden_layers=1), 3, "holds tensors of layer 1"
+    ),
     Case("export-heads-zero", _cfg(num_attention_heads=0), 3, "'num_attention_heads'"),
-    Case("export-heads-do-not-divide-hidden",
-         _cfg(num_attention_heads=7, num_key_value_heads=7), 3, "not a multiple"),
+    Case(
+        "export-heads-do-not-divide-hidden",
+        _cfg(num_attention_heads=7, num_key_value_heads=7),
+        3,
+        "not a multiple",
+    ),
     Case("export-eps-string", _cfg(rms_norm_eps="tiny"), 3, "'rms_norm_eps'"),
-    Case("export-vocab-disagrees-with-embedding", _cfg(vocab_size=600), 3,
-         "model.embed_tokens.weight is [512, 64]"),
-    Case("export-unsupported-architecture", _cfg(architectures=["GPT2LMHeadModel"]), 4,
-         "GPT2LMHeadModel"),
-    Case("export-gptq-checkpoint", _cfg(quantization_config={"quant_method": "gptq"}), 4,
-         "gptq"),
+    Case(
+        "export-vocab-disagrees-with-embedding",
+        _cfg(vocab_size=600),
+        3,
+        "model.embed_tokens.weight is [512, 64]",
+    ),
+    Case(
+        "export-unsupported-architecture",
+        _cfg(architectures=["GPT2LMHeadModel"]),
+        4,
+        "GPT2LMHeadModel",
+    ),
+    Case("export-gptq-checkpoint", _cfg(quantization_config={"quant_method": "gptq"}), 4, "gptq"),
     # export: safetensors headers and shards
-    Case("export-header-not-an-object", lambda c: (
-        write_header((ck := c.ckpt()) / "model.safetensors", [1, 2]), _export(c, ck))[1], 3,
-        "not a JSON object"),
-    Case("export-header-float-offsets", _header(
-        lambda h: first_tensor(h).update(data_offsets=[0.0, 4.5])), 3, "data_offsets"),
-    Case("export-header-negative-dims", _header(
-        lambda h: first_tensor(h).update(shape=[-64, -8])), 3, "non-negative"),
-    Case("export-header-length-absurd", lambda c: (
-        (f := (ck := c.ckpt()) / "model.safetensors").write_bytes(
-            struct.pack("<Q", 2**62) + f.read_bytes()[8:]), _export(c, ck))[1], 3,
-        "exceeds the file"),
-    Case("export-truncated-shard", lambda c: (
-        (f := (ck := c.ckpt()) / "model.safetensors").write_bytes(f.read_bytes()[:-999]),
-        _export(c, ck))[1], 3, "truncated"),
-    Case("export-index-shard-dotdot", lambda c: (
-        c.victim("outside.safetensors"), _export(c, sharded(c, "../../outside/outside.safetensors"))
-    )[1], 3, "outside the checkpoint directory", contained=True),
-    Case("export-index-shard-absolute", lambda c: _export(
-        c, sharded(c, str(c.victim("abs.safetensors")))), 3, "outside the checkpoint directory",
-        contained=True),
-    Case("export-index-shard-link", lambda c: (
-        ck := sharded(c, "model-00001-of-00002.safetensors"),
-        c.link(ck / "model-00002-of-00002.safetensors",
-               c.victim("s2", (ck / "model-00002-of-00002.safetensors").read_bytes())),
-        _export(c, ck))[2], 3, "symbolic link", contained=True),
-    Case("export-weights-link", _ck_link("model.safetensors"), 3, "symbolic link",
-         contained=True),
-    Case("export-merges-links-to-passwd", _ck_link("merges.txt"), 3, "symbolic link",
-         contained=True),
-    Case("export-tokenizer-link", _ck_link("tokenizer.json"), 3, "symbolic link",
-         contained=True),
-    Case("export-tokenizer-garbage", _file_at("tokenizer.json", b'{"model": 42}'), 3,
-         "tokenizer.json"),
-    Case("export-tokenizer-config-garbage", _file_at("tokenizer_config.json", b"[[["), 3,
-         "tokenizer_config.json"),
-    Case("export-no-tokenizer", lambda c: (
-        (ck := c.ckpt()).joinpath("tokenizer.json").unlink(), _export(c, ck))[1], 3,
-        "no tokenizer"),
+    Case(
+        "export-header-not-an-object",
+        lambda c: (write_header((ck := c.ckpt()) / "model.safetensors", [1, 2]), _export(c, ck))[1],
+        3,
+        "not a JSON object",
+    ),
+    Case(
+        "export-header-float-offsets",
+        _header(lambda h: first_tensor(h).update(data_offsets=[0.0, 4.5])),
+        3,
+        "data_offsets",
+    ),
+    Case(
+        "export-header-negative-dims",
+        _header(lambda h: first_tensor(h).update(shape=[-64, -8])),
+        3,
+        "non-negative",
+    ),
+    Case(
+        "export-header-length-absurd",
+        lambda c: (
+            (f := (ck := c.ckpt()) / "model.safetensors").write_bytes(
+                struct.pack("<Q", 2**62) + f.read_bytes()[8:]
+            ),
+            _export(c, ck),
+        )[1],
+        3,
+        "exceeds the file",
+    ),
+    Case(
+        "export-truncated-shard",
+        lambda c: (
+            (f := (ck := c.ckpt()) / "model.safetensors").write_bytes(f.read_bytes()[:-999]),
+            _export(c, ck),
+        )[1],
+        3,
+        "truncated",
+    ),
+    Case(
+        "export-index-shard-dotdot",
+        lambda c: (
+            c.victim("outside.safetensors"),
+            _export(c, sharded(c, "../../outside/outside.safetensors")),
+        )[1],
+        3,
+        "outside the checkpoint directory",
+        contained=True,
+    ),
+    Case(
+        "export-index-shard-absolute",
+        lambda c: _export(c, sharded(c, str(c.victim("abs.safetensors")))),
+        3,
+        "outside the checkpoint directory",
+        contained=True,
+    ),
+    Case(
+        "export-index-shard-link",
+        lambda c: (
+            ck := sharded(c, "model-00001-of-00002.safetensors"),
+            c.link(
+                ck / "model-00002-of-00002.safetensors",
+                c.victim("s2", (ck / "model-00002-of-00002.safetensors").read_bytes()),
+            ),
+            _export(c, ck),
+        )[2],
+        3,
+        "symbolic link",
+        contained=True,
+    ),
+    Case("export-weights-link", _ck_link("model.safetensors"), 3, "symbolic link", contained=True),
+    Case(
+        "export-merges-links-to-passwd", _ck_link("merges.txt"), 3, "symbolic link", contained=True
+    ),
+    Case("export-tokenizer-link", _ck_link("tokenizer.json"), 3, "symbolic link", contained=True),
+    Case(
+        "export-tokenizer-garbage",
+        _file_at("tokenizer.json", b'{"model": 42}'),
+        3,
+        "tokenizer.json",
+    ),
+    Case(
+        "export-tokenizer-config-garbage",
+        _file_at("tokenizer_config.json", b"[[["),
+        3,
+        "tokenizer_config.json",
+    ),
+    Case(
+        "export-no-tokenizer",
+        lambda c: ((ck := c.ckpt()).joinpath("tokenizer.json").unlink(), _export(c, ck))[1],
+        3,
+        "no tokenizer",
+    ),
     Case("export-pickle-only", _pickle_only, 3, "--allow-pickle"),
     # export: tensors (found while the weights are read)
-    Case("export-missing-tensor", _drop_tensor("model.layers.1.mlp.up_proj.weight"), 3,
-         "lacks 1 tensor (model.layers.1.mlp.up_proj.weight)", late=True),
-    Case("export-unexpected-tensor", _tensor_edit(_extra_tensor), 3,
-         "model.layers.0.self_attn.extra_proj.weight", late=True),
+    Case(
+        "export-missing-tensor",
+        _drop_tensor("model.layers.1.mlp.up_proj.weight"),
+        3,
+        "lacks 1 tensor (model.layers.1.mlp.up_proj.weight)",
+        late=True,
+    ),
+    Case(
+        "export-unexpected-tensor",
+        _tensor_edit(_extra_tensor),
+        3,
+        "model.layers.0.self_attn.extra_proj.weight",
+        late=True,
+    ),
     Case("export-nan-tensor", _tensor_edit(_nan_tensor), 3, "NaN", late=True),
     # export: options and the output path
     Case("export-opset-5", lambda c: _export(c, c.ckpt(), "--opset", "5"), 2, "opset 5"),
     Case("export-dtype-int3", lambda c: _export(c, c.ckpt(), "--dtype", "int3"), 2, "--dtype"),
     Case("export-no-output", lambda c: ["export", str(c.ckpt())], 2, "--output"),
     Case("export-unknown-option", lambda c: _export(c, c.ckpt(), "--turbo"), 2, "--turbo"),
-    Case("export-output-under-a-file", _out_under_file(lambda c: _export(c, c.ckpt())), 8,
-         "is a file"),
-    Case("export-output-is-a-file", lambda c: (
-        c.out.write_text("x"), _export(c, c.ckpt()))[1], 5, "is a file"),
-    Case("export-output-foreign-dir", lambda c: (
-        c.out.mkdir(), (c.out / "precious.txt").write_text("keep"), _export(c, c.ckpt()))[2],
-        5, "not a dsc artifact"),
-    Case("export-disk-full", lambda c: (enospc(c), _export(c, c.ckpt()))[1], 8,
-         "No space left on device", late=True),
-    Case("export-disk-full-in-a-library", lambda c: (library_full(c), _export(c, c.ckpt()))[1],
-         8, "No space left on device", late=True),
-    Case("export-read-only-target", lambda c: (refused_by_os(errno.EROFS)(c),
-                                               _export(c, c.ckpt()))[1], 8,
-         "Read-only file system", late=True),
-    Case("export-permission-denied", lambda c: (refused_by_os(errno.EACCES)(c),
-                                                _export(c, c.ckpt()))[1], 8,
-         "Permission denied", late=True),
+    Case(
+        "export-output-under-a-file",
+        _out_under_file(lambda c: _export(c, c.ckpt())),
+        8,
+        "is a file",
+    ),
+    Case(
+        "export-output-is-a-file",
+        lambda c: (c.out.write_text("x"), _export(c, c.ckpt()))[1],
+        5,
+        "is a file",
+    ),
+    Case(
+        "export-output-foreign-dir",
+        lambda c: (
+            c.out.mkdir(),
+            (c.out / "precious.txt").write_text("keep"),
+            _export(c, c.ckpt()),
+        )[2],
+        5,
+        "not a dsc artifact",
+    ),
+    Case(
+        "export-disk-full",
+        lambda c: (enospc(c), _export(c, c.ckpt()))[1],
+        8,
+        "No space left on device",
+        late=True,
+    ),
+    Case(
+        "export-disk-full-in-a-library",
+        lambda c: (library_full(c), _export(c, c.ckpt()))[1],
+        8,
+        "No space left on device",
+        late=True,
+    ),
+    Case(
+        "export-read-only-target",
+        lambda c: (refused_by_os(errno.EROFS)(c), _export(c, c.ckpt()))[1],
+        8,
+        "Read-only file system",
+        late=True,
+    ),
+    Case(
+        "export-permission-denied",
+        lambda c: (refused_by_os(errno.EACCES)(c), _export(c, c.ckpt()))[1],
+        8,
+        "Permission denied",
+        late=True,
+    ),
     # build
-    Case("build-int8-and-fp8", lambda c: _build(c, c.ckpt(), "--int8", "--fp8"), 2,
-         "choose one of"),
+    Case(
+        "build-int8-and-fp8", lambda c: _build(c, c.ckpt(), "--int8", "--fp8"), 2, "choose one of"
+    ),
     Case("build-opset-5", lambda c: _build(c, c.ckpt(), "--opset", "5"), 2, "opset 5"),
-    Case("build-weight-only-fp8", lambda c: _build(c, c.ckpt(), "--fp8", "--weight-only"), 2,
-         "--weight-only"),
-    Case("build-gate-without-quantization",
-         lambda c: _build(c, c.ckpt(), "--validate", "gate"), 2, "--validate gate"),
-    Case("build-max-batch-0", lambda c: _build(c, c.ckpt(), "--max-batch", "0"), 2,
-         "--max-batch"),
+    Case(
+        "build-weight-only-fp8",
+        lambda c: _build(c, c.ckpt(), "--fp8", "--weight-only"),
+        2,
+        "--weight-only",
+    ),
+    Case(
+        "build-gate-without-quantization",
+        lambda c: _build(c, c.ckpt(), "--validate", "gate"),
+        2,
+        "--validate gate",
+    ),
+    Case("build-max-batch-0", lambda c: _build(c, c.ckpt(), "--max-batch", "0"), 2, "--max-batch"),
     Case("build-calib-dev-zero", _calib(lambda c: Path("/dev/zero")), 3, "not a regular file"),
-    Case("build-calib-fifo", _calib(lambda c: c.fifo(c.root / "in" / "calib.txt")), 3,
-         "not a regular file"),
-    Case("build-config-dev-zero", lambda c: _build(c, c.ckpt(), "--config", "/dev/zero"), 3,
-         "not a regular file"),
+    Case(
+        "build-calib-fifo",
+        _calib(lambda c: c.fifo(c.root / "in" / "calib.txt")),
+        3,
+        "not a regular file",
+    ),
+    Case(
+        "build-config-dev-zero",
+        lambda c: _build(c, c.ckpt(), "--config", "/dev/zero"),
+        3,
+        "not a regular file",
+    ),
     Case("build-config-unknown-key", _yaml("turbo: true\n"), 3, "unknown key 'turbo'"),
     Case("build-config-opset-5", _yaml("opset: 5\n"), 2, "opset 5"),
-    Case("build-unknown-profile", lambda c: ["build", str(c.ckpt()), "-o", str(c.out),
-                                             "--profile", "rtx-9999"], 3, "unknown profile"),
-    Case("build-profile-name-escapes", lambda c: ["build", str(c.ckpt()), "-o", str(c.out),
-                                                  "--profile",
-                                                  str(profile_named(c, "../../outside/x"))],
-         3, "engines/<name>/"),
-    Case("build-layers-absurd", _ck(lambda c, ck: edit_json(
-        ck / "config.json", config(num_hidden_layers=10**9)), _build), 3, "'num_hidden_layers'"),
-    Case("build-tokenizer-garbage", _ck(
-        lambda c, ck: (ck / "tokenizer.json").write_text("garbage"), _build), 3,
-         "tokenizer.json"),
-    Case("build-merges-links-to-passwd", _ck(
-        lambda c, ck: c.link(ck / "merges.txt", c.victim("passwd")), _build), 3,
-         "symbolic link", contained=True),
-    Case("build-output-under-a-file", _out_under_file(lambda c: _build(c, c.ckpt())), 8,
-         "is a file"),
-    Case("build-reuse-of-a-stage-claiming-an-outside-file", _tampered_out, 3,
-         "../outside/passwd", contained=True),
+    Case(
+        "build-unknown-profile",
+        lambda c: ["build", str(c.ckpt()), "-o", str(c.out), "--profile", "rtx-9999"],
+        3,
+        "unknown profile",
+    ),
+    Case(
+        "build-profile-name-escapes",
+        lambda c: [
+            "build",
+            str(c.ckpt()),
+            "-o",
+            str(c.out),
+            "--profile",
+            str(profile_named(c, "../../outside/x")),
+        ],
+        3,
+        "engines/<name>/",
+    ),
+    Case(
+        "build-layers-absurd",
+        _ck(lambda c, ck: edit_json(ck / "config.json", config(num_hidden_layers=10**9)), _build),
+        3,
+        "'num_hidden_layers'",
+    ),
+    Case(
+        "build-tokenizer-garbage",
+        _ck(lambda c, ck: (ck / "tokenizer.json").write_text("garbage"), _build),
+        3,
+        "tokenizer.json",
+    ),
+    Case(
+        "build-merges-links-to-passwd",
+        _ck(lambda c, ck: c.link(ck / "merges.txt", c.victim("passwd")), _build),
+        3,
+        "symbolic link",
+        contained=True,
+    ),
+    Case(
+        "build-output-under-a-file", _out_under_file(lambda c: _build(c, c.ckpt())), 8, "is a file"
+    ),
+    Case(
+        "build-reuse-of-a-stage-claiming-an-outside-file",
+        _tampered_out,
+        3,
+        "../outside/passwd",
+        contained=True,
+    ),
     Case("build-no-checkpoint", lambda c: ["build", "-o", str(c.out)], 2, "CHECKPOINT"),
     # optimize
     Case("optimize-onnx-dotdot", _art_then(_opt, _dotdot), 3, "leads outside", contained=True),
-    Case("optimize-onnx-absolute", _art_then(_opt, _absolute), 3, "absolute path",
-         contained=True),
-    Case("optimize-onnx-not-a-string", _art_then(_opt, lambda c, a: io_onnx(a, 123)), 3,
-         "not a file name"),
-    Case("optimize-onnx-link", _art_then(_opt, _graph_link), 3, "symbolic link",
-         contained=True),
-    Case("optimize-side-file-link", _art_then(_opt, _side_link), 3, "symbolic link",
-         contained=True),
-    Case("optimize-external-data-dotdot", _art_then(_opt, _ext_dotdot), 3, "external data",
-         contained=True),
-    Case("optimize-external-data-link", _art_then(_opt, _ext_link), 3, "symbolic link",
-         contained=True),
-    Case("optimize-io-spec-garbage", _art_then(
-        _opt, lambda c, a: (a / "model_io.json").write_text("{{")), 3, "model_io.json"),
-    Case("optimize-manifest-garbage", _art_then(
-        _opt, lambda c, a: (a / "manifest.json").write_text("[]")), 3, "not a dsc artifact"),
+    Case("optimize-onnx-absolute", _art_then(_opt, _absolute), 3, "absolute path", contained=True),
+    Case(
+        "optimize-onnx-not-a-string",
+        _art_then(_opt, lambda c, a: io_onnx(a, 123)),
+        3,
+        "not a file name",
+    ),
+    Case("optimize-onnx-link", _art_then(_opt, _graph_link), 3, "symbolic link", contained=True),
+    Case(
+        "optimize-side-file-link", _art_then(_opt, _side_link), 3, "symbolic link", contained=True
+    ),
+    Case(
+        "optimize-external-data-dotdot",
+        _art_then(_opt, _ext_dotdot),
+        3,
+        "external data",
+        contained=True,
+    ),
+    Case(
+        "optimize-external-data-link",
+        _art_then(_opt, _ext_link),
+        3,
+        "symbolic link",
+        contained=True,
+    ),
+    Case(
+        "optimize-io-spec-garbage",
+        _art_then(_opt, lambda c, a: (a / "model_io.json").write_text("{{")),
+        3,
+        "model_io.json",
+    ),
+    Case(
+        "optimize-manifest-garbage",
+        _art_then(_opt, lambda c, a: (a / "manifest.json").write_text("[]")),
+        3,
+        "not a dsc artifact",
+    ),
     Case("optimize-fifo-in-artifact", _fifo_in_art(_opt), 3, "not a regular file"),
-    Case("optimize-unknown-pass", lambda c: [*_opt(c, c.art()), "--passes", "nope"], 3,
-         "unknown pass"),
-    Case("optimize-output-under-a-file", _out_under_file(lambda c: _opt(c, c.art())), 8,
-         "is a file"),
+    Case(
+        "optimize-unknown-pass",
+        lambda c: [*_opt(c, c.art()), "--passes", "nope"],
+        3,
+        "unknown pass",
+    ),
+    Case(
+        "optimize-output-under-a-file", _out_under_file(lambda c: _opt(c, c.art())), 8, "is a file"
+    ),
     # quantize
-    Case("quantize-onnx-dotdot", _art_then(_quant, _dotdot), 3, "leads outside",
-         contained=True),
+    Case("quantize-onnx-dotdot", _art_then(_quant, _dotdot), 3, "leads outside", contained=True),
     Case("quantize-int8-and-fp8", lambda c: [*_quant(c, c.art()), "--fp8"], 2, "choose one of"),
-    Case("quantize-no-precision", lambda c: ["quantize", str(c.art()), "-o", str(c.out)], 2,
-         "choose a precision"),
-    Case("quantize-weight-only-fp8", lambda c: ["quantize", str(c.art()), "-o", str(c.out),
-                                                "--fp8", "--weight-only"], 2, "--weight-only"),
+    Case(
+        "quantize-no-precision",
+        lambda c: ["quantize", str(c.art()), "-o", str(c.out)],
+        2,
+        "choose a precision",
+    ),
+    Case(
+        "quantize-weight-only-fp8",
+        lambda c: ["quantize", str(c.art()), "-o", str(c.out), "--fp8", "--weight-only"],
+        2,
+        "--weight-only",
+    ),
     Case("quantize-alpha-2", lambda c: [*_quant(c, c.art()), "--alpha", "2"], 2, "[0, 1]"),
-    Case("quantize-calib-dev-zero", _calib(lambda c: Path("/dev/zero"), "quantize"), 3,
-         "not a regular file"),
-    Case("quantize-side-file-link", _art_then(_quant, _side_link), 3, "symbolic link",
-         contained=True),
-    Case("quantize-external-data-dotdot", _art_then(_quant, _ext_dotdot), 3, "external data",
-         contained=True),
+    Case(
+        "quantize-calib-dev-zero",
+        _calib(lambda c: Path("/dev/zero"), "quantize"),
+        3,
+        "not a regular file",
+    ),
+    Case(
+        "quantize-side-file-link", _art_then(_quant, _side_link), 3, "symbolic link", contained=True
+    ),
+    Case(
+        "quantize-external-data-dotdot",
+        _art_then(_quant, _ext_dotdot),
+        3,
+        "external data",
+        contained=True,
+    ),
     # run
-    Case("run-temperature-nan", lambda c: [*_run(c, c.art()), "--sample", "--temperature",
-                                           "nan"], 2, "temperature"),
-    Case("run-temperature-negative", lambda c: [*_run(c, c.art()), "--temperature", "-1"], 2,
-         "temperature"),
+    Case(
+        "run-temperature-nan",
+        lambda c: [*_run(c, c.art()), "--sample", "--temperature", "nan"],
+        2,
+        "temperature",
+    ),
+    Case(
+        "run-temperature-negative",
+        lambda c: [*_run(c, c.art()), "--temperature", "-1"],
+        2,
+        "temperature",
+    ),
     Case("run-seed-negative", lambda c: [*_run(c, c.art()), "--seed", "-1"], 2, "seed"),
-    Case("run-max-new-tokens-0", lambda c: [*_run(c, c.art()), "--max-new-tokens", "0"], 2,
-         "--max-new-tokens"),
+    Case(
+        "run-max-new-tokens-0",
+        lambda c: [*_run(c, c.art()), "--max-new-tokens", "0"],
+        2,
+        "--max-new-tokens",
+    ),
     Case("run-onnx-dotdot", _art_then(_run, _dotdot), 3, "leads outside", contained=True),
-    Case("run-external-data-dotdot", _art_then(_run, _ext_dotdot), 3, "external data",
-         contained=True),
-    Case("run-tokenizer-garbage", _art_then(
-        _run, lambda c, a: (a / "tokenizer.json").write_text('{"model": 42}')), 3,
-        "cannot load the tokenizer"),
+    Case(
+        "run-external-data-dotdot", _art_then(_run, _ext_dotdot), 3, "external data", contained=True
+    ),
+    Case(
+        "run-tokenizer-garbage",
+        _art_then(_run, lambda c, a: (a / "tokenizer.json").write_text('{"model": 42}')),
+        3,
+        "cannot load the tokenizer",
+    ),
     # validate, bench, report, inspect
-    Case("validate-data-dev-zero", lambda c: [*_validate(c, c.art()), "--data", "/dev/zero"],
-         3, "not a regular file"),
-    Case("validate-data-fifo", lambda c: [*_validate(c, c.art()), "--data",
-                                          str(c.fifo(c.root / "in" / "heldout.txt"))], 3,
-         "not a regular file"),
-    Case("validate-onnx-dotdot", _art_then(_validate, _dotdot), 3, "leads outside",
-         contained=True),
-    Case("validate-reference-onnx-dotdot", lambda c: [
-        *_validate(c, c.art()), "--reference",
-        str((ref := c.root / "ref", shutil.copytree(c._exported["llama"], ref),
-             victim_graph(c, ref), io_onnx(ref, "../outside/victim/model.onnx"))[0])], 3,
-         "leads outside", contained=True),
-    Case("validate-windows-0", lambda c: [*_validate(c, c.art()), "--windows", "0"], 2,
-         "--windows"),
+    Case(
+        "validate-data-dev-zero",
+        lambda c: [*_validate(c, c.art()), "--data", "/dev/zero"],
+        3,
+        "not a regular file",
+    ),
+    Case(
+        "validate-data-fifo",
+        lambda c: [*_validate(c, c.art()), "--data", str(c.fifo(c.root / "in" / "heldout.txt"))],
+        3,
+        "not a regular file",
+    ),
+    Case("validate-onnx-dotdot", _art_then(_validate, _dotdot), 3, "leads outside", contained=True),
+    Case(
+        "validate-reference-onnx-dotdot",
+        lambda c: [
+            *_validate(c, c.art()),
+            "--reference",
+            str(
+                (
+                    ref := c.root / "ref",
+                    shutil.copytree(c._exported["llama"], ref),
+                    victim_graph(c, ref),
+                    io_onnx(ref, "../outside/victim/model.onnx"),
+                )[0]
+            ),
+        ],
+        3,
+        "leads outside",
+        contained=True,
+    ),
+    Case(
+        "validate-windows-0", lambda c: [*_validate(c, c.art()), "--windows", "0"], 2, "--windows"
+    ),
     Case("bench-batch-0", lambda c: [*_bench(c, c.art()), "--batch", "0"], 2, "--batch"),
     Case("bench-onnx-dotdot", _art_then(_bench, _dotdot), 3, "leads outside", contained=True),
-    Case("report-side-file-link", _art_then(lambda c, a: ["report", str(a)], _side_link), 3,
-         "symbolic link", contained=True),
-    Case("inspect-outputs-dotdot", _art_then(
-        lambda c, a: ["inspect", str(a)], _manifest_outputs(lambda c: "../../outside/passwd")),
-         3, "leads outside", contained=True),
-    Case("inspect-manifest-fifo", _art_then(
-        lambda c, a: ["inspect", str(a)], lambda c, a: c.fifo(a / "manifest.json")), 3,
-         "not a dsc artifact"),
+    Case(
+        "report-side-file-link",
+        _art_then(lambda c, a: ["report", str(a)], _side_link),
+        3,
+        "symbolic link",
+        contained=True,
+    ),
+    Case(
+        "inspect-outputs-dotdot",
+        _art_then(
+            lambda c, a: ["inspect", str(a)], _manifest_outputs(lambda c: "../../outside/passwd")
+        ),
+        3,
+        "leads outside",
+        contained=True,
+    ),
+    Case(
+        "inspect-manifest-fifo",
+        _art_then(lambda c, a: ["inspect", str(a)], lambda c, a: c.fifo(a / "manifest.json")),
+        3,
+        "not a dsc artifact",
+    ),
     # compile: only a verified artifact, only contained files
-    Case("compile-changed-graph", _art_then(
-        _compile, lambda c, a: (a / "model.onnx").open("ab").write(b"\0")), 1,
-         "does not match manifest.json"),
-    Case("compile-outputs-dotdot", _art_then(
-        _compile, _manifest_outputs(lambda c: "../../outside/passwd")), 3, "leads outside",
-         contained=True),
-    Case("compile-stage-output-dotdot", _art_then(_compile, _stage_output_outside), 3,
-         "leads outside", contained=True),
-    Case("compile-side-file-link", _art_then(_compile, _side_link), 3, "symbolic link",
-         contained=True),
-    Case("compile-onnx-dotdot-rehashed", _art_then(
-        _compile, lambda c, a: (_dotdot(c, a), rehash(a))), 3, "leads outside",
-         contained=True),
-    Case("compile-external-data-dotdot-rehashed", _art_then(_compile, _ext_dotdot_rehashed), 3,
-         "external data", contained=True),
-    Case("compile-unknown-profile", lambda c: ["compile", str(c.art()), "--profile", "nope"], 3,
-         "unknown profile"),
+    Case(
+        "compile-changed-graph",
+        _art_then(_compile, lambda c, a: (a / "model.onnx").open("ab").write(b"\0")),
+        1,
+        "does not match manifest.json",
+    ),
+    Case(
+        "compile-outputs-dotdot",
+        _art_then(_compile, _manifest_outputs(lambda c: "../../outside/passwd")),
+        3,
+        "leads outside",
+        contained=True,
+    ),
+    Case(
+        "compile-stage-output-dotdot",
+        _art_then(_compile, _stage_output_outside),
+        3,
+        "leads outside",
+        contained=True,
+    ),
+    Case(
+        "compile-side-file-link",
+        _art_then(_compile, _side_link),
+        3,
+        "symbolic link",
+        contained=True,
+    ),
+    Case(
+        "compile-onnx-dotdot-rehashed",
+        _art_then(_compile, lambda c, a: (_dotdot(c, a), rehash(a))),
+        3,
+        "leads outside",
+        contained=True,
+    ),
+    Case(
+        "compile-external-data-dotdot-rehashed",
+        _art_then(_compile, _ext_dotdot_rehashed),
+        3,
+        "external data",
+        contained=True,
+    ),
+    Case(
+        "compile-unknown-profile",
+        lambda c: ["compile", str(c.art()), "--profile", "nope"],
+        3,
+        "unknown profile",
+    ),
     Case("compile-max-kv-0", lambda c: [*_compile(c, c.art()), "--max-kv", "0"], 2, "--max-kv"),
     # verify: everything the manifest claims, nothing outside opened
-    Case("verify-outputs-dotdot", _art_then(
-        _verify, _manifest_outputs(lambda c: "../../outside/passwd")), 1, "outside the artifact",
-         contained=True),
-    Case("verify-outputs-absolute", _art_then(
-        _verify, _manifest_outputs(lambda c: str(c.outside / "passwd"))), 1,
-         "outside the artifact", contained=True),
-    Case("verify-listed-link", _art_then(_verify, _listed_link), 1, "symbolic link",
-         contained=True),
-    Case("verify-unlisted-file", _art_then(
-        _verify, lambda c, a: (a / "extra.txt").write_text("x")), 1, "not listed"),
-    Case("verify-unlisted-directory", _art_then(
-        _verify, lambda c, a: (a / "engines").mkdir()), 1, "directory holds no file"),
+    Case(
+        "verify-outputs-dotdot",
+        _art_then(_verify, _manifest_outputs(lambda c: "../../outside/passwd")),
+        1,
+        "outside the artifact",
+        contained=True,
+    ),
+    Case(
+        "verify-outputs-absolute",
+        _art_then(_verify, _manifest_outputs(lambda c: str(c.outside / "passwd"))),
+        1,
+        "outside the artifact",
+        contained=True,
+    ),
+    Case(
+        "verify-listed-link", _art_then(_verify, _listed_link), 1, "symbolic link", contained=True
+    ),
+    Case(
+        "verify-unlisted-file",
+        _art_then(_verify, lambda c, a: (a / "extra.txt").write_text("x")),
+        1,
+        "not listed",
+    ),
+    Case(
+        "verify-unlisted-directory",
+        _art_then(_verify, lambda c, a: (a / "engines").mkdir()),
+        1,
+        "directory holds no file",
+    ),
     Case("verify-fifo", _fifo_in_art(_verify), 1, "not a regular file"),
-    Case("verify-graph-files-disagree", _art_then(_verify, lambda c, a: edit_json(
-        a / "manifest.json", lambda m: m["graph"]["files"].update({"model.onnx": "0" * 64}))),
-         1, "graph.files disagrees"),
-    Case("verify-stage-disagrees", _art_then(_verify, lambda c, a: edit_json(
-        a / "manifest.json",
-        lambda m: m["stages"]["export"]["outputs"].update({"model.onnx": "0" * 64}))), 1,
-         "disagrees with outputs"),
-    Case("verify-manifest-garbage", _art_then(
-        _verify, lambda c, a: (a / "manifest.json").write_text("{")), 3, "not a dsc artifact"),
-    Case("verify-inputs-outside-checkpoint", _inputs_outside, 1, "not opened",
-         contained=True),
+    Case(
+        "verify-graph-files-disagree",
+        _art_then(
+            _verify,
+            lambda c, a: edit_json(
+                a / "manifest.json", lambda m: m["graph"]["files"].update({"model.onnx": "0" * 64})
+            ),
+        ),
+        1,
+        "graph.files disagrees",
+    ),
+    Case(
+        "verify-stage-disagrees",
+        _art_then(
+            _verify,
+            lambda c, a: edit_json(
+                a / "manifest.json",
+                lambda m: m["stages"]["export"]["outputs"].update({"model.onnx": "0" * 64}),
+            ),
+        ),
+        1,
+        "disagrees with outputs",
+    ),
+    Case(
+        "verify-manifest-garbage",
+        _art_then(_verify, lambda c, a: (a / "manifest.json").write_text("{")),
+        3,
+        "not a dsc artifact",
+    ),
+    Case("verify-inputs-outside-checkpoint", _inputs_outside, 1, "not opened", contained=True),
     # plan, profiles, the command line itself
     Case("plan-vocab-size-zero", _plan_cfg(vocab_size=0), 3, "'vocab_size'"),
     Case("plan-hidden-size-string", _plan_cfg(hidden_size="abc"), 3, "'hidden_size'"),
     Case("plan-layers-absurd", _plan_cfg(num_hidden_layers=10**9), 3, "'num_hidden_layers'"),
     Case("plan-heads-zero", _plan_cfg(num_attention_heads=0), 3, "'num_attention_heads'"),
-    Case("plan-unsupported-architecture", _plan_cfg(architectures=["GPT2LMHeadModel"]), 4,
-         "GPT2LMHeadModel"),
-    Case("plan-config-fifo", lambda c: ["plan", str(c.fifo(c.root / "in" / "config.json")),
-                                        "--profile", "rtx-4090"], 3, "not a regular file"),
-    Case("plan-input-len-beyond-context", lambda c: [
-        "plan", str(c.ckpt()), "--profile", "rtx-4090", "--context", "16", "--input-len", "64"],
-         2, "--input-len 64 exceeds the context of 16"),
-    Case("plan-batch-0", lambda c: ["plan", str(c.ckpt()), "--profile", "rtx-4090", "--batch",
-                                    "0"], 2, "--batch"),
-    Case("profiles-show-unknown", lambda c: ["profiles", "show", "rtx-9999"], 3,
-         "unknown profile"),
-    Case("profiles-show-fifo", lambda c: ["profiles", "show",
-                                          str(c.fifo(c.root / "in" / "p.yaml"))], 3,
-         "not a regular file"),
+    Case(
+        "plan-unsupported-architecture",
+        _plan_cfg(architectures=["GPT2LMHeadModel"]),
+        4,
+        "GPT2LMHeadModel",
+    ),
+    Case(
+        "plan-config-fifo",
+        lambda c: ["plan", str(c.fifo(c.root / "in" / "config.json")), "--profile", "rtx-4090"],
+        3,
+        "not a regular file",
+    ),
+    Case(
+        "plan-input-len-beyond-context",
+        lambda c: [
+            "plan",
+            str(c.ckpt()),
+            "--profile",
+            "rtx-4090",
+            "--context",
+            "16",
+            "--input-len",
+            "64",
+        ],
+        2,
+        "--input-len 64 exceeds the context of 16",
+    ),
+    Case(
+        "plan-batch-0",
+        lambda c: ["plan", str(c.ckpt()), "--profile", "rtx-4090", "--batch", "0"],
+        2,
+        "--batch",
+    ),
+    Case("profiles-show-unknown", lambda c: ["profiles", "show", "rtx-9999"], 3, "unknown profile"),
+    Case(
+        "profiles-show-fifo",
+        lambda c: ["profiles", "show", str(c.fifo(c.root / "in" / "p.yaml"))],
+        3,
+        "not a regular file",
+    ),
     Case("unknown-command", lambda c: ["frobnicate"], 2, "frobnicate"),
     Case("unknown-global-option", lambda c: ["--turbo", "plan"], 2, "--turbo"),
 ]
@@ -825,8 +1215,7 @@ def atime_works(tmp_path_factory) -> bool:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile(case: Case, tmp_path, checkpoints, exported, monkeypatch, capsys,
-                 atime_works):
+def test_hostile(case: Case, tmp_path, checkpoints, exported, monkeypatch, capsys, atime_works):
     c = Ctx(tmp_path, checkpoints, exported, monkeypatch)
     argv = case.setup(c)
     (tmp_path / "cwd").mkdir()
@@ -855,14 +1244,18 @@ def test_hostile(case: Case, tmp_path, checkpoints, exported, monkeypatch, capsy
         _WATCHED.clear()
     opened = list(_OPENED)
 
-    shown = [str(w.message) for w in caught
-             if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    shown = [
+        str(w.message)
+        for w in caught
+        if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))
+    ]
     lines = [ln for ln in err.splitlines() if ln.strip()] + [f"warning: {w}" for w in shown]
     assert code != 70, f"exit 70 (a bug in dsc): {err!r}"
     assert code == case.code, f"exit {code}, expected {case.code}: {err!r}"
     if case.late:
-        assert all(ln.startswith(_PROGRESS) or ln.startswith(" " * 8) for ln in lines[:-1]), \
+        assert all(ln.startswith(_PROGRESS) or ln.startswith(" " * 8) for ln in lines[:-1]), (
             f"unexpected output before the error: {lines!r}"
+        )
         lines = lines[-1:]
     assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
     assert lines[0].startswith("dsc: error: "), lines
@@ -899,8 +1292,21 @@ def test_the_detectors_see_a_read(tmp_path, atime_works):
 def test_enough_cases_across_every_command():
     commands = {next(a for a in c.id.split("-")) for c in CASES}
     assert len(CASES) >= 60
-    assert {"export", "build", "optimize", "quantize", "run", "validate", "bench", "report",
-            "inspect", "compile", "verify", "plan", "profiles"} <= commands
+    assert {
+        "export",
+        "build",
+        "optimize",
+        "quantize",
+        "run",
+        "validate",
+        "bench",
+        "report",
+        "inspect",
+        "compile",
+        "verify",
+        "plan",
+        "profiles",
+    } <= commands
     assert sum(c.contained for c in CASES) >= 25
 
 
@@ -931,13 +1337,19 @@ def _default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _signal_midway(tmp_path: Path, script: str, argv: list[str], signum: int,
-                   timeout: float = 90) -> tuple[int, str]:
+def _signal_midway(
+    tmp_path: Path, script: str, argv: list[str], signum: int, timeout: float = 90
+) -> tuple[int, str]:
     ready = tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(ready), *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-                            preexec_fn=_default_signals)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(ready), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        preexec_fn=_default_signals,
+    )
     deadline = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -958,12 +1370,14 @@ def _no_temp(parent: Path, out: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
 def test_signal_during_export(tmp_path, checkpoints, signum, code):
     out = tmp_path / "out"
-    rc, err = _signal_midway(tmp_path, _WAITING_EXPORT,
-                             ["export", str(checkpoints["llama"]), "-o", str(out)], signum)
+    rc, err = _signal_midway(
+        tmp_path, _WAITING_EXPORT, ["export", str(checkpoints["llama"]), "-o", str(out)], signum
+    )
     assert rc == code, err
     assert err.strip().splitlines()[-1] in ("dsc: interrupted", "dsc: terminated")
     assert "Traceback" not in err
@@ -976,9 +1390,12 @@ def test_sigterm_during_build_leaves_the_old_artifact(tmp_path, checkpoints, exp
 
     api.export(checkpoints["llama"], out, dtype="fp16", progress=lambda m: None)
     before = _snapshot(out)
-    rc, err = _signal_midway(tmp_path, _WAITING_EXPORT,
-                             ["build", str(checkpoints["llama"]), "-o", str(out), "--profile",
-                              "rtx-4090", "--rebuild"], signal.SIGTERM)
+    rc, err = _signal_midway(
+        tmp_path,
+        _WAITING_EXPORT,
+        ["build", str(checkpoints["llama"]), "-o", str(out), "--profile", "rtx-4090", "--rebuild"],
+        signal.SIGTERM,
+    )
     assert rc == 143, err
     assert _snapshot(out) == before and not _no_temp(tmp_path, out)
 
@@ -1018,9 +1435,23 @@ def test_ctrl_c_during_tensorrt_compile(tmp_path, exported):
     shutil.copytree(exported["llama"], art)
     before = _snapshot(art)
     ready = tmp_path / "ready"
-    proc = subprocess.run([sys.executable, "-c", _TRT_SIGINT, str(ready), "compile", str(art),
-                           "--profile", "rtx-4090"], capture_output=True, text=True, cwd=REPO,
-                          timeout=300, preexec_fn=_default_signals)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _TRT_SIGINT,
+            str(ready),
+            "compile",
+            str(art),
+            "--profile",
+            "rtx-4090",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        preexec_fn=_default_signals,
+    )
     assert ready.exists(), proc.stderr[-2000:]
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == "dsc: interrupted"
@@ -1037,8 +1468,9 @@ def test_stale_temp_dirs_of_dead_runs_are_removed(tmp_path, checkpoints, capsys)
     (stale / "model.onnx").write_bytes(b"partial")
     live = tmp_path / f".out.tmp-{os.getppid()}-efgh5678"  # a running process's build
     live.mkdir()
-    code, _, err = run_cli(["export", str(checkpoints["llama"]), "-o", str(out), "--dtype",
-                            "fp32"], capsys)
+    code, _, err = run_cli(
+        ["export", str(checkpoints["llama"]), "-o", str(out), "--dtype", "fp32"], capsys
+    )
     assert code == 0, err
     assert not stale.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out"]

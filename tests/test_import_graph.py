@@ -116,8 +116,13 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_passes_do_not_import_validation():
     mods = modules()
-    bad = sorted((m, t) for m, edges in imports(mods).items() if m.startswith("dsc.passes")
-                 for t, _ in edges if t == "dsc.validate" or t.startswith("dsc.validate."))
+    bad = sorted(
+        (m, t)
+        for m, edges in imports(mods).items()
+        if m.startswith("dsc.passes")
+        for t, _ in edges
+        if t == "dsc.validate" or t.startswith("dsc.validate.")
+    )
     assert bad == []
 
 
@@ -132,8 +137,14 @@ def private_reach(mods: dict[str, Path]) -> list[str]:
     for m, edges in imports(mods).items():
         home = _package(m, mods)
         for t, name in edges:
-            private_module = next((i for i, part in enumerate(t.split(".")) if
-                                   part.startswith("_") and not part.startswith("__")), None)
+            private_module = next(
+                (
+                    i
+                    for i, part in enumerate(t.split("."))
+                    if part.startswith("_") and not part.startswith("__")
+                ),
+                None,
+            )
             if private_module is not None:
                 owner = ".".join(t.split(".")[:private_module])
                 if not (home == owner or home.startswith(owner + ".")):

@@ -66,17 +66,20 @@ def test_canonical_hash_ignores_key_order_not_values():
     assert len(canonical_hash(a)) == 64
 
 
-@pytest.mark.parametrize("break_it, where", [
-    (lambda m: m.pop("outputs"), "top level"),
-    (lambda m: m["outputs"].update({"model.onnx": "abc"}), "outputs.model.onnx"),
-    (lambda m: m["outputs"].update({"../escape": "0" * 64}), "outputs"),
-    (lambda m: m.update(schema_version=2), "schema_version"),
-    (lambda m: m["stages"]["export"].update(status="done"), "stages.export.status"),
-    (lambda m: m["stages"]["export"].pop("input_hash"), "stages.export"),
-    (lambda m: m["stages"].update(optimize={"status": "not_run"}), "stages.optimize"),
-    (lambda m: m["source"].update(inputs={}), "source.inputs"),
-    (lambda m: m.update(profiles={"a100": {"status": "built"}}), "profiles.a100"),
-])
+@pytest.mark.parametrize(
+    "break_it, where",
+    [
+        (lambda m: m.pop("outputs"), "top level"),
+        (lambda m: m["outputs"].update({"model.onnx": "abc"}), "outputs.model.onnx"),
+        (lambda m: m["outputs"].update({"../escape": "0" * 64}), "outputs"),
+        (lambda m: m.update(schema_version=2), "schema_version"),
+        (lambda m: m["stages"]["export"].update(status="done"), "stages.export.status"),
+        (lambda m: m["stages"]["export"].pop("input_hash"), "stages.export"),
+        (lambda m: m["stages"].update(optimize={"status": "not_run"}), "stages.optimize"),
+        (lambda m: m["source"].update(inputs={}), "source.inputs"),
+        (lambda m: m.update(profiles={"a100": {"status": "built"}}), "profiles.a100"),
+    ],
+)
 def test_schema_rejects_broken_manifests(exported, break_it, where):
     m = copy.deepcopy(_m(exported["llama"]))
     break_it(m)
@@ -88,12 +91,25 @@ def test_schema_rejects_broken_manifests(exported, break_it, where):
 
 def test_schema_rejects_a_built_profile_without_engine(exported):
     m = copy.deepcopy(_m(exported["llama"]))
-    m["profiles"] = {"a100-80gb": {
-        "status": "built", "sm": 80, "engine": None, "preflight": None, "device_command": None,
-        "profile": {"name": "a100-80gb", "compute_capability": "8.0", "precisions": ["fp16"],
-                    "builder": {}, "envelope": {}},
-        "envelope": {"max_batch": 1, "max_input_len": 8, "max_kv": 16}, "options": {},
-        "plan": {"fits": True, "precision": "fp16", "total_bytes": 1, "capacity_bytes": 2}}}
+    m["profiles"] = {
+        "a100-80gb": {
+            "status": "built",
+            "sm": 80,
+            "engine": None,
+            "preflight": None,
+            "device_command": None,
+            "profile": {
+                "name": "a100-80gb",
+                "compute_capability": "8.0",
+                "precisions": ["fp16"],
+                "builder": {},
+                "envelope": {},
+            },
+            "envelope": {"max_batch": 1, "max_input_len": 8, "max_kv": 16},
+            "options": {},
+            "plan": {"fits": True, "precision": "fp16", "total_bytes": 1, "capacity_bytes": 2},
+        }
+    }
     assert any("profiles.a100-80gb" in e for e in schema_errors(m))
     m["profiles"]["a100-80gb"]["status"] = "awaiting_device_build"
     assert any("profiles.a100-80gb" in e for e in schema_errors(m))  # needs a preflight

@@ -12,9 +12,20 @@ from .conftest import REPO
 def test_installed_copy_has_passes_and_profiles(tmp_path):
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-         str(REPO)],
-        check=True, capture_output=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
     )
     assert (target / "dsc" / "passes" / "__init__.py").is_file()
     assert not (target / "passes").exists(), "passes/ must not install as a top-level package"
@@ -36,5 +47,8 @@ def test_source_checkout_imports_the_same_names():
     import dsc.passes
     import dsc.profiles
 
-    assert dsc.passes.__file__.startswith(str(REPO / "passes")) or "site-packages" in dsc.passes.__file__
+    assert (
+        dsc.passes.__file__.startswith(str(REPO / "passes"))
+        or "site-packages" in dsc.passes.__file__
+    )
     assert dsc.profiles.PROFILES_DIR.is_dir()

@@ -86,11 +86,13 @@ def test_qwen_1_5b_exact_count_by_hand():
 def test_v2_lite_exact_count_by_hand():
     h, layers, vocab, heads = 2048, 27, 102400, 16
     nope, rope, vdim, kv_lora = 128, 64, 128, 512
-    attn = (h * heads * (nope + rope)  # q_proj (q_lora_rank is null)
-            + h * (kv_lora + rope)  # kv_a_proj_with_mqa
-            + kv_lora  # kv_a_layernorm
-            + kv_lora * heads * (nope + vdim)  # kv_b_proj
-            + heads * vdim * h)  # o_proj
+    attn = (
+        h * heads * (nope + rope)  # q_proj (q_lora_rank is null)
+        + h * (kv_lora + rope)  # kv_a_proj_with_mqa
+        + kv_lora  # kv_a_layernorm
+        + kv_lora * heads * (nope + vdim)  # kv_b_proj
+        + heads * vdim * h
+    )  # o_proj
     dense_mlp = 3 * h * 10944  # layer 0 (first_k_dense_replace = 1)
     expert = 3 * h * 1408
     moe = 64 * expert + 2 * expert + 64 * h  # 64 routed, 2 shared, router gate
@@ -111,8 +113,11 @@ def test_v3_router_includes_correction_bias():
 
 
 def test_unsupported_architecture_names_supported_ones():
-    with pytest.raises(Unsupported, match=r"'MistralForCausalLM' is not supported; supported: "
-                                          r"LlamaForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(
+        Unsupported,
+        match=r"'MistralForCausalLM' is not supported; supported: "
+        r"LlamaForCausalLM, Qwen2ForCausalLM",
+    ):
         count_params({"architectures": ["MistralForCausalLM"], "hidden_size": 8})
 
 
@@ -164,9 +169,15 @@ def _qwen15_shapes():
     return q, rows, groups, sixteen
 
 
-@pytest.mark.parametrize(("precision", "profile"), [
-    ("fp16", "l4"), ("int8", "l4"), ("fp8", "l4"), ("int4", "l4"),
-])
+@pytest.mark.parametrize(
+    ("precision", "profile"),
+    [
+        ("fp16", "l4"),
+        ("int8", "l4"),
+        ("fp8", "l4"),
+        ("int4", "l4"),
+    ],
+)
 def test_weight_bytes_by_hand(precision, profile):
     q, rows, groups, sixteen = _qwen15_shapes()
     expected = {
@@ -242,8 +253,11 @@ def test_largest_batch_and_longest_context_are_tight():
 
 
 def test_illegal_precision_names_the_legal_ones():
-    with pytest.raises(Unsupported, match=r"precision fp8 is not supported on t4 \(SM75\); "
-                                          r"legal: fp16, int8"):
+    with pytest.raises(
+        Unsupported,
+        match=r"precision fp8 is not supported on t4 \(SM75\); "
+        r"legal: fp16, int8",
+    ):
         plan(CONFIGS / "DeepSeek-V2-Lite", load_profile("t4"), "fp8")
     with pytest.raises(Unsupported, match="legal: fp16, bf16, int8, int4"):
         plan(CONFIGS / "DeepSeek-V2-Lite", load_profile("jetson-orin"), "fp8")
@@ -252,8 +266,9 @@ def test_illegal_precision_names_the_legal_ones():
 def test_default_context_is_the_envelope_capped_at_the_model():
     r = plan(CONFIGS / "deepseek-llm-7b-base", load_profile("h200"), "fp16")
     assert r.context == 4096  # envelope max_kv 65536, model max_position_embeddings 4096
-    r = plan(CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B", load_profile("jetson-orin-nano-4gb"),
-             "int4")
+    r = plan(
+        CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B", load_profile("jetson-orin-nano-4gb"), "int4"
+    )
     assert (r.context, r.input_len) == (2048, 1024)
 
 
@@ -280,8 +295,13 @@ def test_decode_ceiling_above_published_orin_nano_super_measurements():
     assert 21.75 < qwen.decode_tokens_per_s < 102e9 / (7.62e9 * 0.5)
     assert 19.14 < llama.decode_tokens_per_s < 102e9 / (8.03e9 * 0.5)
     # Base (non-Super) mode: 68 GB/s, so the ceiling scales by 68 / 102.
-    base = plan(CONFIGS / "DeepSeek-R1-Distill-Qwen-7B", load_profile("jetson-orin-nano-8gb"),
-                "int4", 1, 512)
+    base = plan(
+        CONFIGS / "DeepSeek-R1-Distill-Qwen-7B",
+        load_profile("jetson-orin-nano-8gb"),
+        "int4",
+        1,
+        512,
+    )
     assert base.decode_tokens_per_s == pytest.approx(qwen.decode_tokens_per_s * 68 / 102)
 
 
@@ -313,8 +333,14 @@ def test_prefill_estimate_by_hand():
 
 
 def test_short_prefill_is_memory_bound():
-    r = plan(CONFIGS / "DeepSeek-R1-Distill-Qwen-7B", load_profile("jetson-orin-nano-8gb-super"),
-             "int4", 1, 512, input_len=1)
+    r = plan(
+        CONFIGS / "DeepSeek-R1-Distill-Qwen-7B",
+        load_profile("jetson-orin-nano-8gb-super"),
+        "int4",
+        1,
+        512,
+        input_len=1,
+    )
     assert r.prefill_bound == "memory"
     assert r.prefill_seconds == pytest.approx(r.decode_bytes_per_step / 102e9, rel=0.01)
 
@@ -323,16 +349,27 @@ def test_plan_all_skips_illegal_precisions():
     rows = plan_all(CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B", "fp8", context=2048)
     assert [r.profile for r in rows] == profile_names()
     skipped = {r.profile for r in rows if isinstance(r, Skipped)}
-    assert skipped == {n for n in profile_names()
-                       if n.startswith(("jetson", "a100", "t4", "rtx-a6000"))}
+    assert skipped == {
+        n for n in profile_names() if n.startswith(("jetson", "a100", "t4", "rtx-a6000"))
+    }
 
 
 # --- CLI ----------------------------------------------------------------------------------------
 
 
 def test_cli_plan_human_and_json():
-    args = ["plan", str(CONFIGS / "DeepSeek-V2-Lite"), "--profile", "jetson-orin",
-            "--precision", "int4", "--batch", "2", "--context", "8192"]
+    args = [
+        "plan",
+        str(CONFIGS / "DeepSeek-V2-Lite"),
+        "--profile",
+        "jetson-orin",
+        "--precision",
+        "int4",
+        "--batch",
+        "2",
+        "--context",
+        "8192",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "DeepSeek-V2-Lite (DeepseekV2ForCausalLM, 15.71B params, 2.45B active" in result.output
@@ -347,19 +384,53 @@ def test_cli_plan_human_and_json():
 
 def test_cli_plan_accepts_config_file_and_set():
     cfg_file = CONFIGS / "DeepSeek-V3" / "config.json"
-    result = CliRunner().invoke(cli, ["plan", str(cfg_file), "--profile", "h200",
-                                      "--precision", "fp8", "--context", "4096", "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "plan",
+            str(cfg_file),
+            "--profile",
+            "h200",
+            "--precision",
+            "fp8",
+            "--context",
+            "4096",
+            "--json",
+        ],
+    )
     assert json.loads(result.output)["fits"] is False
-    result = CliRunner().invoke(cli, ["plan", str(cfg_file), "--profile", "h200", "--precision",
-                                      "fp8", "--context", "4096", "--set", "memory.gb=1000",
-                                      "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "plan",
+            str(cfg_file),
+            "--profile",
+            "h200",
+            "--precision",
+            "fp8",
+            "--context",
+            "4096",
+            "--set",
+            "memory.gb=1000",
+            "--json",
+        ],
+    )
     data = json.loads(result.output)
     assert data["fits"] is True and data["capacity_bytes"] == 1000 * GiB
 
 
 def test_cli_plan_all_one_row_per_profile():
-    result = CliRunner().invoke(cli, ["plan", str(CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B"),
-                                      "--profile", "all", "--precision", "bf16"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "plan",
+            str(CONFIGS / "DeepSeek-R1-Distill-Qwen-1.5B"),
+            "--profile",
+            "all",
+            "--precision",
+            "bf16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert len(lines) == 2 + len(profile_names())
@@ -375,8 +446,16 @@ def test_cli_illegal_precision_exit_4(capsys):
 
 
 def test_cli_strict_exits_6_only_when_it_does_not_fit(capsys):
-    args = ["plan", str(CONFIGS / "DeepSeek-R1-Distill-Qwen-32B"), "--precision", "fp16",
-            "--context", "2048", "--strict", "--profile"]
+    args = [
+        "plan",
+        str(CONFIGS / "DeepSeek-R1-Distill-Qwen-32B"),
+        "--precision",
+        "fp16",
+        "--context",
+        "2048",
+        "--strict",
+        "--profile",
+    ]
     result = CliRunner().invoke(cli, args + ["a100-40gb"])
     assert isinstance(result.exception, DoesNotFit)
     assert "DOES NOT FIT" in result.output  # the report is printed before the exit
@@ -391,15 +470,17 @@ def test_cli_strict_exits_6_only_when_it_does_not_fit(capsys):
 
 
 def test_cli_bad_precision_is_a_usage_error():
-    result = CliRunner().invoke(cli, ["plan", str(CONFIGS / "DeepSeek-V3"), "--profile", "h100",
-                                      "--precision", "fp4"])
+    result = CliRunner().invoke(
+        cli, ["plan", str(CONFIGS / "DeepSeek-V3"), "--profile", "h100", "--precision", "fp4"]
+    )
     assert result.exit_code == 2 and "fp4" in result.output
 
 
 def test_inventory_marks_only_linear_weights_quantizable():
     for w in weight_inventory(cfg("DeepSeek-V3")):
-        assert w.quantizable == (w.component in ("attention", "mlp", "experts", "shared_experts")
-                                 and w.in_features > 1)
+        assert w.quantizable == (
+            w.component in ("attention", "mlp", "experts", "shared_experts") and w.in_features > 1
+        )
 
 
 def test_engine_plan_records_the_decode_ceiling():
@@ -408,13 +489,16 @@ def test_engine_plan_records_the_decode_ceiling():
     from dsc.pipeline.targets import resolve_targets
 
     c = cfg("DeepSeek-R1-Distill-Qwen-1.5B")
-    (t,) = resolve_targets(["a100"], model_config=c, model_name="q", dtype="fp16", max_batch=4,
-                           max_kv=2048)
-    p = plan(c, load_profile("a100"), "fp16", batch=4, context=2048,
-             input_len=t.envelope.max_input_len)
+    (t,) = resolve_targets(
+        ["a100"], model_config=c, model_name="q", dtype="fp16", max_batch=4, max_kv=2048
+    )
+    p = plan(
+        c, load_profile("a100"), "fp16", batch=4, context=2048, input_len=t.envelope.max_input_len
+    )
     d = t.plan["decode"]
     assert d["tokens_per_s"] == pytest.approx(p.decode_tokens_per_s)
     assert d["tokens_per_s_per_sequence"] == pytest.approx(p.decode_tokens_per_s / 4)
-    (t32,) = resolve_targets(["a100"], model_config=c, model_name="q", dtype="fp32", max_batch=4,
-                             max_kv=2048)
+    (t32,) = resolve_targets(
+        ["a100"], model_config=c, model_name="q", dtype="fp32", max_batch=4, max_kv=2048
+    )
     assert t32.plan["decode"]["tokens_per_s"] < d["tokens_per_s"] * 0.6

@@ -35,11 +35,13 @@ def test_quantized_tables_by_hand():
     r8 = plan(QWEN7, nano, "int4", 1, 4096, lm_head="int8")
     assert r8.memory["weights"] == math.ceil(base.memory["weights"] - fp16_table + int8_table)
     both4 = plan(QWEN7, nano, "int4", 1, 4096, lm_head="int4", embedding="int4")
-    assert both4.memory["weights"] == math.ceil(base.memory["weights"]
-                                                - 2 * fp16_table + 2 * int4_table)
+    assert both4.memory["weights"] == math.ceil(
+        base.memory["weights"] - 2 * fp16_table + 2 * int4_table
+    )
     # Decode reads the whole lm_head every step, and one embedding row per token.
     assert base.decode_bytes_per_step - r8.decode_bytes_per_step == pytest.approx(
-        fp16_table - int8_table)
+        fp16_table - int8_table
+    )
     assert r8.to_dict()["lm_head"] == "int8" and r8.to_dict()["embedding"] == "fp16"
 
 
@@ -60,15 +62,40 @@ def test_qwen7b_int4_on_orin_nano_says_what_fits(capsys):
     # A Jetson cannot add GPUs; the larger module of the same family is named.
     assert "gpus" not in {r.kind for r in rems}
     assert any(r.kind == "profile" and "jetson-orin-nx-16gb" in r.flags for r in rems)
-    res = CliRunner().invoke(cli, ["plan", str(QWEN7), "--profile", "jetson-orin-nano-8gb",
-                                   "--precision", "int4", "--context", "4096"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "plan",
+            str(QWEN7),
+            "--profile",
+            "jetson-orin-nano-8gb",
+            "--precision",
+            "int4",
+            "--context",
+            "4096",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "to fit, any one of:" in res.output
     assert "--quantize-lm-head int8 --quantize-embedding int8" in res.output
-    ok = CliRunner().invoke(cli, ["plan", str(QWEN7), "--profile", "jetson-orin-nano-8gb",
-                                  "--precision", "int4", "--context", "4096",
-                                  "--quantize-lm-head", "int8", "--quantize-embedding", "int8",
-                                  "--strict"])
+    ok = CliRunner().invoke(
+        cli,
+        [
+            "plan",
+            str(QWEN7),
+            "--profile",
+            "jetson-orin-nano-8gb",
+            "--precision",
+            "int4",
+            "--context",
+            "4096",
+            "--quantize-lm-head",
+            "int8",
+            "--quantize-embedding",
+            "int8",
+            "--strict",
+        ],
+    )
     assert ok.exit_code == 0 and "verdict: FITS" in ok.output
     assert "weights (int4 g128; embed, lm_head int8; router fp16)" in ok.output
 
@@ -79,16 +106,21 @@ def _v3_weights_per_gpu(n: int) -> float:
     h, v, layers = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]
     heads, ql, kl = c["num_attention_heads"], c["q_lora_rank"], c["kv_lora_rank"]
     nope, rope, vd = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
-    dense, e, inter, moe = (c["first_k_dense_replace"], c["n_routed_experts"],
-                            c["intermediate_size"], c["moe_intermediate_size"])
+    dense, e, inter, moe = (
+        c["first_k_dense_replace"],
+        c["n_routed_experts"],
+        c["intermediate_size"],
+        c["moe_intermediate_size"],
+    )
 
     def fp8(out, inp):  # 1 byte per weight + one fp16 scale per output channel
         return out * inp + out * 2
 
     tables = 2 * v * h * 2 / n  # fp16 embedding and lm_head, vocab-parallel
     replicated_attn = fp8(ql, h) + fp8(kl + rope, h) + (ql + kl) * 2  # + q_a / kv_a norms
-    sharded_attn = (fp8(heads * (nope + rope), ql) + fp8(heads * (nope + vd), kl)
-                    + fp8(h, heads * vd)) / n
+    sharded_attn = (
+        fp8(heads * (nope + rope), ql) + fp8(heads * (nope + vd), kl) + fp8(h, heads * vd)
+    ) / n
     norms = 2 * h * 2
 
     def mlp(width):  # SwiGLU: gate and up (width x h), down (h x width)
@@ -98,8 +130,13 @@ def _v3_weights_per_gpu(n: int) -> float:
     experts = math.ceil(e / n) * mlp(moe)  # expert parallel
     shared = mlp(moe) / n
     router = e * h * 2 + e * 2  # fp16 gate + e_score_correction_bias, replicated
-    return (tables + layers * (replicated_attn + sharded_attn + norms) + dense * mlp(inter) / n
-            + moe_layers * (experts + shared + router) + h * 2)
+    return (
+        tables
+        + layers * (replicated_attn + sharded_attn + norms)
+        + dense * mlp(inter) / n
+        + moe_layers * (experts + shared + router)
+        + h * 2
+    )
 
 
 def test_v3_fp8_gpu_counts_and_per_gpu_breakdown_by_hand():
@@ -123,8 +160,9 @@ def test_v3_fp8_gpu_counts_and_per_gpu_breakdown_by_hand():
     assert gpus["--gpus 16"] == 16 and gpus["--gpus 8 --profile h200"] == 8
     out = CliRunner().invoke(cli, ["plan", str(V3), "--profile", "h100-sxm", "--precision", "fp8"])
     assert "16 x h100-sxm, 2 nodes of 8" in out.output and "8 x h200" in out.output
-    per = CliRunner().invoke(cli, ["plan", str(V3), "--profile", "h200", "--precision", "fp8",
-                                   "--gpus", "8", "--json"])
+    per = CliRunner().invoke(
+        cli, ["plan", str(V3), "--profile", "h200", "--precision", "fp8", "--gpus", "8", "--json"]
+    )
     data = json.loads(per.output)
     assert data["gpus"] == 8 and data["fits"] and data["remedies"] == []
     assert data["memory_bytes"]["weights"] == math.ceil(_v3_weights_per_gpu(8))
@@ -134,20 +172,24 @@ def test_gqa_kv_heads_shard_then_replicate():
     """Qwen-7B has 4 KV heads: 2 GPUs hold 2 each; 8 GPUs hold one (replicated) each."""
     a100 = load_profile("a100-80gb")
     one = plan(QWEN7, a100, "fp16", 1, 8192)
-    assert plan(QWEN7, a100, "fp16", 1, 8192, gpus=2).memory["kv_cache"] == \
-        one.memory["kv_cache"] // 2
+    assert (
+        plan(QWEN7, a100, "fp16", 1, 8192, gpus=2).memory["kv_cache"] == one.memory["kv_cache"] // 2
+    )
     r8 = plan(QWEN7, a100, "fp16", 1, 8192, gpus=8)
     assert r8.memory["kv_cache"] == one.memory["kv_cache"] // 4
     assert any("replicated head" in n for n in r8.notes)
 
 
-@pytest.mark.parametrize("args, code, text", [
-    (["--gpus", "0"], 2, "--gpus"),
-    (["--profile", "jetson-orin", "--gpus", "2"], EXIT_UNSUPPORTED, "one GPU"),
-    (["--profile", "t4", "--quantize-lm-head", "fp8"], EXIT_UNSUPPORTED, "legal: int8"),
-    (["--profile", "all", "--gpus", "2"], 2, "--profile all"),
-    (["--quantize-embedding", "int3"], 2, "int3"),
-])
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (["--gpus", "0"], 2, "--gpus"),
+        (["--profile", "jetson-orin", "--gpus", "2"], EXIT_UNSUPPORTED, "one GPU"),
+        (["--profile", "t4", "--quantize-lm-head", "fp8"], EXIT_UNSUPPORTED, "legal: int8"),
+        (["--profile", "all", "--gpus", "2"], 2, "--profile all"),
+        (["--quantize-embedding", "int3"], 2, "int3"),
+    ],
+)
 def test_plan_bad_inputs(args, code, text, capsys):
     argv = ["plan", str(QWEN7), "--profile", "a100-80gb", *args]
     if args[0] == "--profile":
@@ -178,15 +220,29 @@ def test_build_refuses_before_work_with_the_best_remedy():
 
     cfg = json.loads((QWEN7 / "config.json").read_text())
     with pytest.raises(DoesNotFit) as e:
-        resolve_targets(["jetson-orin-nano-8gb"], model_config=cfg, model_name="qwen7",
-                        dtype="fp16", quantize="int4", max_kv=4096)
+        resolve_targets(
+            ["jetson-orin-nano-8gb"],
+            model_config=cfg,
+            model_name="qwen7",
+            dtype="fp16",
+            quantize="int4",
+            max_kv=4096,
+        )
     assert e.value.exit_code == EXIT_DOES_NOT_FIT
-    assert "best remedy: quantize lm_head and embedding int8 (--quantize-lm-head int8 " \
-           "--quantize-embedding int8)" in str(e.value)
+    assert (
+        "best remedy: quantize lm_head and embedding int8 (--quantize-lm-head int8 "
+        "--quantize-embedding int8)" in str(e.value)
+    )
     with pytest.raises(Unsupported):
         plan(QWEN7, load_profile("jetson-orin"), "fp16", gpus=2)
     # With the remedy's flags the same build passes the planner and records the fit.
-    (t,) = resolve_targets(["jetson-orin-nano-8gb"], model_config=cfg, model_name="qwen7",
-                           dtype="fp16", quantize="int4", max_kv=4096,
-                           weight_precisions={"lm-head": "int8", "embedding": "int8"})
+    (t,) = resolve_targets(
+        ["jetson-orin-nano-8gb"],
+        model_config=cfg,
+        model_name="qwen7",
+        dtype="fp16",
+        quantize="int4",
+        max_kv=4096,
+        weight_precisions={"lm-head": "int8", "embedding": "int8"},
+    )
     assert t.plan["fits"] and t.plan["margin_bytes"] > 0

@@ -28,8 +28,10 @@ from dsc.passes.quant.qdq import (
 
 D, E, N = 256, 8, 6
 DEAD, TINY = 3, 5  # output channels: all zero / range 2e-4 (below INT8 qmax * fp16 floor)
-DTYPES = {"fp16": (ir.DataType.FLOAT16, np.float16),
-          "bf16": (ir.DataType.BFLOAT16, ml_dtypes.bfloat16)}
+DTYPES = {
+    "fp16": (ir.DataType.FLOAT16, np.float16),
+    "bf16": (ir.DataType.BFLOAT16, ml_dtypes.bfloat16),
+}
 SCHEMES = {"int8": QuantScheme("int8"), "fp8": QuantScheme("fp8"), "int4": QuantScheme("int4")}
 
 
@@ -43,13 +45,16 @@ def _weight(np_dtype) -> np.ndarray:
 def _graph(w: np.ndarray, dtype: ir.DataType) -> ir.Model:
     """y = x @ W, fp16/bf16, one MatMul named like a linear layer."""
     x = ir.Value(name="x", shape=ir.Shape(["n", D]), type=ir.TensorType(dtype))
-    wv = ir.Value(name="layers.0.mlp.down_proj.weight", shape=ir.Shape([D, E]),
-                  type=ir.TensorType(dtype), const_value=ir.tensor(w, dtype=dtype))
+    wv = ir.Value(
+        name="layers.0.mlp.down_proj.weight",
+        shape=ir.Shape([D, E]),
+        type=ir.TensorType(dtype),
+        const_value=ir.tensor(w, dtype=dtype),
+    )
     node = ir.node("MatMul", [x, wv], name="layers.0.mlp.down_proj/MatMul", num_outputs=1)
     y = node.outputs[0]
     y.name, y.dtype, y.shape = "y", dtype, ir.Shape(["n", E])
-    graph = ir.Graph([x], [y], nodes=[node], initializers=[wv],
-                     opset_imports={"": 21}, name="g")
+    graph = ir.Graph([x], [y], nodes=[node], initializers=[wv], opset_imports={"": 21}, name="g")
     return ir.Model(graph, ir_version=10)
 
 
@@ -65,9 +70,10 @@ def _scales(model: ir.Model) -> dict[str, np.ndarray]:
 def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
     from dsc.backends.onnxruntime.runner import inference_session
 
-    return inference_session(model).run(["y"], {"x": x.astype(np.float32)
-                                          if model.graph.inputs[0].dtype == ir.DataType.BFLOAT16
-                                          else x})[0]
+    return inference_session(model).run(
+        ["y"],
+        {"x": x.astype(np.float32) if model.graph.inputs[0].dtype == ir.DataType.BFLOAT16 else x},
+    )[0]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -94,7 +100,7 @@ def test_dead_channel_and_zero_activation_give_positive_normal_scales(precision,
     # outputs: finite, the dead channel exactly 0, the rest = x @ DQ(W) (numpy, float64)
     rng = np.random.default_rng(1)
     x = np.zeros((N, D), np.float32)
-    x[N // 2:] = rng.standard_normal((N - N // 2, D)) * 2e-3  # rows calibration never saw
+    x[N // 2 :] = rng.standard_normal((N - N // 2, D)) * 2e-3  # rows calibration never saw
     y = _run(model, x.astype(np_dtype)).astype(np.float32)
     assert np.isfinite(y).all()
     assert (y[:, DEAD] == 0).all()
@@ -130,8 +136,12 @@ def test_store_scale_floors_and_check_scales_refuses():
     s = store_scale(np.array([0.0, 1e-9, 3e-6, 1e-3]), np.float16)
     assert s.tolist() == [scale_floor(np.float16)] * 3 + [np.float16(1e-3)]
     check_scales("ok", s)
-    for bad in (np.array([0.0], np.float16), np.array([1e-6], np.float16),
-                np.array([np.inf], np.float32), np.array([np.nan], np.float32)):
+    for bad in (
+        np.array([0.0], np.float16),
+        np.array([1e-6], np.float16),
+        np.array([np.inf], np.float32),
+        np.array([np.nan], np.float32),
+    ):
         with pytest.raises(InternalError, match="zero, subnormal or non-finite"):
             check_scales("bad", bad)
     with pytest.raises(InternalError, match="not finite"):

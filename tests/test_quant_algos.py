@@ -38,8 +38,9 @@ def trained(tmp_path_factory):
     class _Lazy(dict):
         def __missing__(self, name):
             out = root / name
-            api.export(REPO / "examples" / "models" / name, out, dtype="fp32",
-                       progress=lambda m: None)
+            api.export(
+                REPO / "examples" / "models" / name, out, dtype="fp32", progress=lambda m: None
+            )
             self[name] = out
             return out
 
@@ -123,8 +124,9 @@ def test_folds_fused_rmsnorm_and_gate_up(trained, tmp_path):
     groups, _ = _invariant(art, model, tmp_path, seed=1)
     folds = [f for f, _ in groups.values()]
     norm = [f for f in folds if f.tensor.producer() is None and f.kind == "norm"]
-    assert norm and all(any(u.op_type == "RMSNormalization" for u, _ in f.tensor.uses())
-                        for f in norm)
+    assert norm and all(
+        any(u.op_type == "RMSNormalization" for u, _ in f.tensor.uses()) for f in norm
+    )
     gate_up = [f for f in folds if f.kind == "linear" and "Split" in f.via]
     assert gate_up
     for f in gate_up:  # the up half: columns I..2I of the [D, 2I] weight
@@ -135,8 +137,12 @@ def test_folds_fused_rmsnorm_and_gate_up(trained, tmp_path):
 def test_fold_refuses_shared_values():
     """A value read by anything besides the next op on the way has no exact fold."""
     x = ir.Value(name="x", shape=ir.Shape([2, 4]), type=ir.TensorType(ir.DataType.FLOAT))
-    w = ir.Value(name="w", shape=ir.Shape([4, 4]), type=ir.TensorType(ir.DataType.FLOAT),
-                 const_value=ir.Tensor(np.eye(4, dtype=np.float32), name="w"))
+    w = ir.Value(
+        name="w",
+        shape=ir.Shape([4, 4]),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.Tensor(np.eye(4, dtype=np.float32), name="w"),
+    )
     mm = ir.node("MatMul", [x, w])
     mm.outputs[0].shape, mm.outputs[0].dtype = ir.Shape([2, 4]), ir.DataType.FLOAT
     act = ir.node("Mul", [mm.outputs[0], mm.outputs[0]])
@@ -183,8 +189,11 @@ def test_awq_pass_error_not_above_rtn(exported, v3_stats):
     """Per layer, on the calibration rows: AWQ (scales + clipping, as InsertQDQPass stores the
     weights) has no more output error than round-to-nearest of the original weights."""
     model = load(exported["deepseek_v3"])
-    orig = {t.weight.name: t.weight.const_value.numpy().astype(np.float32) for t in
-            find_targets(model) if not t.excluded and t.kind == "linear"}
+    orig = {
+        t.weight.name: t.weight.const_value.numpy().astype(np.float32)
+        for t in find_targets(model)
+        if not t.excluded and t.kind == "linear"
+    }
     aw = AWQScalePass(v3_stats)
     aw(model)
     assert aw.clip and aw.report["clipped"] and aw.scales
@@ -273,8 +282,15 @@ def test_gemm_error_blocks_equal_whole_weight():
     xs = _fake_int8(rows / s, float((absmax / s).max()))
     for w in weights:
         q, sc, attrs = quantize_weight(w.astype(np.float32) * s[:, None], QuantScheme("int8"))
-        whole += float(np.mean((xs.astype(np.float64) @ dequantize_weight(q, sc, attrs)
-                                - rows.astype(np.float64) @ w.astype(np.float64)) ** 2))
+        whole += float(
+            np.mean(
+                (
+                    xs.astype(np.float64) @ dequantize_weight(q, sc, attrs)
+                    - rows.astype(np.float64) @ w.astype(np.float64)
+                )
+                ** 2
+            )
+        )
     assert smoothquant.GEMM_ERROR_COLUMNS < 1300
     refs = [rows @ w.astype(np.float32) for w in weights]
     for r in (None, refs):

@@ -23,10 +23,20 @@ CASES = [("int8", False), ("int8", True), ("fp8", False), ("int4", True)]
 # (SmoothQuant α per layer, down_proj input smoothed, BOS-led calibration), against 0.99+ and
 # 0.95+ with the earlier α 0.5 and down_proj left alone; on the trained models the new defaults
 # cut INT8 KL 1.5-3x (tests/test_quantize.py::test_int8_defaults_beat_fixed_alpha_trained).
-TOL = {"deepseek_v2": {("int8", False): 0.95, ("int8", True): 0.99, ("fp8", False): 0.98,
-                       ("int4", True): 0.9},
-       "deepseek_v3": {("int8", False): 0.88, ("int8", True): 0.98, ("fp8", False): 0.85,
-                       ("int4", True): 0.75}}
+TOL = {
+    "deepseek_v2": {
+        ("int8", False): 0.95,
+        ("int8", True): 0.99,
+        ("fp8", False): 0.98,
+        ("int4", True): 0.9,
+    },
+    "deepseek_v3": {
+        ("int8", False): 0.88,
+        ("int8", True): 0.98,
+        ("fp8", False): 0.85,
+        ("int4", True): 0.75,
+    },
+}
 
 
 @pytest.fixture(autouse=True)
@@ -70,8 +80,15 @@ def quantized(graphs, tmp_path_factory):
             family, form, precision, wo = key
             art = graphs[family, form]
             model = ir.load(str(art / "model.onnx"))
-            model, report, _ = quantize_model(model, load_io_spec(art), load_tokenizer(art),
-                                              precision, weight_only=wo, use_cache=False, **CAL)
+            model, report, _ = quantize_model(
+                model,
+                load_io_spec(art),
+                load_tokenizer(art),
+                precision,
+                weight_only=wo,
+                use_cache=False,
+                **CAL,
+            )
             path = root / f"{family}-{form}-{precision}-{int(wo)}.onnx"
             ir.save(model, str(path))
             self[key] = (path, report)
@@ -116,8 +133,9 @@ def test_smoothing_sees_no_branch_target(graphs):
 
     model = ir.load(str(graphs["deepseek_v3", "optimized"] / "model.onnx"))
     groups, _ = smoothable_groups(model)
-    assert groups and all(not t.in_subgraph and t.kind == "linear"
-                          for _, ts in groups.values() for t in ts)
+    assert groups and all(
+        not t.in_subgraph and t.kind == "linear" for _, ts in groups.values() for t in ts
+    )
 
 
 def test_calibration_sees_inlined_branches(graphs):
@@ -141,8 +159,9 @@ def test_calibration_sees_inlined_branches(graphs):
 @pytest.mark.parametrize("precision,weight_only", CASES)
 @pytest.mark.parametrize("form", ["exported", "optimized"])
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
-def test_experts_quantized_and_logits_close(graphs, quantized, family, form, precision,
-                                            weight_only):
+def test_experts_quantized_and_logits_close(
+    graphs, quantized, family, form, precision, weight_only
+):
     from dsc.artifacts import load_io_spec
     from dsc.backends.onnxruntime.runner import OrtCausalLM
     from dsc.passes.quant.qdq import InsertQDQPass, QuantScheme, find_targets
@@ -161,16 +180,21 @@ def test_experts_quantized_and_logits_close(graphs, quantized, family, form, pre
     assert len(rew["quantized"]) == n_experts and not rew["excluded"]
     assert not _expert_targets(model)  # none left with a float weight
     expert_weights = {t.weight.name for t in _expert_targets(float_model)}
-    dq = [n for n in model.graph if n.op_type == "DequantizeLinear"
-          and n.inputs[0].name.removesuffix("_quantized") in expert_weights]
+    dq = [
+        n
+        for n in model.graph
+        if n.op_type == "DequantizeLinear"
+        and n.inputs[0].name.removesuffix("_quantized") in expert_weights
+    ]
     assert len(dq) == len(expert_weights)  # one quantized copy each, in the main graph
     for n in dq:  # blocked: per expert (blocks never straddle experts), per output channel
         block, axis = n.attributes.get_int("block_size", 0), n.attributes.get_int("axis", 1)
         q_shape, s_shape = list(n.inputs[0].shape), list(n.inputs[1].shape)
         assert block > 0 and len(s_shape) == len(q_shape)
         assert s_shape[axis] * block == q_shape[axis]
-        assert [d for i, d in enumerate(s_shape) if i != axis] == \
-            [d for i, d in enumerate(q_shape) if i != axis]
+        assert [d for i, d in enumerate(s_shape) if i != axis] == [
+            d for i, d in enumerate(q_shape) if i != axis
+        ]
         if len(q_shape) == 2:  # Wd' [E*I, D]: blocks of one expert's I rows or fewer
             assert 32 % block == 0
     if form == "optimized" and not weight_only:
@@ -205,14 +229,19 @@ def _rtx() -> bool:
 @pytest.mark.rtx
 @pytest.mark.skipif(not _rtx(), reason="tensorrt_rtx is not installed")
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
-@pytest.mark.parametrize("precision,weight_only,sm", [("int8", False, 80), ("int4", True, 80),
-                                                      ("fp8", False, 89)])
+@pytest.mark.parametrize(
+    "precision,weight_only,sm", [("int8", False, 80), ("int4", True, 80), ("fp8", False, 89)]
+)
 def test_quantized_optimized_graph_builds(graphs, quantized, family, precision, weight_only, sm):
     from dsc.artifacts import load_io_spec
     from dsc.backends.tensorrt import BuildOptions, ShapeEnvelope, build_engine
 
     path, _ = quantized[family, "optimized", precision, weight_only]
-    r = build_engine(Path(path), ShapeEnvelope(max_batch=2, max_input_len=16, max_kv=32),
-                     BuildOptions(target_sm=sm), backend="rtx",
-                     io_spec=load_io_spec(graphs[family, "optimized"]))
+    r = build_engine(
+        Path(path),
+        ShapeEnvelope(max_batch=2, max_input_len=16, max_kv=32),
+        BuildOptions(target_sm=sm),
+        backend="rtx",
+        io_spec=load_io_spec(graphs[family, "optimized"]),
+    )
     assert r.size_bytes > 0 and r.target_sm == sm

@@ -64,8 +64,12 @@ def test_placement_only_on_matmul_inputs(exported, precision):
                 assert u.inputs[1].producer() is not None  # the weight is quantized too
         # nothing on norms, residual adds or softmax
         if n.op_type in ("Add", "Softmax", "ReduceMean", "Pow", "Sqrt"):
-            assert not any(v is not None and v.producer() is not None and
-                           v.producer().op_type == "DequantizeLinear" for v in n.inputs)
+            assert not any(
+                v is not None
+                and v.producer() is not None
+                and v.producer().op_type == "DequantizeLinear"
+                for v in n.inputs
+            )
     assert ("QuantizeLinear" in ops) == (precision != "int4")
     # the excluded lm_head keeps its float weight
     head = [n for n in model.graph if n.op_type == "MatMul" and module_path(n) == "model.lm_head"]
@@ -81,8 +85,7 @@ def test_placement_only_on_matmul_inputs(exported, precision):
 def test_exclude_pattern_and_no_op(exported):
     from dsc.passes.quant.qdq import InsertQDQPass, QuantScheme
 
-    model, report, _ = _quantize(exported["llama"], "int8", weight_only=True,
-                                 exclude=("*mlp*",))
+    model, report, _ = _quantize(exported["llama"], "int8", weight_only=True, exclude=("*mlp*",))
     assert any("mlp" in k for k in report["excluded"])
     assert not any("mlp" in k for k in report["layers"])
     assert any("self_attn" in k for k in report["layers"])
@@ -99,8 +102,9 @@ def _ort_logits(model, io, ids):
     from dsc.passes.quant.calibrate import _feeds
 
     proto = ir.to_proto(model).SerializeToString()
-    sess = ort.InferenceSession(proto, sess_options=session_options(),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        proto, sess_options=session_options(), providers=["CPUExecutionProvider"]
+    )
     return sess.run(["logits"], _feeds(io, ids))[0]
 
 
@@ -113,8 +117,10 @@ def test_numerics_bounded(exported, family, precision):
     # with a flipped expert choice (0.977 and 6 with alpha 0.5, no down_proj smoothing and no
     # BOS in calibration, the defaults before the per-layer search; the trained models do
     # better with the new ones: docs/BENCHMARKS.md).
-    tol = {"llama": {"int8": 0.98, "fp8": 0.98, "int4": 0.9},
-           "deepseek_v3": {"int8": 0.9, "fp8": 0.9, "int4": 0.8}}[family][precision]
+    tol = {
+        "llama": {"int8": 0.98, "fp8": 0.98, "int4": 0.9},
+        "deepseek_v3": {"int8": 0.9, "fp8": 0.9, "int4": 0.8},
+    }[family][precision]
     from dsc.artifacts import load_io_spec
 
     art = exported[family]
@@ -195,8 +201,10 @@ def test_under_calibrated_listing():
     from dsc.passes.quant.calibrate import under_calibrated
 
     out = under_calibrated({"model.model.layers.1.mlp.gate": [40, 3, 0, 17]}, 16)
-    assert [u["expert"] for u in out] == ["model.model.layers.1.mlp.experts.1",
-                                         "model.model.layers.1.mlp.experts.2"]
+    assert [u["expert"] for u in out] == [
+        "model.model.layers.1.mlp.experts.1",
+        "model.model.layers.1.mlp.experts.2",
+    ]
 
 
 def test_ranges_methods():
@@ -220,15 +228,34 @@ def test_ranges_methods():
 
 
 def test_legality_cli(exported, tmp_path, capsys):
-    code, _, err = run_cli(["quantize", str(exported["llama"]), "-o", str(tmp_path / "o"),
-                            "--fp8", "--profile", "a100-80gb"], capsys)
+    code, _, err = run_cli(
+        [
+            "quantize",
+            str(exported["llama"]),
+            "-o",
+            str(tmp_path / "o"),
+            "--fp8",
+            "--profile",
+            "a100-80gb",
+        ],
+        capsys,
+    )
     assert code == 4 and "fp8" in err and "int8" in err and "int4" in err
     assert not (tmp_path / "o").exists()
-    code, _, err = run_cli(["quantize", str(exported["llama"]), "-o", str(tmp_path / "o"),
-                            "--int4-awq", "--profile", "t4"], capsys)
+    code, _, err = run_cli(
+        [
+            "quantize",
+            str(exported["llama"]),
+            "-o",
+            str(tmp_path / "o"),
+            "--int4-awq",
+            "--profile",
+            "t4",
+        ],
+        capsys,
+    )
     assert code == 4 and "t4" in err and "--int8" in err
-    code, _, err = run_cli(["quantize", str(exported["llama"]), "-o", str(tmp_path / "o")],
-                           capsys)
+    code, _, err = run_cli(["quantize", str(exported["llama"]), "-o", str(tmp_path / "o")], capsys)
     assert code == 2 and "--int8" in err  # no precision flag: a usage error
 
 
@@ -236,9 +263,24 @@ def test_cli_writes_artifact(exported, tmp_path, capsys):
     from dsc.models.checkpoint import sha256_file
 
     out = tmp_path / "q"
-    code, stdout, err = run_cli(["quantize", str(exported["llama"]), "-o", str(out), "--int8",
-                                 "--samples", "4", "--seq-len", "16", "--method", "percentile",
-                                 "--profile", "t4"], capsys)
+    code, stdout, err = run_cli(
+        [
+            "quantize",
+            str(exported["llama"]),
+            "-o",
+            str(out),
+            "--int8",
+            "--samples",
+            "4",
+            "--seq-len",
+            "16",
+            "--method",
+            "percentile",
+            "--profile",
+            "t4",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert (out / "reference" / "model.onnx").is_file()
     assert (out / "reference" / "model_io.json").is_file()
@@ -264,6 +306,7 @@ def _quick_gate():
 
 
 # ---- engines --------------------------------------------------------------------------------
+
 
 def _rtx():
     try:
@@ -307,16 +350,21 @@ def test_engines_build_per_sm(fp16_fixtures, family, tmp_path):
                 # fp32 GEMMs (DeepSeek's router; RoPE's frequencies with transformers 5.18-5.23)
                 # have no Turing kernel: for a T4 target the pipeline lowers them first
                 # (half-fp32-gemm), then quantizes.
-                if any(n.op_type in ("MatMul", "Gemm")
-                       and n.outputs[0].dtype == ir.DataType.FLOAT for n in model.graph):
+                if any(
+                    n.op_type in ("MatMul", "Gemm") and n.outputs[0].dtype == ir.DataType.FLOAT
+                    for n in model.graph
+                ):
                     with pytest.raises(Unsupported, match="FP32 GEMM"):
                         build_engine(path, env, BuildOptions(target_sm=sm), backend="rtx")
                 from dsc.hardware import load_profile
                 from dsc.passes import PassContext, run_pipeline
 
                 t4 = ir.load(str(fp16_fixtures[family] / "model.onnx"))
-                run_pipeline(t4, PassContext(load_profile("t4")),
-                             only=["fold-constants", "half-fp32-gemm", "remove-unused"])
+                run_pipeline(
+                    t4,
+                    PassContext(load_profile("t4")),
+                    only=["fold-constants", "half-fp32-gemm", "remove-unused"],
+                )
                 t4_dir = tmp_path / "t4"
                 shutil.copytree(fp16_fixtures[family], t4_dir)
                 ir.save(t4, str(t4_dir / "model.onnx"))
@@ -338,13 +386,18 @@ def test_engines_build_per_sm(fp16_fixtures, family, tmp_path):
 
 # ---- accuracy budgets on the trained tiny model -----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_v3_fp16(tmp_path_factory):
     from dsc import api
 
     out = tmp_path_factory.mktemp("tiny") / "v3"
-    api.export(REPO / "examples" / "models" / "tiny-deepseek-v3", out, dtype="fp16",
-               progress=lambda m: None)
+    api.export(
+        REPO / "examples" / "models" / "tiny-deepseek-v3",
+        out,
+        dtype="fp16",
+        progress=lambda m: None,
+    )
     return out
 
 
@@ -360,8 +413,9 @@ def test_accuracy_budget_tiny_v3(tiny_v3_fp16, tmp_path, precision, weight_only)
 
     out = tmp_path / "q"
     quantize_artifact(tiny_v3_fp16, out, precision, weight_only=weight_only)
-    res = validate_artifact(out, write=False,
-                            options=GateOptions(windows=4, prompts=2, gen_len=8, locate=False))
+    res = validate_artifact(
+        out, write=False, options=GateOptions(windows=4, prompts=2, gen_len=8, locate=False)
+    )
     delta = res["perplexity"]["delta"]
     assert delta <= BUDGETS[(precision, weight_only)], delta
     assert res["prefill"]["top1"] >= 0.85
@@ -419,7 +473,9 @@ def test_onnxruntime_runs_weight_only_graph_as_written(exported, tmp_path, preci
     shutil.copytree(out, tmp_path / "folded")
     n = _fold_dequantize(out / "model.onnx", tmp_path / "folded" / "model.onnx")
     assert n >= 14  # q, k, v, o, gate, up, down of both layers
-    ids = np.asarray(_tok(art)("The quick brown fox jumps over the lazy dog. " * 3)["input_ids"])[None]
+    ids = np.asarray(_tok(art)("The quick brown fox jumps over the lazy dog. " * 3)["input_ids"])[
+        None
+    ]
 
     def logits(path, **kw):
         lm = OrtCausalLM(path, io, **kw)
@@ -445,15 +501,18 @@ def test_int8_defaults_beat_fixed_alpha_trained(tmp_path):
     from dsc.validate.run import validate_artifact
 
     fp16 = tmp_path / "fp16"
-    api.export(REPO / "examples" / "models" / "tiny-qwen2", fp16, dtype="fp16",
-               progress=lambda m: None)
+    api.export(
+        REPO / "examples" / "models" / "tiny-qwen2", fp16, dtype="fp16", progress=lambda m: None
+    )
     kl = {}
     for name, alpha in (("auto", None), ("0.5", 0.5)):
         out = tmp_path / name
         quantize_artifact(fp16, out, "int8", alpha=alpha)
-        assert json.loads((out / "manifest.json").read_text())["stages"]["quantize"]["alpha"] \
-            == (alpha if alpha is not None else "auto")
-        res = validate_artifact(out, write=False,
-                                options=GateOptions(windows=4, prompts=2, gen_len=8, locate=False))
+        assert json.loads((out / "manifest.json").read_text())["stages"]["quantize"]["alpha"] == (
+            alpha if alpha is not None else "auto"
+        )
+        res = validate_artifact(
+            out, write=False, options=GateOptions(windows=4, prompts=2, gen_len=8, locate=False)
+        )
         kl[name] = res["prefill"]["kl_mean"]
     assert kl["auto"] * 1.5 < kl["0.5"], kl

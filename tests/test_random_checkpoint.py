@@ -27,8 +27,13 @@ def test_same_tensors_as_save_pretrained_and_loads(family, checkpoints, tmp_path
     out = tmp_path / "r"
     from dsc.fixtures import random_checkpoint
 
-    random_checkpoint(checkpoints[family] / "config.json", out, dtype="bf16",
-                      tokenizer_dir=checkpoints[family], shard_bytes=64 * 1024)
+    random_checkpoint(
+        checkpoints[family] / "config.json",
+        out,
+        dtype="bf16",
+        tokenizer_dir=checkpoints[family],
+        shard_bytes=64 * 1024,
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1  # 64 KiB shards: several
@@ -45,7 +50,9 @@ def test_same_tensors_as_save_pretrained_and_loads(family, checkpoints, tmp_path
     # its score-correction bias).
     kept = {k for k, v in got.items() if v.dtype != torch.bfloat16}
     assert all(".mlp.gate." in k and got[k].dtype == torch.float32 for k in kept)
-    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in got.values())
+    assert index["metadata"]["total_size"] == sum(
+        v.numel() * v.element_size() for v in got.values()
+    )
     std = json.loads((out / "config.json").read_text()).get("initializer_range", 0.02)
     for k, v in got.items():
         if k.endswith("norm.weight"):
@@ -66,8 +73,9 @@ def test_reproducible_per_name(checkpoints, tmp_path):
 
     cfg = checkpoints["qwen2"] / "config.json"
     a = random_checkpoint(cfg, tmp_path / "a", tokenizer_dir=checkpoints["qwen2"])
-    b = random_checkpoint(cfg, tmp_path / "b", tokenizer_dir=checkpoints["qwen2"],
-                          shard_bytes=32 * 1024)
+    b = random_checkpoint(
+        cfg, tmp_path / "b", tokenizer_dir=checkpoints["qwen2"], shard_bytes=32 * 1024
+    )
     c = random_checkpoint(cfg, tmp_path / "c", tokenizer_dir=checkpoints["qwen2"], seed=1)
     ta = load_file(a / "model.safetensors")
     tb = {}
@@ -83,8 +91,9 @@ def test_reproducible_per_name(checkpoints, tmp_path):
 def test_peak_memory_about_one_shard(tmp_path):
     """A 0.9 GB fp16 checkpoint written with 64 MiB shards: the writer's peak RSS grows by far
     less than the checkpoint (measured in a child process from after its imports)."""
-    cfg = json.loads((REPO / "examples/configs/DeepSeek-R1-Distill-Qwen-1.5B/config.json")
-                     .read_text())
+    cfg = json.loads(
+        (REPO / "examples/configs/DeepSeek-R1-Distill-Qwen-1.5B/config.json").read_text()
+    )
     cfg.update(num_hidden_layers=4)  # 1.5B's width, 4 layers: 0.47 G parameters, 0.94 GB fp16
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text(json.dumps(cfg))
@@ -94,9 +103,15 @@ def test_peak_memory_about_one_shard(tmp_path):
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "random_checkpoint(sys.argv[1], sys.argv[2], dtype='fp16', shard_bytes=64 * 2**20,\n"
         "                  tokenizer_dir=None)\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)\n")
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cfg"), str(tmp_path / "o")],
-                         capture_output=True, text=True, cwd=REPO, check=True)
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "cfg"), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
     grew = int(res.stdout.strip().splitlines()[-1])
     size = sum(f.stat().st_size for f in (tmp_path / "o").glob("*.safetensors"))
     assert size > 0.9e9

@@ -19,8 +19,21 @@ def int8_artifact(exported, tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke-qdq") / "q"
     with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as exc:
         mp.setenv("DSC_CACHE_DIR", str(out.parent / "cache"))
-        main(["quantize", str(exported["llama"]), "-o", str(out), "--int8", "--samples", "4",
-              "--seq-len", "16", "--profile", "t4"])
+        main(
+            [
+                "quantize",
+                str(exported["llama"]),
+                "-o",
+                str(out),
+                "--int8",
+                "--samples",
+                "4",
+                "--seq-len",
+                "16",
+                "--profile",
+                "t4",
+            ]
+        )
     assert exc.value.code in (0, None)
     return out
 
@@ -61,8 +74,9 @@ def test_stripped_graph_keeps_weight_rounding_only(int8_artifact, exported):
 
     def logits(model, spec=io):
         r = OrtCausalLM(model, spec, optimization="none")
-        return r.step(ids, np.ones_like(ids), np.arange(ids.shape[1])[None],
-                      r.empty_past(1)).logits.astype(np.float64)
+        return r.step(
+            ids, np.ones_like(ids), np.arange(ids.shape[1])[None], r.empty_past(1)
+        ).logits.astype(np.float64)
 
     ref = logits(exported["llama"] / "model.onnx", load_io_spec(exported["llama"]))
     exact = logits(int8_artifact / "model.onnx")
@@ -111,8 +125,9 @@ def test_smoke_on_int8_catches_a_broken_cache(int8_artifact, tmp_path):
     assert "activation Q/DQ removed" in rec["failures"][0]
 
 
-def test_quantized_build_with_smoke_validation_writes_its_report(checkpoints, tmp_path, capsys,
-                                                                 monkeypatch):
+def test_quantized_build_with_smoke_validation_writes_its_report(
+    checkpoints, tmp_path, capsys, monkeypatch
+):
     """`dsc build --int8 --validate smoke` end to end: the smoke record of a Q/DQ graph (with
     the exact graph's gap) reaches the manifest, build output and both reports."""
     import json
@@ -121,9 +136,22 @@ def test_quantized_build_with_smoke_validation_writes_its_report(checkpoints, tm
 
     monkeypatch.setenv("DSC_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    code, _, err = run_cli(["build", str(checkpoints["qwen2"]), "--profile", "rtx-4090",
-                            "--int8", "--samples", "4", "--validate", "smoke", "-o", str(out)],
-                           capsys)
+    code, _, err = run_cli(
+        [
+            "build",
+            str(checkpoints["qwen2"]),
+            "--profile",
+            "rtx-4090",
+            "--int8",
+            "--samples",
+            "4",
+            "--validate",
+            "smoke",
+            "-o",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, err
     v = json.loads((out / "manifest.json").read_text())["validation"]
     assert v["kind"] == "smoke" and v["passed"] is True

@@ -38,9 +38,12 @@ def _quiet(msg):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
-    return {name: api.export(REPO / "examples/models" / name, root / name, dtype="fp32",
-                             progress=_quiet).path
-            for name in MODELS}
+    return {
+        name: api.export(
+            REPO / "examples/models" / name, root / name, dtype="fp32", progress=_quiet
+        ).path
+        for name in MODELS
+    }
 
 
 def _heldout_windows(tok) -> np.ndarray:
@@ -79,8 +82,9 @@ def test_heldout_perplexity_through_onnx(name, trained):
     mask = np.ones_like(ids)
     pos = np.broadcast_to(np.arange(WINDOW), ids.shape).copy()
     onnx_ppl = math.exp(_nll(runner.step(ids, mask, pos, runner.empty_past(WINDOWS)).logits, ids))
-    model = AutoModelForCausalLM.from_pretrained(REPO / "examples/models" / name,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        REPO / "examples/models" / name, dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         torch_ppl = math.exp(_nll(model(torch.from_numpy(ids)).logits.numpy(), ids))
     assert onnx_ppl == pytest.approx(torch_ppl, rel=1e-4)
@@ -98,24 +102,38 @@ def test_greedy_text_matches_transformers(name, trained):
     art = trained[name]
     tok = AutoTokenizer.from_pretrained(art)
     prompt = tok("And God said")["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(REPO / "examples/models" / name,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        REPO / "examples/models" / name, dtype=torch.float32
+    ).eval()
     model.generation_config.eos_token_id = None
-    gen = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None,
-                           pad_token_id=tok.pad_token_id)
+    gen = GenerationConfig(
+        max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id
+    )
     with torch.no_grad():
-        want = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                              dtype=torch.long), generation_config=gen)[0, len(prompt):].tolist()
+        want = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            generation_config=gen,
+        )[0, len(prompt) :].tolist()
     got = OrtCausalLM.from_artifact(art).generate([prompt], 32, eos_token_id=None)[0]
     assert got == want
 
 
 def test_dsc_run_writes_words_of_the_training_text(trained, capsys):
-    code, out, err = run_cli(["run", str(trained["tiny-deepseek-v3"]), "--prompt",
-                              "And God said", "--max-new-tokens", "40"], capsys)
+    code, out, err = run_cli(
+        [
+            "run",
+            str(trained["tiny-deepseek-v3"]),
+            "--prompt",
+            "And God said",
+            "--max-new-tokens",
+            "40",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert out.startswith("And God said")
-    words = re.findall(r"[A-Za-z]+", out[len("And God said"):])
+    words = re.findall(r"[A-Za-z]+", out[len("And God said") :])
     assert len(words) >= 8, out
     vocabulary = set(re.findall(r"[A-Za-z]+", load_corpus()))
     known = sum(w in vocabulary for w in words) / len(words)

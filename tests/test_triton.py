@@ -32,8 +32,9 @@ ENVELOPE = ShapeEnvelope(max_batch=2, max_input_len=24, max_kv=40, max_num_token
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("triton") / "v3-fp16"
-    api.export(REPO / "examples/models/tiny-deepseek-v3", out, dtype="fp16",
-               progress=lambda m: None)
+    api.export(
+        REPO / "examples/models/tiny-deepseek-v3", out, dtype="fp16", progress=lambda m: None
+    )
     standin.install_engine(out, "l4", ENVELOPE, sm=89)
     return out
 
@@ -46,14 +47,17 @@ def test_config_parses_with_tritons_protobuf(artifact, tmp_path):
     assert c.max_batch_size == 2
     assert c.model_transaction_policy.decoupled is True
     assert [(i.name, i.data_type, list(i.dims), i.optional) for i in c.input] == [
-        ("text_input", 13, [1], False), ("max_tokens", 8, [1], True)]  # TYPE_STRING, TYPE_INT32
+        ("text_input", 13, [1], False),
+        ("max_tokens", 8, [1], True),
+    ]  # TYPE_STRING, TYPE_INT32
     assert [(o.name, o.data_type) for o in c.output] == [("text_output", 13)]
     p = {k: v.string_value for k, v in c.parameters.items()}
     assert (p["max_input_len"], p["max_kv"], p["profile"]) == ("24", "40", "l4")
     assert c.instance_group[0].kind == 1  # KIND_GPU
     v = r.path / "dsc_l4" / "1"
-    assert {"model.py", "model.engine", "model_io.json", "tokenizer.json",
-            "dsc_model.json"} <= {f.name for f in v.iterdir()}
+    assert {"model.py", "model.engine", "model_io.json", "tokenizer.json", "dsc_model.json"} <= {
+        f.name for f in v.iterdir()
+    }
 
 
 class _Sender:
@@ -122,13 +126,21 @@ def test_model_streams_the_engines_greedy_tokens(artifact, tmp_path, monkeypatch
     model_dir = r.path / "dsc_l4"
     mod = _load_model_py(model_dir / "1" / "model.py", monkeypatch)
     m = mod.TritonPythonModel()
-    config = json.dumps({"parameters": {k: {"string_value": v.string_value} for k, v in
-                                        parse_config(model_dir / "config.pbtxt")
-                                        .parameters.items()}})
-    m.initialize({"model_repository": str(model_dir), "model_version": "1",
-                  "model_config": config})
-    reqs = [_Request("In the beginning God", 8), _Request("And the earth", 5),
-            _Request("x " * 30, 4), _Request("Let there be light", 39)]
+    config = json.dumps(
+        {
+            "parameters": {
+                k: {"string_value": v.string_value}
+                for k, v in parse_config(model_dir / "config.pbtxt").parameters.items()
+            }
+        }
+    )
+    m.initialize({"model_repository": str(model_dir), "model_version": "1", "model_config": config})
+    reqs = [
+        _Request("In the beginning God", 8),
+        _Request("And the earth", 5),
+        _Request("x " * 30, 4),
+        _Request("Let there be light", 39),
+    ]
     assert m.execute(reqs) is None
     tok = api.load_tokenizer(artifact)
     ort = OrtCausalLM.from_artifact(artifact)
@@ -158,27 +170,45 @@ def test_triton_cli_and_refusals(artifact, tmp_path, capsys):
     (other / "keep.txt").write_text("x")
     code, o, e = run_cli(["triton", str(artifact), "-o", str(other)], capsys)
     assert code == 5 and (other / "keep.txt").read_text() == "x"
-    code, o, e = run_cli(["triton", str(artifact), "-o", str(tmp_path / "r2"), "--profile",
-                          "h100"], capsys)
+    code, o, e = run_cli(
+        ["triton", str(artifact), "-o", str(tmp_path / "r2"), "--profile", "h100"], capsys
+    )
     assert code == 3 and not (tmp_path / "r2").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(Flavour.RTX not in available_backends(),
-                    reason="needs tensorrt_rtx (pip install 'dsc[rtx]')")
+@pytest.mark.skipif(
+    Flavour.RTX not in available_backends(), reason="needs tensorrt_rtx (pip install 'dsc[rtx]')"
+)
 def test_build_triton_writes_the_repository_of_the_real_engine(tmp_path, capsys):
     """`dsc build --triton` with a real TensorRT-RTX engine (SM80, built here without a GPU):
     the repository's engine is that engine and config.pbtxt carries the profile's envelope."""
     art = tmp_path / "art"
-    code, out, err = run_cli(["build", str(REPO / "examples/models/tiny-deepseek-v3"),
-                              "--profile", "a100", "--max-batch", "3", "--max-input-len", "64",
-                              "--max-kv", "128", "-o", str(art), "-q", "--triton"], capsys)
+    code, out, err = run_cli(
+        [
+            "build",
+            str(REPO / "examples/models/tiny-deepseek-v3"),
+            "--profile",
+            "a100",
+            "--max-batch",
+            "3",
+            "--max-input-len",
+            "64",
+            "--max-kv",
+            "128",
+            "-o",
+            str(art),
+            "-q",
+            "--triton",
+        ],
+        capsys,
+    )
     assert code == 0, err
     repo = tmp_path / "art.triton"
     assert f"tritonserver --model-repository={repo}" in out
     m = json.loads((art / "manifest.json").read_text())
-    (name, rec), = m["profiles"].items()
+    ((name, rec),) = m["profiles"].items()
     c = parse_config(repo / f"dsc_{name}" / "config.pbtxt")
     assert c.max_batch_size == rec["envelope"]["max_batch"] == 3
     p = {k: v.string_value for k, v in c.parameters.items()}

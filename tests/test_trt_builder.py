@@ -40,9 +40,14 @@ HEADS, DIM, HIDDEN, VOCAB = 2, 16, 32, 64
 ENVELOPE = ShapeEnvelope(max_batch=4, max_input_len=16, max_kv=64)
 
 
-def tiny_decoder(path: Path, dtype: str = "float16", *,
-                 symbols=("batch", "seq", "past", "total_seq"), broken: bool = False,
-                 external_data: bool = False) -> Path:
+def tiny_decoder(
+    path: Path,
+    dtype: str = "float16",
+    *,
+    symbols=("batch", "seq", "past", "total_seq"),
+    broken: bool = False,
+    external_data: bool = False,
+) -> Path:
     """A one-layer KV-cache decoder graph with the exporter's input/output names."""
     np_dtype = np.float16 if dtype == "float16" else np.float32
     elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
@@ -78,9 +83,11 @@ def tiny_decoder(path: Path, dtype: str = "float16", *,
         node("Unsqueeze", ["mask_bias", "axes12"], ["mask"], name="mask_unsqueeze"),
     ]
     for n in "qkv":
-        nodes += [node("MatMul", ["x", f"{n}_proj.weight"], [f"{n}_flat"], name=f"{n}_proj"),
-                  node("Reshape", [f"{n}_flat", "heads_shape"], [f"{n}_bshd"], name=f"{n}_split"),
-                  node("Transpose", [f"{n}_bshd"], [n], perm=[0, 2, 1, 3], name=f"{n}_heads")]
+        nodes += [
+            node("MatMul", ["x", f"{n}_proj.weight"], [f"{n}_flat"], name=f"{n}_proj"),
+            node("Reshape", [f"{n}_flat", "heads_shape"], [f"{n}_bshd"], name=f"{n}_split"),
+            node("Transpose", [f"{n}_bshd"], [n], perm=[0, 2, 1, 3], name=f"{n}_heads"),
+        ]
     nodes += [
         node("Concat", ["past_key_values.0.key", "k"], ["present.0.key"], axis=2, name="k_cat"),
         node("Concat", ["past_key_values.0.value", "v"], ["present.0.value"], axis=2, name="v_cat"),
@@ -95,25 +102,37 @@ def tiny_decoder(path: Path, dtype: str = "float16", *,
         node("MatMul", ["h", "lm_head.weight"], ["logits"], name="lm_head"),
     ]
     vi = oh.make_tensor_value_info
-    inputs = [vi("input_ids", TensorProto.INT64, [batch, seq]),
-              vi("attention_mask", TensorProto.INT64, [batch, total]),
-              vi("position_ids", TensorProto.INT64, [batch, seq]),
-              vi("past_key_values.0.key", elem, [batch, HEADS, past, DIM]),
-              vi("past_key_values.0.value", elem, [batch, HEADS, past, DIM])]
-    outputs = [vi("logits", elem, [batch, seq, VOCAB]),
-               vi("present.0.key", elem, [batch, HEADS, total, DIM]),
-               vi("present.0.value", elem, [batch, HEADS, total, DIM])]
+    inputs = [
+        vi("input_ids", TensorProto.INT64, [batch, seq]),
+        vi("attention_mask", TensorProto.INT64, [batch, total]),
+        vi("position_ids", TensorProto.INT64, [batch, seq]),
+        vi("past_key_values.0.key", elem, [batch, HEADS, past, DIM]),
+        vi("past_key_values.0.value", elem, [batch, HEADS, past, DIM]),
+    ]
+    outputs = [
+        vi("logits", elem, [batch, seq, VOCAB]),
+        vi("present.0.key", elem, [batch, HEADS, total, DIM]),
+        vi("present.0.value", elem, [batch, HEADS, total, DIM]),
+    ]
     if broken:
         nodes.append(node("NoSuchOperator", ["h"], ["junk"], name="broken_node"))
         outputs.append(vi("junk", elem, None))
-    model = oh.make_model(oh.make_graph(nodes, "tiny_decoder", inputs, outputs, inits),
-                          opset_imports=[oh.make_opsetid("", 17)])
+    model = oh.make_model(
+        oh.make_graph(nodes, "tiny_decoder", inputs, outputs, inits),
+        opset_imports=[oh.make_opsetid("", 17)],
+    )
     model.ir_version = 8
     if not broken:
         onnx.checker.check_model(model)
     if external_data:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data", size_threshold=0)
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=0,
+        )
     else:
         onnx.save(model, str(path))
     return path
@@ -122,8 +141,9 @@ def tiny_decoder(path: Path, dtype: str = "float16", *,
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
     d = tmp_path_factory.mktemp("graphs")
-    return {dtype: tiny_decoder(d / f"tiny_{dtype}.onnx", dtype)
-            for dtype in ("float16", "float32")}
+    return {
+        dtype: tiny_decoder(d / f"tiny_{dtype}.onnx", dtype) for dtype in ("float16", "float32")
+    }
 
 
 def _has_module(name: str) -> bool:
@@ -134,19 +154,23 @@ def _has_module(name: str) -> bool:
     return True
 
 
-requires_rtx = pytest.mark.skipif(not _has_module("tensorrt_rtx"),
-                                  reason="tensorrt_rtx not installed (pip install 'dsc[rtx]')")
-requires_tensorrt = pytest.mark.skipif(not _has_module("tensorrt"),
-                                       reason="standard TensorRT not installed")
+requires_rtx = pytest.mark.skipif(
+    not _has_module("tensorrt_rtx"), reason="tensorrt_rtx not installed (pip install 'dsc[rtx]')"
+)
+requires_tensorrt = pytest.mark.skipif(
+    not _has_module("tensorrt"), reason="standard TensorRT not installed"
+)
 
 
 # -- no TensorRT needed -----------------------------------------------------------------------
 
 
 def test_import_is_lazy():
-    code = ("import sys, dsc.backends.tensorrt; "
-            "bad = [m for m in ('tensorrt', 'tensorrt_rtx', 'onnx') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, dsc.backends.tensorrt; "
+        "bad = [m for m in ('tensorrt', 'tensorrt_rtx', 'onnx') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 
@@ -181,8 +205,11 @@ def test_envelope_prefill_token_budget():
 def test_out_of_memory_is_named():
     from dsc.backends.tensorrt.builder import LogRecord, _classify_build_failure
 
-    rec = LogRecord("ERROR", "[localCheckMacros.cpp::getErrorStr::132] Error Code 2: "
-                             "OutOfMemory (Requested size was 7849115392 bytes.)")
+    rec = LogRecord(
+        "ERROR",
+        "[localCheckMacros.cpp::getErrorStr::132] Error Code 2: "
+        "OutOfMemory (Requested size was 7849115392 bytes.)",
+    )
     err = _classify_build_failure([rec], "TensorRT-RTX 1.7 build of model.onnx for SM80")
     assert "could not allocate 7.31 GiB" in str(err) and "--max-num-tokens" in str(err)
 
@@ -215,8 +242,9 @@ def test_infer_io_roles_falls_back_on_names(tmp_path):
 def test_infer_io_roles_unknown_axis(tmp_path):
     x = oh.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["n", 3])
     y = oh.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
-    model = oh.make_model(oh.make_graph([oh.make_node("Identity", ["pixel_values"], ["y"])],
-                                       "g", [x], [y]))
+    model = oh.make_model(
+        oh.make_graph([oh.make_node("Identity", ["pixel_values"], ["y"])], "g", [x], [y])
+    )
     onnx.save(model, str(tmp_path / "m.onnx"))
     with pytest.raises(BadInput, match="pixel_values"):
         infer_io_roles(tmp_path / "m.onnx")
@@ -224,12 +252,18 @@ def test_infer_io_roles_unknown_axis(tmp_path):
 
 def test_io_roles_from_exporter_spec():
     # The layout of model_io.json written by dsc.export.
-    spec = {"schema_version": 1, "inputs": [
-        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
-        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_seq"]},
-        {"name": "past_key_values.0.compressed_kv", "dtype": "float16",
-         "shape": ["batch", 1, "past", 512]},
-    ]}
+    spec = {
+        "schema_version": 1,
+        "inputs": [
+            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_seq"]},
+            {
+                "name": "past_key_values.0.compressed_kv",
+                "dtype": "float16",
+                "shape": ["batch", 1, "past", 512],
+            },
+        ],
+    }
     roles = io_roles_from_spec(spec)
     assert roles["attention_mask"] == ("batch", "total")
     assert roles["past_key_values.0.compressed_kv"] == ("batch", 1, "past", 512)
@@ -246,24 +280,42 @@ def test_profile_shapes_keep_static_graph_dims():
 
 
 def test_trtexec_command(graphs):
-    opts = BuildOptions(workspace_mib=2048, optimization_level=4, timing_cache=Path("tc.cache"),
-                        dla_core=0, hardware_compatibility="ampere+")
+    opts = BuildOptions(
+        workspace_mib=2048,
+        optimization_level=4,
+        timing_cache=Path("tc.cache"),
+        dla_core=0,
+        hardware_compatibility="ampere+",
+    )
     argv = trtexec_command(graphs["float16"], "model.engine", ENVELOPE, opts)
-    assert argv[:4] == ["trtexec", f"--onnx={graphs['float16']}", "--saveEngine=model.engine",
-                        "--stronglyTyped"]
+    assert argv[:4] == [
+        "trtexec",
+        f"--onnx={graphs['float16']}",
+        "--saveEngine=model.engine",
+        "--stronglyTyped",
+    ]
     # trtexec reads a profile's shapes only from the three options right after --profile=N.
     for index in (0, 1):
         at = argv.index(f"--profile={index}")
-        assert [a.split("=")[0] for a in argv[at + 1:at + 4]] == [
-            "--minShapes", "--optShapes", "--maxShapes"]
+        assert [a.split("=")[0] for a in argv[at + 1 : at + 4]] == [
+            "--minShapes",
+            "--optShapes",
+            "--maxShapes",
+        ]
     prefill_max = argv[argv.index("--profile=0") + 3]
     assert "input_ids:4x16" in prefill_max and "attention_mask:4x64" in prefill_max
     assert "past_key_values.0.key:4x2x48x16" in prefill_max
     decode_min = argv[argv.index("--profile=1") + 1]
     assert "past_key_values.0.key:1x2x1x16" in decode_min and "input_ids:1x1" in decode_min
-    for flag in ("--memPoolSize=workspace:2048M", "--builderOptimizationLevel=4",
-                 "--timingCacheFile=tc.cache", "--useDLACore=0", "--allowGPUFallback",
-                 "--hardwareCompatibilityLevel=ampere+", "--skipInference"):
+    for flag in (
+        "--memPoolSize=workspace:2048M",
+        "--builderOptimizationLevel=4",
+        "--timingCacheFile=tc.cache",
+        "--useDLACore=0",
+        "--allowGPUFallback",
+        "--hardwareCompatibilityLevel=ampere+",
+        "--skipInference",
+    ):
         assert flag in argv
 
 
@@ -313,8 +365,9 @@ def _fake_standard_trt(num_dla_cores: int = 2):
 def test_standard_flavour_config_calls():
     trt, builder, config = _fake_standard_trt()
     api = TrtFlavourApi(trt, Flavour.TENSORRT)
-    api.check_options(dla_core=1, hardware_compatibility="ampere_plus", version_compatible=True,
-                      target_sm=87)
+    api.check_options(
+        dla_core=1, hardware_compatibility="ampere_plus", version_compatible=True, target_sm=87
+    )
     assert api.network_flags() == 1
     assert api.supports_timing_cache()
     api.set_dla(builder, config, 1, gpu_fallback=True)
@@ -330,12 +383,19 @@ def test_standard_flavour_config_calls():
 
 def test_rtx_flavour_refuses_standard_only_options():
     api = TrtFlavourApi(types.SimpleNamespace(), Flavour.RTX)
-    for kwargs, match in [({"dla_core": 0}, "DLA"),
-                          ({"hardware_compatibility": "ampere_plus"}, "hardware compatibility"),
-                          ({"version_compatible": True}, "version-compatible"),
-                          ({"target_sm": 90}, "SM90")]:
-        args = {"dla_core": None, "hardware_compatibility": None, "version_compatible": False,
-                "target_sm": None, **kwargs}
+    for kwargs, match in [
+        ({"dla_core": 0}, "DLA"),
+        ({"hardware_compatibility": "ampere_plus"}, "hardware compatibility"),
+        ({"version_compatible": True}, "version-compatible"),
+        ({"target_sm": 90}, "SM90"),
+    ]:
+        args = {
+            "dla_core": None,
+            "hardware_compatibility": None,
+            "version_compatible": False,
+            "target_sm": None,
+            **kwargs,
+        }
         with pytest.raises(Unsupported, match=match):
             api.check_options(**args)
 
@@ -362,8 +422,11 @@ def test_rtx_builds_both_profiles(graphs, dtype, sm):
     assert prefill.shapes["past_key_values.0.key"] == ((1, 2, 0, 16), (2, 2, 0, 16), (4, 2, 48, 16))
     assert decode.shapes["input_ids"] == ((1, 1), (2, 1), (4, 1))
     assert decode.shapes["attention_mask"] == ((1, 2), (2, 33), (4, 64))
-    assert decode.shapes["past_key_values.0.value"] == ((1, 2, 1, 16), (2, 2, 32, 16),
-                                                        (4, 2, 63, 16))
+    assert decode.shapes["past_key_values.0.value"] == (
+        (1, 2, 1, 16),
+        (2, 2, 32, 16),
+        (4, 2, 63, 16),
+    )
     assert result.memory_bytes.get("weights", 0) > 0
     summary = json.loads(json.dumps(result.to_json()))
     assert summary["backend"] == "tensorrt_rtx" and len(summary["profiles"]) == 2
@@ -377,8 +440,12 @@ def test_rtx_refuses_fp32_gemm_on_turing(graphs):
     message = str(info.value)
     assert "\n" not in message and "SM75" in message and "_proj" in message
     # fp16 runs on Turing
-    assert build_engine(graphs["float16"], ENVELOPE, BuildOptions(target_sm=75),
-                        backend="rtx").size_bytes > 0
+    assert (
+        build_engine(
+            graphs["float16"], ENVELOPE, BuildOptions(target_sm=75), backend="rtx"
+        ).size_bytes
+        > 0
+    )
 
 
 @requires_rtx
@@ -402,10 +469,15 @@ def test_rtx_corrupt_onnx_is_bad_input(tmp_path):
 
 @requires_rtx
 @pytest.mark.rtx
-@pytest.mark.parametrize("opts", [BuildOptions(target_sm=80, dla_core=0),
-                                  BuildOptions(target_sm=80, hardware_compatibility="ampere_plus"),
-                                  BuildOptions(target_sm=80, version_compatible=True),
-                                  BuildOptions(target_sm=87)])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        BuildOptions(target_sm=80, dla_core=0),
+        BuildOptions(target_sm=80, hardware_compatibility="ampere_plus"),
+        BuildOptions(target_sm=80, version_compatible=True),
+        BuildOptions(target_sm=87),
+    ],
+)
 def test_rtx_refuses_standard_only_builds(graphs, opts):
     with pytest.raises(Unsupported):
         build_engine(graphs["float16"], ENVELOPE, opts, backend="rtx")
@@ -431,21 +503,31 @@ def test_rtx_external_data_engine_file_and_timing_cache(tmp_path):
 @requires_rtx
 @pytest.mark.rtx
 def test_rtx_io_spec_drives_profiles(graphs):
-    spec = {"inputs": [{"name": "input_ids", "shape": ["batch", "seq"]},
-                       {"name": "attention_mask", "shape": ["batch", "total_seq"]},
-                       {"name": "position_ids", "shape": ["batch", "seq"]},
-                       {"name": "past_key_values.0.key", "shape": ["batch", 2, "past", 16]},
-                       {"name": "past_key_values.0.value", "shape": ["batch", 2, "past", 16]}]}
-    result = build_engine(graphs["float16"], ShapeEnvelope(1, 4, 8), BuildOptions(target_sm=80),
-                          backend="rtx", io_spec=spec)
+    spec = {
+        "inputs": [
+            {"name": "input_ids", "shape": ["batch", "seq"]},
+            {"name": "attention_mask", "shape": ["batch", "total_seq"]},
+            {"name": "position_ids", "shape": ["batch", "seq"]},
+            {"name": "past_key_values.0.key", "shape": ["batch", 2, "past", 16]},
+            {"name": "past_key_values.0.value", "shape": ["batch", 2, "past", 16]},
+        ]
+    }
+    result = build_engine(
+        graphs["float16"],
+        ShapeEnvelope(1, 4, 8),
+        BuildOptions(target_sm=80),
+        backend="rtx",
+        io_spec=spec,
+    )
     assert result.profiles[1].shapes["attention_mask"] == ((1, 2), (1, 5), (1, 8))
 
 
 @requires_rtx
 @pytest.mark.rtx
 def test_rtx_inspect_engine(graphs):
-    result = build_engine(graphs["float16"], ShapeEnvelope(1, 4, 8), BuildOptions(target_sm=80),
-                          backend="rtx")
+    result = build_engine(
+        graphs["float16"], ShapeEnvelope(1, 4, 8), BuildOptions(target_sm=80), backend="rtx"
+    )
     info = inspect_engine(result.engine, flavour="rtx")
     assert info.size_bytes == result.size_bytes
     if info.deserialized:  # on a machine with a supported GPU
@@ -462,8 +544,12 @@ def test_rtx_inspect_engine(graphs):
 @pytest.mark.tensorrt
 def test_tensorrt_build_with_compat_and_timing_cache(graphs, tmp_path):
     cache = tmp_path / "timing.cache"
-    opts = BuildOptions(workspace_mib=512, optimization_level=1, timing_cache=cache,
-                        hardware_compatibility="ampere_plus")
+    opts = BuildOptions(
+        workspace_mib=512,
+        optimization_level=1,
+        timing_cache=cache,
+        hardware_compatibility="ampere_plus",
+    )
     result = build_engine(graphs["float16"], ENVELOPE, opts, backend="tensorrt")
     assert result.flavour is Flavour.TENSORRT and result.strongly_typed
     assert result.size_bytes > 0 and result.num_layers > 0 and len(result.profiles) == 2
@@ -480,14 +566,22 @@ def test_tensorrt_dla_with_gpu_fallback(graphs):
     trt, _ = load_trt("tensorrt")
     if trt.Builder(trt.Logger()).num_DLA_cores == 0:
         pytest.skip("no DLA on this device")
-    result = build_engine(graphs["float16"], ShapeEnvelope(1, 8, 16),
-                          BuildOptions(dla_core=0, gpu_fallback=True), backend="tensorrt")
+    result = build_engine(
+        graphs["float16"],
+        ShapeEnvelope(1, 8, 16),
+        BuildOptions(dla_core=0, gpu_fallback=True),
+        backend="tensorrt",
+    )
     assert result.size_bytes > 0 and result.options.dla_core == 0
 
 
 @requires_tensorrt
 @pytest.mark.tensorrt
 def test_tensorrt_version_compatible(graphs):
-    result = build_engine(graphs["float16"], ShapeEnvelope(1, 8, 16),
-                          BuildOptions(version_compatible=True), backend="tensorrt")
+    result = build_engine(
+        graphs["float16"],
+        ShapeEnvelope(1, 8, 16),
+        BuildOptions(version_compatible=True),
+        backend="tensorrt",
+    )
     assert result.size_bytes > 0

@@ -33,8 +33,9 @@ def _quiet(msg):
 @pytest.fixture(scope="module")
 def fp16_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("gate") / "v3-fp16"
-    return api.export(REPO / "examples/models/tiny-deepseek-v3", out, dtype="fp16",
-                      progress=_quiet).path
+    return api.export(
+        REPO / "examples/models/tiny-deepseek-v3", out, dtype="fp16", progress=_quiet
+    ).path
 
 
 def _candidate(src, dst, mutate) -> None:
@@ -65,14 +66,21 @@ def _int8_weights(model, *, scale_layer: int | None = None, factor: float = 1.0)
         if scale_layer is not None and f"layers.{scale_layer}." in path:
             scale = scale * factor
         qv = ir.Value(name=f"{w.name}_q", const_value=ir.tensor(q, name=f"{w.name}_q"))
-        sv = ir.Value(name=f"{w.name}_scale",
-                      const_value=ir.tensor(scale.astype(arr.dtype if arr.dtype != np.float32
-                                                         else w.const_value.numpy().dtype),
-                                            name=f"{w.name}_scale"))
+        sv = ir.Value(
+            name=f"{w.name}_scale",
+            const_value=ir.tensor(
+                scale.astype(arr.dtype if arr.dtype != np.float32 else w.const_value.numpy().dtype),
+                name=f"{w.name}_scale",
+            ),
+        )
         model.graph.register_initializer(qv)
         model.graph.register_initializer(sv)
-        dq = ir.node("DequantizeLinear", [qv, sv], attributes={"axis": 1},
-                     metadata_props=dict(node.metadata_props))
+        dq = ir.node(
+            "DequantizeLinear",
+            [qv, sv],
+            attributes={"axis": 1},
+            metadata_props=dict(node.metadata_props),
+        )
         model.graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
         count += 1
@@ -83,12 +91,18 @@ def _drop_gamma(model, layer: int) -> str:
     """Break one RMSNorm the way a bad fusion does: ignore its learned gamma."""
     for node in model.graph:
         path = module_path(node) or ""
-        if (path == f"model.model.layers.{layer}.post_attention_layernorm"
-                and node.op_type == "Mul"):
+        if path == f"model.model.layers.{layer}.post_attention_layernorm" and node.op_type == "Mul":
             for i, inp in enumerate(node.inputs):
-                if inp is not None and inp.const_value is not None and inp.name in model.graph.initializers:
+                if (
+                    inp is not None
+                    and inp.const_value is not None
+                    and inp.name in model.graph.initializers
+                ):
                     ones = np.ones_like(inp.const_value.numpy())
-                    v = ir.Value(name=f"{inp.name}_ones", const_value=ir.tensor(ones, name=f"{inp.name}_ones"))
+                    v = ir.Value(
+                        name=f"{inp.name}_ones",
+                        const_value=ir.tensor(ones, name=f"{inp.name}_ones"),
+                    )
                     model.graph.register_initializer(v)
                     node.replace_input_with(i, v)
                     return path
@@ -120,8 +134,9 @@ def test_int8_weights_pass_and_one_layer_scaled_by_10_fails(fp16_artifact, tmp_p
     assert v["reference"].startswith("reference/")
 
     bad = tmp_path / "int8-bad"
-    _candidate(fp16_artifact, bad,
-               lambda m: _int8_weights(m, scale_layer=BROKEN_LAYER, factor=10.0))
+    _candidate(
+        fp16_artifact, bad, lambda m: _int8_weights(m, scale_layer=BROKEN_LAYER, factor=10.0)
+    )
     code, out, err = run_cli(["validate", str(bad), "--precision", "int8"], capsys)
     assert code == 1, out + err
     assert err.startswith("dsc: error: validation failed")
@@ -133,8 +148,14 @@ def test_int8_weights_pass_and_one_layer_scaled_by_10_fails(fp16_artifact, tmp_p
     # before the broken layer: int8 noise (< 5%) except where a routed expert flipped
     before = [e for e in v["layers"] if e["layer"] is not None and e["layer"] < BROKEN_LAYER]
     assert before and max(e["rel_error"] for e in before) < fd["rel_error"] / 10
-    assert max(e["rel_error"] for e in before if ".experts" not in e["module"]
-               and not e["module"].endswith(".mlp")) < 0.05
+    assert (
+        max(
+            e["rel_error"]
+            for e in before
+            if ".experts" not in e["module"] and not e["module"].endswith(".mlp")
+        )
+        < 0.05
+    )
     report = (bad / "report.md").read_text()
     assert f"first divergence: layer {BROKEN_LAYER}" in report
     assert f"layers.{BROKEN_LAYER}" in (bad / "report.html").read_text()
@@ -156,8 +177,7 @@ def test_wrong_fusion_fails_and_names_the_norm(fp16_artifact, tmp_path, capsys):
 def test_threshold_override_and_bad_threshold(fp16_artifact, tmp_path, capsys):
     bad = tmp_path / "fused-bad"
     _candidate(fp16_artifact, bad, lambda m: _drop_gamma(m, BROKEN_LAYER))
-    loose = ("min_cosine=0,min_top1=0,min_top5=0,max_kl=100,max_ppl_delta=100,"
-             "min_greedy_match=0")
+    loose = "min_cosine=0,min_top1=0,min_top5=0,max_kl=100,max_ppl_delta=100,min_greedy_match=0"
     code, out, err = run_cli(["validate", str(bad), "--thresholds", loose], capsys)
     assert code == 0, err
     code, out, err = run_cli(["validate", str(bad), "--thresholds", "min_wisdom=1"], capsys)
@@ -167,15 +187,31 @@ def test_threshold_override_and_bad_threshold(fp16_artifact, tmp_path, capsys):
 def test_bench_and_report(fp16_artifact, tmp_path, capsys):
     art = tmp_path / "b"
     shutil.copytree(fp16_artifact, art)
-    code, out, err = run_cli(["bench", str(art), "--batch", "1,2", "--prompt-len", "16,32",
-                              "--gen-len", "6", "--repeats", "2", "--profile", "jetson-orin"],
-                             capsys)
+    code, out, err = run_cli(
+        [
+            "bench",
+            str(art),
+            "--batch",
+            "1,2",
+            "--prompt-len",
+            "16,32",
+            "--gen-len",
+            "6",
+            "--repeats",
+            "2",
+            "--profile",
+            "jetson-orin",
+        ],
+        capsys,
+    )
     assert code == 0, err
     b = json.loads((art / "bench.json").read_text())
     assert len(b["rows"]) == 4
     for row in b["rows"]:
         assert 0 < row["tpot"]["p50_ms"] <= row["tpot"]["p90_ms"] <= row["tpot"]["p99_ms"]
-        assert row["decode_tokens_per_s"] == pytest.approx(row["batch"] / row["tpot"]["p50_ms"] * 1e3)
+        assert row["decode_tokens_per_s"] == pytest.approx(
+            row["batch"] / row["tpot"]["p50_ms"] * 1e3
+        )
         assert 0 < row["fraction_of_host_bandwidth"] < 1.5
     assert b["target"]["profile"] == "jetson-agx-orin-64gb"
     run_cli(["validate", str(art)], capsys)
@@ -229,18 +265,31 @@ def test_gate_never_holds_both_graphs_and_matches_resident_runners(fp16_artifact
             order.append(name)
             weakref.finalize(runner, alive.discard, name)
             return runner
+
         return make
 
     opts = GateOptions(window=32, windows=3, decode_steps=3, prompts=2, gen_len=6, locate=False)
     tok = api.load_tokenizer(dst)
     text = default_text()
-    streamed = run_gate(maker(dst / "model.onnx", "candidate"),
-                        maker(dst / "reference" / "model.onnx", "reference"), tok, text,
-                        precision="int8", options=opts, quiet=True)
+    streamed = run_gate(
+        maker(dst / "model.onnx", "candidate"),
+        maker(dst / "reference" / "model.onnx", "reference"),
+        tok,
+        text,
+        precision="int8",
+        options=opts,
+        quiet=True,
+    )
     assert order == ["reference", "candidate"] and peak[0] == 1
-    resident = run_gate(OrtCausalLM(dst / "model.onnx", io),
-                        OrtCausalLM(dst / "reference" / "model.onnx", io), tok, text,
-                        precision="int8", options=opts, quiet=True)
+    resident = run_gate(
+        OrtCausalLM(dst / "model.onnx", io),
+        OrtCausalLM(dst / "reference" / "model.onnx", io),
+        tok,
+        text,
+        precision="int8",
+        options=opts,
+        quiet=True,
+    )
     for key in ("prefill", "decode", "perplexity", "greedy", "passed"):
         assert streamed[key] == resident[key], key
     assert 0 < streamed["prefill"]["kl_mean"] < 0.08 and streamed["passed"] is True

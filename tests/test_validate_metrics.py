@@ -24,7 +24,9 @@ def test_logits_metrics_by_hand():
     assert m["top1"] == 0.0 and m["top5"] == 1.0
     assert m["max_abs"] == 1.0
     same = metrics.logits_metrics(ref, ref)
-    assert same["kl_mean"] == 0.0 and same["top1"] == 1.0 and same["cosine_min"] == pytest.approx(1.0)
+    assert (
+        same["kl_mean"] == 0.0 and same["top1"] == 1.0 and same["cosine_min"] == pytest.approx(1.0)
+    )
 
 
 def test_perplexity_of_uniform_logits_is_vocab_size():
@@ -36,8 +38,16 @@ def test_perplexity_of_uniform_logits_is_vocab_size():
 
 
 def test_merge_weights_by_positions():
-    a = {"positions": 1, "cosine_mean": 1.0, "kl_mean": 0.0, "top1": 1.0, "top5": 1.0,
-         "cosine_min": 1.0, "max_abs": 0.0, "kl_max": 0.0}
+    a = {
+        "positions": 1,
+        "cosine_mean": 1.0,
+        "kl_mean": 0.0,
+        "top1": 1.0,
+        "top5": 1.0,
+        "cosine_min": 1.0,
+        "max_abs": 0.0,
+        "kl_max": 0.0,
+    }
     b = dict(a, positions=3, top1=0.0, max_abs=2.0)
     m = metrics.merge([a, b])
     assert m["positions"] == 4 and m["top1"] == 0.25 and m["max_abs"] == 2.0
@@ -54,8 +64,13 @@ def test_first_jump_names_the_break_not_noise():
 
 
 def test_first_jump_ignores_routed_expert_flips():
-    errs = _errs(("l.1.mlp.gate", 0.01), ("l.1.mlp.experts", 0.21), ("l.1.mlp", 0.15),
-                 ("l.1.mlp.shared_experts", 0.012), ("l.2.self_attn.q_a_proj", 9.0))
+    errs = _errs(
+        ("l.1.mlp.gate", 0.01),
+        ("l.1.mlp.experts", 0.21),
+        ("l.1.mlp", 0.15),
+        ("l.1.mlp.shared_experts", 0.012),
+        ("l.2.self_attn.q_a_proj", 9.0),
+    )
     assert first_jump(errs).module == "l.2.self_attn.q_a_proj"
 
 
@@ -85,7 +100,10 @@ def test_cosine_p01_ignores_one_position_but_not_a_broken_graph():
     many[::40] = rng.normal(size=(25, 32))  # 2.5% of the positions
     m = metrics.logits_metrics(many, ref)
     assert m["cosine_p01"] < 0.7
-    lo, hi = metrics.logits_metrics(cand[:500], ref[:500]), metrics.logits_metrics(one[500:], ref[500:])
+    lo, hi = (
+        metrics.logits_metrics(cand[:500], ref[:500]),
+        metrics.logits_metrics(one[500:], ref[500:]),
+    )
     merged = metrics.merge([lo, hi])
     assert merged["cosine_p01"] == min(lo["cosine_p01"], hi["cosine_p01"])
 

@@ -34,8 +34,9 @@ def decode_e4m3fn(bits: np.ndarray) -> np.ndarray:
     return np.where((exp == 15) & (man == 7), np.nan, value)
 
 
-def reference_dequantize(weight_fp8: torch.Tensor, scale_inv: torch.Tensor,
-                         block=(128, 128)) -> np.ndarray:
+def reference_dequantize(
+    weight_fp8: torch.Tensor, scale_inv: torch.Tensor, block=(128, 128)
+) -> np.ndarray:
     """The straightforward loop: each block times its own scale, in float32."""
     w = decode_e4m3fn(weight_fp8.view(torch.uint8).numpy()).astype(np.float32)
     s = scale_inv.numpy().astype(np.float32)
@@ -43,8 +44,9 @@ def reference_dequantize(weight_fp8: torch.Tensor, scale_inv: torch.Tensor,
     rows, cols = w.shape
     for i, r0 in enumerate(range(0, rows, block[0])):
         for j, c0 in enumerate(range(0, cols, block[1])):
-            out[r0:r0 + block[0], c0:c0 + block[1]] = (
-                w[r0:r0 + block[0], c0:c0 + block[1]] * s[i, j])
+            out[r0 : r0 + block[0], c0 : c0 + block[1]] = (
+                w[r0 : r0 + block[0], c0 : c0 + block[1]] * s[i, j]
+            )
     return out
 
 
@@ -59,12 +61,15 @@ def test_e4m3_decoder_agrees_with_torch_on_all_finite_codes():
     assert np.isnan(theirs[~finite]).all()
 
 
-@pytest.mark.parametrize("shape,block", [
-    ((576, 64), (128, 128)),    # kv_a_proj_with_mqa: 5 row blocks, the last 64 rows; column edge
-    ((300, 260), (128, 128)),   # partial blocks on both axes
-    ((256, 384), (128, 128)),   # whole blocks only
-    ((100, 70), (32, 16)),      # another block size
-])
+@pytest.mark.parametrize(
+    "shape,block",
+    [
+        ((576, 64), (128, 128)),  # kv_a_proj_with_mqa: 5 row blocks, the last 64 rows; column edge
+        ((300, 260), (128, 128)),  # partial blocks on both axes
+        ((256, 384), (128, 128)),  # whole blocks only
+        ((100, 70), (32, 16)),  # another block size
+    ],
+)
 def test_dequantize_matches_reference_loop(shape, block):
     g = torch.Generator().manual_seed(sum(shape))
     w = torch.randn(*shape, generator=g)
@@ -104,11 +109,14 @@ def test_reader_folds_scales_and_skips_the_mtp_layer(fp8_checkpoint):
         assert raw[kv].dtype == torch.float8_e4m3fn and tuple(raw[kv].shape) == (576, 64)
         assert tuple(raw[kv + "_scale_inv"].shape) == (5, 1)
         got = reader.read(kv)
-        np.testing.assert_array_equal(got.numpy(),
-                                      reference_dequantize(raw[kv], raw[kv + "_scale_inv"]))
+        np.testing.assert_array_equal(
+            got.numpy(), reference_dequantize(raw[kv], raw[kv + "_scale_inv"])
+        )
         expert = "model.layers.1.mlp.experts.3.down_proj.weight"
-        np.testing.assert_array_equal(reader.read(expert).numpy(), reference_dequantize(
-            raw[expert], raw[expert + "_scale_inv"]))
+        np.testing.assert_array_equal(
+            reader.read(expert).numpy(),
+            reference_dequantize(raw[expert], raw[expert + "_scale_inv"]),
+        )
         # Unquantized tensors come back as stored, or cast on request.
         norm = "model.layers.0.input_layernorm.weight"
         assert reader.read(norm).dtype == torch.bfloat16
@@ -129,11 +137,14 @@ def _rewrite(ckpt, name, fn):
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name,what", [
-    ("model.layers.1.post_attention_layernorm.weight", "NaN"),
-    ("model.layers.0.self_attn.o_proj.weight_scale_inv", "Inf"),
-    ("model.layers.2.mlp.experts.5.up_proj.weight", "NaN"),  # an FP8 NaN code (0x7F)
-])
+@pytest.mark.parametrize(
+    "name,what",
+    [
+        ("model.layers.1.post_attention_layernorm.weight", "NaN"),
+        ("model.layers.0.self_attn.o_proj.weight_scale_inv", "Inf"),
+        ("model.layers.2.mlp.experts.5.up_proj.weight", "NaN"),  # an FP8 NaN code (0x7F)
+    ],
+)
 def test_reader_names_non_finite_tensors(tmp_path, fp8_checkpoint, name, what):
     ckpt = shutil.copytree(fp8_checkpoint, tmp_path / "ckpt")
 
@@ -146,8 +157,10 @@ def test_reader_names_non_finite_tensors(tmp_path, fp8_checkpoint, name, what):
         return t
 
     _rewrite(ckpt, name, poison)
-    with WeightReader.for_checkpoint(inspect_checkpoint(ckpt)) as reader, \
-            pytest.raises(CheckpointError, match=rf"{name} .*holds {what}"):
+    with (
+        WeightReader.for_checkpoint(inspect_checkpoint(ckpt)) as reader,
+        pytest.raises(CheckpointError, match=rf"{name} .*holds {what}"),
+    ):
         dict(iter(reader))
 
 
@@ -159,8 +172,10 @@ def test_reader_refuses_an_fp16_cast_that_overflows(tmp_path, checkpoints):
     with WeightReader.for_checkpoint(info, dtype=torch.bfloat16) as reader:
         dict(iter(reader))  # fits bf16
     overflow = rf"{name} holds values up to 7[.0-9]*e\+04.*--dtype bf16"
-    with WeightReader.for_checkpoint(info, dtype=torch.float16) as reader, \
-            pytest.raises(CheckpointError, match=overflow):
+    with (
+        WeightReader.for_checkpoint(info, dtype=torch.float16) as reader,
+        pytest.raises(CheckpointError, match=overflow),
+    ):
         dict(iter(reader))
 
 
@@ -187,8 +202,12 @@ def test_fp8_layout_round_trip_keeps_unquantized_tensors(tmp_path, checkpoints):
     """to_fp8_published leaves embeddings, norms, lm_head and the router unquantized."""
     ckpt = to_fp8_published(checkpoints["deepseek_v3"], tmp_path / "fp8", mtp=False)
     raw = read_tensors(ckpt)
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-                 "model.layers.1.mlp.gate.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.1.mlp.gate.weight",
+    ):
         assert raw[name].dtype == torch.bfloat16, name
     assert raw["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert raw["model.layers.1.mlp.shared_experts.gate_proj.weight"].dtype == torch.float8_e4m3fn

@@ -27,6 +27,7 @@ def _fake_builder(calls: list):
         if asked > pool:
             raise WorkspaceTooSmall("no room", asked, pool)
         return "built"
+
     return build
 
 
@@ -35,8 +36,9 @@ def test_prefill_batch_lowered_until_scratch_fits(monkeypatch):
     monkeypatch.setattr(engines, "build_engine", _fake_builder(calls))
     env = ShapeEnvelope(8, 4096, 16384, max_num_tokens=32768)  # jetson-orin before the budget
     opts = BuildOptions(workspace_mib=4096)
-    result, built, _ = engines.build_within_workspace(Path("m.onnx"), env, opts,
-                                                   Progress(1, quiet=True), "[t]")
+    result, built, _ = engines.build_within_workspace(
+        Path("m.onnx"), env, opts, Progress(1, quiet=True), "[t]"
+    )
     assert result == "built"
     # 8 x 4096 x 240 KB = 7.9 GB > 4 GiB -> 8 x 4.29/7.86 x 0.9 = 3 sequences: 2.9 GB fits.
     assert [c.max_prefill_batch for c in calls] == [8, 3]
@@ -49,25 +51,31 @@ def test_one_sequence_that_does_not_fit_is_refused(monkeypatch):
     monkeypatch.setattr(engines, "build_engine", _fake_builder(calls))
     env = ShapeEnvelope(4, 8192, 32768, max_num_tokens=8192)  # prefill batch 1 already
     with pytest.raises(WorkspaceTooSmall):
-        engines.build_within_workspace(Path("m.onnx"), env, BuildOptions(workspace_mib=1024),
-                                       Progress(1, quiet=True), "[t]")
+        engines.build_within_workspace(
+            Path("m.onnx"), env, BuildOptions(workspace_mib=1024), Progress(1, quiet=True), "[t]"
+        )
     assert len(calls) == 1
 
 
 def test_unlimited_workspace_is_not_retried(monkeypatch):
     def build(onnx_path, env, options, **kwargs):
         raise WorkspaceTooSmall("host out of memory", 10 << 30, None)
+
     monkeypatch.setattr(engines, "build_engine", build)
     with pytest.raises(WorkspaceTooSmall):
-        engines.build_within_workspace(Path("m.onnx"), ShapeEnvelope(8, 16, 64), BuildOptions(),
-                                       Progress(1, quiet=True), "[t]")
+        engines.build_within_workspace(
+            Path("m.onnx"), ShapeEnvelope(8, 16, 64), BuildOptions(), Progress(1, quiet=True), "[t]"
+        )
 
 
 def test_builder_message_names_the_pool_and_the_fix():
     from dsc.backends.tensorrt.builder import LogRecord, _classify_build_failure
 
-    rec = LogRecord("ERROR", "[localCheckMacros.cpp::getErrorStr::132] Error Code 2: "
-                             "OutOfMemory (Requested size was 4423680000 bytes.)")
+    rec = LogRecord(
+        "ERROR",
+        "[localCheckMacros.cpp::getErrorStr::132] Error Code 2: "
+        "OutOfMemory (Requested size was 4423680000 bytes.)",
+    )
     err = _classify_build_failure([rec], "build for SM75", 1 << 30)
     assert isinstance(err, WorkspaceTooSmall) and err.exit_code == 7
     assert err.requested_bytes == 4423680000 and err.workspace_bytes == 1 << 30
@@ -90,8 +98,13 @@ def test_workspace_raised_within_the_plan_margin_when_one_sequence_needs_more(mo
     env = ShapeEnvelope(8, 2048, 8192, max_num_tokens=8192)
     opts = BuildOptions(workspace_mib=1024)
     _, built, used = engines.build_within_workspace(
-        Path("m.onnx"), env, opts, Progress(1, quiet=True), "[t]",
-        max_workspace_bytes=(1 << 30) + (8 << 30))
+        Path("m.onnx"),
+        env,
+        opts,
+        Progress(1, quiet=True),
+        "[t]",
+        max_workspace_bytes=(1 << 30) + (8 << 30),
+    )
     assert calls == [(4, 1024), (1, 1024), (1, 2048)]
     assert built.max_prefill_batch == 1 and used.workspace_mib == 2048
     notes = engines._changes(env, built, opts, used)
@@ -100,5 +113,6 @@ def test_workspace_raised_within_the_plan_margin_when_one_sequence_needs_more(mo
     # Without room in the plan (or a user-set pool: ceiling None) it is refused.
     calls.clear()
     with pytest.raises(WorkspaceTooSmall):
-        engines.build_within_workspace(Path("m.onnx"), env, opts, Progress(1, quiet=True), "[t]",
-                                       max_workspace_bytes=None)
+        engines.build_within_workspace(
+            Path("m.onnx"), env, opts, Progress(1, quiet=True), "[t]", max_workspace_bytes=None
+        )

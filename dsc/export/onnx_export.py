@@ -34,8 +34,15 @@ from dsc.models.checkpoint import CheckpointInfo
 from dsc.models.families import Family
 from dsc.models.loading import load_model, transformers_quiet
 
-__all__ = ["ExportedGraph", "KVCacheWrapper", "check_fp16_range", "example_inputs",
-           "export_graph", "io_spec_from_onnx", "load_model"]
+__all__ = [
+    "ExportedGraph",
+    "KVCacheWrapper",
+    "check_fp16_range",
+    "example_inputs",
+    "export_graph",
+    "io_spec_from_onnx",
+    "load_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +95,17 @@ class KVCacheWrapper:
         return _Wrapper().eval()
 
 
-def example_inputs(config: dict, family: Family, *, batch: int, seq: int, past: int, dtype,
-                   seed: int = 0, vocab_size: int | None = None):
+def example_inputs(
+    config: dict,
+    family: Family,
+    *,
+    batch: int,
+    seq: int,
+    past: int,
+    dtype,
+    seed: int = 0,
+    vocab_size: int | None = None,
+):
     """Deterministic inputs with a random past of length `past` (no padding)."""
     import torch
 
@@ -106,8 +122,15 @@ def example_inputs(config: dict, family: Family, *, batch: int, seq: int, past: 
     return ids, mask, pos, cache
 
 
-def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int | None,
-                 external_data: bool = False, progress=None) -> ExportedGraph:
+def export_graph(
+    info: CheckpointInfo,
+    out_dir: Path,
+    *,
+    dtype: str,
+    opset: int | None,
+    external_data: bool = False,
+    progress=None,
+) -> ExportedGraph:
     """Export `info` into `out_dir/model.onnx`; return its I/O.
 
     The weights go to `model.onnx.data` when `external_data` is set or when they reach
@@ -125,7 +148,11 @@ def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int 
     num_layers = int(config["num_hidden_layers"])
     wrapper = KVCacheWrapper(model, family)
     ids, mask, pos, cache = example_inputs(
-        config, family, batch=EXAMPLE_BATCH, seq=EXAMPLE_SEQ, past=EXAMPLE_PAST,
+        config,
+        family,
+        batch=EXAMPLE_BATCH,
+        seq=EXAMPLE_SEQ,
+        past=EXAMPLE_PAST,
         dtype=model.dtype,
     )
     if dtype == "fp16":
@@ -140,14 +167,22 @@ def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int 
         "position_ids": {0: batch, 1: seq},
         "past": tuple({0: batch, 2: past} for _ in cache),
     }
-    input_names = ["input_ids", "attention_mask", "position_ids",
-                   *cache_names(family, num_layers, "past_key_values")]
+    input_names = [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        *cache_names(family, num_layers, "past_key_values"),
+    ]
     output_names = ["logits", *cache_names(family, num_layers, "present")]
     say(f"tracing {num_layers} layers with torch.export")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
-        with family.export_patches(), warnings.catch_warnings(), torch.no_grad(), \
-                _quiet_loggers("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+        with (
+            family.export_patches(),
+            warnings.catch_warnings(),
+            torch.no_grad(),
+            _quiet_loggers("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"),
+        ):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 wrapper,
@@ -171,8 +206,9 @@ def export_graph(info: CheckpointInfo, out_dir: Path, *, dtype: str, opset: int 
     del program
     data_path = out_dir / data_file(ONNX_FILE)
     io = io_spec_from_onnx(onnx_path, family, config)
-    return ExportedGraph(onnx_path, data_path if data_path.exists() else None, io,
-                         time.perf_counter() - t0)
+    return ExportedGraph(
+        onnx_path, data_path if data_path.exists() else None, io, time.perf_counter() - t0
+    )
 
 
 def check_fp16_range(wrapper, inputs, family: Family, num_layers: int) -> None:
@@ -185,15 +221,15 @@ def check_fp16_range(wrapper, inputs, family: Family, num_layers: int) -> None:
     import torch
 
     names = ["logits", *cache_names(family, num_layers, "present")]
-    with family.export_patches(), torch.no_grad(), warnings.catch_warnings(), \
-            transformers_quiet():
+    with family.export_patches(), torch.no_grad(), warnings.catch_warnings(), transformers_quiet():
         warnings.simplefilter("ignore")
         outputs = wrapper(*inputs)
     for name, value in zip(names, outputs, strict=True):
         if not bool(torch.isfinite(value).all()):
             raise BadInput(
                 f"the fp16 export overflows: {name} is inf/NaN on the export example (fp16 holds "
-                "values up to 65504); export with --dtype bf16 (or fp32)")
+                "values up to 65504); export with --dtype bf16 (or fp32)"
+            )
 
 
 @contextlib.contextmanager
@@ -233,7 +269,8 @@ def _name_dims(model) -> None:
         if value.shape is None:
             continue
         dims = [
-            ir.SymbolicDim("total_seq") if isinstance(d, ir.SymbolicDim) and d.value == old_name
+            ir.SymbolicDim("total_seq")
+            if isinstance(d, ir.SymbolicDim) and d.value == old_name
             else d
             for d in value.shape
         ]
@@ -251,13 +288,18 @@ def io_spec_from_onnx(onnx_path: Path, family: Family, config: dict) -> dict:
         for v in values:
             t = v.type.tensor_type
             dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-            out.append({
-                "name": v.name,
-                # explicit for bf16: onnx < 1.19 maps it to numpy float32
-                "dtype": ("bfloat16" if t.elem_type == onnx.TensorProto.BFLOAT16 else
-                          onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name),
-                "shape": dims,
-            })
+            out.append(
+                {
+                    "name": v.name,
+                    # explicit for bf16: onnx < 1.19 maps it to numpy float32
+                    "dtype": (
+                        "bfloat16"
+                        if t.elem_type == onnx.TensorProto.BFLOAT16
+                        else onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+                    ),
+                    "shape": dims,
+                }
+            )
         return out
 
     num_layers = int(config["num_hidden_layers"])
@@ -290,7 +332,8 @@ def io_spec_from_onnx(onnx_path: Path, family: Family, config: dict) -> dict:
             ),
             "inputs": cache_names(family, num_layers, "past_key_values"),
             "outputs": cache_names(family, num_layers, "present"),
-            "bytes_per_token": num_layers * (h_a * d_a + h_b * d_b)
+            "bytes_per_token": num_layers
+            * (h_a * d_a + h_b * d_b)
             * (2 if cache_dtype in ("float16", "bfloat16") else 4),
         },
         "vocab_size": int(config["vocab_size"]),

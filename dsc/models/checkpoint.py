@@ -47,8 +47,21 @@ TOKENIZER_FILES = (
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
 }
 
 
@@ -119,14 +132,18 @@ def inspect_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Check
             for name, meta in header.items():
                 if name in dtypes:
                     raise CheckpointError(
-                        f"tensor {name} is stored in more than one shard of {path}")
+                        f"tensor {name} is stored in more than one shard of {path}"
+                    )
                 dtypes[name] = meta["dtype"]
                 shapes[name] = list(meta["shape"])
         _check_fp8_tensors(dtypes, quantization, path)
         _check_against_config(shapes, config, path)
-    tokenizer_files = tuple(_file(path, n) for n in TOKENIZER_FILES
-                            if (path / n).exists() or (path / n).is_symlink())
-    if not any(p.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for p in tokenizer_files):
+    tokenizer_files = tuple(
+        _file(path, n) for n in TOKENIZER_FILES if (path / n).exists() or (path / n).is_symlink()
+    )
+    if not any(
+        p.name in ("tokenizer.json", "tokenizer.model", "vocab.json") for p in tokenizer_files
+    ):
         raise CheckpointError(f"no tokenizer in {path} (expected tokenizer.json)")
     _check_tokenizer(path)
     return CheckpointInfo(
@@ -165,18 +182,21 @@ def _check_against_config(shapes: dict[str, list[int]], config: dict, path: Path
     if beyond:
         raise CheckpointError(
             f"{where} says num_hidden_layers {layers}, but the checkpoint holds tensors of layer "
-            f"{beyond[0]}" + (f" (and {mtp} multi-token-prediction layer(s))" if mtp else ""))
+            f"{beyond[0]}" + (f" (and {mtp} multi-token-prediction layer(s))" if mtp else "")
+        )
     if len(decoder) != layers:
         missing = sorted(set(range(layers)) - set(decoder))
         raise CheckpointError(
             f"{where} says num_hidden_layers {layers}, but the checkpoint holds tensors of "
-            f"{len(decoder)} decoder layer(s); none for layer {missing[0]}")
+            f"{len(decoder)} decoder layer(s); none for layer {missing[0]}"
+        )
     embed = shapes.get("model.embed_tokens.weight")
     want = [config["vocab_size"], config["hidden_size"]]
     if embed is not None and embed != want:
         raise CheckpointError(
             f"model.embed_tokens.weight is {embed}, but {where} says vocab_size x hidden_size "
-            f"= {want}")
+            f"= {want}"
+        )
 
 
 def _check_tokenizer(path: Path) -> None:
@@ -214,23 +234,30 @@ def checkpoint_quantization(config: dict, path: Path) -> FP8Blocks | None:
     if not isinstance(q, dict):
         raise CheckpointError(f"invalid quantization_config in {where}: not a JSON object")
     method = q.get("quant_method")
-    supported = ("dsc reads unquantized checkpoints and DeepSeek's FP8 block layout (quant_method "
-                 "fp8, fmt e4m3, weight_block_size [m, n], dynamic activations); dequantize it "
-                 "to bf16 first")
+    supported = (
+        "dsc reads unquantized checkpoints and DeepSeek's FP8 block layout (quant_method "
+        "fp8, fmt e4m3, weight_block_size [m, n], dynamic activations); dequantize it "
+        "to bf16 first"
+    )
     if method != "fp8":
         raise Unsupported(
-            f"checkpoint quantized with quant_method {method!r} ({where}); {supported}")
+            f"checkpoint quantized with quant_method {method!r} ({where}); {supported}"
+        )
     fmt = q.get("fmt", "e4m3")
     block = q.get("weight_block_size")
     scheme = q.get("activation_scheme", "dynamic")
     if fmt != "e4m3":
         raise Unsupported(f"FP8 checkpoint with fmt {fmt!r} ({where}); {supported}")
-    if not (isinstance(block, list) and len(block) == 2
-            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+    if not (
+        isinstance(block, list)
+        and len(block) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
         raise Unsupported(f"FP8 checkpoint with weight_block_size {block!r} ({where}); {supported}")
     if scheme != "dynamic":
         raise Unsupported(
-            f"FP8 checkpoint with activation_scheme {scheme!r} ({where}); {supported}")
+            f"FP8 checkpoint with activation_scheme {scheme!r} ({where}); {supported}"
+        )
     return FP8Blocks(block=(block[0], block[1]))
 
 
@@ -240,11 +267,15 @@ def _check_fp8_tensors(dtypes: dict[str, str], quantization: FP8Blocks | None, p
         if not dtype.startswith("F8"):
             continue
         if dtype != "F8_E4M3":
-            raise Unsupported(f"tensor {name} in {path} is stored as {dtype}; dsc reads FP8 "
-                              "weights in DeepSeek's E4M3 block layout only")
+            raise Unsupported(
+                f"tensor {name} in {path} is stored as {dtype}; dsc reads FP8 "
+                "weights in DeepSeek's E4M3 block layout only"
+            )
         if quantization is None:
-            raise CheckpointError(f"tensor {name} in {path} is stored as {dtype} but config.json "
-                                  "has no FP8 quantization_config")
+            raise CheckpointError(
+                f"tensor {name} in {path} is stored as {dtype} but config.json "
+                "has no FP8 quantization_config"
+            )
         if name + "_scale_inv" not in dtypes:
             raise CheckpointError(f"FP8 tensor {name} in {path} has no {name}_scale_inv")
 
@@ -282,26 +313,37 @@ def _find_weights(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"invalid {index.name} in {path}: {e}") from None
         if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) and v for v in weight_map.values()):
-            raise CheckpointError(f"invalid {index.name} in {path}: weight_map must map tensor "
-                                  "names to shard file names")
+            isinstance(v, str) and v for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"invalid {index.name} in {path}: weight_map must map tensor "
+                "names to shard file names"
+            )
         names = sorted(set(weight_map.values()))
         for n in names:
             # A shard must be a file of this checkpoint: the index is input, and "../x" or an
             # absolute path would make dsc read (and hash into the manifest) a file elsewhere.
-            if any(p.is_absolute() or p.drive or ".." in p.parts
-                   for p in (PurePosixPath(n), PureWindowsPath(n))):
+            if any(
+                p.is_absolute() or p.drive or ".." in p.parts
+                for p in (PurePosixPath(n), PureWindowsPath(n))
+            ):
                 raise CheckpointError(
-                    f"{index.name} in {path} names shard {n!r} outside the checkpoint directory")
+                    f"{index.name} in {path} names shard {n!r} outside the checkpoint directory"
+                )
         missing = [n for n in names if not (path / n).exists() and not (path / n).is_symlink()]
         if missing:
-            raise CheckpointError(f"shards listed in {index.name} are missing: {', '.join(missing)}")
+            raise CheckpointError(
+                f"shards listed in {index.name} are missing: {', '.join(missing)}"
+            )
         return [_file(path, n) for n in names], "safetensors"
     shards = sorted(path.glob("*.safetensors"))
     if shards:
         return [_file(path, p.name) for p in shards], "safetensors"
-    pickles = [_file(path, p.name) for p in sorted(path.iterdir())
-               if p.suffix in _PICKLE_SUFFIXES and (p.is_file() or p.is_symlink())]
+    pickles = [
+        _file(path, p.name)
+        for p in sorted(path.iterdir())
+        if p.suffix in _PICKLE_SUFFIXES and (p.is_file() or p.is_symlink())
+    ]
     if pickles:
         if not allow_pickle:
             raise CheckpointError(
@@ -370,11 +412,15 @@ def _bad_entry(meta) -> str | None:
         return f"has an unknown dtype {meta.get('dtype')!r}"
     shape, offsets = meta.get("shape"), meta.get("data_offsets")
     if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         return f"has shape {shape!r}; expected a list of non-negative integers"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
-            isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
-            and offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
         return f"has data_offsets {offsets!r}; expected [begin, end] integers, begin <= end"
     return None
 

@@ -50,8 +50,13 @@ _OPTIONAL = {
     "pad_token_id": (0, 2**24),
 }
 # key -> must be > 0 (else >= 0); finite floats
-_FLOATS = {"rms_norm_eps": True, "rope_theta": True, "routed_scaling_factor": True,
-           "initializer_range": False, "attention_dropout": False}
+_FLOATS = {
+    "rms_norm_eps": True,
+    "rope_theta": True,
+    "routed_scaling_factor": True,
+    "initializer_range": False,
+    "attention_dropout": False,
+}
 _MLA = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 _MLA_ARCHS = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 
@@ -65,8 +70,9 @@ def _check_int(config: Mapping[str, Any], key: str, lo: int, hi: int, where: str
     if key.endswith("_token_id") and isinstance(value, list):  # eos_token_id may be a list
         for v in value:
             if not _is_int(v) or not lo <= v <= hi:
-                raise CheckpointError(f"{where}: {key!r} must hold integers in {lo}..{hi}, "
-                                      f"got {value!r}")
+                raise CheckpointError(
+                    f"{where}: {key!r} must hold integers in {lo}..{hi}, got {value!r}"
+                )
         return
     if not _is_int(value):
         raise CheckpointError(f"{where}: {key!r} must be an integer, got {value!r}")
@@ -87,16 +93,25 @@ def check_config(config: Mapping[str, Any], where: str = "config.json") -> None:
         value = config.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise CheckpointError(f"{where}: {key!r} must be a finite "
-                                  f"{'positive' if positive else 'non-negative'} number, got "
-                                  f"{value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+            or (positive and value == 0)
+        ):
+            raise CheckpointError(
+                f"{where}: {key!r} must be a finite "
+                f"{'positive' if positive else 'non-negative'} number, got "
+                f"{value!r}"
+            )
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     if heads % kv_heads:
-        raise CheckpointError(f"{where}: num_attention_heads {heads} is not a multiple of "
-                              f"num_key_value_heads {kv_heads}")
+        raise CheckpointError(
+            f"{where}: num_attention_heads {heads} is not a multiple of "
+            f"num_key_value_heads {kv_heads}"
+        )
     archs = config.get("architectures")
     arch = archs[0] if isinstance(archs, list) and archs else None
     if arch in _MLA_ARCHS:
@@ -104,14 +119,18 @@ def check_config(config: Mapping[str, Any], where: str = "config.json") -> None:
             if config.get(key) is None:
                 raise CheckpointError(f"{where}: missing {key!r} (an {arch} config needs it)")
     elif config["hidden_size"] % heads:  # transformers refuses it even with a head_dim
-        raise CheckpointError(f"{where}: hidden_size {config['hidden_size']} is not a multiple of "
-                              f"num_attention_heads {heads}")
+        raise CheckpointError(
+            f"{where}: hidden_size {config['hidden_size']} is not a multiple of "
+            f"num_attention_heads {heads}"
+        )
     if config.get("n_routed_experts"):
         for key in ("num_experts_per_tok", "moe_intermediate_size"):
             if config.get(key) is None:
                 raise CheckpointError(f"{where}: missing {key!r} (the config has routed experts)")
         if config["num_experts_per_tok"] > config["n_routed_experts"]:
-            raise CheckpointError(f"{where}: num_experts_per_tok {config['num_experts_per_tok']} "
-                                  f"exceeds n_routed_experts {config['n_routed_experts']}")
+            raise CheckpointError(
+                f"{where}: num_experts_per_tok {config['num_experts_per_tok']} "
+                f"exceeds n_routed_experts {config['n_routed_experts']}"
+            )
     elif config.get("intermediate_size") is None:
         raise CheckpointError(f"{where}: missing 'intermediate_size'")

@@ -124,7 +124,9 @@ def _real_valued_v2_rope() -> Iterator[None]:
     from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m
 
     def rotary_forward(self, x, position_ids):
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(
+            device=x.device, dtype=torch.float
+        )
         # [..., dim/2, 2] holding (cos, sin): the real form of polar(1, freqs).
         return torch.stack((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
 

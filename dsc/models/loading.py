@@ -46,27 +46,39 @@ def load_model(info: CheckpointInfo, dtype: str, progress=None):
     torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
     config = _model_config(info)
     model_class = getattr(transformers, info.architecture)
-    kwargs = dict(config=config, dtype=torch_dtype, attn_implementation="sdpa",
-                  output_loading_info=True, ignore_mismatched_sizes=True)
+    kwargs = dict(
+        config=config,
+        dtype=torch_dtype,
+        attn_implementation="sdpa",
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+    )
     with transformers_quiet():
         if info.weight_format == "safetensors":
             with WeightReader.for_checkpoint(info, dtype=torch_dtype) as reader:
                 if reader.skipped:
                     layers = sorted({n.split(".")[2] for n in reader.skipped}, key=int)
-                    say(f"leaving out {len(reader.skipped)} tensors of the multi-token-prediction "
+                    say(
+                        f"leaving out {len(reader.skipped)} tensors of the multi-token-prediction "
                         f"layer (model.layers.{','.join(layers)}.*): the export predicts the next "
-                        "token only")
+                        "token only"
+                    )
                 if info.quantization is not None:
                     b0, b1 = info.quantization.block
                     say(f"dequantizing FP8 weights ({b0}×{b1} blocks) to {dtype} as they are read")
                 present = set(reader.names)
-                model, loading = _guarded_load(info, lambda: model_class.from_pretrained(
-                    None, state_dict=reader.lazy_state_dict(), **kwargs),
-                    explain=lambda: _explain_names(model_class, config, present,
-                                                   info.architecture))
+                model, loading = _guarded_load(
+                    info,
+                    lambda: model_class.from_pretrained(
+                        None, state_dict=reader.lazy_state_dict(), **kwargs
+                    ),
+                    explain=lambda: _explain_names(model_class, config, present, info.architecture),
+                )
         else:
-            model, loading = _guarded_load(info, lambda: model_class.from_pretrained(
-                info.path, use_safetensors=False, **kwargs))
+            model, loading = _guarded_load(
+                info,
+                lambda: model_class.from_pretrained(info.path, use_safetensors=False, **kwargs),
+            )
             _check_finite_parameters(model, info)
     _check_loading_info(loading, info)
     model.eval()
@@ -156,16 +168,20 @@ def _check_loading_info(loading: dict, info: CheckpointInfo) -> None:
     mismatched = loading.get("mismatched_keys") or set()
     unexpected = loading.get("unexpected_keys") or set()
     if missing:
-        raise CheckpointError(f"checkpoint {info.path} lacks {_few(missing)} that its {arch} "
-                              "config needs")
+        raise CheckpointError(
+            f"checkpoint {info.path} lacks {_few(missing)} that its {arch} config needs"
+        )
     if mismatched:
         name, got, want = sorted(mismatched)[0]
         raise CheckpointError(
             f"checkpoint {info.path} has {_few([m[0] for m in mismatched])} of the wrong shape: "
-            f"{name} is {list(got)}, its {arch} config needs {list(want)}")
+            f"{name} is {list(got)}, its {arch} config needs {list(want)}"
+        )
     if unexpected:
-        raise CheckpointError(f"checkpoint {info.path} holds {_few(unexpected)} that its {arch} "
-                              "config has no place for")
+        raise CheckpointError(
+            f"checkpoint {info.path} holds {_few(unexpected)} that its {arch} "
+            "config has no place for"
+        )
 
 
 def _check_finite_parameters(model, info: CheckpointInfo) -> None:
@@ -174,8 +190,10 @@ def _check_finite_parameters(model, info: CheckpointInfo) -> None:
 
     for name, t in model.state_dict().items():
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"checkpoint {info.path}: tensor {name} holds NaN or Inf "
-                                  "values (after the cast to the export dtype)")
+            raise CheckpointError(
+                f"checkpoint {info.path}: tensor {name} holds NaN or Inf "
+                "values (after the cast to the export dtype)"
+            )
 
 
 def load_tokenizer(directory):

@@ -51,7 +51,14 @@ SUPPORTED_ARCHITECTURES = (
 )
 
 COMPONENTS = (
-    "embeddings", "lm_head", "attention", "mlp", "experts", "shared_experts", "router", "norms",
+    "embeddings",
+    "lm_head",
+    "attention",
+    "mlp",
+    "experts",
+    "shared_experts",
+    "router",
+    "norms",
 )
 
 
@@ -166,8 +173,10 @@ def architecture(config: Mapping[str, Any]) -> str:
     if arch is None:
         # Older configs name only the model type.
         arch = {
-            "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+            "llama": "LlamaForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "deepseek_v2": "DeepseekV2ForCausalLM",
+            "deepseek_v3": "DeepseekV3ForCausalLM",
         }.get(str(config.get("model_type")))
     if arch not in SUPPORTED_ARCHITECTURES:
         raise Unsupported(
@@ -247,8 +256,17 @@ def _attention_groups(config: Mapping[str, Any], arch: str, layers: int) -> list
     return g
 
 
-def _ffn(name: str, component: str, h: int, inter: int, count: int, active: int,
-         *, routed: bool = False, bias: bool = False) -> list[WeightGroup]:
+def _ffn(
+    name: str,
+    component: str,
+    h: int,
+    inter: int,
+    count: int,
+    active: int,
+    *,
+    routed: bool = False,
+    bias: bool = False,
+) -> list[WeightGroup]:
     """SwiGLU MLP: gate and up (inter x h) and down (h x inter)."""
     g = [
         WeightGroup(f"{name}.gate_proj", component, inter, h, count, active, True, routed),
@@ -264,8 +282,9 @@ def _ffn(name: str, component: str, h: int, inter: int, count: int, active: int,
     return g
 
 
-def _decoder_groups(config: Mapping[str, Any], arch: str, layers: int,
-                    moe_flags: list[bool]) -> list[WeightGroup]:
+def _decoder_groups(
+    config: Mapping[str, Any], arch: str, layers: int, moe_flags: list[bool]
+) -> list[WeightGroup]:
     """Attention, FFN/MoE and norms of `layers` decoder layers whose MoE flags are given."""
     h = _int(config, "hidden_size")
     g = _attention_groups(config, arch, layers)
@@ -282,15 +301,17 @@ def _decoder_groups(config: Mapping[str, Any], arch: str, layers: int,
         top_k = _int(config, "num_experts_per_tok")
         n_shared = _int(config, "n_shared_experts", 0)
         moe_inter = _int(config, "moe_intermediate_size")
-        g += _ffn("experts", "experts", h, moe_inter, n_moe * n_routed, n_moe * top_k,
-                  routed=True)
+        g += _ffn("experts", "experts", h, moe_inter, n_moe * n_routed, n_moe * top_k, routed=True)
         if n_shared:
             # HF builds the shared experts as one MLP of width moe_intermediate_size x n_shared.
             g += _ffn("shared_experts", "shared_experts", h, moe_inter * n_shared, n_moe, n_moe)
         g.append(WeightGroup("router.gate", "router", n_routed, h, n_moe, n_moe, False))
         if config.get("topk_method") == "noaux_tc":
-            g.append(WeightGroup("router.e_score_correction_bias", "router", n_routed, 1,
-                                 n_moe, n_moe, False))
+            g.append(
+                WeightGroup(
+                    "router.e_score_correction_bias", "router", n_routed, 1, n_moe, n_moe, False
+                )
+            )
     return g
 
 
@@ -321,8 +342,9 @@ def _mtp_params(config: Mapping[str, Any]) -> tuple[int, int]:
     h = _int(config, "hidden_size")
     vocab = _int(config, "vocab_size")
     # Each module is one full decoder layer at the MoE position (it sits after the last layer).
-    layer = sum(x.params for x in _decoder_groups(config, arch, 1, [bool(
-        config.get("n_routed_experts"))]))
+    layer = sum(
+        x.params for x in _decoder_groups(config, arch, 1, [bool(config.get("n_routed_experts"))])
+    )
     unique = layer + 2 * h * h + 3 * h  # + eh_proj, enorm, hnorm, shared_head.norm
     copies = 2 * vocab * h  # the checkpoint stores its own embed_tokens and shared_head.head
     return n * (unique + copies), n * unique
@@ -354,8 +376,9 @@ def kv_bytes_per_token(config: Mapping[str, Any], dtype_bytes: float) -> float:
     arch = architecture(config)
     layers = _int(config, "num_hidden_layers")
     if _is_mla(arch):
-        return layers * (_int(config, "kv_lora_rank") + _int(config, "qk_rope_head_dim")) \
-            * dtype_bytes
+        return (
+            layers * (_int(config, "kv_lora_rank") + _int(config, "qk_rope_head_dim")) * dtype_bytes
+        )
     heads = _int(config, "num_attention_heads")
     kv_heads = _int(config, "num_key_value_heads", heads) or heads
     head_dim = config.get("head_dim") or _int(config, "hidden_size") // heads
@@ -372,8 +395,9 @@ def model_shape(config: Mapping[str, Any], name: str = "") -> ModelShape:
         moe_inter = _int(config, "moe_intermediate_size")
         top_k = _int(config, "num_experts_per_tok")
         shared = _int(config, "n_shared_experts", 0)
-        width = max(_int(config, "intermediate_size") if n_moe < layers else 0,
-                    moe_inter * (top_k + shared))
+        width = max(
+            _int(config, "intermediate_size") if n_moe < layers else 0, moe_inter * (top_k + shared)
+        )
     else:
         top_k = 0
         width = _int(config, "intermediate_size")

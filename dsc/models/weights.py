@@ -66,7 +66,7 @@ def dequantize_fp8_blocks(weight, scale_inv, block: tuple[int, int], *, name: st
     for i in range(grid[0]):
         # The block's scales repeated along the columns, cut to the (possibly partial) last block.
         row_scale = scale[i].repeat_interleave(bc)[:cols]
-        out[i * br:(i + 1) * br].mul_(row_scale)
+        out[i * br : (i + 1) * br].mul_(row_scale)
     return out
 
 
@@ -106,8 +106,14 @@ class WeightReader:
     guards (None: no cast).
     """
 
-    def __init__(self, files: Sequence[Path], *, fp8_block: tuple[int, int] | None = None,
-                 skip_layers: Sequence[int] = (), dtype=None):
+    def __init__(
+        self,
+        files: Sequence[Path],
+        *,
+        fp8_block: tuple[int, int] | None = None,
+        skip_layers: Sequence[int] = (),
+        dtype=None,
+    ):
         from safetensors import SafetensorError, safe_open
 
         self.dtype = dtype
@@ -125,8 +131,9 @@ class WeightReader:
                 self._handles[f] = handle
                 for key in handle.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
                     if key in self._where:
-                        raise CheckpointError(f"tensor {key} is stored twice: in "
-                                              f"{self._where[key].name} and {f.name}")
+                        raise CheckpointError(
+                            f"tensor {key} is stored twice: in {self._where[key].name} and {f.name}"
+                        )
                     self._where[key] = f
         except BaseException:
             self.close()
@@ -145,14 +152,19 @@ class WeightReader:
             if self._stored_dtype(key).startswith("F8") and self.fp8_block is None:
                 raise CheckpointError(
                     f"tensor {key} is stored as {self._stored_dtype(key)} but config.json has no "
-                    "FP8 quantization_config (quant_method fp8, weight_block_size)")
+                    "FP8 quantization_config (quant_method fp8, weight_block_size)"
+                )
 
     @classmethod
     def for_checkpoint(cls, info, dtype=None) -> WeightReader:
         """A reader over `info`'s shards, with its FP8 block size and MTP layers."""
         quant = getattr(info, "quantization", None)
-        return cls(info.weight_files, fp8_block=quant.block if quant else None,
-                   skip_layers=mtp_layers(info.config), dtype=dtype)
+        return cls(
+            info.weight_files,
+            fp8_block=quant.block if quant else None,
+            skip_layers=mtp_layers(info.config),
+            dtype=dtype,
+        )
 
     # --- metadata -------------------------------------------------------------------------------
 
@@ -190,7 +202,8 @@ class WeightReader:
             if scale_name not in self._where:
                 raise CheckpointError(
                     f"FP8 tensor {name} has no {scale_name} (one float32 scale per "
-                    f"{self.fp8_block[0]}×{self.fp8_block[1]} block)")
+                    f"{self.fp8_block[0]}×{self.fp8_block[1]} block)"
+                )
             scale = self._slice(scale_name)[...]
             self._check(scale_name, scale)
             t = dequantize_fp8_blocks(t, scale, self.fp8_block, name=name)
@@ -217,7 +230,8 @@ class WeightReader:
         if not (math.isfinite(lo) and math.isfinite(hi)):
             what = "NaN" if math.isnan(lo) or math.isnan(hi) else "Inf"
             raise CheckpointError(
-                f"checkpoint tensor {name} ({self._where[name].name}) holds {what} values")
+                f"checkpoint tensor {name} ({self._where[name].name}) holds {what} values"
+            )
         target = self.dtype
         if target is not None and target.is_floating_point:
             limit = torch.finfo(target).max
@@ -227,7 +241,8 @@ class WeightReader:
                 raise CheckpointError(
                     f"checkpoint tensor {name} holds values up to {peak:.4g}, beyond "
                     f"{str(target).removeprefix('torch.')}'s range ({limit:.6g}); export with "
-                    f"--dtype {wider}")
+                    f"--dtype {wider}"
+                )
 
     def close(self) -> None:
         handles, self._handles = self._handles, {}

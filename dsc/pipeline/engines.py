@@ -39,8 +39,10 @@ from dsc.pipeline.targets import Target
 ENGINES_DIR = "engines"
 ENGINE_FILE = "model.engine"
 TIMING_CACHE = "timing.cache"
-RUNTIME = {"tensorrt_rtx": "TensorRT-RTX runtime (tensorrt_rtx); not standard TensorRT",
-           "tensorrt": "standard TensorRT runtime, same version and GPU model as the build"}
+RUNTIME = {
+    "tensorrt_rtx": "TensorRT-RTX runtime (tensorrt_rtx); not standard TensorRT",
+    "tensorrt": "standard TensorRT runtime, same version and GPU model as the build",
+}
 
 
 def build_engine(*args, **kwargs) -> EngineBuildResult:
@@ -61,9 +63,16 @@ class CompileResult:
 RETRIES = 5  # builds after the first: lowered prefill batches, then one raised workspace
 
 
-def build_within_workspace(onnx_path: Path, envelope: ShapeEnvelope, options, progress: Progress,
-                           label: str, *, max_workspace_bytes: int | None = None,
-                           **kwargs) -> tuple[EngineBuildResult, ShapeEnvelope, BuildOptions]:
+def build_within_workspace(
+    onnx_path: Path,
+    envelope: ShapeEnvelope,
+    options,
+    progress: Progress,
+    label: str,
+    *,
+    max_workspace_bytes: int | None = None,
+    **kwargs,
+) -> tuple[EngineBuildResult, ShapeEnvelope, BuildOptions]:
     """`build_engine`, and when the builder's scratch exceeds the workspace pool
     (`WorkspaceTooSmall`), again with fewer sequences per prefill pass.
 
@@ -87,19 +96,25 @@ def build_within_workspace(onnx_path: Path, envelope: ShapeEnvelope, options, pr
                 raise
             if batch <= 1:
                 need = -(-e.requested_bytes // 2**30) * 2**30
-                if max_workspace_bytes is None or need > max_workspace_bytes \
-                        or need <= e.workspace_bytes:
+                if (
+                    max_workspace_bytes is None
+                    or need > max_workspace_bytes
+                    or need <= e.workspace_bytes
+                ):
                     raise
-                progress.detail(f"{label} one {env.max_input_len}-token prefill asks for "
-                                f"{e.requested_bytes / 2**30:.2f} GiB of scratch; workspace "
-                                f"raised to {need // 2**30} GiB (within the plan's margin)")
+                progress.detail(
+                    f"{label} one {env.max_input_len}-token prefill asks for "
+                    f"{e.requested_bytes / 2**30:.2f} GiB of scratch; workspace "
+                    f"raised to {need // 2**30} GiB (within the plan's margin)"
+                )
                 options = replace(options, workspace_mib=need >> 20)
                 continue
-            new = max(1, min(batch - 1,
-                             int(batch * e.workspace_bytes / e.requested_bytes * 0.9)))
-            progress.detail(f"{label} the builder asked for {e.requested_bytes / 2**30:.2f} GiB "
-                            f"of scratch (workspace {e.workspace_bytes / 2**30:.2f} GiB) at "
-                            f"{batch} x {env.max_input_len} prefill tokens; retrying at {new}")
+            new = max(1, min(batch - 1, int(batch * e.workspace_bytes / e.requested_bytes * 0.9)))
+            progress.detail(
+                f"{label} the builder asked for {e.requested_bytes / 2**30:.2f} GiB "
+                f"of scratch (workspace {e.workspace_bytes / 2**30:.2f} GiB) at "
+                f"{batch} x {env.max_input_len} prefill tokens; retrying at {new}"
+            )
             env = replace(env, max_num_tokens=new * env.max_input_len)
     raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -130,8 +145,9 @@ def _with_name(e: DscError, text: str) -> DscError:
     return type(e)(text)
 
 
-def compile_target(target: Target, root: Path, io: dict, progress: Progress, *,
-                   previous: Path | None = None) -> CompileResult:
+def compile_target(
+    target: Target, root: Path, io: dict, progress: Progress, *, previous: Path | None = None
+) -> CompileResult:
     """Build `target` into `root/engines/<name>/` (root: the artifact being written)."""
     name = target.name
     out = root / engine_dir(name)
@@ -145,13 +161,24 @@ def compile_target(target: Target, root: Path, io: dict, progress: Progress, *,
             return _preflight(target, root, out, onnx_path, io, progress, label)
         return _engine(target, root, out, onnx_path, io, progress, label, previous)
     except DscError as e:
-        what = (f"preflight compile for SM{target.preflight_options.target_sm}"
-                if target.mode == "preflight" else "engine build")
+        what = (
+            f"preflight compile for SM{target.preflight_options.target_sm}"
+            if target.mode == "preflight"
+            else "engine build"
+        )
         raise _with_name(e, f"{name}: {what}: {e}") from None
 
 
-def _engine(target: Target, root: Path, out: Path, onnx_path: Path, io: dict,
-            progress: Progress, label: str, previous: Path | None) -> CompileResult:
+def _engine(
+    target: Target,
+    root: Path,
+    out: Path,
+    onnx_path: Path,
+    io: dict,
+    progress: Progress,
+    label: str,
+    previous: Path | None,
+) -> CompileResult:
     backend = "tensorrt_rtx" if target.mode == "rtx" else "tensorrt"
     options = target.options
     cache_note = "TensorRT-RTX: timing cache operations are no-ops (none written)"
@@ -168,13 +195,24 @@ def _engine(target: Target, root: Path, out: Path, onnx_path: Path, io: dict,
         options = replace(options, timing_cache=cache)
     engine_path = out / ENGINE_FILE
     result, built_env, used = build_within_workspace(
-        onnx_path, target.envelope, options, progress, label, backend=backend, io_spec=io,
-        engine_path=engine_path, max_workspace_bytes=_workspace_ceiling(target, options))
+        onnx_path,
+        target.envelope,
+        options,
+        progress,
+        label,
+        backend=backend,
+        io_spec=io,
+        engine_path=engine_path,
+        max_workspace_bytes=_workspace_ceiling(target, options),
+    )
     records = _log_records(result, progress, label)
     _write_json(out / "build.json", _summary(result, records))
     rel_engine = engine_path.relative_to(root).as_posix()
-    cache_rel = (options.timing_cache.relative_to(root).as_posix()
-                 if options.timing_cache is not None and options.timing_cache.is_file() else None)
+    cache_rel = (
+        options.timing_cache.relative_to(root).as_posix()
+        if options.timing_cache is not None and options.timing_cache.is_file()
+        else None
+    )
     entry = {
         "status": "built",
         "sm": target.profile.sm,
@@ -195,9 +233,14 @@ def _engine(target: Target, root: Path, out: Path, onnx_path: Path, io: dict,
         "timing_cache": {"path": cache_rel, "note": cache_note},
     }
     notes = _changes(target.envelope, built_env, options, used)
-    return CompileResult(entry, result.build_seconds, records,
-                         built_env if built_env != target.envelope else None, notes,
-                         used if used != options else None)
+    return CompileResult(
+        entry,
+        result.build_seconds,
+        records,
+        built_env if built_env != target.envelope else None,
+        notes,
+        used if used != options else None,
+    )
 
 
 def _workspace_ceiling(target: Target, options) -> int | None:
@@ -205,8 +248,9 @@ def _workspace_ceiling(target: Target, options) -> int | None:
     the user set builder.workspace_gb (then never)."""
     from dsc.hardware import parse_overrides
 
-    if options.workspace_mib is None or \
-            "builder.workspace_gb" in parse_overrides(target.profile.overrides):
+    if options.workspace_mib is None or "builder.workspace_gb" in parse_overrides(
+        target.profile.overrides
+    ):
         return None
     margin = (target.plan or {}).get("margin_bytes")
     if margin is None or margin <= 0:
@@ -219,25 +263,37 @@ def _changes(asked: ShapeEnvelope, built: ShapeEnvelope, options, used) -> tuple
     if built != asked:
         notes.append(_lowered_note(asked, built, used))
     if used.workspace_mib != options.workspace_mib:
-        notes.append(f"workspace raised from {options.workspace_mib / 1024:g} to "
-                     f"{used.workspace_mib / 1024:g} GiB: one {built.max_input_len}-token "
-                     f"prefill needs that much builder scratch (within the plan's margin)")
+        notes.append(
+            f"workspace raised from {options.workspace_mib / 1024:g} to "
+            f"{used.workspace_mib / 1024:g} GiB: one {built.max_input_len}-token "
+            f"prefill needs that much builder scratch (within the plan's margin)"
+        )
     return tuple(notes)
 
 
 def _lowered_note(asked: ShapeEnvelope, built: ShapeEnvelope, options) -> str:
     ws = options.workspace_mib / 1024 if options.workspace_mib else 0
-    return (f"prefill batch lowered from {asked.max_prefill_batch} to {built.max_prefill_batch} "
-            f"(max_num_tokens {built.max_num_tokens}) so the builder's scratch fits the "
-            f"{ws:g} GiB workspace; decode keeps batch {built.max_batch}")
+    return (
+        f"prefill batch lowered from {asked.max_prefill_batch} to {built.max_prefill_batch} "
+        f"(max_num_tokens {built.max_num_tokens}) so the builder's scratch fits the "
+        f"{ws:g} GiB workspace; decode keeps batch {built.max_batch}"
+    )
 
 
-def _preflight(target: Target, root: Path, out: Path, onnx_path: Path, io: dict,
-               progress: Progress, label: str) -> CompileResult:
+def _preflight(
+    target: Target, root: Path, out: Path, onnx_path: Path, io: dict, progress: Progress, label: str
+) -> CompileResult:
     pre = target.preflight_options
     result, built_env, used = build_within_workspace(
-        onnx_path, target.envelope, pre, progress, label, backend="tensorrt_rtx", io_spec=io,
-        max_workspace_bytes=_workspace_ceiling(target, pre))
+        onnx_path,
+        target.envelope,
+        pre,
+        progress,
+        label,
+        backend="tensorrt_rtx",
+        io_spec=io,
+        max_workspace_bytes=_workspace_ceiling(target, pre),
+    )
     records = _log_records(result, progress, label)
     preflight = {
         "sm": pre.target_sm,
@@ -248,12 +304,16 @@ def _preflight(target: Target, root: Path, out: Path, onnx_path: Path, io: dict,
         "size_bytes": int(result.size_bytes),
         "seconds": round(result.build_seconds, 3),
         "num_layers": result.num_layers,
-        "meaning": (f"the graph parses and every layer compiles at {io.get('dtype')} for "
-                    f"SM{pre.target_sm}, the nearest SM TensorRT-RTX targets; the SM"
-                    f"{target.profile.sm} engine itself is built on the device"),
+        "meaning": (
+            f"the graph parses and every layer compiles at {io.get('dtype')} for "
+            f"SM{pre.target_sm}, the nearest SM TensorRT-RTX targets; the SM"
+            f"{target.profile.sm} engine itself is built on the device"
+        ),
     }
-    notes = tuple(f"preflight: {n}; trtexec.sh keeps the envelope and workspace asked for"
-                  for n in _changes(target.envelope, built_env, pre, used))
+    notes = tuple(
+        f"preflight: {n}; trtexec.sh keeps the envelope and workspace asked for"
+        for n in _changes(target.envelope, built_env, pre, used)
+    )
     if notes:
         preflight["prefill_batch"] = built_env.max_prefill_batch
         preflight["meaning"] += f" ({'; '.join(notes)})"
@@ -265,11 +325,24 @@ def _preflight(target: Target, root: Path, out: Path, onnx_path: Path, io: dict,
         "status": "awaiting_device_build",
         "sm": target.profile.sm,
         "engine": None,
-        "preflight": {k: preflight[k] for k in ("sm", "passed", "backend", "trt_version",
-                                                "size_bytes", "seconds", "num_layers")},
+        "preflight": {
+            k: preflight[k]
+            for k in (
+                "sm",
+                "passed",
+                "backend",
+                "trt_version",
+                "size_bytes",
+                "seconds",
+                "num_layers",
+            )
+        },
         "device_command": script.relative_to(root).as_posix(),
-        "timing_cache": {"path": None, "note": "written on the device by trtexec.sh / dsc "
-                                               "compile (engines/<profile>/timing.cache)"},
+        "timing_cache": {
+            "path": None,
+            "note": "written on the device by trtexec.sh / dsc "
+            "compile (engines/<profile>/timing.cache)",
+        },
     }
     return CompileResult(entry, result.build_seconds, records, None, notes)
 
@@ -281,8 +354,7 @@ def trtexec_script(target: Target, io: dict) -> str:
     from dataclasses import replace
 
     options = replace(target.options, timing_cache=Path(f"{d}/{TIMING_CACHE}"))
-    argv = trtexec_command(io["onnx"], f"{d}/{ENGINE_FILE}", target.envelope, options,
-                           io_spec=io)
+    argv = trtexec_command(io["onnx"], f"{d}/{ENGINE_FILE}", target.envelope, options, io_spec=io)
     env = target.envelope
     return (
         "#!/bin/sh\n"

@@ -46,8 +46,9 @@ def peak_rss_bytes() -> int | None:
 class Progress:
     """Stage-numbered progress lines; every line is also kept for build.log."""
 
-    def __init__(self, total: int, *, echo: Callable[[str], None] | None = None,
-                 quiet: bool = False):
+    def __init__(
+        self, total: int, *, echo: Callable[[str], None] | None = None, quiet: bool = False
+    ):
         self.total = total
         self.quiet = quiet
         self._echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -96,11 +97,23 @@ def counted(label: str, total: int, *, quiet: bool = False) -> Iterator[Callable
         yield lambda n=1: None
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n=1: bar.advance(task, n)

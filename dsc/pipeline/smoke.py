@@ -46,8 +46,10 @@ PROMPT = "And God said"
 # Relative tolerance of decode-vs-prefill logits: reduction order differs between one long
 # prefill and many one-token steps, which fp16 accumulation makes visible.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 2e-2}
-NOTE = "smoke check only (ONNX Runtime on the graph handed to the builder); the accuracy gate " \
-       "against the FP16 reference is `dsc validate`"
+NOTE = (
+    "smoke check only (ONNX Runtime on the graph handed to the builder); the accuracy gate "
+    "against the FP16 reference is `dsc validate`"
+)
 
 
 @dataclass
@@ -78,14 +80,20 @@ def kv_check(runner, prompt_ids: list[int], tokens: int) -> KVCheck:
         if i == tokens - 1:
             break
         total = n + len(generated)
-        out = runner.step(np.array([[tok]]), np.ones((1, total), np.int64),
-                          np.array([[total - 1]]), past)
+        out = runner.step(
+            np.array([[tok]]), np.ones((1, total), np.int64), np.array([[total - 1]]), past
+        )
         past = out.present
         finite &= bool(np.isfinite(out.logits).all())
         step_logits.append(out.logits[0, -1].astype(np.float32))
     full = np.array([prompt_ids + generated[:-1]], dtype=np.int64)
-    ref = runner.step(full, np.ones_like(full), np.arange(full.shape[1])[None, :],
-                      runner.empty_past(1)).logits[0, n - 1:].astype(np.float32)
+    ref = (
+        runner.step(
+            full, np.ones_like(full), np.arange(full.shape[1])[None, :], runner.empty_past(1)
+        )
+        .logits[0, n - 1 :]
+        .astype(np.float32)
+    )
     finite &= bool(np.isfinite(ref).all())
     inc = np.stack(step_logits)
     scale = float(np.abs(ref).max()) if finite else 1.0
@@ -102,11 +110,19 @@ def smoke_validate(artifact: Path, io: dict, *, tokens: int = 8, prompt: str = P
     from dsc.passes.quant.qdq import strip_activation_qdq
 
     dtype = str(io.get("dtype", "fp16"))
-    record = {"kind": "smoke", "backend": "onnxruntime", "graph": io["onnx"], "dtype": dtype,
-              "note": NOTE}
+    record = {
+        "kind": "smoke",
+        "backend": "onnxruntime",
+        "graph": io["onnx"],
+        "dtype": dtype,
+        "note": NOTE,
+    }
     if dtype not in TOLERANCE:
-        record.update(status="skipped", passed=None,
-                      reason=f"ONNX Runtime's CPU provider cannot run a {dtype} graph")
+        record.update(
+            status="skipped",
+            passed=None,
+            reason=f"ONNX Runtime's CPU provider cannot run a {dtype} graph",
+        )
         return record
     t0 = time.perf_counter()
     path = Path(artifact) / io["onnx"]
@@ -127,17 +143,26 @@ def smoke_validate(artifact: Path, io: dict, *, tokens: int = 8, prompt: str = P
         failures.append("non-finite logits")
     elif not passed:
         on = f" (activation Q/DQ removed: {pairs} pairs)" if pairs else ""
-        failures.append(f"decode through the KV cache differs from prefill{on} by "
-                        f"{checked.rel:.3g} of the largest logit (tolerance {TOLERANCE[dtype]:g})")
+        failures.append(
+            f"decode through the KV cache differs from prefill{on} by "
+            f"{checked.rel:.3g} of the largest logit (tolerance {TOLERANCE[dtype]:g})"
+        )
     record.update(
-        status="ran", passed=passed, failures=failures, prompt=prompt,
-        prompt_tokens=len(prompt_ids), generated_tokens=exact.generated, finite=finite,
-        kv_max_abs_diff=checked.max_abs, kv_rel_diff=checked.rel, tolerance=TOLERANCE[dtype],
-        greedy_agreement=exact.agreement, seconds=round(time.perf_counter() - t0, 3),
+        status="ran",
+        passed=passed,
+        failures=failures,
+        prompt=prompt,
+        prompt_tokens=len(prompt_ids),
+        generated_tokens=exact.generated,
+        finite=finite,
+        kv_max_abs_diff=checked.max_abs,
+        kv_rel_diff=checked.rel,
+        tolerance=TOLERANCE[dtype],
+        greedy_agreement=exact.agreement,
+        seconds=round(time.perf_counter() - t0, 3),
     )
     if pairs:
-        record.update(kv_checked_without_activation_qdq=pairs,
-                      kv_rel_diff_exact_graph=exact.rel)
+        record.update(kv_checked_without_activation_qdq=pairs, kv_rel_diff_exact_graph=exact.rel)
     if tokenizer is not None:
         record["text"] = prompt + tokenizer.decode(exact.generated, skip_special_tokens=True)
     return record

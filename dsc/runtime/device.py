@@ -65,8 +65,9 @@ class CudaDevice:
         except Exception as e:  # noqa: BLE001  no libcudart or driver: Polygraphy raises its own
             raise Unsupported(f"no CUDA runtime: {' '.join(str(e).split())[:200]}") from None
         if status != 0 or count.value < 1:
-            raise Unsupported(f"no CUDA GPU visible (cudaGetDeviceCount status {status}, "
-                              f"{count.value} devices)")
+            raise Unsupported(
+                f"no CUDA GPU visible (cudaGetDeviceCount status {status}, {count.value} devices)"
+            )
         self.stream = cuda.Stream()
         self.stream_ptr = self.stream.ptr
         weakref.finalize(self, self.stream.free)
@@ -82,14 +83,20 @@ class CudaDevice:
     def upload(self, buf: Buffer, array: np.ndarray) -> None:
         a = np.ascontiguousarray(array)
         assert a.nbytes <= buf.nbytes, (a.nbytes, buf.nbytes)
-        self._w.memcpy(buf.ptr, a.ctypes.data, a.nbytes, self._cuda.MemcpyKind.HostToDevice,
-                       self.stream_ptr)
+        self._w.memcpy(
+            buf.ptr, a.ctypes.data, a.nbytes, self._cuda.MemcpyKind.HostToDevice, self.stream_ptr
+        )
         self.stream.synchronize()  # `a` may be a temporary: the copy must finish before it goes
 
     def download(self, buf: Buffer, shape: tuple[int, ...], dtype) -> np.ndarray:
         out = np.empty(shape, dtype=dtype)
-        self._w.memcpy(out.ctypes.data, buf.ptr, out.nbytes, self._cuda.MemcpyKind.DeviceToHost,
-                       self.stream_ptr)
+        self._w.memcpy(
+            out.ctypes.data,
+            buf.ptr,
+            out.nbytes,
+            self._cuda.MemcpyKind.DeviceToHost,
+            self.stream_ptr,
+        )
         self.stream.synchronize()
         return out
 
@@ -110,20 +117,25 @@ class CudaDevice:
     # -- CUDA graphs ---------------------------------------------------------------------------
 
     def begin_capture(self) -> None:
-        self._w.check(self._w.handle.cudaStreamBeginCapture(ctypes.c_void_p(self.stream_ptr),
-                                                            _CAPTURE_THREAD_LOCAL))
+        self._w.check(
+            self._w.handle.cudaStreamBeginCapture(
+                ctypes.c_void_p(self.stream_ptr), _CAPTURE_THREAD_LOCAL
+            )
+        )
 
     def end_capture(self) -> tuple[int, int]:
         h = self._w.handle
         graph, exe = ctypes.c_void_p(), ctypes.c_void_p()
-        self._w.check(h.cudaStreamEndCapture(ctypes.c_void_p(self.stream_ptr),
-                                             ctypes.byref(graph)))
+        self._w.check(h.cudaStreamEndCapture(ctypes.c_void_p(self.stream_ptr), ctypes.byref(graph)))
         self._w.check(h.cudaGraphInstantiate(ctypes.byref(exe), graph, ctypes.c_ulonglong(0)))
         return (graph.value, exe.value)
 
     def launch(self, graph: tuple[int, int]) -> None:
-        self._w.check(self._w.handle.cudaGraphLaunch(ctypes.c_void_p(graph[1]),
-                                                     ctypes.c_void_p(self.stream_ptr)))
+        self._w.check(
+            self._w.handle.cudaGraphLaunch(
+                ctypes.c_void_p(graph[1]), ctypes.c_void_p(self.stream_ptr)
+            )
+        )
 
     def destroy(self, graph: tuple[int, int]) -> None:
         self._w.handle.cudaGraphExecDestroy(ctypes.c_void_p(graph[1]))

@@ -103,8 +103,9 @@ def runtime_flavour(requested: str | None, engine_backend: str | None) -> str:
     """The runtime to use: `requested`, else $DSC_ENGINE_RUNTIME, else the engine's backend."""
     flavour = requested or os.environ.get(STANDIN_ENV) or engine_backend or "tensorrt"
     if flavour not in FLAVOURS:
-        raise Unsupported(f"unknown engine runtime {flavour!r} (expected one of "
-                          f"{', '.join(FLAVOURS)})")
+        raise Unsupported(
+            f"unknown engine runtime {flavour!r} (expected one of {', '.join(FLAVOURS)})"
+        )
     return flavour
 
 
@@ -114,8 +115,9 @@ def load_runtime(flavour: str) -> RuntimeApi:
     if flavour == "standin":
         from dsc.runtime import standin
 
-        return RuntimeApi(standin, "standin", standin.__version__, standin.HostDevice(),
-                          standin.RUNTIME_LABEL)
+        return RuntimeApi(
+            standin, "standin", standin.__version__, standin.HostDevice(), standin.RUNTIME_LABEL
+        )
     label = "TensorRT-RTX" if flavour == "tensorrt_rtx" else "TensorRT"
     if flavour == "tensorrt_rtx":
         os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1"
@@ -138,8 +140,14 @@ def load_runtime(flavour: str) -> RuntimeApi:
     except Unsupported as e:
         raise Unsupported(f"--engine needs a GPU: {e}") from None
     version = str(getattr(trt, "__version__", "unknown"))
-    return RuntimeApi(trt, flavour, version, device, f"{label} {version} (Polygraphy)",
-                      native_graphs=flavour == "tensorrt_rtx")
+    return RuntimeApi(
+        trt,
+        flavour,
+        version,
+        device,
+        f"{label} {version} (Polygraphy)",
+        native_graphs=flavour == "tensorrt_rtx",
+    )
 
 
 def check_compatible(engine: dict, profile_sm: int | None, runtime: RuntimeApi) -> None:
@@ -152,17 +160,23 @@ def check_compatible(engine: dict, profile_sm: int | None, runtime: RuntimeApi) 
     """
     backend = engine.get("backend")
     if runtime.flavour != "standin" and backend and backend != runtime.flavour:
-        raise Unsupported(f"the engine was built with {backend} and runs only with that "
-                          f"runtime; this is {runtime.label}")
+        raise Unsupported(
+            f"the engine was built with {backend} and runs only with that "
+            f"runtime; this is {runtime.label}"
+        )
     built = str(engine.get("trt_version"))
     if built != runtime.version:
-        raise Unsupported(f"the engine was built with TensorRT version {built}; this device's "
-                          f"runtime is {runtime.version} (rebuild it here: dsc device-check)")
+        raise Unsupported(
+            f"the engine was built with TensorRT version {built}; this device's "
+            f"runtime is {runtime.version} (rebuild it here: dsc device-check)"
+        )
     engine_sm = engine.get("target_sm") or profile_sm
     device_sm = runtime.device.compute_capability()
     if engine_sm is not None and int(engine_sm) != int(device_sm):
-        raise Unsupported(f"the engine was built for SM{engine_sm}; this device is "
-                          f"SM{device_sm} (rebuild it here: dsc device-check)")
+        raise Unsupported(
+            f"the engine was built for SM{engine_sm}; this device is "
+            f"SM{device_sm} (rebuild it here: dsc device-check)"
+        )
 
 
 # -- tensors on the device -----------------------------------------------------------------------
@@ -227,8 +241,15 @@ class EngineCausalLM:
 
     generate = OrtCausalLM.generate  # the same KV-cache loop, over this class's `step`
 
-    def __init__(self, engine_path: Path, io_spec: dict, *, runtime: RuntimeApi,
-                 cuda_graphs: bool = True, max_graphs: int = 64):
+    def __init__(
+        self,
+        engine_path: Path,
+        io_spec: dict,
+        *,
+        runtime: RuntimeApi,
+        cuda_graphs: bool = True,
+        max_graphs: int = 64,
+    ):
         self.io = io_spec
         self.runtime = runtime
         self.device = runtime.device
@@ -249,29 +270,40 @@ class EngineCausalLM:
         try:
             self.engine = runtime.deserialize(data, engine_path.parent)
         except Exception as e:  # noqa: BLE001  Polygraphy raises its own type for a bad engine
-            raise BadInput(f"{runtime.label} cannot deserialize {engine_path}: "
-                           f"{' '.join(str(e).split())[:200]}") from None
+            raise BadInput(
+                f"{runtime.label} cannot deserialize {engine_path}: "
+                f"{' '.join(str(e).split())[:200]}"
+            ) from None
         if self.engine is None:
-            raise BadInput(f"{runtime.label} cannot deserialize {engine_path} (not an engine "
-                           f"for this runtime)")
+            raise BadInput(
+                f"{runtime.label} cannot deserialize {engine_path} (not an engine for this runtime)"
+            )
         eng = self.engine
         names = {eng.get_tensor_name(i) for i in range(eng.num_io_tensors)}
         missing = [n for n in (*self.input_names, *self.output_names) if n not in names]
         if missing:
-            raise BadInput(f"engine {engine_path} does not match model_io.json: no tensor "
-                           f"{', '.join(missing[:3])}")
-        self.dtypes = {n: runtime.nptype(eng.get_tensor_dtype(n))
-                       for n in (*self.input_names, *self.output_names)}
+            raise BadInput(
+                f"engine {engine_path} does not match model_io.json: no tensor "
+                f"{', '.join(missing[:3])}"
+            )
+        self.dtypes = {
+            n: runtime.nptype(eng.get_tensor_dtype(n))
+            for n in (*self.input_names, *self.output_names)
+        }
         self.cache_dtype = self.dtypes[self.past_names[0]]
-        self.profiles = [{n: tuple(tuple(int(x) for x in s)
-                                   for s in eng.get_tensor_profile_shape(n, i))
-                          for n in self.input_names}
-                         for i in range(eng.num_optimization_profiles)]
+        self.profiles = [
+            {
+                n: tuple(tuple(int(x) for x in s) for s in eng.get_tensor_profile_shape(n, i))
+                for n in self.input_names
+            }
+            for i in range(eng.num_optimization_profiles)
+        ]
         if runtime.native_graphs:
             config = eng.create_runtime_config()
             strategy = runtime.trt.CudaGraphStrategy
-            config.cuda_graph_strategy = (strategy.WHOLE_GRAPH_CAPTURE if self.cuda_graphs
-                                          else strategy.DISABLED)
+            config.cuda_graph_strategy = (
+                strategy.WHOLE_GRAPH_CAPTURE if self.cuda_graphs else strategy.DISABLED
+            )
             self.context = eng.create_execution_context(config)
         else:
             self.context = eng.create_execution_context()
@@ -281,16 +313,20 @@ class EngineCausalLM:
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
 
     @classmethod
-    def from_artifact(cls, artifact: Path, profile: str, *, runtime: str | None = None,
-                      **kw) -> EngineCausalLM:
+    def from_artifact(
+        cls, artifact: Path, profile: str, *, runtime: str | None = None, **kw
+    ) -> EngineCausalLM:
         """The engine of `profile` in `artifact`, checked against this device first."""
         return engine_factory(artifact, profile, runtime=runtime, **kw)()
 
     # -- shapes and profiles ---------------------------------------------------------------------
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, h, 0, d), dtype=self.cache_dtype)
-                for _ in range(self.num_layers) for h, d in self.entries]
+        return [
+            np.zeros((batch, h, 0, d), dtype=self.cache_dtype)
+            for _ in range(self.num_layers)
+            for h, d in self.entries
+        ]
 
     def select_profile(self, shapes: dict[str, tuple]) -> int | None:
         """The profile holding every shape with opt shapes nearest; None when none holds them."""
@@ -314,8 +350,9 @@ class EngineCausalLM:
             return len(s) != len(lo) or any(x < a or x > b for x, a, b in zip(s, lo, hi))
 
         n = next((n for n in shapes if all(outside(n, p) for p in self.profiles)), "input_ids")
-        ranges = "; ".join(f"profile {i}: {p[n][0]}..{p[n][2]}"
-                           for i, p in enumerate(self.profiles))
+        ranges = "; ".join(
+            f"profile {i}: {p[n][0]}..{p[n][2]}" for i, p in enumerate(self.profiles)
+        )
         return f"{n} {shapes[n]} is outside every optimization profile of the engine ({ranges})"
 
     def _set_profile(self, index: int) -> None:
@@ -329,12 +366,22 @@ class EngineCausalLM:
 
     # -- one step --------------------------------------------------------------------------------
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             past: list) -> StepOutput:
+    def step(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: list,
+    ) -> StepOutput:
         # in the engine's own integer type (int64 as exported; int32 if a builder narrowed it)
-        small = {n: np.ascontiguousarray(a, dtype=self.dtypes[n]) for n, a in
-                 (("input_ids", input_ids), ("attention_mask", attention_mask),
-                  ("position_ids", position_ids))}
+        small = {
+            n: np.ascontiguousarray(a, dtype=self.dtypes[n])
+            for n, a in (
+                ("input_ids", input_ids),
+                ("attention_mask", attention_mask),
+                ("position_ids", position_ids),
+            )
+        }
         if len(past) != len(self.past_names):
             raise BadInput(f"expected {len(self.past_names)} cache tensors, got {len(past)}")
         shapes = {n: tuple(a.shape) for n, a in small.items()}
@@ -366,15 +413,17 @@ class EngineCausalLM:
                 out.append(DeviceTensor(buf, a.shape, a.dtype, self.device))
         return out
 
-    def _prepare(self, index: int, small: dict, past_dev: list, shapes: dict,
-                 small_bufs: dict | None = None) -> tuple[dict, dict]:
+    def _prepare(
+        self, index: int, small: dict, past_dev: list, shapes: dict, small_bufs: dict | None = None
+    ) -> tuple[dict, dict]:
         """Set the profile, every input shape and address; allocate the outputs."""
         self._set_profile(index)
         ctx = self.context
         for n in self.input_names:
             if not ctx.set_input_shape(n, shapes[n]):
-                raise BackendError(f"the runtime refused shape {shapes[n]} for {n} in "
-                                   f"optimization profile {index}")
+                raise BackendError(
+                    f"the runtime refused shape {shapes[n]} for {n} in optimization profile {index}"
+                )
         bufs = small_bufs or {}
         for n, a in small.items():
             if n not in bufs:
@@ -399,8 +448,10 @@ class EngineCausalLM:
     def _result(self, outs: dict) -> StepOutput:
         buf, shape = outs["logits"]
         logits = self.device.download(buf, shape, self.dtypes["logits"])
-        present = [DeviceTensor(outs[n][0], outs[n][1], self.dtypes[n], self.device)
-                   for n in self.present_names]
+        present = [
+            DeviceTensor(outs[n][0], outs[n][1], self.dtypes[n], self.device)
+            for n in self.present_names
+        ]
         return StepOutput(logits, present)
 
     def _eager(self, index: int, small: dict, past: list, shapes: dict) -> StepOutput:
@@ -449,8 +500,14 @@ class EngineCausalLM:
     def _split_prefill(self, small: dict, past: list, shapes: dict) -> StepOutput:
         """A prefill whose batch only the prefill profile's batch limit refuses: several passes."""
         batch, seq = shapes["input_ids"]
-        per = max((p["input_ids"][2][0] for p in self.profiles
-                   if p["input_ids"][0][1] <= seq <= p["input_ids"][2][1]), default=0)
+        per = max(
+            (
+                p["input_ids"][2][0]
+                for p in self.profiles
+                if p["input_ids"][0][1] <= seq <= p["input_ids"][2][1]
+            ),
+            default=0,
+        )
         one = {n: (min(s[0], per), *s[1:]) for n, s in shapes.items()}
         if batch <= per or per < 1 or self.select_profile(one) is None:
             raise Unsupported(self._limits(shapes))
@@ -458,8 +515,12 @@ class EngineCausalLM:
         logits, present = [], [[] for _ in self.present_names]
         for start in range(0, batch, per):
             sl = slice(start, start + per)
-            part = self.step(small["input_ids"][sl], small["attention_mask"][sl],
-                             small["position_ids"][sl], [np.asarray(p)[sl] for p in past])
+            part = self.step(
+                small["input_ids"][sl],
+                small["attention_mask"][sl],
+                small["position_ids"][sl],
+                [np.asarray(p)[sl] for p in past],
+            )
             logits.append(part.logits)
             for k, t in enumerate(part.present):
                 present[k].append(np.asarray(t))
@@ -475,9 +536,11 @@ def engine_entry(manifest: dict, profile: str, artifact: Path) -> dict:
     entry = profiles[profile]
     if not isinstance(entry, dict) or not isinstance(entry.get("engine"), dict):
         status = entry.get("status") if isinstance(entry, dict) else None
-        raise Unsupported(f"profile {profile} of {artifact} holds no engine (status {status}); "
-                          f"build it on the device: dsc device-check {artifact} --profile "
-                          f"{profile}")
+        raise Unsupported(
+            f"profile {profile} of {artifact} holds no engine (status {status}); "
+            f"build it on the device: dsc device-check {artifact} --profile "
+            f"{profile}"
+        )
     return entry
 
 
@@ -495,8 +558,9 @@ class EngineFactory:
         return self.last
 
 
-def engine_factory(artifact: Path, profile: str, *, runtime: str | None = None,
-                   **kw) -> EngineFactory:
+def engine_factory(
+    artifact: Path, profile: str, *, runtime: str | None = None, **kw
+) -> EngineFactory:
     """`EngineFactory` for `profile` of `artifact`: raises now what `from_artifact` raises
     (`BadInput` no such profile, `Unsupported` no engine, GPU or runtime, other SM/version)."""
     from dsc.artifacts import load_io_spec, load_manifest

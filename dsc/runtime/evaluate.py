@@ -46,8 +46,16 @@ def bench_file(profile: str) -> str:
     return f"bench-engine-{profile}.json"
 
 
-def write_record(artifact: Path, profile: str, kind: str, filename: str, data: dict,
-                 summary: dict, *, reports: bool = True) -> None:
+def write_record(
+    artifact: Path,
+    profile: str,
+    kind: str,
+    filename: str,
+    data: dict,
+    summary: dict,
+    *,
+    reports: bool = True,
+) -> None:
     """Write `filename` and set manifest `engine_runs.<profile>.<kind>` to `summary` (with the
     file's sha256 in `outputs`): both or neither, then regenerate the reports."""
     artifact = Path(artifact)
@@ -69,9 +77,20 @@ def write_record(artifact: Path, profile: str, kind: str, filename: str, data: d
         write_reports(artifact)
 
 
-def record_engine(artifact: Path, profile: str, rel: str, envelope, *, backend: str,
-                  trt_version: str, sm: int, runtime: str, build_seconds: float = 0.0,
-                  profile_name: str | None = None, note: str | None = None) -> dict:
+def record_engine(
+    artifact: Path,
+    profile: str,
+    rel: str,
+    envelope,
+    *,
+    backend: str,
+    trt_version: str,
+    sm: int,
+    runtime: str,
+    build_seconds: float = 0.0,
+    profile_name: str | None = None,
+    note: str | None = None,
+) -> dict:
     """Record an engine file already at `artifact/rel` as `profiles.<profile>` in manifest.json
     (the builder's record shape; `plan` left empty with `note`), atomically. For engines built
     outside `dsc build` / `dsc compile`: the GPU checks' and the stand-in's."""
@@ -84,15 +103,37 @@ def record_engine(artifact: Path, profile: str, rel: str, envelope, *, backend: 
     note = note or "engine recorded by dsc.runtime.evaluate.record_engine; no plan was made"
     env = asdict(envelope)
     record = {
-        "status": "built", "sm": sm, "envelope": env,
-        "profile": {"name": profile_name or profile, "compute_capability": sm,
-                    "precisions": [], "builder": {}, "envelope": env},
-        "options": {}, "plan": {"fits": True, "precision": io.get("dtype"), "total_bytes": 0,
-                                "capacity_bytes": 0, "note": note},
-        "engine": {"path": rel, "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
-                   "backend": backend, "trt_version": trt_version, "target_sm": sm,
-                   "build_seconds": round(build_seconds, 3), "runtime": runtime},
-        "preflight": None, "device_command": None, "notes": [note],
+        "status": "built",
+        "sm": sm,
+        "envelope": env,
+        "profile": {
+            "name": profile_name or profile,
+            "compute_capability": sm,
+            "precisions": [],
+            "builder": {},
+            "envelope": env,
+        },
+        "options": {},
+        "plan": {
+            "fits": True,
+            "precision": io.get("dtype"),
+            "total_bytes": 0,
+            "capacity_bytes": 0,
+            "note": note,
+        },
+        "engine": {
+            "path": rel,
+            "sha256": sha256_file(path),
+            "size_bytes": path.stat().st_size,
+            "backend": backend,
+            "trt_version": trt_version,
+            "target_sm": sm,
+            "build_seconds": round(build_seconds, 3),
+            "runtime": runtime,
+        },
+        "preflight": None,
+        "device_command": None,
+        "notes": [note],
     }
     manifest.setdefault("profiles", {})[profile] = record
     manifest.setdefault("outputs", {})[rel] = record["engine"]["sha256"]
@@ -103,8 +144,9 @@ def record_engine(artifact: Path, profile: str, rel: str, envelope, *, backend: 
     return record
 
 
-def _reference(artifact: Path, reference: str | Path, profile: str, runtime: str | None,
-               cuda_graphs: bool):
+def _reference(
+    artifact: Path, reference: str | Path, profile: str, runtime: str | None, cuda_graphs: bool
+):
     """(runner factory, onnx path, description) of the reference."""
     from dsc.backends.onnxruntime.runner import OrtCausalLM
     from dsc.runtime.engine import engine_factory
@@ -116,16 +158,25 @@ def _reference(artifact: Path, reference: str | Path, profile: str, runtime: str
         if isinstance(entry, dict) and isinstance(entry.get("engine"), dict):
             io = load_io_spec(ref_dir)
             make = engine_factory(ref_dir, profile, runtime=runtime, cuda_graphs=cuda_graphs)
-            return make, ref_dir / io["onnx"], \
-                f"{ref_dir} engine {profile} ({make.runtime.label})"
+            return make, ref_dir / io["onnx"], f"{ref_dir} engine {profile} ({make.runtime.label})"
     path, io, desc = resolve_reference(artifact, reference)
     return (lambda: OrtCausalLM(path, io)), path, f"{desc} in ONNX Runtime"
 
 
-def validate_engine(artifact: str | Path, profile: str, *, reference: str | Path = "fp16",
-                    data: str | Path | None = None, thresholds: dict | None = None,
-                    precision: str | None = None, options=None, runtime: str | None = None,
-                    cuda_graphs: bool = True, write: bool = True, quiet: bool = False) -> dict:
+def validate_engine(
+    artifact: str | Path,
+    profile: str,
+    *,
+    reference: str | Path = "fp16",
+    data: str | Path | None = None,
+    thresholds: dict | None = None,
+    precision: str | None = None,
+    options=None,
+    runtime: str | None = None,
+    cuda_graphs: bool = True,
+    write: bool = True,
+    quiet: bool = False,
+) -> dict:
     """The accuracy gate with the engine of `profile` as candidate; returns the gate record
     (validation.json's fields, plus `engine`, `runtime`, `graph_stats`, `locator_scope`).
 
@@ -148,19 +199,34 @@ def validate_engine(artifact: str | Path, profile: str, *, reference: str | Path
     if thresholds:
         opts.thresholds = dict(thresholds)
     prec = precision or candidate_precision(artifact, manifest, io)
-    result = run_gate(make, ref, load_tokenizer(artifact), text, precision=prec, options=opts,
-                      candidate_path=artifact / io["onnx"], reference_path=ref_path,
-                      quiet=quiet)
+    result = run_gate(
+        make,
+        ref,
+        load_tokenizer(artifact),
+        text,
+        precision=prec,
+        options=opts,
+        candidate_path=artifact / io["onnx"],
+        reference_path=ref_path,
+        quiet=quiet,
+    )
     engine = manifest["profiles"][profile]["engine"]
     result["candidate"] = f"{engine['path']} ({make.runtime.label})"
     result["reference"] = ref_desc
-    result["engine"] = {"profile": profile, "path": engine["path"], "sha256": engine["sha256"],
-                        "backend": engine.get("backend"), "trt_version": engine.get("trt_version")}
+    result["engine"] = {
+        "profile": profile,
+        "path": engine["path"],
+        "sha256": engine["sha256"],
+        "backend": engine.get("backend"),
+        "trt_version": engine.get("trt_version"),
+    }
     result["runtime"] = make.runtime.label
     result["cuda_graphs"] = cuda_graphs
     result["graph_stats"] = make.last.graph_stats.to_json() if make.last else None
-    result["locator_scope"] = ("the ONNX graph the engine was built from against the reference "
-                               "graph, in ONNX Runtime (an engine's inner tensors are not read)")
+    result["locator_scope"] = (
+        "the ONNX graph the engine was built from against the reference "
+        "graph, in ONNX Runtime (an engine's inner tensors are not read)"
+    )
     if write:
         summary = {k: result[k] for k in ("precision", "passed", "failures", "runtime")}
         summary["perplexity_delta"] = result["perplexity"]["delta"]
@@ -169,10 +235,19 @@ def validate_engine(artifact: str | Path, profile: str, *, reference: str | Path
     return result
 
 
-def bench_engine(artifact: str | Path, profile: str, *, batches=(1,), prompt_lens=(128,),
-                 gen_len: int = 32, warmup: int = 2, repeats: int = 5,
-                 runtime: str | None = None, graphs: tuple[bool, ...] = (True, False),
-                 write: bool = True) -> dict:
+def bench_engine(
+    artifact: str | Path,
+    profile: str,
+    *,
+    batches=(1,),
+    prompt_lens=(128,),
+    gen_len: int = 32,
+    warmup: int = 2,
+    repeats: int = 5,
+    runtime: str | None = None,
+    graphs: tuple[bool, ...] = (True, False),
+    write: bool = True,
+) -> dict:
     """Time the engine of `profile` with and without CUDA graphs (`graphs`).
 
     Returns {"runtime", "profile", "runs": [{"cuda_graphs", "rows": [...], "graph_stats"}]}
@@ -190,39 +265,62 @@ def bench_engine(artifact: str | Path, profile: str, *, batches=(1,), prompt_len
     ceilings = _ceilings(artifact, manifest, io, profile, batches, prompt_lens, gen_len)
     runs, label = [], None
     for use in graphs:
-        runner = EngineCausalLM.from_artifact(artifact, profile, runtime=runtime,
-                                              cuda_graphs=use)
+        runner = EngineCausalLM.from_artifact(artifact, profile, runtime=runtime, cuda_graphs=use)
         label = runner.runtime.label
-        r = bench(runner, onnx_path=artifact / io["onnx"], batches=batches,
-                  prompt_lens=prompt_lens, gen_len=gen_len, warmup=warmup, repeats=repeats)
+        r = bench(
+            runner,
+            onnx_path=artifact / io["onnx"],
+            batches=batches,
+            prompt_lens=prompt_lens,
+            gen_len=gen_len,
+            warmup=warmup,
+            repeats=repeats,
+        )
         for row in r["rows"]:
             ceiling = ceilings.get((row["batch"], row["prompt_len"]))
             row["decode_ceiling_tokens_per_s"] = ceiling
-            row["fraction_of_roofline"] = (row["decode_tokens_per_s"] / ceiling
-                                           if ceiling else None)
-        runs.append({"cuda_graphs": use, "rows": r["rows"],
-                     "graph_stats": runner.graph_stats.to_json()})
-    result = {"kind": "engine-bench", "profile": profile, "runtime": label,
-              "engine": manifest["profiles"][profile]["engine"]["path"],
-              "weight_bytes": r["weight_bytes"], "kv_bytes_per_token": r["kv_bytes_per_token"],
-              "runs": runs}
+            row["fraction_of_roofline"] = row["decode_tokens_per_s"] / ceiling if ceiling else None
+        runs.append(
+            {"cuda_graphs": use, "rows": r["rows"], "graph_stats": runner.graph_stats.to_json()}
+        )
+    result = {
+        "kind": "engine-bench",
+        "profile": profile,
+        "runtime": label,
+        "engine": manifest["profiles"][profile]["engine"]["path"],
+        "weight_bytes": r["weight_bytes"],
+        "kv_bytes_per_token": r["kv_bytes_per_token"],
+        "runs": runs,
+    }
     if runtime == "standin" or (label or "").startswith("standin"):
-        result["note"] = ("timed through the stand-in runtime (ONNX Runtime on this CPU): not "
-                          "TensorRT, and the roofline fractions say nothing about the GPU")
+        result["note"] = (
+            "timed through the stand-in runtime (ONNX Runtime on this CPU): not "
+            "TensorRT, and the roofline fractions say nothing about the GPU"
+        )
     if write:
-        summary = {"runtime": label, "rows": [
-            {"cuda_graphs": run["cuda_graphs"], "batch": row["batch"],
-             "prompt_len": row["prompt_len"], "ttft_p50_ms": row["ttft"]["p50_ms"],
-             "tpot_p50_ms": row["tpot"]["p50_ms"],
-             "decode_tokens_per_s": row["decode_tokens_per_s"],
-             "fraction_of_roofline": row["fraction_of_roofline"]}
-            for run in runs for row in run["rows"]]}
+        summary = {
+            "runtime": label,
+            "rows": [
+                {
+                    "cuda_graphs": run["cuda_graphs"],
+                    "batch": row["batch"],
+                    "prompt_len": row["prompt_len"],
+                    "ttft_p50_ms": row["ttft"]["p50_ms"],
+                    "tpot_p50_ms": row["tpot"]["p50_ms"],
+                    "decode_tokens_per_s": row["decode_tokens_per_s"],
+                    "fraction_of_roofline": row["fraction_of_roofline"],
+                }
+                for run in runs
+                for row in run["rows"]
+            ],
+        }
         write_record(artifact, profile, "bench", bench_file(profile), result, summary)
     return result
 
 
-def _ceilings(artifact: Path, manifest: dict, io: dict, profile: str, batches, prompt_lens,
-              gen_len: int) -> dict:
+def _ceilings(
+    artifact: Path, manifest: dict, io: dict, profile: str, batches, prompt_lens, gen_len: int
+) -> dict:
     """(batch, prompt_len) -> dsc plan's decode tokens/s ceiling on the profile's hardware."""
     from dsc.hardware import load_profile
     from dsc.plan import plan
@@ -241,15 +339,21 @@ def _ceilings(artifact: Path, manifest: dict, io: dict, profile: str, batches, p
     out = {}
     for b in batches:
         for length in prompt_lens:
-            p = plan(artifact / "config.json", prof, precision, batch=b,
-                     context=length + gen_len)
+            p = plan(artifact / "config.json", prof, precision, batch=b, context=length + gen_len)
             out[(b, length)] = p.decode_tokens_per_s
     return out
 
 
-def device_check(artifact: str | Path, profile: str, *, runtime: str | None = None,
-                 validate_options: dict | None = None, bench_options: dict | None = None,
-                 quiet: bool = False, echo=None) -> dict:
+def device_check(
+    artifact: str | Path,
+    profile: str,
+    *,
+    runtime: str | None = None,
+    validate_options: dict | None = None,
+    bench_options: dict | None = None,
+    quiet: bool = False,
+    echo=None,
+) -> dict:
     """Compile (when the profile holds only a preflight), validate and bench on this device.
 
     Returns {"compiled": bool, "validation": gate record, "bench": bench record}; raises
@@ -263,8 +367,10 @@ def device_check(artifact: str | Path, profile: str, *, runtime: str | None = No
     rec = (manifest.get("profiles") or {}).get(profile)
     if not isinstance(rec, dict):
         known = ", ".join(sorted(manifest.get("profiles") or {})) or "none"
-        raise BadInput(f"{artifact} has no profile {profile!r} (profiles: {known}); build or "
-                       f"compile it first: dsc compile {artifact} --profile {profile}")
+        raise BadInput(
+            f"{artifact} has no profile {profile!r} (profiles: {known}); build or "
+            f"compile it first: dsc compile {artifact} --profile {profile}"
+        )
     compiled = False
     with progress.stage(1, "compile", f"{profile}") as note:
         if rec.get("engine") is None:
@@ -275,28 +381,37 @@ def device_check(artifact: str | Path, profile: str, *, runtime: str | None = No
 
             flavour = runtime_flavour(runtime, "tensorrt")
             if flavour == "standin":
-                raise Unsupported(f"profile {profile} holds only a preflight and the stand-in "
-                                  f"runtime cannot build engines; run this on the device")
+                raise Unsupported(
+                    f"profile {profile} holds only a preflight and the stand-in "
+                    f"runtime cannot build engines; run this on the device"
+                )
             load_runtime(flavour)  # no GPU or runtime: exit 4 before any build
             api.compile_artifact(artifact, BuildConfig(profiles=(profile,)), quiet=True)
             rec = (load_manifest(artifact).get("profiles") or {}).get(profile) or {}
             if rec.get("engine") is None:
-                raise Unsupported(f"dsc compile did not build an engine for {profile} here "
-                                  f"(status {rec.get('status')}): this machine is not the "
-                                  f"profile's device")
+                raise Unsupported(
+                    f"dsc compile did not build an engine for {profile} here "
+                    f"(status {rec.get('status')}): this machine is not the "
+                    f"profile's device"
+                )
             compiled = True
         else:
-            note["end"] = f"engine present ({rec['engine'].get('backend')} " \
-                          f"{rec['engine'].get('trt_version')}); not rebuilt"
+            note["end"] = (
+                f"engine present ({rec['engine'].get('backend')} "
+                f"{rec['engine'].get('trt_version')}); not rebuilt"
+            )
     with progress.stage(2, "validate", f"engine {profile} against the fp16 reference") as note:
-        v = validate_engine(artifact, profile, runtime=runtime, quiet=quiet,
-                            **(validate_options or {}))
-        note["end"] = f"{'PASS' if v['passed'] else 'FAIL'} " \
-                      f"(perplexity {v['perplexity']['delta']:+.2%})"
+        v = validate_engine(
+            artifact, profile, runtime=runtime, quiet=quiet, **(validate_options or {})
+        )
+        note["end"] = (
+            f"{'PASS' if v['passed'] else 'FAIL'} (perplexity {v['perplexity']['delta']:+.2%})"
+        )
     with progress.stage(3, "bench", f"engine {profile}, with and without CUDA graphs") as note:
         b = bench_engine(artifact, profile, runtime=runtime, **(bench_options or {}))
-        best = max((row["decode_tokens_per_s"] for run in b["runs"] for row in run["rows"]),
-                   default=0.0)
+        best = max(
+            (row["decode_tokens_per_s"] for run in b["runs"] for row in run["rows"]), default=0.0
+        )
         note["end"] = f"best decode {best:.1f} tok/s"
     if not v["passed"]:
         raise CheckFailed(f"engine {profile} failed the accuracy gate: {'; '.join(v['failures'])}")

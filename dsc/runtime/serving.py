@@ -14,9 +14,14 @@ import numpy as np
 from dsc.errors import BadInput
 
 
-def stream_tokens(runner, prompts: list[list[int]], max_new_tokens: list[int], *,
-                  eos_token_id: int | None = None, pad_token_id: int = 0
-                  ) -> Iterator[list[tuple[int, int, bool]]]:
+def stream_tokens(
+    runner,
+    prompts: list[list[int]],
+    max_new_tokens: list[int],
+    *,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> Iterator[list[tuple[int, int, bool]]]:
     """Greedy generation for a batch of prompts (left-padded, as `OrtCausalLM.generate`).
 
     Yields, per step, [(row, token, finished)] for the rows still running; a row finishes at
@@ -28,8 +33,8 @@ def stream_tokens(runner, prompts: list[list[int]], max_new_tokens: list[int], *
     ids = np.full((batch, width), pad_token_id, dtype=np.int64)
     mask = np.zeros((batch, width), dtype=np.int64)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
     pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     out = runner.step(ids, mask, pos, runner.empty_past(batch))
     next_pos = pos[:, -1:] + 1
@@ -66,5 +71,5 @@ class TextStream:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
-        piece, self.sent = text[len(self.sent):], text
+        piece, self.sent = text[len(self.sent) :], text
         return piece

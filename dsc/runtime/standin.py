@@ -95,7 +95,7 @@ class _Memory:
         n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if block is None or off + n > block.nbytes:
             raise RuntimeError(f"stand-in: {n} bytes at {ptr:#x} are not allocated")
-        return block[off:off + n].view(dtype).reshape(shape)
+        return block[off : off + n].view(dtype).reshape(shape)
 
 
 MEMORY = _Memory()
@@ -160,8 +160,9 @@ class _Owner:
 # -- engine file ---------------------------------------------------------------------------------
 
 
-def write_engine(path: Path, onnx_path: Path, io: dict, envelope, *,
-                 trt_version: str = __version__, sm: int = 89) -> Path:
+def write_engine(
+    path: Path, onnx_path: Path, io: dict, envelope, *, trt_version: str = __version__, sm: int = 89
+) -> Path:
     """Write a stand-in engine for `onnx_path` with the builder's two profiles for `envelope`
     (a `ShapeEnvelope`). Returns `path`. Not a TensorRT engine (see the module docstring)."""
     from dsc.backends.tensorrt import io_roles_from_spec, profile_shapes
@@ -175,9 +176,10 @@ def write_engine(path: Path, onnx_path: Path, io: dict, envelope, *,
         "sm": sm,
         "inputs": [{"name": i["name"], "dtype": i["dtype"]} for i in io["inputs"]],
         "outputs": [{"name": o["name"], "dtype": o["dtype"]} for o in io["outputs"]],
-        "profiles": [{"name": p.name, "shapes": {k: [list(x) for x in v]
-                                                 for k, v in p.shapes.items()}}
-                     for p in profiles],
+        "profiles": [
+            {"name": p.name, "shapes": {k: [list(x) for x in v] for k, v in p.shapes.items()}}
+            for p in profiles
+        ],
         "cache": {"entries": io["cache"]["entries"], "outputs": io["cache"]["outputs"]},
         "vocab_size": io["vocab_size"],
     }
@@ -195,9 +197,9 @@ class Runtime:
     def deserialize_cuda_engine(self, data: bytes, base_dir: Path | None = None):
         """An `ICudaEngine`, or None for bytes that are not a stand-in engine (as TensorRT
         returns None for an engine it cannot read)."""
-        if bytes(data[:len(MAGIC)]) != MAGIC:
+        if bytes(data[: len(MAGIC)]) != MAGIC:
             return None
-        header = json.loads(bytes(data[len(MAGIC):]))
+        header = json.loads(bytes(data[len(MAGIC) :]))
         return ICudaEngine(header, Path(base_dir or "."))
 
 
@@ -205,8 +207,9 @@ class ICudaEngine:
     def __init__(self, header: dict, base_dir: Path):
         self.header = header
         self.onnx_path = (base_dir / header["onnx"]).resolve()
-        self._io = [(t["name"], TensorIOMode.INPUT, t["dtype"]) for t in header["inputs"]] + \
-                   [(t["name"], TensorIOMode.OUTPUT, t["dtype"]) for t in header["outputs"]]
+        self._io = [(t["name"], TensorIOMode.INPUT, t["dtype"]) for t in header["inputs"]] + [
+            (t["name"], TensorIOMode.OUTPUT, t["dtype"]) for t in header["outputs"]
+        ]
         self._mode = {n: m for n, m, _ in self._io}
         self._dtype = {n: d for n, _, d in self._io}
         self._session = None
@@ -234,8 +237,9 @@ class ICudaEngine:
     def create_runtime_config(self) -> IRuntimeConfig:
         return IRuntimeConfig()
 
-    def create_execution_context(self, runtime_config: IRuntimeConfig | None = None
-                                 ) -> IExecutionContext:
+    def create_execution_context(
+        self, runtime_config: IRuntimeConfig | None = None
+    ) -> IExecutionContext:
         ctx = IExecutionContext(self)
         ctx.runtime_config = runtime_config
         return ctx
@@ -304,11 +308,14 @@ class IExecutionContext:
         eng = self.engine
         names = [t["name"] for t in eng.header["inputs"]]
         outs = [t["name"] for t in eng.header["outputs"]]
-        if any(n not in shapes or n not in addrs for n in names) or \
-                any(n not in addrs for n in outs):
+        if any(n not in shapes or n not in addrs for n in names) or any(
+            n not in addrs for n in outs
+        ):
             return False
-        feeds = {n: MEMORY.view(addrs[n], shapes[n], nptype(eng.get_tensor_dtype(n))).copy()
-                 for n in names}
+        feeds = {
+            n: MEMORY.view(addrs[n], shapes[n], nptype(eng.get_tensor_dtype(n))).copy()
+            for n in names
+        }
         results = eng.session().run(outs, feeds)
         saved, self._shapes = self._shapes, shapes
         try:
@@ -322,9 +329,16 @@ class IExecutionContext:
         return True
 
 
-def install_engine(artifact: Path, profile: str, envelope, *, sm: int = 89,
-                   trt_version: str = __version__, backend: str = "tensorrt_rtx",
-                   profile_name: str | None = None) -> dict:
+def install_engine(
+    artifact: Path,
+    profile: str,
+    envelope,
+    *,
+    sm: int = 89,
+    trt_version: str = __version__,
+    backend: str = "tensorrt_rtx",
+    profile_name: str | None = None,
+) -> dict:
     """Put a stand-in engine for `profile` into `artifact` (engines/<profile>/model.engine) and
     record it in manifest.json as the builder records an engine, with `runtime` saying it is
     the stand-in. For tests and for trying the commands without a GPU; returns the record."""
@@ -337,8 +351,15 @@ def install_engine(artifact: Path, profile: str, envelope, *, sm: int = 89,
     path = artifact / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     write_engine(path, artifact / io["onnx"], io, envelope, trt_version=trt_version, sm=sm)
-    return record_engine(artifact, profile, rel, envelope, backend=backend,
-                         trt_version=trt_version, sm=sm, runtime=RUNTIME_LABEL,
-                         profile_name=profile_name,
-                         note="stand-in engine (dsc.runtime.standin): no builder ran, no plan "
-                              "was made")
+    return record_engine(
+        artifact,
+        profile,
+        rel,
+        envelope,
+        backend=backend,
+        trt_version=trt_version,
+        sm=sm,
+        runtime=RUNTIME_LABEL,
+        profile_name=profile_name,
+        note="stand-in engine (dsc.runtime.standin): no builder ran, no plan was made",
+    )

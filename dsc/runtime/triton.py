@@ -31,9 +31,18 @@ from pathlib import Path
 
 from dsc.errors import BadInput, OutputConflict, Unsupported
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                   "chat_template.jinja", "config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+)
 MODEL_RECORD = "dsc_model.json"
 
 
@@ -48,12 +57,22 @@ def model_name(profile: str) -> str:
     return "dsc_" + "".join(c if c.isalnum() or c in "_-" else "_" for c in profile)
 
 
-def config_pbtxt(name: str, envelope: dict, profile: str, *, default_max_tokens: int = 64,
-                 runtime: str | None = None) -> str:
+def config_pbtxt(
+    name: str,
+    envelope: dict,
+    profile: str,
+    *,
+    default_max_tokens: int = 64,
+    runtime: str | None = None,
+) -> str:
     """The model's config.pbtxt (protobuf text format of Triton's `inference.ModelConfig`)."""
-    params = {"profile": profile, "max_input_len": str(envelope["max_input_len"]),
-              "max_kv": str(envelope["max_kv"]),
-              "default_max_tokens": str(default_max_tokens), "cuda_graphs": "1"}
+    params = {
+        "profile": profile,
+        "max_input_len": str(envelope["max_input_len"]),
+        "max_kv": str(envelope["max_kv"]),
+        "default_max_tokens": str(default_max_tokens),
+        "cuda_graphs": "1",
+    }
     if runtime:
         params["runtime"] = runtime
     lines = [
@@ -62,10 +81,10 @@ def config_pbtxt(name: str, envelope: dict, profile: str, *, default_max_tokens:
         f"max_batch_size: {int(envelope['max_batch'])}",
         "model_transaction_policy { decoupled: true }",
         "dynamic_batching { max_queue_delay_microseconds: 1000 }",
-        'input [',
+        "input [",
         '  { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] },',
         '  { name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true }',
-        ']',
+        "]",
         'output [ { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] } ]',
         # one engine context per GPU instance: the runner is not thread-safe
         "instance_group [ { count: 1 kind: KIND_GPU } ]",
@@ -105,8 +124,11 @@ def parse_config(path: Path):
 
 def _is_dsc_repo(path: Path) -> bool:
     models = [p for p in path.iterdir() if p.is_dir()]
-    return bool(models) and all((m / "1" / MODEL_RECORD).is_file() for m in models) and \
-        all(p.is_dir() for p in path.iterdir())
+    return (
+        bool(models)
+        and all((m / "1" / MODEL_RECORD).is_file() for m in models)
+        and all(p.is_dir() for p in path.iterdir())
+    )
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -116,8 +138,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_model(artifact: Path, manifest: dict, io: dict, profile: str, dest: Path,
-                 runtime: str | None) -> str:
+def _write_model(
+    artifact: Path, manifest: dict, io: dict, profile: str, dest: Path, runtime: str | None
+) -> str:
     from dsc.runtime import standin
 
     entry = manifest["profiles"][profile]
@@ -127,13 +150,14 @@ def _write_model(artifact: Path, manifest: dict, io: dict, profile: str, dest: P
     envelope = entry.get("envelope") or {}
     if not {"max_batch", "max_input_len", "max_kv"} <= set(envelope):
         raise BadInput(f"profile {profile} of {artifact} has no envelope in manifest.json")
-    (dest / name / "config.pbtxt").write_text(config_pbtxt(name, envelope, profile,
-                                                           runtime=runtime))
+    (dest / name / "config.pbtxt").write_text(
+        config_pbtxt(name, envelope, profile, runtime=runtime)
+    )
     shutil.copyfile(Path(__file__).with_name("triton_model.py"), version / "model.py")
     engine = artifact / entry["engine"]["path"]
-    if engine.read_bytes()[:len(standin.MAGIC)] == standin.MAGIC:
+    if engine.read_bytes()[: len(standin.MAGIC)] == standin.MAGIC:
         # the stand-in names its ONNX graph by path: ship the graph beside it
-        header = json.loads(engine.read_bytes()[len(standin.MAGIC):])
+        header = json.loads(engine.read_bytes()[len(standin.MAGIC) :])
         graph = (engine.parent / header["onnx"]).resolve()
         _link_or_copy(graph, version / "model.onnx")
         if graph.with_name(graph.name + ".data").is_file():
@@ -146,15 +170,25 @@ def _write_model(artifact: Path, manifest: dict, io: dict, profile: str, dest: P
     for f in TOKENIZER_FILES:
         if (artifact / f).is_file():
             shutil.copyfile(artifact / f, version / f)
-    record = {"profile": profile, "sm": entry.get("sm"), "engine": entry["engine"],
-              "envelope": envelope, "artifact": str(artifact.resolve())}
+    record = {
+        "profile": profile,
+        "sm": entry.get("sm"),
+        "engine": entry["engine"],
+        "envelope": envelope,
+        "artifact": str(artifact.resolve()),
+    }
     (version / MODEL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return name
 
 
-def write_repository(artifact: str | Path, output: str | Path, *,
-                     profiles: list[str] | tuple[str, ...] | None = None, force: bool = False,
-                     runtime: str | None = None) -> RepositoryResult:
+def write_repository(
+    artifact: str | Path,
+    output: str | Path,
+    *,
+    profiles: list[str] | tuple[str, ...] | None = None,
+    force: bool = False,
+    runtime: str | None = None,
+) -> RepositoryResult:
     """Write the repository for `profiles` (default: every profile with a built engine).
 
     Raises `BadInput` (exit 3) for an unreadable artifact or an unknown profile, `Unsupported`
@@ -170,34 +204,43 @@ def write_repository(artifact: str | Path, output: str | Path, *,
     if profiles:
         for p in profiles:
             if p not in known:
-                raise BadInput(f"{artifact} has no profile {p!r} (profiles: "
-                               f"{', '.join(sorted(known)) or 'none'})")
+                raise BadInput(
+                    f"{artifact} has no profile {p!r} (profiles: "
+                    f"{', '.join(sorted(known)) or 'none'})"
+                )
             if not isinstance(known[p].get("engine"), dict):
-                raise Unsupported(f"profile {p} of {artifact} holds no engine yet (status "
-                                  f"{known[p].get('status')}); run dsc device-check "
-                                  f"{artifact} --profile {p} on the device first")
+                raise Unsupported(
+                    f"profile {p} of {artifact} holds no engine yet (status "
+                    f"{known[p].get('status')}); run dsc device-check "
+                    f"{artifact} --profile {p} on the device first"
+                )
         chosen = list(profiles)
     else:
         chosen = [p for p, e in known.items() if isinstance(e.get("engine"), dict)]
         if not chosen:
-            raise Unsupported(f"{artifact} holds no built engine to serve (dsc compile or dsc "
-                              f"device-check on the device first)")
+            raise Unsupported(
+                f"{artifact} holds no built engine to serve (dsc compile or dsc "
+                f"device-check on the device first)"
+            )
     if output.exists():
         if output.is_file() or output.is_symlink():
             raise OutputConflict(f"output path {output} is a file, not a directory")
         if any(output.iterdir()):
             if not _is_dsc_repo(output):
-                raise OutputConflict(f"output path {output} is not empty and is not a dsc Triton "
-                                     f"repository; choose another path")
+                raise OutputConflict(
+                    f"output path {output} is not empty and is not a dsc Triton "
+                    f"repository; choose another path"
+                )
             if not force:
-                raise OutputConflict(f"output path {output} already holds a dsc Triton "
-                                     f"repository; pass --force to replace it")
+                raise OutputConflict(
+                    f"output path {output} already holds a dsc Triton "
+                    f"repository; pass --force to replace it"
+                )
     output.parent.mkdir(parents=True, exist_ok=True)
     from dsc import signals
 
     with signals.deferred():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-",
-                                    dir=output.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
         models = [_write_model(artifact, manifest, io, p, tmp, runtime) for p in chosen]
         with signals.deferred():
@@ -234,16 +277,20 @@ class ServedModel:
         if max_tokens < 1:
             raise BadInput(f"max_tokens must be at least 1, got {max_tokens}")
         if len(ids) > self.envelope["max_input_len"]:
-            raise BadInput(f"the prompt is {len(ids)} tokens; this engine takes at most "
-                           f"{self.envelope['max_input_len']}")
+            raise BadInput(
+                f"the prompt is {len(ids)} tokens; this engine takes at most "
+                f"{self.envelope['max_input_len']}"
+            )
         if len(ids) + max_tokens > self.envelope["max_kv"]:
-            raise BadInput(f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds the "
-                           f"engine's KV capacity of {self.envelope['max_kv']} tokens")
+            raise BadInput(
+                f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds the "
+                f"engine's KV capacity of {self.envelope['max_kv']} tokens"
+            )
         return ids
 
     def chunks(self, work: list) -> list[list]:
         n = max(1, int(self.envelope["max_batch"]))
-        return [work[i:i + n] for i in range(0, len(work), n)]
+        return [work[i : i + n] for i in range(0, len(work), n)]
 
     def run(self, chunk: list):
         """Yields (sender, text piece, final) as tokens are made, for a chunk of
@@ -254,14 +301,16 @@ class ServedModel:
         # left padding widens short prompts to the longest: keep it within the KV capacity
         width = max(len(ids) for _, ids, _ in chunk)
         limits = [min(mt, self.envelope["max_kv"] - width) for _, _, mt in chunk]
-        for step in stream_tokens(self.runner, [ids for _, ids, _ in chunk], limits,
-                                  eos_token_id=self.eos):
+        for step in stream_tokens(
+            self.runner, [ids for _, ids, _ in chunk], limits, eos_token_id=self.eos
+        ):
             for row, tok, final in step:
                 yield chunk[row][0], streams[row].push(tok), final
 
 
-def load_model(version_dir: Path, *, runtime: str | None = None,
-               cuda_graphs: bool = True) -> ServedModel:
+def load_model(
+    version_dir: Path, *, runtime: str | None = None, cuda_graphs: bool = True
+) -> ServedModel:
     """The model of a repository version directory (what model.py's `initialize` calls)."""
     from dsc.api import load_tokenizer
     from dsc.runtime.engine import (
@@ -276,8 +325,11 @@ def load_model(version_dir: Path, *, runtime: str | None = None,
     io = json.loads((version_dir / "model_io.json").read_text())
     rt = load_runtime(runtime_flavour(runtime, record["engine"].get("backend")))
     check_compatible(record["engine"], record.get("sm"), rt)
-    runner = EngineCausalLM(version_dir / "model.engine", io, runtime=rt,
-                            cuda_graphs=cuda_graphs)
+    runner = EngineCausalLM(version_dir / "model.engine", io, runtime=rt, cuda_graphs=cuda_graphs)
     eos = io.get("eos_token_id")
-    return ServedModel(runner, load_tokenizer(version_dir), record["envelope"],
-                       eos if isinstance(eos, int) else None)
+    return ServedModel(
+        runner,
+        load_tokenizer(version_dir),
+        record["envelope"],
+        eos if isinstance(eos, int) else None,
+    )

@@ -24,8 +24,11 @@ class TritonPythonModel:
         here = Path(args["model_repository"]) / str(args["model_version"])
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}
-        self.model = load_model(here, runtime=params.get("runtime") or None,
-                                cuda_graphs=params.get("cuda_graphs", "1") == "1")
+        self.model = load_model(
+            here,
+            runtime=params.get("runtime") or None,
+            cuda_graphs=params.get("cuda_graphs", "1") == "1",
+        )
         self.default_max_tokens = int(params.get("default_max_tokens", "64"))
 
     def execute(self, requests):
@@ -38,13 +41,16 @@ class TritonPythonModel:
             text = text.reshape(-1)[0]
             text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
             mt = pb_utils.get_input_tensor_by_name(request, "max_tokens")
-            max_tokens = (int(mt.as_numpy().reshape(-1)[0]) if mt is not None
-                          else self.default_max_tokens)
+            max_tokens = (
+                int(mt.as_numpy().reshape(-1)[0]) if mt is not None else self.default_max_tokens
+            )
             try:
                 ids = self.model.admit(text, max_tokens)
             except DscError as e:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                sender.send(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
                 continue
             work.append((sender, ids, max_tokens))
         for chunk in self.model.chunks(work):

@@ -112,8 +112,12 @@ def intact(root: Path | None, outputs: dict) -> bool:
 
 def reusable(old: dict | None, input_hash: str, root: Path | None) -> bool:
     """Whether the recorded stage `old` may be reused for `input_hash` from artifact `root`."""
-    return (bool(old) and old.get("status") in ("ran", "reused")
-            and old.get("input_hash") == input_hash and intact(root, old.get("outputs", {})))
+    return (
+        bool(old)
+        and old.get("status") in ("ran", "reused")
+        and old.get("input_hash") == input_hash
+        and intact(root, old.get("outputs", {}))
+    )
 
 
 def reused(old: dict) -> dict:

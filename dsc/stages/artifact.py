@@ -28,8 +28,9 @@ class UpToDate(Exception):
     """Raised inside atomic_dir to drop the new copy when it would equal the old artifact."""
 
 
-def previous_artifact(output: Path, checkpoint: Path, checkpoint_hashes: dict, *,
-              force: bool) -> tuple[Path | None, dict]:
+def previous_artifact(
+    output: Path, checkpoint: Path, checkpoint_hashes: dict, *, force: bool
+) -> tuple[Path | None, dict]:
     """The artifact already at OUT that this build may reuse, and its manifest.
 
     An artifact of the same checkpoint (same directory, or same content elsewhere) is updated
@@ -43,16 +44,19 @@ def previous_artifact(output: Path, checkpoint: Path, checkpoint_hashes: dict, *
     if not any(output.iterdir()):
         return None, {}
     if not is_artifact(output):
-        raise OutputConflict(f"output path {output} is not empty and is not a dsc artifact; "
-                             f"choose another path")
+        raise OutputConflict(
+            f"output path {output} is not empty and is not a dsc artifact; choose another path"
+        )
     m = load_manifest(output)
     src = m.get("source", {})
-    same = (src.get("inputs") == checkpoint_hashes
-            or src.get("checkpoint") == str(Path(checkpoint).resolve()))
+    same = src.get("inputs") == checkpoint_hashes or src.get("checkpoint") == str(
+        Path(checkpoint).resolve()
+    )
     if not same and not force:
         raise OutputConflict(
             f"output path {output} holds an artifact of another checkpoint "
-            f"({m.get('source', {}).get('checkpoint', '?')}); pass --force to replace it")
+            f"({m.get('source', {}).get('checkpoint', '?')}); pass --force to replace it"
+        )
     return output, m
 
 
@@ -65,8 +69,12 @@ def fix_report_paths(root: Path, dest: Path) -> None:
     pairs = []
     for a, b in ((str(root.resolve()), str(dest.resolve())), (str(root), str(dest))):
         # as written in report.json, and as Jinja2 (markupsafe) or html.escape write it
-        pairs += [(a, b), (json.dumps(a)[1:-1], json.dumps(b)[1:-1]),
-                  (str(escape(a)), str(escape(b))), (html.escape(a), html.escape(b))]
+        pairs += [
+            (a, b),
+            (json.dumps(a)[1:-1], json.dumps(b)[1:-1]),
+            (str(escape(a)), str(escape(b))),
+            (html.escape(a), html.escape(b)),
+        ]
     for name in REPORTS:
         p = root / name
         if p.is_file():
@@ -76,8 +84,7 @@ def fix_report_paths(root: Path, dest: Path) -> None:
             p.write_text(text)
 
 
-def finish(tmp: Path, dest: Path, manifest: dict, progress, *,
-            check: bool = True) -> dict:
+def finish(tmp: Path, dest: Path, manifest: dict, progress, *, check: bool = True) -> dict:
     """Write build.log, the reports and the final manifest (outputs: every file) into `tmp`."""
     from dsc.validate.report import write_reports
 
@@ -101,8 +108,9 @@ def keep_rejected(tmp: Path, output: Path) -> str:
     rejected = rejected_path(output)
     if rejected.exists() or rejected.is_symlink():
         if rejected.is_symlink() or not rejected.is_dir() or not is_artifact(rejected):
-            return (f"the rejected artifact was not kept ({rejected} exists and is not a dsc "
-                    f"artifact)")
+            return (
+                f"the rejected artifact was not kept ({rejected} exists and is not a dsc artifact)"
+            )
         shutil.rmtree(rejected)
     os.replace(tmp, rejected)
     return f"the rejected artifact, with its report, is at {rejected}"
@@ -112,19 +120,21 @@ def gate_failure(precision: str | None, summary: dict, kept: str) -> str:
     """The error line of a failed gate: the failing metrics, where the error jumps, the evidence."""
     fd = summary.get("first_divergence") or {}
     where = f"; first divergence at layer {fd['layer']} ({fd['module']})" if fd else ""
-    return (f"accuracy gate ({precision}) failed: {'; '.join(summary['failures'])}{where}; "
-            f"{kept}")
+    return f"accuracy gate ({precision}) failed: {'; '.join(summary['failures'])}{where}; {kept}"
 
 
-def carry_downstream(previous: Path | None, old: dict, tmp: Path, manifest: dict,
-                      graph: dict) -> None:
+def carry_downstream(
+    previous: Path | None, old: dict, tmp: Path, manifest: dict, graph: dict
+) -> None:
     """Keep `dsc validate` / `dsc bench` records of the same graph (same graph hash)."""
     if previous is None or (old.get("graph") or {}).get("hash") != graph["hash"]:
         return
     produced = set(hash_tree(tmp)) | {BUILD_LOG, *REPORTS}
-    extra = [rel for rel in (old.get("outputs") or {})
-             if rel not in produced and not rel.startswith("engines/")
-             and (previous / rel).is_file()]
+    extra = [
+        rel
+        for rel in (old.get("outputs") or {})
+        if rel not in produced and not rel.startswith("engines/") and (previous / rel).is_file()
+    ]
     link(previous, tmp, extra)
     gate = old.get("validation")
     if isinstance(gate, dict) and gate.get("kind") == "gate":
@@ -150,10 +160,14 @@ def inherit(config: BuildConfig, recorded: dict) -> BuildConfig:
     return replace(config, **changes) if changes else config
 
 
-
 def graph_of(io: dict, listed: dict) -> dict:
     """`graph_record` of a verified artifact, from its manifest's hashes (no second read)."""
     onnx_name = str(io["onnx"])
     files = {n: listed[n] for n in (onnx_name, f"{onnx_name}.data", IO_SPEC) if n in listed}
-    return {"onnx": onnx_name, "dtype": io.get("dtype"), "opset": io.get("opset"),
-            "files": files, "hash": canonical_hash(files)}
+    return {
+        "onnx": onnx_name,
+        "dtype": io.get("dtype"),
+        "opset": io.get("opset"),
+        "files": files,
+        "hash": canonical_hash(files),
+    }

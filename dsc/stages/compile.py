@@ -44,16 +44,48 @@ class CompileStage(Stage):
             "tools": {k: tools.get(k) for k in TOOLS},
         }
 
-    def run(self, targets, tmp: Path, io: dict, graph: dict, tools: dict, progress,
-            previous: Path | None, old_manifest: dict, ran: dict[str, bool], *,
-            index: int | None = None) -> tuple[dict, dict]:
-        return _compile(self, targets, tmp, io, graph, tools, progress, index or self.index,
-                        previous, old_manifest, ran)
+    def run(
+        self,
+        targets,
+        tmp: Path,
+        io: dict,
+        graph: dict,
+        tools: dict,
+        progress,
+        previous: Path | None,
+        old_manifest: dict,
+        ran: dict[str, bool],
+        *,
+        index: int | None = None,
+    ) -> tuple[dict, dict]:
+        return _compile(
+            self,
+            targets,
+            tmp,
+            io,
+            graph,
+            tools,
+            progress,
+            index or self.index,
+            previous,
+            old_manifest,
+            ran,
+        )
 
 
-def _compile(stage: CompileStage, targets, tmp: Path, io: dict, graph: dict, tools: dict,
-             progress, index: int, previous: Path | None, old_manifest: dict,
-             ran: dict[str, bool]) -> tuple[dict, dict]:
+def _compile(
+    stage: CompileStage,
+    targets,
+    tmp: Path,
+    io: dict,
+    graph: dict,
+    tools: dict,
+    progress,
+    index: int,
+    previous: Path | None,
+    old_manifest: dict,
+    ran: dict[str, bool],
+) -> tuple[dict, dict]:
     """Run (or reuse) the compile of every target; returns (stage records, profile entries)."""
     from dsc.pipeline.engines import compile_target
 
@@ -64,11 +96,12 @@ def _compile(stage: CompileStage, targets, tmp: Path, io: dict, graph: dict, too
         inputs = stage.inputs(t, graph, tools)
         ih = stage.input_hash(inputs)
         old = old_stage.get(t.name)
-        what = {"rtx": f"engine for SM{t.options.target_sm} with TensorRT-RTX (ahead of time)",
-                "device": f"engine for this GPU (SM{t.profile.sm}) with standard TensorRT",
-                "preflight": f"SM{t.profile.sm} cannot be built here: preflight compile for "
-                             f"SM{t.preflight_options.target_sm if t.preflight_options else '?'}"
-                }[t.mode]
+        what = {
+            "rtx": f"engine for SM{t.options.target_sm} with TensorRT-RTX (ahead of time)",
+            "device": f"engine for this GPU (SM{t.profile.sm}) with standard TensorRT",
+            "preflight": f"SM{t.profile.sm} cannot be built here: preflight compile for "
+            f"SM{t.preflight_options.target_sm if t.preflight_options else '?'}",
+        }[t.mode]
         label = progress.stage_line(index, "compile", f"{t.name}: {what}")
         done = progress.stage_line(index, "compile", f"{t.name}:")
         if reusable(old, ih, previous) and t.name in old_profiles:
@@ -87,25 +120,31 @@ def _compile(stage: CompileStage, targets, tmp: Path, io: dict, graph: dict, too
         seconds = time.perf_counter() - t0
         sub = tmp / "engines" / t.name
         outputs = {f"engines/{t.name}/{k}": v for k, v in hash_tree(sub).items()}
-        records[t.name] = StageRecord("ran", ih, inputs, outputs, round(seconds, 2),
-                                      peak_rss_bytes()).to_json()
+        records[t.name] = StageRecord(
+            "ran", ih, inputs, outputs, round(seconds, 2), peak_rss_bytes()
+        ).to_json()
         entry = dict(result.entry)
-        entry.update({
-            "mode": t.mode,
-            "profile": t.profile.to_dict(),
-            "overrides": list(t.profile.overrides),
-            "envelope": asdict(result.envelope or t.envelope),
-            "options": options_json(result.options or t.options),
-            "plan": t.plan,
-            "notes": [*t.notes, *result.notes],
-        })
+        entry.update(
+            {
+                "mode": t.mode,
+                "profile": t.profile.to_dict(),
+                "overrides": list(t.profile.overrides),
+                "envelope": asdict(result.envelope or t.envelope),
+                "options": options_json(result.options or t.options),
+                "plan": t.plan,
+                "notes": [*t.notes, *result.notes],
+            }
+        )
         for note in result.notes:
             progress.say(f"{done} {note}")
         entries[t.name] = entry
         ran[f"compile:{t.name}"] = True
         eng = entry.get("engine")
-        end = (f"{eng['path']} ({eng['size_bytes'] / 2**20:,.1f} MiB)" if eng else
-               f"preflight passed; engine to be built on the device ({entry['device_command']})")
+        end = (
+            f"{eng['path']} ({eng['size_bytes'] / 2**20:,.1f} MiB)"
+            if eng
+            else f"preflight passed; engine to be built on the device ({entry['device_command']})"
+        )
         progress.say(f"{done} {end}, {seconds:.1f}s")
     return records, entries
 
@@ -113,8 +152,11 @@ def _compile(stage: CompileStage, targets, tmp: Path, io: dict, graph: dict, too
 def options_json(options) -> dict | None:
     if options is None:
         return None
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()
-            if k != "timing_cache"}
+    return {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in asdict(options).items()
+        if k != "timing_cache"
+    }
 
 
 def aggregate(records: dict) -> str:
@@ -127,8 +169,9 @@ def aggregate(records: dict) -> str:
 COMPILE = CompileStage()
 
 
-def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool = False,
-                     echo=None) -> BuildOutcome:
+def compile_artifact(
+    artifact: str | Path, config: BuildConfig, *, quiet: bool = False, echo=None
+) -> BuildOutcome:
     """Build engines (or preflights) for more profiles into an existing artifact, atomically."""
     from dsc.pipeline.targets import resolve_targets
 
@@ -138,12 +181,17 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
     listed = old.get("outputs", {})
     # Only a verified artifact is compiled (schema problems aside: records another tool wrote
     # are kept as they are, below); its graph record then follows from the verified hashes.
-    problems = [(f, why) for f, why in verify_artifact(artifact).problems
-                if not (f == MANIFEST and why.startswith("schema:"))]
+    problems = [
+        (f, why)
+        for f, why in verify_artifact(artifact).problems
+        if not (f == MANIFEST and why.startswith("schema:"))
+    ]
     if problems:
         rel, why = problems[0]
-        raise CheckFailed(f"{artifact}: {rel} does not match manifest.json ({why}); dsc compile "
-                          f"builds only a verified artifact (dsc verify {artifact})")
+        raise CheckFailed(
+            f"{artifact}: {rel} does not match manifest.json ({why}); dsc compile "
+            f"builds only a verified artifact (dsc verify {artifact})"
+        )
     io = load_io_spec(artifact)
     try:
         model_config = json.loads((artifact / "config.json").read_text())
@@ -154,13 +202,24 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
     dla_inherited = inherited.dla_core is not None and config.dla_core is None
     config = inherited
     targets = resolve_targets(
-        config.profiles, model_config=model_config,
-        model_name=old.get("source", {}).get("checkpoint", str(artifact)).rstrip("/")
-        .split("/")[-1], dtype=dtype, overrides=list(config.overrides),
-        max_batch=config.max_batch, max_input_len=config.max_input_len, max_kv=config.max_kv,
-        max_num_tokens=config.max_num_tokens, backend=config.backend, dla_core=config.dla_core,
+        config.profiles,
+        model_config=model_config,
+        model_name=old.get("source", {})
+        .get("checkpoint", str(artifact))
+        .rstrip("/")
+        .split("/")[-1],
+        dtype=dtype,
+        overrides=list(config.overrides),
+        max_batch=config.max_batch,
+        max_input_len=config.max_input_len,
+        max_kv=config.max_kv,
+        max_num_tokens=config.max_num_tokens,
+        backend=config.backend,
+        dla_core=config.dla_core,
         dla_required=not dla_inherited,
-        quantize=io.get("quantization"), weight_precisions=io.get("vocab_quantization") or {})
+        quantize=io.get("quantization"),
+        weight_precisions=io.get("vocab_quantization") or {},
+    )
     graph = graph_of(io, listed)
     tools = tool_versions()
     names = {t.name for t in targets}
@@ -170,13 +229,17 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
     reuse_from = None if config.rebuild else old
     try:
         with atomic_dir(artifact, force=True) as tmp:
-            keep = [rel for rel in listed
-                    if rel not in (BUILD_LOG, *REPORTS)
-                    and not any(rel.startswith(f"engines/{n}/") for n in names)
-                    and (artifact / rel).is_file()]
+            keep = [
+                rel
+                for rel in listed
+                if rel not in (BUILD_LOG, *REPORTS)
+                and not any(rel.startswith(f"engines/{n}/") for n in names)
+                and (artifact / rel).is_file()
+            ]
             link(artifact, tmp, keep)
-            records, entries = COMPILE.run(targets, tmp, io, graph, tools, progress,
-                                           artifact, reuse_from or {}, ran, index=1)
+            records, entries = COMPILE.run(
+                targets, tmp, io, graph, tools, progress, artifact, reuse_from or {}, ran, index=1
+            )
             if not any(ran.values()):
                 raise UpToDate()
             manifest = json.loads(json.dumps(old))
@@ -184,7 +247,8 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
             manifest["tools"] = {**old.get("tools", {}), **tools}
             manifest["graph"] = graph  # the graph just compiled (checked against outputs)
             stage = manifest.setdefault("stages", {}).setdefault(
-                "compile", {"status": "ran", "profiles": {}})
+                "compile", {"status": "ran", "profiles": {}}
+            )
             stage.setdefault("profiles", {}).update(records)
             stage["status"] = aggregate(stage["profiles"])
             manifest.setdefault("profiles", {}).update(entries)
@@ -195,11 +259,14 @@ def compile_artifact(artifact: str | Path, config: BuildConfig, *, quiet: bool =
             old_errors = schema_errors(old)
             if old_errors:
                 # Records another tool wrote are kept as they are, not repaired or refused.
-                progress.say(f"note: {MANIFEST} did not match the schema before this compile "
-                             f"({old_errors[0]}); its records are kept unchanged")
+                progress.say(
+                    f"note: {MANIFEST} did not match the schema before this compile "
+                    f"({old_errors[0]}); its records are kept unchanged"
+                )
             finish(tmp, artifact, manifest, progress, check=not old_errors)
     except UpToDate:
         progress.say(f"{artifact}: up to date, nothing rebuilt")
-        return BuildOutcome(artifact, "compile", True, time.perf_counter() - t_start,
-                            load_manifest(artifact), ran)
+        return BuildOutcome(
+            artifact, "compile", True, time.perf_counter() - t_start, load_manifest(artifact), ran
+        )
     return BuildOutcome(artifact, "compile", False, time.perf_counter() - t_start, manifest, ran)

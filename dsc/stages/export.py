@@ -23,13 +23,16 @@ class ExportStage(Stage):
     name = "export"
     index = 1
 
-    def inputs(self, info, *, dtype: str, opset: int | None, tools: dict,
-               external_data: bool = False) -> dict:
-        return export_inputs(info, dtype=dtype, opset=opset, tools=tools,
-                             external_data=external_data)
+    def inputs(
+        self, info, *, dtype: str, opset: int | None, tools: dict, external_data: bool = False
+    ) -> dict:
+        return export_inputs(
+            info, dtype=dtype, opset=opset, tools=tools, external_data=external_data
+        )
 
-    def run(self, info, directory: Path, inputs: dict, *, progress=None,
-            say=None) -> tuple[StageRecord, object]:
+    def run(
+        self, info, directory: Path, inputs: dict, *, progress=None, say=None
+    ) -> tuple[StageRecord, object]:
         """Write the graph, its I/O spec, the tokenizer and config.json into `directory`.
 
         Returns (record, `dsc.export.onnx_export.ExportedGraph`). Raises `ExportError` /
@@ -39,15 +42,26 @@ class ExportStage(Stage):
         dtype = inputs["dtype"]
         t0 = time.perf_counter()
         reset_peak_rss()
-        g = onnx_export.export_graph(info, directory, dtype=dtype, opset=inputs["opset"],
-                                     external_data=inputs["external_data"], progress=progress)
+        g = onnx_export.export_graph(
+            info,
+            directory,
+            dtype=dtype,
+            opset=inputs["opset"],
+            external_data=inputs["external_data"],
+            progress=progress,
+        )
         for f in info.tokenizer_files:
             shutil.copy2(f, directory / f.name)
         shutil.copy2(info.path / "config.json", directory / "config.json")
-        (directory / IO_SPEC).write_text(json.dumps(dict(g.io_spec, dtype=dtype), indent=2)
-                                         + "\n")
+        (directory / IO_SPEC).write_text(json.dumps(dict(g.io_spec, dtype=dtype), indent=2) + "\n")
         seconds = time.perf_counter() - t0
-        record = StageRecord("ran", self.input_hash(inputs), inputs, {}, round(seconds, 2),
-                             peak_rss_bytes(), extra={"dtype": dtype,
-                                                      "opset": g.io_spec.get("opset")})
+        record = StageRecord(
+            "ran",
+            self.input_hash(inputs),
+            inputs,
+            {},
+            round(seconds, 2),
+            peak_rss_bytes(),
+            extra={"dtype": dtype, "opset": g.io_spec.get("opset")},
+        )
         return record, g

@@ -19,25 +19,45 @@ def graph_inputs(stages, config, info, ctx, tools: dict) -> dict[str, dict | Non
     """Inputs of export, optimize and quantize (None: the stage is not requested); each later
     stage's inputs name the previous one's input hash. `stages`: (export, optimize, quantize)."""
     export, optimize, quantize = stages
-    plan: dict[str, dict | None] = {"export": export.inputs(
-        info, dtype=config.dtype, opset=config.opset, tools=tools,
-        external_data=config.external_data)}
+    plan: dict[str, dict | None] = {
+        "export": export.inputs(
+            info,
+            dtype=config.dtype,
+            opset=config.opset,
+            tools=tools,
+            external_data=config.external_data,
+        )
+    }
     upstream = export.input_hash(plan["export"])
-    plan["optimize"] = optimize.inputs(upstream, ctx, tools, only=config.passes,
-                                       disable=config.disable_passes) if config.optimize else None
+    plan["optimize"] = (
+        optimize.inputs(upstream, ctx, tools, only=config.passes, disable=config.disable_passes)
+        if config.optimize
+        else None
+    )
     if plan["optimize"] is not None:
         upstream = optimize.input_hash(plan["optimize"])
-    plan["quantize"] = quantize.inputs(
-        upstream, tools, config.quantize, weight_only=config.weight_only,
-        method=config.calib_method, alpha=config.alpha, samples=config.calib_samples,
-        seq_len=config.calib_seq_len, exclude=config.exclude, calib=config.calib,
-        lm_head=config.quantize_lm_head, embedding=config.quantize_embedding,
-    ) if config.quantize else None
+    plan["quantize"] = (
+        quantize.inputs(
+            upstream,
+            tools,
+            config.quantize,
+            weight_only=config.weight_only,
+            method=config.calib_method,
+            alpha=config.alpha,
+            samples=config.calib_samples,
+            seq_len=config.calib_seq_len,
+            exclude=config.exclude,
+            calib=config.calib,
+            lm_head=config.quantize_lm_head,
+            embedding=config.quantize_embedding,
+        )
+        if config.quantize
+        else None
+    )
     return plan
 
 
-def run_graph_stages(stages, config, info, ctx, tmp: Path, plan: dict, progress,
-                     ran: dict) -> dict:
+def run_graph_stages(stages, config, info, ctx, tmp: Path, plan: dict, progress, ran: dict) -> dict:
     """Export, then optimize and quantize in place; returns the stage records (as JSON)."""
     export, optimize, quantize = stages
     records, written = {}, {}
@@ -46,8 +66,9 @@ def run_graph_stages(stages, config, info, ctx, tmp: Path, plan: dict, progress,
     written["export"] = files(tmp)
     # A later stage rewrites these in place (same names); everything else it writes is new.
     rewritten = {g.onnx_path.name, f"{g.onnx_path.name}.data", IO_SPEC}
-    progress.say(f"{export.line(progress, '')}{g.onnx_path.name} written, "
-                 f"{records['export'].seconds:.1f}s")
+    progress.say(
+        f"{export.line(progress, '')}{g.onnx_path.name} written, {records['export'].seconds:.1f}s"
+    )
     ran["export"] = True
     for stage in (optimize, quantize):
         inputs = plan[stage.name]
@@ -57,31 +78,46 @@ def run_graph_stages(stages, config, info, ctx, tmp: Path, plan: dict, progress,
         before = files(tmp)
         if stage is optimize:
             progress.say(f"{stage.line(progress, f'graph passes for {ctx.target.name}')} ...")
-            rec, report, _ = stage.run(tmp, inputs, ctx, only=config.passes,
-                                       disable=config.disable_passes)
+            rec, report, _ = stage.run(
+                tmp, inputs, ctx, only=config.passes, disable=config.disable_passes
+            )
             for p in report.passes:
-                progress.detail(f"pass {p.name}: {p.seconds * 1e3:.1f} ms, nodes "
-                                f"{p.nodes_before} -> {p.nodes_after}"
-                                + (f", {p.counts}" if p.counts else ""))
-            cov = ", ".join(f"{k} {v['fused']}/{v['blocks']}"
-                            for k, v in rec.extra["coverage"].items() if v["blocks"])
-            end = (f"nodes {report.nodes_before} -> {report.nodes_after}; fused "
-                   f"{cov or 'nothing'}")
+                progress.detail(
+                    f"pass {p.name}: {p.seconds * 1e3:.1f} ms, nodes "
+                    f"{p.nodes_before} -> {p.nodes_after}" + (f", {p.counts}" if p.counts else "")
+                )
+            cov = ", ".join(
+                f"{k} {v['fused']}/{v['blocks']}"
+                for k, v in rec.extra["coverage"].items()
+                if v["blocks"]
+            )
+            end = f"nodes {report.nodes_before} -> {report.nodes_after}; fused {cov or 'nothing'}"
         else:
             progress.say(f"{stage.line(progress, inputs['precision'])} ...")
-            rec, report = stage.run(tmp, inputs, calib=config.calib, alpha=config.alpha,
-                                    lm_head=config.quantize_lm_head,
-                                    embedding=config.quantize_embedding, progress=progress.sub)
+            rec, report = stage.run(
+                tmp,
+                inputs,
+                calib=config.calib,
+                alpha=config.alpha,
+                lm_head=config.quantize_lm_head,
+                embedding=config.quantize_embedding,
+                progress=progress.sub,
+            )
             x = rec.extra
             if x["under_calibrated_experts"]:
-                progress.say(f"warning: {x['under_calibrated_experts']} MoE experts saw fewer "
-                             f"than {report['experts']['min_tokens']} calibration tokens "
-                             f"(quant_report.json lists them)")
-            vocab = ", ".join(f"{k} {v['precision']}" for k in ("lm_head", "embedding")
-                              if (v := x.get(k)))
-            end = (f"{x['scheme']}: {x['quantized_layers']} layers quantized"
-                   + (f" (+ {vocab}, weight-only)" if vocab else "")
-                   + f", {len(report['excluded'])} kept in float")
+                progress.say(
+                    f"warning: {x['under_calibrated_experts']} MoE experts saw fewer "
+                    f"than {report['experts']['min_tokens']} calibration tokens "
+                    f"(quant_report.json lists them)"
+                )
+            vocab = ", ".join(
+                f"{k} {v['precision']}" for k in ("lm_head", "embedding") if (v := x.get(k))
+            )
+            end = (
+                f"{x['scheme']}: {x['quantized_layers']} layers quantized"
+                + (f" (+ {vocab}, weight-only)" if vocab else "")
+                + f", {len(report['excluded'])} kept in float"
+            )
         written[stage.name] = (files(tmp) - before) | rewritten
         records[stage.name] = rec
         progress.say(f"{stage.line(progress, '')}{end}, {rec.seconds:.1f}s")
@@ -99,8 +135,9 @@ def _not_run(stage, progress) -> StageRecord:
     return StageRecord.not_run(NOT_RUN[stage.name])
 
 
-def reuse_graph_stages(stages, plan: dict, old_stages: dict, previous: Path, tmp: Path,
-                       progress, ran: dict) -> dict:
+def reuse_graph_stages(
+    stages, plan: dict, old_stages: dict, previous: Path, tmp: Path, progress, ran: dict
+) -> dict:
     """Link the graph stages' outputs from the previous artifact; returns their records."""
     records = {}
     for stage in stages:

@@ -32,8 +32,13 @@ def pass_context(targets):
     from dsc.passes import PassContext, PassOptions, target_ops
 
     # Compare what the targets parse, not their names (two TensorRT versions may agree).
-    ops = {json.dumps({k: v for k, v in target_ops(t.profile).to_json().items() if k != "name"},
-                      sort_keys=True) for t in targets}
+    ops = {
+        json.dumps(
+            {k: v for k, v in target_ops(t.profile).to_json().items() if k != "name"},
+            sort_keys=True,
+        )
+        for t in targets
+    }
     if len(ops) == 1:
         return PassContext(targets[0].profile, PassOptions())
     half = any(not target_ops(t.profile).fp32_gemm for t in targets)
@@ -59,22 +64,50 @@ class OptimizeStage(Stage):
         from dsc.passes import build_pipeline
 
         names = [n for n, _ in build_pipeline(ctx, only or None, disable)]
-        return {"upstream": upstream, "passes": names, "options": asdict(ctx.options),
-                "target": ctx.target.to_json(), "tools": {k: tools.get(k) for k in TOOLS}}
+        return {
+            "upstream": upstream,
+            "passes": names,
+            "options": asdict(ctx.options),
+            "target": ctx.target.to_json(),
+            "tools": {k: tools.get(k) for k in TOOLS},
+        }
 
-    def run(self, directory: Path, inputs: dict, ctx, *, only=None, disable=(), dump_after=(),
-            verify_each: bool = False, progress=None) -> tuple[StageRecord, object, dict]:
+    def run(
+        self,
+        directory: Path,
+        inputs: dict,
+        ctx,
+        *,
+        only=None,
+        disable=(),
+        dump_after=(),
+        verify_each: bool = False,
+        progress=None,
+    ) -> tuple[StageRecord, object, dict]:
         """Optimize the graph in `directory`; returns (record, PipelineReport, report record)."""
         from dsc.passes.optimize import optimize_in_place, stage_summary
 
         t0 = time.perf_counter()
         reset_peak_rss()
-        report, record = optimize_in_place(directory, ctx, only=only or None, disable=disable,
-                                           dump_after=dump_after, verify_each=verify_each,
-                                           progress=progress)
+        report, record = optimize_in_place(
+            directory,
+            ctx,
+            only=only or None,
+            disable=disable,
+            dump_after=dump_after,
+            verify_each=verify_each,
+            progress=progress,
+        )
         seconds = time.perf_counter() - t0
-        rec = StageRecord("ran", self.input_hash(inputs), inputs, {}, round(seconds, 2),
-                          peak_rss_bytes(), extra=stage_summary(record))
+        rec = StageRecord(
+            "ran",
+            self.input_hash(inputs),
+            inputs,
+            {},
+            round(seconds, 2),
+            peak_rss_bytes(),
+            extra=stage_summary(record),
+        )
         return rec, report, record
 
 
@@ -88,10 +121,19 @@ class OptimizeResult:
     seconds: float
 
 
-def optimize_artifact(artifact: str | Path, output: str | Path, *, profile=None,
-                      options=None, only=None, disable=(), dump_after=(),
-                      verify_each: bool = False, force: bool = False,
-                      progress=None) -> OptimizeResult:
+def optimize_artifact(
+    artifact: str | Path,
+    output: str | Path,
+    *,
+    profile=None,
+    options=None,
+    only=None,
+    disable=(),
+    dump_after=(),
+    verify_each: bool = False,
+    force: bool = False,
+    progress=None,
+) -> OptimizeResult:
     """`dsc optimize`: the optimize stage on `artifact`'s graph, into a new artifact `output`.
 
     `profile`: a loaded `HardwareProfile` (None: only ops every supported TensorRT parses).
@@ -109,25 +151,42 @@ def optimize_artifact(artifact: str | Path, output: str | Path, *, profile=None,
     check_output(output, force=force)
     ctx = PassContext(profile, options or PassOptions())
     stage = OptimizeStage()
-    upstream = upstream_hash(manifest) or (manifest.get("graph") or {}).get("hash") \
+    upstream = (
+        upstream_hash(manifest)
+        or (manifest.get("graph") or {}).get("hash")
         or graph_record(artifact, io)["hash"]
-    inputs = stage.inputs(upstream, ctx, tool_versions(("onnx", "onnxscript", "onnx-ir")),
-                          only=only, disable=disable)
+    )
+    inputs = stage.inputs(
+        upstream, ctx, tool_versions(("onnx", "onnxscript", "onnx-ir")), only=only, disable=disable
+    )
     onnx_name = io["onnx"]
     t0 = time.perf_counter()
     with atomic_dir(output, force=force) as tmp:
         for f in sorted(artifact.iterdir()):
             if f.is_file() and f.name not in (MANIFEST, REPORT_FILE):
                 shutil.copy2(f, tmp / f.name)
-        rec, report, record = stage.run(tmp, inputs, ctx, only=only, disable=disable,
-                                        dump_after=dump_after, verify_each=verify_each,
-                                        progress=progress)
+        rec, report, record = stage.run(
+            tmp,
+            inputs,
+            ctx,
+            only=only,
+            disable=disable,
+            dump_after=dump_after,
+            verify_each=verify_each,
+            progress=progress,
+        )
         outputs = hash_tree(tmp)
-        rec.outputs = {k: outputs[k] for k in (onnx_name, f"{onnx_name}.data", IO_SPEC,
-                                               REPORT_FILE) if k in outputs}
+        rec.outputs = {
+            k: outputs[k]
+            for k in (onnx_name, f"{onnx_name}.data", IO_SPEC, REPORT_FILE)
+            if k in outputs
+        }
         stages = dict(manifest.get("stages", {}), optimize=rec.to_json())
-        new = dict(manifest, stages=stages,
-                   graph=graph_record(tmp, load_io_spec(tmp, check_manifest=False)),
-                   outputs=outputs)
+        new = dict(
+            manifest,
+            stages=stages,
+            graph=graph_record(tmp, load_io_spec(tmp, check_manifest=False)),
+            outputs=outputs,
+        )
         write_derived_manifest(tmp, new, manifest, artifact)
     return OptimizeResult(output, report, record["coverage"], time.perf_counter() - t0)

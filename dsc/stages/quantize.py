@@ -35,42 +35,96 @@ class QuantizeStage(Stage):
     name = "quantize"
     index = 3
 
-    def inputs(self, upstream: str, tools: dict, precision: str, *, weight_only: bool = False,
-               method: str | None = None, alpha: float | None = None, samples: int = 64,
-               seq_len: int = 128, exclude=(), calib=None, lm_head: str | None = None,
-               embedding: str | None = None) -> dict:
+    def inputs(
+        self,
+        upstream: str,
+        tools: dict,
+        precision: str,
+        *,
+        weight_only: bool = False,
+        method: str | None = None,
+        alpha: float | None = None,
+        samples: int = 64,
+        seq_len: int = 128,
+        exclude=(),
+        calib=None,
+        lm_head: str | None = None,
+        embedding: str | None = None,
+    ) -> dict:
         """The stage's inputs; reads the calibration data (`BadInput` when it is unusable)."""
-        return {"upstream": upstream, "precision": precision,
-                "weight_only": weight_only or precision == "int4", "method": method,
-                "alpha": "auto" if alpha is None else alpha, "samples": samples,
-                "seq_len": seq_len, "exclude": list(exclude),
-                "calib_sha256": calibration_sha256(calib),
-                "tools": {k: tools.get(k) for k in TOOLS}, **vocab_inputs(lm_head, embedding)}
+        return {
+            "upstream": upstream,
+            "precision": precision,
+            "weight_only": weight_only or precision == "int4",
+            "method": method,
+            "alpha": "auto" if alpha is None else alpha,
+            "samples": samples,
+            "seq_len": seq_len,
+            "exclude": list(exclude),
+            "calib_sha256": calibration_sha256(calib),
+            "tools": {k: tools.get(k) for k in TOOLS},
+            **vocab_inputs(lm_head, embedding),
+        }
 
-    def run(self, directory: Path, inputs: dict, *, calib=None, alpha: float | None = None,
-            lm_head: str | None = None, embedding: str | None = None,
-            progress=None) -> tuple[StageRecord, dict]:
+    def run(
+        self,
+        directory: Path,
+        inputs: dict,
+        *,
+        calib=None,
+        alpha: float | None = None,
+        lm_head: str | None = None,
+        embedding: str | None = None,
+        progress=None,
+    ) -> tuple[StageRecord, dict]:
         """Quantize the graph in `directory`; returns (record, quant report)."""
         t0 = time.perf_counter()
         reset_peak_rss()
         report, extra = quantize_in_place(
-            directory, inputs["precision"], calib=calib, method=inputs["method"],
-            samples=inputs["samples"], seq_len=inputs["seq_len"], alpha=alpha,
+            directory,
+            inputs["precision"],
+            calib=calib,
+            method=inputs["method"],
+            samples=inputs["samples"],
+            seq_len=inputs["seq_len"],
+            alpha=alpha,
             weight_only=inputs["weight_only"] and inputs["precision"] != "int4",
-            exclude=tuple(inputs["exclude"]), lm_head=lm_head, embedding=embedding,
-            progress=progress)
+            exclude=tuple(inputs["exclude"]),
+            lm_head=lm_head,
+            embedding=embedding,
+            progress=progress,
+        )
         seconds = time.perf_counter() - t0
-        rec = StageRecord("ran", self.input_hash(inputs), inputs, {}, round(seconds, 2),
-                          peak_rss_bytes(), extra=extra)
+        rec = StageRecord(
+            "ran",
+            self.input_hash(inputs),
+            inputs,
+            {},
+            round(seconds, 2),
+            peak_rss_bytes(),
+            extra=extra,
+        )
         return rec, report
 
 
-def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, *,
-                      calib: str | Path | None = None, method: str | None = None,
-                      samples: int = 64, seq_len: int = 128, alpha: float | None = None,
-                      weight_only: bool = False, exclude=(), profile=None, force: bool = False,
-                      lm_head: str | None = None, embedding: str | None = None,
-                      progress=None) -> QuantizeResult:
+def quantize_artifact(
+    artifact: str | Path,
+    output: str | Path,
+    precision: str,
+    *,
+    calib: str | Path | None = None,
+    method: str | None = None,
+    samples: int = 64,
+    seq_len: int = 128,
+    alpha: float | None = None,
+    weight_only: bool = False,
+    exclude=(),
+    profile=None,
+    force: bool = False,
+    lm_head: str | None = None,
+    embedding: str | None = None,
+    progress=None,
+) -> QuantizeResult:
     """`dsc quantize`: the quantize stage on `artifact`'s graph, into a new artifact `output`.
 
     `profile` (a name, YAML path or loaded profile) refuses precisions the target cannot run,
@@ -93,25 +147,46 @@ def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, 
     artifact, output = Path(artifact), Path(output)
     manifest = load_manifest(artifact)
     io = load_io_spec(artifact)
-    if (artifact / "reference").exists() or manifest.get("stages", {}).get("quantize", {}) \
-            .get("status") in ("ran", "reused"):
+    if (artifact / "reference").exists() or manifest.get("stages", {}).get("quantize", {}).get(
+        "status"
+    ) in ("ran", "reused"):
         raise BadInput(f"{artifact} is already quantized; quantize its fp16 export instead")
     if output.absolute() == artifact.absolute():
         raise BadInput("the output must be a new directory, not the input artifact")
     stage = QuantizeStage()
-    upstream = upstream_hash(manifest) or (manifest.get("graph") or {}).get("hash") \
+    upstream = (
+        upstream_hash(manifest)
+        or (manifest.get("graph") or {}).get("hash")
         or graph_record(artifact, io)["hash"]
-    inputs = stage.inputs(upstream, tool_versions(("onnx-ir", "onnxruntime")), precision,
-                          weight_only=weight_only, method=method, alpha=alpha, samples=samples,
-                          seq_len=seq_len, exclude=exclude, calib=calib, lm_head=lm_head,
-                          embedding=embedding)
+    )
+    inputs = stage.inputs(
+        upstream,
+        tool_versions(("onnx-ir", "onnxruntime")),
+        precision,
+        weight_only=weight_only,
+        method=method,
+        alpha=alpha,
+        samples=samples,
+        seq_len=seq_len,
+        exclude=exclude,
+        calib=calib,
+        lm_head=lm_head,
+        embedding=embedding,
+    )
     with atomic_dir(output, force=force) as tmp:
         for p in artifact.iterdir():
             if p.name == MANIFEST or p.name == "engines":
                 continue  # engines of the float graph do not belong to the quantized one
             (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
-        rec, report = stage.run(tmp, inputs, calib=calib, alpha=alpha, lm_head=lm_head,
-                                embedding=embedding, progress=progress)
+        rec, report = stage.run(
+            tmp,
+            inputs,
+            calib=calib,
+            alpha=alpha,
+            lm_head=lm_head,
+            embedding=embedding,
+            progress=progress,
+        )
         if profile is not None:
             rec.extra["profile"] = getattr(profile, "name", str(profile))
         outputs = hash_tree(tmp)
@@ -122,10 +197,19 @@ def quantize_artifact(artifact: str | Path, output: str | Path, precision: str, 
         stages.pop("compile", None)
         stages.pop("validate", None)
         new_io = load_io_spec(tmp, check_manifest=False)
-        new.update(stages=stages, graph=graph_record(tmp, new_io), outputs=outputs,
-                   precision=precision)
+        new.update(
+            stages=stages, graph=graph_record(tmp, new_io), outputs=outputs, precision=precision
+        )
         write_derived_manifest(tmp, new, manifest, artifact)
     seconds = round(time.perf_counter() - t0, 2)
-    return QuantizeResult(output, precision, report["scheme"], rec.extra["method"],
-                          len(report["layers"]), report["excluded"],
-                          report["experts"]["under_calibrated"], seconds, report)
+    return QuantizeResult(
+        output,
+        precision,
+        report["scheme"],
+        rec.extra["method"],
+        len(report["layers"]),
+        report["excluded"],
+        report["experts"]["under_calibrated"],
+        seconds,
+        report,
+    )

@@ -89,15 +89,16 @@ def _short(module: str) -> str:
     """`model.model.layers.3.mlp.experts` -> `layers.3.mlp.experts` (the HF wrapper prefix)."""
     for prefix in ("model.model.", "model."):
         if module.startswith(prefix):
-            return module[len(prefix):]
+            return module[len(prefix) :]
     return module
 
 
 # --- accuracy ----------------------------------------------------------------------------------
 
 
-def module_error(layers: Sequence[dict], first_divergence: dict | None, *, floor: float,
-                 precision: str) -> str | None:
+def module_error(
+    layers: Sequence[dict], first_divergence: dict | None, *, floor: float, precision: str
+) -> str | None:
     """Relative error of every module output against the reference, in graph order (depth).
 
     `layers`: validation.json's `layers` (tensor, module, layer, rel_error); `floor`: the
@@ -114,8 +115,9 @@ def module_error(layers: Sequence[dict], first_divergence: dict | None, *, floor
         top = max(finite + [floor]) if finite else floor
         errs = [e if math.isfinite(e) else top * 10 for e in errs]
         xs = range(len(errs))
-        ax.plot(xs, errs, color=COLORS[0], marker="o", markersize=3, linewidth=1,
-                label="relative error")
+        ax.plot(
+            xs, errs, color=COLORS[0], marker="o", markersize=3, linewidth=1, label="relative error"
+        )
         positives = [e for e in errs if e > 0]
         # Linear below the smallest error drawn (or a decade under the threshold): an exact
         # output (0) sits on the axis, everything else on decades.
@@ -123,32 +125,51 @@ def module_error(layers: Sequence[dict], first_divergence: dict | None, *, floor
         top = 10 ** math.ceil(math.log10(max(errs + [floor]) * 1.5))
         ax.set_yscale("symlog", linthresh=lin, linscale=0.4)
         ax.set_ylim(0, top)
-        ax.set_yticks([0.0] + [10.0 ** k for k in range(round(math.log10(lin)),
-                                                        round(math.log10(top)) + 1)])
+        ax.set_yticks(
+            [0.0] + [10.0**k for k in range(round(math.log10(lin)), round(math.log10(top)) + 1)]
+        )
         # Not a gate threshold (outputs above it are normal for a quantized model): grey,
         # not the red that marks a failure.
-        ax.axhline(floor, color=NEUTRAL_COLOR, linestyle=":", linewidth=1.2,
-                   label=f"locator floor {floor:g}: the first divergence is the first output "
-                         f"above it whose error jumps (not a pass/fail threshold)")
+        ax.axhline(
+            floor,
+            color=NEUTRAL_COLOR,
+            linestyle=":",
+            linewidth=1.2,
+            label=f"locator floor {floor:g}: the first divergence is the first output "
+            f"above it whose error jumps (not a pass/fail threshold)",
+        )
         fd = first_divergence or {}
-        hit = next((i for i, e in enumerate(layers) if fd and e["tensor"] == fd.get("tensor")),
-                   None)
+        hit = next(
+            (i for i, e in enumerate(layers) if fd and e["tensor"] == fd.get("tensor")), None
+        )
         if hit is not None:
-            ax.plot([hit], [errs[hit]], marker="o", markersize=10, markerfacecolor="none",
-                    markeredgecolor=FAIL_COLOR, markeredgewidth=2, linestyle="none",
-                    label=f"first divergence: {_short(fd['module'])}")
+            ax.plot(
+                [hit],
+                [errs[hit]],
+                marker="o",
+                markersize=10,
+                markerfacecolor="none",
+                markeredgecolor=FAIL_COLOR,
+                markeredgewidth=2,
+                linestyle="none",
+                label=f"first divergence: {_short(fd['module'])}",
+            )
         names = [_short(e["module"]) for e in layers]
         if len(names) <= _MAX_NAMED_TICKS:
             ax.set_xticks(list(xs), names, rotation=90, fontsize=7)
         else:
             # Too many to name: a tick where each decoder layer starts.
-            starts = [i for i, e in enumerate(layers)
-                      if e.get("layer") is not None and (i == 0 or layers[i - 1].get("layer")
-                                                         != e["layer"])]
+            starts = [
+                i
+                for i, e in enumerate(layers)
+                if e.get("layer") is not None
+                and (i == 0 or layers[i - 1].get("layer") != e["layer"])
+            ]
             step = max(1, math.ceil(len(starts) / 30))
             ticks = starts[::step]
-            ax.set_xticks(ticks, [f"layers.{layers[i]['layer']}" for i in ticks], rotation=90,
-                          fontsize=7)
+            ax.set_xticks(
+                ticks, [f"layers.{layers[i]['layer']}" for i in ticks], rotation=90, fontsize=7
+            )
         if hit is not None and len(names) <= _MAX_NAMED_TICKS:
             tick = ax.get_xticklabels()[hit]
             tick.set_color(FAIL_COLOR)
@@ -156,9 +177,13 @@ def module_error(layers: Sequence[dict], first_divergence: dict | None, *, floor
         ax.grid(axis="x", alpha=0.15)
         ax.set_xlim(-0.5, len(errs) - 0.5)
         fig.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
-        _label(ax, 0, f"{precision} vs reference: relative error per module output",
-               "module output, in graph order (input → logits)",
-               "relative error (symlog)")
+        _label(
+            ax,
+            0,
+            f"{precision} vs reference: relative error per module output",
+            "module output, in graph order (input → logits)",
+            "relative error (symlog)",
+        )
         return fig
 
     return _draw("module-error", build)
@@ -183,27 +208,41 @@ def gate_metrics(validation: dict) -> str | None:
 
     def build():
         fig, axes = _figure(10.5, 2.8, ncols=len(GATE_PANELS) + 2)
-        for n, (ax, (metric, key, title, better)) in enumerate(zip(axes, GATE_PANELS, strict=False)):
+        for n, (ax, (metric, key, title, better)) in enumerate(
+            zip(axes, GATE_PANELS, strict=False)
+        ):
             vals = [validation[ph].get(metric) for ph in ("prefill", "decode")]
-            labels = [ph for ph, v in zip(("prefill", "decode"), vals, strict=False) if v is not None]
+            labels = [
+                ph for ph, v in zip(("prefill", "decode"), vals, strict=False) if v is not None
+            ]
             vals = [v for v in vals if v is not None]
             _bars(ax, labels, vals, th.get(key), better)
-            _label(ax, n, title, "phase", {"cosine_p01": "cosine", "kl_mean": "nats"}.get(
-                metric, "fraction of positions"))
+            _label(
+                ax,
+                n,
+                title,
+                "phase",
+                {"cosine_p01": "cosine", "kl_mean": "nats"}.get(metric, "fraction of positions"),
+            )
         p = validation.get("perplexity") or {}
         ax = axes[-2]
-        _bars(ax, ["Δ ppl"], [p.get("delta", math.nan) * 100],
-              th.get("max_ppl_delta", math.nan) * 100, "max", unit="%")
-        _label(ax, len(GATE_PANELS), "perplexity increase", "candidate vs reference",
-               "percent")
+        _bars(
+            ax,
+            ["Δ ppl"],
+            [p.get("delta", math.nan) * 100],
+            th.get("max_ppl_delta", math.nan) * 100,
+            "max",
+            unit="%",
+        )
+        _label(ax, len(GATE_PANELS), "perplexity increase", "candidate vs reference", "percent")
         g = validation.get("greedy") or {}
         ax = axes[-1]
-        _bars(ax, ["greedy"], [g.get("greedy_match", math.nan)], th.get("min_greedy_match"),
-              "min")
-        _label(ax, len(GATE_PANELS) + 1, "greedy match", "generation",
-               "fraction of tokens")
-        fig.suptitle(f"accuracy gate ({validation.get('precision')}): metrics vs thresholds "
-                     f"(dashed)", gid="suptitle")
+        _bars(ax, ["greedy"], [g.get("greedy_match", math.nan)], th.get("min_greedy_match"), "min")
+        _label(ax, len(GATE_PANELS) + 1, "greedy match", "generation", "fraction of tokens")
+        fig.suptitle(
+            f"accuracy gate ({validation.get('precision')}): metrics vs thresholds (dashed)",
+            gid="suptitle",
+        )
         return fig
 
     return _draw("gate-metrics", build)
@@ -220,8 +259,9 @@ def _ticks_up_to(hi: float):
     return UpTo()
 
 
-def _bars(ax, labels: list[str], vals: list[float], threshold: float | None, better: str,
-          unit: str = "") -> None:
+def _bars(
+    ax, labels: list[str], vals: list[float], threshold: float | None, better: str, unit: str = ""
+) -> None:
     from dsc.validate.gate import _apart  # as many digits as tell a value from its threshold
 
     def ok(v):
@@ -234,8 +274,16 @@ def _bars(ax, labels: list[str], vals: list[float], threshold: float | None, bet
     ax.bar(labels, shown, color=colors, width=0.6)
     for i, v in enumerate(vals):
         text = _apart(v, threshold) if threshold is not None and math.isfinite(v) else f"{v:.4g}"
-        ax.annotate(text + unit, (i, shown[i]), xytext=(0, 2), textcoords="offset points",
-                    ha="center", va="bottom", fontsize=7, color=colors[i])
+        ax.annotate(
+            text + unit,
+            (i, shown[i]),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            color=colors[i],
+        )
     if threshold is not None and math.isfinite(threshold):
         ax.axhline(threshold, color="#333", linestyle="--", linewidth=1)
     if better == "min" and threshold is not None:
@@ -265,8 +313,11 @@ MEMORY_PARTS = ("weights", "kv_cache", "activations", "workspace", "runtime", "o
 def memory(profiles: dict[str, dict]) -> str | None:
     """Planned memory per profile (weights, KV cache, activations, workspace, runtime, OS
     reserve), stacked in GiB, against the device's capacity (the end of each track)."""
-    rows = [(name, p["plan"]) for name, p in profiles.items()
-            if (p.get("plan") or {}).get("memory_bytes")]
+    rows = [
+        (name, p["plan"])
+        for name, p in profiles.items()
+        if (p.get("plan") or {}).get("memory_bytes")
+    ]
     if not rows:
         return None
 
@@ -274,28 +325,45 @@ def memory(profiles: dict[str, dict]) -> str | None:
         fig, (ax,) = _figure(9.0, 1.3 + 0.55 * len(rows))
         ys = list(range(len(rows)))
         cap_max = max(plan["capacity_bytes"] for _, plan in rows) / GiB
-        ax.barh(ys, [plan["capacity_bytes"] / GiB for _, plan in rows], height=0.7,
-                color="#f1f3f5", edgecolor="#868e96", linewidth=1, label="capacity")
+        ax.barh(
+            ys,
+            [plan["capacity_bytes"] / GiB for _, plan in rows],
+            height=0.7,
+            color="#f1f3f5",
+            edgecolor="#868e96",
+            linewidth=1,
+            label="capacity",
+        )
         left = [0.0] * len(rows)
-        parts = [k for k in MEMORY_PARTS
-                 if any(plan["memory_bytes"].get(k, 0) for _, plan in rows)]
+        parts = [k for k in MEMORY_PARTS if any(plan["memory_bytes"].get(k, 0) for _, plan in rows)]
         parts += sorted({k for _, plan in rows for k in plan["memory_bytes"]} - set(MEMORY_PARTS))
         for n, part in enumerate(parts):
             widths = [plan["memory_bytes"].get(part, 0) / GiB for _, plan in rows]
-            ax.barh(ys, widths, left=left, height=0.45, color=COLORS[n % len(COLORS)],
-                    label=part.replace("_", " "))
+            ax.barh(
+                ys,
+                widths,
+                left=left,
+                height=0.45,
+                color=COLORS[n % len(COLORS)],
+                label=part.replace("_", " "),
+            )
             left = [a + b for a, b in zip(left, widths, strict=False)]
         for y, (_, plan) in zip(ys, rows, strict=False):
             total, cap = plan["total_bytes"] / GiB, plan["capacity_bytes"] / GiB
-            ax.annotate(f"{total:,.2f} of {cap:,.0f} GiB ({total / cap:.0%})", (cap, y),
-                        xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+            ax.annotate(
+                f"{total:,.2f} of {cap:,.0f} GiB ({total / cap:.0%})",
+                (cap, y),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
         ax.set_yticks(ys, [name for name, _ in rows])
         ax.invert_yaxis()
         ax.set_xlim(0, cap_max * 1.25)
         fig.legend(loc="outside lower center", ncol=len(parts) + 1, fontsize=8, frameon=False)
         ax.grid(axis="y", visible=False)
-        _label(ax, 0, "planned device memory at the engine envelope vs capacity",
-               "GiB", "profile")
+        _label(ax, 0, "planned device memory at the engine envelope vs capacity", "GiB", "profile")
         return fig
 
     return _draw("memory", build)
@@ -317,8 +385,14 @@ def stage_times(rows: Sequence[tuple[str, float, str]]) -> str | None:
             if status != "ran":
                 bar.set_hatch("//")
         for y, (_, s, status) in zip(ys, rows, strict=False):
-            ax.annotate(f"{s:,.1f} s" + ("" if status == "ran" else f" ({status})"), (s, y),
-                        xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+            ax.annotate(
+                f"{s:,.1f} s" + ("" if status == "ran" else f" ({status})"),
+                (s, y),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
         ax.set_yticks(ys, [name for name, _, _ in rows])
         ax.invert_yaxis()
         ax.set_xlim(0, max(s for _, s, _ in rows) * 1.2 or 1.0)
@@ -344,12 +418,22 @@ def expert_tokens(experts: dict) -> str | None:
         width = 0.8 / len(counts)
         for n, (router, tokens) in enumerate(counts.items()):
             xs = [i + (n - (len(counts) - 1) / 2) * width for i in range(len(tokens))]
-            ax.bar(xs, tokens, width=width, color=COLORS[n % len(COLORS)],
-                   label=_short(router).removesuffix(".mlp.gate"))
+            ax.bar(
+                xs,
+                tokens,
+                width=width,
+                color=COLORS[n % len(COLORS)],
+                label=_short(router).removesuffix(".mlp.gate"),
+            )
         min_tokens = experts.get("min_tokens")
         if min_tokens:
-            ax.axhline(min_tokens, color=FAIL_COLOR, linestyle="--", linewidth=1,
-                       label=f"minimum {min_tokens} tokens")
+            ax.axhline(
+                min_tokens,
+                color=FAIL_COLOR,
+                linestyle="--",
+                linewidth=1,
+                label=f"minimum {min_tokens} tokens",
+            )
         n_exp = max(len(t) for t in counts.values())
         ax.set_xticks(range(n_exp), [str(i) for i in range(n_exp)] if n_exp <= 64 else None)
         ax.set_yscale("log")
@@ -357,8 +441,7 @@ def expert_tokens(experts: dict) -> str | None:
         ax.set_ylim(bottom=1)
         fig.legend(loc="outside right upper", fontsize=8, frameon=False)
         ax.grid(axis="x", visible=False)
-        _label(ax, 0, "calibration tokens per routed expert", "expert",
-               "tokens (log scale)")
+        _label(ax, 0, "calibration tokens per routed expert", "expert", "tokens (log scale)")
         return fig
 
     return _draw("experts", build)
@@ -379,18 +462,35 @@ def latency(bench: dict) -> str | None:
             b = [r["batch"] for r in rs]
             c = COLORS[n % len(COLORS)]
             for ax, key in zip(axes, ("tpot", "ttft"), strict=False):
-                ax.plot(b, [r[key]["p50_ms"] for r in rs], marker="o", color=c,
-                        label=f"prompt {length}, p50")
-                ax.plot(b, [r[key]["p99_ms"] for r in rs], linestyle="--", linewidth=1,
-                        color=c, label=f"prompt {length}, p99")
+                ax.plot(
+                    b,
+                    [r[key]["p50_ms"] for r in rs],
+                    marker="o",
+                    color=c,
+                    label=f"prompt {length}, p50",
+                )
+                ax.plot(
+                    b,
+                    [r[key]["p99_ms"] for r in rs],
+                    linestyle="--",
+                    linewidth=1,
+                    color=c,
+                    label=f"prompt {length}, p99",
+                )
         batches = sorted({r["batch"] for r in rows})
         for ax in axes:
             ax.set_xticks(batches)
             ax.set_ylim(bottom=0)
         # One legend for both panels, under them (inside an axes it can cover a line).
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)),
-                   fontsize=8, frameon=False)
+        fig.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncol=min(4, len(labels)),
+            fontsize=8,
+            frameon=False,
+        )
         _label(axes[0], 0, "time per output token (TPOT)", "batch size", "ms")
         _label(axes[1], 1, "time to first token (TTFT)", "batch size", "ms")
         fig.suptitle(f"latency on {bench.get('backend', '?')}", gid="suptitle")

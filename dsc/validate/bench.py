@@ -43,12 +43,25 @@ def weight_bytes(onnx_path) -> int:
 
 def _pct(xs: list[float]) -> dict[str, float]:
     a = np.asarray(xs) * 1e3
-    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
-            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+    }
 
 
-def bench(runner, *, onnx_path, batches=(1,), prompt_lens=(128,), gen_len: int = 32,
-          warmup: int = 1, repeats: int = 5, seed: int = 0) -> dict:
+def bench(
+    runner,
+    *,
+    onnx_path,
+    batches=(1,),
+    prompt_lens=(128,),
+    gen_len: int = 32,
+    warmup: int = 1,
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict:
     rng = np.random.default_rng(seed)
     vocab = int(runner.io["vocab_size"])
     wbytes = weight_bytes(onnx_path)
@@ -80,14 +93,25 @@ def bench(runner, *, onnx_path, batches=(1,), prompt_lens=(128,), gen_len: int =
             ctx = length + gen_len // 2
             step_bytes = wbytes + b * ctx * kv_per_token
             reached = step_bytes / t50 / 1e9
-            rows.append({
-                "batch": b, "prompt_len": length, "gen_len": gen_len, "repeats": repeats,
-                "ttft": _pct(ttft), "tpot": _pct(tpot),
-                "decode_tokens_per_s": b / t50,
-                "prefill_tokens_per_s": b * length / float(np.percentile(ttft, 50)),
-                "decode_bytes_per_step": step_bytes,
-                "bandwidth_gbps": reached,
-                "fraction_of_host_bandwidth": reached / host_bw,
-            })
-    return {"backend": "onnxruntime-cpu", "host_bandwidth_gbps": host_bw,
-            "weight_bytes": wbytes, "kv_bytes_per_token": kv_per_token, "rows": rows}
+            rows.append(
+                {
+                    "batch": b,
+                    "prompt_len": length,
+                    "gen_len": gen_len,
+                    "repeats": repeats,
+                    "ttft": _pct(ttft),
+                    "tpot": _pct(tpot),
+                    "decode_tokens_per_s": b / t50,
+                    "prefill_tokens_per_s": b * length / float(np.percentile(ttft, 50)),
+                    "decode_bytes_per_step": step_bytes,
+                    "bandwidth_gbps": reached,
+                    "fraction_of_host_bandwidth": reached / host_bw,
+                }
+            )
+    return {
+        "backend": "onnxruntime-cpu",
+        "host_bandwidth_gbps": host_bw,
+        "weight_bytes": wbytes,
+        "kv_bytes_per_token": kv_per_token,
+        "rows": rows,
+    }

@@ -43,18 +43,54 @@ logger = logging.getLogger(__name__)
 # correct graph at that precision passes on the shipped tiny models with margin and a broken
 # layer does not (see tests/test_validate.py).
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
-    "fp32": {"min_cosine": 0.999, "min_top1": 0.98, "min_top5": 0.99, "max_kl": 0.005,
-             "max_ppl_delta": 0.005, "min_greedy_match": 0.75},
-    "fp16": {"min_cosine": 0.999, "min_top1": 0.98, "min_top5": 0.99, "max_kl": 0.005,
-             "max_ppl_delta": 0.005, "min_greedy_match": 0.75},
-    "bf16": {"min_cosine": 0.995, "min_top1": 0.95, "min_top5": 0.98, "max_kl": 0.02,
-             "max_ppl_delta": 0.01, "min_greedy_match": 0.5},
-    "fp8": {"min_cosine": 0.98, "min_top1": 0.85, "min_top5": 0.95, "max_kl": 0.05,
-            "max_ppl_delta": 0.01, "min_greedy_match": 0.25},
-    "int8": {"min_cosine": 0.97, "min_top1": 0.8, "min_top5": 0.93, "max_kl": 0.08,
-             "max_ppl_delta": 0.02, "min_greedy_match": 0.2},
-    "int4": {"min_cosine": 0.95, "min_top1": 0.7, "min_top5": 0.9, "max_kl": 0.15,
-             "max_ppl_delta": 0.04, "min_greedy_match": 0.1},
+    "fp32": {
+        "min_cosine": 0.999,
+        "min_top1": 0.98,
+        "min_top5": 0.99,
+        "max_kl": 0.005,
+        "max_ppl_delta": 0.005,
+        "min_greedy_match": 0.75,
+    },
+    "fp16": {
+        "min_cosine": 0.999,
+        "min_top1": 0.98,
+        "min_top5": 0.99,
+        "max_kl": 0.005,
+        "max_ppl_delta": 0.005,
+        "min_greedy_match": 0.75,
+    },
+    "bf16": {
+        "min_cosine": 0.995,
+        "min_top1": 0.95,
+        "min_top5": 0.98,
+        "max_kl": 0.02,
+        "max_ppl_delta": 0.01,
+        "min_greedy_match": 0.5,
+    },
+    "fp8": {
+        "min_cosine": 0.98,
+        "min_top1": 0.85,
+        "min_top5": 0.95,
+        "max_kl": 0.05,
+        "max_ppl_delta": 0.01,
+        "min_greedy_match": 0.25,
+    },
+    "int8": {
+        "min_cosine": 0.97,
+        "min_top1": 0.8,
+        "min_top5": 0.93,
+        "max_kl": 0.08,
+        "max_ppl_delta": 0.02,
+        "min_greedy_match": 0.2,
+    },
+    "int4": {
+        "min_cosine": 0.95,
+        "min_top1": 0.7,
+        "min_top5": 0.9,
+        "max_kl": 0.15,
+        "max_ppl_delta": 0.04,
+        "min_greedy_match": 0.1,
+    },
 }
 THRESHOLD_KEYS = tuple(DEFAULT_THRESHOLDS["fp16"])
 
@@ -70,10 +106,14 @@ class GateOptions:
     thresholds: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_thresholds(precision: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
+def resolve_thresholds(
+    precision: str, overrides: dict[str, float] | None = None
+) -> dict[str, float]:
     if precision not in DEFAULT_THRESHOLDS:
-        raise BadInput(f"no default thresholds for precision {precision!r}; "
-                       f"known: {', '.join(DEFAULT_THRESHOLDS)}")
+        raise BadInput(
+            f"no default thresholds for precision {precision!r}; "
+            f"known: {', '.join(DEFAULT_THRESHOLDS)}"
+        )
     out = dict(DEFAULT_THRESHOLDS[precision])
     for key, value in (overrides or {}).items():
         if key not in THRESHOLD_KEYS:
@@ -121,12 +161,13 @@ class _Outputs:
 
 
 def _greedy_prompts(tokenizer, text: str, prompts: int) -> list[list[int]]:
-    lines = [ln for ln in text.splitlines() if len(ln.split()) >= 6][: prompts * 7: 7]
+    lines = [ln for ln in text.splitlines() if len(ln.split()) >= 6][: prompts * 7 : 7]
     return [tokenizer(" ".join(ln.split()[:5]))["input_ids"] for ln in lines[:prompts]]
 
 
-def _run_graph(runner, ids: np.ndarray, starts: list[list[int]], opts: GateOptions,
-               spill: Path, advance) -> _Outputs:
+def _run_graph(
+    runner, ids: np.ndarray, starts: list[list[int]], opts: GateOptions, spill: Path, advance
+) -> _Outputs:
     """Every input of the gate through one graph: prefill of each window (one at a time: the
     logits of one window are resident, the rest go to `spill`), the teacher-forced decode of
     the windows' second halves, and greedy generation from each prompt."""
@@ -134,26 +175,34 @@ def _run_graph(runner, ids: np.ndarray, starts: list[list[int]], opts: GateOptio
     prefill = None
     nll = []
     for w in range(count):
-        row = ids[w: w + 1]
-        logits = runner.step(row, np.ones_like(row), np.arange(window)[None, :],
-                             runner.empty_past(1)).logits
+        row = ids[w : w + 1]
+        logits = runner.step(
+            row, np.ones_like(row), np.arange(window)[None, :], runner.empty_past(1)
+        ).logits
         if prefill is None:
-            prefill = np.lib.format.open_memmap(spill, mode="w+", dtype=logits.dtype,
-                                                shape=(count, window, logits.shape[-1]))
+            prefill = np.lib.format.open_memmap(
+                spill, mode="w+", dtype=logits.dtype, shape=(count, window, logits.shape[-1])
+            )
         prefill[w] = logits[0]
         nll.append(metrics.nll(logits, row))
         advance()
     half = window // 2
     steps = min(opts.decode_steps, window - half)
     prompt = ids[:, :half]
-    out = runner.step(prompt, np.ones_like(prompt),
-                      np.broadcast_to(np.arange(half), prompt.shape).copy(),
-                      runner.empty_past(count))
+    out = runner.step(
+        prompt,
+        np.ones_like(prompt),
+        np.broadcast_to(np.arange(half), prompt.shape).copy(),
+        runner.empty_past(count),
+    )
     decode = []
     for k in range(steps):
-        out = runner.step(ids[:, half + k: half + k + 1],
-                          np.ones((count, half + k + 1), dtype=np.int64),
-                          np.full((count, 1), half + k, dtype=np.int64), out.present)
+        out = runner.step(
+            ids[:, half + k : half + k + 1],
+            np.ones((count, half + k + 1), dtype=np.int64),
+            np.full((count, 1), half + k, dtype=np.int64),
+            out.present,
+        )
         decode.append(out.logits)
         advance()
     greedy = []
@@ -174,18 +223,27 @@ def _compare(cand: _Outputs, ref: _Outputs, gen_len: int) -> dict:
     for w in range(ref.prefill.shape[0]):  # one window of each resident at a time
         acc.add(cand.prefill[w], ref.prefill[w])
     ppl_c, ppl_r = math.exp(float(np.mean(cand.nll))), math.exp(float(np.mean(ref.nll)))
-    matched = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-               for a, b in zip(cand.greedy, ref.greedy)]
+    matched = [
+        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        for a, b in zip(cand.greedy, ref.greedy)
+    ]
     return {
         "prefill": acc.result(),
-        "decode": metrics.merge([metrics.logits_metrics(c, r)
-                                 for c, r in zip(cand.decode, ref.decode)]),
-        "perplexity": {"candidate": ppl_c, "reference": ppl_r,
-                       "delta": (ppl_c - ppl_r) / ppl_r if math.isfinite(ppl_c) else math.inf},
-        "greedy": {"prompts": len(matched), "gen_len": gen_len,
-                   "tokens_until_divergence": matched,
-                   "mean_tokens_until_divergence": float(np.mean(matched)) if matched else 0.0,
-                   "greedy_match": float(np.mean(matched) / gen_len) if matched else 0.0},
+        "decode": metrics.merge(
+            [metrics.logits_metrics(c, r) for c, r in zip(cand.decode, ref.decode)]
+        ),
+        "perplexity": {
+            "candidate": ppl_c,
+            "reference": ppl_r,
+            "delta": (ppl_c - ppl_r) / ppl_r if math.isfinite(ppl_c) else math.inf,
+        },
+        "greedy": {
+            "prompts": len(matched),
+            "gen_len": gen_len,
+            "tokens_until_divergence": matched,
+            "mean_tokens_until_divergence": float(np.mean(matched)) if matched else 0.0,
+            "greedy_match": float(np.mean(matched) / gen_len) if matched else 0.0,
+        },
     }
 
 
@@ -203,11 +261,17 @@ def _check(result: dict, th: dict[str, float]) -> list[str]:
     fails = []
     for phase in ("prefill", "decode"):
         m = result[phase]
-        for key, metric, better in (("min_cosine", "cosine_p01", "min"), ("min_top1", "top1", "min"),
-                                    ("min_top5", "top5", "min"), ("max_kl", "kl_mean", "max")):
+        for key, metric, better in (
+            ("min_cosine", "cosine_p01", "min"),
+            ("min_top1", "top1", "min"),
+            ("min_top5", "top5", "min"),
+            ("max_kl", "kl_mean", "max"),
+        ):
             v, t = m[metric], th[key]
             if (better == "min" and not v >= t) or (better == "max" and not v <= t):
-                fails.append(f"{phase} {metric} {_apart(v, t)} {'<' if better == 'min' else '>'} {t:g}")
+                fails.append(
+                    f"{phase} {metric} {_apart(v, t)} {'<' if better == 'min' else '>'} {t:g}"
+                )
     d, t = result["perplexity"]["delta"], th["max_ppl_delta"]
     if not d <= t:
         fails.append(f"perplexity delta {d:+.2%} > {t:.2%}")
@@ -217,9 +281,18 @@ def _check(result: dict, th: dict[str, float]) -> list[str]:
     return fails
 
 
-def run_gate(candidate, reference, tokenizer, text: str, *, precision: str,
-             options: GateOptions | None = None, candidate_path: Path | None = None,
-             reference_path: Path | None = None, quiet: bool = False) -> dict:
+def run_gate(
+    candidate,
+    reference,
+    tokenizer,
+    text: str,
+    *,
+    precision: str,
+    options: GateOptions | None = None,
+    candidate_path: Path | None = None,
+    reference_path: Path | None = None,
+    quiet: bool = False,
+) -> dict:
     """Compare a candidate graph with its reference; return the validation record.
 
     `candidate`, `reference`: runners with `OrtCausalLM`'s interface (`step`, `empty_past`,
@@ -244,28 +317,36 @@ def run_gate(candidate, reference, tokenizer, text: str, *, precision: str,
     starts = _greedy_prompts(tokenizer, text, opts.prompts)
     steps = min(opts.decode_steps, ids.shape[1] - ids.shape[1] // 2)
     per_graph = ids.shape[0] + steps + len(starts)
-    with tempfile.TemporaryDirectory(prefix="dsc-gate-") as spill, \
-            counted("accuracy gate: reference, then candidate", 2 * per_graph,
-                    quiet=quiet) as advance:
-        ref = _run_graph(_maker(reference)(), ids, starts, opts, Path(spill) / "reference.npy",
-                         advance)
-        cand = _run_graph(_maker(candidate)(), ids, starts, opts,
-                          Path(spill) / "candidate.npy", advance)
+    with (
+        tempfile.TemporaryDirectory(prefix="dsc-gate-") as spill,
+        counted("accuracy gate: reference, then candidate", 2 * per_graph, quiet=quiet) as advance,
+    ):
+        ref = _run_graph(
+            _maker(reference)(), ids, starts, opts, Path(spill) / "reference.npy", advance
+        )
+        cand = _run_graph(
+            _maker(candidate)(), ids, starts, opts, Path(spill) / "candidate.npy", advance
+        )
         compared = _compare(cand, ref, opts.gen_len)
         del ref, cand  # close the memory maps before the directory goes
     result = {
         "kind": "gate",
         "precision": precision,
         "thresholds": th,
-        "data": {"windows": int(ids.shape[0]), "window": int(ids.shape[1]),
-                 "tokens": int(ids.size)},
+        "data": {
+            "windows": int(ids.shape[0]),
+            "window": int(ids.shape[1]),
+            "tokens": int(ids.size),
+        },
         **compared,
     }
     fails = _check(result, th)
     result["failures"] = fails
     result["passed"] = not fails
     if candidate_path is not None and reference_path is not None and (fails or opts.locate):
-        errors = locate.layer_errors(candidate_path, reference_path, ids[:2, : min(32, ids.shape[1])])
+        errors = locate.layer_errors(
+            candidate_path, reference_path, ids[:2, : min(32, ids.shape[1])]
+        )
         jump = locate.first_jump(errors)
         result["layers"] = [e.to_json() for e in errors]
         result["first_divergence"] = jump.to_json() if jump else None

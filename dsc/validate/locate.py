@@ -46,8 +46,12 @@ class TensorError:
     rel_error: float
 
     def to_json(self) -> dict:
-        return {"tensor": self.tensor, "module": self.module, "layer": self.layer,
-                "rel_error": self.rel_error}
+        return {
+            "tensor": self.tensor,
+            "module": self.module,
+            "layer": self.layer,
+            "rel_error": self.rel_error,
+        }
 
 
 def module_outputs(model) -> list[tuple[str, str]]:
@@ -61,8 +65,11 @@ def module_outputs(model) -> list[tuple[str, str]]:
         if path is None or not node.outputs:
             continue
         out = node.outputs[0]
-        if out.type is None or out.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16,
-                                                 ir.DataType.BFLOAT16):
+        if out.type is None or out.dtype not in (
+            ir.DataType.FLOAT,
+            ir.DataType.FLOAT16,
+            ir.DataType.BFLOAT16,
+        ):
             continue
         if path not in last:
             order.append(path)
@@ -73,8 +80,11 @@ def module_outputs(model) -> list[tuple[str, str]]:
 def _feeds(model, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Prefill inputs for `ids` with an empty past, in this graph's own dtypes."""
     b, s = ids.shape
-    feeds = {"input_ids": ids, "attention_mask": np.ones((b, s), dtype=np.int64),
-             "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()}
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones((b, s), dtype=np.int64),
+        "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
+    }
     for v in model.graph.inputs:
         if v.name.startswith("past_key_values."):
             heads, dim = int(v.shape[1]), int(v.shape[3])
@@ -117,8 +127,12 @@ def layer_errors(candidate: Path, reference: Path, ids: np.ndarray) -> list[Tens
     import onnx_ir as ir
 
     ref_outputs = module_outputs(ir.load(str(reference)))
-    cand_names = {v.name for node in ir.load(str(candidate)).graph for v in node.outputs
-                  if RESCALED_KEY not in node.metadata_props}
+    cand_names = {
+        v.name
+        for node in ir.load(str(candidate)).graph
+        for v in node.outputs
+        if RESCALED_KEY not in node.metadata_props
+    }
     shared = [(t, m) for t, m in ref_outputs if t in cand_names]
     if not shared:
         return []
@@ -130,8 +144,14 @@ def layer_errors(candidate: Path, reference: Path, ids: np.ndarray) -> list[Tens
         if tensor not in ref_vals or tensor not in cand_vals:
             continue
         m = _LAYER.search(module)
-        errors.append(TensorError(tensor, module, int(m.group(1)) if m else None,
-                                  _rel_error(cand_vals[tensor], ref_vals[tensor])))
+        errors.append(
+            TensorError(
+                tensor,
+                module,
+                int(m.group(1)) if m else None,
+                _rel_error(cand_vals[tensor], ref_vals[tensor]),
+            )
+        )
     return errors
 
 
@@ -143,8 +163,9 @@ def _routing_sensitive(module: str, modules: set[str]) -> bool:
     return ".experts" in module or f"{module}.experts" in modules
 
 
-def first_jump(errors: list[TensorError], *, floor: float = DIVERGENCE_FLOOR,
-               factor: float = 5.0) -> TensorError | None:
+def first_jump(
+    errors: list[TensorError], *, floor: float = DIVERGENCE_FLOOR, factor: float = 5.0
+) -> TensorError | None:
     """Where the error jumps: the tensor above `floor` whose error is the largest multiple
     (at least `factor`) of every error before it; routed-expert outputs are not candidates."""
     modules = {e.module for e in errors}
@@ -152,7 +173,11 @@ def first_jump(errors: list[TensorError], *, floor: float = DIVERGENCE_FLOOR,
     worst_before = 0.0
     for e in errors:
         ratio = e.rel_error / max(worst_before, floor / factor)
-        if e.rel_error > floor and ratio >= best_ratio and not _routing_sensitive(e.module, modules):
+        if (
+            e.rel_error > floor
+            and ratio >= best_ratio
+            and not _routing_sensitive(e.module, modules)
+        ):
             best, best_ratio = e, ratio
         worst_before = max(worst_before, e.rel_error)
     return best

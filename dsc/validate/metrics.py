@@ -48,8 +48,9 @@ class LogitsAccumulator:
         c, r = _flat(candidate), _flat(reference)
         if c.shape != r.shape:
             raise ValueError(f"logit shapes differ: {c.shape} vs {r.shape}")
-        self._cos.append((c * r).sum(-1)
-                         / (np.linalg.norm(c, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-30))
+        self._cos.append(
+            (c * r).sum(-1) / (np.linalg.norm(c, axis=-1) * np.linalg.norm(r, axis=-1) + 1e-30)
+        )
         lc, lr = log_softmax(c), log_softmax(r)
         self._kl.append((np.exp(lr) * (lr - lc)).sum(-1))
         ref_top1 = r.argmax(-1)

@@ -37,8 +37,11 @@ def _profile_record(entry: dict) -> dict:
     """A manifest profile entry without the hardware profile's sources and notes."""
     out = dict(entry)
     prof = entry.get("profile") or {}
-    out["profile"] = {k: prof[k] for k in ("name", "description", "compute_capability",
-                                            "memory", "tensorrt") if k in prof}
+    out["profile"] = {
+        k: prof[k]
+        for k in ("name", "description", "compute_capability", "memory", "tensorrt")
+        if k in prof
+    }
     return out
 
 
@@ -65,18 +68,23 @@ def collect(artifact: str | Path) -> dict:
         "graph": {k: v for k, v in (manifest.get("graph") or {}).items() if k != "files"},
         "model": manifest.get("source", {}),
         "stages": manifest.get("stages", {}),
-        "profiles": {name: _profile_record(p)
-                     for name, p in (manifest.get("profiles") or {}).items()},
+        "profiles": {
+            name: _profile_record(p) for name, p in (manifest.get("profiles") or {}).items()
+        },
         "validation": manifest.get("validation"),
         "validations": validations,
         "bench": _load(artifact / "bench.json"),
         # `dsc bench --engine P` / `dsc device-check`: one per profile (dsc.runtime.evaluate)
-        "engine_benches": [b for p in sorted(artifact.glob("bench-engine-*.json"))
-                           if (b := _load(p))],
+        "engine_benches": [
+            b for p in sorted(artifact.glob("bench-engine-*.json")) if (b := _load(p))
+        ],
         "passes": _load(artifact / "passes_report.json"),
         "quantization": _load(artifact / "quant_report.json"),
-        "outputs": {k: v for k, v in (manifest.get("outputs") or {}).items()
-                    if k not in ("report.json", "report.md", "report.html")},
+        "outputs": {
+            k: v
+            for k, v in (manifest.get("outputs") or {}).items()
+            if k not in ("report.json", "report.md", "report.html")
+        },
     }
 
 
@@ -92,10 +100,14 @@ def _env():
     md = MarkdownIt("commonmark", {"html": False})
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("dsc.validate", "templates"),
-        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",),
-                                            default_for_string=False),
-        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined)
+        autoescape=jinja2.select_autoescape(
+            enabled_extensions=("html.j2",), default_for_string=False
+        ),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
     env.filters["md"] = lambda text: Markup(md.renderInline(str(text)))
     env.filters["mdcell"] = md_cell
     env.filters["mdcode"] = _code

@@ -108,14 +108,22 @@ def _read_data(data: str | Path | None) -> str:
     p = Path(data)
     if not p.exists():
         raise BadInput(f"validation data not found: {p}")
-    return read_text_bounded(p, what="validation data", kind="text", limit=256 * 2**20,
-                             errors="replace")
+    return read_text_bounded(
+        p, what="validation data", kind="text", limit=256 * 2**20, errors="replace"
+    )
 
 
-def validate_artifact(artifact: str | Path, *, reference: str | Path = "fp16",
-                      data: str | Path | None = None, thresholds: dict | None = None,
-                      precision: str | None = None, options=None, write: bool = True,
-                      quiet: bool = False) -> dict:
+def validate_artifact(
+    artifact: str | Path,
+    *,
+    reference: str | Path = "fp16",
+    data: str | Path | None = None,
+    thresholds: dict | None = None,
+    precision: str | None = None,
+    options=None,
+    write: bool = True,
+    quiet: bool = False,
+) -> dict:
     from dsc.backends.onnxruntime.runner import OrtCausalLM
     from dsc.models.loading import load_tokenizer
     from dsc.validate.gate import GateOptions, run_gate
@@ -132,9 +140,17 @@ def validate_artifact(artifact: str | Path, *, reference: str | Path = "fp16",
         opts.thresholds = dict(thresholds)
     prec = precision or candidate_precision(artifact, manifest, io)
     # Each graph is loaded when the gate gets to it and freed after (never both at once).
-    result = run_gate(lambda: OrtCausalLM(cand_path, io), lambda: OrtCausalLM(ref_path, ref_io),
-                      load_tokenizer(artifact), text, precision=prec, options=opts,
-                      candidate_path=cand_path, reference_path=ref_path, quiet=quiet)
+    result = run_gate(
+        lambda: OrtCausalLM(cand_path, io),
+        lambda: OrtCausalLM(ref_path, ref_io),
+        load_tokenizer(artifact),
+        text,
+        precision=prec,
+        options=opts,
+        candidate_path=cand_path,
+        reference_path=ref_path,
+        quiet=quiet,
+    )
     result["candidate"] = io["onnx"]
     result["reference"] = ref_desc
     if write:
@@ -145,23 +161,42 @@ def validate_artifact(artifact: str | Path, *, reference: str | Path = "fp16",
     return result
 
 
-def bench_artifact(artifact: str | Path, *, batches=(1,), prompt_lens=(128,), gen_len: int = 32,
-                   warmup: int = 1, repeats: int = 5, profile: str | None = None,
-                   write: bool = True) -> dict:
+def bench_artifact(
+    artifact: str | Path,
+    *,
+    batches=(1,),
+    prompt_lens=(128,),
+    gen_len: int = 32,
+    warmup: int = 1,
+    repeats: int = 5,
+    profile: str | None = None,
+    write: bool = True,
+) -> dict:
     from dsc.backends.onnxruntime.runner import OrtCausalLM
     from dsc.validate.bench import bench
 
     artifact = Path(artifact)
     runner = OrtCausalLM.from_artifact(artifact)
-    result = bench(runner, onnx_path=artifact / runner.io["onnx"], batches=batches,
-                   prompt_lens=prompt_lens, gen_len=gen_len, warmup=warmup, repeats=repeats)
+    result = bench(
+        runner,
+        onnx_path=artifact / runner.io["onnx"],
+        batches=batches,
+        prompt_lens=prompt_lens,
+        gen_len=gen_len,
+        warmup=warmup,
+        repeats=repeats,
+    )
     if profile:
         result["target"] = _target_ceiling(artifact, profile, batches, prompt_lens, gen_len)
     if write:
-        summary = {"backend": result["backend"],
-                   "rows": [{k: r[k] for k in ("batch", "prompt_len", "decode_tokens_per_s")}
-                            | {"ttft_p50_ms": r["ttft"]["p50_ms"], "tpot_p50_ms": r["tpot"]["p50_ms"]}
-                            for r in result["rows"]]}
+        summary = {
+            "backend": result["backend"],
+            "rows": [
+                {k: r[k] for k in ("batch", "prompt_len", "decode_tokens_per_s")}
+                | {"ttft_p50_ms": r["ttft"]["p50_ms"], "tpot_p50_ms": r["tpot"]["p50_ms"]}
+                for r in result["rows"]
+            ],
+        }
         record(artifact, BENCH_FILE, "bench", result, summary)
         from dsc.validate.report import write_reports
 
@@ -182,8 +217,17 @@ def _target_ceiling(artifact: Path, profile: str, batches, prompt_lens, gen_len)
     for b in batches:
         for length in prompt_lens:
             p = plan(artifact / "config.json", prof, precision, batch=b, context=length + gen_len)
-            rows.append({"batch": b, "prompt_len": length,
-                         "decode_ceiling_tokens_per_s": p.decode_tokens_per_s})
-    return {"profile": prof.name, "precision": precision, "rows": rows,
-            "note": "ceiling on the target GPU from its bandwidth; the timings above are not "
-                    "from that GPU, so no fraction of it is claimed"}
+            rows.append(
+                {
+                    "batch": b,
+                    "prompt_len": length,
+                    "decode_ceiling_tokens_per_s": p.decode_tokens_per_s,
+                }
+            )
+    return {
+        "profile": prof.name,
+        "precision": precision,
+        "rows": rows,
+        "note": "ceiling on the target GPU from its bandwidth; the timings above are not "
+        "from that GPU, so no fraction of it is claimed",
+    }

@@ -118,8 +118,12 @@ class FusionPass(DscPass):
         return ir.passes.PassResult(model, total > 0)
 
 
-def explain(rules: Sequence[pattern.RewriteRule], model: ir.Model,
-            candidates: Sequence[ir.Node], commute: bool = False) -> tuple[bool, str]:
+def explain(
+    rules: Sequence[pattern.RewriteRule],
+    model: ir.Model,
+    candidates: Sequence[ir.Node],
+    commute: bool = False,
+) -> tuple[bool, str]:
     """(matched, reason): does any rule match rooted at one of `candidates`; if not, why.
 
     The reason is the failure of the attempt that got furthest (most pattern nodes matched).
@@ -129,8 +133,9 @@ def explain(rules: Sequence[pattern.RewriteRule], model: ir.Model,
     for node in candidates:
         for rule in variants:
             tracer = MatchingTracer()
-            match = rule.match(model, node.graph, node, tracer=tracer,
-                               check_nodes_are_removable=False)
+            match = rule.match(
+                model, node.graph, node, tracer=tracer, check_nodes_are_removable=False
+            )
             if match:
                 return True, ""
             for info in tracer.best_matches_map.get(rule, []):

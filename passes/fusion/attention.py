@@ -57,9 +57,16 @@ def unrepeat(value: ir.Value) -> tuple[ir.Value, int] | None:
     hkv, d = dim(k, 1), dim(k, 3)
     if not all(isinstance(x, int) for x in (g, hkv, d)):
         return None
-    same = [dim(ex, 0) == dim(k, 0), dim(ex, 1) == hkv, dim(ex, 3) == dim(k, 2),
-            dim(ex, 4) == d, dim(out, 0) == dim(k, 0), dim(out, 1) == hkv * g,
-            dim(out, 2) == dim(k, 2), dim(out, 3) == d]
+    same = [
+        dim(ex, 0) == dim(k, 0),
+        dim(ex, 1) == hkv,
+        dim(ex, 3) == dim(k, 2),
+        dim(ex, 4) == d,
+        dim(out, 0) == dim(k, 0),
+        dim(out, 1) == hkv * g,
+        dim(out, 2) == dim(k, 2),
+        dim(out, 3) == d,
+    ]
     if not all(same) or dim(k, 0) is None or dim(k, 2) is None:
         return None
     return k, g
@@ -76,8 +83,12 @@ def mask_of(bias: ir.Value | None) -> ir.Value | None:
     if where is None:
         return None
     zero, neg = const_scalar(where.inputs[1]), const_scalar(where.inputs[2])
-    if where.inputs[0].dtype != ir.DataType.BOOL or zero != 0 or neg is None \
-            or not np.isneginf(neg):
+    if (
+        where.inputs[0].dtype != ir.DataType.BOOL
+        or zero != 0
+        or neg is None
+        or not np.isneginf(neg)
+    ):
         return None
     return where.inputs[0]
 
@@ -85,18 +96,37 @@ def mask_of(bias: ir.Value | None) -> ir.Value | None:
 def _guard(op, out, mask, *, on_nan: bool):
     """Rows with no unmasked key → 0 (what the exported NaN guard produced)."""
     if mask is not None:
-        anyvalid = op.ReduceMax(op.Cast(mask, to=ir.DataType.FLOAT),
-                                op.Constant(value_ints=[-1]), keepdims=1)
-        return op.Where(op.Cast(anyvalid, to=ir.DataType.BOOL), out,
-                        op.CastLike(op.Constant(value_float=0.0), out))
+        anyvalid = op.ReduceMax(
+            op.Cast(mask, to=ir.DataType.FLOAT), op.Constant(value_ints=[-1]), keepdims=1
+        )
+        return op.Where(
+            op.Cast(anyvalid, to=ir.DataType.BOOL),
+            out,
+            op.CastLike(op.Constant(value_float=0.0), out),
+        )
     if on_nan:
         return op.Where(op.IsNaN(out), op.CastLike(op.Constant(value_float=0.0), out), out)
     return out
 
 
-def emit_attention(op, graph, target: TargetOps, q, k, v, *, scale: float, bias, mask,
-                   heads: int, kv_heads: int, qk_dim: int, v_dim: int, block: str,
-                   form_note: str = ""):
+def emit_attention(
+    op,
+    graph,
+    target: TargetOps,
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    bias,
+    mask,
+    heads: int,
+    kv_heads: int,
+    qk_dim: int,
+    v_dim: int,
+    block: str,
+    form_note: str = "",
+):
     """Attention of q [B, H, S, Dqk] over k [B, Hkv, T, Dqk], v [B, Hkv, T, Dv], in the
     target's form; returns [B, H, S, Dv] with fully masked rows set to 0."""
     dtype = dtype_name(q) or "float32"
@@ -104,16 +134,21 @@ def emit_attention(op, graph, target: TargetOps, q, k, v, *, scale: float, bias,
         pad = v_dim != qk_dim and target.attention_equal_head_dims
         vv = v
         if pad:
-            pads = new_const(op, graph, "attn_vpad",
-                             np.asarray([0, 0, 0, 0, 0, 0, 0, qk_dim - v_dim], np.int64))
+            pads = new_const(
+                op, graph, "attn_vpad", np.asarray([0, 0, 0, 0, 0, 0, 0, qk_dim - v_dim], np.int64)
+            )
             vv = op.Pad(v, pads)
         att_mask = mask if mask is not None else bias
         args = [q, k, vv] + ([att_mask] if att_mask is not None else [])
         out = op.Attention(*args, scale=float(scale))
         tag(out, block, "Attention" + form_note)
         if pad:
-            out = op.Slice(out, op.Constant(value_ints=[0]), op.Constant(value_ints=[v_dim]),
-                           op.Constant(value_ints=[-1]))
+            out = op.Slice(
+                out,
+                op.Constant(value_ints=[0]),
+                op.Constant(value_ints=[v_dim]),
+                op.Constant(value_ints=[-1]),
+            )
         # A finite float mask cannot make a row NaN in exact arithmetic; the NaN guard is for
         # kernels that overflow it (fp16 scores + finfo.min) - NaN would poison the cache.
         return _guard(op, out, mask, on_nan=mask is None and bias is not None)
@@ -131,8 +166,11 @@ def emit_attention(op, graph, target: TargetOps, q, k, v, *, scale: float, bias,
             b = op.Tile(bias, reps)
         scores = op.Add(scores, b)
     probs = op.Softmax(scores, axis=-1)
-    form = f"canonical {'GQA' if group > 1 else 'MHA'}" + (f" ({group} q heads per kv head)"
-                                                           if group > 1 else "") + form_note
+    form = (
+        f"canonical {'GQA' if group > 1 else 'MHA'}"
+        + (f" ({group} q heads per kv head)" if group > 1 else "")
+        + form_note
+    )
     tag(probs, block, form)
     out = op.MatMul(probs, v)
     if group > 1:
@@ -165,8 +203,9 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
         kr = unrepeat(tr.inputs[0])
         vr = unrepeat(v_rep)
         if kr is None or vr is None:
-            return result.fail("K/V are neither [B, Hkv, T, D] nor a GQA repeat of it",
-                               [tr.inputs[0], v_rep])
+            return result.fail(
+                "K/V are neither [B, Hkv, T, D] nor a GQA repeat of it", [tr.inputs[0], v_rep]
+            )
         (k, gk), (v, gv) = kr, vr
         if gk != gv or dim(k, 1) != dim(v, 1):
             return result.fail("K and V are repeated differently")
@@ -183,10 +222,22 @@ class AttentionFusion(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, q, bias, **_):
         k, v = self._k, self._v
-        return emit_attention(op, self._graph, self.target, q, k, v, scale=self._scale,
-                              bias=bias, mask=mask_of(bias), heads=dim(q, 1),
-                              kv_heads=dim(k, 1), qk_dim=dim(q, 3), v_dim=dim(v, 3),
-                              block="attention")
+        return emit_attention(
+            op,
+            self._graph,
+            self.target,
+            q,
+            k,
+            v,
+            scale=self._scale,
+            bias=bias,
+            mask=mask_of(bias),
+            heads=dim(q, 1),
+            kv_heads=dim(k, 1),
+            qk_dim=dim(q, 3),
+            v_dim=dim(v, 3),
+            block="attention",
+        )
 
 
 class AttentionFusionPass(FusionPass):
@@ -197,6 +248,10 @@ class AttentionFusionPass(FusionPass):
         return (AttentionFusion.rule(self.ctx.target),)
 
 
-register_pass("fuse-attention", AttentionFusionPass,
-              "MHA/GQA attention over the KV cache → Attention (opset 23, fp16/bf16 on "
-              "TensorRT-RTX) or the canonical BMM-Softmax-BMM without K/V repeat", "fusion")
+register_pass(
+    "fuse-attention",
+    AttentionFusionPass,
+    "MHA/GQA attention over the KV cache → Attention (opset 23, fp16/bf16 on "
+    "TensorRT-RTX) or the canonical BMM-Softmax-BMM without K/V repeat",
+    "fusion",
+)

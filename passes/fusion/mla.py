@@ -70,8 +70,12 @@ def _indices(idx: ir.Value) -> np.ndarray | None:
         gather = producer(rng.inputs[1], "Gather")
         shape = producer(gather.inputs[0], "Shape") if gather is not None else None
         k = const_scalar(gather.inputs[1]) if gather is not None else None
-        if shape is None or k is None or attr(shape, "start", 0) != 0 \
-                or attr(shape, "end") is not None:
+        if (
+            shape is None
+            or k is None
+            or attr(shape, "start", 0) != 0
+            or attr(shape, "end") is not None
+        ):
             return None
         limit = dim(shape.inputs[0], int(k))
     if not all(isinstance(x, int) for x in (start, delta, limit)):
@@ -93,11 +97,16 @@ class MlaKeyConcat(pattern.RewriteRuleClassBase):
 
     def pattern(self, op, base_shape, idx1, idx2, a, b):
         base = op.ConstantOfShape(base_shape, _allow_other_attributes=True)
-        s1 = op.ScatterND(op.Transpose(base, perm=_P), idx1, op.Transpose(a, perm=_P),
-                          _allow_other_attributes=True)
+        s1 = op.ScatterND(
+            op.Transpose(base, perm=_P),
+            idx1,
+            op.Transpose(a, perm=_P),
+            _allow_other_attributes=True,
+        )
         k1 = op.Transpose(s1, perm=_P)
-        s2 = op.ScatterND(op.Transpose(k1, perm=_P), idx2, op.Transpose(b, perm=_P),
-                          _allow_other_attributes=True)
+        s2 = op.ScatterND(
+            op.Transpose(k1, perm=_P), idx2, op.Transpose(b, perm=_P), _allow_other_attributes=True
+        )
         return op.Transpose(s2, perm=_P)
 
     def check(self, context, base_shape, idx1, idx2, a, b, **_):
@@ -124,8 +133,7 @@ class MlaAbsorb(pattern.RewriteRuleClassBase):
         self.target = target
         self.max_seq = max_seq
 
-    def pattern(self, op, ckv, w_kvb, shp, sizes, k_pe, shp_e, q_nope, q_pe, c1, c2, bias,
-                zero):
+    def pattern(self, op, ckv, w_kvb, shp, sizes, k_pe, shp_e, q_nope, q_pe, c1, c2, bias, zero):
         kv = op.MatMul(ckv, w_kvb)
         kv = op.Reshape(kv, shp, _allow_other_attributes=True, _outputs=["kv4"])
         k_nope, v = op.Split(op.Transpose(kv, perm=[0, 2, 1, 3]), sizes, axis=3, _outputs=2)
@@ -137,8 +145,24 @@ class MlaAbsorb(pattern.RewriteRuleClassBase):
         probs = pattern.OrValue([op.Where(op.IsNaN(probs), zero, probs), probs])
         return op.MatMul(probs, v)
 
-    def check(self, context, ckv, w_kvb, shp, sizes, k_pe, shp_e, q_nope, q_pe, c1, c2, bias,
-              zero, kv4, **_):
+    def check(
+        self,
+        context,
+        ckv,
+        w_kvb,
+        shp,
+        sizes,
+        k_pe,
+        shp_e,
+        q_nope,
+        q_pe,
+        c1,
+        c2,
+        bias,
+        zero,
+        kv4,
+        **_,
+    ):
         result = pattern.MatchResult()
         w = const_array(w_kvb)
         if w is None or w.ndim != 2:
@@ -154,10 +178,18 @@ class MlaAbsorb(pattern.RewriteRuleClassBase):
             return result.fail("kv_b_proj columns are not heads x (qk_nope + v)", w_kvb)
         want = [dim(ckv, 0), dim(ckv, 2), heads, nope + vdim]
         if rank(kv4) != 4 or [dim(kv4, i) for i in range(4)] != want or None in want:
-            return result.fail(f"kv_b_proj output is not reshaped to [B, T, H, qk_nope + v] "
-                               f"(annotated shape {kv4.shape})", kv4)
-        if rank(q_nope) != 4 or dim(q_nope, 3) != nope or rank(q_pe) != 4 \
-                or not isinstance(dim(q_pe, 3), int) or dim(q_pe, 1) != heads:
+            return result.fail(
+                f"kv_b_proj output is not reshaped to [B, T, H, qk_nope + v] "
+                f"(annotated shape {kv4.shape})",
+                kv4,
+            )
+        if (
+            rank(q_nope) != 4
+            or dim(q_nope, 3) != nope
+            or rank(q_pe) != 4
+            or not isinstance(dim(q_pe, 3), int)
+            or dim(q_pe, 1) != heads
+        ):
             return result.fail("query parts are not [B, H, S, qk_nope] and [B, H, S, rope]")
         if rank(k_pe) != 4 or dim(k_pe, 1) != 1 or dim(k_pe, 3) != dim(q_pe, 3):
             return result.fail("rotary key is not [B, 1, T, rope]", k_pe)
@@ -188,15 +220,45 @@ class MlaAbsorb(pattern.RewriteRuleClassBase):
         if self.target.attention_for(dtype, qk) and self.target.attention_equal_head_dims:
             # TensorRT's IAttention needs one head size: attend over [c | k_pe] as values too
             # and keep the first r columns (the rotary part of p·V is discarded).
-            o_lat = emit_attention(then, graph, self.target, q_abs, k_lat, k_lat,
-                                   scale=self._scale, bias=bias, mask=mask, heads=h,
-                                   kv_heads=1, qk_dim=qk, v_dim=qk, block="attention")
-            o_lat = then.Slice(o_lat, then.Constant(value_ints=[0]),
-                               then.Constant(value_ints=[r]), then.Constant(value_ints=[-1]))
+            o_lat = emit_attention(
+                then,
+                graph,
+                self.target,
+                q_abs,
+                k_lat,
+                k_lat,
+                scale=self._scale,
+                bias=bias,
+                mask=mask,
+                heads=h,
+                kv_heads=1,
+                qk_dim=qk,
+                v_dim=qk,
+                block="attention",
+            )
+            o_lat = then.Slice(
+                o_lat,
+                then.Constant(value_ints=[0]),
+                then.Constant(value_ints=[r]),
+                then.Constant(value_ints=[-1]),
+            )
         else:
-            o_lat = emit_attention(then, graph, self.target, q_abs, k_lat, ckv,
-                                   scale=self._scale, bias=bias, mask=mask, heads=h,
-                                   kv_heads=1, qk_dim=qk, v_dim=r, block="attention")
+            o_lat = emit_attention(
+                then,
+                graph,
+                self.target,
+                q_abs,
+                k_lat,
+                ckv,
+                scale=self._scale,
+                bias=bias,
+                mask=mask,
+                heads=h,
+                kv_heads=1,
+                qk_dim=qk,
+                v_dim=r,
+                block="attention",
+            )
         out_then = then.MatMul(o_lat, new_const(then, graph, "mla_w_uv", w_uv))
 
         other = TapeBuilder()
@@ -205,17 +267,35 @@ class MlaAbsorb(pattern.RewriteRuleClassBase):
         k_nope, vv = other.Split(kv, sizes, axis=3, _outputs=2)
         k = other.Concat(k_nope, other.Expand(k_pe, shp_e), axis=-1)
         q = other.Concat(q_nope, q_pe, axis=-1)
-        out_else = emit_attention(other, graph, self.target, q, k, vv, scale=self._scale,
-                                  bias=bias, mask=mask, heads=h, kv_heads=h, qk_dim=n + rope,
-                                  v_dim=v, block="attention")
+        out_else = emit_attention(
+            other,
+            graph,
+            self.target,
+            q,
+            k,
+            vv,
+            scale=self._scale,
+            bias=bias,
+            mask=mask,
+            heads=h,
+            kv_heads=h,
+            qk_dim=n + rope,
+            v_dim=v,
+            block="attention",
+        )
 
-        branches = [branch_graph(then, out_then, q_nope, graph, "mla_absorbed"),
-                    branch_graph(other, out_else, q_nope, graph, "mla_expanded")]
+        branches = [
+            branch_graph(then, out_then, q_nope, graph, "mla_absorbed"),
+            branch_graph(other, out_else, q_nope, graph, "mla_expanded"),
+        ]
         seq = op.Shape(q_nope, start=2, end=3)
         limit = new_const(op, graph, "mla_absorb_max_seq", np.asarray([self.max_seq], np.int64))
         cond = op.Squeeze(op.LessOrEqual(seq, limit), op.Constant(value_ints=[0]))
-        out = op.If(cond, then_branch=ir.AttrGraph("then_branch", branches[0]),
-                    else_branch=ir.AttrGraph("else_branch", branches[1]))
+        out = op.If(
+            cond,
+            then_branch=ir.AttrGraph("then_branch", branches[0]),
+            else_branch=ir.AttrGraph("else_branch", branches[1]),
+        )
         tag(out, "attention", f"MLA: absorbed if S <= {self.max_seq}, else expanded")
         return out
 
@@ -231,6 +311,10 @@ class MlaFusionPass(FusionPass):
         return rules
 
 
-register_pass("fuse-mla", MlaFusionPass,
-              "DeepSeek MLA: key built by Concat; kv_b_proj absorbed into q/out for decode "
-              "(If on query length)", "fusion")
+register_pass(
+    "fuse-mla",
+    MlaFusionPass,
+    "DeepSeek MLA: key built by Concat; kv_b_proj absorbed into q/out for decode "
+    "(If on query length)",
+    "fusion",
+)

@@ -34,16 +34,21 @@ class GateUpFusion(pattern.RewriteRuleClassBase):
         if wg is None or wu is None:
             return result.fail("gate/up weights are not constants", [w_gate, w_up])
         if wg.ndim != 2 or wg.shape != wu.shape or wg.dtype != wu.dtype:
-            return result.fail(f"gate/up weights are not equal-shaped 2-D matrices "
-                               f"({wg.shape} vs {wu.shape})")
+            return result.fail(
+                f"gate/up weights are not equal-shaped 2-D matrices ({wg.shape} vs {wu.shape})"
+            )
         self._graph = context.graph_or_function
         return result
 
     def rewrite(self, op, x, w_gate, w_up, **_):
         wg, wu = const_array(w_gate), const_array(w_up)
         fused = new_const(op, self._graph, f"{w_gate.name}_gate_up", np.concatenate([wg, wu], -1))
-        sizes = new_const(op, self._graph, f"{w_gate.name}_gate_up_split",
-                          np.asarray([wg.shape[1], wu.shape[1]], dtype=np.int64))
+        sizes = new_const(
+            op,
+            self._graph,
+            f"{w_gate.name}_gate_up_split",
+            np.asarray([wg.shape[1], wu.shape[1]], dtype=np.int64),
+        )
         g, u = op.Split(op.MatMul(x, fused), sizes, axis=-1, _outputs=2)
         silu = op.Mul(g, op.Sigmoid(g))
         tag(silu, "mlp", FORM)
@@ -60,5 +65,9 @@ class MlpFusionPass(FusionPass):
         return (RULE,)
 
 
-register_pass("fuse-mlp", MlpFusionPass,
-              "SiLU-gated MLP: gate and up projections merged into one GEMM", "fusion")
+register_pass(
+    "fuse-mlp",
+    MlpFusionPass,
+    "SiLU-gated MLP: gate and up projections merged into one GEMM",
+    "fusion",
+)

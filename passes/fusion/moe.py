@@ -44,48 +44,112 @@ class MoeLowering(pattern.RewriteRuleClassBase):
         super().__init__("MoeDense")
         self.gather_decode = gather_decode
 
-    def pattern(self, op, x, idx, wts, ax_rep, shp_rep, shp_xr, flat1, flat2, ax_i, w_gu,
-                ax_x, ax_h, ax_a, w_d, ax_a2, ax_w, shp_out, ax_sum, sum_type):
-        xr = op.Reshape(op.Expand(op.Unsqueeze(x, ax_rep), shp_rep), shp_xr,
-                        _allow_other_attributes=True, _outputs=["xr"])
+    def pattern(
+        self,
+        op,
+        x,
+        idx,
+        wts,
+        ax_rep,
+        shp_rep,
+        shp_xr,
+        flat1,
+        flat2,
+        ax_i,
+        w_gu,
+        ax_x,
+        ax_h,
+        ax_a,
+        w_d,
+        ax_a2,
+        ax_w,
+        shp_out,
+        ax_sum,
+        sum_type,
+    ):
+        xr = op.Reshape(
+            op.Expand(op.Unsqueeze(x, ax_rep), shp_rep),
+            shp_xr,
+            _allow_other_attributes=True,
+            _outputs=["xr"],
+        )
         w_flat = op.Reshape(wts, flat1, _allow_other_attributes=True)
         i_flat = op.Unsqueeze(op.Reshape(idx, flat2, _allow_other_attributes=True), ax_i)
-        h = op.Squeeze(op.MatMul(op.GatherND(w_gu, i_flat, batch_dims=0),
-                                 op.Unsqueeze(xr, ax_x)), ax_h)
+        h = op.Squeeze(
+            op.MatMul(op.GatherND(w_gu, i_flat, batch_dims=0), op.Unsqueeze(xr, ax_x)), ax_h
+        )
         g, u = op.Split(h, axis=1, num_outputs=2, _outputs=2)
         a = op.Mul(op.Mul(g, op.Sigmoid(g)), u)
-        y = op.Squeeze(op.MatMul(op.GatherND(w_d, i_flat, batch_dims=0), op.Unsqueeze(a, ax_a)),
-                       ax_a2)
+        y = op.Squeeze(
+            op.MatMul(op.GatherND(w_d, i_flat, batch_dims=0), op.Unsqueeze(a, ax_a)), ax_a2
+        )
         # fp16/bf16 exports weight and sum the expert outputs in fp32 (routing weights' type)
         y = pattern.OrValue([op.Cast(y, to=sum_type), y])
         y = op.Mul(y, op.Unsqueeze(w_flat, ax_w))
-        return op.ReduceSum(op.Reshape(y, shp_out, _allow_other_attributes=True), ax_sum,
-                            keepdims=0, _allow_other_attributes=True)
+        return op.ReduceSum(
+            op.Reshape(y, shp_out, _allow_other_attributes=True),
+            ax_sum,
+            keepdims=0,
+            _allow_other_attributes=True,
+        )
 
-    def check(self, context, x, idx, wts, ax_rep, shp_rep, shp_xr, flat1, flat2, ax_i, w_gu,
-              ax_x, ax_h, ax_a, w_d, ax_a2, ax_w, shp_out, ax_sum, xr, sum_type,
-              **_):
+    def check(
+        self,
+        context,
+        x,
+        idx,
+        wts,
+        ax_rep,
+        shp_rep,
+        shp_xr,
+        flat1,
+        flat2,
+        ax_i,
+        w_gu,
+        ax_x,
+        ax_h,
+        ax_a,
+        w_d,
+        ax_a2,
+        ax_w,
+        shp_out,
+        ax_sum,
+        xr,
+        sum_type,
+        **_,
+    ):
         result = pattern.MatchResult()
         gu, dn = const_array(w_gu), const_array(w_d)
         if gu is None or dn is None or gu.ndim != 3 or dn.ndim != 3:
             return result.fail("expert weights are not constant [E, ., .] tensors", [w_gu, w_d])
         e, two_i, d = gu.shape
         if two_i % 2 or dn.shape != (e, d, two_i // 2):
-            return result.fail(f"expert weight shapes {gu.shape} and {dn.shape} do not fit "
-                               f"gate_up [E, 2I, D] and down [E, D, I]")
+            return result.fail(
+                f"expert weight shapes {gu.shape} and {dn.shape} do not fit "
+                f"gate_up [E, 2I, D] and down [E, D, I]"
+            )
         if rank(x) != 2 or dim(x, 1) != d or rank(idx) != 2 or rank(wts) != 2:
             return result.fail("tokens are not [N, D] with [N, k] routing", [x, idx, wts])
         k = dim(idx, 1)
         if not isinstance(k, int) or dim(wts, 1) != k:
             return result.fail("top-k is not static", idx)
-        axes = {"repeat": (ax_rep, [1]), "flatten": (flat1, [-1]), "flatten idx": (flat2, [-1]),
-                "index": (ax_i, [-1], [1]), "x": (ax_x, [-1], [2]), "h": (ax_h, [-1], [2]),
-                "a": (ax_a, [-1], [2]), "y": (ax_a2, [-1], [2]), "w": (ax_w, [-1], [1]),
-                "sum": (ax_sum, [1])}
+        axes = {
+            "repeat": (ax_rep, [1]),
+            "flatten": (flat1, [-1]),
+            "flatten idx": (flat2, [-1]),
+            "index": (ax_i, [-1], [1]),
+            "x": (ax_x, [-1], [2]),
+            "h": (ax_h, [-1], [2]),
+            "a": (ax_a, [-1], [2]),
+            "y": (ax_a2, [-1], [2]),
+            "w": (ax_w, [-1], [1]),
+            "sum": (ax_sum, [1]),
+        }
         for name, (value, *allowed) in axes.items():
             if const_ints(value) not in allowed:
-                return result.fail(f"{name} axes are {const_ints(value)}, expected {allowed[0]}",
-                                   value)
+                return result.fail(
+                    f"{name} axes are {const_ints(value)}, expected {allowed[0]}", value
+                )
         if rank(xr) != 2 or dim(xr, 1) != d:
             return result.fail("repeated tokens are not [N*k, D]", xr)
         out = const_ints(shp_out)
@@ -110,38 +174,51 @@ class MoeLowering(pattern.RewriteRuleClassBase):
 
         def dense(t):
             experts = new_const(t, graph, "moe_expert_ids", np.arange(e, dtype=np.int64))
-            onehot = t.Cast(t.Equal(t.Unsqueeze(idx, t.Constant(value_ints=[-1])), experts),
-                            to=wts.dtype)
-            route = t.ReduceSum(t.Mul(onehot, t.Unsqueeze(wts, t.Constant(value_ints=[-1]))),
-                                t.Constant(value_ints=[1]), keepdims=0)      # [N, E]
+            onehot = t.Cast(
+                t.Equal(t.Unsqueeze(idx, t.Constant(value_ints=[-1])), experts), to=wts.dtype
+            )
+            route = t.ReduceSum(
+                t.Mul(onehot, t.Unsqueeze(wts, t.Constant(value_ints=[-1]))),
+                t.Constant(value_ints=[1]),
+                keepdims=0,
+            )  # [N, E]
             if self._cast:
                 route = t.Cast(route, to=x.dtype)
-            h = t.MatMul(t.Unsqueeze(x, t.Constant(value_ints=[0])), w1)     # [E, N, 2I]
+            h = t.MatMul(t.Unsqueeze(x, t.Constant(value_ints=[0])), w1)  # [E, N, 2I]
             g, u = t.Split(h, axis=-1, num_outputs=2, _outputs=2)
             a = t.Mul(t.Mul(g, t.Sigmoid(g)), u)
-            a = t.Mul(a, t.Unsqueeze(t.Transpose(route, perm=[1, 0]),
-                                     t.Constant(value_ints=[-1])))
-            flat = t.Reshape(t.Transpose(a, perm=[1, 0, 2]),
-                             new_const(t, graph, "moe_flat", np.asarray([0, e * i], np.int64)))
+            a = t.Mul(a, t.Unsqueeze(t.Transpose(route, perm=[1, 0]), t.Constant(value_ints=[-1])))
+            flat = t.Reshape(
+                t.Transpose(a, perm=[1, 0, 2]),
+                new_const(t, graph, "moe_flat", np.asarray([0, e * i], np.int64)),
+            )
             out = t.MatMul(flat, w2)
             return t.Cast(out, to=wts.dtype) if self._cast else out
 
         def gather(t):
             ids = t.Reshape(idx, t.Constant(value_ints=[-1]))
-            xr = t.Reshape(t.Expand(t.Unsqueeze(x, t.Constant(value_ints=[1])),
-                                    t.Concat(t.Shape(x, start=0, end=1),
-                                             t.Constant(value_ints=[k, d]), axis=0)),
-                           t.Constant(value_ints=[-1, d]))
-            h = t.MatMul(t.Unsqueeze(xr, t.Constant(value_ints=[1])),
-                         t.Gather(w1, ids, axis=0))                           # [Nk, 1, 2I]
+            xr = t.Reshape(
+                t.Expand(
+                    t.Unsqueeze(x, t.Constant(value_ints=[1])),
+                    t.Concat(t.Shape(x, start=0, end=1), t.Constant(value_ints=[k, d]), axis=0),
+                ),
+                t.Constant(value_ints=[-1, d]),
+            )
+            h = t.MatMul(
+                t.Unsqueeze(xr, t.Constant(value_ints=[1])), t.Gather(w1, ids, axis=0)
+            )  # [Nk, 1, 2I]
             g, u = t.Split(h, axis=-1, num_outputs=2, _outputs=2)
             a = t.Mul(t.Mul(g, t.Sigmoid(g)), u)
             wd = t.Gather(t.Reshape(w2, t.Constant(value_ints=[e, i, d])), ids, axis=0)
-            y = t.Squeeze(t.MatMul(a, wd), t.Constant(value_ints=[1]))        # [Nk, D]
+            y = t.Squeeze(t.MatMul(a, wd), t.Constant(value_ints=[1]))  # [Nk, D]
             if self._cast:
                 y = t.Cast(y, to=wts.dtype)
-            y = t.Mul(y, t.Unsqueeze(t.Reshape(wts, t.Constant(value_ints=[-1])),
-                                     t.Constant(value_ints=[-1])))
+            y = t.Mul(
+                y,
+                t.Unsqueeze(
+                    t.Reshape(wts, t.Constant(value_ints=[-1])), t.Constant(value_ints=[-1])
+                ),
+            )
             y = t.Reshape(y, t.Constant(value_ints=[-1, k, d]))
             return t.ReduceSum(y, t.Constant(value_ints=[1]), keepdims=0)
 
@@ -152,12 +229,14 @@ class MoeLowering(pattern.RewriteRuleClassBase):
         branches = []
         for name, build in (("moe_gather", gather), ("moe_dense", dense)):
             tape = TapeBuilder()
-            branches.append(branch_graph(tape, build(tape), wts if self._cast else x, graph,
-                                         name))
+            branches.append(branch_graph(tape, build(tape), wts if self._cast else x, graph, name))
         slots = op.Mul(op.Shape(x, start=0, end=1), op.Constant(value_ints=[k]))
         cond = op.Squeeze(op.Less(slots, op.Constant(value_ints=[e])), op.Constant(value_ints=[0]))
-        out = op.If(cond, then_branch=ir.AttrGraph("then_branch", branches[0]),
-                    else_branch=ir.AttrGraph("else_branch", branches[1]))
+        out = op.If(
+            cond,
+            then_branch=ir.AttrGraph("then_branch", branches[0]),
+            else_branch=ir.AttrGraph("else_branch", branches[1]),
+        )
         tag(out, "moe", "gather if N*k < E, else dense two-GEMM")
         return out
 
@@ -167,6 +246,10 @@ class MoeLoweringPass(FusionPass):
         return (MoeLowering.rule(self.ctx.options.moe_gather_decode),)
 
 
-register_pass("lower-moe", MoeLoweringPass,
-              "MoE routed experts: per-slot weight gather → dense two-GEMM form (gather kept "
-              "for decode, If on token count)", "lowering")
+register_pass(
+    "lower-moe",
+    MoeLoweringPass,
+    "MoE routed experts: per-slot weight gather → dense two-GEMM form (gather kept "
+    "for decode, If on token count)",
+    "lowering",
+)

@@ -19,8 +19,9 @@ from dsc.passes._framework import register_pass
 from dsc.passes._ir import const_scalar
 from dsc.passes.fusion._common import FusionPass, tag
 
-_FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
-                     ir.DataType.DOUBLE})
+_FLOATS = frozenset(
+    {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+)
 
 
 class RmsNormFusion(pattern.RewriteRuleClassBase):
@@ -60,14 +61,17 @@ class RmsNormFusion(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, scale, epsilon, **_):
-        out = op.RMSNormalization(x, scale, axis=-1, epsilon=float(const_scalar(epsilon)),
-                                  stash_type=self._stash)
+        out = op.RMSNormalization(
+            x, scale, axis=-1, epsilon=float(const_scalar(epsilon)), stash_type=self._stash
+        )
         tag(out, "rmsnorm", "RMSNormalization")
         return out
 
 
-RULES = (RmsNormFusion.rule("RmsNorm", scale_first=True),
-         RmsNormFusion.rule("RmsNormScaleLast", scale_first=False))
+RULES = (
+    RmsNormFusion.rule("RmsNorm", scale_first=True),
+    RmsNormFusion.rule("RmsNormScaleLast", scale_first=False),
+)
 
 
 class RmsNormFusionPass(FusionPass):
@@ -76,11 +80,16 @@ class RmsNormFusionPass(FusionPass):
 
     def rules(self):
         if not self.ctx.target.rms_normalization:
-            self.notes = [f"{self.ctx.target.name}: RMSNorm left decomposed (the form "
-                          f"TensorRT fuses)"]
+            self.notes = [
+                f"{self.ctx.target.name}: RMSNorm left decomposed (the form TensorRT fuses)"
+            ]
             return ()
         return RULES
 
 
-register_pass("fuse-rmsnorm", RmsNormFusionPass,
-              "RMSNorm → RMSNormalization (opset 23) where the target parses it", "fusion")
+register_pass(
+    "fuse-rmsnorm",
+    RmsNormFusionPass,
+    "RMSNorm → RMSNormalization (opset 23) where the target parses it",
+    "fusion",
+)

@@ -43,8 +43,9 @@ from dsc.passes.fusion._common import FusionPass, tag
 FORM = "RotaryEmbedding"
 
 
-def _slice_is(starts, ends, axes, steps, start: int, end_min: int, end_max: int | None,
-              step: int) -> bool:
+def _slice_is(
+    starts, ends, axes, steps, start: int, end_min: int, end_max: int | None, step: int
+) -> bool:
     s, e = const_ints(starts), const_ints(ends)
     a = const_ints(axes) if axes is not None else [0]
     st = const_ints(steps) if steps is not None else [1]
@@ -67,10 +68,17 @@ def _cache(op, value4d):
         k = const_scalar(gather.inputs[1])
         unsq = producer(gather.inputs[0], "Unsqueeze")
         stack = producer(unsq.inputs[0], "Concat") if unsq is not None else None
-        if (stack is not None and k in (0, 1) and const_ints(unsq.inputs[1]) == [1]
-                and len(stack.inputs) == 2):
+        if (
+            stack is not None
+            and k in (0, 1)
+            and const_ints(unsq.inputs[1]) == [1]
+            and len(stack.inputs) == 2
+        ):
             part = producer(stack.inputs[k], "Unsqueeze")
-            if part is not None and const_ints(part.inputs[1]) in ([-1], [rank(stack.inputs[k]) - 1]):
+            if part is not None and const_ints(part.inputs[1]) in (
+                [-1],
+                [rank(stack.inputs[k]) - 1],
+            ):
                 return part.inputs[0]
     return op.Squeeze(value4d, op.Constant(value_ints=[1]))
 
@@ -84,9 +92,16 @@ def _halves_equal(cos4) -> bool:
         if n is None:
             return False
         if n.op_type == "Concat":
-            return len(n.inputs) == 2 and n.inputs[0] is n.inputs[1] \
+            return (
+                len(n.inputs) == 2
+                and n.inputs[0] is n.inputs[1]
                 and attr(n, "axis") in (-1, (rank(v) or 0) - 1)
-        if n.op_type in ("Cos", "Sin", "Cast", "Identity") or n.op_type in ("Mul", "Div") and const_scalar(n.inputs[1]) is not None:
+            )
+        if (
+            n.op_type in ("Cos", "Sin", "Cast", "Identity")
+            or n.op_type in ("Mul", "Div")
+            and const_scalar(n.inputs[1]) is not None
+        ):
             v = n.inputs[0]
         elif n.op_type == "Mul" and const_scalar(n.inputs[0]) is not None:
             v = n.inputs[1]
@@ -116,8 +131,10 @@ class RopeHalfFusion(pattern.RewriteRuleClassBase):
         if bad is not None:
             return bad
         d = dim(x, 3)
-        if not (_slice_is(s1, e1, a1, t1, 0, d // 2, d // 2, 1)
-                and _slice_is(s2, e2, a2, t2, d // 2, d, None, 1)):
+        if not (
+            _slice_is(s1, e1, a1, t1, 0, d // 2, d // 2, 1)
+            and _slice_is(s2, e2, a2, t2, d // 2, d, None, 1)
+        ):
             return result.fail("x is not split into two halves on the last axis")
         if not (_halves_equal(cos4) and _halves_equal(sin4)):
             return result.fail("cos/sin are not Concat(f, f) of one half (cannot take a half)")
@@ -149,14 +166,15 @@ class RopeV3Fusion(pattern.RewriteRuleClassBase):
         if bad is not None:
             return bad
         d = dim(x, 3)
-        if not (_slice_is(s1, e1, a1, t1, 0, d - 1, None, 2)
-                and _slice_is(s2, e2, a2, t2, 1, d, None, 2)):
+        if not (
+            _slice_is(s1, e1, a1, t1, 0, d - 1, None, 2)
+            and _slice_is(s2, e2, a2, t2, 1, d, None, 2)
+        ):
             return result.fail("x is not split into even/odd elements on the last axis")
         return result
 
     def rewrite(self, op, x, cos4, sin4, s1, e1, a1, t1, s2, e2, a2, t2, **_):
-        deinterleaved = op.Concat(op.Slice(x, s1, e1, a1, t1), op.Slice(x, s2, e2, a2, t2),
-                                  axis=-1)
+        deinterleaved = op.Concat(op.Slice(x, s1, e1, a1, t1), op.Slice(x, s2, e2, a2, t2), axis=-1)
         out = op.RotaryEmbedding(deinterleaved, _cache(op, cos4), _cache(op, sin4), interleaved=0)
         tag(out, "rope", FORM)
         return out
@@ -188,11 +206,19 @@ class RopeV2Fusion(pattern.RewriteRuleClassBase):
         d = dim(x, 3)
         e5, e4 = shape_expr(shape5), shape_expr(shape4)
         want = [Dim(x, 0), Dim(x, 1), Dim(x, 2)]
-        if e5 is None or len(e5) != 5 or e5[3:] != [d // 2, 2] \
-                or not all(entry_equals(p, q) for p, q in zip(e5[:3], want, strict=False)):
+        if (
+            e5 is None
+            or len(e5) != 5
+            or e5[3:] != [d // 2, 2]
+            or not all(entry_equals(p, q) for p, q in zip(e5[:3], want, strict=False))
+        ):
             return result.fail(f"x is not reshaped to [B, H, S, D/2, 2]: {e5}", shape5)
-        if e4 is None or len(e4) != 4 or not entry_equals(e4[3], d) \
-                or not all(entry_equals(p, q) for p, q in zip(e4[:3], want, strict=False)):
+        if (
+            e4 is None
+            or len(e4) != 4
+            or not entry_equals(e4[3], d)
+            or not all(entry_equals(p, q) for p, q in zip(e4[:3], want, strict=False))
+        ):
             return result.fail(f"result is not reshaped back to [B, H, S, D]: {e4}", shape4)
         return result
 
@@ -205,10 +231,14 @@ class RopeV2Fusion(pattern.RewriteRuleClassBase):
         # Pairs to halves, rotate, halves back to pairs (see TargetOps.rotary_interleaved).
         d = dim(x, 3)
         zero, one = op.Constant(value_ints=[0]), op.Constant(value_ints=[1])
-        end, last, two = op.Constant(value_ints=[d]), op.Constant(value_ints=[-1]), \
-            op.Constant(value_ints=[2])
-        halves = op.Concat(op.Slice(x, zero, end, last, two), op.Slice(x, one, end, last, two),
-                           axis=-1)
+        end, last, two = (
+            op.Constant(value_ints=[d]),
+            op.Constant(value_ints=[-1]),
+            op.Constant(value_ints=[2]),
+        )
+        halves = op.Concat(
+            op.Slice(x, zero, end, last, two), op.Slice(x, one, end, last, two), axis=-1
+        )
         rotated = op.RotaryEmbedding(halves, cos, sin, interleaved=0)
         tag(rotated, "rope", FORM + " (pairs as halves)")
         split = op.Reshape(rotated, op.Constant(value_ints=[0, 0, 0, 2, d // 2]))
@@ -217,8 +247,11 @@ class RopeV2Fusion(pattern.RewriteRuleClassBase):
 
 
 def rules_for(target) -> tuple:
-    return (RopeHalfFusion.rule(), RopeV3Fusion.rule(),
-            RopeV2Fusion.rule(interleaved=target.rotary_interleaved))
+    return (
+        RopeHalfFusion.rule(),
+        RopeV3Fusion.rule(),
+        RopeV2Fusion.rule(interleaved=target.rotary_interleaved),
+    )
 
 
 class RotaryFusionPass(FusionPass):
@@ -234,6 +267,9 @@ class RotaryFusionPass(FusionPass):
         return rules_for(self.ctx.target)
 
 
-register_pass("fuse-rotary", RotaryFusionPass,
-              "rotary embedding (half, DeepSeek-V3 and -V2 forms) → RotaryEmbedding (opset 23)",
-              "fusion")
+register_pass(
+    "fuse-rotary",
+    RotaryFusionPass,
+    "rotary embedding (half, DeepSeek-V3 and -V2 forms) → RotaryEmbedding (opset 23)",
+    "fusion",
+)

@@ -47,8 +47,9 @@ def _qdq(w: np.ndarray, scheme: QuantScheme) -> np.ndarray:
     return dequantize_weight(*quantize_weight(w, scheme))
 
 
-def search_scale(rows: np.ndarray, meanabs: np.ndarray, weights: list[np.ndarray],
-                 scheme: QuantScheme, grid=GRID) -> tuple[np.ndarray, float, float, float]:
+def search_scale(
+    rows: np.ndarray, meanabs: np.ndarray, weights: list[np.ndarray], scheme: QuantScheme, grid=GRID
+) -> tuple[np.ndarray, float, float, float]:
     """(best s, best α, error at best α, error at α=0) on the calibration rows."""
     x = rows.astype(np.float32)
     ws = [w.astype(np.float32) for w in weights]
@@ -57,7 +58,7 @@ def search_scale(rows: np.ndarray, meanabs: np.ndarray, weights: list[np.ndarray
     best = (np.ones_like(meanabs, dtype=np.float32), 0.0, np.inf)
     err0 = np.inf
     for a in grid:
-        s = m ** a
+        s = m**a
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
         err = 0.0
         for w, y in zip(ws, ref, strict=False):
@@ -70,8 +71,9 @@ def search_scale(rows: np.ndarray, meanabs: np.ndarray, weights: list[np.ndarray
     return best[0], best[1], best[2], err0
 
 
-def search_clip(rows: np.ndarray, w: np.ndarray, scheme: QuantScheme, grid=CLIP_GRID,
-                sweeps: int = 2) -> tuple[np.ndarray, float, float]:
+def search_clip(
+    rows: np.ndarray, w: np.ndarray, scheme: QuantScheme, grid=CLIP_GRID, sweeps: int = 2
+) -> tuple[np.ndarray, float, float]:
     """(clip ratios [in/block, out], error with them, error without clipping) on `rows`.
 
     Errors are mean squared output errors ||X (W - Q(W))||² / (rows * out). Coordinate descent:
@@ -85,7 +87,7 @@ def search_clip(rows: np.ndarray, w: np.ndarray, scheme: QuantScheme, grid=CLIP_
     nb = n_in // b
     wg = w.reshape(nb, b, n_out)
     amax = np.abs(wg).max(axis=1)
-    xs = [np.ascontiguousarray(x[:, g * b:(g + 1) * b]) for g in range(nb)]
+    xs = [np.ascontiguousarray(x[:, g * b : (g + 1) * b]) for g in range(nb)]
 
     def delta(g: int, r) -> np.ndarray:  # W - Q(W) of block g; the scale rule of quantize_weight
         sc = np.maximum(amax[g] * r, 1e-8) / INT4_MAX
@@ -120,8 +122,16 @@ class AWQScalePass(ir.passes.InPlacePass):
     """Fold AWQ scales (searched on calibration rows) into producers and weight rows; search
     INT4 clip ratios for every quantizable linear layer (`self.clip`, for `InsertQDQPass`)."""
 
-    def __init__(self, stats, scheme: QuantScheme | None = None, exclude=(), grid=GRID,
-                 clip_grid=CLIP_GRID, *, clip: bool = True):
+    def __init__(
+        self,
+        stats,
+        scheme: QuantScheme | None = None,
+        exclude=(),
+        grid=GRID,
+        clip_grid=CLIP_GRID,
+        *,
+        clip: bool = True,
+    ):
         super().__init__()
         self.stats = stats
         self.scheme = scheme or QuantScheme("int4", weight_only=True)
@@ -143,16 +153,25 @@ class AWQScalePass(ir.passes.InPlacePass):
             if act.meta.get("dsc.awq"):
                 continue
             s, alpha, err, err0 = search_scale(
-                st.rows, fold.tie(st.meanabs, "mean"),
-                [t.weight.const_value.numpy() for t in ts], self.scheme, self.grid)
+                st.rows,
+                fold.tie(st.meanabs, "mean"),
+                [t.weight.const_value.numpy() for t in ts],
+                self.scheme,
+                self.grid,
+            )
             if alpha == 0.0:
                 skipped[name] = "α=0 (round-to-nearest) was best"
                 continue
             apply_scales(fold, ts, s)
             act.meta["dsc.awq"] = True
             scales[name] = s
-            done[name] = {"layers": [t.module for t in ts], "alpha": alpha, "mse": err,
-                          "mse_rtn": err0, "fold": fold.describe()}
+            done[name] = {
+                "layers": [t.module for t in ts],
+                "alpha": alpha,
+                "mse": err,
+                "mse_rtn": err0,
+                "fold": fold.describe(),
+            }
         self.scales = scales
         clipped = self._clip(model, scales) if self.search_clip else {}
         self.report = {"scaled": done, "skipped": skipped, "clipped": clipped}
@@ -161,9 +180,14 @@ class AWQScalePass(ir.passes.InPlacePass):
     def _clip(self, model: ir.Model, scales: dict[str, np.ndarray]) -> dict:
         out = {}
         for t in find_targets(model, self.exclude):
-            if t.excluded or getattr(t, "kind", "linear") != "linear" \
-                    or getattr(t, "in_subgraph", False) or t.weight.producer() is not None \
-                    or t.weight.const_value is None or len(t.weight.shape or ()) != 2:
+            if (
+                t.excluded
+                or getattr(t, "kind", "linear") != "linear"
+                or getattr(t, "in_subgraph", False)
+                or t.weight.producer() is not None
+                or t.weight.const_value is None
+                or len(t.weight.shape or ()) != 2
+            ):
                 continue
             st = self.stats.acts.get(t.activation.name)
             if st is None or st.rows.shape[0] == 0:
@@ -171,11 +195,15 @@ class AWQScalePass(ir.passes.InPlacePass):
             rows = st.rows
             if t.activation.name in scales:
                 rows = rows / scales[t.activation.name]
-            ratios, err, err0 = search_clip(rows, t.weight.const_value.numpy(), self.scheme,
-                                            self.clip_grid)
+            ratios, err, err0 = search_clip(
+                rows, t.weight.const_value.numpy(), self.scheme, self.clip_grid
+            )
             if err < err0:
                 self.clip[t.weight.name] = ratios
-            out[t.module] = {"mse": err, "mse_unclipped": err0,
-                             "mean_ratio": float(ratios.mean()),
-                             "clipped_fraction": float(np.mean(ratios < 1.0))}
+            out[t.module] = {
+                "mse": err,
+                "mse_unclipped": err0,
+                "mean_ratio": float(ratios.mean()),
+                "clipped_fraction": float(np.mean(ratios < 1.0)),
+            }
         return out

@@ -74,9 +74,14 @@ class CalibStats:
         for i, s in enumerate(self.acts.values()):
             for k in ("absmax", "meanabs", "hist", "rows"):
                 arrays[f"{i}.{k}"] = getattr(s, k)
-        meta = {"model_sha256": self.model_sha256, "data_sha256": self.data_sha256,
-                "tokens": self.tokens, "experts": self.experts, "seconds": self.seconds,
-                "acts": [[name, s.hist_max] for name, s in self.acts.items()]}
+        meta = {
+            "model_sha256": self.model_sha256,
+            "data_sha256": self.data_sha256,
+            "tokens": self.tokens,
+            "experts": self.experts,
+            "seconds": self.seconds,
+            "acts": [[name, s.hist_max] for name, s in self.acts.items()],
+        }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
@@ -89,11 +94,21 @@ class CalibStats:
     def load(cls, path: Path) -> CalibStats:
         with np.load(path) as z:
             meta = json.loads(bytes(z["meta"]).decode())
-            acts = {name: ActStats(z[f"{i}.absmax"], z[f"{i}.meanabs"], z[f"{i}.hist"], hmax,
-                                   z[f"{i}.rows"])
-                    for i, (name, hmax) in enumerate(meta["acts"])}
-        return cls(meta["model_sha256"], meta["data_sha256"], meta["tokens"], acts,
-                   meta["experts"], meta["seconds"], cache_hit=True)
+            acts = {
+                name: ActStats(
+                    z[f"{i}.absmax"], z[f"{i}.meanabs"], z[f"{i}.hist"], hmax, z[f"{i}.rows"]
+                )
+                for i, (name, hmax) in enumerate(meta["acts"])
+            }
+        return cls(
+            meta["model_sha256"],
+            meta["data_sha256"],
+            meta["tokens"],
+            acts,
+            meta["experts"],
+            meta["seconds"],
+            cache_hit=True,
+        )
 
 
 def model_sha256(model: ir.Model) -> str:
@@ -111,8 +126,13 @@ def model_sha256(model: ir.Model) -> str:
     for value in [*model.graph.inputs, *model.graph.outputs]:
         put("io", value.name, value.dtype, value.shape)
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        put("node", node.domain, node.op_type, [v.name if v is not None else "" for v in
-                                                node.inputs], [v.name for v in node.outputs])
+        put(
+            "node",
+            node.domain,
+            node.op_type,
+            [v.name if v is not None else "" for v in node.inputs],
+            [v.name for v in node.outputs],
+        )
         for name, a in sorted(node.attributes.items()):
             if a.type == ir.AttributeType.TENSOR:
                 put("attr", name, a.value.dtype, a.value.shape)
@@ -168,10 +188,16 @@ class _Acc:
             self.rows.append(keep[: self.max_rows - have])
 
     def stats(self) -> ActStats:
-        rows = np.concatenate(self.rows) if self.rows else np.zeros((0, self.absmax.size), np.float32)
-        return ActStats(self.absmax.astype(np.float32),
-                        (self.sumabs / max(self.count, 1)).astype(np.float32),
-                        self.hist, self.hmax, rows.astype(np.float32))
+        rows = (
+            np.concatenate(self.rows) if self.rows else np.zeros((0, self.absmax.size), np.float32)
+        )
+        return ActStats(
+            self.absmax.astype(np.float32),
+            (self.sumabs / max(self.count, 1)).astype(np.float32),
+            self.hist,
+            self.hmax,
+            rows.astype(np.float32),
+        )
 
 
 def _feeds(io: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -180,8 +206,11 @@ def _feeds(io: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
     b, n = ids.shape
     cache = io["cache"]
     dt = ort_dtype(cache["dtype"])  # a bf16 graph runs as its float32 view
-    feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, n), np.int64),
-             "position_ids": np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()}
+    feeds = {
+        "input_ids": ids.astype(np.int64),
+        "attention_mask": np.ones((b, n), np.int64),
+        "position_ids": np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy(),
+    }
     names = iter(cache["inputs"])
     for _ in range(int(cache["num_layers"])):
         for e in cache["entries"]:
@@ -189,9 +218,18 @@ def _feeds(io: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
     return feeds
 
 
-def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch: int = 4,
-            max_rows: int = MAX_ROWS, use_cache: bool = True, threads: int | None = None,
-            progress=None) -> CalibStats:
+def collect(
+    model: ir.Model,
+    io: dict,
+    windows: np.ndarray,
+    *,
+    exclude=(),
+    batch: int = 4,
+    max_rows: int = MAX_ROWS,
+    use_cache: bool = True,
+    threads: int | None = None,
+    progress=None,
+) -> CalibStats:
     """Run `model` on token `windows` [N, L]; statistics for every quantizable MatMul input."""
     import onnx
 
@@ -221,8 +259,11 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
     # MatMul; same value names, and the statistics are float32 either way).
     with spilled(model) as (source, base_dir):
         proto = ir.to_proto(source)
-        conds = {n.output[0]: n.input[0] for n in proto.graph.node
-                 if n.op_type == "If" and n.domain in ("", "ai.onnx")}
+        conds = {
+            n.output[0]: n.input[0]
+            for n in proto.graph.node
+            if n.op_type == "If" and n.domain in ("", "ai.onnx")
+        }
         cond_names = list(dict.fromkeys(conds.values()))
         vals = {v.name: v for n in source.graph.all_nodes() for v in n.outputs}
         # The graph as written: higher levels could also fuse away the exposed tensors.
@@ -232,10 +273,18 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
             key = tuple(sorted(taken.items()))
             if key not in sessions:
                 p = inline_branches(proto, taken)
-                have = {i.name for i in p.graph.input} | {i.name for i in p.graph.initializer} \
+                have = (
+                    {i.name for i in p.graph.input}
+                    | {i.name for i in p.graph.initializer}
                     | {o for n in p.graph.node for o in n.output}
-                acts = [s for s in dict.fromkeys(next((s for s in src if s in have), "")
-                                                 for src in sources) if s]
+                )
+                acts = [
+                    s
+                    for s in dict.fromkeys(
+                        next((s for s in src if s in have), "") for src in sources
+                    )
+                    if s
+                ]
                 _expose(p, acts + idx_names + cond_names, vals)
                 sess = inference_session(p, base_dir=base_dir, threads=threads)
                 sessions[key] = (sess, acts)
@@ -249,7 +298,9 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
             p.CopyFrom(proto)
             _expose(p, cond_names, vals)
             sess0 = inference_session(p, base_dir=base_dir, threads=threads)
-            res = dict(zip(cond_names, sess0.run(cond_names, _feeds(io, windows[:batch])), strict=False))
+            res = dict(
+                zip(cond_names, sess0.run(cond_names, _feeds(io, windows[:batch])), strict=False)
+            )
             taken = {k: bool(res[c]) for k, c in conds.items()}
             del sess0, p
         total = int(windows.shape[0] * windows.shape[1])
@@ -258,11 +309,11 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
         counts: dict[str, np.ndarray] = {}
         n_experts = {mod: _num_experts(model, mod) for mod, _ in routers}
         for i in range(0, windows.shape[0], batch):
-            feeds = _feeds(io, windows[i:i + batch])
+            feeds = _feeds(io, windows[i : i + batch])
             while True:
                 sess, acts = session(taken)
                 res = sess.run(acts + idx_names + cond_names, feeds)
-                c = dict(zip(cond_names, res[len(acts) + len(idx_names):], strict=False))
+                c = dict(zip(cond_names, res[len(acts) + len(idx_names) :], strict=False))
                 got = {k: bool(c[v]) for k, v in conds.items()}
                 if got == taken:
                     break
@@ -271,17 +322,26 @@ def collect(model: ir.Model, io: dict, windows: np.ndarray, *, exclude=(), batch
                 if name not in accs:
                     accs[name] = _Acc(x.shape[-1], stride, max_rows)
                 accs[name].add(x)
-            for (mod, _), idx in zip(routers, res[len(acts):len(acts) + len(idx_names)], strict=False):
+            for (mod, _), idx in zip(
+                routers, res[len(acts) : len(acts) + len(idx_names)], strict=False
+            ):
                 c = np.bincount(idx.reshape(-1).astype(np.int64), minlength=n_experts[mod] or 0)
                 counts[mod] = counts.get(mod, 0) + c
             if progress:
                 done, n = i // batch + 1, -(-windows.shape[0] // batch)
                 eta = (time.perf_counter() - t0) / done * (n - done)
-                progress(f"calibration batch {done}/{n}"
-                         + (f", about {eta:.0f}s left" if done < n else ""))
-    stats = CalibStats(msha, dsha, total, {k: a.stats() for k, a in accs.items()},
-                       {k: [int(x) for x in v] for k, v in counts.items()},
-                       seconds=round(time.perf_counter() - t0, 3))
+                progress(
+                    f"calibration batch {done}/{n}"
+                    + (f", about {eta:.0f}s left" if done < n else "")
+                )
+    stats = CalibStats(
+        msha,
+        dsha,
+        total,
+        {k: a.stats() for k, a in accs.items()},
+        {k: [int(x) for x in v] for k, v in counts.items()},
+        seconds=round(time.perf_counter() - t0, 3),
+    )
     if use_cache:
         try:
             stats.save(path)
@@ -312,8 +372,11 @@ def inline_branches(proto, taken: dict[str, bool]):
         g.initializer.extend(br.initializer)
         g.value_info.extend(br.value_info)
         for o_if, o_br in zip(n.output, br.output, strict=False):
-            nodes.append(helper.make_node("Identity", [o_br.name], [o_if],
-                                          name=f"{n.name or o_if}/inlined/{o_if}"))
+            nodes.append(
+                helper.make_node(
+                    "Identity", [o_br.name], [o_if], name=f"{n.name or o_if}/inlined/{o_if}"
+                )
+            )
     del g.node[:]
     g.node.extend(nodes)
     return out
@@ -340,8 +403,11 @@ def _num_experts(model: ir.Model, router: str) -> int:
         if node.op_type in ("Gemm", "MatMul"):
             from dsc.node_meta import module_path
 
-            if module_path(node) == router and node.inputs[1] is not None and \
-                    node.inputs[1].shape is not None:
+            if (
+                module_path(node) == router
+                and node.inputs[1] is not None
+                and node.inputs[1].shape is not None
+            ):
                 dims = list(node.inputs[1].shape)
                 trans = node.attributes.get_int("transB", 0) if node.op_type == "Gemm" else 0
                 d = dims[0] if trans else dims[-1]

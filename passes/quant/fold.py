@@ -37,8 +37,18 @@ import onnx_ir as ir
 from dsc.node_meta import module_path
 from dsc.passes._ir import attr, const_array, const_ints
 
-_MOVE = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Cast", "Identity", "Split",
-         "Slice", "Concat")
+_MOVE = (
+    "Reshape",
+    "Transpose",
+    "Unsqueeze",
+    "Squeeze",
+    "Expand",
+    "Cast",
+    "Identity",
+    "Split",
+    "Slice",
+    "Concat",
+)
 MAX_DEPTH = 24
 
 
@@ -84,7 +94,9 @@ class Fold:
         uniq, first = np.unique(self.cols, return_index=True)
         sc = s[first].astype(np.float32)
         if not np.allclose(s, sc[np.searchsorted(uniq, self.cols)], rtol=1e-6, atol=0):
-            raise ValueError(f"scales differ across channels folded into one column of {self.where}")
+            raise ValueError(
+                f"scales differ across channels folded into one column of {self.where}"
+            )
         for v in (self.tensor, self.bias):
             if v is None:
                 continue
@@ -174,8 +186,9 @@ def _transfer(node: ir.Node, i: int, out: ir.Value, lay: _Layout, fold: Fold) ->
     op, x = node.op_type, node.inputs[i]
     din, dout = _dims(x), _dims(out)
     r = lay.rank
-    if din is not None and (len(din) != r or any(
-            din[a] != n for a, n in zip(lay.axes, lay.idx.shape, strict=False))):
+    if din is not None and (
+        len(din) != r or any(din[a] != n for a, n in zip(lay.axes, lay.idx.shape, strict=False))
+    ):
         return f"{op} {out.name}: channel dims not static"
 
     def moved(ro: int | None) -> _Layout | str:
@@ -240,8 +253,11 @@ def _transfer(node: ir.Node, i: int, out: ir.Value, lay: _Layout, fold: Fold) ->
         fold.cache = True
         return lay
     other = node.inputs[1 - i] if len(node.inputs) == 2 else None
-    ro = len(dout) if dout is not None else (
-        max(r, _rank(other)) if _rank(other) is not None else None)
+    ro = (
+        len(dout)
+        if dout is not None
+        else (max(r, _rank(other)) if _rank(other) is not None else None)
+    )
     if op == "MatMul":
         if i != 1 or r < 2 or (r - 2) in lay.axes:
             return f"MatMul {out.name}: contracts a channel axis"
@@ -262,22 +278,33 @@ def _selection(node: ir.Node, out_index: int, lay: _Layout):
         if ax not in lay.axes:
             return None, None
         n = lay.idx.shape[lay.axes.index(ax)]
-        sizes = const_ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None \
+        sizes = (
+            const_ints(node.inputs[1])
+            if len(node.inputs) > 1 and node.inputs[1] is not None
             else attr(node, "split", None)
+        )
         if sizes is None:
             k = len(node.outputs)
             sizes = [-(-n // k)] * (k - 1) + [n - (-(-n // k)) * (k - 1)]
         start = int(sum(sizes[:out_index]))
         return ax, np.arange(start, start + int(sizes[out_index]))
     starts, ends = const_ints(node.inputs[1]), const_ints(node.inputs[2])
-    axes = const_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None \
+    axes = (
+        const_ints(node.inputs[3])
+        if len(node.inputs) > 3 and node.inputs[3] is not None
         else list(range(len(starts or [])))
-    steps = const_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None \
+    )
+    steps = (
+        const_ints(node.inputs[4])
+        if len(node.inputs) > 4 and node.inputs[4] is not None
         else [1] * len(starts or [])
+    )
     if starts is None or ends is None or axes is None or steps is None:
         return "Slice parameters not constant", None
     sel = None
-    for st, en, ax, sp in zip(starts, ends, [a + r if a < 0 else a for a in axes], steps, strict=False):
+    for st, en, ax, sp in zip(
+        starts, ends, [a + r if a < 0 else a for a in axes], steps, strict=False
+    ):
         if ax in lay.axes:
             if sel is not None:
                 return "Slice on two channel axes", None
@@ -306,8 +333,13 @@ def _select(node: ir.Node, out: ir.Value, lay: _Layout, fold: Fold) -> _Layout |
 
 def _const_1d(v: ir.Value | None, n) -> bool:
     t = v.const_value if v is not None else None
-    return t is not None and tuple(t.shape) == (n,) and n != 1 and len(v.uses()) == 1 \
+    return (
+        t is not None
+        and tuple(t.shape) == (n,)
+        and n != 1
+        and len(v.uses()) == 1
         and t.dtype.is_floating_point()
+    )
 
 
 def _zeros_1d(v: ir.Value | None, n) -> bool:
@@ -335,17 +367,31 @@ def _root(v: ir.Value) -> tuple[Fold, int] | None:
         return None
     if node.op_type == "Mul":
         for a, b in (node.inputs, node.inputs[::-1]):
-            c = a.const_value.shape[0] if a is not None and a.const_value is not None \
-                and len(a.const_value.shape) == 1 else None
+            c = (
+                a.const_value.shape[0]
+                if a is not None and a.const_value is not None and len(a.const_value.shape) == 1
+                else None
+            )
             r = ok(c, b) if c else None
-            if r and _const_1d(a, c) and b is not None and b.const_value is None \
-                    and (b.shape is None or b.shape[-1] == c):
+            if (
+                r
+                and _const_1d(a, c)
+                and b is not None
+                and b.const_value is None
+                and (b.shape is None or b.shape[-1] == c)
+            ):
                 return Fold(a, np.arange(c), where=a.name), r
     mm, bias = node, None
     if node.op_type == "Add":
         for a, b in (node.inputs, node.inputs[::-1]):
-            if b is None or b.producer() is None or b.producer().op_type != "MatMul" \
-                    or len(b.uses()) != 1 or a is None or a.const_value is None:
+            if (
+                b is None
+                or b.producer() is None
+                or b.producer().op_type != "MatMul"
+                or len(b.uses()) != 1
+                or a is None
+                or a.const_value is None
+            ):
                 continue
             c = a.const_value.shape[0] if len(a.const_value.shape) == 1 else None
             if _const_1d(a, c):
@@ -396,8 +442,9 @@ def _paths(v: ir.Value, depth: int, stops: list):
             yield root, [*path, (node, k, v)]
 
 
-def _check_uses(v: ir.Value, nxt: ir.Node | None, k: int, lay: _Layout, fold: Fold,
-                cache_ok: bool) -> str | None:
+def _check_uses(
+    v: ir.Value, nxt: ir.Node | None, k: int, lay: _Layout, fold: Fold, cache_ok: bool
+) -> str | None:
     if v.is_graph_output() and not cache_ok:
         return f"{v.name} is a graph output"
     for u, idx in v.uses():
@@ -447,6 +494,8 @@ def find_fold(act: ir.Value) -> tuple[Fold | None, str]:
             return got, ""
         reasons.append(got)
     if not reasons:
-        return None, ("no norm gamma or linear producer to fold 1/s into: the channel-wise path "
-                      "back from the activation ends at " + ", ".join(dict.fromkeys(stops[:4])))
+        return None, (
+            "no norm gamma or linear producer to fold 1/s into: the channel-wise path "
+            "back from the activation ends at " + ", ".join(dict.fromkeys(stops[:4]))
+        )
     return None, "1/s cannot be folded exactly: " + reasons[0]

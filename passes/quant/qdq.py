@@ -177,12 +177,17 @@ def _weight_form(node: ir.Node):
     """(weight input, initializer, path, kind, in_axis, groups) of a MatMul, or None."""
     for wi in (1, 0):
         v, path = node.inputs[wi], []
-        while v is not None and v.const_value is None and v.producer() is not None \
-                and len(path) < 2:
+        while (
+            v is not None and v.const_value is None and v.producer() is not None and len(path) < 2
+        ):
             p = v.producer()
-            if p.op_type == "Gather" and p.attributes.get_int("axis", 0) == 0 \
-                    or p.op_type == "GatherND" and p.attributes.get_int("batch_dims", 0) == 0 \
-                    or p.op_type == "Reshape":
+            if (
+                p.op_type == "Gather"
+                and p.attributes.get_int("axis", 0) == 0
+                or p.op_type == "GatherND"
+                and p.attributes.get_int("batch_dims", 0) == 0
+                or p.op_type == "Reshape"
+            ):
                 path.append(p)
                 v = p.inputs[0]
             else:
@@ -199,8 +204,13 @@ def _weight_form(node: ir.Node):
             return wi, v, tuple(path), "gathered", 1, int(v.shape[0])
         if wi == 1 and ops == ["Gather", "Reshape"] and rank == 2:
             dims = _reshape_target(path[1])
-            if dims is not None and len(dims) == 3 and dims[0] > 0 \
-                    and dims[0] * dims[1] == v.shape[0] and dims[2] == v.shape[1]:
+            if (
+                dims is not None
+                and len(dims) == 3
+                and dims[0] > 0
+                and dims[0] * dims[1] == v.shape[0]
+                and dims[2] == v.shape[1]
+            ):
                 return wi, v, tuple(path), "gathered", 0, int(dims[0])
         if wi == 0 and ops == ["GatherND"] and rank == 3:
             return wi, v, tuple(path), "gathered", 2, int(v.shape[0])
@@ -208,9 +218,11 @@ def _weight_form(node: ir.Node):
 
 
 # Role names of the targets of one module in one graph, in order, where the count matches.
-_ROLES = {"mlp.experts": ("gate_up_proj", "down_proj"),
-          "mla_absorbed": ("kv_b_proj.absorbed_uk", "kv_b_proj.absorbed_uv"),
-          "mla_expanded": ("kv_b_proj",)}
+_ROLES = {
+    "mlp.experts": ("gate_up_proj", "down_proj"),
+    "mla_absorbed": ("kv_b_proj.absorbed_uk", "kv_b_proj.absorbed_uv"),
+    "mla_expanded": ("kv_b_proj",),
+}
 
 
 def _walk(graph: ir.Graph, owner: ir.Node | None = None):
@@ -240,8 +252,9 @@ def find_targets(model: ir.Model, exclude=(), *, defaults: bool = True) -> list[
         if form is None:
             continue
         wi, w, path, kind, in_axis, groups = form
-        base = module_path(owner if owner is not None else node) \
-            or (owner.name if owner is not None else node.name)
+        base = module_path(owner if owner is not None else node) or (
+            owner.name if owner is not None else node.name
+        )
         found.append((node, owner, base, form))
     # role names: per (graph, base) in order
     by_key: dict = {}
@@ -253,7 +266,8 @@ def find_targets(model: ir.Model, exclude=(), *, defaults: bool = True) -> list[
         sub = owner is not None
         peers = by_key[(id(g), base)]
         roles = _ROLES.get(g.name if sub else "") or next(
-            (r for k, r in _ROLES.items() if base.endswith(k)), None)
+            (r for k, r in _ROLES.items() if base.endswith(k)), None
+        )
         if kind == "linear" and not sub:
             mod = module_path(node) or node.name
         elif roles is not None and len(roles) == len(peers):
@@ -263,10 +277,23 @@ def find_targets(model: ir.Model, exclude=(), *, defaults: bool = True) -> list[
         if sub:
             mod += f"@{g.name}"
         hit = matches(mod, patterns)
-        out.append(Target(node, mod, node.inputs[1 - wi], w, excluded=hit is not None,
-                          reason=f"excluded by {hit}" if hit else "", graph=g, kind=kind,
-                          weight_input=wi, in_axis=in_axis, groups=groups, path=path,
-                          in_subgraph=sub))
+        out.append(
+            Target(
+                node,
+                mod,
+                node.inputs[1 - wi],
+                w,
+                excluded=hit is not None,
+                reason=f"excluded by {hit}" if hit else "",
+                graph=g,
+                kind=kind,
+                weight_input=wi,
+                in_axis=in_axis,
+                groups=groups,
+                path=path,
+                in_subgraph=sub,
+            )
+        )
     return out
 
 
@@ -280,8 +307,13 @@ def range_sources(value: ir.Value) -> list[ir.Value]:
     chain = [value]
     while True:
         p = chain[-1].producer()
-        if p is None or p.op_type not in _SAME_VALUES or p.domain not in ("", "ai.onnx") \
-                or not p.inputs or p.inputs[0] is None:
+        if (
+            p is None
+            or p.op_type not in _SAME_VALUES
+            or p.domain not in ("", "ai.onnx")
+            or not p.inputs
+            or p.inputs[0] is None
+        ):
             return chain
         chain.append(p.inputs[0])
 
@@ -320,8 +352,10 @@ def store_scale(scale, dtype) -> np.ndarray:
     """
     scale = np.asarray(scale, dtype=np.float32)
     if not np.isfinite(scale).all():
-        raise InternalError(f"a Q/DQ scale is not finite ({scale[~np.isfinite(scale)][:3]}): "
-                            f"the calibrated range or weight holds inf/NaN")
+        raise InternalError(
+            f"a Q/DQ scale is not finite ({scale[~np.isfinite(scale)][:3]}): "
+            f"the calibrated range or weight holds inf/NaN"
+        )
     tiny = scale_floor(dtype)
     with np.errstate(over="ignore"):
         stored = scale.astype(dtype)
@@ -329,13 +363,18 @@ def store_scale(scale, dtype) -> np.ndarray:
     return stored.astype(dtype)
 
 
-def weight_dq_inputs(graph: ir.Graph, name: str, q: np.ndarray, scale: np.ndarray,
-                     precision: str) -> list[ir.Value]:
+def weight_dq_inputs(
+    graph: ir.Graph, name: str, q: np.ndarray, scale: np.ndarray, precision: str
+) -> list[ir.Value]:
     """The inputs of a weight's DequantizeLinear, registered as initializers of `graph`:
     `<name>_quantized` (q: int8/fp8/int4 array), `<name>_scale` and, but for int4 (symmetric,
     no zero point input), a zero `<name>_zero_point` of q's dtype and the scale's shape."""
-    qv = ir.Value(name=f"{name}_quantized", shape=ir.Shape(q.shape),
-                  type=ir.TensorType(ir.Tensor(q).dtype), const_value=ir.Tensor(q))
+    qv = ir.Value(
+        name=f"{name}_quantized",
+        shape=ir.Shape(q.shape),
+        type=ir.TensorType(ir.Tensor(q).dtype),
+        const_value=ir.Tensor(q),
+    )
     sv = _const(f"{name}_scale", scale)
     graph.register_initializer(qv)
     graph.register_initializer(sv)
@@ -353,15 +392,19 @@ def check_scales(name: str, scale: np.ndarray) -> None:
     f = s.astype(np.float32)
     bad = ~np.isfinite(f) | (f < scale_floor(s.dtype))
     if bad.any():
-        raise InternalError(f"Q/DQ scale {name} ({s.dtype}) holds {int(bad.sum())} zero, "
-                            f"subnormal or non-finite value(s), e.g. {f[bad][:3].tolist()}; "
-                            f"scales must be floored by store_scale (a bug in dsc)")
+        raise InternalError(
+            f"Q/DQ scale {name} ({s.dtype}) holds {int(bad.sum())} zero, "
+            f"subnormal or non-finite value(s), e.g. {f[bad][:3].tolist()}; "
+            f"scales must be floored by store_scale (a bug in dsc)"
+        )
 
 
 # ---- weight quantization (numpy; deterministic) ---------------------------------------------
 
-def quantize_weight(w: np.ndarray, scheme: QuantScheme, clip: np.ndarray | None = None,
-                    scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray, dict]:
+
+def quantize_weight(
+    w: np.ndarray, scheme: QuantScheme, clip: np.ndarray | None = None, scale_dtype=np.float32
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """(quantized weight, scale, DequantizeLinear attributes) for an [in, out] weight.
 
     The scale is per output channel ([out]; INT4: per block of input rows, [in/block, out]),
@@ -387,8 +430,7 @@ def quantize_weight(w: np.ndarray, scheme: QuantScheme, clip: np.ndarray | None 
     else:
         scale = store_scale(amax / FP8_MAX, scale_dtype)
         # clipped: the stored scale may round below amax / 448, and E4M3 casts 464+ to NaN
-        q = np.clip(w / scale.astype(np.float32), -FP8_MAX, FP8_MAX).astype(
-            ml_dtypes.float8_e4m3fn)
+        q = np.clip(w / scale.astype(np.float32), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
     return q, scale, {"axis": 1}
 
 
@@ -400,9 +442,14 @@ def dequantize_weight(q: np.ndarray, scale: np.ndarray, attrs: dict) -> np.ndarr
     return qf * scale
 
 
-def quantize_grouped(w: np.ndarray, scheme: QuantScheme, in_axis: int = 0,
-                     groups: int = 1, clip: np.ndarray | None = None, scale_dtype=np.float32
-                     ) -> tuple[np.ndarray, np.ndarray, dict]:
+def quantize_grouped(
+    w: np.ndarray,
+    scheme: QuantScheme,
+    in_axis: int = 0,
+    groups: int = 1,
+    clip: np.ndarray | None = None,
+    scale_dtype=np.float32,
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """(quantized weight, scale, DequantizeLinear attributes) for a weight of any form.
 
     A 2-D [in, out] weight of one group is `quantize_weight`'s (per output channel; INT4 blocks
@@ -420,12 +467,14 @@ def quantize_grouped(w: np.ndarray, scheme: QuantScheme, in_axis: int = 0,
     elif w.ndim == 2 and in_axis == 0 and w.shape[0] % groups == 0:
         canon = w.reshape(groups, w.shape[0] // groups, w.shape[1])
     else:
-        raise ValueError(f"no quantized layout for a {w.shape} weight (input axis {in_axis}, "
-                         f"{groups} groups)")
+        raise ValueError(
+            f"no quantized layout for a {w.shape} weight (input axis {in_axis}, {groups} groups)"
+        )
     qs, ss, block = [], [], canon.shape[1]
     for g in range(canon.shape[0]):
-        q, s, attrs = quantize_weight(np.ascontiguousarray(canon[g]), scheme,
-                                      scale_dtype=scale_dtype)
+        q, s, attrs = quantize_weight(
+            np.ascontiguousarray(canon[g]), scheme, scale_dtype=scale_dtype
+        )
         if "block_size" in attrs:
             block = attrs["block_size"]
         else:
@@ -437,8 +486,11 @@ def quantize_grouped(w: np.ndarray, scheme: QuantScheme, in_axis: int = 0,
         q, s = q.transpose(0, 2, 1), s.transpose(0, 2, 1)
     elif w.ndim == 2:
         q, s = q.reshape(w.shape), s.reshape(-1, w.shape[1])
-    return np.ascontiguousarray(q), np.ascontiguousarray(s), {"axis": in_axis,
-                                                              "block_size": int(block)}
+    return (
+        np.ascontiguousarray(q),
+        np.ascontiguousarray(s),
+        {"axis": in_axis, "block_size": int(block)},
+    )
 
 
 def int4_block(in_dim: int, block: int = 128) -> int:
@@ -448,8 +500,9 @@ def int4_block(in_dim: int, block: int = 128) -> int:
     for b in range(min(block, in_dim), 0, -1):
         if in_dim % b == 0:
             if b != in_dim and b < 16:
-                logger.info("int4: in-dim %d has no divisor ≥16 ≤ %d; one block per channel",
-                            in_dim, block)
+                logger.info(
+                    "int4: in-dim %d has no divisor ≥16 ≤ %d; one block per channel", in_dim, block
+                )
                 return in_dim if in_dim <= block else b
             return b
     return in_dim
@@ -464,8 +517,15 @@ def _act_scale(amax: float, precision: str, dtype) -> np.ndarray:
 class InsertQDQPass(ir.passes.InPlacePass):
     """Insert Q/DQ from calibrated activation ranges (`{activation value name: amax}`)."""
 
-    def __init__(self, ranges: dict[str, float] | None, scheme: QuantScheme, exclude=(),
-                 *, defaults: bool = True, clip: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        ranges: dict[str, float] | None,
+        scheme: QuantScheme,
+        exclude=(),
+        *,
+        defaults: bool = True,
+        clip: dict[str, np.ndarray] | None = None,
+    ):
         super().__init__()
         self.ranges = dict(ranges or {})
         self.clip = dict(clip or {})  # weight initializer name -> clip ratios (AWQ)
@@ -485,8 +545,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 excluded[t.module] = t.reason
             else:
                 by_weight.setdefault(id(t.weight), []).append(t)
-        names = {v.name for n, _ in _walk(graph) for v in (*n.inputs, *n.outputs)
-                 if v is not None} | set(graph.initializers)
+        names = {
+            v.name for n, _ in _walk(graph) for v in (*n.inputs, *n.outputs) if v is not None
+        } | set(graph.initializers)
         act_dq: dict[tuple[int, str], ir.Value] = {}
         modified = blocked = False
         for ts in by_weight.values():
@@ -507,8 +568,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
             w_np = w.const_value.numpy()
             fdtype = w_np.dtype
             groups = max(t.groups for t in keep)
-            q, scale, attrs = quantize_grouped(w_np, scheme, keep[0].in_axis, groups,
-                                               self.clip.get(w.name), scale_dtype=fdtype)
+            q, scale, attrs = quantize_grouped(
+                w_np, scheme, keep[0].in_axis, groups, self.clip.get(w.name), scale_dtype=fdtype
+            )
             check_scales(f"{w.name}_scale", scale)
             blocked |= "block_size" in attrs
             dq_out = self._weight_dq(graph, w, q, scale, attrs, keep)
@@ -517,12 +579,19 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 for i, v in enumerate(consumer.inputs):
                     if v is w:
                         consumer.replace_input_with(i, dq_out)
-                info = {"weight": w.name, "scheme": scheme.label, "kind": t.kind,
-                        "weight_scale_min": float(scale.min()),
-                        "weight_scale_max": float(scale.max())}
+                info = {
+                    "weight": w.name,
+                    "scheme": scheme.label,
+                    "kind": t.kind,
+                    "weight_scale_min": float(scale.min()),
+                    "weight_scale_max": float(scale.max()),
+                }
                 if groups > 1 or t.kind != "linear":
-                    per_block = f"per block of {attrs['block_size']} inputs, " \
-                        if scheme.precision == "int4" else ""
+                    per_block = (
+                        f"per block of {attrs['block_size']} inputs, "
+                        if scheme.precision == "int4"
+                        else ""
+                    )
                     info["scales"] = f"per expert/head ({groups}), {per_block}per output channel"
                 if t.in_subgraph:
                     info["graph"] = t.graph.name
@@ -531,7 +600,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     if r is None:
                         weight_only[t.module] = (
                             "activation inside an If branch that calibration does not run "
-                            "(decode only) and not a copy of a calibrated value: weight-only")
+                            "(decode only) and not a copy of a calibrated value: weight-only"
+                        )
                         info["activation"] = None
                     else:
                         amax, src = r
@@ -561,8 +631,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
         """One DequantizeLinear in the main graph for every reader of `w` (branches included:
         TensorRT-RTX refuses a quantized initializer read by a DQ inside an If branch)."""
         inputs = weight_dq_inputs(graph, w.name, q, scale, self.scheme.precision)
-        dq = ir.node("DequantizeLinear", inputs, attributes=attrs,
-                     name=f"{targets[0].name}/weight_dq", num_outputs=1)
+        dq = ir.node(
+            "DequantizeLinear",
+            inputs,
+            attributes=attrs,
+            name=f"{targets[0].name}/weight_dq",
+            num_outputs=1,
+        )
         dq.outputs[0].name = f"{w.name}_dq"
         dq.outputs[0].dtype = w.dtype
         dq.outputs[0].shape = w.shape
@@ -575,8 +650,17 @@ class InsertQDQPass(ir.passes.InPlacePass):
         graph.insert_before(first, dq)
         return dq.outputs[0]
 
-    def _act_qdq(self, main: ir.Graph, t: Target, amax: float, src: str, fdtype, act_dq: dict, names: set,
-                 info: dict) -> None:
+    def _act_qdq(
+        self,
+        main: ir.Graph,
+        t: Target,
+        amax: float,
+        src: str,
+        fdtype,
+        act_dq: dict,
+        names: set,
+        info: dict,
+    ) -> None:
         """Q→DQ on the activation, in the MatMul's own graph, shared by its readers there."""
         scheme, a, g = self.scheme, t.activation, t.graph
         key = (id(g), a.name)
@@ -589,8 +673,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
             main.register_initializer(sv_a)
             main.register_initializer(zv_a)
             qn = ir.node("QuantizeLinear", [a, sv_a, zv_a], name=_fresh(names, f"{a.name}/act_q"))
-            dqn = ir.node("DequantizeLinear", [qn.outputs[0], sv_a, zv_a],
-                          name=_fresh(names, f"{a.name}/act_dq"))
+            dqn = ir.node(
+                "DequantizeLinear",
+                [qn.outputs[0], sv_a, zv_a],
+                name=_fresh(names, f"{a.name}/act_dq"),
+            )
             qn.outputs[0].name = _fresh(names, f"{a.name}_q")
             dqn.outputs[0].name = _fresh(names, f"{a.name}_dq")
             dqn.outputs[0].dtype = a.dtype
@@ -607,8 +694,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
 def _const(name: str, arr: np.ndarray) -> ir.Value:
     t = ir.Tensor(np.asarray(arr), name=name)
-    return ir.Value(name=name, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype),
-                    const_value=t)
+    return ir.Value(name=name, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype), const_value=t)
 
 
 def _fresh(names: set, stem: str) -> str:
@@ -639,8 +725,9 @@ def strip_activation_qdq(model: ir.Model) -> int:
         if x is None or x.const_value is not None or x.is_initializer():
             continue
         readers = [use.node for use in q.outputs[0].uses()]
-        if not readers or any(r.op_type != "DequantizeLinear" or r.outputs[0].is_graph_output()
-                              for r in readers):
+        if not readers or any(
+            r.op_type != "DequantizeLinear" or r.outputs[0].is_graph_output() for r in readers
+        ):
             continue
         for dq in readers:
             ir.convenience.replace_all_uses_with(dq.outputs[0], x)

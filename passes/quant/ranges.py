@@ -81,18 +81,19 @@ def amax_mse(hist: np.ndarray, hmax: float, absmax: float, precision: str = "int
         if precision == "fp8":
             # E4M3 has 3 mantissa bits: rounding error ~ (x * 2^-4)^2 / 3, floor at the
             # subnormal step
-            step = np.maximum(x[inside] * 2.0 ** -3, a / 448.0 * 2.0 ** -9)
+            step = np.maximum(x[inside] * 2.0**-3, a / 448.0 * 2.0**-9)
         else:
             step = np.full(inside.sum(), a / 127.0)
-        rnd = np.sum(h[inside] * step ** 2 / 12.0)
+        rnd = np.sum(h[inside] * step**2 / 12.0)
         err = clip + rnd
         if err < best:
             best, best_a = err, a
     return float(best_a)
 
 
-def compute_amax(stats, method: str = "max", precision: str = "int8",
-                 percentile: float = 99.99) -> dict[str, float]:
+def compute_amax(
+    stats, method: str = "max", precision: str = "int8", percentile: float = 99.99
+) -> dict[str, float]:
     """`{activation name: amax}` for every activation in `stats` (a CalibStats)."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")

@@ -43,15 +43,20 @@ from dsc.passes.quant.qdq import Target, find_targets
 logger = logging.getLogger(__name__)
 
 ALPHA_GRID = tuple(i / 20 for i in range(1, 21))
-GATED_SKIP = ("gated product (SwiGLU SiLU(gate) * up, the down projection's input): not smoothed "
-              "unless gated=True; its token-specific massive activations (BOS, delimiters) may be "
-              "missing from the calibration text, and scales fitted without them clip them")
+GATED_SKIP = (
+    "gated product (SwiGLU SiLU(gate) * up, the down projection's input): not smoothed "
+    "unless gated=True; its token-specific massive activations (BOS, delimiters) may be "
+    "missing from the calibration text, and scales fitted without them clip them"
+)
 
 
 def smoothable_groups(model: ir.Model, exclude=()) -> tuple[dict, dict]:
     """({activation name: (fold, [targets])}, {activation name: reason not smoothable})."""
-    targets = [t for t in find_targets(model, exclude)
-               if getattr(t, "kind", "linear") == "linear" and not getattr(t, "in_subgraph", False)]
+    targets = [
+        t
+        for t in find_targets(model, exclude)
+        if getattr(t, "kind", "linear") == "linear" and not getattr(t, "in_subgraph", False)
+    ]
     by_act: dict[str, list[Target]] = {}
     for t in targets:
         by_act.setdefault(t.activation.name, []).append(t)
@@ -84,8 +89,9 @@ def apply_scales(fold: Fold, targets: list[Target], s: np.ndarray) -> None:
     fold.apply(s)
     for t in targets:
         w = t.weight.const_value.numpy()
-        t.weight.const_value = ir.Tensor((w.astype(np.float32) * s[:, None]).astype(w.dtype),
-                                         name=t.weight.name)
+        t.weight.const_value = ir.Tensor(
+            (w.astype(np.float32) * s[:, None]).astype(w.dtype), name=t.weight.name
+        )
 
 
 def _fake_int8(x: np.ndarray, amax: float) -> np.ndarray:
@@ -100,8 +106,13 @@ def _fake_int8(x: np.ndarray, amax: float) -> np.ndarray:
 GEMM_ERROR_COLUMNS = 512
 
 
-def gemm_error(rows: np.ndarray, absmax: np.ndarray, weights: list[np.ndarray],
-               s: np.ndarray, refs: list[np.ndarray] | None = None) -> float:
+def gemm_error(
+    rows: np.ndarray,
+    absmax: np.ndarray,
+    weights: list[np.ndarray],
+    s: np.ndarray,
+    refs: list[np.ndarray] | None = None,
+) -> float:
     """Sum over `weights` of the mean squared output error of the W8A8 GEMMs on `rows`
     ([n, in]) with smoothing scales `s` ([in]); each weight [in, out], errors in squared
     output units.
@@ -118,9 +129,9 @@ def gemm_error(rows: np.ndarray, absmax: np.ndarray, weights: list[np.ndarray],
     for k, w in enumerate(weights):
         sq = 0.0
         for c0 in range(0, w.shape[1], GEMM_ERROR_COLUMNS):
-            wc = w[:, c0: c0 + GEMM_ERROR_COLUMNS].astype(np.float32)
+            wc = w[:, c0 : c0 + GEMM_ERROR_COLUMNS].astype(np.float32)
             q, sc, attrs = quantize_weight(wc * s[:, None], QuantScheme("int8"))
-            ref = refs[k][:, c0: c0 + GEMM_ERROR_COLUMNS] if refs is not None else x @ wc
+            ref = refs[k][:, c0 : c0 + GEMM_ERROR_COLUMNS] if refs is not None else x @ wc
             d = xs @ dequantize_weight(q, sc, attrs) - ref
             sq += float(np.einsum("ij,ij->", d, d, dtype=np.float64))
         err += sq / (x.shape[0] * w.shape[1])
@@ -136,8 +147,16 @@ class SmoothQuantPass(ir.passes.InPlacePass):
     error (no smoothing is a candidate too).
     """
 
-    def __init__(self, stats, alpha: float | None = 0.5, exclude=(), *, guard: bool = True,
-                 grid=ALPHA_GRID, gated: bool = False):
+    def __init__(
+        self,
+        stats,
+        alpha: float | None = 0.5,
+        exclude=(),
+        *,
+        guard: bool = True,
+        grid=ALPHA_GRID,
+        gated: bool = False,
+    ):
         super().__init__()
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
@@ -145,8 +164,11 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         if alpha is None and acts is None:
             raise ValueError("a per-layer α search needs calibration rows (pass the CalibStats)")
         self.absmax = {k: v.absmax for k, v in acts.items()} if acts is not None else dict(stats)
-        self.rows = {k: v.rows for k, v in acts.items()} \
-            if acts is not None and (guard or alpha is None) else {}
+        self.rows = (
+            {k: v.rows for k, v in acts.items()}
+            if acts is not None and (guard or alpha is None)
+            else {}
+        )
         self.alpha, self.exclude = (None if alpha is None else float(alpha)), tuple(exclude)
         self.grid, self.gated = tuple(grid), gated
         self.report: dict = {}
@@ -175,26 +197,39 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 continue
             best = None
             have_rows = rows is not None and rows.shape[0]
-            refs = [rows.astype(np.float32) @ w.astype(np.float32) for w in weights] \
-                if have_rows else None
-            for a in ([self.alpha] if self.alpha is not None else self.grid):
-                s = (xt ** a / wt ** (1 - a)).clip(1e-4, 1e4).astype(np.float32)
+            refs = (
+                [rows.astype(np.float32) @ w.astype(np.float32) for w in weights]
+                if have_rows
+                else None
+            )
+            for a in [self.alpha] if self.alpha is not None else self.grid:
+                s = (xt**a / wt ** (1 - a)).clip(1e-4, 1e4).astype(np.float32)
                 e = gemm_error(rows, xmax, weights, s, refs) if have_rows else None
                 if best is None or e < best[2]:
                     best = (a, s, e)
             a, s, e1 = best
-            info = {"layers": [t.module for t in ts], "alpha": a, "fold": fold.describe(),
-                    "scale_min": float(s.min()), "scale_max": float(s.max())}
+            info = {
+                "layers": [t.module for t in ts],
+                "alpha": a,
+                "fold": fold.describe(),
+                "scale_min": float(s.min()),
+                "scale_max": float(s.max()),
+            }
             if e1 is not None:
                 e0 = gemm_error(rows, xmax, weights, np.ones_like(s), refs)
                 info.update(mse=e1, mse_unsmoothed=e0)
                 if e1 >= e0:
-                    skipped[name] = (f"smoothing raised the calibration-row GEMM error "
-                                     f"({e1:.3g} vs {e0:.3g} unsmoothed)")
+                    skipped[name] = (
+                        f"smoothing raised the calibration-row GEMM error "
+                        f"({e1:.3g} vs {e0:.3g} unsmoothed)"
+                    )
                     continue
             apply_scales(fold, ts, s)
             act.meta["dsc.smoothed"] = True
             done[name] = info
-        self.report = {"alpha": "per layer" if self.alpha is None else self.alpha,
-                       "smoothed": done, "skipped": skipped}
+        self.report = {
+            "alpha": "per layer" if self.alpha is None else self.alpha,
+            "smoothed": done,
+            "skipped": skipped,
+        }
         return ir.passes.PassResult(model, bool(done))

@@ -62,21 +62,31 @@ _BITS = {"int8": 8, "fp8": 8, "int4": 4}
 
 
 def _float_init(v: ir.Value | None) -> bool:
-    return (v is not None and v.const_value is not None and v.dtype is not None
-            and v.dtype.is_floating_point() and len(v.shape or ()) == 2)
+    return (
+        v is not None
+        and v.const_value is not None
+        and v.dtype is not None
+        and v.dtype.is_floating_point()
+        and len(v.shape or ()) == 2
+    )
 
 
 def find_embedding(model: ir.Model) -> ir.Node | None:
     """The main-graph Gather that reads the input embedding table, or None."""
     inputs = {v.name for v in model.graph.inputs}
     for node in model.graph:
-        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") \
-                or node.attributes.get_int("axis", 0) != 0 or not _float_init(node.inputs[0]):
+        if (
+            node.op_type != "Gather"
+            or node.domain not in ("", "ai.onnx")
+            or node.attributes.get_int("axis", 0) != 0
+            or not _float_init(node.inputs[0])
+        ):
             continue
         mod = module_path(node) or ""
         ids = node.inputs[1]
         if fnmatch.fnmatchcase(mod, "*embed_tokens*") or (
-                ids is not None and ids.name in inputs and ids.name == "input_ids"):
+            ids is not None and ids.name in inputs and ids.name == "input_ids"
+        ):
             return node
     return None
 
@@ -95,22 +105,28 @@ def find_lm_head(model: ir.Model) -> tuple[ir.Node, ir.Value, ir.Node | None] | 
         if _float_init(w):
             return node, w, None
         p = w.producer() if w is not None else None
-        if p is not None and p.op_type == "Transpose" and _float_init(p.inputs[0]) \
-                and list(p.attributes.get_ints("perm", [1, 0])) == [1, 0]:
+        if (
+            p is not None
+            and p.op_type == "Transpose"
+            and _float_init(p.inputs[0])
+            and list(p.attributes.get_ints("perm", [1, 0])) == [1, 0]
+        ):
             return node, p.inputs[0], p
     return None
 
 
-def quantize_table(table: np.ndarray, precision: str, scale_dtype=np.float32
-                   ) -> tuple[np.ndarray, np.ndarray, dict]:
+def quantize_table(
+    table: np.ndarray, precision: str, scale_dtype=np.float32
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """(quantized [V, H], scale, DequantizeLinear attributes) of an embedding table [V, H].
 
     int8 / fp8: one scale per row, shape [V], `axis` 0. int4: one per block of 128 along H
     (the largest divisor of H up to 128 for small H, `int4_block`), shape [V, H / block],
     `axis` 1 and `block_size`. Exactly `quantize_weight` of the transpose [H, V], transposed back.
     """
-    q, s, attrs = quantize_weight(np.ascontiguousarray(table.T), QuantScheme(precision, True),
-                                  scale_dtype=scale_dtype)
+    q, s, attrs = quantize_weight(
+        np.ascontiguousarray(table.T), QuantScheme(precision, True), scale_dtype=scale_dtype
+    )
     q = np.ascontiguousarray(q.T)
     if "block_size" in attrs:
         return q, np.ascontiguousarray(s.T), {"axis": 1, "block_size": attrs["block_size"]}
@@ -139,7 +155,7 @@ class VocabQDQPass(ir.passes.InPlacePass):
         report: dict = {}
         gather = find_embedding(model) if self.embedding or self.lm_head else None
         head = find_lm_head(model) if self.lm_head or self.embedding else None
-        tied = (gather is not None and head is not None and gather.inputs[0] is head[1])
+        tied = gather is not None and head is not None and gather.inputs[0] is head[1]
         modified = blocked = False
         if tied and (self.lm_head or self.embedding):
             if self.lm_head != self.embedding:
@@ -149,7 +165,8 @@ class VocabQDQPass(ir.passes.InPlacePass):
                     f"(--quantize-lm-head {self.lm_head or self.embedding} --quantize-embedding "
                     f"{self.lm_head or self.embedding}); quantizing one reader keeps the float "
                     f"table and adds a quantized copy (got lm_head {self.lm_head}, embedding "
-                    f"{self.embedding})")
+                    f"{self.embedding})"
+                )
             rec = self._quantize(graph, head[1], self.lm_head, table=True)
             report["lm_head"] = report["embedding"] = dict(rec, tied=True)
             modified, blocked = True, rec["block_size"] is not None
@@ -180,12 +197,12 @@ class VocabQDQPass(ir.passes.InPlacePass):
         if table:  # [V, H]: per row, int4 blocks along H
             q, scale, attrs = quantize_table(w_np, precision, dtype)
         else:  # [H, V]: per output channel, int4 blocks along H
-            q, scale, attrs = quantize_weight(w_np, QuantScheme(precision, True),
-                                              scale_dtype=dtype)
+            q, scale, attrs = quantize_weight(w_np, QuantScheme(precision, True), scale_dtype=dtype)
         check_scales(f"{w.name}_scale", scale)
         inputs = weight_dq_inputs(graph, w.name, q, scale, precision)
-        dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{w.name}/weight_dq",
-                     num_outputs=1)
+        dq = ir.node(
+            "DequantizeLinear", inputs, attributes=attrs, name=f"{w.name}/weight_dq", num_outputs=1
+        )
         dq.outputs[0].name = f"{w.name}_dq"
         dq.outputs[0].dtype = w.dtype
         dq.outputs[0].shape = w.shape
@@ -197,14 +214,21 @@ class VocabQDQPass(ir.passes.InPlacePass):
             node.replace_input_with(idx, dq.outputs[0])
         graph.initializers.pop(w.name, None)
         n = int(np.prod(w_np.shape))
-        rec = {"weight": w.name, "precision": precision, "shape": list(w_np.shape),
-               "layout": "[vocab, hidden]" if table else "[hidden, vocab]",
-               "scales": ("per row (vocabulary entry)" if table else "per output channel")
-               + (f", per block of {attrs['block_size']} along hidden"
-                  if "block_size" in attrs else ""),
-               "scale_shape": list(scale.shape),
-               "bytes_before": n * w_np.itemsize,
-               "bytes_after": n * _BITS[precision] // 8 + scale.size * scale.itemsize}
+        rec = {
+            "weight": w.name,
+            "precision": precision,
+            "shape": list(w_np.shape),
+            "layout": "[vocab, hidden]" if table else "[hidden, vocab]",
+            "scales": ("per row (vocabulary entry)" if table else "per output channel")
+            + (
+                f", per block of {attrs['block_size']} along hidden"
+                if "block_size" in attrs
+                else ""
+            ),
+            "scale_shape": list(scale.shape),
+            "bytes_before": n * w_np.itemsize,
+            "bytes_after": n * _BITS[precision] // 8 + scale.size * scale.itemsize,
+        }
         rec["block_size"] = int(attrs["block_size"]) if "block_size" in attrs else None
         logger.info("%s: %s weight-only, %s", w.name, precision, rec["scales"])
         return rec

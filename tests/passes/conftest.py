@@ -71,9 +71,18 @@ def _steps(lm: OrtCausalLM, io: dict, batch: int, seq: int, decode: int, pad: in
         yield out, np.ones((batch, 1), dtype=np.int64), mask
 
 
-def compare_ort(artifact: Path, new_onnx: Path, *, batch: int = 2, seq: int = 9,
-                decode: int = 3, pad: int = 0, atol: float = ATOL, seed: int = 0,
-                padded_rows_free: bool = False) -> float:
+def compare_ort(
+    artifact: Path,
+    new_onnx: Path,
+    *,
+    batch: int = 2,
+    seq: int = 9,
+    decode: int = 3,
+    pad: int = 0,
+    atol: float = ATOL,
+    seed: int = 0,
+    padded_rows_free: bool = False,
+) -> float:
     """Max abs difference of logits and presents over a prefill and `decode` steps.
 
     With `pad`, the first row is left-padded by that many tokens. `padded_rows_free` leaves out
@@ -86,11 +95,19 @@ def compare_ort(artifact: Path, new_onnx: Path, *, batch: int = 2, seq: int = 9,
     new = OrtCausalLM(Path(new_onnx), io, threads=1)
     worst = 0.0
     for step, ((a, qmask, kmask), (b, _, _)) in enumerate(
-            zip(_steps(ref, io, batch, seq, decode, pad, seed),
-                _steps(new, io, batch, seq, decode, pad, seed), strict=False)):
-        for name, x, y in [("logits", a.logits, b.logits),
-                           *((f"present[{i}]", p, q) for i, (p, q)
-                             in enumerate(zip(a.present, b.present, strict=False)))]:
+        zip(
+            _steps(ref, io, batch, seq, decode, pad, seed),
+            _steps(new, io, batch, seq, decode, pad, seed),
+            strict=False,
+        )
+    ):
+        for name, x, y in [
+            ("logits", a.logits, b.logits),
+            *(
+                (f"present[{i}]", p, q)
+                for i, (p, q) in enumerate(zip(a.present, b.present, strict=False))
+            ),
+        ]:
             assert x.shape == y.shape, f"step {step} {name}: shape {y.shape} != {x.shape}"
             assert np.isfinite(y).all(), f"step {step} {name}: not finite"
             if padded_rows_free:
@@ -134,9 +151,17 @@ def prepared(exported, tmp_path_factory):
     return _Lazy()
 
 
-def check_pass(artifact: Path, start: Path, tmp_path: Path, names: list[str],
-               ctx: PassContext | None = None, *, ort: bool = True, pad: int = 0,
-               padded_rows_free: bool = False) -> ir.Model:
+def check_pass(
+    artifact: Path,
+    start: Path,
+    tmp_path: Path,
+    names: list[str],
+    ctx: PassContext | None = None,
+    *,
+    ort: bool = True,
+    pad: int = 0,
+    padded_rows_free: bool = False,
+) -> ir.Model:
     """Run `names` on the graph at `start`: modified, idempotent (a second run of the last pass
     changes nothing), ONNX Runtime equal to the export on prefill and 3 decode steps."""
     ctx = ctx or rtx_ctx()

@@ -29,8 +29,15 @@ def test_attention_op_where_the_target_takes_it(exported, prepared, tmp_path, fa
     ctx = PassContext(None, PassOptions(target_ops="opset23"))
     # Padding rows: ORT's Attention gives 0 where the export averages uniformly; no real token
     # reads them, and the rest must match.
-    model = check_pass(exported[family], prepared[family], tmp_path, ["fuse-attention"], ctx,
-                       pad=3, padded_rows_free=True)
+    model = check_pass(
+        exported[family],
+        prepared[family],
+        tmp_path,
+        ["fuse-attention"],
+        ctx,
+        pad=3,
+        padded_rows_free=True,
+    )
     atts = [n for n in model.graph if n.op_type == "Attention"]
     assert len(atts) == 2 and op_count(model, "Softmax") == 0
     # GQA natively: K and V go in with their 2 kv heads, not repeated to 4.

@@ -16,21 +16,36 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.passes.conftest import compare_ort, io_spec, load, rtx_ctx, save
 
-pytestmark = [pytest.mark.rtx, pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt_rtx not installed")]
+pytestmark = [
+    pytest.mark.rtx,
+    pytest.mark.skipif(
+        importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt_rtx not installed"
+    ),
+]
 
 
 def _build(onnx_path, io, sm):
     from dsc.backends.tensorrt import BuildOptions, ShapeEnvelope, build_engine
 
-    return build_engine(onnx_path, ShapeEnvelope(max_batch=2, max_input_len=16, max_kv=32),
-                        BuildOptions(target_sm=sm), backend="rtx", io_spec=io)
+    return build_engine(
+        onnx_path,
+        ShapeEnvelope(max_batch=2, max_input_len=16, max_kv=32),
+        BuildOptions(target_sm=sm),
+        backend="rtx",
+        io_spec=io,
+    )
 
 
 # MLA families build in ~10-20 s per target here; V2 and V3 share the MLA and MoE forms, so
 # each builds for one of the two targets (every construct is built for both SM80 and SM89).
-BUILDS = [("llama", 80), ("llama", 89), ("qwen2", 80), ("qwen2", 89), ("deepseek_v2", 80),
-          ("deepseek_v3", 89)]
+BUILDS = [
+    ("llama", 80),
+    ("llama", 89),
+    ("qwen2", 80),
+    ("qwen2", 89),
+    ("deepseek_v2", 80),
+    ("deepseek_v3", 89),
+]
 
 
 @pytest.mark.slow
@@ -64,9 +79,13 @@ def test_fp16_attention_op_builds_and_matches(llama_fp16, tmp_path):
 
 
 def _one_node(op, inputs, outputs, inits=(), **attrs):
-    graph = helper.make_graph([helper.make_node(op, [i.name for i in inputs] +
-                                                [t.name for t in inits], ["y"], **attrs)],
-                              "g", inputs, outputs, list(inits))
+    graph = helper.make_graph(
+        [helper.make_node(op, [i.name for i in inputs] + [t.name for t in inits], ["y"], **attrs)],
+        "g",
+        inputs,
+        outputs,
+        list(inits),
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     model.ir_version = 10
     return model
@@ -90,16 +109,29 @@ def _parses_and_builds(model, sm=89):
 def test_rtx_parser_support_for_opset23_ops():
     f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
     vi = helper.make_tensor_value_info
-    rms = _one_node("RMSNormalization", [vi("x", f32, [2, 8, 64])], [vi("y", f32, [2, 8, 64])],
-                    [numpy_helper.from_array(np.ones(64, np.float32), "w")], epsilon=1e-6)
-    rope = _one_node("RotaryEmbedding", [vi("x", f32, [2, 4, 8, 16]), vi("c", f32, [2, 8, 8]),
-                                         vi("s", f32, [2, 8, 8])], [vi("y", f32, [2, 4, 8, 16])])
+    rms = _one_node(
+        "RMSNormalization",
+        [vi("x", f32, [2, 8, 64])],
+        [vi("y", f32, [2, 8, 64])],
+        [numpy_helper.from_array(np.ones(64, np.float32), "w")],
+        epsilon=1e-6,
+    )
+    rope = _one_node(
+        "RotaryEmbedding",
+        [vi("x", f32, [2, 4, 8, 16]), vi("c", f32, [2, 8, 8]), vi("s", f32, [2, 8, 8])],
+        [vi("y", f32, [2, 4, 8, 16])],
+    )
 
     def attention(dtype, head, seq=8):
-        return _one_node("Attention", [vi("q", dtype, [2, 4, seq, head]),
-                                       vi("k", dtype, [2, 1, 9, head]),
-                                       vi("v", dtype, [2, 1, 9, head])],
-                         [vi("y", dtype, [2, 4, seq, head])])
+        return _one_node(
+            "Attention",
+            [
+                vi("q", dtype, [2, 4, seq, head]),
+                vi("k", dtype, [2, 1, 9, head]),
+                vi("v", dtype, [2, 1, 9, head]),
+            ],
+            [vi("y", dtype, [2, 4, seq, head])],
+        )
 
     assert _parses_and_builds(rms) == "ok"
     assert _parses_and_builds(rope) == "ok"

@@ -27,11 +27,15 @@ def test_cleanup_pipeline(exported, tmp_path, family):
     perms = [tuple(n.attributes["perm"].value) for n in model.graph if n.op_type == "Transpose"]
     assert (0, 1, 3, 2) in perms
     # (a Transpose(0,2,1) of its own may stay: transformers 5.18-5.23 transpose RoPE's freqs)
-    chains = [n for n in model.graph if n.op_type == "Transpose"
-              and tuple(n.attributes["perm"].value) == (0, 2, 1)
-              and n.inputs[0].producer() is not None
-              and n.inputs[0].producer().op_type == "Reshape"
-              and all(u.node.op_type == "Reshape" for u in n.outputs[0].uses())]
+    chains = [
+        n
+        for n in model.graph
+        if n.op_type == "Transpose"
+        and tuple(n.attributes["perm"].value) == (0, 2, 1)
+        and n.inputs[0].producer() is not None
+        and n.inputs[0].producer().op_type == "Reshape"
+        and all(u.node.op_type == "Reshape" for u in n.outputs[0].uses())
+    ]
     assert not chains, [n.name for n in chains]
     for name in CLEANUP:  # each pass, run again right after itself, changes nothing
         run(model, [name])

@@ -24,8 +24,20 @@ def test_passes_list(capsys):
 
 def test_optimize_writes_a_new_artifact(exported, tmp_path, capsys):
     src, dst = exported["deepseek_v3"], tmp_path / "opt"
-    code, out, err = run_cli(["optimize", str(src), "-o", str(dst), "--profile", "rtx-4090",
-                              "--verify-each", "--dump-after", "fuse-mla"], capsys)
+    code, out, err = run_cli(
+        [
+            "optimize",
+            str(src),
+            "-o",
+            str(dst),
+            "--profile",
+            "rtx-4090",
+            "--verify-each",
+            "--dump-after",
+            "fuse-mla",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "attention 3/3 100%" in out and "fuse-mla" in out
     report = json.loads((dst / "passes_report.json").read_text())
@@ -53,23 +65,47 @@ def test_optimize_writes_a_new_artifact(exported, tmp_path, capsys):
 
 def test_optimize_pass_selection_and_errors(exported, tmp_path, capsys):
     src = exported["llama"]
-    code, out, _ = run_cli(["optimize", str(src), "-o", str(tmp_path / "a"), "--passes",
-                            "simplify,fuse-rmsnorm", "--json"], capsys)
+    code, out, _ = run_cli(
+        [
+            "optimize",
+            str(src),
+            "-o",
+            str(tmp_path / "a"),
+            "--passes",
+            "simplify,fuse-rmsnorm",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0
     data = json.loads(out)
     assert [p["name"] for p in data["report"]["passes"]] == ["simplify", "fuse-rmsnorm"]
     # Without a profile the target is portable: no RMSNormalization, blocks kept decomposed.
     assert data["coverage"]["kinds"]["rmsnorm"]["kept"] == 5
-    code, out, _ = run_cli(["optimize", str(src), "-o", str(tmp_path / "b"), "--profile",
-                            "rtx-4090", "--disable-pass", "fuse-attention", "--json"], capsys)
+    code, out, _ = run_cli(
+        [
+            "optimize",
+            str(src),
+            "-o",
+            str(tmp_path / "b"),
+            "--profile",
+            "rtx-4090",
+            "--disable-pass",
+            "fuse-attention",
+            "--json",
+        ],
+        capsys,
+    )
     att = json.loads(out)["coverage"]["kinds"]["attention"]
     assert code == 0 and att["fused"] == 0 and "fuse-attention" in att["unfused"][0]["reason"]
-    code, _, err = run_cli(["optimize", str(src), "-o", str(tmp_path / "c"), "--passes",
-                            "fuse-everything"], capsys)
+    code, _, err = run_cli(
+        ["optimize", str(src), "-o", str(tmp_path / "c"), "--passes", "fuse-everything"], capsys
+    )
     assert code == EXIT_BAD_INPUT and "unknown pass 'fuse-everything'" in err
     assert not (tmp_path / "c").exists()
     code, _, err = run_cli(["optimize", str(src), "-o", str(tmp_path / "a")], capsys)
     assert code == EXIT_OUTPUT_CONFLICT and "--force" in err
-    code, _, err = run_cli(["optimize", str(tmp_path / "missing"), "-o", str(tmp_path / "d")],
-                           capsys)
+    code, _, err = run_cli(
+        ["optimize", str(tmp_path / "missing"), "-o", str(tmp_path / "d")], capsys
+    )
     assert code == EXIT_BAD_INPUT

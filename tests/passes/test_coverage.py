@@ -43,8 +43,19 @@ def test_expected_blocks_from_config(exported):
 def test_unfused_blocks_are_named_with_the_reason(exported):
     artifact = exported["deepseek_v3"]
     model = load(artifact)
-    run(model, ["fold-constants", "simplify", "cse", "remove-unused", "upgrade-opset",
-                "fuse-rmsnorm", "fuse-mlp", "fuse-rotary"])  # no fuse-mla, no lower-moe
+    run(
+        model,
+        [
+            "fold-constants",
+            "simplify",
+            "cse",
+            "remove-unused",
+            "upgrade-opset",
+            "fuse-rmsnorm",
+            "fuse-mlp",
+            "fuse-rotary",
+        ],
+    )  # no fuse-mla, no lower-moe
     cov = coverage(model, _config(artifact), target=rtx_ctx().target)
     assert not cov["complete"]
     att = cov["kinds"]["attention"]

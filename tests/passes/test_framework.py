@@ -31,8 +31,14 @@ def test_every_pipeline_pass_is_registered_with_a_doc():
     assert names[: len(dict.fromkeys(PIPELINE))] == list(dict.fromkeys(PIPELINE))
     for p in list_passes():
         assert p.doc and p.kind in ("cleanup", "fusion", "lowering", "opset", "precision")
-    for fusion in ("fuse-rmsnorm", "fuse-mlp", "fuse-rotary", "fuse-mla", "fuse-attention",
-                   "lower-moe"):
+    for fusion in (
+        "fuse-rmsnorm",
+        "fuse-mlp",
+        "fuse-rotary",
+        "fuse-mla",
+        "fuse-attention",
+        "lower-moe",
+    ):
         assert fusion in names
 
 
@@ -64,9 +70,15 @@ def test_context_is_frozen_and_options_are_checked():
         PassOptions(mla_absorb_max_seq=-1)
 
 
-@pytest.mark.parametrize("profile,expected", [
-    (None, PORTABLE), ("rtx-4090", RTX_1_7), ("a100-80gb", RTX_1_7), ("l4", RTX_1_7),
-])
+@pytest.mark.parametrize(
+    "profile,expected",
+    [
+        (None, PORTABLE),
+        ("rtx-4090", RTX_1_7),
+        ("a100-80gb", RTX_1_7),
+        ("l4", RTX_1_7),
+    ],
+)
 def test_target_ops_from_profile(profile, expected):
     hw = load_profile(profile) if profile else None
     assert target_ops(hw) == expected
@@ -101,8 +113,13 @@ def test_runner_reports_time_nodes_and_counts(exported, tmp_path):
 
 def test_dump_after_needs_a_pass_in_the_pipeline(exported, tmp_path):
     with pytest.raises(BadInput, match="fuse-mla"):
-        run_pipeline(load(exported["llama"]), rtx_ctx(), only=["cse"], dump_after=["fuse-mla"],
-                     dump_dir=tmp_path)
+        run_pipeline(
+            load(exported["llama"]),
+            rtx_ctx(),
+            only=["cse"],
+            dump_after=["fuse-mla"],
+            dump_dir=tmp_path,
+        )
 
 
 class _BreakLogits(DscPass):
@@ -119,8 +136,12 @@ def test_verify_each_names_the_pass_that_changed_outputs(exported):
     register_pass("test-break-logits", _BreakLogits, "test only: breaks the logits")
     model = load(exported["llama"])
     with pytest.raises(CheckFailed, match="pass test-break-logits changed the outputs"):
-        run_pipeline(model, rtx_ctx(), only=["simplify", "fuse-rmsnorm", "test-break-logits"],
-                     verify_each=True)
+        run_pipeline(
+            model,
+            rtx_ctx(),
+            only=["simplify", "fuse-rmsnorm", "test-break-logits"],
+            verify_each=True,
+        )
 
 
 def test_verify_each_passes_on_the_default_pipeline(exported):

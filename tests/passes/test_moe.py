@@ -15,8 +15,13 @@ MOE = ("deepseek_v2", "deepseek_v3")
 
 
 def _expert_gathers(model: ir.Model) -> int:
-    return sum(1 for n in model.graph if n.op_type == "GatherND"
-               and n.inputs[0].const_value is not None and len(n.inputs[0].shape) == 3)
+    return sum(
+        1
+        for n in model.graph
+        if n.op_type == "GatherND"
+        and n.inputs[0].const_value is not None
+        and len(n.inputs[0].shape) == 3
+    )
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -43,8 +48,9 @@ def _routed_subgraph(artifact) -> ir.Model:
             if match:
                 break
     b = match.bindings
-    graph = ir.convenience.extract(model.graph, inputs=[b["x"], b["idx"], b["wts"]],
-                                   outputs=[node.outputs[0]])
+    graph = ir.convenience.extract(
+        model.graph, inputs=[b["x"], b["idx"], b["wts"]], outputs=[node.outputs[0]]
+    )
     graph.opset_imports.update(model.opset_imports)
     return ir.Model(graph, ir_version=model.ir_version)
 
@@ -78,8 +84,13 @@ def test_every_routing(exported, family):
 
 
 def test_dense_only(exported, prepared, tmp_path):
-    model = check_pass(exported["deepseek_v3"], prepared["deepseek_v3"], tmp_path,
-                       ["lower-moe"], rtx_ctx(moe_gather_decode=False))
+    model = check_pass(
+        exported["deepseek_v3"],
+        prepared["deepseek_v3"],
+        tmp_path,
+        ["lower-moe"],
+        rtx_ctx(moe_gather_decode=False),
+    )
     assert op_count(model, "If") == 0 and _expert_gathers(model) == 0
     tagged = [n for n in model.graph if n.metadata_props.get("dsc.block") == "moe"]
     assert len(tagged) == 2 and tagged[0].metadata_props["dsc.form"] == "dense two-GEMM"

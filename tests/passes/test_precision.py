@@ -19,8 +19,9 @@ from dsc.errors import Unsupported
 from dsc.passes import PassContext, PassOptions, run_pipeline
 from tests.passes.conftest import compare_ort, io_spec, load, save
 
-needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
-                               reason="tensorrt_rtx not installed")
+needs_rtx = pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt_rtx not installed"
+)
 
 
 def _ctx(profile: str | None, **options) -> PassContext:
@@ -43,17 +44,26 @@ def _fp32_gemms(model, *, const_weight: bool = False) -> int:
     weight (the routers; transformers 5.18-5.23 also export RoPE's frequencies as one)."""
     import onnx_ir as ir
 
-    return sum(1 for n in model.graph if n.op_type in ("Gemm", "MatMul")
-               and n.outputs[0].dtype == ir.DataType.FLOAT
-               and all(i.dtype == ir.DataType.FLOAT for i in n.inputs[:2])
-               and (not const_weight or n.inputs[1].const_value is not None))
+    return sum(
+        1
+        for n in model.graph
+        if n.op_type in ("Gemm", "MatMul")
+        and n.outputs[0].dtype == ir.DataType.FLOAT
+        and all(i.dtype == ir.DataType.FLOAT for i in n.inputs[:2])
+        and (not const_weight or n.inputs[1].const_value is not None)
+    )
 
 
 def test_lowered_only_where_the_target_has_no_fp32_gemm(v3_fp16):
     cleanup = ["fold-constants", "simplify", "cse", "remove-unused"]
     routers = 2  # the fixture's MoE layers
-    for profile, opts, expect in (("t4", {}, True), ("rtx-4090", {}, False), ("a100", {}, False),
-                                  (None, {"half_fp32_gemm": True}, True), (None, {}, False)):
+    for profile, opts, expect in (
+        ("t4", {}, True),
+        ("rtx-4090", {}, False),
+        ("a100", {}, False),
+        (None, {"half_fp32_gemm": True}, True),
+        (None, {}, False),
+    ):
         model = load(v3_fp16)
         rep = run_pipeline(model, _ctx(profile, **opts), only=[*cleanup, "half-fp32-gemm"])
         rec = rep.passes[-1]
@@ -102,13 +112,20 @@ def _router(weight: np.ndarray, *, fp32_act: bool = False, op: str = "Gemm"):
         nodes.append(helper.make_node("MatMul", [x, "w"], ["y"], name="router"))
         w = weight.T.copy()
     g = helper.make_graph(
-        nodes, "router",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT if fp32_act else TensorProto.FLOAT16,
-                                       ["n", D])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", E]),
-         # a half output, as a half graph has (logits): the pass leaves fp32 graphs alone
-         helper.make_tensor_value_info("x16", TensorProto.FLOAT16, ["n", D])],
-        [numpy_helper.from_array(w, "w")])
+        nodes,
+        "router",
+        [
+            helper.make_tensor_value_info(
+                "x", TensorProto.FLOAT if fp32_act else TensorProto.FLOAT16, ["n", D]
+            )
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", E]),
+            # a half output, as a half graph has (logits): the pass leaves fp32 graphs alone
+            helper.make_tensor_value_info("x16", TensorProto.FLOAT16, ["n", D]),
+        ],
+        [numpy_helper.from_array(w, "w")],
+    )
     g.node.append(helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16))
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     m.ir_version = 10
@@ -121,9 +138,11 @@ def _ort(model, x: np.ndarray) -> np.ndarray:
 
     from dsc.backends.onnxruntime.runner import session_options
 
-    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
-                                sess_options=session_options("basic"),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(),
+        sess_options=session_options("basic"),
+        providers=["CPUExecutionProvider"],
+    )
     return sess.run(["y"], {"x": x})[0]
 
 
@@ -149,17 +168,22 @@ def test_non_fp16_router_weight_lowered_per_mode(op, fp32_act):
     errors = {}
     for mode, n_gemms in GEMMS.items():
         model = _router(w, fp32_act=fp32_act, op=op)
-        rep = run_pipeline(model, _ctx(None, half_fp32_gemm=True, half_fp32_gemm_mode=mode),
-                           only=["half-fp32-gemm"])
+        rep = run_pipeline(
+            model,
+            _ctx(None, half_fp32_gemm=True, half_fp32_gemm_mode=mode),
+            only=["half-fp32-gemm"],
+        )
         assert rep.passes[0].modified and rep.passes[0].counts == {"half GEMM": 1}
         gemms = [n for n in model.graph if n.op_type == op]
         # an fp32 activation adds the GEMM of its low part (not in "round")
         assert len(gemms) == n_gemms + (fp32_act and mode != "round"), mode
-        assert all(n.outputs[0].dtype.name == "FLOAT16" and MARK in n.metadata_props
-                   for n in gemms)
+        assert all(n.outputs[0].dtype.name == "FLOAT16" and MARK in n.metadata_props for n in gemms)
         assert _fp32_gemms(model) == 0
-        again = run_pipeline(model, _ctx(None, half_fp32_gemm=True, half_fp32_gemm_mode=mode),
-                             only=["half-fp32-gemm"])
+        again = run_pipeline(
+            model,
+            _ctx(None, half_fp32_gemm=True, half_fp32_gemm_mode=mode),
+            only=["half-fp32-gemm"],
+        )
         assert again.passes[0].modified is False
         fp32_view_of_half_gemms(model)  # ORT then rounds each half GEMM's output as TensorRT does
         y = _ort(model, x)
@@ -169,7 +193,7 @@ def test_non_fp16_router_weight_lowered_per_mode(op, fp32_act):
     # round: the weight's and the output's fp16 rounding; split: the output's (<= 2^-11 of the
     # largest logit); compensated: fp32 accuracy (measured: 4.5e-7 vs the fp32 graph's 4.2e-7)
     assert 1e-4 < errors["round"] < 2e-3, errors
-    assert errors["split"] <= 2.0 ** -11 + 1e-6 and errors["split"] < errors["round"], errors
+    assert errors["split"] <= 2.0**-11 + 1e-6 and errors["split"] < errors["round"], errors
     assert errors["compensated"] < max(4 * fp32, 2e-6), (errors, fp32)
 
 
@@ -180,11 +204,17 @@ def test_fp16_exact_weight_needs_no_low_part():
     x = np.random.default_rng(2).standard_normal((N, D)).astype(np.float16)
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     # no W_lo GEMM; "compensated" still recovers the rounding of the fp16 output
-    for mode, gemms, tol in (("round", 1, 2.0 ** -11), ("split", 1, 2.0 ** -11),
-                             ("compensated", 2, 2e-6)):
+    for mode, gemms, tol in (
+        ("round", 1, 2.0**-11),
+        ("split", 1, 2.0**-11),
+        ("compensated", 2, 2e-6),
+    ):
         model = _router(w)
-        run_pipeline(model, _ctx(None, half_fp32_gemm=True, half_fp32_gemm_mode=mode),
-                     only=["half-fp32-gemm"])
+        run_pipeline(
+            model,
+            _ctx(None, half_fp32_gemm=True, half_fp32_gemm_mode=mode),
+            only=["half-fp32-gemm"],
+        )
         assert sum(n.op_type == "Gemm" for n in model.graph) == gemms, mode
         fp32_view_of_half_gemms(model)
         err = np.abs(_ort(model, x) - ref).max() / np.abs(ref).max()
@@ -197,11 +227,17 @@ def test_fp32_outer_product_becomes_mul():
     from onnx import TensorProto, helper
 
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["f", "p"], ["y"]),
-         helper.make_node("Cast", ["y"], ["y16"], to=TensorProto.FLOAT16)], "rope",
-        [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["batch", 8, 1]),
-         helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", 1, "seq"])],
-        [helper.make_tensor_value_info("y16", TensorProto.FLOAT16, ["batch", 8, "seq"])])
+        [
+            helper.make_node("MatMul", ["f", "p"], ["y"]),
+            helper.make_node("Cast", ["y"], ["y16"], to=TensorProto.FLOAT16),
+        ],
+        "rope",
+        [
+            helper.make_tensor_value_info("f", TensorProto.FLOAT, ["batch", 8, 1]),
+            helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", 1, "seq"]),
+        ],
+        [helper.make_tensor_value_info("y16", TensorProto.FLOAT16, ["batch", 8, "seq"])],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     m.ir_version = 10
     model = ir.from_proto(m)
@@ -213,8 +249,9 @@ def test_fp32_outer_product_becomes_mul():
     p = rng.standard_normal((2, 1, 5)).astype(np.float32) * 100
     import onnxruntime as ort
 
-    y = ort.InferenceSession(ir.to_proto(model).SerializeToString(),
-                             providers=["CPUExecutionProvider"]).run(None, {"f": f, "p": p})[0]
+    y = ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    ).run(None, {"f": f, "p": p})[0]
     np.testing.assert_array_equal(y, (f @ p).astype(np.float16))  # exact
 
 
@@ -229,8 +266,10 @@ def test_fp32_graph_and_fp32_targets_are_left_alone():
     model.graph.outputs.pop()
     rep = run_pipeline(model, _ctx("t4"), only=["half-fp32-gemm"])
     assert rep.passes[0].modified is False and "fp32 graph" in rep.passes[0].notes[0]
-    assert sum(n.op_type == "Gemm" and n.outputs[0].dtype == ir.DataType.FLOAT
-               for n in model.graph) == 1
+    assert (
+        sum(n.op_type == "Gemm" and n.outputs[0].dtype == ir.DataType.FLOAT for n in model.graph)
+        == 1
+    )
 
 
 @needs_rtx
@@ -239,8 +278,13 @@ def test_sm75_build_needs_the_pass(v3_fp16, tmp_path):
     from dsc.backends.tensorrt import BuildOptions, ShapeEnvelope, build_engine
 
     def build(path):
-        return build_engine(path, ShapeEnvelope(max_batch=1, max_input_len=16, max_kv=32),
-                            BuildOptions(target_sm=75), backend="rtx", io_spec=io_spec(v3_fp16))
+        return build_engine(
+            path,
+            ShapeEnvelope(max_batch=1, max_input_len=16, max_kv=32),
+            BuildOptions(target_sm=75),
+            backend="rtx",
+            io_spec=io_spec(v3_fp16),
+        )
 
     without = load(v3_fp16)
     run_pipeline(without, _ctx("t4"), disable=["half-fp32-gemm"])
@@ -261,9 +305,13 @@ def test_every_mode_builds_for_sm75(mode, tmp_path):
         model = _router(_weight(), fp32_act=fp32_act)
         run_pipeline(model, _ctx("t4", half_fp32_gemm_mode=mode), only=["half-fp32-gemm"])
         path = save(model, tmp_path / f"{mode}-{fp32_act}" / "model.onnx")
-        result = build_engine(path, ShapeEnvelope(max_batch=1, max_input_len=16, max_kv=16),
-                              BuildOptions(target_sm=75), backend="rtx",
-                              io_roles={"x": ("seq", D)})
+        result = build_engine(
+            path,
+            ShapeEnvelope(max_batch=1, max_input_len=16, max_kv=16),
+            BuildOptions(target_sm=75),
+            backend="rtx",
+            io_roles={"x": ("seq", D)},
+        )
         assert result.size_bytes > 0
 
 
@@ -277,8 +325,9 @@ def test_dsc_build_v3_for_t4(checkpoints, tmp_path, capsys):
     from tests.conftest import run_cli
 
     out = tmp_path / "art"
-    code, stdout, err = run_cli(["build", str(checkpoints["deepseek_v3"]), "-o", str(out),
-                                 "--profile", "t4"], capsys)
+    code, stdout, err = run_cli(
+        ["build", str(checkpoints["deepseek_v3"]), "-o", str(out), "--profile", "t4"], capsys
+    )
     assert code == 0, err
     m = json.loads((out / "manifest.json").read_text())
     eng = m["profiles"]["t4"]["engine"]

@@ -34,20 +34,30 @@ def test_rmsnorm_left_decomposed_without_target_support(prepared):
 def _fp16_rmsnorm_graph():
     """HF's fp16 RMSNorm: Cast to fp32, normalise, Cast back, times the fp16 weight."""
     n = helper.make_node
-    nodes = [n("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
-             n("Pow", ["xf", "two"], ["sq"]),
-             n("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
-             n("Add", ["ms", "eps"], ["mse"]), n("Sqrt", ["mse"], ["rms"]),
-             n("Reciprocal", ["rms"], ["inv"]), n("Mul", ["xf", "inv"], ["norm"]),
-             n("Cast", ["norm"], ["normh"], to=TensorProto.FLOAT16),
-             n("Mul", ["w", "normh"], ["y"])]
-    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
-             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
-             numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
-             numpy_helper.from_array(np.linspace(0.5, 1.5, 32).astype(np.float16), "w")]
+    nodes = [
+        n("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+        n("Pow", ["xf", "two"], ["sq"]),
+        n("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+        n("Add", ["ms", "eps"], ["mse"]),
+        n("Sqrt", ["mse"], ["rms"]),
+        n("Reciprocal", ["rms"], ["inv"]),
+        n("Mul", ["xf", "inv"], ["norm"]),
+        n("Cast", ["norm"], ["normh"], to=TensorProto.FLOAT16),
+        n("Mul", ["w", "normh"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+        numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+        numpy_helper.from_array(np.linspace(0.5, 1.5, 32).astype(np.float16), "w"),
+    ]
     graph = helper.make_graph(
-        nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 3, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 3, 32])], inits)
+        nodes,
+        "rms",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 3, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 3, 32])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     model.ir_version = 10
     return model
@@ -64,5 +74,6 @@ def test_rmsnorm_fp16_pattern_with_casts():
     assert [n.op_type for n in model.graph] == ["RMSNormalization"]
     assert model.graph.node(0).attributes["stash_type"].value == 1  # computed in fp32
     got = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(
-        None, {"x": x})[0]
+        None, {"x": x}
+    )[0]
     np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), atol=2e-3)

@@ -23,8 +23,9 @@ def test_rotary_fusion(exported, prepared, tmp_path, family):
 
 def test_v2_interleaved_form_for_targets_that_take_it(exported, prepared, tmp_path):
     ctx = PassContext(None, PassOptions(target_ops="opset23"))
-    model = check_pass(exported["deepseek_v2"], prepared["deepseek_v2"], tmp_path,
-                       ["fuse-rotary"], ctx)
+    model = check_pass(
+        exported["deepseek_v2"], prepared["deepseek_v2"], tmp_path, ["fuse-rotary"], ctx
+    )
     ropes = [n for n in model.graph if n.op_type == "RotaryEmbedding"]
     assert len(ropes) == 6 and all(n.attributes["interleaved"].value == 1 for n in ropes)
 

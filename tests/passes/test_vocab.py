@@ -91,8 +91,12 @@ def _substituted(model: ir.Model) -> ir.Model:
     for node in list(model.graph):
         if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None:
             val = dequantize_node(node).astype(node.inputs[1].const_value.numpy().dtype)
-            v = ir.Value(name=f"{node.outputs[0].name}_float", shape=ir.Shape(val.shape),
-                         type=ir.TensorType(ir.Tensor(val).dtype), const_value=ir.Tensor(val))
+            v = ir.Value(
+                name=f"{node.outputs[0].name}_float",
+                shape=ir.Shape(val.shape),
+                type=ir.TensorType(ir.Tensor(val).dtype),
+                const_value=ir.Tensor(val),
+            )
             model.graph.register_initializer(v)
             node.outputs[0].replace_all_uses_with(v)
             model.graph.remove(node, safe=True)
@@ -118,21 +122,38 @@ def test_quantized_weights_and_outputs(exported, family, precision, tmp_path):
     p = VocabQDQPass(lm_head=precision, embedding=precision)
     assert p(model).modified
     assert op_count(model, "DequantizeLinear") == dq_before + 2
-    gather = next(n for n in model.graph if n.op_type == "Gather"
-                  and n.inputs[0].producer() is not None
-                  and n.inputs[0].producer().op_type == "DequantizeLinear")
-    head = next(n for n in model.graph if n.op_type == "MatMul"
-                and n.inputs[1].producer() is not None
-                and n.inputs[1].producer().op_type == "DequantizeLinear")
+    gather = next(
+        n
+        for n in model.graph
+        if n.op_type == "Gather"
+        and n.inputs[0].producer() is not None
+        and n.inputs[0].producer().op_type == "DequantizeLinear"
+    )
+    head = next(
+        n
+        for n in model.graph
+        if n.op_type == "MatMul"
+        and n.inputs[1].producer() is not None
+        and n.inputs[1].producer().op_type == "DequantizeLinear"
+    )
     block = 128 if table.shape[1] % 128 == 0 else table.shape[1]
     # the stored weights dequantize to the textbook quantization of each row / output channel
-    np.testing.assert_allclose(dequantize_node(_dq_of(gather.inputs[0])),
-                               reference_dequant_rows(table, precision, block), rtol=0, atol=1e-7)
-    np.testing.assert_allclose(dequantize_node(_dq_of(head.inputs[1])),
-                               reference_dequant_rows(w.T, precision, block).T, rtol=0,
-                               atol=1e-7)
-    assert not any(n in model.graph.initializers for n in (p.report["lm_head"]["weight"],
-                                                           p.report["embedding"]["weight"]))
+    np.testing.assert_allclose(
+        dequantize_node(_dq_of(gather.inputs[0])),
+        reference_dequant_rows(table, precision, block),
+        rtol=0,
+        atol=1e-7,
+    )
+    np.testing.assert_allclose(
+        dequantize_node(_dq_of(head.inputs[1])),
+        reference_dequant_rows(w.T, precision, block).T,
+        rtol=0,
+        atol=1e-7,
+    )
+    assert not any(
+        n in model.graph.initializers
+        for n in (p.report["lm_head"]["weight"], p.report["embedding"]["weight"])
+    )
     rec = p.report["embedding"]
     assert rec["precision"] == precision and rec["tied"] is False
     assert rec["block_size"] == (block if precision == "int4" else None)
@@ -193,8 +214,9 @@ def test_tied_table_quantized_once(exported, precision, tmp_path):
     assert len(dqs) == 1
     readers = sorted(u.node.op_type for u in dqs[0].outputs[0].uses())
     assert readers == ["Gather", "Transpose"]
-    np.testing.assert_allclose(dequantize_node(dqs[0]),
-                               reference_dequant_rows(table, precision, 64), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(
+        dequantize_node(dqs[0]), reference_dequant_rows(table, precision, 64), rtol=0, atol=1e-7
+    )
     quant = save(model, tmp_path / "q" / "model.onnx")
     io = json.loads((tied / "model_io.json").read_text())
     assert prefill_rel_error(tied / "model.onnx", quant, io) <= FLOAT_RTOL[precision]
@@ -237,8 +259,9 @@ def fp16_qwen2(checkpoints, tmp_path_factory) -> Path:
 
 @pytest.mark.rtx
 @pytest.mark.skipif(not _rtx(), reason="tensorrt_rtx is not installed")
-@pytest.mark.parametrize("lm_head,embedding,sm", [("int4", "int8", 80), ("int8", "int4", 80),
-                                                 ("fp8", "fp8", 89)])
+@pytest.mark.parametrize(
+    "lm_head,embedding,sm", [("int4", "int8", 80), ("int8", "int4", 80), ("fp8", "fp8", 89)]
+)
 def test_engines_build(fp16_qwen2, lm_head, embedding, sm, tmp_path):
     """The quantized fp16 graph builds with TensorRT-RTX; fp8 is refused on SM80 (exit 4)."""
     from dsc.backends.tensorrt import BuildOptions, ShapeEnvelope, build_engine
@@ -253,5 +276,4 @@ def test_engines_build(fp16_qwen2, lm_head, embedding, sm, tmp_path):
     assert r.size_bytes > 0
     if sm == 89:
         with pytest.raises(Unsupported, match="fp8"):
-            build_engine(path, env, BuildOptions(target_sm=80), backend="tensorrt_rtx",
-                         io_spec=io)
+            build_engine(path, env, BuildOptions(target_sm=80), backend="tensorrt_rtx", io_spec=io)

@@ -60,10 +60,12 @@ def session_options(optimization: str = "basic", threads: int | None = None):
     import onnxruntime as ort
 
     check_level(optimization)
-    level = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+    level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = level
@@ -102,8 +104,12 @@ def float32_view(model):
     bf16, f32 = ir.DataType.BFLOAT16, ir.DataType.FLOAT
 
     def widen(tensor, name=None):
-        return ir.LazyTensor(lambda t=tensor: ir.tensor(t.numpy().astype(np.float32)),
-                             dtype=f32, shape=tensor.shape, name=name or tensor.name)
+        return ir.LazyTensor(
+            lambda t=tensor: ir.tensor(t.numpy().astype(np.float32)),
+            dtype=f32,
+            shape=tensor.shape,
+            name=name or tensor.name,
+        )
 
     view = model.clone()
     for g in (view.graph, *view.graph.subgraphs()):
@@ -111,13 +117,18 @@ def float32_view(model):
         for node in g:
             values.extend(node.outputs)
             for name, attr in list(node.attributes.items()):
-                if attr.type == ir.AttributeType.INT and name in ("to", "dtype") \
-                        and attr.value == bf16.value:
+                if (
+                    attr.type == ir.AttributeType.INT
+                    and name in ("to", "dtype")
+                    and attr.value == bf16.value
+                ):
                     node.attributes[name] = ir.Attr(name, ir.AttributeType.INT, f32.value)
                 elif attr.type == ir.AttributeType.TENSOR and attr.value.dtype == bf16:
-                    node.attributes[name] = ir.Attr(name, ir.AttributeType.TENSOR,
-                                                    ir.tensor(attr.value.numpy()
-                                                              .astype(np.float32)))
+                    node.attributes[name] = ir.Attr(
+                        name,
+                        ir.AttributeType.TENSOR,
+                        ir.tensor(attr.value.numpy().astype(np.float32)),
+                    )
         for v in values:
             if v.dtype == bf16:
                 # A new type object: a clone shares its types with the original, and
@@ -134,8 +145,9 @@ def _file_is_bf16(path: Path) -> bool:
     proto = onnx.load(str(path), load_external_data=False)
     bf16 = onnx.TensorProto.BFLOAT16
     g = proto.graph
-    return any(v.type.tensor_type.elem_type == bf16 for v in (*g.input, *g.output)) \
-        or any(t.data_type == bf16 for t in g.initializer)
+    return any(v.type.tensor_type.elem_type == bf16 for v in (*g.input, *g.output)) or any(
+        t.data_type == bf16 for t in g.initializer
+    )
 
 
 # ONNX Runtime reads a graph handed over as bytes through protobuf (2 GiB at most); above this
@@ -150,8 +162,11 @@ def external_base_dir(model) -> Path | None:
     resolve that from bytes)."""
     import onnx_ir as ir
 
-    dirs = {Path(v.const_value.base_dir).resolve() for v in model.graph.initializers.values()
-            if isinstance(v.const_value, ir.ExternalTensor)}
+    dirs = {
+        Path(v.const_value.base_dir).resolve()
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
     if len(dirs) > 1:
         raise ValueError(f"external tensors come from several directories: {sorted(dirs)}")
     return dirs.pop() if dirs else None
@@ -172,9 +187,11 @@ def spilled(model) -> Iterator[tuple[object, Path | None]]:
 
     if is_bf16(model):  # ONNX Runtime's CPU provider has no bf16 MatMul
         model = float32_view(model)
-    in_memory = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                    if v.const_value is not None
-                    and not isinstance(v.const_value, ir.ExternalTensor))
+    in_memory = sum(
+        v.const_value.nbytes
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+    )
     if in_memory <= _IN_MEMORY_LIMIT:
         yield model, external_base_dir(model)
         return
@@ -184,8 +201,14 @@ def spilled(model) -> Iterator[tuple[object, Path | None]]:
         yield ir.load(path), Path(tmp)
 
 
-def inference_session(graph, *, base_dir: Path | None = None, optimization: str = "basic",
-                      threads: int | None = None, providers: list[str] | None = None):
+def inference_session(
+    graph,
+    *,
+    base_dir: Path | None = None,
+    optimization: str = "basic",
+    threads: int | None = None,
+    providers: list[str] | None = None,
+):
     """An ONNX Runtime session over `graph`: a path, an onnx_ir model or an `onnx.ModelProto`.
 
     A bf16 graph runs as its `float32_view` (feed and read float32: `ort_dtype`). Any other
@@ -210,14 +233,18 @@ def inference_session(graph, *, base_dir: Path | None = None, optimization: str 
 
         with spilled(graph) as (model, base):
             # ONNX Runtime has read (or mapped) the weights once the session exists.
-            return inference_session(ir.to_proto(model), base_dir=base,
-                                     optimization=optimization, threads=threads,
-                                     providers=providers)
+            return inference_session(
+                ir.to_proto(model),
+                base_dir=base,
+                optimization=optimization,
+                threads=threads,
+                providers=providers,
+            )
     if base_dir is not None:
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                      str(base_dir))
-    return ort.InferenceSession(graph.SerializeToString(), sess_options=opts,
-                                providers=providers)
+        opts.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(base_dir)
+        )
+    return ort.InferenceSession(graph.SerializeToString(), sess_options=opts, providers=providers)
 
 
 @dataclass
@@ -229,8 +256,15 @@ class StepOutput:
 class OrtCausalLM:
     """A dsc ONNX graph in an ONNX Runtime session."""
 
-    def __init__(self, onnx_path, io_spec: dict, *, providers: list[str] | None = None,
-                 threads: int | None = None, optimization: str = "basic"):
+    def __init__(
+        self,
+        onnx_path,
+        io_spec: dict,
+        *,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        optimization: str = "basic",
+    ):
         """`onnx_path`: the graph's file, or an onnx_ir model (see `inference_session`)."""
         self.io = io_spec
         cache = io_spec["cache"]
@@ -244,8 +278,9 @@ class OrtCausalLM:
         check_level(optimization)  # outside the try: a bad level is a bug, not a bad graph
         try:
             graph = onnx_path if hasattr(onnx_path, "graph") else Path(onnx_path)
-            self.session = inference_session(graph, optimization=optimization,
-                                             threads=threads, providers=providers)
+            self.session = inference_session(
+                graph, optimization=optimization, threads=threads, providers=providers
+            )
         except Exception as e:  # ORT raises its own exception types for malformed graphs
             where = "the graph" if hasattr(onnx_path, "graph") else onnx_path
             raise BadInput(f"ONNX Runtime cannot load {where}: {str(e).splitlines()[0]}") from None
@@ -265,8 +300,13 @@ class OrtCausalLM:
                 past.append(np.zeros((batch, heads, 0, dim), dtype=self.cache_dtype))
         return past
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             past: list[np.ndarray]) -> StepOutput:
+    def step(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: list[np.ndarray],
+    ) -> StepOutput:
         feeds = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
             "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
@@ -276,9 +316,17 @@ class OrtCausalLM:
         logits, *present = self.session.run(self._outputs, feeds)
         return StepOutput(logits, present)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, greedy: bool = True,
-                 temperature: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
-                 pad_token_id: int = 0) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        *,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        seed: int = 0,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+    ) -> list[list[int]]:
         """Continue each prompt; returns only the new tokens (stopping at EOS per row)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise BadInput("generation needs at least one token per prompt")
@@ -288,8 +336,8 @@ class OrtCausalLM:
         ids = np.full((batch, width), pad_token_id, dtype=np.int64)
         mask = np.zeros((batch, width), dtype=np.int64)
         for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = p
-            mask[row, width - len(p):] = 1
+            ids[row, width - len(p) :] = p
+            mask[row, width - len(p) :] = 1
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         out = self.step(ids, mask, pos, self.empty_past(batch))
         next_pos = pos[:, -1:] + 1

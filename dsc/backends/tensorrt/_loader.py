@@ -42,11 +42,18 @@ class Flavour(str, enum.Enum):  # noqa: UP042  (str() of a member stays "Flavour
         if isinstance(value, Flavour):
             return value
         key = str(value).strip().lower().replace("-", "_")
-        aliases = {"tensorrt": cls.TENSORRT, "trt": cls.TENSORRT, "standard": cls.TENSORRT,
-                   "tensorrt_rtx": cls.RTX, "rtx": cls.RTX, "trt_rtx": cls.RTX}
+        aliases = {
+            "tensorrt": cls.TENSORRT,
+            "trt": cls.TENSORRT,
+            "standard": cls.TENSORRT,
+            "tensorrt_rtx": cls.RTX,
+            "rtx": cls.RTX,
+            "trt_rtx": cls.RTX,
+        }
         if key not in aliases:
-            raise Unsupported(f"unknown TensorRT backend {value!r} "
-                              f"(expected tensorrt or tensorrt_rtx)")
+            raise Unsupported(
+                f"unknown TensorRT backend {value!r} (expected tensorrt or tensorrt_rtx)"
+            )
         return aliases[key]
 
 
@@ -57,7 +64,7 @@ DEFAULT_ORDER = (Flavour.TENSORRT, Flavour.RTX)
 
 _INSTALL_HINT = {
     Flavour.TENSORRT: "standard TensorRT is not installed (it comes with JetPack on a Jetson, or "
-                      "from NVIDIA's package index on an x86 GPU machine)",
+    "from NVIDIA's package index on an x86 GPU machine)",
     Flavour.RTX: "TensorRT-RTX is not installed (pip install 'dsc[rtx]', i.e. tensorrt-rtx-cu13)",
 }
 
@@ -126,25 +133,38 @@ class TrtFlavourApi:
         member = getattr(self.trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
         return member is not None and bool(network.get_flag(member))
 
-    def check_options(self, *, dla_core: int | None, hardware_compatibility: str | None,
-                      version_compatible: bool, target_sm: int | None) -> None:
+    def check_options(
+        self,
+        *,
+        dla_core: int | None,
+        hardware_compatibility: str | None,
+        version_compatible: bool,
+        target_sm: int | None,
+    ) -> None:
         """Raise `Unsupported` for an option this flavour cannot honour (before any build)."""
         if not self.is_rtx:
             return
         if dla_core is not None:
-            raise Unsupported("DLA is a Jetson feature of standard TensorRT; TensorRT-RTX "
-                              "cannot build for it")
+            raise Unsupported(
+                "DLA is a Jetson feature of standard TensorRT; TensorRT-RTX cannot build for it"
+            )
         if hardware_compatibility not in (None, "none"):
-            raise Unsupported("hardware compatibility levels are a standard TensorRT option; "
-                              "TensorRT-RTX ignores them (choose a target SM instead)")
+            raise Unsupported(
+                "hardware compatibility levels are a standard TensorRT option; "
+                "TensorRT-RTX ignores them (choose a target SM instead)"
+            )
         if version_compatible:
-            raise Unsupported("version-compatible engines are a standard TensorRT option; "
-                              "TensorRT-RTX has no lean runtime to embed")
+            raise Unsupported(
+                "version-compatible engines are a standard TensorRT option; "
+                "TensorRT-RTX has no lean runtime to embed"
+            )
         if target_sm is not None and target_sm not in RTX_TARGET_SMS:
             names = ", ".join(f"SM{s}" for s in RTX_TARGET_SMS)
-            raise Unsupported(f"TensorRT-RTX cannot compile ahead of time for SM{target_sm} "
-                              f"(it targets {names}); build that engine on the device with "
-                              f"standard TensorRT")
+            raise Unsupported(
+                f"TensorRT-RTX cannot compile ahead of time for SM{target_sm} "
+                f"(it targets {names}); build that engine on the device with "
+                f"standard TensorRT"
+            )
 
     # -- target architecture -------------------------------------------------------------------
 
@@ -152,21 +172,26 @@ class TrtFlavourApi:
         """Point the build at `target_sm`; returns notes for the build log."""
         if target_sm is None:
             if self.is_rtx:
-                return ["no target SM: TensorRT-RTX builds its default portable engine "
-                        "(SM80, SM86, SM89, SM120; not Turing)"]
+                return [
+                    "no target SM: TensorRT-RTX builds its default portable engine "
+                    "(SM80, SM86, SM89, SM120; not Turing)"
+                ]
             return []
         if self.is_rtx:
             member = getattr(self.trt.ComputeCapability, f"SM{target_sm}", None)
             if member is None:
-                raise Unsupported(f"TensorRT-RTX {trt_version(self.trt)} has no "
-                                  f"SM{target_sm} target")
+                raise Unsupported(
+                    f"TensorRT-RTX {trt_version(self.trt)} has no SM{target_sm} target"
+                )
             config.num_compute_capabilities = 1
             if not config.set_compute_capability(member, 0):
                 raise Unsupported(f"TensorRT-RTX refused target SM{target_sm}")
             return []
         # Standard TensorRT has no compute-capability setting: it compiles for the GPU present.
-        return [f"standard TensorRT builds for the GPU it runs on; target SM{target_sm} is "
-                f"recorded, not enforced"]
+        return [
+            f"standard TensorRT builds for the GPU it runs on; target SM{target_sm} is "
+            f"recorded, not enforced"
+        ]
 
     # -- timing cache -------------------------------------------------------------------------
 
@@ -176,13 +201,18 @@ class TrtFlavourApi:
     # -- portability and DLA (standard TensorRT only) -----------------------------------------
 
     def set_hardware_compatibility(self, config, level: str) -> None:
-        names = {"none": "NONE", "ampere_plus": "AMPERE_PLUS",
-                 "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
+        names = {
+            "none": "NONE",
+            "ampere_plus": "AMPERE_PLUS",
+            "same_compute_capability": "SAME_COMPUTE_CAPABILITY",
+        }
         enum_ = getattr(self.trt, "HardwareCompatibilityLevel", None)
         member = getattr(enum_, names[level], None) if enum_ is not None else None
         if member is None:
-            raise Unsupported(f"TensorRT {trt_version(self.trt)} has no hardware compatibility "
-                              f"level {level} (SAME_COMPUTE_CAPABILITY needs 10.9+)")
+            raise Unsupported(
+                f"TensorRT {trt_version(self.trt)} has no hardware compatibility "
+                f"level {level} (SAME_COMPUTE_CAPABILITY needs 10.9+)"
+            )
         config.hardware_compatibility_level = member
 
     def set_version_compatible(self, config) -> None:

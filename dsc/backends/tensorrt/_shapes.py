@@ -39,14 +39,33 @@ ROLES = ("batch", "seq", "past", "total")
 IoRoles = dict[str, tuple]
 
 _SYMBOLS = {
-    "batch": "batch", "batch_size": "batch", "b": "batch",
-    "seq": "seq", "seq_len": "seq", "sequence": "seq", "sequence_length": "seq",
-    "seq_length": "seq", "q_len": "seq", "num_tokens": "seq", "new_tokens": "seq",
-    "past": "past", "past_len": "past", "past_seq": "past", "past_length": "past",
-    "past_sequence_length": "past", "past_seq_len": "past", "cache_len": "past",
-    "total": "total", "total_seq": "total", "total_len": "total", "total_length": "total",
-    "total_sequence_length": "total", "kv_len": "total", "past+seq": "total",
-    "seq+past": "total", "past_seq+seq": "total",
+    "batch": "batch",
+    "batch_size": "batch",
+    "b": "batch",
+    "seq": "seq",
+    "seq_len": "seq",
+    "sequence": "seq",
+    "sequence_length": "seq",
+    "seq_length": "seq",
+    "q_len": "seq",
+    "num_tokens": "seq",
+    "new_tokens": "seq",
+    "past": "past",
+    "past_len": "past",
+    "past_seq": "past",
+    "past_length": "past",
+    "past_sequence_length": "past",
+    "past_seq_len": "past",
+    "cache_len": "past",
+    "total": "total",
+    "total_seq": "total",
+    "total_len": "total",
+    "total_length": "total",
+    "total_sequence_length": "total",
+    "kv_len": "total",
+    "past+seq": "total",
+    "seq+past": "total",
+    "past_seq+seq": "total",
 }
 
 _CACHE_INPUT = re.compile(r"^(past_key_values|past|cache)[._]\d+[._]")
@@ -70,8 +89,10 @@ class ShapeEnvelope:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise BadInput(f"shape envelope {name} must be a positive integer, got {value!r}")
         if self.max_input_len > self.max_kv:
-            raise BadInput(f"shape envelope max_input_len ({self.max_input_len}) exceeds "
-                           f"max_kv ({self.max_kv}): the prompt must fit the KV cache")
+            raise BadInput(
+                f"shape envelope max_input_len ({self.max_input_len}) exceeds "
+                f"max_kv ({self.max_kv}): the prompt must fit the KV cache"
+            )
 
     @property
     def max_prefill_batch(self) -> int:
@@ -86,13 +107,16 @@ class ShapeEnvelope:
         b = (1, max(1, self.max_batch // 2), self.max_batch)
         bp = self.max_prefill_batch
         prefill = ProfileRanges(
-            "prefill", batch=(1, max(1, bp // 2), bp),
+            "prefill",
+            batch=(1, max(1, bp // 2), bp),
             seq=(1, max(1, self.max_input_len // 2), self.max_input_len),
             past=(0, 0, self.max_kv - self.max_input_len),
         )
         decode_past_max = max(1, self.max_kv - 1)
         decode = ProfileRanges(
-            "decode", batch=b, seq=(1, 1, 1),
+            "decode",
+            batch=b,
+            seq=(1, 1, 1),
             past=(1, max(1, min(self.max_kv // 2, decode_past_max)), decode_past_max),
         )
         return [prefill, decode]
@@ -119,9 +143,13 @@ class ProfileShapes:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
     def to_json(self) -> dict:
-        return {"name": self.name,
-                "shapes": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])}
-                           for k, v in self.shapes.items()}}
+        return {
+            "name": self.name,
+            "shapes": {
+                k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])}
+                for k, v in self.shapes.items()
+            },
+        }
 
 
 def _symbol_role(symbol: str) -> str | None:
@@ -158,9 +186,11 @@ def roles_for_input(name: str, dims: Iterable) -> tuple:
         if role is None and by_name is not None:
             role = by_name[axis]
         if role is None:
-            raise BadInput(f"cannot tell what axis {axis} ({dim or '?'}) of graph input {name!r} "
-                           f"is: name it batch, seq, past or total_seq, or describe the input in "
-                           f"the io spec")
+            raise BadInput(
+                f"cannot tell what axis {axis} ({dim or '?'}) of graph input {name!r} "
+                f"is: name it batch, seq, past or total_seq, or describe the input in "
+                f"the io spec"
+            )
         roles.append(role)
     return tuple(roles)
 
@@ -203,15 +233,21 @@ def infer_io_roles(onnx_path: str | Path) -> IoRoles:
     for value in model.graph.input:
         if value.name in initializers:  # IR < 4 lists weights as inputs too
             continue
-        dims = [d.dim_param if d.HasField("dim_param") else
-                (d.dim_value if d.HasField("dim_value") else None)
-                for d in value.type.tensor_type.shape.dim]
+        dims = [
+            d.dim_param
+            if d.HasField("dim_param")
+            else (d.dim_value if d.HasField("dim_value") else None)
+            for d in value.type.tensor_type.shape.dim
+        ]
         roles[value.name] = roles_for_input(value.name, dims)
     return roles
 
 
-def profile_shapes(roles: Mapping[str, tuple], envelope: ShapeEnvelope,
-                   network_shapes: Mapping[str, tuple] | None = None) -> list[ProfileShapes]:
+def profile_shapes(
+    roles: Mapping[str, tuple],
+    envelope: ShapeEnvelope,
+    network_shapes: Mapping[str, tuple] | None = None,
+) -> list[ProfileShapes]:
     """min/opt/max per input for each profile of the envelope.
 
     `network_shapes` (the parsed network's input shapes, -1 = dynamic) wins over the roles: an
@@ -225,8 +261,10 @@ def profile_shapes(roles: Mapping[str, tuple], envelope: ShapeEnvelope,
             if network_shapes and name in network_shapes:
                 fixed = tuple(network_shapes[name])
             if fixed is not None and len(fixed) != len(axes):
-                raise BadInput(f"graph input {name!r} has rank {len(fixed)} but the io spec "
-                               f"describes {len(axes)} axes")
+                raise BadInput(
+                    f"graph input {name!r} has rank {len(fixed)} but the io spec "
+                    f"describes {len(axes)} axes"
+                )
             lo, opt, hi = [], [], []
             for axis, role in enumerate(axes):
                 if fixed is not None and fixed[axis] >= 0:

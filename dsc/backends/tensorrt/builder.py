@@ -45,8 +45,11 @@ from dsc.errors import BackendError, BadInput, Unsupported
 logger = logging.getLogger(__name__)
 
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
-_TRTEXEC_HWC = {"none": "none", "ampere_plus": "ampere+",
-                "same_compute_capability": "sameComputeCapability"}
+_TRTEXEC_HWC = {
+    "none": "none",
+    "ampere_plus": "ampere+",
+    "same_compute_capability": "sameComputeCapability",
+}
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,16 @@ class BuildOptions:
         if self.hardware_compatibility is not None:
             level = self.hardware_compatibility.lower().replace("+", "_plus").replace("-", "_")
             if level not in HARDWARE_COMPATIBILITY:
-                raise BadInput(f"unknown hardware compatibility level "
-                               f"{self.hardware_compatibility!r} "
-                               f"(expected one of {', '.join(HARDWARE_COMPATIBILITY)})")
+                raise BadInput(
+                    f"unknown hardware compatibility level "
+                    f"{self.hardware_compatibility!r} "
+                    f"(expected one of {', '.join(HARDWARE_COMPATIBILITY)})"
+                )
             object.__setattr__(self, "hardware_compatibility", level)
         if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
-            raise BadInput(f"builder optimization level must be 0..5, "
-                           f"got {self.optimization_level}")
+            raise BadInput(
+                f"builder optimization level must be 0..5, got {self.optimization_level}"
+            )
         if self.workspace_mib is not None and self.workspace_mib < 1:
             raise BadInput(f"workspace must be at least 1 MiB, got {self.workspace_mib}")
         if self.timing_cache is not None:
@@ -136,8 +142,13 @@ def _make_logger(trt: ModuleType, verbose: bool):
     sev = trt.ILogger.Severity
     # A failure reaches the user once, as the exception built from these records; forwarded
     # at ERROR level it would also print TensorRT's raw text above dsc's one-line message.
-    to_python = {sev.INTERNAL_ERROR: logging.INFO, sev.ERROR: logging.INFO,
-                 sev.WARNING: logging.INFO, sev.INFO: logging.DEBUG, sev.VERBOSE: 5}
+    to_python = {
+        sev.INTERNAL_ERROR: logging.INFO,
+        sev.ERROR: logging.INFO,
+        sev.WARNING: logging.INFO,
+        sev.INFO: logging.DEBUG,
+        sev.VERBOSE: 5,
+    }
 
     class CaptureLogger(trt.ILogger):
         def __init__(self):
@@ -194,8 +205,11 @@ def _condense(message: str) -> str:
 
 
 def condense_errors(records: list[LogRecord], last: int = 2) -> str:
-    errors = [_condense(r.message) for r in records
-              if r.severity in ("ERROR", "INTERNAL_ERROR") and not _NOISE.search(r.message)]
+    errors = [
+        _condense(r.message)
+        for r in records
+        if r.severity in ("ERROR", "INTERNAL_ERROR") and not _NOISE.search(r.message)
+    ]
     picked: list[str] = []
     for text in reversed(errors):
         if text and text not in picked:
@@ -207,12 +221,19 @@ def condense_errors(records: list[LogRecord], last: int = 2) -> str:
 
 
 # Why a target cannot run the graph, in TensorRT-RTX's words, and what would.
-_NEEDS = {"fp8": "SM89 or newer", "fp8_e4m3": "SM89 or newer", "fp4": "SM120",
-          "int4": "SM80 or newer", "b16": "SM80 or newer (bf16)", "bf16": "SM80 or newer"}
+_NEEDS = {
+    "fp8": "SM89 or newer",
+    "fp8_e4m3": "SM89 or newer",
+    "fp4": "SM120",
+    "int4": "SM80 or newer",
+    "b16": "SM80 or newer (bf16)",
+    "bf16": "SM80 or newer",
+}
 _UNSUPPORTED_OP = re.compile(r"Cannot compile operation '([^']+)' for ([^:]+): (.+?)\.?$")
 _UNSUPPORTED_TYPE = re.compile(
     r"Cannot compile for target\(s\) ([\w, ]+), because the model contains HW-specific "
-    r"datatypes: ([\w, ]+)")
+    r"datatypes: ([\w, ]+)"
+)
 
 
 _OUT_OF_MEMORY = re.compile(r"OutOfMemory \(Requested size was (\d+) bytes")
@@ -227,15 +248,15 @@ class WorkspaceTooSmall(BackendError):
     `requested_bytes` is what it asked for, `workspace_bytes` the pool limit (None: unlimited).
     """
 
-    def __init__(self, message: str, requested_bytes: int = 0,
-                 workspace_bytes: int | None = None):
+    def __init__(self, message: str, requested_bytes: int = 0, workspace_bytes: int | None = None):
         super().__init__(message)
         self.requested_bytes = requested_bytes
         self.workspace_bytes = workspace_bytes
 
 
-def _classify_build_failure(records: list[LogRecord], what: str,
-                            workspace_bytes: int | None = None) -> Exception:
+def _classify_build_failure(
+    records: list[LogRecord], what: str, workspace_bytes: int | None = None
+) -> Exception:
     summary = condense_errors(records)
     for r in reversed(records):
         if r.severity not in ("ERROR", "INTERNAL_ERROR"):
@@ -246,27 +267,37 @@ def _classify_build_failure(records: list[LogRecord], what: str,
             # The builder sizes buffers for the profiles' largest shapes: the prefill profile's
             # batch x prompt (attention scores grow with prompt^2) is what to shrink.
             asked = int(m.group(1))
-            pool = (f" (workspace pool {workspace_bytes / 2**30:.2f} GiB)"
-                    if workspace_bytes else "")
-            raise_to = (f", or raise builder.workspace_gb (--set builder.workspace_gb="
-                        f"{math.ceil(asked / 2**30)})" if workspace_bytes else "")
+            pool = f" (workspace pool {workspace_bytes / 2**30:.2f} GiB)" if workspace_bytes else ""
+            raise_to = (
+                f", or raise builder.workspace_gb (--set builder.workspace_gb="
+                f"{math.ceil(asked / 2**30)})"
+                if workspace_bytes
+                else ""
+            )
             return WorkspaceTooSmall(
                 f"{what} failed: the builder could not allocate {asked / 2**30:.2f} GiB{pool} "
                 f"for the optimization profiles' largest shapes; lower --max-num-tokens, "
-                f"--max-input-len or --max-batch{raise_to}", asked, workspace_bytes)
+                f"--max-input-len or --max-batch{raise_to}",
+                asked,
+                workspace_bytes,
+            )
         m = _UNSUPPORTED_TYPE.search(text)
         if m:
             types = [t.strip() for t in m.group(2).split(",")]
             needs = "; ".join(f"{t} needs {_NEEDS[t]}" for t in types if t in _NEEDS)
             needs = f" ({needs})" if needs else ""
-            return Unsupported(f"{what}: the graph uses {', '.join(types)}, which "
-                               f"{m.group(1).upper()} cannot run{needs}")
+            return Unsupported(
+                f"{what}: the graph uses {', '.join(types)}, which "
+                f"{m.group(1).upper()} cannot run{needs}"
+            )
         m = _UNSUPPORTED_OP.search(text)
         if m:
-            hint = (" (export the graph in fp16, or target SM80+)"
-                    if "FP32 GEMM" in m.group(3) else "")
-            return Unsupported(f"{what}: node {m.group(1)!r} cannot run on {m.group(2)}: "
-                               f"{m.group(3)}{hint}")
+            hint = (
+                " (export the graph in fp16, or target SM80+)" if "FP32 GEMM" in m.group(3) else ""
+            )
+            return Unsupported(
+                f"{what}: node {m.group(1)!r} cannot run on {m.group(2)}: {m.group(3)}{hint}"
+            )
     return BackendError(f"{what} failed: {summary}")
 
 
@@ -274,8 +305,7 @@ def _parser_failure(parser, onnx_path: Path, label: str, records: list[LogRecord
     """One line naming the first failing node, its operator and TensorRT's reason."""
     n = int(parser.num_errors)
     if n == 0:
-        return BackendError(f"{label} could not parse {onnx_path.name}: "
-                            f"{condense_errors(records)}")
+        return BackendError(f"{label} could not parse {onnx_path.name}: {condense_errors(records)}")
     err = parser.get_error(0)
 
     def call(name, default=None):
@@ -308,8 +338,10 @@ def _parser_failure(parser, onnx_path: Path, label: str, records: list[LogRecord
 
 # -- the build --------------------------------------------------------------------------------
 
-_MEMORY = re.compile(r"Total (Host Persistent|Device Persistent|Scratch|Activation|Weights) "
-                     r"Memory: (\d+) bytes|Max Scratch Memory: (\d+) bytes")
+_MEMORY = re.compile(
+    r"Total (Host Persistent|Device Persistent|Scratch|Activation|Weights) "
+    r"Memory: (\d+) bytes|Max Scratch Memory: (\d+) bytes"
+)
 
 
 def _memory_report(records: list[LogRecord]) -> dict[str, int]:
@@ -322,8 +354,9 @@ def _memory_report(records: list[LogRecord]) -> dict[str, int]:
     return out
 
 
-def resolve_io_roles(onnx_path: Path, io_roles: Mapping | None = None,
-                     io_spec: Mapping | None = None) -> dict[str, tuple]:
+def resolve_io_roles(
+    onnx_path: Path, io_roles: Mapping | None = None, io_spec: Mapping | None = None
+) -> dict[str, tuple]:
     """The axis roles to shape profiles by: explicit roles, else the io spec, else the graph."""
     if io_roles is not None:
         return {str(k): tuple(v) for k, v in io_roles.items()}
@@ -376,10 +409,12 @@ def build_engine(
         target = "this GPU"
 
     # Refuse options this flavour cannot honour before any expensive work.
-    api.check_options(dla_core=options.dla_core,
-                      hardware_compatibility=options.hardware_compatibility,
-                      version_compatible=options.version_compatible,
-                      target_sm=options.target_sm)
+    api.check_options(
+        dla_core=options.dla_core,
+        hardware_compatibility=options.hardware_compatibility,
+        version_compatible=options.version_compatible,
+        target_sm=options.target_sm,
+    )
 
     log = _make_logger(trt, options.verbose)
     start = time.perf_counter()
@@ -426,17 +461,23 @@ def build_engine(
             try:
                 profile.set_shape(name, lo, opt, hi)
             except (ValueError, TypeError) as e:
-                raise BackendError(f"{label} rejected the {spec.name} profile of {name!r} "
-                                   f"(min {lo}, opt {opt}, max {hi}): {e}") from None
+                raise BackendError(
+                    f"{label} rejected the {spec.name} profile of {name!r} "
+                    f"(min {lo}, opt {opt}, max {hi}): {e}"
+                ) from None
         if config.add_optimization_profile(profile) < 0:
-            raise BackendError(f"{label} rejected the {spec.name} optimization profile: "
-                               f"{condense_errors(log.records)}")
+            raise BackendError(
+                f"{label} rejected the {spec.name} optimization profile: "
+                f"{condense_errors(log.records)}"
+            )
 
     cache = None
     cache_path = options.timing_cache
     if cache_path is not None and not api.supports_timing_cache():
-        notes.append(f"timing cache {cache_path} not used: {flavour.label} timing cache "
-                     f"operations are no-ops (deprecated in TensorRT-RTX 1.2)")
+        notes.append(
+            f"timing cache {cache_path} not used: {flavour.label} timing cache "
+            f"operations are no-ops (deprecated in TensorRT-RTX 1.2)"
+        )
         cache_path = None
     if cache_path is not None:
         data = cache_path.read_bytes() if cache_path.is_file() else b""
@@ -444,8 +485,9 @@ def build_engine(
             warnings.simplefilter("ignore", DeprecationWarning)
             cache = config.create_timing_cache(data)
         if not config.set_timing_cache(cache, False):
-            notes.append(f"timing cache {cache_path} does not match this TensorRT/GPU; "
-                         f"starting a new one")
+            notes.append(
+                f"timing cache {cache_path} does not match this TensorRT/GPU; starting a new one"
+            )
             cache = config.create_timing_cache(b"")
             config.set_timing_cache(cache, False)
     for note in notes:
@@ -453,8 +495,14 @@ def build_engine(
         log.records.append(LogRecord("INFO", note))
 
     num_layers = int(network.num_layers)
-    logger.info("building %s engine from %s for %s (%d layers, %d profiles)", label,
-                onnx_path.name, target, num_layers, len(profiles))
+    logger.info(
+        "building %s engine from %s for %s (%d layers, %d profiles)",
+        label,
+        onnx_path.name,
+        target,
+        num_layers,
+        len(profiles),
+    )
     monitor = _cancel_monitor(trt)
     if monitor is not None:
         config.progress_monitor = monitor  # a signal cancels the build at its next step
@@ -464,8 +512,10 @@ def build_engine(
     if serialized is None:
         what = f"{label} build of {onnx_path.name} for {target}"
         raise _classify_build_failure(
-            log.records, what,
-            options.workspace_mib << 20 if options.workspace_mib is not None else None)
+            log.records,
+            what,
+            options.workspace_mib << 20 if options.workspace_mib is not None else None,
+        )
 
     size = int(serialized.nbytes)
     if cache is not None and cache_path is not None:
@@ -480,12 +530,20 @@ def build_engine(
     del serialized
     logger.info("built %s engine: %.1f MiB in %.1f s", label, size / 2**20, seconds)
     return EngineBuildResult(
-        engine=engine_bytes, engine_path=out_path, size_bytes=size, build_seconds=seconds,
-        flavour=flavour, trt_version=version, target_sm=options.target_sm,
-        num_layers=num_layers, profiles=profiles, strongly_typed=strongly_typed,
+        engine=engine_bytes,
+        engine_path=out_path,
+        size_bytes=size,
+        build_seconds=seconds,
+        flavour=flavour,
+        trt_version=version,
+        target_sm=options.target_sm,
+        num_layers=num_layers,
+        profiles=profiles,
+        strongly_typed=strongly_typed,
         memory_bytes=_memory_report(log.records),
         timing_cache_path=cache_path if cache is not None else None,
-        options=options, log=list(log.records),
+        options=options,
+        log=list(log.records),
     )
 
 
@@ -521,16 +579,22 @@ def trtexec_command(
     """
     options = options or BuildOptions()
     if options.target_sm is not None:
-        logger.debug("trtexec builds for the GPU it runs on; target SM%s is not an option",
-                     options.target_sm)
+        logger.debug(
+            "trtexec builds for the GPU it runs on; target SM%s is not an option", options.target_sm
+        )
     roles = resolve_io_roles(Path(onnx_path), io_roles, io_spec)
     profiles = profile_shapes(roles, envelope, network_shapes)
     argv = [trtexec, f"--onnx={onnx_path}", f"--saveEngine={engine_path}", "--stronglyTyped"]
     for index, spec in enumerate(profiles):
-        dynamic = {n: s for n, s in spec.shapes.items()
-                   if any(isinstance(r, str) for r in roles[n])}
-        argv += [f"--profile={index}", f"--minShapes={_shape_spec(dynamic, 0)}",
-                 f"--optShapes={_shape_spec(dynamic, 1)}", f"--maxShapes={_shape_spec(dynamic, 2)}"]
+        dynamic = {
+            n: s for n, s in spec.shapes.items() if any(isinstance(r, str) for r in roles[n])
+        }
+        argv += [
+            f"--profile={index}",
+            f"--minShapes={_shape_spec(dynamic, 0)}",
+            f"--optShapes={_shape_spec(dynamic, 1)}",
+            f"--maxShapes={_shape_spec(dynamic, 2)}",
+        ]
     if options.workspace_mib is not None:
         argv.append(f"--memPoolSize=workspace:{options.workspace_mib}M")
     if options.optimization_level is not None:
@@ -572,8 +636,9 @@ class EngineInspection:
     log: list[LogRecord] = field(default_factory=list)
 
 
-def inspect_engine(engine: bytes, trt: ModuleType | None = None,
-                   flavour: Flavour | str | None = None) -> EngineInspection:
+def inspect_engine(
+    engine: bytes, trt: ModuleType | None = None, flavour: Flavour | str | None = None
+) -> EngineInspection:
     """What the runtime can tell about a serialized engine; never raises for a missing GPU.
 
     Deserializing needs a CUDA device and driver (both flavours); without one, `deserialized` is
@@ -593,8 +658,9 @@ def inspect_engine(engine: bytes, trt: ModuleType | None = None,
             out.validity = getattr(validity, "name", str(validity))
             flags = getattr(trt, "EngineInvalidityDiagnostics", None)
             if flags is not None:
-                out.diagnostics = [name for name, member in flags.__members__.items()
-                                   if int(diag) & int(member)]
+                out.diagnostics = [
+                    name for name, member in flags.__members__.items() if int(diag) & int(member)
+                ]
         except Exception as e:
             out.diagnostics = [f"{type(e).__name__}: {e}"]
     try:
@@ -617,7 +683,8 @@ def inspect_engine(engine: bytes, trt: ModuleType | None = None,
         }
     inputs = [n for n in names if out.io_tensors[n]["mode"] == "INPUT"]
     for p in range(cuda_engine.num_optimization_profiles):
-        out.profiles.append({n: tuple(tuple(s) for s in cuda_engine.get_tensor_profile_shape(n, p))
-                             for n in inputs})
+        out.profiles.append(
+            {n: tuple(tuple(s) for s in cuda_engine.get_tensor_profile_shape(n, p)) for n in inputs}
+        )
     out.log = list(log.records)
     return out
