@@ -132,6 +132,9 @@ def _register_optional_groups() -> None:
     from dsc import _cli_passes
 
     _cli_passes.register(cli)
+    from dsc.matrix import command as _matrix_command
+
+    _matrix_command.register(cli)
 
 
 _register_optional_groups()
