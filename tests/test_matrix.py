@@ -63,7 +63,9 @@ def test_plan_command_lines_are_what_dsc_build_parses(tmp_path, capsys):
     from dsc.cli import cli
 
     m = _write(tmp_path, GOOD)
-    code, stdout, _ = run_cli(["matrix", str(m), "-o", str(tmp_path / "o"), "--plan", "--json"], capsys)
+    code, stdout, _ = run_cli(
+        ["matrix", str(m), "-o", str(tmp_path / "o"), "--plan", "--json"], capsys
+    )
     for c in json.loads(stdout)["cells"]:
         ctx = cli.make_context("dsc", c["argv"][1:], resilient_parsing=True)
         sub = cli.get_command(ctx, "build")
@@ -84,14 +86,21 @@ def test_cell_with_no_legal_profile_is_skipped_not_failed(tmp_path, capsys):
     "text, message",
     [
         ("models: [x\n", "not valid YAML"),
-        (f"models: [{QWEN}]\nprecisions: [int8]\nprofiles: [t4]\nmodel: x\n", "unknown key 'model'"),
+        (
+            f"models: [{QWEN}]\nprecisions: [int8]\nprofiles: [t4]\nmodel: x\n",
+            "unknown key 'model'",
+        ),
         ("models: [/nonexistent/ckpt]\nprecisions: [int8]\nprofiles: [t4]\n", "not found"),
         (f"models: [{QWEN}]\nprecisions: [int3]\nprofiles: [t4]\n", "unknown precision 'int3'"),
         (f"models: [{QWEN}]\nprecisions: [int8]\nprofiles: [t9000]\n", "unknown profile 't9000'"),
-        (f"models: [{QWEN}]\nprecisions: [int8]\nprofiles: [t4]\noptions: {{max_bach: 1}}\n",
-         "unknown key 'max_bach'"),
-        (f"models: [{QWEN}]\nprecisions: [int8]\nprofiles: [t4]\noptions: {{quantize: fp8}}\n",
-         "set per cell by the matrix"),
+        (
+            f"models: [{QWEN}]\nprecisions: [int8]\nprofiles: [t4]\noptions: {{max_bach: 1}}\n",
+            "unknown key 'max_bach'",
+        ),
+        (
+            f"models: [{QWEN}]\nprecisions: [int8]\nprofiles: [t4]\noptions: {{quantize: fp8}}\n",
+            "set per cell by the matrix",
+        ),
         (f"models: [{QWEN}]\nprofiles: [t4]\n", "'precisions' must list"),
     ],
 )
@@ -108,5 +117,7 @@ def test_ray_executor_without_address_is_a_usage_error(tmp_path, capsys, monkeyp
     pytest.importorskip("ray")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     m = _write(tmp_path, GOOD)
-    code, _, err = run_cli(["matrix", str(m), "-o", str(tmp_path / "o"), "--executor", "ray"], capsys)
+    code, _, err = run_cli(
+        ["matrix", str(m), "-o", str(tmp_path / "o"), "--executor", "ray"], capsys
+    )
     assert code == 2 and "RAY_ADDRESS" in err

@@ -125,7 +125,9 @@ def run_matrix(matrix: Matrix, out: Path, executor, *, quiet: bool = False) -> d
             add(Task(tid, "compile", payload, memory_bytes("compile", w), [prev], resources), key)
             compiles.append(tid)
         payload = dict(base, output=str(c.output), cell=key)
-        add(Task(("assemble", key), "assemble", payload, memory_bytes("assemble", w), compiles), key)
+        add(
+            Task(("assemble", key), "assemble", payload, memory_bytes("assemble", w), compiles), key
+        )
 
     running: dict = {}  # handle -> task
     finished: set[tuple] = set()
@@ -209,7 +211,9 @@ def format_summary(doc: dict) -> str:
             for p, e in c["profiles"].items()
         )
         skipped = "; ".join(f"{p} skipped: {why}" for p, why in c["skipped_profiles"].items())
-        what = c["error"] if c["status"] == "failed" else "; ".join(x for x in (engines, skipped) if x)
+        what = (
+            c["error"] if c["status"] == "failed" else "; ".join(x for x in (engines, skipped) if x)
+        )
         rows.append(
             (
                 f"{c['model']}/{c['precision']}",

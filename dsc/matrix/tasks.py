@@ -93,9 +93,7 @@ def cell_plan(checkpoint: str, values: dict) -> dict:
     tools = tool_versions()
     ctx = pass_context(targets) if config.optimize else None
     graph = graph_inputs(GRAPH_STAGES, config, info, ctx, tools)
-    keys = {
-        s.name: s.input_hash(graph[s.name]) for s in GRAPH_STAGES if graph[s.name] is not None
-    }
+    keys = {s.name: s.input_hash(graph[s.name]) for s in GRAPH_STAGES if graph[s.name] is not None}
     weights = sum(p.stat().st_size for p in info.weight_files)
     return {
         "config": config,
@@ -148,6 +146,11 @@ def _workdir(store: Path, stage: str, key: str) -> Path:
     return w
 
 
+def files(root: Path) -> set[str]:
+    """Relative paths of the files under `root` (as `dsc.stages.graph` tracks what each wrote)."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
 def _copy_tree(src: Path, dst: Path) -> None:
     """Copy a stage's directory (a copy, not links: the next graph stage rewrites files)."""
     for p in sorted(src.rglob("*")):
@@ -172,7 +175,6 @@ class _Quiet:
 def _graph(kind: str, payload: dict) -> dict:
     from dsc.artifacts import IO_SPEC
     from dsc.build import EXPORT, GRAPH_STAGES, OPTIMIZE
-    from dsc.stages._base import files
 
     store = Path(payload["store"])
     plan = cell_plan(payload["checkpoint"], payload["config"])
@@ -257,7 +259,7 @@ def compile_key(plan: dict, profile: str) -> tuple[Any, dict, dict, str, Path]:
 
 def _compile(payload: dict) -> dict:
     from dsc.build import COMPILE
-    from dsc.stages._base import link
+    from dsc.stages import link
 
     store = Path(payload["store"])
     plan = cell_plan(payload["checkpoint"], payload["config"])
@@ -268,9 +270,7 @@ def _compile(payload: dict) -> dict:
     work = _workdir(store, "compile", key)
     art = work / "artifact"
     link(last, art, [p.relative_to(last).as_posix() for p in last.rglob("*") if p.is_file()])
-    records, entries = COMPILE.run(
-        [target], art, io, graph, plan["tools"], _Quiet(), None, {}, {}
-    )
+    records, entries = COMPILE.run([target], art, io, graph, plan["tools"], _Quiet(), None, {}, {})
     marker = os.environ.get(KILL_ONCE)
     if marker and not os.path.exists(marker):
         # Test hook: die like an OOM-killed worker, after the engine is written and before
@@ -294,7 +294,7 @@ def _assemble(payload: dict) -> dict:
     from dsc.artifacts import MANIFEST, is_artifact
     from dsc.build import build
     from dsc.manifest import source_record
-    from dsc.stages._base import link
+    from dsc.stages import link
 
     store = Path(payload["store"])
     output = Path(payload["output"])
