@@ -196,18 +196,29 @@ def test_ray_rerun_does_no_work(ray_run):
     assert all(c["status"] == "ok" for c in doc["cells"])
 
 
-def test_local_executor_and_dsc_build_write_the_same_artifacts(ray_run, models, tmp_path, capsys):
+def test_local_executor_and_dsc_build_write_the_same_artifacts(
+    ray_run, models, tmp_path, capsys, monkeypatch
+):
     """The local executor (one model: its cells are the same cells) and a separate `dsc build`
-    write the same outputs as the Ray run (manifest output hashes; reports name their path)."""
+    write the same outputs as the Ray run; the local executor also retries a killed worker."""
+    from dsc.matrix.tasks import KILL_ONCE
+
     _, ray_out, _, r, _ = ray_run
     assert r.returncode == 0
     one = {"qwen2": models["qwen2"]}
     local_out = tmp_path / "local"
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv(KILL_ONCE, str(marker))  # the spawned workers inherit it
     code, stdout, err = run_cli(
         ["matrix", str(_matrix(tmp_path, one)), "-o", str(local_out), "--json"], capsys
     )
     assert code == 0, err
-    assert json.loads(stdout)["stages"]["ran"]["export"] == 1
+    assert marker.is_file()
+    monkeypatch.delenv(KILL_ONCE)
+    doc = json.loads(stdout)
+    assert doc["stages"]["ran"]["export"] == 1 and doc["failed"] == 0
+    for c in doc["cells"]:
+        assert verify_artifact(Path(c["output"])).ok
     for prec in ("fp16", "int8"):
         assert _outputs(local_out / "qwen2" / prec) == _outputs(ray_out / "qwen2" / prec), prec
     plan = json.loads(
