@@ -40,8 +40,7 @@ def run_task(kind: str, payload: dict) -> dict:
     """Entry point of every worker: dispatch, and turn a user-facing error into a result."""
     t0 = time.perf_counter()
     try:
-        out = {"export": _graph, "optimize": _graph, "quantize": _graph}.get(kind)
-        if out is not None:
+        if kind in ("export", "optimize", "quantize"):
             result = _graph(kind, payload)
         elif kind == "compile":
             result = _compile(payload)
