@@ -75,8 +75,12 @@ def build(
     *,
     quiet: bool = False,
     echo=None,
+    seed: Path | None = None,
 ) -> BuildOutcome:
-    """Checkpoint → artifact with one engine (or preflight + device command) per profile."""
+    """Checkpoint → artifact with one engine (or preflight + device command) per profile.
+
+    `seed`: where there is no artifact at OUT, a directory of stage records and outputs to reuse
+    as if it were the previous artifact (`dsc matrix` runs the stages in workers)."""
     from dsc.models.checkpoint import inspect_checkpoint
     from dsc.pipeline.targets import resolve_targets
     from dsc.quantize import check_vocab_options, vocab_precisions
@@ -110,6 +114,8 @@ def build(
     graph_plan = graph_inputs(GRAPH_STAGES, config, info, ctx, tools)
     checkpoint_hashes = graph_plan["export"]["checkpoint"]
     previous, old = previous_artifact(output, info.path, checkpoint_hashes, force=config.force)
+    if previous is None and seed is not None:
+        previous, old = Path(seed), load_manifest(seed)
     if config.rebuild:
         old = {}
     old_stages = old.get("stages", {})

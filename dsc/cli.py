@@ -136,6 +136,10 @@ def _register_optional_groups() -> None:
 
     _cli_engine.register(cli)
 
+    from dsc.matrix import command as _matrix_command
+
+    _matrix_command.register(cli)
+
 
 _register_optional_groups()
 

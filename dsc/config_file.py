@@ -221,3 +221,19 @@ def merge(
         elif key not in explicit:
             out[key] = value
     return out
+
+
+def check_options(raw: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """`raw` (a mapping of dsc.yaml keys read from `path`) checked and normalised as
+    `load_config_file` does; `dsc matrix` reads its shared build options with it."""
+    path = Path(path)
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        k = str(key).replace("-", "_")
+        if k not in KEYS:
+            near = difflib.get_close_matches(k, KEYS, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise BadInput(f"unknown key '{key}' in {path}{hint} (known: {', '.join(KEYS)})")
+        out_key, out_value = _check(k, value, path, path.parent)
+        out[out_key] = out_value
+    return out

@@ -30,7 +30,7 @@ OLDEST_PYTHON = "3.11"  # pyproject.toml's requires-python
 
 HEADER = """\
 # Exact versions the test suite passed with (Python {py}, Linux x86-64): dsc's dependencies and
-# its dev and rtx extras. Written by `.venv/bin/python scripts/freeze_lock.py`; installed by
+# its dev, rtx and ray extras. Written by `.venv/bin/python scripts/freeze_lock.py`; installed by
 # scripts/setup_env.sh (DSC_CONSTRAINTS, README.md). torch stays ==2.13.0 (any local build).
 # A marker leaves a pin out on Python {oldest}, where that release is not installable.
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create (or update) .venv in the checkout and install dsc with its test and TensorRT-RTX extras,
+# Create (or update) .venv in the checkout and install dsc with its test, TensorRT-RTX and Ray extras,
 # and headless Chromium for the report's browser test where apt-get can (never fails for it;
 # DSC_NO_CHROMIUM=1 skips the attempt).
 # DSC_CONSTRAINTS (default constraints/lock.txt: the exact versions the test suite passed with,
@@ -13,7 +13,7 @@ CONSTRAINTS=${DSC_CONSTRAINTS-constraints/lock.txt}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-args=(-q -e ".[dev,rtx]")
+args=(-q -e ".[dev,rtx,ray]")
 if [ -n "$CONSTRAINTS" ]; then
   args+=(-c "$CONSTRAINTS")
 fi

@@ -1,0 +1,1 @@
+"""`dsc matrix`: models x precisions x profiles, with shared stages (docs/MATRIX.md)."""
