@@ -69,8 +69,8 @@ def main() -> None:
             "attention_mask": np.ones((1, start + len(tokens)), np.int64),
             "position_ids": np.arange(start, start + len(tokens))[None],
         }
-        feeds.update(zip(cache["inputs"], past))
-        return dict(zip(names, session.run(names, feeds)))
+        feeds.update(zip(cache["inputs"], past, strict=False))
+        return dict(zip(names, session.run(names, feeds), strict=False))
 
     empty = [
         np.zeros((1, e["heads"], 0, e["dim"]), dtype)

@@ -278,8 +278,8 @@ def random_checkpoint(
 
     The model is built on PyTorch's meta device (shapes only, no memory); each tensor of its
     state dict as `save_pretrained` writes it (tied weights once, persistent buffers included,
-    fused experts split per expert) is then drawn by `_random_init` and written to safetensors shards of at most
-    `shard_bytes` (default 2 GiB) in state-dict order, i.e. layer by layer, with
+    fused experts split per expert) is then drawn by `_random_init` and written to safetensors
+    shards of at most `shard_bytes` (default 2 GiB) in state-dict order, i.e. layer by layer, with
     `model.safetensors.index.json` ("model.safetensors" alone when one shard holds all). Peak
     memory is about one shard whatever the model's size, so a 31 GB V2-Lite checkpoint can be
     made on a 24 GB host. `dtype`: fp16, bf16 or fp32 storage. Raises ValueError for another

@@ -41,7 +41,7 @@ def _runtime():
 
 @pytest.fixture(scope="module")
 def gpu_artifact(tmp_path_factory):
-    from dsc.runtime.evaluate import record_engine
+    from dsc.runtime.records import record_engine
 
     flavour, rt = _runtime()
     sm = rt.device.compute_capability()
@@ -99,7 +99,7 @@ def test_gpu_engine_logits_match_onnxruntime(gpu_artifact):
     ort = OrtCausalLM.from_artifact(gpu_artifact[0])
     want = _chain(ort)
     got = _chain(_runner(gpu_artifact, cuda_graphs=False))
-    for a, b in zip(want, got):
+    for a, b in zip(want, got, strict=False):
         cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
         assert cos.min() > 0.999
         assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.95
@@ -113,12 +113,12 @@ def test_gpu_cuda_graph_replay_equals_eager(gpu_artifact):
         # TensorRT-RTX captures by itself; its shape-specialized kernels (compiled at run time)
         # may round differently from the first run's fallback kernels
         assert r.graph_stats.native_graph_steps == 21 and r.graph_stats.graph_captures == 0
-        for a, b in zip(eager, runs[2]):
+        for a, b in zip(eager, runs[2], strict=False):
             assert (a.argmax(-1) == b.argmax(-1)).all()
             np.testing.assert_allclose(a, b, atol=2e-2)
         return
     assert r.graph_stats.graph_captures == 6 and r.graph_stats.graph_replays == 6
-    for a, b in zip(eager, runs[2]):
+    for a, b in zip(eager, runs[2], strict=False):
         np.testing.assert_array_equal(a, b)
 
 
@@ -157,7 +157,7 @@ def test_gpu_bench_engine(gpu_artifact):
 def test_gpu_engine_of_another_version_is_refused(gpu_artifact, tmp_path):
     import shutil
 
-    from dsc.runtime.evaluate import record_engine
+    from dsc.runtime.records import record_engine
 
     other = tmp_path / "other"
     shutil.copytree(gpu_artifact[0], other)

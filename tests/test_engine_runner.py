@@ -56,7 +56,7 @@ def test_profiles_are_the_builders_and_selection_follows_shape(artifact):
 
     def full(b, s, p):
         d = {"input_ids": (b, s), "attention_mask": (b, p + s), "position_ids": (b, s)}
-        for n, (h, dim) in zip(r.past_names, r.entries * r.num_layers):
+        for n, (h, dim) in zip(r.past_names, r.entries * r.num_layers, strict=False):
             d[n] = (b, h, p, dim)
         return d
 
@@ -103,7 +103,7 @@ def test_cuda_graph_bookkeeping_and_replay_numbers(artifact):
     g = _runner(artifact, max_graphs=4)
     ids, mask, pos = _prompt(1, 6, seed=1)
     runs = []
-    for rep in range(3):
+    for _ in range(3):
         out = g.step(ids, mask, pos, g.empty_past(1))
         tok = out.logits[:, -1].argmax(-1)[:, None]
         logits = []
@@ -115,7 +115,7 @@ def test_cuda_graph_bookkeeping_and_replay_numbers(artifact):
     ref = eager.generate([list(ids[0])], 5)
     assert [int(x[0, -1].argmax()) for x in runs[2]] == ref[0][1:]
     for rep in (1, 2):
-        for x, y in zip(runs[0], runs[rep]):
+        for x, y in zip(runs[0], runs[rep], strict=False):
             np.testing.assert_array_equal(x, y)
     s = g.graph_stats
     # 4 decode shapes: repetition 0 runs them eagerly, 1 captures them, 2 replays them.

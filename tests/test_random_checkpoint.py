@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -40,11 +39,11 @@ def test_same_tensors_as_save_pretrained_and_loads(family, checkpoints, tmp_path
     got = {}
     for f in files:
         with safe_open(str(out / f), "pt") as h:
-            for k in h.keys():
+            for k in h:
                 got[k] = h.get_tensor(k)
     # save_pretrained's tensors for the same architecture (the fixture itself was saved so).
     with safe_open(str(checkpoints[family] / "model.safetensors"), "pt") as h:
-        want = {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}
+        want = {k: tuple(h.get_slice(k).get_shape()) for k in h}
     assert {k: tuple(v.shape) for k, v in got.items()} == want
     # bf16 storage, except what transformers itself keeps in fp32 (5.24: the MoE router and
     # its score-correction bias).

@@ -144,7 +144,7 @@ def test_model_streams_the_engines_greedy_tokens(artifact, tmp_path, monkeypatch
     assert m.execute(reqs) is None
     tok = api.load_tokenizer(artifact)
     ort = OrtCausalLM.from_artifact(artifact)
-    for req, n in zip(reqs[:2], (8, 5)):
+    for req, n in zip(reqs[:2], (8, 5), strict=False):
         pieces = [resp.output_tensors[0].as_numpy()[0].decode() for resp in req.sender.responses]
         ids = tok(req.inputs["text_input"][0].decode())["input_ids"]
         expected = ort.generate([ids], n, eos_token_id=None)[0]

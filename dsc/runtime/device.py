@@ -13,7 +13,7 @@ the device's compute capability) are made on the same libcudart handle Polygraph
 The stand-in runtime (`dsc.runtime.standin`) has a `HostDevice` with the same methods; the
 runner only ever talks to one of the two through this interface:
 
-    alloc(nbytes) -> Buffer(ptr, nbytes)        upload(buffer, array)   download(buffer, shape, dtype)
+    alloc(nbytes) -> Buffer(ptr, nbytes)    upload(buffer, array)    download(buffer, shape, dtype)
     copy(dst_ptr, src_ptr, nbytes)              synchronize()           stream_ptr
     begin_capture() / end_capture() -> graph    launch(graph)           destroy(graph)
     compute_capability() -> int (e.g. 89)       name

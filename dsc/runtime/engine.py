@@ -335,10 +335,12 @@ class EngineCausalLM:
             d = 0.0
             for n, shape in shapes.items():
                 lo, opt, hi = prof[n]
-                if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
+                if len(shape) != len(lo) or any(
+                    s < a or s > b for s, a, b in zip(shape, lo, hi, strict=False)
+                ):
                     d = math.inf
                     break
-                d += sum(abs(math.log((s + 1) / (o + 1))) for s, o in zip(shape, opt))
+                d += sum(abs(math.log((s + 1) / (o + 1))) for s, o in zip(shape, opt, strict=False))
             if d < best_d:
                 best, best_d = i, d
         return best
@@ -347,7 +349,9 @@ class EngineCausalLM:
         def outside(n, p) -> bool:
             lo, _, hi = p[n]
             s = shapes[n]
-            return len(s) != len(lo) or any(x < a or x > b for x, a, b in zip(s, lo, hi))
+            return len(s) != len(lo) or any(
+                x < a or x > b for x, a, b in zip(s, lo, hi, strict=False)
+            )
 
         n = next((n for n in shapes if all(outside(n, p) for p in self.profiles)), "input_ids")
         ranges = "; ".join(
@@ -385,7 +389,7 @@ class EngineCausalLM:
         if len(past) != len(self.past_names):
             raise BadInput(f"expected {len(self.past_names)} cache tensors, got {len(past)}")
         shapes = {n: tuple(a.shape) for n, a in small.items()}
-        shapes.update({n: tuple(p.shape) for n, p in zip(self.past_names, past)})
+        shapes.update({n: tuple(p.shape) for n, p in zip(self.past_names, past, strict=False)})
         index = self.select_profile(shapes)
         if index is None:
             return self._split_prefill(small, past, shapes)
@@ -401,7 +405,7 @@ class EngineCausalLM:
     def _bind_past(self, past: list) -> tuple[list, list]:
         """(device tensors, the ones uploaded here) for a mix of numpy and device tensors."""
         out = []
-        for n, p in zip(self.past_names, past):
+        for n, p in zip(self.past_names, past, strict=False):
             if isinstance(p, DeviceTensor):
                 if p.dtype != self.dtypes[n]:
                     raise BadInput(f"{n}: dtype {p.dtype}, the engine takes {self.dtypes[n]}")
@@ -430,7 +434,7 @@ class EngineCausalLM:
                 bufs[n] = self.device.alloc(a.nbytes)
             self.device.upload(bufs[n], a)
             ctx.set_tensor_address(n, bufs[n].ptr)
-        for n, t in zip(self.past_names, past_dev):
+        for n, t in zip(self.past_names, past_dev, strict=False):
             ctx.set_tensor_address(n, t.ptr)
         outs = {}
         for n in self.output_names:
@@ -487,7 +491,7 @@ class EngineCausalLM:
         self._graphs.move_to_end(key)
         for n, a in small.items():
             self.device.upload(g.inputs[n], a)
-        for mine, given in zip(g.past, past_dev):
+        for mine, given in zip(g.past, past_dev, strict=False):
             if mine.ptr != given.ptr:
                 self.device.copy(mine.ptr, given.ptr, given.nbytes)
                 stats.past_copies += 1

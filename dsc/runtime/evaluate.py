@@ -77,73 +77,6 @@ def write_record(
         write_reports(artifact)
 
 
-def record_engine(
-    artifact: Path,
-    profile: str,
-    rel: str,
-    envelope,
-    *,
-    backend: str,
-    trt_version: str,
-    sm: int,
-    runtime: str,
-    build_seconds: float = 0.0,
-    profile_name: str | None = None,
-    note: str | None = None,
-) -> dict:
-    """Record an engine file already at `artifact/rel` as `profiles.<profile>` in manifest.json
-    (the builder's record shape; `plan` left empty with `note`), atomically. For engines built
-    outside `dsc build` / `dsc compile`: the GPU checks' and the stand-in's."""
-    from dataclasses import asdict
-
-    artifact = Path(artifact)
-    manifest = load_manifest(artifact)
-    io = load_io_spec(artifact)
-    path = artifact / rel
-    note = note or "engine recorded by dsc.runtime.evaluate.record_engine; no plan was made"
-    env = asdict(envelope)
-    record = {
-        "status": "built",
-        "sm": sm,
-        "envelope": env,
-        "profile": {
-            "name": profile_name or profile,
-            "compute_capability": sm,
-            "precisions": [],
-            "builder": {},
-            "envelope": env,
-        },
-        "options": {},
-        "plan": {
-            "fits": True,
-            "precision": io.get("dtype"),
-            "total_bytes": 0,
-            "capacity_bytes": 0,
-            "note": note,
-        },
-        "engine": {
-            "path": rel,
-            "sha256": sha256_file(path),
-            "size_bytes": path.stat().st_size,
-            "backend": backend,
-            "trt_version": trt_version,
-            "target_sm": sm,
-            "build_seconds": round(build_seconds, 3),
-            "runtime": runtime,
-        },
-        "preflight": None,
-        "device_command": None,
-        "notes": [note],
-    }
-    manifest.setdefault("profiles", {})[profile] = record
-    manifest.setdefault("outputs", {})[rel] = record["engine"]["sha256"]
-    with signals.deferred():
-        tmp = artifact / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, artifact / MANIFEST)
-    return record
-
-
 def _reference(
     artifact: Path, reference: str | Path, profile: str, runtime: str | None, cuda_graphs: bool
 ):
@@ -185,7 +118,7 @@ def validate_engine(
     from dsc.api import load_tokenizer
     from dsc.runtime.engine import engine_factory
     from dsc.validate.gate import GateOptions, run_gate
-    from dsc.validate.run import _read_data, candidate_precision
+    from dsc.validate.run import candidate_precision, read_validation_text
 
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
@@ -193,7 +126,7 @@ def validate_engine(
     # checked now (GPU, runtime, SM, version); each runner is made when the gate gets to it and
     # dropped after, so engine and reference are never resident together
     make = engine_factory(artifact, profile, runtime=runtime, cuda_graphs=cuda_graphs)
-    text = _read_data(data)
+    text = read_validation_text(data)
     ref, ref_path, ref_desc = _reference(artifact, reference, profile, runtime, cuda_graphs)
     opts = options or GateOptions()
     if thresholds:

@@ -1,4 +1,4 @@
-"""STAND-IN for the TensorRT runtime: the API subset `EngineCausalLM` uses, executed by ONNX Runtime.
+"""STAND-IN for the TensorRT runtime: the API subset `EngineCausalLM` uses, run by ONNX Runtime.
 
 THIS IS NOT TENSORRT. There is no GPU on dsc's build machines, so the engine runner's own logic
 (optimization-profile choice, binding shapes, device addresses, the KV-cache loop, CUDA-graph
@@ -269,7 +269,9 @@ class IExecutionContext:
     def set_input_shape(self, name: str, shape) -> bool:
         lo, _, hi = self.engine.get_tensor_profile_shape(name, self.active_optimization_profile)
         shape = tuple(int(x) for x in shape)
-        if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
+        if len(shape) != len(lo) or any(
+            s < a or s > b for s, a, b in zip(shape, lo, hi, strict=False)
+        ):
             return False
         self._shapes[name] = shape
         return True
@@ -319,7 +321,7 @@ class IExecutionContext:
         results = eng.session().run(outs, feeds)
         saved, self._shapes = self._shapes, shapes
         try:
-            for n, r in zip(outs, results):
+            for n, r in zip(outs, results, strict=False):
                 if tuple(r.shape) != self.get_tensor_shape(n):
                     return False
                 MEMORY.view(addrs[n], r.shape, r.dtype)[...] = r
@@ -343,7 +345,7 @@ def install_engine(
     record it in manifest.json as the builder records an engine, with `runtime` saying it is
     the stand-in. For tests and for trying the commands without a GPU; returns the record."""
     from dsc.artifacts import load_io_spec
-    from dsc.runtime.evaluate import record_engine
+    from dsc.runtime.records import record_engine
 
     artifact = Path(artifact)
     io = load_io_spec(artifact)

@@ -224,13 +224,13 @@ def _compare(cand: _Outputs, ref: _Outputs, gen_len: int) -> dict:
         acc.add(cand.prefill[w], ref.prefill[w])
     ppl_c, ppl_r = math.exp(float(np.mean(cand.nll))), math.exp(float(np.mean(ref.nll)))
     matched = [
-        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        for a, b in zip(cand.greedy, ref.greedy)
+        next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        for a, b in zip(cand.greedy, ref.greedy, strict=False)
     ]
     return {
         "prefill": acc.result(),
         "decode": metrics.merge(
-            [metrics.logits_metrics(c, r) for c, r in zip(cand.decode, ref.decode)]
+            [metrics.logits_metrics(c, r) for c, r in zip(cand.decode, ref.decode, strict=False)]
         ),
         "perplexity": {
             "candidate": ppl_c,

@@ -99,7 +99,7 @@ def gate_summary(result: dict) -> dict:
     return summary
 
 
-def _read_data(data: str | Path | None) -> str:
+def read_validation_text(data: str | Path | None) -> str:
     """The held-out text: the shipped split, or a regular file of at most 256 MiB."""
     if data is None:
         return default_text()
@@ -132,7 +132,7 @@ def validate_artifact(
     manifest = load_manifest(artifact)
     io = load_io_spec(artifact)
     cand_path = artifact / io["onnx"]
-    text = _read_data(data)
+    text = read_validation_text(data)
     ref_path, ref_io, ref_desc = resolve_reference(artifact, reference)
     opts = options or GateOptions()
 
