@@ -41,7 +41,9 @@ def check_level(optimization: str) -> None:
         raise ValueError(f"optimization must be one of {', '.join(LEVELS)}, got {optimization!r}")
 
 
-def session_options(optimization: str = "basic", threads: int | None = None):
+def session_options(
+    optimization: str = "basic", threads: int | None = None, *, arena: bool = False
+):
     """ONNX Runtime session options that run a dsc graph as written.
 
     `optimization` is ONNX Runtime's graph optimization level. "basic" (the default) applies
@@ -52,10 +54,16 @@ def session_options(optimization: str = "basic", threads: int | None = None):
     at "all" (0.00009 against 0.000028 as written) and at "extended" its perplexity goes from
     30.4 to 1,662. "all" is for speed measurements of unquantized graphs.
 
-    The CPU memory arena is off: with it, ONNX Runtime keeps the peak of every run (on the CPU
-    an fp16 graph's weights are cast to fp32 during the run), and a calibration session that
-    exposes every activation grew by ~7 GB per batch on the R1-Distill-Qwen-1.5B config (22.5
-    GB peak over 2 batches of 4 x 128 tokens, 14.7 GB without the arena; same run time).
+    The CPU memory arena is off unless `arena`: with it, ONNX Runtime keeps the peak of every
+    run, and a calibration session that exposes every activation grew by ~7 GB per batch on the
+    R1-Distill-Qwen-1.5B config (22.5 GB peak over 2 batches of 4 x 128 tokens, 14.7 GB without
+    the arena; same run time). Runners that step a graph many times (`OrtCausalLM`: the gate,
+    the smoke check, `dsc run`, `dsc bench`) turn it on: ONNX Runtime's CPU provider has no fp16
+    MatMul on x86, so it casts each fp16 weight to fp32 inside every run (it does not fold the
+    cast), and without the arena every run maps and unmaps those fp32 copies afresh. Measured
+    with `python benchmarks/ort_fp16_cast.py` (one MatMul, 4096 x 4096 fp16 weight, batch 1):
+    arena off 16,400 minor page faults per run (64 MiB: the weight's fp32 copy, every run),
+    arena on 1,742; see docs/BENCHMARKS.md for the times.
     """
     import onnxruntime as ort
 
@@ -69,7 +77,7 @@ def session_options(optimization: str = "basic", threads: int | None = None):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = level
-    opts.enable_cpu_mem_arena = False
+    opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = threads
     return opts
@@ -208,6 +216,7 @@ def inference_session(
     optimization: str = "basic",
     threads: int | None = None,
     providers: list[str] | None = None,
+    arena: bool = False,
 ):
     """An ONNX Runtime session over `graph`: a path, an onnx_ir model or an `onnx.ModelProto`.
 
@@ -216,11 +225,12 @@ def inference_session(
     memory is never resolved against the current directory: its external tensors are read from
     their own directory (`base_dir` for a ModelProto, which does not carry one; an onnx_ir
     model knows it, see `spilled`) through ONNX Runtime's
-    `session.model_external_initializers_file_folder_path`. Errors are ONNX Runtime's.
+    `session.model_external_initializers_file_folder_path`. `arena`: see `session_options`.
+    Errors are ONNX Runtime's.
     """
     import onnxruntime as ort
 
-    opts = session_options(optimization, threads)
+    opts = session_options(optimization, threads, arena=arena)
     providers = providers or ["CPUExecutionProvider"]
     if isinstance(graph, (str, Path)):
         if not _file_is_bf16(Path(graph)):
@@ -239,6 +249,7 @@ def inference_session(
                 optimization=optimization,
                 threads=threads,
                 providers=providers,
+                arena=arena,
             )
     if base_dir is not None:
         opts.add_session_config_entry(
@@ -264,8 +275,11 @@ class OrtCausalLM:
         providers: list[str] | None = None,
         threads: int | None = None,
         optimization: str = "basic",
+        arena: bool = True,
     ):
-        """`onnx_path`: the graph's file, or an onnx_ir model (see `inference_session`)."""
+        """`onnx_path`: the graph's file, or an onnx_ir model (see `inference_session`).
+        `arena`: ONNX Runtime's CPU memory arena, on by default for a runner that steps the
+        graph many times (see `session_options`)."""
         self.io = io_spec
         cache = io_spec["cache"]
         # A bf16 graph runs as its float32 view (see the module docstring).
@@ -279,7 +293,11 @@ class OrtCausalLM:
         try:
             graph = onnx_path if hasattr(onnx_path, "graph") else Path(onnx_path)
             self.session = inference_session(
-                graph, optimization=optimization, threads=threads, providers=providers
+                graph,
+                optimization=optimization,
+                threads=threads,
+                providers=providers,
+                arena=arena,
             )
         except Exception as e:  # ORT raises its own exception types for malformed graphs
             where = "the graph" if hasattr(onnx_path, "graph") else onnx_path
