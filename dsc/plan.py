@@ -792,6 +792,10 @@ class Skipped:
 
     profile: str
     reason: str
+    fits = False  # a class attribute, not a field: a skipped target fits nothing
+
+    def to_dict(self) -> dict:
+        return {"profile": self.profile, "skipped": self.reason}
 
 
 def plan_all(
