@@ -463,7 +463,7 @@ def validate(
         from dsc.runtime.evaluate import validate_engine
 
         return validate_engine(artifact, engine, runtime=runtime, cuda_graphs=cuda_graphs, **kw)
-    from dsc.validate.run import validate_artifact
+    from dsc.stages.validate import validate_artifact
 
     return validate_artifact(artifact, **kw)
 
