@@ -29,7 +29,6 @@ imported inside the functions, so importing this module is cheap.
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +43,6 @@ from dsc.errors import BadInput, UsageError
 from dsc.manifest import tool_versions
 from dsc.models.checkpoint import inspect_checkpoint
 from dsc.models.loading import load_tokenizer
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,6 @@ Speed:
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -83,8 +82,6 @@ from dsc.models.params import (
     weight_inventory,
 )
 from dsc.precision import QUANTIZED, check_on_profile, check_quantized
-
-logger = logging.getLogger(__name__)
 
 HIGH_PRECISION_BYTES = 2  # what stays unquantized: embeddings, lm_head, router, norms, biases
 ACT_BYTES = 2

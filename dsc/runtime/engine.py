@@ -48,7 +48,6 @@ engine file the runtime cannot deserialize, or whose tensors do not match `model
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections import OrderedDict
@@ -60,8 +59,6 @@ import numpy as np
 
 from dsc.backends.onnxruntime.runner import OrtCausalLM, StepOutput
 from dsc.errors import BackendError, BadInput, Unsupported
-
-logger = logging.getLogger(__name__)
 
 STANDIN_ENV = "DSC_ENGINE_RUNTIME"
 FLAVOURS = ("tensorrt", "tensorrt_rtx", "standin")

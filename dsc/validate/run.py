@@ -14,7 +14,6 @@ Results go into the artifact: `validation.json` / `bench.json`, a summary under 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from dsc.artifacts import IO_SPEC, MANIFEST, load_io_spec, load_manifest
 from dsc.errors import BadInput
 from dsc.models.checkpoint import sha256_file
 from dsc.paths import check_graph_file
-
-logger = logging.getLogger(__name__)
 
 REFERENCE_DIR = "reference"
 VALIDATION_FILE = "validation.json"

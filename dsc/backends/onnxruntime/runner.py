@@ -19,7 +19,6 @@ run the same way, not a bit-exact model of a bf16 engine.
 from __future__ import annotations
 
 import contextlib
-import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,9 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from dsc.errors import BadInput
-
-logger = logging.getLogger(__name__)
-
 
 LEVELS = ("none", "basic", "extended", "all")
 
