@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -34,8 +33,6 @@ from dsc.paths import (
     regular_file,
     remove_stale,
 )
-
-logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 IO_SPEC = "model_io.json"

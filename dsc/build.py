@@ -58,10 +58,9 @@ from dsc.stages.export import ExportStage
 from dsc.stages.graph import graph_inputs, reuse_graph_stages, run_graph_stages
 from dsc.stages.optimize import OptimizeStage, pass_context
 from dsc.stages.quantize import QuantizeStage
-from dsc.stages.validate import ValidateStage
+from dsc.stages.validate import VALIDATE
 
 EXPORT, OPTIMIZE, QUANTIZE = ExportStage(), OptimizeStage(), QuantizeStage()
-VALIDATE = ValidateStage()
 # `dsc build`, in order. The graph stages rewrite model.onnx in place, so they are reused
 # together or not at all; compile runs per target; validate checks the compiled graph.
 STAGES = (EXPORT, OPTIMIZE, QUANTIZE, COMPILE, VALIDATE)

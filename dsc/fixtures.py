@@ -31,13 +31,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import logging
 import math
 import re
 import shutil
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 FAMILIES = ("llama", "qwen2", "deepseek_v2", "deepseek_v3")
 _TEXT = Path(__file__).resolve().parent.parent / "examples" / "data" / "kjv.txt.gz"

@@ -62,7 +62,6 @@ Speed:
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -83,8 +82,6 @@ from dsc.models.params import (
     weight_inventory,
 )
 from dsc.precision import QUANTIZED, check_on_profile, check_quantized
-
-logger = logging.getLogger(__name__)
 
 HIGH_PRECISION_BYTES = 2  # what stays unquantized: embeddings, lm_head, router, norms, biases
 ACT_BYTES = 2
@@ -131,7 +128,15 @@ def group_bytes(w: WeightGroup, scheme: QuantScheme, instances: float | None = N
 
 @dataclass(frozen=True)
 class PlanResult:
-    """One model on one target: memory breakdown, verdict, limits and speed estimates."""
+    """One model on one target: memory breakdown, verdict, limits and speed estimates.
+
+    Units: `memory` (component → bytes), `capacity` bytes (per GPU), `kv_bytes_per_token`
+    bytes per token of one sequence, `batch` / `max_batch` sequences, `context` /
+    `input_len` / `max_context` / `prefill_tokens` tokens, `decode_bytes_per_step` bytes read
+    per decode step, `decode_tokens_per_s` tokens/s over the batch (a roofline ceiling, not
+    a measurement), `prefill_seconds` seconds, `peak_tflops` TFLOP/s, `bandwidth_gbps` GB/s.
+    `to_json()` (= `to_dict()`) is the `dsc plan --json` document.
+    """
 
     model: str
     architecture: str
@@ -181,6 +186,10 @@ class PlanResult:
     @property
     def prefill_tokens_per_s(self) -> float:
         return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else math.inf
+
+    def to_json(self) -> dict[str, Any]:
+        """The `dsc plan --json` document (see `to_dict`)."""
+        return self.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -286,6 +295,11 @@ def plan(
 ) -> PlanResult:
     """Plan one model on one target. `context` defaults to the envelope's max_kv (capped at the
     model's max_position_embeddings), `input_len` to min(context, envelope max_input_len).
+
+    `model`: a checkpoint directory, a config.json path, a config mapping or a `PlanModel`;
+    `profile`: a loaded `HardwareProfile`; `precision`: fp32, fp16, bf16, fp8, int8 or int4;
+    `batch`: sequences; `context` / `input_len`: tokens. Returns a `PlanResult` (units there);
+    a plan that does not fit is returned with `fits` false, not raised.
 
     `lm_head` / `embedding`: int8, fp8 or int4 for a quantized output head / embedding table
     (None: fp16). `gpus`: tensor/expert parallel over that many GPUs of the profile; memory is
@@ -792,6 +806,10 @@ class Skipped:
 
     profile: str
     reason: str
+    fits = False  # a class attribute, not a field: a skipped target fits nothing
+
+    def to_dict(self) -> dict:
+        return {"profile": self.profile, "skipped": self.reason}
 
 
 def plan_all(

@@ -30,6 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -211,6 +212,21 @@ def _sha_tree(root: Path) -> dict[str, str]:
     }
 
 
+class QuantizedModel(NamedTuple):
+    """What `quantize_model` returns (a tuple, so `model, report, record = ...` still reads).
+
+    `model`: the onnx_ir model with Q/DQ (and scales) inserted, in place of the input;
+    `report`: the quantization report (scheme, method, quantized/excluded layers, vocab tables,
+    MoE expert coverage); `record`: the calibration record (model and data sha256, `method`,
+    `samples` windows of `seq_len` tokens, `tokens`, the activation `ranges`, the statistics
+    cache files and whether each was a hit).
+    """
+
+    model: object
+    report: dict
+    record: dict
+
+
 def quantize_model(
     model,
     io: dict,
@@ -229,8 +245,9 @@ def quantize_model(
     lm_head: str | None = None,
     embedding: str | None = None,
     progress=None,
-) -> tuple[object, dict, dict]:
-    """Quantize an in-memory onnx_ir model. Returns (model, report, calibration record).
+) -> QuantizedModel:
+    """Quantize an in-memory onnx_ir model. Returns a `QuantizedModel` (model, report,
+    calibration record).
 
     `lm_head` / `embedding` (int8 | int4 | fp8 | None): also store those weights quantized,
     weight-only (`VocabQDQPass`); raises `Unsupported` when the graph has no such weight, or
@@ -316,7 +333,7 @@ def quantize_model(
         "cache_hit": [s.cache_hit for s in cache_files],
         "stats": cache_files,
     }
-    return result.model, report, record
+    return QuantizedModel(result.model, report, record)
 
 
 def _quantize_vocab(model, lm_head: str | None, embedding: str | None, report: dict) -> dict:

@@ -7,14 +7,10 @@ token, 4 cached), so passes that branch on sequence length are checked on both b
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx_ir as ir
 
 from dsc.errors import CheckFailed
-
-logger = logging.getLogger(__name__)
 
 CASES = (("prefill", 2, 5, 0), ("decode", 2, 1, 4))
 

@@ -19,16 +19,12 @@ Each wraps what onnx_ir or onnxscript already does, so the pipeline can name, ti
 
 from __future__ import annotations
 
-import logging
-
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.rewriter import pattern
 
 from dsc.passes._framework import DscPass, register_pass
 from dsc.passes._ir import Dim, entry_equals, rank, shape_expr
-
-logger = logging.getLogger(__name__)
 
 
 class FoldConstantsPass(DscPass):

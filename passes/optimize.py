@@ -10,7 +10,6 @@ verify results; the coverage record). The optimize stage (`dsc.stages.optimize`)
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,8 +24,6 @@ from dsc.artifacts import (
 )
 from dsc.passes._framework import PassContext, PipelineReport
 from dsc.passes._pipeline import build_pipeline, run_pipeline
-
-logger = logging.getLogger(__name__)
 
 REPORT_FILE = "passes_report.json"
 

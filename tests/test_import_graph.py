@@ -157,3 +157,34 @@ def private_reach(mods: dict[str, Path]) -> list[str]:
 def test_no_private_names_across_modules():
     """`from x import _name` only within x's package; `pkg._mod` only from inside `pkg`."""
     assert private_reach(modules()) == []
+
+
+# What the CLI may import from dsc besides `dsc.api` (the work), `dsc.errors` and its own
+# package: the version, signal handling for `main`, the precision names of a click.Choice, and
+# output formatting.
+CLI_MAY_IMPORT = {
+    ("dsc", "__version__"),
+    ("dsc.signals", ""),
+    ("dsc.precision", "TARGET_PRECISIONS"),
+    ("dsc.manifest", "format_inspect"),
+    ("dsc.plan", "format_plan"),
+    ("dsc.plan", "format_table"),
+    ("dsc.passes.coverage", "format_coverage"),
+    ("dsc.matrix.run", "format_summary"),
+    ("dsc.matrix.run", "to_json"),
+}
+
+
+def test_cli_calls_only_the_api():
+    """`dsc.cli` maps flags onto `dsc.api`: it reaches no library module for the work."""
+    mods = modules()
+    bad = sorted(
+        f"{m} imports {t}{'.' + name if name else ''}"
+        for m, edges in imports(mods).items()
+        if m == "dsc.cli" or m.startswith("dsc.cli.")
+        for t, name in edges
+        if t not in ("dsc.api", "dsc.errors")
+        and not t.startswith("dsc.cli")
+        and (t, name) not in CLI_MAY_IMPORT
+    )
+    assert bad == []

@@ -293,7 +293,7 @@ def test_cli_writes_artifact(exported, tmp_path, capsys):
     report = json.loads((out / "quant_report.json").read_text())
     assert report["layers"] and "experts" in report
     # dsc validate reads the layout
-    from dsc.validate.run import validate_artifact
+    from dsc.stages.validate import validate_artifact
 
     res = validate_artifact(out, write=False, options=_quick_gate())
     assert res["precision"] == "int8"
@@ -408,8 +408,8 @@ BUDGETS = {("fp8", False): 0.01, ("int8", False): 0.02, ("int8", True): 0.02, ("
 @pytest.mark.parametrize("precision,weight_only", list(BUDGETS))
 def test_accuracy_budget_tiny_v3(tiny_v3_fp16, tmp_path, precision, weight_only):
     from dsc.stages.quantize import quantize_artifact
+    from dsc.stages.validate import validate_artifact
     from dsc.validate.gate import GateOptions
-    from dsc.validate.run import validate_artifact
 
     out = tmp_path / "q"
     quantize_artifact(tiny_v3_fp16, out, precision, weight_only=weight_only)
@@ -497,8 +497,8 @@ def test_int8_defaults_beat_fixed_alpha_trained(tmp_path):
     # against 0.0018 on all 447 held-out windows, docs/BENCHMARKS.md).
     from dsc import api
     from dsc.stages.quantize import quantize_artifact
+    from dsc.stages.validate import validate_artifact
     from dsc.validate.gate import GateOptions
-    from dsc.validate.run import validate_artifact
 
     fp16 = tmp_path / "fp16"
     api.export(

@@ -44,7 +44,6 @@ __all__ = [
     "load_model",
 ]
 
-logger = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5

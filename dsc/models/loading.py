@@ -16,13 +16,10 @@ unexpected or misshapen tensor is a `CheckpointError` naming up to three of them
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 
 from dsc.errors import BadInput, CheckpointError
 from dsc.models.checkpoint import CheckpointInfo
-
-logger = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

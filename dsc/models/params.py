@@ -32,7 +32,6 @@ Counting conventions (tests hold these against published sizes):
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,8 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from dsc.errors import BadInput, CheckpointError, Unsupported
-
-logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",

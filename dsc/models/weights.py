@@ -27,7 +27,6 @@ per loader thread on top). The streaming export will consume `iter(reader)` dire
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import threading
@@ -35,8 +34,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dsc.errors import CheckpointError
-
-logger = logging.getLogger(__name__)
 
 SCALE_SUFFIX = "_scale_inv"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")

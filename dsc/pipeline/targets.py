@@ -23,7 +23,6 @@ honour (exit 4), a model that does not fit (exit 6).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +30,6 @@ from typing import Any
 from dsc.backends.tensorrt import BuildOptions, Flavour, ShapeEnvelope, available_backends
 from dsc.errors import BadInput, DoesNotFit, Unsupported
 from dsc.hardware import GiB, HardwareProfile, load_profile
-
-logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt_rtx", "tensorrt")
 MODES = ("rtx", "device", "preflight")

@@ -24,15 +24,12 @@ Every copy is asynchronous on the one stream; `download` synchronizes.
 from __future__ import annotations
 
 import ctypes
-import logging
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
 from dsc.errors import Unsupported
-
-logger = logging.getLogger(__name__)
 
 _CAPTURE_THREAD_LOCAL = 1
 _ATTR_CC_MAJOR, _ATTR_CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor / Minor

@@ -48,7 +48,6 @@ engine file the runtime cannot deserialize, or whose tensors do not match `model
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections import OrderedDict
@@ -60,8 +59,6 @@ import numpy as np
 
 from dsc.backends.onnxruntime.runner import OrtCausalLM, StepOutput
 from dsc.errors import BackendError, BadInput, Unsupported
-
-logger = logging.getLogger(__name__)
 
 STANDIN_ENV = "DSC_ENGINE_RUNTIME"
 FLAVOURS = ("tensorrt", "tensorrt_rtx", "standin")
@@ -237,7 +234,18 @@ class _Graph:
 
 
 class EngineCausalLM:
-    """A dsc engine on a TensorRT runtime, driven like `OrtCausalLM` (see the module docstring)."""
+    """A dsc engine on a TensorRT runtime, driven like `OrtCausalLM` (see the module docstring).
+
+    Same step interface and shapes as `OrtCausalLM`: `input_ids`, `attention_mask`,
+    `position_ids` [batch, seq] / [batch, past + seq] (int64, cast to the engine's integer
+    type), the KV cache per layer and entry [batch, heads, past, dim] in the engine's cache
+    dtype; `step` returns a `StepOutput` (logits numpy [batch, seq, vocab], present as
+    `DeviceTensor`s on the device). A prefill whose batch exceeds the prefill profile's runs as
+    several passes (module docstring). `cuda_graphs`: capture recurring decode
+    shapes (at most `max_graphs` kept, least recently used dropped); `graph_stats` counts them.
+    Raises `BadInput` (exit 3) for an unreadable engine, one the runtime cannot deserialize or
+    one whose tensors do not match `io_spec` (model_io.json).
+    """
 
     generate = OrtCausalLM.generate  # the same KV-cache loop, over this class's `step`
 
@@ -322,6 +330,7 @@ class EngineCausalLM:
     # -- shapes and profiles ---------------------------------------------------------------------
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
+        """The KV cache before the first token: per layer and entry [batch, heads, 0, dim]."""
         return [
             np.zeros((batch, h, 0, d), dtype=self.cache_dtype)
             for _ in range(self.num_layers)
@@ -377,6 +386,9 @@ class EngineCausalLM:
         position_ids: np.ndarray,
         past: list,
     ) -> StepOutput:
+        """One forward pass on the device (shapes in the class docstring); `past` as from
+        `empty_past` or a previous step's `present`. Raises `Unsupported` (exit 4) for shapes
+        no optimization profile holds even one row at a time."""
         # in the engine's own integer type (int64 as exported; int32 if a builder narrowed it)
         small = {
             n: np.ascontiguousarray(a, dtype=self.dtypes[n])

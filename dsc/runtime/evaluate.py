@@ -115,7 +115,7 @@ def validate_engine(
 
     Raises `Unsupported` (exit 4) without a GPU/runtime or for an engine of another SM or
     version, `BadInput` (exit 3) for a missing profile or unreadable engine."""
-    from dsc.api import load_tokenizer
+    from dsc.models.loading import load_tokenizer
     from dsc.runtime.engine import engine_factory
     from dsc.validate.gate import GateOptions, run_gate
     from dsc.validate.run import candidate_precision, read_validation_text
@@ -307,8 +307,7 @@ def device_check(
     compiled = False
     with progress.stage(1, "compile", f"{profile}") as note:
         if rec.get("engine") is None:
-            from dsc import api
-            from dsc.build import BuildConfig
+            from dsc.build import BuildConfig, compile_artifact
             from dsc.errors import Unsupported
             from dsc.runtime.engine import load_runtime, runtime_flavour
 
@@ -319,7 +318,7 @@ def device_check(
                     f"runtime cannot build engines; run this on the device"
                 )
             load_runtime(flavour)  # no GPU or runtime: exit 4 before any build
-            api.compile_artifact(artifact, BuildConfig(profiles=(profile,)), quiet=True)
+            compile_artifact(artifact, BuildConfig(profiles=(profile,)), quiet=True)
             rec = (load_manifest(artifact).get("profiles") or {}).get(profile) or {}
             if rec.get("engine") is None:
                 raise Unsupported(

@@ -312,7 +312,7 @@ def load_model(
     version_dir: Path, *, runtime: str | None = None, cuda_graphs: bool = True
 ) -> ServedModel:
     """The model of a repository version directory (what model.py's `initialize` calls)."""
-    from dsc.api import load_tokenizer
+    from dsc.models.loading import load_tokenizer
     from dsc.runtime.engine import (
         EngineCausalLM,
         check_compatible,

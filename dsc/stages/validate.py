@@ -1,8 +1,9 @@
 """Stage 5, validate: the accuracy gate (quantized graph vs its fp16 reference) or the smoke check.
 
 Gate inputs: the graph and reference hashes, the precision, the held-out text's hash, the gate
-options and the ONNX Runtime version; its result is `validation.json` (what `dsc validate`
-writes, `dsc.validate.run`). Smoke inputs: the graph hash, the tokens decoded, the prompt.
+options and the ONNX Runtime version; its result is `validation.json`. `dsc validate` runs the
+same gate (`ValidateStage.gate`, via `validate_artifact` here) on an existing artifact.
+Smoke inputs: the graph hash, the tokens decoded, the prompt.
 """
 
 from __future__ import annotations
@@ -81,6 +82,113 @@ class ValidateStage(Stage):
         Raises `CheckFailed` (exit 1) when the smoke check fails; a failed gate is returned
         (`passed` false) so the build can keep the rejected artifact as evidence."""
         return _validate(self, config, tmp, io, graph, tools, progress, old, ran, previous)
+
+    def gate(
+        self,
+        candidate: Path,
+        io: dict,
+        reference: Path,
+        ref_io: dict,
+        ref_desc: str,
+        tokenizer_dir: Path,
+        text: str,
+        *,
+        precision: str,
+        options,
+        quiet: bool = False,
+    ) -> dict:
+        """The accuracy gate of the graph `candidate` against `reference` on `text`: the one
+        implementation `dsc build` (its validate stage) and `dsc validate` both run.
+
+        `io` / `ref_io`: the graphs' I/O specs (model_io.json); `ref_desc`: how validation.json
+        names the reference; `tokenizer_dir`: the artifact holding the tokenizer; `precision`:
+        the candidate's (picks the default thresholds); `options`: a
+        `dsc.validate.gate.GateOptions`. Each graph is loaded when the gate gets to it and
+        freed after (never both at once). Returns validation.json's document (`passed` false
+        for a failed gate: not raised). Raises `BadInput` (exit 3) for text too short to fill
+        one window."""
+        from dsc.backends.onnxruntime.runner import OrtCausalLM
+        from dsc.models.loading import load_tokenizer
+        from dsc.validate.gate import run_gate
+
+        result = run_gate(
+            lambda: OrtCausalLM(candidate, io),
+            lambda: OrtCausalLM(reference, ref_io),
+            load_tokenizer(tokenizer_dir),
+            text,
+            precision=precision,
+            options=options,
+            candidate_path=candidate,
+            reference_path=reference,
+            quiet=quiet,
+        )
+        result["candidate"] = io["onnx"]
+        result["reference"] = ref_desc
+        return result
+
+
+VALIDATE = ValidateStage()
+
+
+def validate_artifact(
+    artifact: str | Path,
+    *,
+    reference: str | Path = "fp16",
+    data: str | Path | None = None,
+    thresholds: dict | None = None,
+    precision: str | None = None,
+    options=None,
+    write: bool = True,
+    quiet: bool = False,
+) -> dict:
+    """`dsc validate`: the validate stage's gate (`VALIDATE.gate`) on an existing artifact.
+
+    `reference`: "fp16" (the artifact's reference/ export, or the artifact itself when it is
+    the fp16 export), an artifact directory or a .onnx file; `data`: held-out text file (None:
+    the shipped held-out split); `thresholds`: overrides of the precision's defaults;
+    `precision`: the candidate's (None: from the manifest); `options`: a `GateOptions`;
+    `write`: record validation.json, the manifest's `validation` and the reports.
+    Returns validation.json's document; a failed gate is returned (`passed` false), not raised.
+    Raises `BadInput` (exit 3) for a missing artifact, reference or data."""
+    from dsc.artifacts import load_io_spec, load_manifest
+    from dsc.validate.gate import GateOptions
+    from dsc.validate.run import (
+        VALIDATION_FILE,
+        candidate_precision,
+        gate_summary,
+        read_validation_text,
+        record,
+        resolve_reference,
+    )
+
+    artifact = Path(artifact)
+    manifest = load_manifest(artifact)
+    io = load_io_spec(artifact)
+    cand_path = artifact / io["onnx"]
+    text = read_validation_text(data)
+    ref_path, ref_io, ref_desc = resolve_reference(artifact, reference)
+    opts = options or GateOptions()
+    if thresholds:
+        opts.thresholds = dict(thresholds)
+    prec = precision or candidate_precision(artifact, manifest, io)
+    result = VALIDATE.gate(
+        cand_path,
+        io,
+        ref_path,
+        ref_io,
+        ref_desc,
+        artifact,
+        text,
+        precision=prec,
+        options=opts,
+        quiet=quiet,
+    )
+    if write:
+        record(artifact, VALIDATION_FILE, "validation", result, gate_summary(result))
+        from dsc.validate.report import write_reports
+
+        write_reports(artifact)
+    return result
 
 
 def _validate(
@@ -176,9 +284,7 @@ def _gate(
     A failed gate fails the build (exit 1): OUT is left as it was. The record and
     validation.json are those `dsc validate` writes.
     """
-    from dsc.backends.onnxruntime.runner import OrtCausalLM
-    from dsc.models.loading import load_tokenizer
-    from dsc.validate.gate import GateOptions, run_gate
+    from dsc.validate.gate import GateOptions
     from dsc.validate.run import REFERENCE_DIR, VALIDATION_FILE, default_text, gate_summary
 
     ref_dir = tmp / REFERENCE_DIR
@@ -206,20 +312,18 @@ def _gate(
     progress.say(f"{label} ...")
     t0 = time.perf_counter()
     reset_peak_rss()
-    # Each graph is loaded when the gate gets to it and freed after (never both at once).
-    result = run_gate(
-        lambda: OrtCausalLM(tmp / io["onnx"], io),
-        lambda: OrtCausalLM(ref_dir / ref_io["onnx"], ref_io),
-        load_tokenizer(tmp),
+    result = stage.gate(
+        tmp / io["onnx"],
+        io,
+        ref_dir / ref_io["onnx"],
+        ref_io,
+        f"{REFERENCE_DIR}/ ({config.dtype} graph before quantization)",
+        tmp,
         text,
         precision=config.quantize,
         options=GateOptions(),
-        candidate_path=tmp / io["onnx"],
-        reference_path=ref_dir / ref_io["onnx"],
         quiet=progress.quiet,
     )
-    result["candidate"] = io["onnx"]
-    result["reference"] = f"{REFERENCE_DIR}/ ({config.dtype} graph before quantization)"
     ran["validate"] = True
     seconds = round(time.perf_counter() - t0, 2)
     p = result["perplexity"]

@@ -15,12 +15,9 @@ reproducible: re-running `dsc report` does not change report.html.
 from __future__ import annotations
 
 import io
-import logging
 import math
 import re
 from collections.abc import Sequence
-
-logger = logging.getLogger(__name__)
 
 GiB = 2**30
 PASS_COLOR = "#2b8a3e"

@@ -25,7 +25,6 @@ On failure the locator (`dsc.validate.locate`) names the first layer/tensor wher
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,8 +34,6 @@ import numpy as np
 
 from dsc.errors import BadInput
 from dsc.validate import locate, metrics
-
-logger = logging.getLogger(__name__)
 
 # Gate thresholds per candidate precision. Quantized budgets follow the perplexity budgets of
 # the quantization issue (fp8 1%, int8 2%, int4 4%); the logit-level limits are set so that a

@@ -20,7 +20,6 @@ design) carry the node metadata `dsc.rescaled` and are not compared.
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from dsc.node_meta import RESCALED_KEY, module_path
-
-logger = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"layers\.(\d+)")
 

@@ -23,6 +23,7 @@ def _flat(x: np.ndarray) -> np.ndarray:
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log(softmax(x)) over the last axis, float64, same shape as `x` [..., vocab]."""
     x = np.asarray(x, dtype=np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
@@ -45,6 +46,7 @@ class LogitsAccumulator:
         self._max_abs = 0.0
 
     def add(self, candidate: np.ndarray, reference: np.ndarray) -> None:
+        """Accumulate one chunk: both [..., vocab], the same shape (`ValueError` otherwise)."""
         c, r = _flat(candidate), _flat(reference)
         if c.shape != r.shape:
             raise ValueError(f"logit shapes differ: {c.shape} vs {r.shape}")
@@ -60,6 +62,9 @@ class LogitsAccumulator:
         self._max_abs = max(self._max_abs, float(np.abs(c - r).max()))
 
     def result(self) -> dict[str, float]:
+        """{positions, cosine_mean, cosine_min, cosine_p01, max_abs (logit units), kl_mean,
+        kl_max (nats), top1, top5 (fractions in [0, 1])} over every chunk added; `ValueError`
+        when none was."""
         cos, kl = np.concatenate(self._cos), np.concatenate(self._kl)
         return {
             "positions": int(cos.shape[0]),
@@ -90,11 +95,13 @@ def nll(logits: np.ndarray, ids: np.ndarray) -> float:
 
 
 def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
+    """exp(`nll`): perplexity of `ids` [batch, seq] under `logits` [batch, seq, vocab]."""
     return math.exp(nll(logits, ids))
 
 
 def merge(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Combine per-batch metric dicts, weighting means by positions."""
+    """Combine per-batch `logits_metrics` dicts, weighting means by positions (`cosine_p01`:
+    the lowest part's, a conservative bound). `ZeroDivisionError` for no positions."""
     n = sum(p["positions"] for p in parts)
     out: dict[str, float] = {"positions": n}
     for key in ("cosine_mean", "kl_mean", "top1", "top5"):

@@ -1,4 +1,5 @@
-"""`dsc validate` / `dsc bench` on an artifact: resolve the graphs, run, record the results.
+"""`dsc bench` on an artifact, and what `dsc validate` (`dsc.stages.validate.validate_artifact`)
+shares with it: resolve the graphs, record the results.
 
 The candidate is the artifact's `model.onnx` (the graph handed to the builder). The reference,
 by default `fp16`, is the FP16 export kept in `reference/` by stages that change the graph
@@ -13,7 +14,6 @@ Results go into the artifact: `validation.json` / `bench.json`, a summary under 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -22,8 +22,6 @@ from dsc.artifacts import IO_SPEC, MANIFEST, load_io_spec, load_manifest
 from dsc.errors import BadInput
 from dsc.models.checkpoint import sha256_file
 from dsc.paths import check_graph_file
-
-logger = logging.getLogger(__name__)
 
 REFERENCE_DIR = "reference"
 VALIDATION_FILE = "validation.json"
@@ -111,54 +109,6 @@ def read_validation_text(data: str | Path | None) -> str:
     return read_text_bounded(
         p, what="validation data", kind="text", limit=256 * 2**20, errors="replace"
     )
-
-
-def validate_artifact(
-    artifact: str | Path,
-    *,
-    reference: str | Path = "fp16",
-    data: str | Path | None = None,
-    thresholds: dict | None = None,
-    precision: str | None = None,
-    options=None,
-    write: bool = True,
-    quiet: bool = False,
-) -> dict:
-    from dsc.backends.onnxruntime.runner import OrtCausalLM
-    from dsc.models.loading import load_tokenizer
-    from dsc.validate.gate import GateOptions, run_gate
-
-    artifact = Path(artifact)
-    manifest = load_manifest(artifact)
-    io = load_io_spec(artifact)
-    cand_path = artifact / io["onnx"]
-    text = read_validation_text(data)
-    ref_path, ref_io, ref_desc = resolve_reference(artifact, reference)
-    opts = options or GateOptions()
-
-    if thresholds:
-        opts.thresholds = dict(thresholds)
-    prec = precision or candidate_precision(artifact, manifest, io)
-    # Each graph is loaded when the gate gets to it and freed after (never both at once).
-    result = run_gate(
-        lambda: OrtCausalLM(cand_path, io),
-        lambda: OrtCausalLM(ref_path, ref_io),
-        load_tokenizer(artifact),
-        text,
-        precision=prec,
-        options=opts,
-        candidate_path=cand_path,
-        reference_path=ref_path,
-        quiet=quiet,
-    )
-    result["candidate"] = io["onnx"]
-    result["reference"] = ref_desc
-    if write:
-        record(artifact, VALIDATION_FILE, "validation", result, gate_summary(result))
-        from dsc.validate.report import write_reports
-
-        write_reports(artifact)
-    return result
 
 
 def bench_artifact(

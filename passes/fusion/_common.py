@@ -8,15 +8,12 @@ and a second run of a pass sees the block is done.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import onnx_ir as ir
 from onnxscript.rewriter import MatchingTracer, pattern
 
 from dsc.passes._framework import DscPass
-
-logger = logging.getLogger(__name__)
 
 BLOCK_KEY = "dsc.block"
 FORM_KEY = "dsc.form"

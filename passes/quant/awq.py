@@ -22,8 +22,6 @@ Two searches on the calibration rows X (sampled by `calibrate`), as llm-awq does
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx_ir as ir
 
@@ -36,8 +34,6 @@ from dsc.passes.quant.qdq import (
     quantize_weight,
 )
 from dsc.passes.quant.smoothquant import apply_scales, smoothable_groups
-
-logger = logging.getLogger(__name__)
 
 GRID = tuple(i / 20 for i in range(21))
 CLIP_GRID = tuple(1.0 - i / 40 for i in range(1, 21))  # 0.975 .. 0.5 (1.0 is always a candidate)

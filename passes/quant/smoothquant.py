@@ -32,15 +32,11 @@ Calibrate again after this pass: the activation ranges change.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx_ir as ir
 
 from dsc.passes.quant.fold import Fold, find_fold
 from dsc.passes.quant.qdq import Target, find_targets
-
-logger = logging.getLogger(__name__)
 
 ALPHA_GRID = tuple(i / 20 for i in range(1, 21))
 GATED_SKIP = (

@@ -19,7 +19,6 @@ run the same way, not a bit-exact model of a bf16 engine.
 from __future__ import annotations
 
 import contextlib
-import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,9 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from dsc.errors import BadInput
-
-logger = logging.getLogger(__name__)
-
 
 LEVELS = ("none", "basic", "extended", "all")
 
@@ -260,12 +256,24 @@ def inference_session(
 
 @dataclass
 class StepOutput:
+    """One forward pass: `logits` [batch, seq, vocab] (float32, or the graph's float dtype)
+    and `present`, the KV cache after it: one array per cache entry per layer, in the I/O
+    spec's order, each [batch, heads, past + seq, dim]."""
+
     logits: np.ndarray
     present: list[np.ndarray]
 
 
 class OrtCausalLM:
-    """A dsc ONNX graph in an ONNX Runtime session."""
+    """A dsc ONNX graph in an ONNX Runtime session: prefill/decode steps and generation.
+
+    Inputs of a step (int64): `input_ids` [batch, seq], `attention_mask` [batch, past + seq]
+    (1 for real tokens, 0 for left padding), `position_ids` [batch, seq]; the past KV cache as
+    `cache.entries` arrays per layer, each [batch, heads, past, dim] (MLA caches the latent:
+    heads 1). Outputs: `StepOutput`. `io_spec` is the artifact's model_io.json.
+    Raises `BadInput` (exit 3) when ONNX Runtime cannot load the graph; a bad `optimization`
+    level ("disable", "basic", "extended", "all") is a `ValueError` (a bug, not input).
+    """
 
     def __init__(
         self,
@@ -277,9 +285,10 @@ class OrtCausalLM:
         optimization: str = "basic",
         arena: bool = True,
     ):
-        """`onnx_path`: the graph's file, or an onnx_ir model (see `inference_session`).
-        `arena`: ONNX Runtime's CPU memory arena, on by default for a runner that steps the
-        graph many times (see `session_options`)."""
+        """`onnx_path`: the graph's file, or an onnx_ir model (see `inference_session`);
+        `providers`: ONNX Runtime execution providers (default: CPU); `threads`: intra-op
+        threads (None: ONNX Runtime's default); `arena`: ONNX Runtime's CPU memory arena, on
+        by default for a runner that steps the graph many times (see `session_options`)."""
         self.io = io_spec
         cache = io_spec["cache"]
         # A bf16 graph runs as its float32 view (see the module docstring).
@@ -306,12 +315,15 @@ class OrtCausalLM:
 
     @classmethod
     def from_artifact(cls, artifact: Path, **kw) -> OrtCausalLM:
+        """The artifact's graph (`model_io.json` → `onnx`); `BadInput` (exit 3) when the
+        directory is not a dsc artifact or the graph does not load."""
         from dsc.artifacts import load_io_spec
 
         io = load_io_spec(artifact)
         return cls(Path(artifact) / io["onnx"], io, **kw)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
+        """The KV cache before the first token: per layer and entry [batch, heads, 0, dim]."""
         past = []
         for _ in range(self.num_layers):
             for heads, dim in self.entries:
@@ -325,6 +337,8 @@ class OrtCausalLM:
         position_ids: np.ndarray,
         past: list[np.ndarray],
     ) -> StepOutput:
+        """One forward pass (shapes in the class docstring); `past` as from `empty_past` or a
+        previous step's `present`. ONNX Runtime's errors (wrong shapes) propagate."""
         feeds = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
             "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
@@ -345,7 +359,10 @@ class OrtCausalLM:
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
     ) -> list[list[int]]:
-        """Continue each prompt; returns only the new tokens (stopping at EOS per row)."""
+        """Continue each prompt (token ids; left-padded with `pad_token_id` into one batch) by up
+        to `max_new_tokens` tokens: argmax when `greedy`, else sampled at `temperature` with
+        `seed`. Returns only the new tokens per prompt (a row stops at `eos_token_id`).
+        Raises `BadInput` (exit 3) for no prompts or an empty one."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise BadInput("generation needs at least one token per prompt")
         rng = np.random.default_rng(seed)

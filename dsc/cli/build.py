@@ -1,4 +1,7 @@
-"""CLI commands `dsc build`, `dsc compile`, `dsc inspect`, `dsc verify`: parse, call dsc.api."""
+"""`dsc build`, `dsc compile`, `dsc inspect`, `dsc verify`: map flags onto `dsc.api`.
+
+`--triton` on `dsc build` also writes a Triton model repository (`dsc.api.triton`).
+"""
 
 from __future__ import annotations
 
@@ -8,96 +11,20 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-_PATH = click.Path(path_type=Path)
-
-
-def _engine_options(f):
-    """Options shared by build and compile (the ones that shape an engine)."""
-    opts = [
-        click.option(
-            "-p",
-            "--profile",
-            "profiles",
-            multiple=True,
-            help="Hardware profile(s): name, alias or .yaml path; a,b,c builds a "
-            "matrix (repeatable).",
-        ),
-        click.option(
-            "--set",
-            "overrides",
-            multiple=True,
-            metavar="KEY=VALUE",
-            help="Override a profile field for every profile, e.g. "
-            "builder.workspace_gb=4 (repeatable).",
-        ),
-        click.option(
-            "--max-batch",
-            type=click.IntRange(1),
-            default=None,
-            help="Engine envelope: largest batch (default: the profile's).",
-        ),
-        click.option(
-            "--max-input-len",
-            type=click.IntRange(1),
-            default=None,
-            help="Engine envelope: longest prompt (default: the profile's, capped).",
-        ),
-        click.option(
-            "--max-kv",
-            type=click.IntRange(1),
-            default=None,
-            help="Engine envelope: KV-cache capacity in tokens (default: the profile's, "
-            "capped at the model's max_position_embeddings).",
-        ),
-        click.option(
-            "--max-num-tokens",
-            type=click.IntRange(1),
-            default=None,
-            help="Engine envelope: most tokens in one prefill pass; the prefill "
-            "profile's batch is max(1, this // max-input-len) (default: the "
-            "profile's, 8192).",
-        ),
-        click.option(
-            "--backend",
-            type=click.Choice(["auto", "tensorrt_rtx", "tensorrt"]),
-            default="auto",
-            show_default=True,
-            help="auto: TensorRT-RTX where it can target the GPU, else standard "
-            "TensorRT on the device (preflight + trtexec command elsewhere).",
-        ),
-        click.option(
-            "--dla-core",
-            type=int,
-            default=None,
-            help="Jetson AGX Orin / Orin NX: build for this DLA core with GPU fallback "
-            "(standard TensorRT, on the device).",
-        ),
-        click.option(
-            "--rebuild", is_flag=True, help="Run every stage even when its inputs are unchanged."
-        ),
-        click.option(
-            "--config",
-            "config_path",
-            type=_PATH,
-            default=None,
-            help="dsc.yaml with pinned options; flags given here override it.",
-        ),
-        click.option(
-            "--json",
-            "as_json",
-            is_flag=True,
-            help="Print one JSON document on stdout (progress stays on stderr).",
-        ),
-        click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+from dsc.cli.options import (
+    PATH,
+    allow_pickle_option,
+    envelope_options,
+    export_options,
+    force_option,
+    json_option,
+    quant_options,
+)
 
 
 def _merged(params: dict, allowed: tuple[str, ...] | None = None) -> dict:
     """CLI values over the config file's (only flags the user actually gave win)."""
-    from dsc.config_file import load_config_file, merge
+    from dsc import api
 
     ctx = click.get_current_context()
     explicit = {
@@ -112,22 +39,9 @@ def _merged(params: dict, allowed: tuple[str, ...] | None = None) -> dict:
     path = params.get("config_path")
     if path is None:
         return values
-    from_file = load_config_file(path)
-    if allowed is not None:
-        from_file = {
-            k: v
-            for k, v in from_file.items()
-            if k in allowed or (k == "overrides" and "set" in allowed)
-        }
     if "profiles" in explicit and not values["profiles"]:
         explicit.discard("profiles")
-    return merge(from_file, values, explicit)
-
-
-def _quant_options(f):
-    from dsc._cli_quant import quant_options
-
-    return quant_options(f)
+    return api.merge_config_file(path, values, explicit, allowed=allowed)
 
 
 def _split(values) -> tuple[str, ...]:
@@ -141,11 +55,11 @@ _RENAMES = {"method": "calib_method", "samples": "calib_samples", "seq_len": "ca
 
 def _to_config_names(values: dict, explicit: set[str]) -> None:
     """Rename CLI parameters to config names in place (values and the explicit set)."""
-    from dsc.precision import precision_from_flags
+    from dsc import api
 
     flags = ("int8", "fp8", "int4_awq")
     if any(k in values for k in flags):
-        chosen = precision_from_flags(*(bool(values.pop(k, False)) for k in flags))
+        chosen = api.quantize_precision(*(bool(values.pop(k, False)) for k in flags))
         values["quantize"] = chosen
         if chosen is not None:
             explicit.add("quantize")
@@ -162,10 +76,9 @@ def _to_config_names(values: dict, explicit: set[str]) -> None:
 
 
 def _config(values: dict):
-    from dsc.build_config import BuildConfig
+    from dsc import api
 
-    keys = set(BuildConfig.keys())
-    return BuildConfig(**{k: v for k, v in values.items() if k in keys})
+    return api.build_config(**values)
 
 
 def _emit(outcome, as_json: bool) -> None:
@@ -176,8 +89,8 @@ def _emit(outcome, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("checkpoint", type=_PATH, required=False)
-@click.option("-o", "--output", type=_PATH, default=None, help="Artifact directory.")
+@click.argument("checkpoint", type=PATH, required=False)
+@click.option("-o", "--output", type=PATH, default=None, help="Artifact directory.")
 @click.option(
     "--dtype",
     type=click.Choice(["fp16", "bf16", "fp32"]),
@@ -185,13 +98,7 @@ def _emit(outcome, as_json: bool) -> None:
     show_default=True,
     help="Precision of the exported graph (and engine).",
 )
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
-@click.option(
-    "--external-data",
-    is_flag=True,
-    help="Always write the weights to model.onnx.data (default: only when they "
-    "reach 1.5 GiB, as every real model does).",
-)
+@export_options
 @click.option(
     "--validate",
     type=click.Choice(["auto", "smoke", "gate", "none"]),
@@ -208,12 +115,8 @@ def _emit(outcome, as_json: bool) -> None:
     show_default=True,
     help="Greedy tokens the smoke check decodes.",
 )
-@click.option(
-    "--allow-pickle",
-    is_flag=True,
-    help="Load pytorch_model*.bin pickles (runs code from the file; trusted input only).",
-)
-@click.option("--force", is_flag=True, help="Replace an artifact of another checkpoint at OUTPUT.")
+@allow_pickle_option
+@force_option("Replace an artifact of another checkpoint at OUTPUT.")
 @click.option(
     "--optimize/--no-optimize",
     default=True,
@@ -234,9 +137,15 @@ def _emit(outcome, as_json: bool) -> None:
     metavar="NAME",
     help="Leave this pass out of the pipeline (repeatable).",
 )
-@_quant_options
-@_engine_options
-def build(checkpoint: Path | None, **params) -> None:
+@quant_options
+@envelope_options
+@click.option(
+    "--triton",
+    "triton",
+    is_flag=True,
+    help="Also write a Triton model repository for the built engines to OUTPUT.triton/.",
+)
+def build(checkpoint: Path | None, triton: bool, **params) -> None:
     """Build CHECKPOINT into an artifact with one TensorRT engine per hardware profile.
 
     Stages: export, optimize, quantize, compile, validate; a stage whose inputs did not change
@@ -247,6 +156,8 @@ def build(checkpoint: Path | None, **params) -> None:
     """
     from dsc import api
 
+    if triton and params.get("output") is None:
+        raise click.UsageError("--triton needs -o OUTPUT on the command line")
     values = _merged(dict(params, checkpoint=checkpoint))
     if values.get("checkpoint") is None:
         raise click.UsageError("missing CHECKPOINT (or `checkpoint:` in --config)")
@@ -256,11 +167,17 @@ def build(checkpoint: Path | None, **params) -> None:
         values["checkpoint"], values["output"], _config(values), quiet=values["quiet"]
     )
     _emit(outcome, values["as_json"])
+    if triton:
+        out = Path(str(params["output"]).rstrip("/") + ".triton")
+        r = api.triton(params["output"], out, force=True)
+        err = bool(params.get("as_json"))  # keep stdout the build's JSON
+        click.echo(f"triton repository: {r.path} (models: {', '.join(r.models)})", err=err)
+        click.echo(f"start: {r.command}", err=err)
 
 
 @click.command(name="compile")
-@click.argument("artifact", type=_PATH)
-@_engine_options
+@click.argument("artifact", type=PATH)
+@envelope_options
 def compile_(artifact: Path, **params) -> None:
     """Build the engine for PROFILE(s) into ARTIFACT (from dsc export or dsc build).
 
@@ -268,16 +185,15 @@ def compile_(artifact: Path, **params) -> None:
     preflight; elsewhere it does what `dsc build` does for those profiles.
     """
     from dsc import api
-    from dsc.config_file import COMPILE_KEYS
 
-    values = _merged(params, allowed=COMPILE_KEYS)
+    values = _merged(params, allowed=api.compile_keys())
     outcome = api.compile_artifact(artifact, _config(values), quiet=values["quiet"])
     _emit(outcome, values["as_json"])
 
 
 @click.command()
-@click.argument("artifact", type=_PATH)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.argument("artifact", type=PATH)
+@json_option("Print the summary as JSON.")
 def inspect(artifact: Path, as_json: bool) -> None:
     """Summarise ARTIFACT: model, graph, stages, engines per profile, validation, files."""
     from dsc import api
@@ -288,7 +204,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("artifact", type=_PATH)
+@click.argument("artifact", type=PATH)
 @click.option(
     "--inputs",
     "check_inputs",
@@ -296,13 +212,12 @@ def inspect(artifact: Path, as_json: bool) -> None:
     help="Also re-hash the source checkpoint files recorded in the manifest.",
 )
 @click.option(
-    "--checkpoint", type=_PATH, default=None, help="Where the checkpoint is now (implies --inputs)."
+    "--checkpoint", type=PATH, default=None, help="Where the checkpoint is now (implies --inputs)."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option("Print the result as JSON.")
 def verify(artifact: Path, check_inputs: bool, checkpoint: Path | None, as_json: bool) -> None:
     """Re-check every hash in ARTIFACT's manifest; exit 1 naming any file that differs."""
     from dsc import api
-    from dsc.manifest import raise_for_problems
 
     result = api.verify_artifact(artifact, check_inputs=check_inputs, checkpoint=checkpoint)
     if as_json:
@@ -315,11 +230,7 @@ def verify(artifact: Path, check_inputs: bool, checkpoint: Path | None, as_json:
                 f" and {result.inputs_checked} checkpoint files" if result.inputs_checked else ""
             )
             click.echo(f"OK: {result.checked} files{extra} match {artifact}/manifest.json")
-    raise_for_problems(result)
+    api.check_verified(result)
 
 
-def register(cli: click.Group) -> None:
-    cli.add_command(build)
-    cli.add_command(compile_)
-    cli.add_command(inspect)
-    cli.add_command(verify)
+COMMANDS = (build, compile_, inspect, verify)

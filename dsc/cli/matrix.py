@@ -1,10 +1,12 @@
-"""The `dsc matrix` click command: maps flags onto `dsc.matrix.run` (docs/MATRIX.md)."""
+"""`dsc matrix`: maps flags onto `dsc.api.matrix` / `matrix_plan` (docs/MATRIX.md)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+
+from dsc.cli.options import json_option
 
 
 @click.command()
@@ -36,7 +38,7 @@ import click
     is_flag=True,
     help="Print the cells and their `dsc build` command lines; run nothing.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the summary (or plan) as JSON.")
+@json_option("Print the summary (or plan) as JSON.")
 def matrix(
     matrix_file: Path,
     output: Path,
@@ -47,12 +49,11 @@ def matrix(
     as_json: bool,
 ) -> None:
     """Build every (model, precision) of MATRIX_FILE for every legal profile, sharing stages."""
-    from dsc.matrix.run import check, format_summary, plan_json, run_matrix, to_json
-    from dsc.matrix.spec import load_matrix
+    from dsc import api
+    from dsc.matrix.run import format_summary, to_json
 
-    m = load_matrix(matrix_file)
     if plan_only:
-        doc = plan_json(m, output)
+        doc = api.matrix_plan(matrix_file, output)
         if as_json:
             click.echo(to_json(doc))
         else:
@@ -63,23 +64,11 @@ def matrix(
                     + "; ".join(c["skipped_profiles"].values())
                 )
         return
-    if executor == "ray":
-        from dsc.matrix.executors import RayExecutor
-
-        ex = RayExecutor(address)
-    else:
-        from dsc.matrix.executors import LocalExecutor
-
-        ex = LocalExecutor(workers)
-    import contextlib
-    import sys
-
-    # Ray prints cluster events (a worker that died, ...) on stdout: stdout is the summary's.
-    with contextlib.redirect_stdout(sys.stderr):
-        doc = run_matrix(m, output, ex, quiet=as_json)
+    doc = api.matrix(
+        matrix_file, output, executor=executor, address=address, workers=workers, quiet=as_json
+    )
     click.echo(to_json(doc) if as_json else format_summary(doc))
-    check(doc)
+    api.check_matrix(doc)
 
 
-def register(cli: click.Group) -> None:
-    cli.add_command(matrix)
+COMMANDS = (matrix,)

@@ -1,5 +1,11 @@
 """Command line: a thin click layer. Each command parses options and calls one `dsc.api` function.
 
+The package: this module (the `dsc` group and `main`), `options` (option groups shared by
+several commands, each option defined once) and one module per family of commands (`export`,
+`build`, `quantize`, `passes`, `validate`, `engine`, `hardware`, `matrix`). Command modules
+import click, `dsc.errors`, `dsc.cli.options`, output formatting and, inside each command,
+`dsc.api`: nothing else (tests/test_import_graph.py), so `dsc --help` imports no heavy library.
+
 `main()` turns a `DscError` into one line on stderr and its documented exit code (see
 `dsc.errors`), a usage error into one line and exit 2, an `OSError` of the machine (disk full,
 read-only, permission, a path under a file) into exit 8, SIGINT into exit 130 and SIGTERM into
@@ -13,7 +19,6 @@ import errno
 import logging
 import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -28,8 +33,6 @@ from dsc.errors import (
     Terminated,
 )
 
-_PATH = click.Path(path_type=Path)
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dsc")
@@ -40,108 +43,16 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-@cli.command()
-@click.argument("checkpoint", type=_PATH)
-@click.option("-o", "--output", "output", type=_PATH, required=True, help="Artifact directory.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
-    default="fp16",
-    show_default=True,
-    help="Precision of the exported graph.",
-)
-@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
-@click.option(
-    "--external-data",
-    is_flag=True,
-    help="Always write the weights to model.onnx.data (default: only when they "
-    "reach 1.5 GiB, as every real model does).",
-)
-@click.option(
-    "--allow-pickle",
-    is_flag=True,
-    help="Load pytorch_model*.bin pickles (runs code from the file; trusted input only).",
-)
-@click.option("--force", is_flag=True, help="Replace an existing dsc artifact at OUTPUT.")
-def export(
-    checkpoint: Path,
-    output: Path,
-    dtype: str,
-    opset: int | None,
-    external_data: bool,
-    allow_pickle: bool,
-    force: bool,
-) -> None:
-    """Export a Hugging Face checkpoint to one ONNX graph with KV-cache inputs/outputs."""
-    from dsc import api
+def _register() -> None:
+    # One module per family of commands; each `COMMANDS` tuple is added in order.
+    from dsc.cli import build, engine, export, hardware, matrix, passes, quantize, validate
 
-    result = api.export(
-        checkpoint,
-        output,
-        dtype=dtype,
-        opset=opset,
-        external_data=external_data,
-        allow_pickle=allow_pickle,
-        force=force,
-    )
-    click.echo(f"exported {result.family} ({result.architecture}) to {result.path}")
-    click.echo(
-        f"  graph: {result.onnx_path.name}  dtype: {result.dtype}  "
-        f"layers: {result.num_layers}  cache: {result.cache_kind}"
-    )
+    for module in (export, hardware, validate, build, quantize, passes, engine, matrix):
+        for command in module.COMMANDS:
+            cli.add_command(command)
 
 
-@cli.command()
-@click.argument("artifact", type=_PATH)
-@click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=64, show_default=True)
-@click.option("--greedy/--sample", default=True, show_default=True)
-@click.option("--temperature", type=float, default=0.8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-def run(
-    artifact: Path, prompt: str, max_new_tokens: int, greedy: bool, temperature: float, seed: int
-) -> None:
-    """Generate text from an exported artifact with ONNX Runtime."""
-    from dsc import api
-
-    text = api.run(
-        artifact,
-        prompt,
-        max_new_tokens=max_new_tokens,
-        greedy=greedy,
-        temperature=temperature,
-        seed=seed,
-    )
-    click.echo(text)
-
-
-def _register_optional_groups() -> None:
-    # Commands that live in their own modules register here, so this file stays a list.
-    from dsc import _cli_hw
-
-    _cli_hw.register(cli)
-    from dsc import _cli_validate
-
-    _cli_validate.register(cli)
-    from dsc import _cli_build
-
-    _cli_build.register(cli)
-    from dsc import _cli_quant
-
-    _cli_quant.register(cli)
-    from dsc import _cli_passes
-
-    _cli_passes.register(cli)
-    from dsc import _cli_engine  # after validate/bench/build: it adds options to them
-
-    _cli_engine.register(cli)
-
-    from dsc.matrix import command as _matrix_command
-
-    _matrix_command.register(cli)
-
-
-_register_optional_groups()
+_register()
 
 
 # errno values that mean the machine, not dsc or its input, refused.

@@ -1,24 +1,20 @@
-"""CLI commands for hardware profiles and planning (`dsc profiles`, `dsc plan`).
+"""`dsc profiles list|show` and `dsc plan`: map flags onto `dsc.api` and print.
 
-Thin: each command parses options, calls `dsc.hardware` / `dsc.plan`, and prints. Errors are
-`DscError`s raised by those modules; `dsc.cli.main` turns them into one line and an exit code.
+Errors are `DscError`s raised below `dsc.api`; `dsc.cli.main` turns them into one line and an
+exit code.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import click
 import yaml
 
+from dsc.cli.options import json_option, set_option
 from dsc.errors import DoesNotFit, UsageError
 from dsc.precision import TARGET_PRECISIONS
-
-logger = logging.getLogger(__name__)
-
-_SET_HELP = "Override one profile field, e.g. --set builder.workspace_gb=8 (repeatable)."
 
 
 @click.group("profiles")
@@ -27,12 +23,12 @@ def profiles() -> None:
 
 
 @profiles.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option("Machine-readable output.")
 def profiles_list(as_json: bool) -> None:
     """List the built-in profiles."""
-    from dsc.hardware import list_profiles
+    from dsc import api
 
-    profs = list_profiles()
+    profs = api.list_profiles()
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in profs], indent=2))
         return
@@ -72,13 +68,13 @@ def profiles_list(as_json: bool) -> None:
 
 @profiles.command("show")
 @click.argument("name")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@set_option()
+@json_option("Machine-readable output.")
 def profiles_show(name: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Show one profile (NAME, alias, or path to a YAML file) after overrides."""
-    from dsc.hardware import load_profile
+    from dsc import api
 
-    prof = load_profile(name, list(overrides))
+    prof = api.show_profile(name, overrides)
     data = prof.to_dict()
     if as_json:
         click.echo(
@@ -140,8 +136,8 @@ def profiles_show(name: str, overrides: tuple[str, ...], as_json: bool) -> None:
     show_default=True,
     help="Tensor/expert parallel over N GPUs of the profile; memory is per GPU.",
 )
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@set_option()
+@json_option("Machine-readable output.")
 @click.option(
     "--strict",
     is_flag=True,
@@ -165,8 +161,8 @@ def plan_cmd(
 
     Works from config.json alone, so examples/configs/* plan without weights.
     """
-    from dsc import plan as planner
-    from dsc.hardware import load_profile
+    from dsc import api
+    from dsc.plan import format_plan, format_table
 
     if profile_name.strip().lower() == "all":
         if lm_head or embedding or gpus > 1:
@@ -174,36 +170,32 @@ def plan_cmd(
                 "--quantize-lm-head/--quantize-embedding/--gpus plan one profile; "
                 "--profile all takes neither"
             )
-        rows = planner.plan_all(model, precision, batch, context, input_len, list(overrides))
-        results = [r for r in rows if isinstance(r, planner.PlanResult)]
+        rows = api.plan_all(model, precision, batch, context, input_len, overrides)
         if as_json:
-            click.echo(
-                json.dumps(
-                    [
-                        r.to_dict()
-                        if isinstance(r, planner.PlanResult)
-                        else {"profile": r.profile, "skipped": r.reason}
-                        for r in rows
-                    ],
-                    indent=2,
-                )
-            )
+            click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
         else:
-            click.echo(planner.format_table(rows))
-        if strict and not any(r.fits for r in results):
+            click.echo(format_table(rows))
+        if strict and not any(r.fits for r in rows):
             raise DoesNotFit(f"{model} at {precision}, batch {batch} fits none of the profiles")
         return
 
-    prof = load_profile(profile_name, list(overrides))
-    kw = {"lm_head": lm_head, "embedding": embedding, "gpus": gpus}
-    result = planner.plan(model, prof, precision, batch, context, input_len, **kw)
-    rems = planner.remedies(model, prof, precision, batch, context, input_len, **kw)
+    outcome = api.plan(
+        model,
+        profile_name,
+        precision,
+        batch,
+        context,
+        input_len,
+        lm_head=lm_head,
+        embedding=embedding,
+        gpus=gpus,
+        overrides=overrides,
+    )
+    result, rems, prof = outcome.result, outcome.remedies, outcome.profile
     if as_json:
-        click.echo(
-            json.dumps({**result.to_dict(), "remedies": [r.to_dict() for r in rems]}, indent=2)
-        )
+        click.echo(json.dumps(outcome.to_json(), indent=2))
     else:
-        click.echo(planner.format_plan(result, rems))
+        click.echo(format_plan(result, rems))
     if strict and not result.fits:
         best = f"; {rems[0].change} ({rems[0].flags})" if rems and rems[0].fits else ""
         raise DoesNotFit(
@@ -212,7 +204,4 @@ def plan_cmd(
         )
 
 
-def register(cli: click.Group) -> None:
-    """Add this module's commands to the top-level group."""
-    cli.add_command(profiles)
-    cli.add_command(plan_cmd)
+COMMANDS = (profiles, plan_cmd)

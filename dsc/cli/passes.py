@@ -1,4 +1,4 @@
-"""CLI for graph passes: `dsc passes list` and `dsc optimize`."""
+"""`dsc passes list` and `dsc optimize`: map flags onto `dsc.api.list_passes` / `optimize`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,7 @@ from pathlib import Path
 
 import click
 
-_PATH = click.Path(path_type=Path)
-
-
-def _names(values: tuple[str, ...]) -> list[str]:
-    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+from dsc.cli.options import PATH, force_option, json_option, names
 
 
 @click.group()
@@ -20,32 +16,24 @@ def passes() -> None:
 
 
 @passes.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+@json_option("Print the registry as JSON.")
 def list_cmd(as_json: bool) -> None:
     """Registered passes, in default pipeline order."""
-    from dsc.passes import PIPELINE, list_passes
+    from dsc import api
 
-    infos = list_passes()
+    registry = api.list_passes()
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "pipeline": list(PIPELINE),
-                    "passes": [{"name": p.name, "kind": p.kind, "doc": p.doc} for p in infos],
-                },
-                indent=2,
-            )
-        )
+        click.echo(json.dumps(registry.to_json(), indent=2))
         return
-    width = max(len(p.name) for p in infos)
-    for p in infos:
+    width = max(len(p.name) for p in registry.passes)
+    for p in registry.passes:
         click.echo(f"{p.name:<{width}}  {p.kind:<8}  {p.doc}")
-    click.echo(f"\ndefault pipeline: {' → '.join(PIPELINE)}")
+    click.echo(f"\ndefault pipeline: {' → '.join(registry.pipeline)}")
 
 
 @click.command()
-@click.argument("artifact", type=_PATH)
-@click.option("-o", "--output", type=_PATH, required=True, help="New artifact directory.")
+@click.argument("artifact", type=PATH)
+@click.option("-o", "--output", type=PATH, required=True, help="New artifact directory.")
 @click.option(
     "--passes",
     "only",
@@ -95,8 +83,8 @@ def list_cmd(as_json: bool) -> None:
     is_flag=True,
     help="Run ONNX Runtime after every pass and fail naming the pass that changed the outputs.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing dsc artifact at OUTPUT.")
-@click.option("--json", "as_json", is_flag=True, help="Print the pass report as JSON.")
+@force_option()
+@json_option("Print the pass report as JSON.")
 def optimize(
     artifact: Path,
     output: Path,
@@ -112,26 +100,19 @@ def optimize(
     as_json: bool,
 ) -> None:
     """Run the graph passes on ARTIFACT's ONNX graph and write a new artifact to OUTPUT."""
-    from dsc.passes import PassOptions
+    from dsc import api
     from dsc.passes.coverage import format_coverage
-    from dsc.stages.optimize import optimize_artifact
 
-    hw = None
-    if profile:
-        from dsc.hardware import load_profile
-
-        hw = load_profile(profile)
-    options = PassOptions(
-        target_ops=target_ops, mla_absorb_max_seq=mla_absorb_max_seq, moe_gather_decode=moe_gather
-    )
-    result = optimize_artifact(
+    result = api.optimize(
         artifact,
         output,
-        profile=hw,
-        options=options,
-        only=_names(only) or None,
-        disable=_names(disable),
-        dump_after=_names(dump_after),
+        profile=profile,
+        target_ops=target_ops,
+        mla_absorb_max_seq=mla_absorb_max_seq,
+        moe_gather=moe_gather,
+        only=names(only) or None,
+        disable=names(disable),
+        dump_after=names(dump_after),
         verify_each=verify_each,
         force=force,
     )
@@ -158,6 +139,4 @@ def optimize(
     click.echo(format_coverage(result.coverage, "coverage:"))
 
 
-def register(cli: click.Group) -> None:
-    cli.add_command(passes)
-    cli.add_command(optimize)
+COMMANDS = (passes, optimize)
