@@ -441,7 +441,7 @@ def validate(
     `engine`); `cuda_graphs`: decode under CUDA graphs (with `engine`).
 
     Returns validation.json's document (`passed`, `failures`, `prefill` / `decode` metrics,
-    `perplexity`, `greedy`, ...; see `dsc.validate.gate.GateResult`). A failed gate is
+    `perplexity`, `greedy`, ...; see `dsc.validate.gate.run_gate`). A failed gate is
     returned, not raised (the caller raises `CheckFailed`, exit 1). Raises `UsageError` (exit 2)
     for bad thresholds, `BadInput` (exit 3) for a missing reference or data, `Unsupported`
     (exit 4) for an engine this machine cannot run."""
