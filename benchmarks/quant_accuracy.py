@@ -148,7 +148,7 @@ def gate(cand_path: Path, cand_io: dict, ref_art: Path, precision: str) -> dict:
         options=GateOptions(locate=False),
         candidate_path=cand_path,
         reference_path=ref_art / ref_io["onnx"],
-    )
+    ).to_json()
 
 
 def heldout_windows(tokenizer, count: int | None, window: int = 128) -> np.ndarray:

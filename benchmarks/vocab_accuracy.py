@@ -94,7 +94,7 @@ def vocab_only(model_dir: Path, work: Path, windows: int) -> list[dict]:
         shutil.copy2(ref_dir / "model_io.json", cand_dir / "model_io.json")
         cand = OrtCausalLM(cand_dir / io["onnx"], io)
         precision = "int4" if "int4" in (lm_head, embedding) else (lm_head or embedding)
-        r = run_gate(cand, ref, tok, text, precision=precision, options=opts)
+        r = run_gate(cand, ref, tok, text, precision=precision, options=opts).to_json()
         saved = sum(
             v["bytes_before"] - v["bytes_after"]
             for v in {

@@ -279,7 +279,7 @@ def test_gate_never_holds_both_graphs_and_matches_resident_runners(fp16_artifact
         precision="int8",
         options=opts,
         quiet=True,
-    )
+    ).to_json()
     assert order == ["reference", "candidate"] and peak[0] == 1
     resident = run_gate(
         OrtCausalLM(dst / "model.onnx", io),
@@ -289,7 +289,44 @@ def test_gate_never_holds_both_graphs_and_matches_resident_runners(fp16_artifact
         precision="int8",
         options=opts,
         quiet=True,
-    )
+    ).to_json()
     for key in ("prefill", "decode", "perplexity", "greedy", "passed"):
         assert streamed[key] == resident[key], key
     assert 0 < streamed["prefill"]["kl_mean"] < 0.08 and streamed["passed"] is True
+
+
+def test_gate_result_json_keys_in_validation_order():
+    """`GateResult.to_json()` writes validation.json's keys in the order they always had: the
+    gate's own, the locator's only when it ran, then `seconds`, then what the caller adds."""
+    from dsc.validate.gate import GateResult
+
+    r = GateResult(
+        "int8",
+        {"max_kl": 0.08},
+        {"windows": 1},
+        {"top1": 1.0},
+        {"top1": 1.0},
+        {"delta": 0.0},
+        {"greedy_match": 1.0},
+        [],
+        True,
+        seconds=1.5,
+    )
+    assert list(r.to_json()) == [
+        "kind",
+        "precision",
+        "thresholds",
+        "data",
+        "prefill",
+        "decode",
+        "perplexity",
+        "greedy",
+        "failures",
+        "passed",
+        "seconds",
+    ]
+    r.layers, r.first_divergence = [{"tensor": "t"}], None
+    r.extra.update(candidate="model.onnx", reference="reference/")
+    doc = r.to_json()
+    assert list(doc)[-5:] == ["layers", "first_divergence", "seconds", "candidate", "reference"]
+    assert doc["kind"] == "gate" and doc["first_divergence"] is None

@@ -142,7 +142,7 @@ def validate_engine(
         candidate_path=artifact / io["onnx"],
         reference_path=ref_path,
         quiet=quiet,
-    )
+    ).to_json()
     engine = manifest["profiles"][profile]["engine"]
     result["candidate"] = f"{engine['path']} ({make.runtime.label})"
     result["reference"] = ref_desc

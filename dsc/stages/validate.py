@@ -122,9 +122,8 @@ class ValidateStage(Stage):
             reference_path=reference,
             quiet=quiet,
         )
-        result["candidate"] = io["onnx"]
-        result["reference"] = ref_desc
-        return result
+        result.extra.update(candidate=io["onnx"], reference=ref_desc)
+        return result.to_json()
 
 
 VALIDATE = ValidateStage()

@@ -278,6 +278,55 @@ def _check(result: dict, th: dict[str, float]) -> list[str]:
     return fails
 
 
+@dataclass
+class GateResult:
+    """What `run_gate` measured; `to_json()` is validation.json's document.
+
+    `prefill` / `decode`: `dsc.validate.metrics.logits_metrics` dicts (cosine, KL in nats,
+    top-1/top-5 fractions, max abs logit difference); `perplexity`: {candidate, reference,
+    delta (relative)}; `greedy`: tokens until the first divergence per prompt and their mean
+    fraction of `gen_len`; `failures`: one line per threshold missed; `layers` /
+    `first_divergence`: the locator's per-module relative errors (None: not run); `seconds`:
+    the gate's wall time; `extra`: what the caller adds (candidate and reference names, the
+    engine run's runtime and graph statistics), written after the gate's own keys.
+    """
+
+    precision: str
+    thresholds: dict[str, float]
+    data: dict[str, int]
+    prefill: dict[str, float]
+    decode: dict[str, float]
+    perplexity: dict[str, float]
+    greedy: dict
+    failures: list[str]
+    passed: bool
+    layers: list[dict] | None = None
+    first_divergence: dict | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+    kind: str = "gate"
+
+    def to_json(self) -> dict:
+        """The record in validation.json's key order (`layers` and `first_divergence` only
+        when the locator ran)."""
+        doc = {
+            "kind": self.kind,
+            "precision": self.precision,
+            "thresholds": self.thresholds,
+            "data": self.data,
+            "prefill": self.prefill,
+            "decode": self.decode,
+            "perplexity": self.perplexity,
+            "greedy": self.greedy,
+            "failures": self.failures,
+            "passed": self.passed,
+        }
+        if self.layers is not None:
+            doc.update(layers=self.layers, first_divergence=self.first_divergence)
+        doc["seconds"] = self.seconds
+        return doc | self.extra
+
+
 def run_gate(
     candidate,
     reference,
@@ -289,7 +338,7 @@ def run_gate(
     candidate_path: Path | None = None,
     reference_path: Path | None = None,
     quiet: bool = False,
-) -> dict:
+) -> GateResult:
     """Compare a candidate graph with its reference; return the validation record.
 
     `candidate`, `reference`: runners with `OrtCausalLM`'s interface (`step`, `empty_past`,
@@ -297,9 +346,9 @@ def run_gate(
     when its turn comes and dropped after: the reference runs every input first, its prefill
     logits spilled to a temporary .npy ([windows, window, vocab], memory-mapped), then the
     candidate, compared one window at a time; the two graphs are never resident at once and
-    only one window's logits of each are in memory. The record (`prefill`, `decode`,
-    `perplexity`, `greedy`, `failures`, `passed`, `layers`/`first_divergence` from the locator
-    when the paths are given) is what `DEFAULT_THRESHOLDS` are checked against; perplexity in
+    only one window's logits of each are in memory. Returns a `GateResult` (`prefill`,
+    `decode`, `perplexity`, `greedy`, `failures`, `passed`, `layers`/`first_divergence` from
+    the locator when the paths are given), checked against `DEFAULT_THRESHOLDS`; perplexity in
     nats-based units (exp of the mean next-token NLL). A bar with counts and an ETA shows on
     a terminal unless `quiet`. Raises BadInput if the text is shorter than one window.
     """
@@ -326,26 +375,21 @@ def run_gate(
         )
         compared = _compare(cand, ref, opts.gen_len)
         del ref, cand  # close the memory maps before the directory goes
-    result = {
-        "kind": "gate",
-        "precision": precision,
-        "thresholds": th,
-        "data": {
-            "windows": int(ids.shape[0]),
-            "window": int(ids.shape[1]),
-            "tokens": int(ids.size),
-        },
+    fails = _check(compared, th)
+    result = GateResult(
+        precision=precision,
+        thresholds=th,
+        data={"windows": int(ids.shape[0]), "window": int(ids.shape[1]), "tokens": int(ids.size)},
         **compared,
-    }
-    fails = _check(result, th)
-    result["failures"] = fails
-    result["passed"] = not fails
+        failures=fails,
+        passed=not fails,
+    )
     if candidate_path is not None and reference_path is not None and (fails or opts.locate):
         errors = locate.layer_errors(
             candidate_path, reference_path, ids[:2, : min(32, ids.shape[1])]
         )
         jump = locate.first_jump(errors)
-        result["layers"] = [e.to_json() for e in errors]
-        result["first_divergence"] = jump.to_json() if jump else None
-    result["seconds"] = round(time.perf_counter() - t0, 2)
+        result.layers = [e.to_json() for e in errors]
+        result.first_divergence = jump.to_json() if jump else None
+    result.seconds = round(time.perf_counter() - t0, 2)
     return result
