@@ -67,27 +67,14 @@ STAGES = (EXPORT, OPTIMIZE, QUANTIZE, COMPILE, VALIDATE)
 GRAPH_STAGES = STAGES[:3]
 
 
-def build(
-    checkpoint: str | Path,
-    output: str | Path,
-    config: BuildConfig,
-    *,
-    quiet: bool = False,
-    echo=None,
-    seed: Path | None = None,
-) -> BuildOutcome:
-    """Checkpoint → artifact with one engine (or preflight + device command) per profile.
-
-    `seed`: where there is no artifact at OUT, a directory of stage records and outputs to reuse
-    as if it were the previous artifact (`dsc matrix` runs the stages in workers)."""
-    from dsc.models.checkpoint import inspect_checkpoint
+def targets_for(config: BuildConfig, info) -> list:
+    """The build targets of `config`'s profiles for the checkpoint `info` (an
+    `inspect_checkpoint` result): `resolve_targets` with the build's envelope, overrides,
+    backend and precisions. Raises what `resolve_targets` raises."""
     from dsc.pipeline.targets import resolve_targets
-    from dsc.quantize import check_vocab_options, vocab_precisions
+    from dsc.quantize import vocab_precisions
 
-    t_start = time.perf_counter()
-    info = inspect_checkpoint(checkpoint, allow_pickle=config.allow_pickle)
-    output = Path(output)
-    targets = resolve_targets(
+    return resolve_targets(
         config.profiles,
         model_config=info.config,
         model_name=info.path.resolve().name,
@@ -102,6 +89,28 @@ def build(
         quantize=config.quantize,
         weight_precisions=vocab_precisions(config.quantize_lm_head, config.quantize_embedding),
     )
+
+
+def build(
+    checkpoint: str | Path,
+    output: str | Path,
+    config: BuildConfig,
+    *,
+    quiet: bool = False,
+    echo=None,
+    seed: Path | None = None,
+) -> BuildOutcome:
+    """Checkpoint → artifact with one engine (or preflight + device command) per profile.
+
+    `seed`: where there is no artifact at OUT, a directory of stage records and outputs to reuse
+    as if it were the previous artifact (`dsc matrix` runs the stages in workers)."""
+    from dsc.models.checkpoint import inspect_checkpoint
+    from dsc.quantize import check_vocab_options
+
+    t_start = time.perf_counter()
+    info = inspect_checkpoint(checkpoint, allow_pickle=config.allow_pickle)
+    output = Path(output)
+    targets = targets_for(config, info)
     check_vocab_options(
         config.quantize_lm_head, config.quantize_embedding, config.quantize, info.config
     )

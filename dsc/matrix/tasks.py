@@ -63,32 +63,16 @@ def run_task(kind: str, payload: dict) -> dict:
 
 def cell_plan(checkpoint: str, values: dict) -> dict:
     """The cell's config, checkpoint, targets, pass context, tools and graph-stage inputs."""
-    from dsc.build import GRAPH_STAGES
+    from dsc.build import GRAPH_STAGES, targets_for
     from dsc.build_config import BuildConfig
     from dsc.manifest import tool_versions
     from dsc.models.checkpoint import inspect_checkpoint
-    from dsc.pipeline.targets import resolve_targets
-    from dsc.quantize import vocab_precisions
     from dsc.stages.graph import graph_inputs
     from dsc.stages.optimize import pass_context
 
     config = BuildConfig(**values)
     info = inspect_checkpoint(checkpoint, allow_pickle=config.allow_pickle)
-    targets = resolve_targets(
-        config.profiles,
-        model_config=info.config,
-        model_name=info.path.resolve().name,
-        dtype=config.dtype,
-        overrides=list(config.overrides),
-        max_batch=config.max_batch,
-        max_input_len=config.max_input_len,
-        max_kv=config.max_kv,
-        max_num_tokens=config.max_num_tokens,
-        backend=config.backend,
-        dla_core=config.dla_core,
-        quantize=config.quantize,
-        weight_precisions=vocab_precisions(config.quantize_lm_head, config.quantize_embedding),
-    )
+    targets = targets_for(config, info)
     tools = tool_versions()
     ctx = pass_context(targets) if config.optimize else None
     graph = graph_inputs(GRAPH_STAGES, config, info, ctx, tools)
