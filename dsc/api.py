@@ -70,6 +70,7 @@ def export(
     dtype: str = "fp16",
     opset: int | None = None,
     external_data: bool = False,
+    stream: bool = True,
     allow_pickle: bool = False,
     force: bool = False,
     progress=_progress,
@@ -80,6 +81,8 @@ def export(
     `output`: the artifact directory, written atomically. `dtype`: "fp32", "fp16" or "bf16" (of
     the graph's weights and logits); `opset`: 18..23 (None: the exporter's). `external_data`:
     always write the weights to `model.onnx.data` (they go there anyway at 1.5 GiB and above).
+    `stream`: trace on fake tensors and write each weight from the checkpoint when the writer
+    reaches it (`dsc.export.streaming`; pickle checkpoints are always loaded whole).
     `progress`: called with one line per step (default: stderr).
 
     Raises `UsageError` (exit 2) for a bad dtype/opset, `BadInput` / `CheckpointError` (exit 3)
@@ -98,7 +101,9 @@ def export(
     progress(f"checked {info.path}: {info.architecture} → family {info.family.name}")
     stage = ExportStage()
     tools = tool_versions()
-    inputs = stage.inputs(info, dtype=dtype, opset=opset, tools=tools, external_data=external_data)
+    inputs = stage.inputs(
+        info, dtype=dtype, opset=opset, tools=tools, external_data=external_data, stream=stream
+    )
     with atomic_dir(output, force=force) as tmp:
         record, graph = stage.run(info, tmp, inputs, progress=progress)
         io = dict(graph.io_spec, dtype=dtype)

@@ -18,6 +18,7 @@ class BuildConfig:
     dtype: str = "fp16"
     opset: int | None = None
     external_data: bool = False  # always write weights to model.onnx.data (else at 1.5 GiB)
+    stream: bool = True  # trace on fake tensors, write weights one at a time (safetensors)
     max_batch: int | None = None
     max_input_len: int | None = None
     max_kv: int | None = None

@@ -56,7 +56,7 @@ _CHOICES = {
     "backend": ("auto", "tensorrt_rtx", "tensorrt"),
     "validate": ("auto", "smoke", "gate", "none"),
 }
-_BOOLS = ("allow_pickle", "force", "rebuild", "optimize", "weight_only", "external_data")
+_BOOLS = ("allow_pickle", "force", "rebuild", "optimize", "weight_only", "external_data", "stream")
 _NAME_LISTS = ("passes", "disable_passes", "exclude")
 _POS_INTS = ("validate_tokens", "calib_samples", "calib_seq_len")
 KEYS = (

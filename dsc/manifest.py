@@ -194,15 +194,22 @@ def graph_record(directory: Path, io: Mapping) -> dict:
 
 
 def export_inputs(
-    info, *, dtype: str, opset: int | None, tools: Mapping[str, Any], external_data: bool = False
+    info,
+    *,
+    dtype: str,
+    opset: int | None,
+    tools: Mapping[str, Any],
+    external_data: bool = False,
+    stream: bool = False,
 ) -> dict:
     """What the export stage depends on: checkpoint content, dtype, opset, where the weights
-    go (`--external-data`), exporter versions."""
+    go (`--external-data`), how they are read (`--stream`), exporter versions."""
     return {
         "checkpoint": {relpath(p, info.path): sha256_file(p) for p in info.input_files()},
         "dtype": dtype,
         "opset": opset,
         "external_data": external_data,
+        "stream": stream,
         "tools": {
             k: tools.get(k)
             for k in ("dsc", "torch", "transformers", "onnx", "onnxscript", "onnx-ir")

@@ -28,6 +28,7 @@ def export(
     dtype: str,
     opset: int | None,
     external_data: bool,
+    stream: bool,
     allow_pickle: bool,
     force: bool,
 ) -> None:
@@ -40,6 +41,7 @@ def export(
         dtype=dtype,
         opset=opset,
         external_data=external_data,
+        stream=stream,
         allow_pickle=allow_pickle,
         force=force,
     )

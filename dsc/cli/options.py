@@ -81,6 +81,14 @@ export_options = group(
         help="Always write the weights to model.onnx.data (default: only when they "
         "reach 1.5 GiB, as every real model does).",
     ),
+    click.option(
+        "--stream/--no-stream",
+        default=True,
+        show_default=True,
+        help="Trace on fake tensors and write each weight from the checkpoint as it is reached "
+        "(peak memory about the largest tensor); --no-stream loads the whole model first "
+        "(pickle checkpoints always do). Both write the same graph.",
+    ),
 )
 
 allow_pickle_option = click.option(

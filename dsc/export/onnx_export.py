@@ -128,35 +128,99 @@ def export_graph(
     dtype: str,
     opset: int | None,
     external_data: bool = False,
+    stream: bool | None = None,
     progress=None,
 ) -> ExportedGraph:
     """Export `info` into `out_dir/model.onnx`; return its I/O.
 
+    `stream` (default: on for safetensors checkpoints) traces the model on the meta device and
+    writes each weight from the checkpoint as the writer reaches it (`dsc.export.streaming`), so
+    the peak is about the largest tensor, not the model; off, the model is loaded whole with
+    transformers first (pickle checkpoints always). Both write the same graph.
+
     The weights go to `model.onnx.data` when `external_data` is set or when they reach
     `dsc.artifacts.EXTERNAL_DATA_THRESHOLD` (1.5 GiB; protobuf cannot hold 2 GiB). Every later
     stage keeps them external, so `--external-data` makes a tiny model take the paths of a
-    real one."""
+    real one. Raises `CheckpointError` (exit 3) for a checkpoint that does not fit its config,
+    `BadInput` (exit 3) for an fp16 overflow or `--stream` on a pickle checkpoint, and
+    `BackendError` when the exporter fails."""
     import torch
 
     say = progress or (lambda msg: None)
-    family = info.family
+    if stream is None:
+        stream = info.weight_format == "safetensors"
+    if stream and info.weight_format != "safetensors":
+        raise BadInput(
+            "a streaming export reads safetensors checkpoints only; this one is "
+            f"{info.weight_format} (export it without --stream)"
+        )
     t0 = time.perf_counter()
-    say(f"loading {info.architecture} ({info.num_parameters / 1e6:.1f}M parameters, {dtype})")
-    model = load_model(info, dtype, progress=say)
-    config = model.config.to_dict()
-    num_layers = int(config["num_hidden_layers"])
-    wrapper = KVCacheWrapper(model, family)
-    ids, mask, pos, cache = example_inputs(
-        config,
-        family,
-        batch=EXAMPLE_BATCH,
-        seq=EXAMPLE_SEQ,
-        past=EXAMPLE_PAST,
-        dtype=model.dtype,
+    torch_dtype = getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype])
+    mode = "streaming its weights" if stream else "loading it whole"
+    say(f"{info.architecture} ({info.num_parameters / 1e6:.1f}M parameters, {dtype}): {mode}")
+    with contextlib.ExitStack() as stack:
+        if stream:
+            from dsc.export.streaming import CheckpointSources, fake_model, is_fake, onloaded
+            from dsc.models.loading import describe_reader
+            from dsc.models.weights import WeightReader
+
+            reader = stack.enter_context(WeightReader.for_checkpoint(info, dtype=torch_dtype))
+            describe_reader(reader, info, dtype, say)
+            model, buffers, fake_mode = fake_model(info, torch_dtype)
+            sources = CheckpointSources(
+                model, reader, path=info.path, architecture=info.architecture
+            )
+            weight_bytes = sum(
+                sources.fake(k).numel() * sources.fake(k).element_size()
+                for k in dict.fromkeys(sources.names)
+            )
+            run_context = lambda: onloaded(model, sources, buffers)  # noqa: E731
+        else:
+            model = load_model(info, dtype, progress=say)
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            run_context = contextlib.nullcontext
+        config = model.config.to_dict()
+        num_layers = int(config["num_hidden_layers"])
+        wrapper = KVCacheWrapper(model, family := info.family)
+        example = example_inputs(
+            config,
+            family,
+            batch=EXAMPLE_BATCH,
+            seq=EXAMPLE_SEQ,
+            past=EXAMPLE_PAST,
+            dtype=torch_dtype,
+        )
+        ids, mask, pos, cache = example
+        if dtype == "fp16":
+            say("checking that fp16 holds the activations (one forward pass on the example)")
+            with run_context():
+                check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
+        args = (ids, mask, pos, *cache)
+        if stream:
+            args = tuple(fake_mode.from_tensor(t) for t in args)
+        say(f"tracing {num_layers} layers with torch.export")
+        program = _trace(wrapper, args, family, num_layers, opset, optimize=not stream)
+        if stream:
+            _attach_weights(program.model, sources, buffers, is_fake)
+            _fold_weight_transposes(program.model)
+            program.optimize()
+        _name_dims(program.model)
+        onnx_path = out_dir / ONNX_FILE
+        external = external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD
+        say(f"writing {onnx_path.name}" + (" with external data" if external else ""))
+        program.save(onnx_path, external_data=external)
+        del program
+    data_path = out_dir / data_file(ONNX_FILE)
+    io = io_spec_from_onnx(onnx_path, family, config)
+    return ExportedGraph(
+        onnx_path, data_path if data_path.exists() else None, io, time.perf_counter() - t0
     )
-    if dtype == "fp16":
-        say("checking that fp16 holds the activations (one forward pass on the example)")
-        check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
+
+
+def _trace(wrapper, args, family: Family, num_layers: int, opset: int | None, *, optimize: bool):
+    """`torch.onnx.export(dynamo=True)` of the wrapper with dsc's dynamic shapes and names."""
+    import torch
+
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1)
     past = torch.export.Dim("past", min=0)
@@ -164,7 +228,7 @@ def export_graph(
         "input_ids": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
         "position_ids": {0: batch, 1: seq},
-        "past": tuple({0: batch, 2: past} for _ in cache),
+        "past": tuple({0: batch, 2: past} for _ in args[3:]),
     }
     input_names = [
         "input_ids",
@@ -173,8 +237,6 @@ def export_graph(
         *cache_names(family, num_layers, "past_key_values"),
     ]
     output_names = ["logits", *cache_names(family, num_layers, "present")]
-    say(f"tracing {num_layers} layers with torch.export")
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
         with (
             family.export_patches(),
@@ -183,31 +245,132 @@ def export_graph(
             _quiet_loggers("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"),
         ):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(
+            return torch.onnx.export(
                 wrapper,
-                (ids, mask, pos, *cache),
+                args,
                 dynamo=True,
                 dynamic_shapes=dynamic_shapes,
                 input_names=input_names,
                 output_names=output_names,
                 opset_version=opset,
-                optimize=True,
+                optimize=optimize,
                 verbose=False,
             )
     except Exception as e:  # the exporter raises many types; the first line says what failed
         summary = _exporter_summary(e)
-        raise BackendError(f"ONNX export of {info.architecture} failed: {summary}") from None
-    _name_dims(program.model)
-    onnx_path = out_dir / ONNX_FILE
-    external = external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD
-    say(f"writing {onnx_path.name}" + (" with external data" if external else ""))
-    program.save(onnx_path, external_data=external)
-    del program
-    data_path = out_dir / data_file(ONNX_FILE)
-    io = io_spec_from_onnx(onnx_path, family, config)
-    return ExportedGraph(
-        onnx_path, data_path if data_path.exists() else None, io, time.perf_counter() - t0
-    )
+        arch = type(wrapper.model).__name__
+        raise BackendError(f"ONNX export of {arch} failed: {summary}") from None
+
+
+def _attach_weights(model, sources, buffers: dict, is_fake) -> None:
+    """Give each data-less (fake) initializer of a streaming trace a tensor read when written.
+
+    Initializer names are the wrapper's parameter names (`model.` + the transformers state-dict
+    key). Raises `BackendError` for an initializer with no checkpoint tensor or buffer."""
+
+    for name, value in model.graph.initializers.items():
+        if not is_fake(getattr(value.const_value, "raw", None)):
+            continue
+        key = name.removeprefix("model.")
+        if key in buffers:
+            value.const_value = _ir_tensor(buffers[key], name)
+        elif key in sources.names:
+            value.const_value = _lazy_tensor(
+                (lambda k=key, n=name: _ir_tensor(sources.materialize(k), n)),
+                dtype=value.const_value.dtype,
+                shape=value.const_value.shape,
+                name=name,
+            )
+            value.const_value.source = (sources, key)
+        else:
+            raise BackendError(f"initializer {name} of the traced graph has no checkpoint tensor")
+
+
+def _fold_weight_transposes(model) -> None:
+    """Fold `Transpose(weight)` into a lazily transposed initializer before the optimizer runs.
+
+    The exporter's optimizer (onnxscript's constant folding) always folds a Transpose whose
+    large constant input has no other consumer (`_DEFAULT_ALWAYS_FOLD_OPS`): every linear
+    layer's `W` becomes an in-memory `W^T` initializer, which is most of the 2x peak of the
+    in-memory export. Done here first, with the same name (the Transpose output's) and the
+    same values, the result stays lazy and the optimizer finds nothing left to fold."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnxscript.optimizer import FOLDED_FROM_KEY
+
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        (src,) = node.inputs
+        if src is None or src.const_value is None or not src.is_initializer():
+            continue
+        if src.const_value.size <= _FOLD_INPUT_SIZE_LIMIT or len(src.consumers()) != 1:
+            continue
+        perm = node.attributes.get_ints("perm")
+        out = node.outputs[0]
+        tensor = src.const_value
+
+        source = getattr(tensor, "source", None)
+        if source is not None and len(tensor.shape) == 2 and list(perm or [1, 0]) == [1, 0]:
+
+            def transposed(source=source, name=out.name):
+                sources, key = source
+                return _ir_tensor(sources.materialize(key, transpose=True), name)
+
+        else:
+
+            def transposed(tensor=tensor, perm=perm, name=out.name):
+                a = tensor.numpy()
+                p = perm if perm is not None else list(range(a.ndim))[::-1]
+                return ir.Tensor(np.ascontiguousarray(np.transpose(a, p)), name=name)
+
+        shape = ir.Shape([tensor.shape[i] for i in (perm or range(len(tensor.shape))[::-1])])
+        value = ir.Value(
+            name=out.name,
+            type=ir.TensorType(tensor.dtype),
+            shape=shape,
+            const_value=_lazy_tensor(transposed, dtype=tensor.dtype, shape=shape, name=out.name),
+        )
+        # what the folder records on a value it folds (public: onnxscript.optimizer)
+        folded_from = {src.name, *src.meta.get(FOLDED_FROM_KEY, set())}
+        value.meta[FOLDED_FROM_KEY] = folded_from
+        value.metadata_props[FOLDED_FROM_KEY] = repr(sorted(folded_from))
+        graph.remove(node, safe=False)
+        ir.convenience.replace_all_uses_with(out, value)
+        graph.register_initializer(value)
+        graph.initializers.pop(src.name)
+
+
+def _lazy_tensor(func, **kwargs):
+    """An `onnx_ir.LazyTensor` (not cached) whose `tofile` writes the evaluated array directly.
+
+    `LazyTensor` inherits `tofile` = `file.write(self.tobytes())`, a third copy of the tensor
+    while it is written; the evaluated `ir.Tensor` writes its numpy array with no copy."""
+    import onnx_ir as ir
+
+    class _WriteThrough(ir.LazyTensor):
+        def tofile(self, file) -> None:
+            self._evaluate().tofile(file)
+
+    return _WriteThrough(func, **kwargs)
+
+
+# onnxscript's DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT: above it, only Transpose is folded.
+_FOLD_INPUT_SIZE_LIMIT = 8192
+
+
+def _ir_tensor(t, name: str):
+    """A CPU torch tensor as an onnx_ir tensor (bf16 through ml_dtypes, numpy has none)."""
+    import ml_dtypes
+    import onnx_ir as ir
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return ir.Tensor(
+            t.contiguous().view(torch.uint16).numpy().view(ml_dtypes.bfloat16), name=name
+        )
+    return ir.Tensor(t.contiguous().numpy(), name=name)
 
 
 def check_fp16_range(wrapper, inputs, family: Family, num_layers: int) -> None:

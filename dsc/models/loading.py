@@ -41,7 +41,7 @@ def load_model(info: CheckpointInfo, dtype: str, progress=None):
     say = progress or (lambda msg: None)
     transformers.utils.logging.disable_progress_bar()
     torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
-    config = _model_config(info)
+    config = model_config(info)
     model_class = getattr(transformers, info.architecture)
     kwargs = dict(
         config=config,
@@ -53,16 +53,7 @@ def load_model(info: CheckpointInfo, dtype: str, progress=None):
     with transformers_quiet():
         if info.weight_format == "safetensors":
             with WeightReader.for_checkpoint(info, dtype=torch_dtype) as reader:
-                if reader.skipped:
-                    layers = sorted({n.split(".")[2] for n in reader.skipped}, key=int)
-                    say(
-                        f"leaving out {len(reader.skipped)} tensors of the multi-token-prediction "
-                        f"layer (model.layers.{','.join(layers)}.*): the export predicts the next "
-                        "token only"
-                    )
-                if info.quantization is not None:
-                    b0, b1 = info.quantization.block
-                    say(f"dequantizing FP8 weights ({b0}×{b1} blocks) to {dtype} as they are read")
+                describe_reader(reader, info, dtype, say)
                 present = set(reader.names)
                 model, loading = _guarded_load(
                     info,
@@ -83,7 +74,20 @@ def load_model(info: CheckpointInfo, dtype: str, progress=None):
     return model
 
 
-def _model_config(info: CheckpointInfo):
+def describe_reader(reader, info: CheckpointInfo, dtype: str, say) -> None:
+    """The progress lines for what a `WeightReader` leaves out (MTP layers) and dequantizes."""
+    if reader.skipped:
+        layers = sorted({n.split(".")[2] for n in reader.skipped}, key=int)
+        say(
+            f"leaving out {len(reader.skipped)} tensors of the multi-token-prediction "
+            f"layer (model.layers.{','.join(layers)}.*): the export predicts the next token only"
+        )
+    if info.quantization is not None:
+        b0, b1 = info.quantization.block
+        say(f"dequantizing FP8 weights ({b0}×{b1} blocks) to {dtype} as they are read")
+
+
+def model_config(info: CheckpointInfo):
     """The transformers config to build the model from: dsc dequantizes, so no quantizer."""
     from transformers import AutoConfig
 
@@ -132,9 +136,9 @@ def _explain_names(model_class, config, present: set[str], arch: str) -> str | N
     except Exception:  # only an explanation: fall back to transformers' message
         return None
     if missing := expected - present:
-        return f"lacks {_few(missing)} that its {arch} config needs"
+        return f"lacks {few_names(missing)} that its {arch} config needs"
     if unexpected := present - expected:
-        return f"holds {_few(unexpected)} that its {arch} config has no place for"
+        return f"holds {few_names(unexpected)} that its {arch} config has no place for"
     return None
 
 
@@ -151,7 +155,7 @@ def transformers_quiet():
         hf_logging.set_verbosity(level)
 
 
-def _few(names, k: int = 3) -> str:
+def few_names(names, k: int = 3) -> str:
     names = sorted(names)
     shown = ", ".join(names[:k])
     more = f" and {len(names) - k} more" if len(names) > k else ""
@@ -166,17 +170,18 @@ def _check_loading_info(loading: dict, info: CheckpointInfo) -> None:
     unexpected = loading.get("unexpected_keys") or set()
     if missing:
         raise CheckpointError(
-            f"checkpoint {info.path} lacks {_few(missing)} that its {arch} config needs"
+            f"checkpoint {info.path} lacks {few_names(missing)} that its {arch} config needs"
         )
     if mismatched:
         name, got, want = sorted(mismatched)[0]
         raise CheckpointError(
-            f"checkpoint {info.path} has {_few([m[0] for m in mismatched])} of the wrong shape: "
+            f"checkpoint {info.path} has {few_names([m[0] for m in mismatched])} of the wrong "
+            "shape: "
             f"{name} is {list(got)}, its {arch} config needs {list(want)}"
         )
     if unexpected:
         raise CheckpointError(
-            f"checkpoint {info.path} holds {_few(unexpected)} that its {arch} "
+            f"checkpoint {info.path} holds {few_names(unexpected)} that its {arch} "
             "config has no place for"
         )
 

@@ -27,8 +27,10 @@ per loader thread on top). The streaming export will consume `iter(reader)` dire
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import struct
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,6 +38,7 @@ from pathlib import Path
 from dsc.errors import CheckpointError
 
 SCALE_SUFFIX = "_scale_inv"
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -116,6 +119,7 @@ class WeightReader:
         self.dtype = dtype
         self.fp8_block = tuple(fp8_block) if fp8_block else None
         self._handles = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         self._where: dict[str, Path] = {}
         self._lock = threading.Lock()
         try:
@@ -169,6 +173,18 @@ class WeightReader:
         with self._lock:
             return self._handles[self._where[key]].get_slice(key)
 
+    def _load(self, key: str):
+        """The tensor's data, copied out of a handle opened for this read only.
+
+        The long-lived handles serve metadata; data comes through a fresh memory map that is
+        unmapped right after the copy, so the checkpoint's pages never accumulate in this
+        process's resident set (a reader kept open across a 15 GB checkpoint would otherwise
+        hold every page it touched)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[key]), framework="pt", device="cpu") as handle:
+            return handle.get_slice(key)[...]
+
     def _stored_dtype(self, key: str) -> str:
         return self._slice(key).get_dtype()
 
@@ -193,7 +209,7 @@ class WeightReader:
         """
         if name not in self._where or name in self.skipped:
             raise KeyError(name)
-        t = self._slice(name)[...]
+        t = self._load(name)
         if self.is_fp8(name):
             scale_name = name + SCALE_SUFFIX
             if scale_name not in self._where:
@@ -201,13 +217,71 @@ class WeightReader:
                     f"FP8 tensor {name} has no {scale_name} (one float32 scale per "
                     f"{self.fp8_block[0]}×{self.fp8_block[1]} block)"
                 )
-            scale = self._slice(scale_name)[...]
+            scale = self._load(scale_name)
             self._check(scale_name, scale)
             t = dequantize_fp8_blocks(t, scale, self.fp8_block, name=name)
         self._check(name, t)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         return t
+
+    def read_into(self, name: str, out, *, transpose: bool = False, chunk_bytes: int = 64 << 20):
+        """Read tensor `name` into the preallocated `out` (its dtype is the cast), in row chunks.
+
+        `out` has the stored shape, or its transpose when `transpose` (2-D only). Each chunk of
+        about `chunk_bytes` of stored data is read from the shard with plain file reads (no
+        memory map, so no file pages accumulate in the resident set), checked (NaN/Inf,
+        overflow of the reader's dtype: the same `CheckpointError`s as `read`) and cast into
+        its rows (columns) of `out`, so the peak is `out` plus one chunk instead of the stored
+        tensor, its cast and `out`. FP8 and 0-/1-D tensors go through `read` whole."""
+        import torch
+
+        if name not in self._where or name in self.skipped:
+            raise KeyError(name)
+        shape = self.shape(name)
+        if self.is_fp8(name) or len(shape) < 2:
+            t = self.read(name, out.dtype)
+            out.copy_(t.T if transpose else t)
+            return out
+        if transpose and len(shape) != 2:
+            raise ValueError(f"transposed read of {name}: {len(shape)}-D, only 2-D is supported")
+        stored = self._stored_dtype(name)
+        if stored not in _TORCH_DTYPES:
+            t = self.read(name, out.dtype)
+            out.copy_(t.T if transpose else t)
+            return out
+        start, _ = self._offsets(name)
+        torch_dtype = getattr(torch, _TORCH_DTYPES[stored])
+        row_elems = math.prod(shape[1:])
+        row_bytes = max(1, row_elems * torch.tensor([], dtype=torch_dtype).element_size())
+        step = max(1, chunk_bytes // row_bytes)
+        with open(self._where[name], "rb", buffering=0) as f:
+            for a in range(0, shape[0], step):
+                n = min(step, shape[0] - a)
+                buf = bytearray(n * row_bytes)
+                f.seek(start + a * row_bytes)
+                if f.readinto(buf) != len(buf):
+                    raise CheckpointError(f"tensor {name} is truncated in {self._where[name].name}")
+                chunk = torch.frombuffer(buf, dtype=torch_dtype).view(n, *shape[1:])
+                self._check(name, chunk)
+                if transpose:
+                    out[:, a : a + n].copy_(chunk.T)
+                else:
+                    out[a : a + n].copy_(chunk)
+                del chunk, buf
+        return out
+
+    def _offsets(self, name: str) -> tuple[int, int]:
+        """Absolute byte range of `name`'s data in its shard (safetensors layout: an 8-byte
+        little-endian header length, the JSON header, then data at `data_offsets`)."""
+        file = self._where[name]
+        if file not in self._headers:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._headers[file] = (8 + n, json.loads(f.read(n)))
+        base, header = self._headers[file]
+        begin, end = header[name]["data_offsets"]
+        return base + begin, base + end
 
     def __iter__(self) -> Iterator[tuple[str, object]]:
         """(name, tensor in `self.dtype`) for every tensor the model uses, one at a time."""

@@ -24,10 +24,22 @@ class ExportStage(Stage):
     index = 1
 
     def inputs(
-        self, info, *, dtype: str, opset: int | None, tools: dict, external_data: bool = False
+        self,
+        info,
+        *,
+        dtype: str,
+        opset: int | None,
+        tools: dict,
+        external_data: bool = False,
+        stream: bool = True,
     ) -> dict:
         return export_inputs(
-            info, dtype=dtype, opset=opset, tools=tools, external_data=external_data
+            info,
+            dtype=dtype,
+            opset=opset,
+            tools=tools,
+            external_data=external_data,
+            stream=stream and info.weight_format == "safetensors",
         )
 
     def run(
@@ -48,6 +60,7 @@ class ExportStage(Stage):
             dtype=dtype,
             opset=inputs["opset"],
             external_data=inputs["external_data"],
+            stream=inputs["stream"],
             progress=progress,
         )
         for f in info.tokenizer_files:

@@ -26,6 +26,7 @@ def graph_inputs(stages, config, info, ctx, tools: dict) -> dict[str, dict | Non
             opset=config.opset,
             tools=tools,
             external_data=config.external_data,
+            stream=config.stream,
         )
     }
     upstream = export.input_hash(plan["export"])

@@ -1,0 +1,143 @@
+"""Peak RSS and wall time of `dsc export` against model depth: a flat line when streaming.
+
+For each depth, a random-weight bf16 checkpoint with the exact config of a real model
+(default: DeepSeek-R1-Distill-Qwen-7B) cut to that many decoder layers is made with
+`dsc.fixtures.random_checkpoint`, then exported (`dsc export --dtype fp16`, streaming by default)
+under GNU time, one depth after the other; the checkpoint and the export are deleted after each
+depth unless `--keep` (disk: about 2x the weights of the deepest one at a time). `--no-stream`
+adds the in-memory export at the depths it names, for comparison.
+
+    python benchmarks/export_depth.py --work /work/depth [--layers 4,8,16,28]
+        [--config examples/configs/DeepSeek-R1-Distill-Qwen-7B/config.json]
+        [--no-stream 4] [--plot docs/img/export_depth.png]
+
+Results: `<work>/export_depth.json`, a markdown table on stdout, and the plot (matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from real_size import _time_v  # noqa: E402  (GNU time's wall time and peak RSS)
+
+
+def make_checkpoint(config: Path, layers: int, out: Path) -> tuple[Path, int]:
+    cfg = json.loads(config.read_text())
+    cfg["num_hidden_layers"] = layers
+    cut = out.parent / f"{out.name}-config" / "config.json"
+    cut.parent.mkdir(parents=True, exist_ok=True)
+    cut.write_text(json.dumps(cfg, indent=2))
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from dsc.fixtures import random_checkpoint; "
+            "random_checkpoint(sys.argv[1], sys.argv[2], dtype='bf16')",
+            str(cut),
+            str(out),
+        ],
+        check=True,
+        cwd=REPO,
+    )
+    weight_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return out, weight_bytes
+
+
+def export(ckpt: Path, out: Path, *, stream: bool) -> dict:
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "dsc", "export", str(ckpt)]
+    cmd += ["-o", str(out), "--dtype", "fp16", "--force"]
+    if not stream:
+        cmd.append("--no-stream")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    rec = {"exit": proc.returncode, **_time_v(proc.stderr)}
+    if proc.returncode:
+        rec["error"] = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsc: error")][-1:]
+    shutil.rmtree(out, ignore_errors=True)
+    return rec
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for stream, label in ((True, "dsc export (streaming)"), (False, "dsc export --no-stream")):
+        rows = [r for r in results if r["stream"] is stream and r["exit"] == 0]
+        if rows:
+            ax.plot(
+                [r["layers"] for r in rows],
+                [r["peak_rss_bytes"] / 2**30 for r in rows],
+                marker="o",
+                label=label,
+            )
+    rows = [r for r in results if r["stream"]]
+    ax.plot(
+        [r["layers"] for r in rows],
+        [r["weight_bytes"] / 2**30 for r in rows],
+        linestyle="--",
+        color="grey",
+        label="checkpoint weights (bf16)",
+    )
+    ax.set_xlabel("decoder layers")
+    ax.set_ylabel("GiB")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument(
+        "--config",
+        type=Path,
+        default=REPO / "examples/configs/DeepSeek-R1-Distill-Qwen-7B/config.json",
+    )
+    ap.add_argument("--layers", default="4,8,16,28")
+    ap.add_argument("--no-stream", default="", help="depths to also export with --no-stream")
+    ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    whole = {int(x) for x in args.no_stream.split(",") if x}
+    results = []
+    for layers in [int(x) for x in args.layers.split(",")]:
+        ckpt, weight_bytes = make_checkpoint(args.config, layers, args.work / f"ckpt-{layers}l")
+        for stream in (True, False):
+            if not stream and layers not in whole:
+                continue
+            rec = export(ckpt, args.work / f"out-{layers}l", stream=stream)
+            rec.update(layers=layers, stream=stream, weight_bytes=weight_bytes)
+            results.append(rec)
+            print(json.dumps(rec), flush=True)
+            (args.work / "export_depth.json").write_text(json.dumps(results, indent=2))
+        if not args.keep:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    print("| layers | weights (bf16) GiB | export | wall s | peak RSS GiB | peak / weights |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        mode = "streaming" if r["stream"] else "--no-stream"
+        print(
+            f"| {r['layers']} | {r['weight_bytes'] / 2**30:.2f} | {mode} | {r['wall_s']:.0f} | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['peak_rss_bytes'] / r['weight_bytes']:.2f} |"
+        )
+    if args.plot:
+        plot(results, args.plot, f"dsc export peak RSS, {args.config.parent.name} cut by depth")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

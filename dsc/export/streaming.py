@@ -1,0 +1,304 @@
+"""Export without materialising the model: trace on fake tensors, write weights one at a time.
+
+The in-memory export (`dsc.export.onnx_export.export_graph(stream=False)`) loads the whole model
+with transformers, traces it, and writes it: peak RSS about twice the weights (7.35 GB for the
+3.55 GB R1-Distill-Qwen-1.5B). Here:
+
+1. **Skeleton.** The transformers model is built inside a `FakeTensorMode` with the export
+   dtype (`_from_config(config, dtype=...)`: transformers' dtype plan applies, e.g. the MoE
+   router stays float32): every parameter is a fake CPU tensor, with shape and dtype and no
+   storage. Fake CPU rather than the meta device, because some operators trace differently by
+   device (on meta, scaled-dot-product attention leaves an extra Reshape; on fake CPU the
+   graph is the in-memory export's, node for node). Non-persistent buffers, which no checkpoint
+   holds (rotary `inv_freq`), are computed by building their owning module alone on the real
+   CPU (`type(module)(model.config)`).
+2. **Sources.** `CheckpointSources` works out, for every tensor of the model's state dict,
+   which checkpoint tensors make it and where each goes. The mapping is transformers' own:
+   `transformers.core_model_loading.revert_weight_conversion` (what `save_pretrained` applies)
+   is run on a probe, an index tensor of the parameter's shape with its last dimension cut to 1
+   (so a probe of V2-Lite's [64, 2816, 2048] `gate_up_proj` holds 180,224 indices, not 369 M).
+   Each checkpoint tensor it returns names the rows of the parameter it fills. Tied weights
+   (`lm_head` ← `embed_tokens`) take the tensor the checkpoint holds. A missing, unexpected or
+   misshapen tensor is a `CheckpointError`, as in the in-memory load.
+3. **Range check** (fp16): the export example runs through the model with each module's own
+   parameters loaded just before its forward and dropped after (forward hooks), so one
+   module's weights are resident at a time; non-finite logits or cache are a `BadInput`.
+4. **Trace.** `torch.onnx.export(dynamo=True)` on the fake model with fake example inputs of
+   the same mode (torch.export picks the mode up from them): the graph is the same; its
+   initializers have no data.
+5. **Write.** Each initializer becomes an `onnx_ir.LazyTensor` that reads its checkpoint
+   tensors (through `dsc.models.weights.WeightReader`: memory-mapped, FP8 blocks dequantized,
+   NaN/Inf and overflow checked, cast to the parameter's dtype) when the writer reaches it and
+   is not cached; then the exporter's own optimizer (`ONNXProgram.optimize`) and save. onnx_ir's
+   external-data writer materialises one tensor at a time, so the peak is the skeleton, the
+   graph, and about three copies of the largest tensor (stored, cast, serialised).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+
+from dsc.errors import BackendError, CheckpointError
+from dsc.models.loading import few_names
+
+__all__ = ["CheckpointSources", "fake_model", "is_fake", "onloaded"]
+
+
+def fake_model(info, torch_dtype):
+    """The transformers model of `info` as fake CPU tensors, plus its non-persistent buffers.
+
+    Returns (model, buffers, mode): `model` in eval mode with the family's export settings,
+    every parameter and buffer a fake tensor of `mode` (a `FakeTensorMode`; make the trace's
+    example inputs with `mode.from_tensor`); `buffers` maps state-dict-style names of the
+    non-persistent buffers (e.g. `model.rotary_emb.inv_freq`, float32) to real CPU tensors
+    computed from the config. Raises `CheckpointError` for a config transformers refuses and
+    `BackendError` for a buffer whose module cannot be built alone."""
+    import transformers
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dsc.models.loading import model_config, transformers_quiet
+
+    config = model_config(info)
+    model_class = getattr(transformers, info.architecture)
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    with mode, warnings.catch_warnings(), transformers_quiet():
+        warnings.simplefilter("ignore")
+        config._attn_implementation = "sdpa"
+        model = model_class._from_config(config, dtype=torch_dtype)
+    model.eval()
+    info.family.prepare_model(model)
+    return model, _non_persistent_buffers(model), mode
+
+
+def is_fake(t) -> bool:
+    """Whether `t` is a fake tensor (shape and dtype, no data)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def _non_persistent_buffers(model) -> dict:
+    import torch
+
+    out = {}
+    for mod_name, module in model.named_modules():
+        names = [n for n in module._buffers if n in module._non_persistent_buffers_set]
+        if not names or module._buffers[names[0]] is None:
+            continue
+        try:
+            with torch.device("cpu"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                real = type(module)(model.config)
+        except Exception as e:  # an arbitrary module constructor: say which buffer and why
+            raise BackendError(
+                f"cannot compute buffer {mod_name}.{names[0]} without loading the model: "
+                f"{type(module).__name__}(config) failed: {e}"
+            ) from None
+        for n in names:
+            value = getattr(real, n)
+            fake = module._buffers[n]
+            if tuple(value.shape) != tuple(fake.shape):
+                raise BackendError(
+                    f"buffer {mod_name}.{n} computed alone has shape {list(value.shape)}, the "
+                    f"model's is {list(fake.shape)}"
+                )
+            out[f"{mod_name}.{n}" if mod_name else n] = value.to(fake.dtype)
+    return out
+
+
+class CheckpointSources:
+    """Every model state-dict tensor as a recipe over checkpoint tensors (module docstring, 2).
+
+    `model`: the fake model (`fake_model`); `reader`: a `WeightReader` over the checkpoint.
+    `names` are the state-dict keys with a source (tied keys included); `materialize(key)`
+    returns the CPU tensor, in the model's dtype for that key, built from its checkpoint
+    tensors. Raises `CheckpointError` when a tensor the model needs is missing, when the
+    checkpoint holds one the model has no place for, or when shapes disagree."""
+
+    def __init__(self, model, reader, *, path=None, architecture: str = ""):
+        import torch
+
+        self._reader = reader
+        self._where = path or "the checkpoint"
+        self._arch = architecture
+        state = model.state_dict(keep_vars=True)
+        non_persistent = {
+            f"{m}.{n}" if m else n
+            for m, mod in model.named_modules()
+            for n in mod._non_persistent_buffers_set
+        }
+        present = set(reader.names)
+        groups: dict[int, list[str]] = {}
+        for key, t in state.items():
+            if key not in non_persistent:
+                groups.setdefault(id(t), []).append(key)
+        self._fake = {k: state[k] for keys in groups.values() for k in keys}
+        self._pieces: dict[str, list[tuple[str, object]]] = {}
+        used: set[str] = set()
+        missing: list[str] = []
+        for keys in groups.values():
+            candidates = [(k, self._revert(model, k, state[k], torch)) for k in keys]
+            found = next(((k, p) for k, p in candidates if all(n in present for n, _ in p)), None)
+            if found is None:
+                missing += [n for n, _ in candidates[0][1] if n not in present]
+                continue
+            _, pieces = found
+            for k in keys:
+                self._pieces[k] = pieces
+            used.update(n for n, _ in pieces)
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {self._where} lacks {few_names(missing)} that its {self._arch} "
+                "config needs"
+            )
+        if unexpected := present - used:
+            raise CheckpointError(
+                f"checkpoint {self._where} holds {few_names(unexpected)} that its {self._arch} "
+                "config has no place for"
+            )
+        for key, pieces in self._pieces.items():
+            self._check_shapes(key, pieces)
+
+    @staticmethod
+    def _revert(model, key: str, spec, torch) -> list[tuple[str, object]]:
+        """[(checkpoint name, row indices into the key's [rows, last] view)]."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        shape = tuple(spec.shape)
+        lead = shape[:-1] if len(shape) > 1 else ()
+        rows = int(math.prod(lead))
+        probe = torch.arange(rows, dtype=torch.int64).view(*lead, 1)
+        out = revert_weight_conversion(model, {key: probe})
+        return [(name, piece) for name, piece in out.items()]
+
+    def _check_shapes(self, key: str, pieces) -> None:
+        shape = tuple(self._fake[key].shape)
+        last = shape[-1] if shape else 1
+        covered = 0
+        for name, piece in pieces:
+            want = (*tuple(piece.shape)[:-1], last) if len(shape) > 1 else shape
+            got = self._reader.shape(name)
+            if len(shape) > 1 and tuple(piece.shape)[-1] != 1:
+                raise CheckpointError(
+                    f"{key}: transformers splits it along its last dimension, which dsc's "
+                    "streaming export does not map; export with --no-stream"
+                )
+            if tuple(got) != want:
+                raise CheckpointError(
+                    f"checkpoint {self._where} has 1 tensor of the wrong shape: {name} is "
+                    f"{list(got)}, its {self._arch} config needs {list(want)}"
+                )
+            covered += piece.numel()
+        rows = int(math.prod(shape[:-1])) if len(shape) > 1 else 1
+        if covered != rows:
+            raise CheckpointError(f"{key}: its checkpoint tensors cover {covered} of {rows} rows")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._pieces)
+
+    def fake(self, key: str):
+        return self._fake[key]
+
+    def checkpoint_names(self, key: str) -> list[str]:
+        return [n for n, _ in self._pieces[key]]
+
+    def materialize(self, key: str, *, transpose: bool = False):
+        """The CPU tensor for state-dict key `key`, in the model's dtype for it.
+
+        `transpose` (2-D keys only) returns its transpose, contiguous: a weight that the graph
+        uses as `Transpose(W)` is written as `W^T` without holding `W` as well. A key made of
+        one checkpoint tensor is read into its output in row chunks
+        (`WeightReader.read_into`): the peak is the output plus one chunk."""
+        import torch
+
+        spec = self._fake[key]
+        shape = tuple(spec.shape)
+        if transpose and len(shape) != 2:
+            raise ValueError(f"{key}: transposed read of a {len(shape)}-D tensor")
+        out = torch.empty(shape[::-1] if transpose else shape, dtype=spec.dtype)
+        pieces = self._pieces[key]
+        rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        if len(pieces) == 1 and pieces[0][1].numel() == rows:
+            name, piece = pieces[0]
+            if bool((piece.reshape(-1) == torch.arange(rows)).all()):
+                stored = self._reader.shape(name)
+                if transpose or tuple(stored) == shape:
+                    self._reader.read_into(name, out, transpose=transpose)
+                else:
+                    self._reader.read_into(name, out.view(stored))
+                return out
+        whole = out if not transpose else torch.empty(shape, dtype=spec.dtype)
+        flat = whole.view(-1, shape[-1]) if len(shape) > 1 else whole.view(1, -1)
+        for name, piece in pieces:
+            t = self._reader.read(name, spec.dtype)
+            flat[piece.reshape(-1)] = t.reshape(-1, flat.shape[-1])
+            del t
+        if transpose:
+            out.copy_(whole.T)
+        return out
+
+
+@contextlib.contextmanager
+def onloaded(model, sources: CheckpointSources, buffers: dict) -> Iterator[None]:
+    """Run `model` on the CPU with one module's parameters resident at a time.
+
+    Each module that owns parameters or persistent buffers gets them from `sources` just before
+    its forward and its fake tensors back after it; the non-persistent `buffers` are set for
+    the duration. A module that uses another module's parameters outside that one's forward
+    would fail, mixing fake and real tensors (none of dsc's families do)."""
+    import torch
+
+    owners = []
+    for mod_name, module in model.named_modules():
+        own = [
+            n
+            for n, t in [*module._parameters.items(), *module._buffers.items()]
+            if t is not None and n not in module._non_persistent_buffers_set
+        ]
+        if own:
+            owners.append((mod_name, module, own))
+    saved_buffers = []
+    for key, value in buffers.items():
+        mod_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(mod_name)
+        saved_buffers.append((module, attr, module._buffers[attr]))
+        module._buffers[attr] = value
+
+    def load(mod_name, module, own):
+        fakes = {}
+
+        def pre(_module, _args, _kwargs=None):
+            for n in own:
+                fakes[n] = module._parameters.get(n, module._buffers.get(n))
+                key = f"{mod_name}.{n}" if mod_name else n
+                value = sources.materialize(key)
+                if n in module._parameters:
+                    module._parameters[n] = torch.nn.Parameter(value, requires_grad=False)
+                else:
+                    module._buffers[n] = value
+
+        def post(_module, _args, _output):
+            for n in own:
+                if n in module._parameters:
+                    module._parameters[n] = fakes.pop(n)
+                else:
+                    module._buffers[n] = fakes.pop(n)
+
+        return pre, post
+
+    handles = []
+    try:
+        for mod_name, module, own in owners:
+            pre, post = load(mod_name, module, own)
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for module, attr, value in saved_buffers:
+            module._buffers[attr] = value
