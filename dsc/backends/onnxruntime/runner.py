@@ -37,6 +37,20 @@ def check_level(optimization: str) -> None:
         raise ValueError(f"optimization must be one of {', '.join(LEVELS)}, got {optimization!r}")
 
 
+# OrtCausalLM's arena default: on up to this much weight data (the fp32 copies of an fp16 graph
+# then stay within 2 GiB), off above (see OrtCausalLM.__init__).
+ARENA_MAX_WEIGHT_BYTES = 1 << 30
+
+
+def _weight_bytes(graph) -> int:
+    """Bytes of a graph's weights: its files' sizes (model.onnx and its external data), or the
+    initializers' sizes of an in-memory onnx_ir model."""
+    if hasattr(graph, "graph"):
+        return sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value)
+    path = Path(graph)
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
+
+
 def session_options(
     optimization: str = "basic", threads: int | None = None, *, arena: bool = False
 ):
@@ -283,12 +297,17 @@ class OrtCausalLM:
         providers: list[str] | None = None,
         threads: int | None = None,
         optimization: str = "basic",
-        arena: bool = True,
+        arena: bool | None = None,
     ):
         """`onnx_path`: the graph's file, or an onnx_ir model (see `inference_session`);
         `providers`: ONNX Runtime execution providers (default: CPU); `threads`: intra-op
-        threads (None: ONNX Runtime's default); `arena`: ONNX Runtime's CPU memory arena, on
-        by default for a runner that steps the graph many times (see `session_options`)."""
+        threads (None: ONNX Runtime's default); `arena`: ONNX Runtime's CPU memory arena
+        (see `session_options`); None: on for graphs whose weights are at most
+        `ARENA_MAX_WEIGHT_BYTES`, off above. The arena keeps the peak of a run, which for an
+        fp16 graph includes the fp32 copy of every weight: the R1-Distill-Qwen-1.5B INT8 build's
+        gate was OOM-killed at 24.2 GB RSS on a 24 GB host with it on."""
+        if arena is None:
+            arena = _weight_bytes(onnx_path) <= ARENA_MAX_WEIGHT_BYTES
         self.io = io_spec
         cache = io_spec["cache"]
         # A bf16 graph runs as its float32 view (see the module docstring).
