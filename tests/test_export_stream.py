@@ -13,6 +13,7 @@ import weakref
 
 import onnx
 import pytest
+from safetensors import safe_open
 
 from dsc import api
 
@@ -41,14 +42,28 @@ def _canonical(model):
     return g.SerializeToString(), inits, value_info
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "fp8"])
-def test_streamed_export_writes_the_same_graph(tmp_path, checkpoints, fp8_checkpoint, family):
+@pytest.mark.parametrize("family", [*FAMILIES, "fp8", "llama-tied"])
+def test_streamed_export_writes_the_same_graph(
+    tmp_path, checkpoints, fp8_checkpoint, tokenizer_dir, family
+):
     """Same nodes, inputs, outputs, value infos and initializer bytes. The one difference is
     the order of the initializers (so of the tensors in model.onnx.data): the streaming export
     folds `Transpose(W)` into lazily transposed initializers before the exporter's optimizer,
     which appends its own folded constants after them, where loading whole interleaves the two
     in the order it visits the nodes."""
-    src = fp8_checkpoint if family == "fp8" else checkpoints[family]
+    if family == "llama-tied":  # lm_head.weight absent: it is embed_tokens.weight
+        from dsc.fixtures import make_fixture
+
+        src = make_fixture(
+            "llama",
+            tmp_path / "tied",
+            tokenizer_dir=tokenizer_dir,
+            overrides={"tie_word_embeddings": True},
+        )
+        with safe_open(str(src / "model.safetensors"), framework="pt") as f:
+            assert "lm_head.weight" not in f.keys()  # noqa: SIM118  (a safetensors handle)
+    else:
+        src = fp8_checkpoint if family == "fp8" else checkpoints[family]
     dtype = "bf16" if family == "deepseek_v2" else "fp16"  # one family through bf16 storage
     graph_s, inits_s, info_s = _canonical(_export(src, tmp_path / "s", stream=True, dtype=dtype))
     graph_w, inits_w, info_w = _canonical(_export(src, tmp_path / "w", stream=False, dtype=dtype))

@@ -49,7 +49,7 @@ def test_export_manifest_validates_and_hashes_its_stage(exported, checkpoints):
     assert st["status"] == "ran"
     assert st["input_hash"] == canonical_hash(st["inputs"])
     info = inspect_checkpoint(checkpoints["llama"])
-    expect = export_inputs(info, dtype="fp32", opset=None, tools=m["tools"])
+    expect = export_inputs(info, dtype="fp32", opset=None, tools=m["tools"], stream=True)
     assert st["inputs"] == json.loads(json.dumps(expect))
     assert st["outputs"] == m["outputs"]
     assert m["graph"]["files"]["model.onnx"] == m["outputs"]["model.onnx"]
