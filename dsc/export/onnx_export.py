@@ -312,11 +312,12 @@ def _fold_weight_transposes(model) -> None:
         tensor = src.const_value
 
         source = getattr(tensor, "source", None)
-        if source is not None and len(tensor.shape) == 2 and list(perm or [1, 0]) == [1, 0]:
+        if source is not None:
+            order = tuple(perm) if perm is not None else tuple(range(len(tensor.shape)))[::-1]
 
-            def transposed(source=source, name=out.name):
+            def transposed(source=source, order=order, name=out.name):
                 sources, key = source
-                return _ir_tensor(sources.materialize(key, transpose=True), name)
+                return _ir_tensor(sources.materialize(key, perm=order), name)
 
         else:
 

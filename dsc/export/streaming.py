@@ -206,39 +206,42 @@ class CheckpointSources:
     def checkpoint_names(self, key: str) -> list[str]:
         return [n for n, _ in self._pieces[key]]
 
-    def materialize(self, key: str, *, transpose: bool = False):
+    def materialize(self, key: str, *, perm: tuple[int, ...] | None = None):
         """The CPU tensor for state-dict key `key`, in the model's dtype for it.
 
-        `transpose` (2-D keys only) returns its transpose, contiguous: a weight that the graph
-        uses as `Transpose(W)` is written as `W^T` without holding `W` as well. A key made of
-        one checkpoint tensor is read into its output in row chunks
-        (`WeightReader.read_into`): the peak is the output plus one chunk."""
+        `perm` returns it permuted (contiguous, as ONNX `Transpose(perm)` would): a weight the
+        graph uses as `Transpose(W)` is written as such without holding `W` as well. Each
+        checkpoint tensor is written straight into its place in the (permuted) output, so the
+        peak is the output plus one checkpoint tensor; a key made of one 2-D checkpoint tensor
+        is read in row chunks (`WeightReader.read_into`), the peak then being the output plus
+        one chunk."""
         import torch
 
         spec = self._fake[key]
         shape = tuple(spec.shape)
-        if transpose and len(shape) != 2:
-            raise ValueError(f"{key}: transposed read of a {len(shape)}-D tensor")
-        out = torch.empty(shape[::-1] if transpose else shape, dtype=spec.dtype)
+        perm = tuple(perm) if perm is not None else tuple(range(len(shape)))
+        if sorted(perm) != list(range(len(shape))):
+            raise ValueError(f"{key}: {perm} is not a permutation of its {len(shape)} axes")
+        out = torch.empty([shape[p] for p in perm], dtype=spec.dtype)
+        inverse = [perm.index(i) for i in range(len(shape))]
+        view = out.permute(inverse)  # `out`'s memory in the key's own axis order
         pieces = self._pieces[key]
         rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-        if len(pieces) == 1 and pieces[0][1].numel() == rows:
+        if len(pieces) == 1 and pieces[0][1].numel() == rows and len(shape) <= 2:
             name, piece = pieces[0]
-            if bool((piece.reshape(-1) == torch.arange(rows)).all()):
-                stored = self._reader.shape(name)
-                if transpose or tuple(stored) == shape:
-                    self._reader.read_into(name, out, transpose=transpose)
-                else:
-                    self._reader.read_into(name, out.view(stored))
+            identity = bool((piece.reshape(-1) == torch.arange(rows)).all())
+            if identity and tuple(self._reader.shape(name)) == shape:
+                self._reader.read_into(name, out, transpose=perm == (1, 0))
                 return out
-        whole = out if not transpose else torch.empty(shape, dtype=spec.dtype)
-        flat = whole.view(-1, shape[-1]) if len(shape) > 1 else whole.view(1, -1)
+        if len(shape) < 2:
+            ((name, _),) = pieces
+            view.copy_(self._reader.read(name, spec.dtype).reshape(shape))
+            return out
         for name, piece in pieces:
-            t = self._reader.read(name, spec.dtype)
-            flat[piece.reshape(-1)] = t.reshape(-1, flat.shape[-1])
+            t = self._reader.read(name, spec.dtype).reshape(-1, shape[-1])
+            index = torch.unravel_index(piece.reshape(-1), shape[:-1])
+            view[index] = t
             del t
-        if transpose:
-            out.copy_(whole.T)
         return out
 
 
