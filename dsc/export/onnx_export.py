@@ -130,6 +130,7 @@ def export_graph(
     external_data: bool = False,
     stream: bool | None = None,
     progress=None,
+    quiet: bool = False,
 ) -> ExportedGraph:
     """Export `info` into `out_dir/model.onnx`; return its I/O.
 
@@ -143,7 +144,8 @@ def export_graph(
     stage keeps them external, so `--external-data` makes a tiny model take the paths of a
     real one. Raises `CheckpointError` (exit 3) for a checkpoint that does not fit its config,
     `BadInput` (exit 3) for an fp16 overflow or `--stream` on a pickle checkpoint, and
-    `BackendError` when the exporter fails."""
+    `BackendError` when the exporter fails. Writing external data shows a bar with counts
+    and an ETA on a terminal unless `quiet`."""
     import torch
 
     say = progress or (lambda msg: None)
@@ -208,13 +210,33 @@ def export_graph(
         onnx_path = out_dir / ONNX_FILE
         external = external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD
         say(f"writing {onnx_path.name}" + (" with external data" if external else ""))
-        program.save(onnx_path, external_data=external)
+        if external:
+            _save_external(program.model, onnx_path, quiet=quiet)
+        else:
+            program.save(onnx_path, external_data=False)
         del program
     data_path = out_dir / data_file(ONNX_FILE)
     io = io_spec_from_onnx(onnx_path, family, config)
     return ExportedGraph(
         onnx_path, data_path if data_path.exists() else None, io, time.perf_counter() - t0
     )
+
+
+def _save_external(model, onnx_path: Path, *, quiet: bool) -> None:
+    """`onnx_ir.save` with the weights in `model.onnx.data`, as the exporter's own save does,
+    with a progress bar over the tensors written (each one is read from the checkpoint then)."""
+    import onnx_ir as ir
+
+    from dsc.pipeline.progress import counted
+
+    total = len(model.graph.initializers)
+    with counted("writing weights", total, quiet=quiet) as advance:
+        ir.save(
+            model,
+            onnx_path,
+            external_data=data_file(onnx_path.name),
+            callback=lambda _tensor, info: advance(total=info.total),
+        )
 
 
 def _trace(wrapper, args, family: Family, num_layers: int, opset: int | None, *, optimize: bool):

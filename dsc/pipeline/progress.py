@@ -91,10 +91,11 @@ class Progress:
 @contextlib.contextmanager
 def counted(label: str, total: int, *, quiet: bool = False) -> Iterator[Callable[..., None]]:
     """A progress bar on stderr for a loop of `total` steps: label, bar, `done/total`, elapsed
-    time and ETA (rich), removed when the block ends. Yields `advance(n=1)`. Shows nothing when
+    time and ETA (rich), removed when the block ends. Yields `advance(n=1, total=None)` (`total`
+    replaces the step count, for loops that learn it on the way). Shows nothing when
     `quiet` (`--json`), when stderr is not a terminal (CI, pipes, logs) or when `total` < 1."""
     if quiet or total < 1 or not sys.stderr.isatty():
-        yield lambda n=1: None
+        yield lambda n=1, total=None: None
         return
     from rich.console import Console
     from rich.progress import (
@@ -116,4 +117,4 @@ def counted(label: str, total: int, *, quiet: bool = False) -> Iterator[Callable
     )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(label, total=total)
-        yield lambda n=1: bar.advance(task, n)
+        yield lambda n=1, total=None: bar.update(task, advance=n, total=total)

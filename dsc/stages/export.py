@@ -43,7 +43,7 @@ class ExportStage(Stage):
         )
 
     def run(
-        self, info, directory: Path, inputs: dict, *, progress=None, say=None
+        self, info, directory: Path, inputs: dict, *, progress=None, say=None, quiet=False
     ) -> tuple[StageRecord, object]:
         """Write the graph, its I/O spec, the tokenizer and config.json into `directory`.
 
@@ -62,6 +62,7 @@ class ExportStage(Stage):
             external_data=inputs["external_data"],
             stream=inputs["stream"],
             progress=progress,
+            quiet=quiet,
         )
         for f in info.tokenizer_files:
             shutil.copy2(f, directory / f.name)

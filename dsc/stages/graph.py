@@ -63,7 +63,9 @@ def run_graph_stages(stages, config, info, ctx, tmp: Path, plan: dict, progress,
     export, optimize, quantize = stages
     records, written = {}, {}
     progress.say(f"{export.line(progress, f'{info.architecture} -> ONNX {config.dtype}')} ...")
-    records["export"], g = export.run(info, tmp, plan["export"], progress=progress.sub)
+    records["export"], g = export.run(
+        info, tmp, plan["export"], progress=progress.sub, quiet=progress.quiet
+    )
     written["export"] = files(tmp)
     # A later stage rewrites these in place (same names); everything else it writes is new.
     rewritten = {g.onnx_path.name, f"{g.onnx_path.name}.data", IO_SPEC}
