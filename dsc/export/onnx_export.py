@@ -172,10 +172,7 @@ def export_graph(
             sources = CheckpointSources(
                 model, reader, path=info.path, architecture=info.architecture
             )
-            weight_bytes = sum(
-                sources.fake(k).numel() * sources.fake(k).element_size()
-                for k in dict.fromkeys(sources.names)
-            )
+            weight_bytes = sources.weight_bytes
             run_context = lambda: onloaded(model, sources, buffers)  # noqa: E731
         else:
             model = load_model(info, dtype, progress=say)
@@ -203,8 +200,8 @@ def export_graph(
         say(f"tracing {num_layers} layers with torch.export")
         program = _trace(wrapper, args, family, num_layers, opset, optimize=not stream)
         if stream:
-            _attach_weights(program.model, sources, buffers, is_fake)
-            _fold_weight_transposes(program.model)
+            keys = _attach_weights(program.model, sources, buffers, is_fake)
+            _fold_weight_transposes(program.model, sources, keys)
             program.optimize()
         _name_dims(program.model)
         onnx_path = out_dir / ONNX_FILE
@@ -284,32 +281,37 @@ def _trace(wrapper, args, family: Family, num_layers: int, opset: int | None, *,
         raise BackendError(f"ONNX export of {arch} failed: {summary}") from None
 
 
-def _attach_weights(model, sources, buffers: dict, is_fake) -> None:
+def _attach_weights(model, sources, buffers: dict, is_fake) -> dict[str, str]:
     """Give each data-less (fake) initializer of a streaming trace a tensor read when written.
 
     Initializer names are the wrapper's parameter names (`model.` + the transformers state-dict
-    key). Raises `BackendError` for an initializer with no checkpoint tensor or buffer."""
-
+    key). Returns {initializer name: state-dict key} of the lazy ones. Raises `BackendError`
+    for an initializer with no checkpoint tensor or buffer."""
+    keys: dict[str, str] = {}
     for name, value in model.graph.initializers.items():
         if not is_fake(getattr(value.const_value, "raw", None)):
             continue
         key = name.removeprefix("model.")
         if key in buffers:
             value.const_value = _ir_tensor(buffers[key], name)
-        elif key in sources.names:
+        elif key in sources:
             value.const_value = _lazy_tensor(
                 (lambda k=key, n=name: _ir_tensor(sources.materialize(k), n)),
                 dtype=value.const_value.dtype,
                 shape=value.const_value.shape,
                 name=name,
             )
-            value.const_value.source = (sources, key)
+            keys[name] = key
         else:
             raise BackendError(f"initializer {name} of the traced graph has no checkpoint tensor")
+    return keys
 
 
-def _fold_weight_transposes(model) -> None:
+def _fold_weight_transposes(model, sources, keys: dict[str, str]) -> None:
     """Fold `Transpose(weight)` into a lazily transposed initializer before the optimizer runs.
+
+    `keys`: `_attach_weights`' map; a weight in it is read straight into its transposed layout
+    (`CheckpointSources.materialize(perm=...)`), any other through its numpy value.
 
     The exporter's optimizer (onnxscript's constant folding) always folds a Transpose whose
     large constant input has no other consumer (`_DEFAULT_ALWAYS_FOLD_OPS`): every linear
@@ -333,12 +335,10 @@ def _fold_weight_transposes(model) -> None:
         out = node.outputs[0]
         tensor = src.const_value
 
-        source = getattr(tensor, "source", None)
-        if source is not None:
+        if src.name in keys:
             order = tuple(perm) if perm is not None else tuple(range(len(tensor.shape)))[::-1]
 
-            def transposed(source=source, order=order, name=out.name):
-                sources, key = source
+            def transposed(key=keys[src.name], order=order, name=out.name):
                 return _ir_tensor(sources.materialize(key, perm=order), name)
 
         else:

@@ -200,6 +200,15 @@ class CheckpointSources:
     def names(self) -> tuple[str, ...]:
         return tuple(self._pieces)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._pieces
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's weights in their dtypes, a tied tensor counted once."""
+        unique = {id(t): t for t in self._fake.values()}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
     def fake(self, key: str):
         return self._fake[key]
 

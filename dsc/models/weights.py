@@ -239,14 +239,10 @@ class WeightReader:
         if name not in self._where or name in self.skipped:
             raise KeyError(name)
         shape = self.shape(name)
-        if self.is_fp8(name) or len(shape) < 2:
-            t = self.read(name, out.dtype)
-            out.copy_(t.T if transpose else t)
-            return out
         if transpose and len(shape) != 2:
             raise ValueError(f"transposed read of {name}: {len(shape)}-D, only 2-D is supported")
         stored = self._stored_dtype(name)
-        if stored not in _TORCH_DTYPES:
+        if stored not in _TORCH_DTYPES or len(shape) < 2:  # FP8, integers, 0-/1-D: whole
             t = self.read(name, out.dtype)
             out.copy_(t.T if transpose else t)
             return out
