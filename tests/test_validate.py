@@ -330,3 +330,64 @@ def test_gate_result_json_keys_in_validation_order():
     doc = r.to_json()
     assert list(doc)[-5:] == ["layers", "first_divergence", "seconds", "candidate", "reference"]
     assert doc["kind"] == "gate" and doc["first_divergence"] is None
+
+
+def test_gate_batches_its_runs_and_batched_greedy_equals_one_prompt_at_a_time(
+    fp16_artifact, monkeypatch
+):
+    """The gate's forward passes per graph are `runs_per_graph`: the prefill windows share runs
+    (up to `PREFILL_LOGITS_BYTES` of logits), and all greedy prompts decode as one left-padded
+    batch, so the count does not grow with the number of prompts (at 1.5B on the CPU each run
+    costs seconds). Batched greedy tokens equal those of one prompt at a time, and the prefill
+    logits and NLL equal one window per run."""
+    from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.validate import gate
+    from dsc.validate.run import default_text
+
+    runner = OrtCausalLM.from_artifact(fp16_artifact)
+    calls = [0]
+    step = runner.step
+
+    def counting(*a):
+        calls[0] += 1
+        return step(*a)
+
+    monkeypatch.setattr(runner, "step", counting)
+    tok = api.load_tokenizer(fp16_artifact)
+    text = default_text()
+    opts = gate.GateOptions(window=32, windows=5, decode_steps=3, prompts=4, gen_len=6)
+    ids = gate._windows(tok, text, opts.window, opts.windows)
+    starts = gate._greedy_prompts(tok, text, opts.prompts)
+    assert len(starts) == 4 and len({len(p) for p in starts}) > 1  # left padding is exercised
+    ticks = []
+
+    def advance(n=1, total=None):
+        ticks.append((n, total))
+
+    def run(spill):
+        calls[0] = 0
+        out = gate._run_graph(runner, ids, starts, opts, spill, advance)
+        return out, calls[0]
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        batched, n_batched = run(Path(d) / "a.npy")
+        vocab = batched.prefill.shape[-1]
+        assert n_batched == gate.runs_per_graph(5, 32, vocab, opts) == 1 + 1 + 3 + 6
+        assert sum(n for n, _ in ticks) == n_batched
+        assert (0, 2 * n_batched) in ticks  # the bar's total, from the graph's vocabulary
+        monkeypatch.setattr(gate, "PREFILL_LOGITS_BYTES", 1)  # one window a run
+        single, n_single = run(Path(d) / "b.npy")
+        assert n_single == 5 + 1 + 3 + 6
+        np.testing.assert_allclose(
+            np.asarray(batched.prefill, dtype=np.float32),
+            np.asarray(single.prefill, dtype=np.float32),
+            rtol=0,
+            atol=2e-2,
+        )
+        np.testing.assert_allclose(batched.nll, single.nll, rtol=1e-3)
+        one_by_one = [runner.generate([p], opts.gen_len)[0] for p in starts]
+        assert batched.greedy == one_by_one
+        del batched, single

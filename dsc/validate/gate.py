@@ -162,26 +162,67 @@ def _greedy_prompts(tokenizer, text: str, prompts: int) -> list[list[int]]:
     return [tokenizer(" ".join(ln.split()[:5]))["input_ids"] for ln in lines[:prompts]]
 
 
+# Prefill logits held per run: windows are prefilled together up to this many bytes of fp32
+# logits (R1-Distill-Qwen-1.5B: 151,936-word vocabulary x 128 tokens = 78 MB a window, so 3 a
+# run). On ONNX Runtime's CPU provider each run of an fp16 graph casts every weight to fp32
+# (docs/BENCHMARKS.md), so the number of runs, not the batch, sets the gate's time at real size.
+PREFILL_LOGITS_BYTES = 256 << 20
+
+
+def runs_per_graph(windows: int, window: int, vocab: int, opts: GateOptions) -> int:
+    """Forward passes `_run_graph` makes on one graph: the prefill batches, the decode prompt,
+    one per teacher-forced step, and one per greedy token (all prompts in one batch)."""
+    per_run = max(1, PREFILL_LOGITS_BYTES // (window * vocab * 4))
+    steps = min(opts.decode_steps, window - window // 2)
+    return -(-windows // per_run) + 1 + steps + (max(1, opts.gen_len) if opts.prompts else 0)
+
+
+def _logits_vocab(runner) -> int | None:
+    """The logits' last dimension from the runner's model_io.json (`io`), if it states one."""
+    for out in getattr(runner, "io", {}).get("outputs", []):
+        if out.get("name") == "logits" and isinstance(out["shape"][-1], int):
+            return out["shape"][-1]
+    return None
+
+
 def _run_graph(
     runner, ids: np.ndarray, starts: list[list[int]], opts: GateOptions, spill: Path, advance
 ) -> _Outputs:
-    """Every input of the gate through one graph: prefill of each window (one at a time: the
-    logits of one window are resident, the rest go to `spill`), the teacher-forced decode of
-    the windows' second halves, and greedy generation from each prompt."""
+    """Every input of the gate through one graph: prefill of the windows (as many per run as
+    `PREFILL_LOGITS_BYTES` allows; the logits of one run are resident, the rest go to
+    `spill`), the teacher-forced decode of the windows' second halves (one batch), and greedy
+    generation from every prompt at once (left-padded into one batch). `advance` is called
+    once per forward pass."""
     count, window = ids.shape
     prefill = None
     nll = []
-    for w in range(count):
-        row = ids[w : w + 1]
+
+    def learned(vocab: int) -> int:
+        # The bar's total, now that the graph's vocabulary is known (both graphs).
+        advance(0, total=2 * runs_per_graph(count, window, vocab, opts))
+        return max(1, PREFILL_LOGITS_BYTES // (window * vocab * 4))
+
+    vocab = _logits_vocab(runner)
+    per_run = learned(vocab) if vocab else 1
+    w = 0
+    while w < count:
+        rows = ids[w : w + per_run]
+        b = rows.shape[0]
         logits = runner.step(
-            row, np.ones_like(row), np.arange(window)[None, :], runner.empty_past(1)
+            rows,
+            np.ones_like(rows),
+            np.broadcast_to(np.arange(window), rows.shape).copy(),
+            runner.empty_past(b),
         ).logits
         if prefill is None:
             prefill = np.lib.format.open_memmap(
                 spill, mode="w+", dtype=logits.dtype, shape=(count, window, logits.shape[-1])
             )
-        prefill[w] = logits[0]
-        nll.append(metrics.nll(logits, row))
+            if vocab is None:
+                per_run = learned(logits.shape[-1])
+        prefill[w : w + b] = logits
+        nll.extend(metrics.nll(logits[i : i + 1], rows[i : i + 1]) for i in range(b))
+        w += b
         advance()
     half = window // 2
     steps = min(opts.decode_steps, window - half)
@@ -192,6 +233,7 @@ def _run_graph(
         np.broadcast_to(np.arange(half), prompt.shape).copy(),
         runner.empty_past(count),
     )
+    advance()
     decode = []
     for k in range(steps):
         out = runner.step(
@@ -202,10 +244,9 @@ def _run_graph(
         )
         decode.append(out.logits)
         advance()
-    greedy = []
-    for p in starts:
-        greedy.append(runner.generate([p], opts.gen_len, eos_token_id=None)[0])
-        advance()
+    greedy = (
+        runner.generate(starts, opts.gen_len, eos_token_id=None, on_step=advance) if starts else []
+    )
     return _Outputs(prefill, nll, decode, greedy)
 
 
@@ -361,8 +402,8 @@ def run_gate(
     t0 = time.perf_counter()
     ids = _windows(tokenizer, text, opts.window, opts.windows)
     starts = _greedy_prompts(tokenizer, text, opts.prompts)
-    steps = min(opts.decode_steps, ids.shape[1] - ids.shape[1] // 2)
-    per_graph = ids.shape[0] + steps + len(starts)
+    vocab = int(getattr(tokenizer, "vocab_size", 0) or 0) or 1
+    per_graph = runs_per_graph(ids.shape[0], ids.shape[1], vocab, opts)
     with (
         tempfile.TemporaryDirectory(prefix="dsc-gate-") as spill,
         counted("accuracy gate: reference, then candidate", 2 * per_graph, quiet=quiet) as advance,

@@ -377,11 +377,14 @@ class OrtCausalLM:
         seed: int = 0,
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
+        on_step=None,
     ) -> list[list[int]]:
         """Continue each prompt (token ids; left-padded with `pad_token_id` into one batch) by up
         to `max_new_tokens` tokens: argmax when `greedy`, else sampled at `temperature` with
         `seed`. Returns only the new tokens per prompt (a row stops at `eos_token_id`).
-        Raises `BadInput` (exit 3) for no prompts or an empty one."""
+        `on_step`: called with no argument after each forward pass (the prompt's, then one per
+        token after the first), for progress. Raises `BadInput` (exit 3) for no prompts or an
+        empty one."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise BadInput("generation needs at least one token per prompt")
         rng = np.random.default_rng(seed)
@@ -393,7 +396,9 @@ class OrtCausalLM:
             ids[row, width - len(p) :] = p
             mask[row, width - len(p) :] = 1
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        tick = on_step or (lambda: None)
         out = self.step(ids, mask, pos, self.empty_past(batch))
+        tick()
         next_pos = pos[:, -1:] + 1
         generated: list[list[int]] = [[] for _ in range(batch)]
         done = np.zeros(batch, dtype=bool)
@@ -415,5 +420,6 @@ class OrtCausalLM:
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             out = self.step(tok[:, None], mask, next_pos, out.present)
+            tick()
             next_pos = next_pos + 1
         return generated
