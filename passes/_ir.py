@@ -35,6 +35,56 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
         return None
 
 
+def _const_tensor(value: ir.Value | None):
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        node = value.producer()
+        if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+            tensor = node.attributes["value"].as_tensor()
+    return tensor
+
+
+@dataclass(frozen=True)
+class ConstInfo:
+    """Shape and element type of a constant, read from its tensor's header, not its data."""
+
+    shape: tuple[int, ...]
+    dtype: ir.DataType
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def const_info(value: ir.Value | None) -> ConstInfo | None:
+    """The shape and dtype of the value's constant content (initializer or Constant node
+    output) without reading the data (an external weight stays on disk), else None."""
+    tensor = _const_tensor(value)
+    if tensor is None or tensor.shape is None:
+        return None
+    dims = tuple(tensor.shape)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return ConstInfo(dims, tensor.dtype)
+
+
+def read_consts(*values: ir.Value) -> list[np.ndarray]:
+    """The constants' contents as arrays of their own (copies), each external tensor's memory
+    map released after the copy, so a pass that derives a weight from others holds only the
+    arrays it asked for, not their pages. Raises ValueError for a value with no constant."""
+    out = []
+    for value in values:
+        tensor = _const_tensor(value)
+        if tensor is None:
+            raise ValueError(f"{value.name} has no constant value")
+        out.append(np.array(tensor.numpy(), copy=True))
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.release()
+    return out
+
+
 def const_scalar(value: ir.Value | None) -> float | int | None:
     arr = const_array(value)
     if arr is None or arr.size != 1:

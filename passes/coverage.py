@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
-from dsc.passes._ir import const_array, const_scalar, producer, rank
+from dsc.passes._ir import const_info, const_scalar, producer, rank
 from dsc.passes.fusion import block_of, explain, form_of
 
 KINDS = ("rmsnorm", "attention", "mlp", "moe", "rope")
@@ -59,7 +59,7 @@ def _const_weight_gemm(v: ir.Value | None) -> bool:
     n = producer(v, "MatMul", "Gemm")
     if n is None:
         return False
-    w = const_array(n.inputs[1])
+    w = const_info(n.inputs[1])
     return w is not None and w.ndim == 2
 
 
@@ -83,7 +83,7 @@ def _anchors(graph: ir.Graph) -> dict[str, list[ir.Node]]:
             if sig is not None and sig.inputs[0] is g and _const_weight_gemm(g):
                 found["mlp"].append(node)
         elif op == "GatherND":
-            w = const_array(node.inputs[0])
+            w = const_info(node.inputs[0])
             if w is not None and w.ndim == 3 and node.inputs[1] not in moe_indices:
                 moe_indices.add(node.inputs[1])
                 found["moe"].append(node)

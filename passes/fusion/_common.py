@@ -44,6 +44,53 @@ def new_const(op, graph: ir.Graph | ir.Function, stem: str, array) -> ir.Value:
     return op.initializer(ir.tensor(array, name=name), name=name)
 
 
+class DerivedTensor(ir.LazyTensor):
+    """A weight computed from other weights when read (see `lazy_const`); `sources` names the
+    initializers it is computed from, in the order `make` reads them."""
+
+    def __init__(self, func, dtype, shape, *, name: str, sources: tuple[str, ...]):
+        super().__init__(func, dtype=dtype, shape=shape, name=name)
+        self.sources = sources
+
+
+def lazy_const(
+    op,
+    graph: ir.Graph | ir.Function,
+    stem: str,
+    make,
+    shape: tuple[int, ...],
+    dtype: ir.DataType,
+    sources: tuple[ir.Value, ...] = (),
+) -> ir.Value:
+    """A new initializer whose content `make()` (an array of `shape` and `dtype`) computes when
+    it is read: when the graph is saved, one tensor at a time, or by a pass that reads it. A
+    weight a fusion derives from others (the gate/up concat, MLA's absorbed W_uk / W_uv, the MoE
+    expert relayout) is therefore never held with the rest: the optimize stage's peak memory
+    does not grow with the number of layers. `make` should read `sources` (the values it
+    derives from, recorded on the `DerivedTensor`) with `dsc.passes._ir.read_consts`, which
+    releases their memory maps."""
+    import numpy as np
+
+    from dsc.passes._ir import unique_name
+
+    name = unique_name(graph, stem) if isinstance(graph, ir.Graph) else stem
+
+    def compute():
+        array = np.ascontiguousarray(make())
+        if tuple(array.shape) != tuple(shape):
+            raise RuntimeError(f"{name}: made {array.shape}, declared {shape} (a dsc bug)")
+        return ir.tensor(array, dtype=dtype, name=name)
+
+    tensor = DerivedTensor(
+        compute,
+        dtype,
+        ir.Shape(shape),
+        name=name,
+        sources=tuple(v.name for v in sources),
+    )
+    return op.initializer(tensor, name=name)
+
+
 def branch_graph(tape, out: ir.Value, like: ir.Value, main: ir.Graph, name: str) -> ir.Graph:
     """An If branch from the nodes a TapeBuilder recorded: its initializers go to the main
     graph (branches read them from the outer scope) and every value and node gets a name unique

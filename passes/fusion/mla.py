@@ -38,15 +38,17 @@ from dsc.passes._framework import register_pass
 from dsc.passes._ir import (
     attr,
     const_array,
+    const_info,
     const_ints,
     const_scalar,
     dim,
     dtype_name,
     producer,
     rank,
+    read_consts,
 )
 from dsc.passes._target import TargetOps
-from dsc.passes.fusion._common import FusionPass, branch_graph, new_const, tag
+from dsc.passes.fusion._common import FusionPass, branch_graph, lazy_const, new_const, tag
 from dsc.passes.fusion.attention import emit_attention, mask_of
 
 _P = [3, 1, 2, 0]
@@ -164,7 +166,7 @@ class MlaAbsorb(pattern.RewriteRuleClassBase):
         **_,
     ):
         result = pattern.MatchResult()
-        w = const_array(w_kvb)
+        w = const_info(w_kvb)
         if w is None or w.ndim != 2:
             return result.fail("kv_b_proj weight is not a constant matrix", w_kvb)
         if rank(ckv) != 4 or dim(ckv, 1) != 1 or dim(ckv, 3) != w.shape[0]:
@@ -206,14 +208,35 @@ class MlaAbsorb(pattern.RewriteRuleClassBase):
     def rewrite(self, op, ckv, w_kvb, shp, sizes, k_pe, shp_e, q_nope, q_pe, bias, **_):
         d, graph = self._dims, self._graph
         h, n, v, r, rope = d["heads"], d["nope"], d["v"], d["rank"], d["rope"]
-        w = const_array(w_kvb).reshape(r, h, n + v)
-        w_uk_t = np.ascontiguousarray(w[:, :, :n].transpose(1, 2, 0))  # [H, N, r]
-        w_uv = np.ascontiguousarray(w[:, :, n:].transpose(1, 0, 2))  # [H, r, V]
+        dt = const_info(w_kvb).dtype
+
+        def kv_b():
+            return read_consts(w_kvb)[0].reshape(r, h, n + v)
+
         mask = mask_of(bias)
         dtype = dtype_name(q_nope) or "float32"
 
         then = TapeBuilder()
-        q_lat = then.MatMul(q_nope, new_const(then, graph, "mla_w_uk_t", w_uk_t))
+        # Both computed from kv_b_proj's weight when the graph is written.
+        w_uk_t = lazy_const(  # [H, N, r]
+            then,
+            graph,
+            "mla_w_uk_t",
+            lambda: kv_b()[:, :, :n].transpose(1, 2, 0),
+            (h, n, r),
+            dt,
+            (w_kvb,),
+        )
+        w_uv = lazy_const(  # [H, r, V]
+            then,
+            graph,
+            "mla_w_uv",
+            lambda: kv_b()[:, :, n:].transpose(1, 0, 2),
+            (h, r, v),
+            dt,
+            (w_kvb,),
+        )
+        q_lat = then.MatMul(q_nope, w_uk_t)
         q_abs = then.Concat(q_lat, q_pe, axis=-1)
         k_lat = then.Concat(ckv, k_pe, axis=-1)
         qk = r + rope
@@ -259,7 +282,7 @@ class MlaAbsorb(pattern.RewriteRuleClassBase):
                 v_dim=r,
                 block="attention",
             )
-        out_then = then.MatMul(o_lat, new_const(then, graph, "mla_w_uv", w_uv))
+        out_then = then.MatMul(o_lat, w_uv)
 
         other = TapeBuilder()
         kv = other.MatMul(ckv, w_kvb)

@@ -16,8 +16,8 @@ import numpy as np
 from onnxscript.rewriter import pattern
 
 from dsc.passes._framework import register_pass
-from dsc.passes._ir import const_array
-from dsc.passes.fusion._common import FusionPass, new_const, tag
+from dsc.passes._ir import const_info, read_consts
+from dsc.passes.fusion._common import FusionPass, lazy_const, new_const, tag
 
 FORM = "gate_up GEMM + SiLU"
 
@@ -30,7 +30,7 @@ class GateUpFusion(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, w_gate, w_up, **_):
         result = pattern.MatchResult()
-        wg, wu = const_array(w_gate), const_array(w_up)
+        wg, wu = const_info(w_gate), const_info(w_up)
         if wg is None or wu is None:
             return result.fail("gate/up weights are not constants", [w_gate, w_up])
         if wg.ndim != 2 or wg.shape != wu.shape or wg.dtype != wu.dtype:
@@ -41,8 +41,17 @@ class GateUpFusion(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, w_gate, w_up, **_):
-        wg, wu = const_array(w_gate), const_array(w_up)
-        fused = new_const(op, self._graph, f"{w_gate.name}_gate_up", np.concatenate([wg, wu], -1))
+        wg, wu = const_info(w_gate), const_info(w_up)
+        # [D, 2I], computed when the graph is written (one layer's weight at a time).
+        fused = lazy_const(
+            op,
+            self._graph,
+            f"{w_gate.name}_gate_up",
+            lambda: np.concatenate(read_consts(w_gate, w_up), -1),
+            (wg.shape[0], wg.shape[1] + wu.shape[1]),
+            wg.dtype,
+            (w_gate, w_up),
+        )
         sizes = new_const(
             op,
             self._graph,

@@ -35,8 +35,8 @@ from onnxscript._internal.tape_builder import TapeBuilder
 from onnxscript.rewriter import pattern
 
 from dsc.passes._framework import register_pass
-from dsc.passes._ir import const_array, const_ints, dim, rank
-from dsc.passes.fusion._common import FusionPass, branch_graph, new_const, tag
+from dsc.passes._ir import const_info, const_ints, dim, rank, read_consts
+from dsc.passes.fusion._common import FusionPass, branch_graph, lazy_const, new_const, tag
 
 
 class MoeLowering(pattern.RewriteRuleClassBase):
@@ -119,7 +119,7 @@ class MoeLowering(pattern.RewriteRuleClassBase):
         **_,
     ):
         result = pattern.MatchResult()
-        gu, dn = const_array(w_gu), const_array(w_d)
+        gu, dn = const_info(w_gu), const_info(w_d)
         if gu is None or dn is None or gu.ndim != 3 or dn.ndim != 3:
             return result.fail("expert weights are not constant [E, ., .] tensors", [w_gu, w_d])
         e, two_i, d = gu.shape
@@ -167,10 +167,26 @@ class MoeLowering(pattern.RewriteRuleClassBase):
     def rewrite(self, op, x, idx, wts, w_gu, w_d, **_):
         graph, dims = self._graph, self._dims
         e, i, d, k = dims["e"], dims["i"], dims["d"], dims["k"]
-        gu = np.ascontiguousarray(const_array(w_gu).transpose(0, 2, 1))  # [E, D, 2I]
-        dn = np.ascontiguousarray(const_array(w_d).transpose(0, 2, 1).reshape(e * i, d))
-        w1 = new_const(op, graph, f"{w_gu.name}_moe_gu", gu)
-        w2 = new_const(op, graph, f"{w_d.name}_moe_down", dn)
+        dtype = const_info(w_gu).dtype
+        # Computed when the graph is written, one expert tensor at a time.
+        w1 = lazy_const(  # [E, D, 2I]
+            op,
+            graph,
+            f"{w_gu.name}_moe_gu",
+            lambda: read_consts(w_gu)[0].transpose(0, 2, 1),
+            (e, d, 2 * i),
+            dtype,
+            (w_gu,),
+        )
+        w2 = lazy_const(  # [E*I, D]
+            op,
+            graph,
+            f"{w_d.name}_moe_down",
+            lambda: read_consts(w_d)[0].transpose(0, 2, 1).reshape(e * i, d),
+            (e * i, d),
+            dtype,
+            (w_d,),
+        )
 
         def dense(t):
             experts = new_const(t, graph, "moe_expert_ids", np.arange(e, dtype=np.int64))
