@@ -383,6 +383,7 @@ def quantize(
     embedding: str | None = None,
     profile: str | None = None,
     force: bool = False,
+    calibrate_by: str = "auto",
 ):
     """`dsc quantize`: the quantize stage on `artifact`'s graph, into a new artifact `output`.
 
@@ -391,7 +392,9 @@ def quantize(
     "percentile", "entropy" or "mse"; `alpha`: SmoothQuant strength in [0, 1] (None: searched
     per layer); `samples` windows of `seq_len` tokens; `exclude`: globs of HF module paths kept
     in float; `lm_head` / `embedding`: store them weight-only at this precision; `profile`:
-    refuse precisions that target cannot run. Returns a `dsc.stages.quantize.QuantizeResult`.
+    refuse precisions that target cannot run; `calibrate_by`: "layer" (one decoder layer at a
+    time), "graph" (one session) or "auto" (by size: `dsc.quantize.calibrates_by_layer`).
+    Returns a `dsc.stages.quantize.QuantizeResult`.
     Raises `UsageError` (exit 2) for contradictory options, `BadInput` (exit 3) for bad
     calibration data or OUTPUT, `Unsupported` (exit 4) for a precision the profile cannot run.
     """
@@ -412,6 +415,7 @@ def quantize(
         force=force,
         lm_head=lm_head,
         embedding=embedding,
+        calibrate_by=calibrate_by,
     )
 
 

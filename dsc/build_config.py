@@ -42,6 +42,7 @@ class BuildConfig:
     alpha: float | None = None  # SmoothQuant α; None: searched per layer ("auto")
     calib_samples: int = 64
     calib_seq_len: int = 128
+    calibrate_by: str = "auto"  # auto | layer | graph (dsc.quantize.calibrates_by_layer)
     exclude: tuple[str, ...] = ()
     # vocabulary weights, weight-only (dsc.passes.quant.vocab): None, int8, int4 or fp8
     quantize_lm_head: str | None = None

@@ -27,6 +27,7 @@ Keys are the long options of `dsc build`, in snake_case (`max-batch` is accepted
     calib_method                max | percentile | entropy | mse
     alpha                       SmoothQuant migration strength: auto (per layer) or 0..1
     calib_samples, calib_seq_len   calibration windows and their length in tokens
+    calibrate_by                auto | layer | graph: calibrate one decoder layer at a time
     exclude                     module patterns kept in float (list)
     quantize_lm_head            int8 | int4 | fp8 | null: lm_head weight-only (with `quantize`)
     quantize_embedding          int8 | int4 | fp8 | null: the embedding table (with `quantize`)
@@ -55,6 +56,7 @@ _CHOICES = {
     "dtype": ("fp16", "bf16", "fp32"),
     "backend": ("auto", "tensorrt_rtx", "tensorrt"),
     "validate": ("auto", "smoke", "gate", "none"),
+    "calibrate_by": ("auto", "layer", "graph"),
 }
 _BOOLS = ("allow_pickle", "force", "rebuild", "optimize", "weight_only", "external_data", "stream")
 _NAME_LISTS = ("passes", "disable_passes", "exclude")

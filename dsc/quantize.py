@@ -51,6 +51,26 @@ DEFAULT_CALIB = Path(__file__).resolve().parent / "data" / "calibration.txt"
 DEFAULT_METHOD = {"int8": "max", "fp8": "max", "int4": "max"}
 MIN_EXPERT_TOKENS = 16
 CALIB_LIMIT = 256 * 2**20  # bytes of calibration text read at most (all files together)
+# `calibrate_by="auto"` runs the calibration windows one decoder layer at a time when the graph
+# holds more weight bytes than this (ONNX Runtime's CPU provider then holds one layer's weights
+# and their fp32 copies instead of the model's: R1-Distill-Qwen-1.5B, 3.55 GB of fp16 weights,
+# needs about 11 GB for the whole graph), else the whole graph in one session (the tiny models:
+# one session is faster). The statistics are the same either way (dsc.passes.quant.layerwise).
+LAYERWISE_MIN_WEIGHT_BYTES = 1 << 30
+CALIBRATE_BY = ("auto", "layer", "graph")
+
+
+def calibrates_by_layer(model, calibrate_by: str = "auto") -> bool:
+    """Whether calibration runs one decoder layer at a time (`calibrate_by`: "layer",
+    "graph", or "auto": by `LAYERWISE_MIN_WEIGHT_BYTES`). Raises BadInput for another value."""
+    if calibrate_by not in CALIBRATE_BY:
+        known = ", ".join(CALIBRATE_BY)
+        raise BadInput(f"calibrate_by must be one of {known}, not {calibrate_by!r}")
+    if calibrate_by != "auto":
+        return calibrate_by == "layer"
+    from dsc.artifacts import weight_bytes
+
+    return weight_bytes(model) > LAYERWISE_MIN_WEIGHT_BYTES
 
 
 @dataclass
@@ -245,6 +265,7 @@ def quantize_model(
     lm_head: str | None = None,
     embedding: str | None = None,
     progress=None,
+    calibrate_by: str = "auto",
 ) -> QuantizedModel:
     """Quantize an in-memory onnx_ir model. Returns a `QuantizedModel` (model, report,
     calibration record).
@@ -255,6 +276,10 @@ def quantize_model(
 
     `alpha`: SmoothQuant's migration strength for INT8 W8A8; None (the default, "auto")
     searches it per layer, on the fake-quantized GEMM error of the calibration rows.
+
+    `calibrate_by`: "layer" runs the calibration windows through one decoder layer at a time
+    (`dsc.passes.quant.layerwise`), "graph" through the whole graph in one ONNX Runtime
+    session, "auto" picks by size (`calibrates_by_layer`); the record says which ran.
     """
     from dsc.passes import reset_unique_names
     from dsc.passes.quant import calibrate as cal
@@ -270,9 +295,18 @@ def quantize_model(
     smooth = precision == "int8" and not scheme.weight_only and (alpha is None or alpha > 0)
     windows = calibration_windows(tokenizer, text, samples, seq_len, prompt=smooth)
     dsha = cal.data_sha256(windows)
+    by_layer = calibrates_by_layer(model, calibrate_by)
     say = progress or (lambda msg: None)
     say(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens")
-    stats = cal.collect(model, io, windows, exclude=exclude, use_cache=use_cache, progress=say)
+    stats = cal.collect(
+        model,
+        io,
+        windows,
+        exclude=exclude,
+        use_cache=use_cache,
+        progress=say,
+        layerwise=by_layer,
+    )
     # Expert coverage is a property of the original model on this data.
     experts = stats.experts
     report: dict = {"scheme": scheme.label, "method": method}
@@ -284,7 +318,15 @@ def quantize_model(
         sq(model)
         report["smoothquant"] = sq.report
         say("calibrating the smoothed graph")
-        stats = cal.collect(model, io, windows, exclude=exclude, use_cache=use_cache, progress=say)
+        stats = cal.collect(
+            model,
+            io,
+            windows,
+            exclude=exclude,
+            use_cache=use_cache,
+            progress=say,
+            layerwise=by_layer,
+        )
         cache_files.append(stats)
     if precision == "int4":
         aw = AWQScalePass(stats, scheme, exclude)
@@ -329,6 +371,7 @@ def quantize_model(
         "samples": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
         "tokens": int(windows.size),
+        "calibrated_by": "layer" if by_layer else "graph",
         "ranges": ranges,
         "cache_hit": [s.cache_hit for s in cache_files],
         "stats": cache_files,
@@ -381,6 +424,7 @@ def quantize_in_place(
     lm_head: str | None = None,
     embedding: str | None = None,
     progress=None,
+    calibrate_by: str = "auto",
 ) -> tuple[dict, dict]:
     """Quantize the graph of the artifact being written at `directory`, in place.
 
@@ -423,6 +467,7 @@ def quantize_in_place(
         lm_head=lm_head,
         embedding=embedding,
         progress=progress,
+        calibrate_by=calibrate_by,
     )
     external = (directory / data_file(onnx_name)).exists()
     ref = directory / "reference"
@@ -463,6 +508,7 @@ def quantize_in_place(
         "weight_only": precision == "int4" or weight_only,
         "samples": record["samples"],
         "seq_len": record["seq_len"],
+        "calibrated_by": record["calibrated_by"],
         "calib": str(calib) if calib else "dsc/data/calibration.txt",
         "calib_sha256": record["data_sha256"],
         "exclude": list(exclude),

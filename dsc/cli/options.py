@@ -233,6 +233,16 @@ quant_options = group(
         help="Tokens per calibration window.",
     ),
     click.option(
+        "--calibrate-by",
+        "calibrate_by",
+        type=click.Choice(["auto", "layer", "graph"]),
+        default="auto",
+        show_default=True,
+        help="Run the calibration windows one decoder layer at a time (layer: ONNX Runtime "
+        "holds one layer's weights) or through the whole graph (graph); auto: by layer "
+        "above 1 GiB of weights. Same statistics either way.",
+    ),
+    click.option(
         "--exclude",
         "exclude",
         multiple=True,

@@ -25,6 +25,7 @@ def quant_kwargs(
     exclude,
     quantize_lm_head=None,
     quantize_embedding=None,
+    calibrate_by="auto",
 ) -> dict | None:
     """Keyword arguments for `dsc.api.quantize`, or None when no precision flag was given."""
     from dsc import api
@@ -44,6 +45,7 @@ def quant_kwargs(
         "exclude": tuple(exclude),
         "lm_head": quantize_lm_head,
         "embedding": quantize_embedding,
+        "calibrate_by": calibrate_by,
     }
 
 
@@ -68,6 +70,7 @@ def quantize(
     exclude,
     quantize_lm_head,
     quantize_embedding,
+    calibrate_by,
     profile,
     force,
 ) -> None:
@@ -87,6 +90,7 @@ def quantize(
         exclude,
         quantize_lm_head,
         quantize_embedding,
+        calibrate_by,
     )
     if kw is None:
         raise click.UsageError("choose a precision: --int8, --fp8 or --int4-awq")

@@ -47,6 +47,7 @@ def graph_inputs(stages, config, info, ctx, tools: dict) -> dict[str, dict | Non
             alpha=config.alpha,
             samples=config.calib_samples,
             seq_len=config.calib_seq_len,
+            calibrate_by=config.calibrate_by,
             exclude=config.exclude,
             calib=config.calib,
             lm_head=config.quantize_lm_head,

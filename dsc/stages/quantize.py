@@ -50,8 +50,11 @@ class QuantizeStage(Stage):
         calib=None,
         lm_head: str | None = None,
         embedding: str | None = None,
+        calibrate_by: str = "auto",
     ) -> dict:
-        """The stage's inputs; reads the calibration data (`BadInput` when it is unusable)."""
+        """The stage's inputs; reads the calibration data (`BadInput` when it is unusable).
+        `calibrate_by` is an input only when set ("layer" or "graph"): "auto" decides by the
+        graph's size, which the upstream hash already covers."""
         return {
             "upstream": upstream,
             "precision": precision,
@@ -64,6 +67,7 @@ class QuantizeStage(Stage):
             "calib_sha256": calibration_sha256(calib),
             "tools": {k: tools.get(k) for k in TOOLS},
             **vocab_inputs(lm_head, embedding),
+            **({"calibrate_by": calibrate_by} if calibrate_by != "auto" else {}),
         }
 
     def run(
@@ -93,6 +97,7 @@ class QuantizeStage(Stage):
             lm_head=lm_head,
             embedding=embedding,
             progress=progress,
+            calibrate_by=inputs.get("calibrate_by", "auto"),
         )
         seconds = time.perf_counter() - t0
         rec = StageRecord(
@@ -124,6 +129,7 @@ def quantize_artifact(
     lm_head: str | None = None,
     embedding: str | None = None,
     progress=None,
+    calibrate_by: str = "auto",
 ) -> QuantizeResult:
     """`dsc quantize`: the quantize stage on `artifact`'s graph, into a new artifact `output`.
 
@@ -172,6 +178,7 @@ def quantize_artifact(
         calib=calib,
         lm_head=lm_head,
         embedding=embedding,
+        calibrate_by=calibrate_by,
     )
     with atomic_dir(output, force=force) as tmp:
         for p in artifact.iterdir():

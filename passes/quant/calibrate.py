@@ -229,17 +229,22 @@ def collect(
     use_cache: bool = True,
     threads: int | None = None,
     progress=None,
+    layerwise: bool = False,
 ) -> CalibStats:
-    """Run `model` on token `windows` [N, L]; statistics for every quantizable MatMul input."""
-    import onnx
+    """Run `model` on token `windows` [N, L]; statistics for every quantizable MatMul input.
 
+    `layerwise`: run the windows through one decoder layer at a time
+    (`dsc.passes.quant.layerwise`), so ONNX Runtime holds one layer's weights instead of the
+    model's; the statistics equal the whole graph's, bit for bit or within fp16 steps (see
+    that module); each way has its own cache entry."""
     from dsc.backends.onnxruntime.runner import inference_session, spilled
 
     t0 = time.perf_counter()
     msha, dsha = model_sha256(model), data_sha256(windows)
     # Every target's input is collected whatever the exclusions, so they are not in the key; the
     # row sample size is.
-    path = cache_dir() / f"{msha[:20]}-{dsha[:20]}-r{int(max_rows)}-{STATS_VERSION}.npz"
+    way = "-layer" if layerwise else ""
+    path = cache_dir() / f"{msha[:20]}-{dsha[:20]}-r{int(max_rows)}{way}-{STATS_VERSION}.npz"
     if use_cache and path.is_file():
         try:
             stats = CalibStats.load(path)
@@ -290,50 +295,64 @@ def collect(
                 sessions[key] = (sess, acts)
             return sessions[key]
 
-        taken: dict[str, bool] = {}
-        if conds:
-            # The branch each If takes on calibration windows (prefill: MLA expanded, MoE dense
-            # unless the batch has fewer token-slots than experts), read from the graph itself.
-            p = onnx.ModelProto()
-            p.CopyFrom(proto)
-            _expose(p, cond_names, vals)
-            sess0 = inference_session(p, base_dir=base_dir, threads=threads)
-            res = dict(
-                zip(cond_names, sess0.run(cond_names, _feeds(io, windows[:batch])), strict=False)
-            )
-            taken = {k: bool(res[c]) for k, c in conds.items()}
-            del sess0, p
         total = int(windows.shape[0] * windows.shape[1])
         stride = max(1, total // max_rows)
         accs: dict[str, _Acc] = {}
         counts: dict[str, np.ndarray] = {}
         n_experts = {mod: _num_experts(model, mod) for mod, _ in routers}
-        for i in range(0, windows.shape[0], batch):
-            feeds = _feeds(io, windows[i : i + batch])
-            while True:
-                sess, acts = session(taken)
-                res = sess.run(acts + idx_names + cond_names, feeds)
-                c = dict(zip(cond_names, res[len(acts) + len(idx_names) :], strict=False))
-                got = {k: bool(c[v]) for k, v in conds.items()}
-                if got == taken:
-                    break
-                taken = got  # this batch takes other branches: run it again on their inlined copy
-            for name, x in zip(acts, res[: len(acts)], strict=False):
+
+        def accumulate(got: dict[str, np.ndarray]) -> None:
+            for name, x in got.items():
+                if name in idx_set:
+                    continue
                 if name not in accs:
                     accs[name] = _Acc(x.shape[-1], stride, max_rows)
                 accs[name].add(x)
-            for (mod, _), idx in zip(
-                routers, res[len(acts) : len(acts) + len(idx_names)], strict=False
-            ):
-                c = np.bincount(idx.reshape(-1).astype(np.int64), minlength=n_experts[mod] or 0)
-                counts[mod] = counts.get(mod, 0) + c
-            if progress:
-                done, n = i // batch + 1, -(-windows.shape[0] // batch)
-                eta = (time.perf_counter() - t0) / done * (n - done)
-                progress(
-                    f"calibration batch {done}/{n}"
-                    + (f", about {eta:.0f}s left" if done < n else "")
-                )
+            for mod, idx_name in routers_by_idx:
+                if idx_name in got:
+                    idx = got[idx_name]
+                    c = np.bincount(idx.reshape(-1).astype(np.int64), minlength=n_experts[mod] or 0)
+                    counts[mod] = counts.get(mod, 0) + c
+
+        idx_set = set(idx_names)
+        routers_by_idx = [(mod, idx.name) for mod, idx in routers]
+        if layerwise:
+            from dsc.passes.quant.layerwise import collect_layerwise
+
+            collect_layerwise(
+                proto,
+                base_dir,
+                io,
+                windows,
+                sources=sources,
+                idx_names=idx_names,
+                conds=conds,
+                vals=vals,
+                batch=batch,
+                threads=threads,
+                on_batch=lambda b, got: accumulate(got),
+                progress=progress,
+            )
+        else:
+            _collect_whole(
+                proto,
+                base_dir,
+                io,
+                windows,
+                conds,
+                vals,
+                session,
+                batch,
+                threads,
+                idx_names,
+                accumulate,
+                progress,
+                t0,
+            )
+    # One order whichever way the batches ran: targets', then routers' (graph order).
+    rank = {n: i for i, n in enumerate(n for src in sources for n in src)}
+    accs = dict(sorted(accs.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+    counts = {mod: counts[mod] for mod, _ in routers if mod in counts}
     stats = CalibStats(
         msha,
         dsha,
@@ -348,6 +367,59 @@ def collect(
         except OSError as e:
             logger.warning("cannot write the calibration cache %s: %s", path, e)
     return stats
+
+
+def _collect_whole(
+    proto,
+    base_dir,
+    io,
+    windows,
+    conds,
+    vals,
+    session,
+    batch,
+    threads,
+    idx_names,
+    accumulate,
+    progress,
+    t0,
+) -> None:
+    """The whole graph in one ONNX Runtime session per branch combination, batch by batch."""
+    import onnx
+
+    from dsc.backends.onnxruntime.runner import inference_session
+
+    cond_names = list(dict.fromkeys(conds.values()))
+    taken: dict[str, bool] = {}
+    if conds:
+        # The branch each If takes on calibration windows (prefill: MLA expanded, MoE dense
+        # unless the batch has fewer token-slots than experts), read from the graph itself.
+        p = onnx.ModelProto()
+        p.CopyFrom(proto)
+        _expose(p, cond_names, vals)
+        sess0 = inference_session(p, base_dir=base_dir, threads=threads)
+        res = dict(
+            zip(cond_names, sess0.run(cond_names, _feeds(io, windows[:batch])), strict=False)
+        )
+        taken = {k: bool(res[c]) for k, c in conds.items()}
+        del sess0, p
+    for i in range(0, windows.shape[0], batch):
+        feeds = _feeds(io, windows[i : i + batch])
+        while True:
+            sess, acts = session(taken)
+            res = sess.run(acts + idx_names + cond_names, feeds)
+            c = dict(zip(cond_names, res[len(acts) + len(idx_names) :], strict=False))
+            got = {k: bool(c[v]) for k, v in conds.items()}
+            if got == taken:
+                break
+            taken = got  # this batch takes other branches: run it again on their inlined copy
+        accumulate(dict(zip(acts + idx_names, res[: len(acts) + len(idx_names)], strict=False)))
+        if progress:
+            done, n = i // batch + 1, -(-windows.shape[0] // batch)
+            eta = (time.perf_counter() - t0) / done * (n - done)
+            progress(
+                f"calibration batch {done}/{n}" + (f", about {eta:.0f}s left" if done < n else "")
+            )
 
 
 def inline_branches(proto, taken: dict[str, bool]):
