@@ -163,9 +163,9 @@ def build(checkpoint: Path | None, triton: bool, **params) -> None:
         raise click.UsageError("missing CHECKPOINT (or `checkpoint:` in --config)")
     if values.get("output") is None:
         raise click.UsageError("missing -o/--output (or `output:` in --config)")
-    outcome = api.build(
-        values["checkpoint"], values["output"], _config(values), quiet=values["quiet"]
-    )
+    # --json keeps stderr quiet too (progress lines and bars), as --quiet does.
+    quiet = values["quiet"] or values["as_json"]
+    outcome = api.build(values["checkpoint"], values["output"], _config(values), quiet=quiet)
     _emit(outcome, values["as_json"])
     if triton:
         out = Path(str(params["output"]).rstrip("/") + ".triton")
@@ -187,7 +187,8 @@ def compile_(artifact: Path, **params) -> None:
     from dsc import api
 
     values = _merged(params, allowed=api.compile_keys())
-    outcome = api.compile_artifact(artifact, _config(values), quiet=values["quiet"])
+    quiet = values["quiet"] or values["as_json"]
+    outcome = api.compile_artifact(artifact, _config(values), quiet=quiet)
     _emit(outcome, values["as_json"])
 
 
