@@ -89,6 +89,20 @@ class BuildConfig:
             if v is not None and v < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
 
+    def envelope_kwargs(self) -> dict:
+        """`dsc.pipeline.targets.resolve_targets` keywords this config sets for every target:
+        overrides, the shape envelope, backend and DLA core (the model, dtype and precisions
+        come from a checkpoint or from a stored artifact: the caller's)."""
+        return {
+            "overrides": list(self.overrides),
+            "max_batch": self.max_batch,
+            "max_input_len": self.max_input_len,
+            "max_kv": self.max_kv,
+            "max_num_tokens": self.max_num_tokens,
+            "backend": self.backend,
+            "dla_core": self.dla_core,
+        }
+
     def record(self) -> dict:
         """The options as the manifest records them (not the ones that only steer this run)."""
         d = asdict(self)
