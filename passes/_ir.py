@@ -70,6 +70,41 @@ def const_info(value: ir.Value | None) -> ConstInfo | None:
     return ConstInfo(dims, tensor.dtype)
 
 
+class DerivedTensor(ir.LazyTensor):
+    """A weight computed from other weights when read (`lazy_const`, `derive_in_place`):
+    when the graph is written, or by a pass that reads it, never held between reads.
+    `sources` names the initializers it is computed from, in the order it reads them."""
+
+    def __init__(self, func, dtype, shape, *, name: str, sources: tuple[str, ...]):
+        super().__init__(func, dtype=dtype, shape=shape, name=name)
+        self.sources = sources
+
+
+def read_tensor(tensor) -> np.ndarray:
+    """A tensor's content as an array of its own (a copy), an external tensor's memory map
+    released after the copy."""
+    out = np.array(tensor.numpy(), copy=True)
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
+    return out
+
+
+def derive_in_place(value: ir.Value, fn) -> None:
+    """Replace the constant of `value` (an initializer) by `fn(its current content)`, computed
+    when read (a `DerivedTensor` over the tensor it had: the rescaled weights of SmoothQuant and
+    AWQ). `fn` returns an array of the same shape and dtype."""
+    src = value.const_value
+    dtype, shape, name = src.dtype, ir.Shape(list(src.shape)), value.name
+
+    def compute():
+        out = np.ascontiguousarray(fn(read_tensor(src)))
+        if tuple(out.shape) != tuple(shape):
+            raise RuntimeError(f"{name}: derived {out.shape}, declared {tuple(shape)} (a dsc bug)")
+        return ir.tensor(out, dtype=dtype, name=name)
+
+    value.const_value = DerivedTensor(compute, dtype, shape, name=name, sources=(name,))
+
+
 def read_consts(*values: ir.Value) -> list[np.ndarray]:
     """The constants' contents as arrays of their own (copies), each external tensor's memory
     map released after the copy, so a pass that derives a weight from others holds only the
@@ -79,9 +114,7 @@ def read_consts(*values: ir.Value) -> list[np.ndarray]:
         tensor = _const_tensor(value)
         if tensor is None:
             raise ValueError(f"{value.name} has no constant value")
-        out.append(np.array(tensor.numpy(), copy=True))
-        if isinstance(tensor, ir.ExternalTensor):
-            tensor.release()
+        out.append(read_tensor(tensor))
     return out
 
 

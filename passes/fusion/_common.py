@@ -14,6 +14,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchingTracer, pattern
 
 from dsc.passes._framework import DscPass
+from dsc.passes._ir import DerivedTensor  # noqa: F401  (re-exported: the fusions' lazy weights)
 
 BLOCK_KEY = "dsc.block"
 FORM_KEY = "dsc.form"
@@ -42,15 +43,6 @@ def new_const(op, graph: ir.Graph | ir.Function, stem: str, array) -> ir.Value:
     array = np.ascontiguousarray(array)
     name = unique_name(graph, stem) if isinstance(graph, ir.Graph) else stem
     return op.initializer(ir.tensor(array, name=name), name=name)
-
-
-class DerivedTensor(ir.LazyTensor):
-    """A weight computed from other weights when read (see `lazy_const`); `sources` names the
-    initializers it is computed from, in the order `make` reads them."""
-
-    def __init__(self, func, dtype, shape, *, name: str, sources: tuple[str, ...]):
-        super().__init__(func, dtype=dtype, shape=shape, name=name)
-        self.sources = sources
 
 
 def lazy_const(

@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from dsc.node_meta import module_path
-from dsc.passes._ir import attr, const_array, const_ints
+from dsc.passes._ir import attr, const_array, const_ints, derive_in_place
 
 _MOVE = (
     "Reshape",
@@ -97,13 +97,15 @@ class Fold:
             raise ValueError(
                 f"scales differ across channels folded into one column of {self.where}"
             )
-        for v in (self.tensor, self.bias):
-            if v is None:
-                continue
-            a = v.const_value.numpy()
+
+        def scaled(a: np.ndarray) -> np.ndarray:
             f = a.astype(np.float32)
             f[..., uniq] /= sc
-            v.const_value = ir.Tensor(f.astype(a.dtype), name=v.name)
+            return f.astype(a.dtype)
+
+        for v in (self.tensor, self.bias):
+            if v is not None:  # computed when read (a weight is not held; see derive_in_place)
+                derive_in_place(v, scaled)
         # Their outputs now differ from the float graph's by design: the validation locator
         # (dsc.validate.locate) does not compare them.
         from dsc.node_meta import RESCALED_KEY

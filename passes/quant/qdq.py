@@ -67,6 +67,7 @@ import onnx_ir as ir
 
 from dsc.errors import InternalError
 from dsc.node_meta import module_path
+from dsc.passes._ir import DerivedTensor, read_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -367,20 +368,22 @@ def weight_dq_inputs(
     graph: ir.Graph, name: str, q: np.ndarray, scale: np.ndarray, precision: str
 ) -> list[ir.Value]:
     """The inputs of a weight's DequantizeLinear, registered as initializers of `graph`:
-    `<name>_quantized` (q: int8/fp8/int4 array), `<name>_scale` and, but for int4 (symmetric,
-    no zero point input), a zero `<name>_zero_point` of q's dtype and the scale's shape."""
+    `<name>_quantized` (q: int8/fp8/int4 array, or a tensor such as a `DerivedTensor` that
+    computes it when read), `<name>_scale` and, but for int4 (symmetric, no zero point
+    input), a zero `<name>_zero_point` of q's dtype and the scale's shape."""
+    qt = ir.Tensor(q) if isinstance(q, np.ndarray) else q
     qv = ir.Value(
         name=f"{name}_quantized",
-        shape=ir.Shape(q.shape),
-        type=ir.TensorType(ir.Tensor(q).dtype),
-        const_value=ir.Tensor(q),
+        shape=ir.Shape(list(qt.shape)),
+        type=ir.TensorType(qt.dtype),
+        const_value=qt,
     )
     sv = _const(f"{name}_scale", scale)
     graph.register_initializer(qv)
     graph.register_initializer(sv)
     inputs = [qv, sv]
     if precision != "int4":
-        zv = _const(f"{name}_zero_point", np.zeros(scale.shape, dtype=q.dtype))
+        zv = _const(f"{name}_zero_point", np.zeros(scale.shape, dtype=qt.dtype.numpy()))
         graph.register_initializer(zv)
         inputs.append(zv)
     return inputs
@@ -565,13 +568,25 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     skipped[t.module] = "its weight is read in layouts that disagree"
                 continue
             w = keep[0].weight
-            w_np = w.const_value.numpy()
+            src = w.const_value
+            w_np = read_tensor(src)
             fdtype = w_np.dtype
             groups = max(t.groups for t in keep)
-            q, scale, attrs = quantize_grouped(
-                w_np, scheme, keep[0].in_axis, groups, self.clip.get(w.name), scale_dtype=fdtype
-            )
+            quant = (scheme, keep[0].in_axis, groups, self.clip.get(w.name))
+            q, scale, attrs = quantize_grouped(w_np, *quant, scale_dtype=fdtype)
+            del w_np
             check_scales(f"{w.name}_scale", scale)
+            # The quantized weight is computed again when the graph is written (the same
+            # numbers: deterministic), so no layer's weight stays in memory meanwhile.
+            q = DerivedTensor(
+                lambda src=src, quant=quant, fdtype=fdtype: ir.Tensor(
+                    quantize_grouped(read_tensor(src), *quant, scale_dtype=fdtype)[0]
+                ),
+                ir.Tensor(q).dtype,
+                ir.Shape(list(q.shape)),
+                name=f"{w.name}_quantized",
+                sources=(w.name,),
+            )
             blocked |= "block_size" in attrs
             dq_out = self._weight_dq(graph, w, q, scale, attrs, keep)
             for t in keep:

@@ -81,13 +81,14 @@ def smoothable_groups(model: ir.Model, exclude=()) -> tuple[dict, dict]:
 
 
 def apply_scales(fold: Fold, targets: list[Target], s: np.ndarray) -> None:
-    """1/s into the fold, W_k[j, :] *= s (in float32, stored back in each tensor's dtype)."""
+    """1/s into the fold, W_k[j, :] *= s (in float32, stored back in each tensor's dtype);
+    each rescaled tensor is computed when read (`derive_in_place`), not held."""
+    from dsc.passes._ir import derive_in_place
+
     fold.apply(s)
+    col = s[:, None].astype(np.float32)
     for t in targets:
-        w = t.weight.const_value.numpy()
-        t.weight.const_value = ir.Tensor(
-            (w.astype(np.float32) * s[:, None]).astype(w.dtype), name=t.weight.name
-        )
+        derive_in_place(t.weight, lambda w, col=col: (w.astype(np.float32) * col).astype(w.dtype))
 
 
 def _fake_int8(x: np.ndarray, amax: float) -> np.ndarray:

@@ -99,3 +99,55 @@ def test_derived_weights_equal_their_straightforward_computation(exported, tmp_p
         )
     }
     assert len(kinds) == 5 and checked >= 5, (kinds, checked)
+
+
+@pytest.mark.parametrize(
+    "model,precision",
+    [("tiny-qwen2", "int8"), ("tiny-deepseek-v3", "int8"), ("tiny-deepseek-v3", "int4")],
+)
+def test_quantization_holds_no_weight_in_memory(model, precision, tmp_path, monkeypatch):
+    """After SmoothQuant (INT8, with its α search) or AWQ (INT4), the Q/DQ insertion and
+    layer-wise calibration, every weight over 4 KiB is still on disk or a DerivedTensor (the
+    rescaled and quantized weights are computed when written), and writing them gives the
+    graph ONNX Runtime runs: finite logits equal to those of the same quantization on a graph
+    loaded whole into memory."""
+    import json
+
+    from dsc import api
+    from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.quantize import quantize_model
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("DSC_CACHE_DIR", str(tmp_path / "cache"))
+    art = tmp_path / "e"
+    api.export(REPO / "examples/models" / model, art, dtype="fp16", external_data=True)
+    io = json.loads((art / "model_io.json").read_text())
+    tok = api.load_tokenizer(art)
+    logits = {}
+    for lazy in (True, False):
+        m = ir.load(art / "model.onnx")
+        if not lazy:
+            ir.external_data.load_to_model(m)
+        q, _, _ = quantize_model(
+            m, io, tok, precision, samples=4, seq_len=32, use_cache=False, calibrate_by="layer"
+        )
+        if lazy:
+            held = [
+                (n, v.const_value.nbytes)
+                for n, v in q.graph.initializers.items()
+                if not isinstance(v.const_value, (ir.ExternalTensor, DerivedTensor))
+                and v.const_value.nbytes > 4096
+            ]
+            assert not held, held[:5]
+            assert any(
+                isinstance(v.const_value, DerivedTensor) and n.endswith("_quantized")
+                for n, v in q.graph.initializers.items()
+            )
+        out = tmp_path / ("lazy" if lazy else "whole")
+        out.mkdir()
+        ir.save(q, out / "model.onnx", external_data="model.onnx.data")
+        lm = OrtCausalLM(out / "model.onnx", io)
+        ids = np.array([[5, 17, 99, 3, 42, 7, 8, 1]], dtype=np.int64)
+        logits[lazy] = lm.step(ids, np.ones_like(ids), np.arange(8)[None], lm.empty_past(1)).logits
+    assert np.isfinite(logits[True]).all()
+    np.testing.assert_array_equal(logits[True], logits[False])
