@@ -142,13 +142,13 @@ def run(
     that is not one or a prompt that encodes to no tokens."""
     import math
 
-    from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.backends.onnxruntime.segmented import artifact_runner
 
     if not (math.isfinite(temperature) and temperature > 0):
         raise UsageError(f"temperature must be a positive number, got {temperature}")
     if seed < 0:
         raise UsageError(f"seed must be a non-negative integer, got {seed}")
-    runner = OrtCausalLM.from_artifact(Path(artifact))
+    runner = artifact_runner(Path(artifact))  # one layer at a time above 1 GiB of weights
     tok = load_tokenizer(artifact)
     ids = tok(prompt)["input_ids"]
     if not ids:

@@ -66,7 +66,7 @@ class KVCheck:
 def kv_check(runner, prompt_ids: list[int], tokens: int) -> KVCheck:
     """Prefill `prompt_ids`, greedy-decode `tokens` tokens one step at a time, then prefill the
     prompt and all but the last generated token once: its last `tokens` positions must give the
-    step-by-step logits. `runner`: an `OrtCausalLM` (batch 1)."""
+    step-by-step logits. `runner`: an `OrtCausalLM` or `SegmentedCausalLM` (batch 1)."""
     ids = np.array([prompt_ids], dtype=np.int64)
     n = len(prompt_ids)
     out = runner.step(ids, np.ones_like(ids), np.arange(n)[None, :], runner.empty_past(1))
@@ -106,7 +106,7 @@ def smoke_validate(artifact: Path, io: dict, *, tokens: int = 8, prompt: str = P
     """Run the smoke check on `artifact`'s graph; returns the record (never raises on a fail)."""
     import onnx_ir as ir
 
-    from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.backends.onnxruntime.segmented import causal_lm
     from dsc.passes.quant.qdq import strip_activation_qdq
 
     dtype = str(io.get("dtype", "fp16"))
@@ -128,13 +128,14 @@ def smoke_validate(artifact: Path, io: dict, *, tokens: int = 8, prompt: str = P
     path = Path(artifact) / io["onnx"]
     tokenizer = _tokenizer(artifact)
     prompt_ids = _prompt_ids(tokenizer, prompt, int(io.get("vocab_size") or 0))
-    exact = kv_check(OrtCausalLM(path, io), prompt_ids, tokens)  # session freed on return
+    # Sessions freed on return; above 1 GiB of weights one decoder layer at a time (causal_lm).
+    exact = kv_check(causal_lm(path, io), prompt_ids, tokens)
     checked, pairs = exact, 0
     if exact.finite:
         stripped = ir.load(path)
         pairs = strip_activation_qdq(stripped)
         if pairs:
-            checked = kv_check(OrtCausalLM(stripped, io), prompt_ids, tokens)
+            checked = kv_check(causal_lm(stripped, io), prompt_ids, tokens)
         del stripped
     finite = exact.finite and checked.finite
     passed = finite and checked.rel <= TOLERANCE[dtype]

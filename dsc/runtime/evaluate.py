@@ -81,7 +81,7 @@ def _reference(
     artifact: Path, reference: str | Path, profile: str, runtime: str | None, cuda_graphs: bool
 ):
     """(runner factory, onnx path, description) of the reference."""
-    from dsc.backends.onnxruntime.runner import OrtCausalLM
+    from dsc.backends.onnxruntime.segmented import causal_lm
     from dsc.runtime.engine import engine_factory
     from dsc.validate.run import resolve_reference
 
@@ -93,7 +93,7 @@ def _reference(
             make = engine_factory(ref_dir, profile, runtime=runtime, cuda_graphs=cuda_graphs)
             return make, ref_dir / io["onnx"], f"{ref_dir} engine {profile} ({make.runtime.label})"
     path, io, desc = resolve_reference(artifact, reference)
-    return (lambda: OrtCausalLM(path, io)), path, f"{desc} in ONNX Runtime"
+    return (lambda: causal_lm(path, io)), path, f"{desc} in ONNX Runtime"
 
 
 def validate_engine(

@@ -107,13 +107,14 @@ class ValidateStage(Stage):
         freed after (never both at once). Returns validation.json's document (`passed` false
         for a failed gate: not raised). Raises `BadInput` (exit 3) for text too short to fill
         one window."""
-        from dsc.backends.onnxruntime.runner import OrtCausalLM
+        from dsc.backends.onnxruntime.segmented import causal_lm
         from dsc.models.loading import load_tokenizer
         from dsc.validate.gate import run_gate
 
+        # Above 1 GiB of weights each graph runs one decoder layer at a time (causal_lm).
         result = run_gate(
-            lambda: OrtCausalLM(candidate, io),
-            lambda: OrtCausalLM(reference, ref_io),
+            lambda: causal_lm(candidate, io),
+            lambda: causal_lm(reference, ref_io),
             load_tokenizer(tokenizer_dir),
             text,
             precision=precision,

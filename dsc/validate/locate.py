@@ -90,10 +90,28 @@ def _feeds(model, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _run_with_outputs(onnx_path: Path, names: list[str], ids: np.ndarray) -> dict[str, np.ndarray]:
+    import json
+
     import onnx_ir as ir
 
-    from dsc.backends.onnxruntime.runner import float32_view, inference_session, is_bf16
+    from dsc.backends.onnxruntime.runner import (
+        ARENA_MAX_WEIGHT_BYTES,
+        _weight_bytes,
+        float32_view,
+        inference_session,
+        is_bf16,
+    )
 
+    io_path = Path(onnx_path).parent / "model_io.json"
+    if _weight_bytes(onnx_path) > ARENA_MAX_WEIGHT_BYTES and io_path.is_file():
+        # One decoder layer at a time, as the gate runs a graph of this size.
+        from dsc.backends.onnxruntime.segmented import SegmentedCausalLM
+
+        lm = SegmentedCausalLM(onnx_path, json.loads(io_path.read_text()), extra_outputs=names)
+        b, s = ids.shape
+        pos = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s))
+        lm.step(ids, np.ones((b, s), dtype=np.int64), pos, lm.empty_past(b))
+        return {n: lm.values[n] for n in names if n in lm.values}
     model = ir.load(str(onnx_path))
     if is_bf16(model):  # ONNX Runtime's CPU provider runs it as its float32 view
         model = float32_view(model)

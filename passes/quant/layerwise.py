@@ -122,10 +122,17 @@ class SegmentPlan:
         return len(self.segments)
 
     def subgraph(
-        self, proto: onnx.ModelProto, k: int, outputs: list[str], types: dict[str, int]
+        self,
+        proto: onnx.ModelProto,
+        k: int,
+        outputs: list[str],
+        types: dict[str, int],
+        feeds: dict | None = None,
     ) -> onnx.ModelProto:
         """Segment `k` as a model of its own: its nodes, the initializers they read, its
-        inputs and `outputs` (typed from `types`: value name -> TensorProto element type).
+        inputs and `outputs` (typed from `types`: value name -> TensorProto element type; an
+        input the graph does not type takes the dtype of its array in `feeds`, an output is
+        left untyped for ONNX Runtime to infer).
 
         An fp16 value crossing segments is carried as float32 (`wide(name)`: a Cast after
         its producer, a Cast back before its readers): ONNX Runtime's CPU provider computes
@@ -140,10 +147,15 @@ class SegmentPlan:
         graph_inputs = {i.name: i for i in g.input}
         half = onnx.TensorProto.FLOAT16
 
-        def info(name, elem=None):
+        def info(name, elem=None, output=False):
             if name in graph_inputs:
                 return graph_inputs[name]
-            return helper.make_tensor_value_info(name, elem or types.get(name, 0), None)
+            elem = elem or types.get(name, 0)
+            if not elem and not output and feeds is not None and name in feeds:
+                elem = helper.np_dtype_to_tensor_dtype(np.asarray(feeds[name]).dtype)
+            if not elem:
+                return helper.make_empty_tensor_value_info(name)
+            return helper.make_tensor_value_info(name, elem, None)
 
         inputs, outs, head, tail = [], [], [], []
         for name in self.inputs[k]:
@@ -159,7 +171,7 @@ class SegmentPlan:
                     helper.make_node("Cast", [name], [wide(name)], to=onnx.TensorProto.FLOAT)
                 )
             else:
-                outs.append(info(name))
+                outs.append(info(name, output=True))
         sub = helper.make_graph(
             [*head, *nodes, *tail],
             f"{g.name}_segment{k}",
@@ -241,7 +253,7 @@ def collect_layerwise(
                 key = tuple(sorted((o, taken[o]) for o in seg_ifs[k]))
                 acts = exposed(taken)
                 if key not in sessions:
-                    sub = plan.subgraph(proto, k, sorted(plan.carry[k]), types)
+                    sub = plan.subgraph(proto, k, sorted(plan.carry[k]), types, store[b])
                     sub = inline_branches(sub, {o: taken[o] for o in seg_ifs[k]})
                     produced = {o for n in sub.graph.node for o in n.output}
                     want = [n for n in [*acts, *idx_names, *cond_names] if n in produced]
