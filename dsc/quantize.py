@@ -298,15 +298,19 @@ def quantize_model(
     by_layer = calibrates_by_layer(model, calibrate_by)
     say = progress or (lambda msg: None)
     say(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens")
-    stats = cal.collect(
-        model,
-        io,
-        windows,
-        exclude=exclude,
-        use_cache=use_cache,
-        progress=say,
-        layerwise=by_layer,
-    )
+
+    def collect():
+        return cal.collect(
+            model,
+            io,
+            windows,
+            exclude=exclude,
+            use_cache=use_cache,
+            progress=say,
+            layerwise=by_layer,
+        )
+
+    stats = collect()
     # Expert coverage is a property of the original model on this data.
     experts = stats.experts
     report: dict = {"scheme": scheme.label, "method": method}
@@ -318,15 +322,7 @@ def quantize_model(
         sq(model)
         report["smoothquant"] = sq.report
         say("calibrating the smoothed graph")
-        stats = cal.collect(
-            model,
-            io,
-            windows,
-            exclude=exclude,
-            use_cache=use_cache,
-            progress=say,
-            layerwise=by_layer,
-        )
+        stats = collect()
         cache_files.append(stats)
     if precision == "int4":
         aw = AWQScalePass(stats, scheme, exclude)

@@ -20,13 +20,7 @@ _counter = itertools.count()
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The value's constant content (initializer or Constant node output), else None."""
-    if value is None:
-        return None
-    tensor = value.const_value
-    if tensor is None:
-        node = value.producer()
-        if node is not None and node.op_type == "Constant" and "value" in node.attributes:
-            tensor = node.attributes["value"].as_tensor()
+    tensor = _const_tensor(value)
     if tensor is None:
         return None
     try:
@@ -36,6 +30,7 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
 
 
 def _const_tensor(value: ir.Value | None):
+    """The value's constant tensor (initializer or Constant node's), not read; else None."""
     if value is None:
         return None
     tensor = value.const_value

@@ -278,18 +278,7 @@ def collect(
             key = tuple(sorted(taken.items()))
             if key not in sessions:
                 p = inline_branches(proto, taken)
-                have = (
-                    {i.name for i in p.graph.input}
-                    | {i.name for i in p.graph.initializer}
-                    | {o for n in p.graph.node for o in n.output}
-                )
-                acts = [
-                    s
-                    for s in dict.fromkeys(
-                        next((s for s in src if s in have), "") for src in sources
-                    )
-                    if s
-                ]
+                acts = exposed_activations(p, sources)
                 _expose(p, acts + idx_names + cond_names, vals)
                 sess = inference_session(p, base_dir=base_dir, threads=threads)
                 sessions[key] = (sess, acts)
@@ -420,6 +409,18 @@ def _collect_whole(
             progress(
                 f"calibration batch {done}/{n}" + (f", about {eta:.0f}s left" if done < n else "")
             )
+
+
+def exposed_activations(proto, sources: list[list[str]]) -> list[str]:
+    """For each target, the first of its `sources` (the activation, then the values it
+    copies) that `proto` (the graph with its branches inlined) has, without repeats."""
+    have = (
+        {i.name for i in proto.graph.input}
+        | {i.name for i in proto.graph.initializer}
+        | {o for n in proto.graph.node for o in n.output}
+    )
+    first = (next((s for s in src if s in have), "") for src in sources)
+    return [s for s in dict.fromkeys(first) if s]
 
 
 def inline_branches(proto, taken: dict[str, bool]):

@@ -209,7 +209,12 @@ def collect_layerwise(
     model's values by name (for output types). Per value, the batches arrive in order, so the
     caller's accumulators end as the whole-graph run leaves them."""
     from dsc.backends.onnxruntime.runner import inference_session
-    from dsc.passes.quant.calibrate import _expose, _feeds, inline_branches
+    from dsc.passes.quant.calibrate import (
+        _expose,
+        _feeds,
+        exposed_activations,
+        inline_branches,
+    )
 
     t0 = time.perf_counter()
     plan = SegmentPlan(proto)
@@ -230,17 +235,7 @@ def collect_layerwise(
         """The activation names the whole-graph collector exposes for these branches."""
         key = tuple(sorted(taken.items()))
         if key not in acts_of:
-            p = inline_branches(proto, taken)
-            have = (
-                {i.name for i in p.graph.input}
-                | {i.name for i in p.graph.initializer}
-                | {o for n in p.graph.node for o in n.output}
-            )
-            acts_of[key] = [
-                a
-                for a in dict.fromkeys(next((x for x in src if x in have), "") for src in sources)
-                if a
-            ]
+            acts_of[key] = exposed_activations(inline_branches(proto, taken), sources)
         return acts_of[key]
 
     guess: dict[str, bool] = {}

@@ -308,15 +308,7 @@ class OrtCausalLM:
         gate was OOM-killed at 24.2 GB RSS on a 24 GB host with it on."""
         if arena is None:
             arena = _weight_bytes(onnx_path) <= ARENA_MAX_WEIGHT_BYTES
-        self.io = io_spec
-        cache = io_spec["cache"]
-        # A bf16 graph runs as its float32 view (see the module docstring).
-        self.float32_view = cache["dtype"] == "bfloat16"
-        self.cache_dtype = ort_dtype(cache["dtype"])
-        self.num_layers = int(cache["num_layers"])
-        self.entries = [(e["heads"], e["dim"]) for e in cache["entries"]]
-        self.past_names = cache["inputs"]
-        self.present_names = cache["outputs"]
+        self._take_io(io_spec)
         check_level(optimization)  # outside the try: a bad level is a bug, not a bad graph
         try:
             graph = onnx_path if hasattr(onnx_path, "graph") else Path(onnx_path)
@@ -331,6 +323,18 @@ class OrtCausalLM:
             where = "the graph" if hasattr(onnx_path, "graph") else onnx_path
             raise BadInput(f"ONNX Runtime cannot load {where}: {str(e).splitlines()[0]}") from None
         self._outputs = ["logits", *self.present_names]
+
+    def _take_io(self, io_spec: dict) -> None:
+        """The step interface's names and cache layout, from model_io.json."""
+        self.io = io_spec
+        cache = io_spec["cache"]
+        # A bf16 graph runs as its float32 view (see the module docstring).
+        self.float32_view = cache["dtype"] == "bfloat16"
+        self.cache_dtype = ort_dtype(cache["dtype"])
+        self.num_layers = int(cache["num_layers"])
+        self.entries = [(e["heads"], e["dim"]) for e in cache["entries"]]
+        self.past_names = cache["inputs"]
+        self.present_names = cache["outputs"]
 
     @classmethod
     def from_artifact(cls, artifact: Path, **kw) -> OrtCausalLM:

@@ -30,7 +30,6 @@ from dsc.backends.onnxruntime.runner import (
     StepOutput,
     check_level,
     inference_session,
-    ort_dtype,
     spilled,
 )
 from dsc.errors import BadInput
@@ -64,14 +63,7 @@ class SegmentedCausalLM:
         from dsc.passes.quant.layerwise import SegmentPlan
 
         check_level(optimization)
-        self.io = io_spec
-        cache = io_spec["cache"]
-        self.float32_view = cache["dtype"] == "bfloat16"
-        self.cache_dtype = ort_dtype(cache["dtype"])
-        self.num_layers = int(cache["num_layers"])
-        self.entries = [(e["heads"], e["dim"]) for e in cache["entries"]]
-        self.past_names = cache["inputs"]
-        self.present_names = cache["outputs"]
+        OrtCausalLM._take_io(self, io_spec)
         self._threads, self._optimization = threads, optimization
         model = onnx_path if hasattr(onnx_path, "graph") else ir.load(str(onnx_path))
         self._stack = contextlib.ExitStack()
