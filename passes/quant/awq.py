@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from dsc.passes._ir import read_consts
 from dsc.passes.quant.qdq import (
     INT4_MAX,
     QuantScheme,
@@ -151,7 +152,7 @@ class AWQScalePass(ir.passes.InPlacePass):
             s, alpha, err, err0 = search_scale(
                 st.rows,
                 fold.tie(st.meanabs, "mean"),
-                [t.weight.const_value.numpy() for t in ts],
+                read_consts(*(t.weight for t in ts)),
                 self.scheme,
                 self.grid,
             )
@@ -192,7 +193,7 @@ class AWQScalePass(ir.passes.InPlacePass):
             if t.activation.name in scales:
                 rows = rows / scales[t.activation.name]
             ratios, err, err0 = search_clip(
-                rows, t.weight.const_value.numpy(), self.scheme, self.clip_grid
+                rows, read_consts(t.weight)[0], self.scheme, self.clip_grid
             )
             if err < err0:
                 self.clip[t.weight.name] = ratios

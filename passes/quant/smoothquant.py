@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from dsc.passes._ir import read_consts
 from dsc.passes.quant.fold import Fold, find_fold
 from dsc.passes.quant.qdq import Target, find_targets
 
@@ -184,7 +185,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 skipped[name] = GATED_SKIP
                 continue
             xmax = np.maximum(self.absmax[name].astype(np.float64), 1e-5)
-            weights = [t.weight.const_value.numpy() for t in ts]
+            weights = read_consts(*(t.weight for t in ts))  # copies; memory maps released
             wmax = np.max([np.abs(w.astype(np.float64)).max(axis=1) for w in weights], axis=0)
             wmax = np.maximum(wmax, 1e-5)
             xt, wt = fold.tie(xmax, "max"), fold.tie(wmax, "max")
