@@ -472,7 +472,11 @@ def quantize_in_place(
         shutil.move(str(p), ref / p.name)
     # Weights the passes left alone are still read lazily from the input's data file, which
     # now lives in reference/.
+    # (and so are the sources of the weights the passes derive: set_base_dir follows them).
+    from dsc.passes._ir import set_base_dir
+
     ir.external_data.set_base_dir(model.graph, ref)
+    set_base_dir(model, ref)
     new_opset = int(model.opset_imports.get("", io.get("opset", 0)))
     # Weights stay external when the input graph's were (--external-data, or over 1.5 GiB).
     write_graph(model, directory, onnx_name, external=True if external else None)

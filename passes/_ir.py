@@ -68,11 +68,39 @@ def const_info(value: ir.Value | None) -> ConstInfo | None:
 class DerivedTensor(ir.LazyTensor):
     """A weight computed from other weights when read (`lazy_const`, `derive_in_place`):
     when the graph is written, or by a pass that reads it, never held between reads.
-    `sources` names the initializers it is computed from, in the order it reads them."""
+    `sources` names the initializers it is computed from, in the order it reads them;
+    `source_tensors` are their tensors (or the values holding them), which `set_base_dir`
+    follows when the files they read move."""
 
-    def __init__(self, func, dtype, shape, *, name: str, sources: tuple[str, ...]):
+    def __init__(
+        self, func, dtype, shape, *, name: str, sources: tuple[str, ...], source_tensors=()
+    ):
         super().__init__(func, dtype=dtype, shape=shape, name=name)
         self.sources = sources
+        self.source_tensors = tuple(source_tensors)
+
+
+def set_base_dir(model: ir.Model, base_dir) -> int:
+    """Point every external tensor the model reads at `base_dir`: its initializers', and those
+    the `DerivedTensor`s among them are computed from (weights a pass replaced, no longer in the
+    graph). Returns how many were set. For when the graph's data file moves before the graph is
+    written (the quantize stage moves its input to `reference/`)."""
+    seen: set[int] = set()
+    stack = [v.const_value for v in model.graph.initializers.values()]
+    count = 0
+    while stack:
+        t = stack.pop()
+        if isinstance(t, ir.Value):
+            t = t.const_value
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if isinstance(t, ir.ExternalTensor):
+            t.base_dir = base_dir
+            count += 1
+        elif isinstance(t, DerivedTensor):
+            stack.extend(t.source_tensors)
+    return count
 
 
 def read_tensor(tensor) -> np.ndarray:
@@ -97,7 +125,9 @@ def derive_in_place(value: ir.Value, fn) -> None:
             raise RuntimeError(f"{name}: derived {out.shape}, declared {tuple(shape)} (a dsc bug)")
         return ir.tensor(out, dtype=dtype, name=name)
 
-    value.const_value = DerivedTensor(compute, dtype, shape, name=name, sources=(name,))
+    value.const_value = DerivedTensor(
+        compute, dtype, shape, name=name, sources=(name,), source_tensors=(src,)
+    )
 
 
 def read_consts(*values: ir.Value) -> list[np.ndarray]:

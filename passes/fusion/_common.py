@@ -79,6 +79,7 @@ def lazy_const(
         ir.Shape(shape),
         name=name,
         sources=tuple(v.name for v in sources),
+        source_tensors=tuple(sources),
     )
     return op.initializer(tensor, name=name)
 

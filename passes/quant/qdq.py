@@ -586,6 +586,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 ir.Shape(list(q.shape)),
                 name=f"{w.name}_quantized",
                 sources=(w.name,),
+                source_tensors=(src,),
             )
             blocked |= "block_size" in attrs
             dq_out = self._weight_dq(graph, w, q, scale, attrs, keep)
