@@ -151,3 +151,30 @@ def test_quantization_holds_no_weight_in_memory(model, precision, tmp_path, monk
         logits[lazy] = lm.step(ids, np.ones_like(ids), np.arange(8)[None], lm.empty_past(1)).logits
     assert np.isfinite(logits[True]).all()
     np.testing.assert_array_equal(logits[True], logits[False])
+
+
+def test_set_base_dir_follows_derived_sources(tmp_path):
+    """A weight derived twice over (rescaled, then quantized) from an external tensor that is no
+    longer in the graph still reads it after its data file moves: `set_base_dir` follows the
+    DerivedTensor sources (the quantize stage moves its input into reference/ before writing)."""
+    import shutil
+
+    from dsc.passes._ir import derive_in_place, set_base_dir
+
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)  # over save's inline threshold
+    v = ir.Value(name="w", const_value=ir.tensor(w, name="w"))
+    graph = ir.Graph([], [], nodes=[], initializers=[v], opset_imports={"": 20})
+    model = ir.Model(graph, ir_version=10)
+    (tmp_path / "a").mkdir()
+    ir.save(model, tmp_path / "a" / "m.onnx", external_data="m.onnx.data")
+    loaded = ir.load(tmp_path / "a" / "m.onnx")
+    src = loaded.graph.initializers["w"]
+    assert isinstance(src.const_value, ir.ExternalTensor)
+    derive_in_place(src, lambda a: a * 2)
+    derive_in_place(src, lambda a: a + 1)
+    out = ir.Value(name="w_out", const_value=src.const_value)
+    loaded.graph.initializers.pop("w")
+    loaded.graph.register_initializer(out)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert set_base_dir(loaded, tmp_path / "b") == 1
+    np.testing.assert_array_equal(out.const_value.numpy(), w * 2 + 1)
