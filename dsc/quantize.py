@@ -473,7 +473,7 @@ def quantize_in_place(
     # Weights the passes left alone are still read lazily from the input's data file, which
     # now lives in reference/.
     # (and so are the sources of the weights the passes derive: set_base_dir follows them).
-    from dsc.passes._ir import set_base_dir
+    from dsc.passes import set_base_dir
 
     ir.external_data.set_base_dir(model.graph, ref)
     set_base_dir(model, ref)

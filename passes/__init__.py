@@ -11,7 +11,7 @@ from dsc.passes._framework import (
     count_nodes,
     register_pass,
 )
-from dsc.passes._ir import reset_unique_names
+from dsc.passes._ir import reset_unique_names, set_base_dir
 from dsc.passes._pipeline import build_pipeline, get_pass, list_passes, run_pipeline
 from dsc.passes._target import TargetOps, target_ops
 
@@ -28,6 +28,7 @@ __all__ = [
     "count_nodes",
     "get_pass",
     "list_passes",
+    "set_base_dir",
     "register_pass",
     "reset_unique_names",
     "run_pipeline",

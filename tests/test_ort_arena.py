@@ -14,7 +14,7 @@ def _arena(artifact, **kw) -> bool:
 
 def test_arena_follows_the_weight_size(exported, monkeypatch):
     artifact = exported["qwen2"]
-    size = runner._weight_bytes(artifact / "model.onnx")
+    size = runner.graph_weight_bytes(artifact / "model.onnx")
     assert 10_000 < size < runner.ARENA_MAX_WEIGHT_BYTES
     assert _arena(artifact) is True
     monkeypatch.setattr(runner, "ARENA_MAX_WEIGHT_BYTES", size - 1)

@@ -96,14 +96,14 @@ def _run_with_outputs(onnx_path: Path, names: list[str], ids: np.ndarray) -> dic
 
     from dsc.backends.onnxruntime.runner import (
         ARENA_MAX_WEIGHT_BYTES,
-        _weight_bytes,
         float32_view,
+        graph_weight_bytes,
         inference_session,
         is_bf16,
     )
 
     io_path = Path(onnx_path).parent / "model_io.json"
-    if _weight_bytes(onnx_path) > ARENA_MAX_WEIGHT_BYTES and io_path.is_file():
+    if graph_weight_bytes(onnx_path) > ARENA_MAX_WEIGHT_BYTES and io_path.is_file():
         # One decoder layer at a time, as the gate runs a graph of this size.
         from dsc.backends.onnxruntime.segmented import SegmentedCausalLM
 

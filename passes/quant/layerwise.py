@@ -63,7 +63,7 @@ def _outer_refs(graph: onnx.GraphProto) -> set[str]:
     return refs
 
 
-def _reads(node) -> list[str]:
+def reads(node) -> list[str]:
     """Every value `node` reads: its inputs and what its subgraphs read from outside."""
     names = [i for i in node.input if i]
     for a in node.attribute:
@@ -91,7 +91,7 @@ class SegmentPlan:
         for n in g.node:
             layer = _layer_of(n)
             seg = 0 if layer is None else layer + 1
-            for name in _reads(n):
+            for name in reads(n):
                 seg = max(seg, seg_of_value.get(name, 0))
             seg_of_node.append(seg)
             for o in n.output:
@@ -105,7 +105,7 @@ class SegmentPlan:
         self.last_use: dict[str, int] = {}
         for i, n in enumerate(g.node):
             s = seg_of_node[i]
-            for name in dict.fromkeys(_reads(n)):
+            for name in dict.fromkeys(reads(n)):
                 if name in inits:
                     continue
                 src = seg_of_value.get(name)
@@ -143,7 +143,7 @@ class SegmentPlan:
 
         g = proto.graph
         nodes = [g.node[i] for i in self.segments[k]]
-        read = {name for n in nodes for name in _reads(n)}
+        read = {name for n in nodes for name in reads(n)}
         graph_inputs = {i.name: i for i in g.input}
         half = onnx.TensorProto.FLOAT16
 
@@ -209,7 +209,7 @@ def collect_layerwise(
     model's values by name (for output types). Per value, the batches arrive in order, so the
     caller's accumulators end as the whole-graph run leaves them."""
     from dsc.backends.onnxruntime.runner import inference_session
-    from dsc.passes.quant.calibrate import (
+    from dsc.passes.quant.exposure import (
         _expose,
         _feeds,
         exposed_activations,

@@ -42,7 +42,7 @@ def check_level(optimization: str) -> None:
 ARENA_MAX_WEIGHT_BYTES = 1 << 30
 
 
-def _weight_bytes(graph) -> int:
+def graph_weight_bytes(graph) -> int:
     """Bytes of a graph's weights: its files' sizes (model.onnx and its external data), or the
     initializers' sizes of an in-memory onnx_ir model."""
     if hasattr(graph, "graph"):
@@ -307,7 +307,7 @@ class OrtCausalLM:
         fp16 graph includes the fp32 copy of every weight: the R1-Distill-Qwen-1.5B INT8 build's
         gate was OOM-killed at 24.2 GB RSS on a 24 GB host with it on."""
         if arena is None:
-            arena = _weight_bytes(onnx_path) <= ARENA_MAX_WEIGHT_BYTES
+            arena = graph_weight_bytes(onnx_path) <= ARENA_MAX_WEIGHT_BYTES
         self._take_io(io_spec)
         check_level(optimization)  # outside the try: a bad level is a bug, not a bad graph
         try:

@@ -104,10 +104,10 @@ class SegmentedCausalLM:
         self.sessions_made = 0
 
     def _segment_bytes(self, k: int) -> int:
-        from dsc.passes.quant.layerwise import _reads
+        from dsc.passes.quant.layerwise import reads
 
         g = self._proto.graph
-        read = {n for i in self._plan.segments[k] for n in _reads(g.node[i])}
+        read = {n for i in self._plan.segments[k] for n in reads(g.node[i])}
         total = 0
         for t in g.initializer:
             if t.name in read:
@@ -189,10 +189,10 @@ def causal_lm(onnx_path, io_spec: dict, *, by_layer: bool | None = None, **kw):
     """The runner for a dsc graph: `SegmentedCausalLM` when `by_layer` (None: when its weights
     exceed `dsc.backends.onnxruntime.runner.ARENA_MAX_WEIGHT_BYTES`, 1 GiB), else
     `OrtCausalLM` (`kw`: its options; `threads` and `optimization` reach either)."""
-    from dsc.backends.onnxruntime.runner import ARENA_MAX_WEIGHT_BYTES, _weight_bytes
+    from dsc.backends.onnxruntime.runner import ARENA_MAX_WEIGHT_BYTES, graph_weight_bytes
 
     if by_layer is None:
-        by_layer = _weight_bytes(onnx_path) > ARENA_MAX_WEIGHT_BYTES
+        by_layer = graph_weight_bytes(onnx_path) > ARENA_MAX_WEIGHT_BYTES
     if by_layer:
         keep = {k: kw[k] for k in ("threads", "optimization", "keep_bytes") if k in kw}
         return SegmentedCausalLM(onnx_path, io_spec, **keep)
