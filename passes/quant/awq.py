@@ -73,18 +73,27 @@ def search_clip(
 ) -> tuple[np.ndarray, float, float]:
     """(clip ratios [in/block, out], error with them, error without clipping) on `rows`.
 
-    Errors are mean squared output errors ||X (W - Q(W))||² / (rows * out). Coordinate descent:
-    for each block in turn, every output channel takes the ratio that minimises its whole
-    output error given the other blocks' current choice (the columns are independent).
+    rows: [n, in] calibration rows (any float dtype), w: [in, out] weight; errors are mean
+    squared output errors ||X (W - Q(W))||² / (n * out), computed on the rows in float64.
+
+    Coordinate descent: for each block in turn, every output channel takes the ratio that
+    minimises its whole output error given the other blocks' current choice (the columns are
+    independent). With X_g the block's rows-slice, Δ its W - Q(W) and B the residual of the
+    other blocks, ||B + X_g Δ||² = ||B||² + Σ(2 X_gᵀB + G_g Δ) ∘ Δ column by column, G_g = X_gᵀX_g
+    ([b, b]). Each candidate ratio then costs a [b, b] @ [b, out] product instead of an
+    [n, b] @ [b, out] one plus an [n, out] residual (n = 1,024 rows, b = 128: 8× fewer flops,
+    and the residual is touched twice per block, not once per ratio). Same choices as scoring
+    the residual directly, up to float32 rounding in near-ties.
     """
-    x = rows.astype(np.float32)
-    w = w.astype(np.float32)
+    x = np.asarray(rows, dtype=np.float32)
+    w = np.asarray(w, dtype=np.float32)
     n_in, n_out = w.shape
     b = int4_block(n_in, scheme.block_size)
     nb = n_in // b
     wg = w.reshape(nb, b, n_out)
     amax = np.abs(wg).max(axis=1)
     xs = [np.ascontiguousarray(x[:, g * b : (g + 1) * b]) for g in range(nb)]
+    grams = [xg.T @ xg for xg in xs]  # nb × [b, b]: 4.6 MB for a 8,960-wide down_proj
 
     def delta(g: int, r) -> np.ndarray:  # W - Q(W) of block g; the scale rule of quantize_weight
         sc = np.maximum(amax[g] * r, 1e-8) / INT4_MAX
@@ -92,24 +101,34 @@ def search_clip(
 
     ratios = np.ones((nb, n_out), np.float32)
     d = [delta(g, 1.0) for g in range(nb)]
-    res = sum(xs[g] @ d[g] for g in range(nb))
+    res = x @ np.concatenate(d, axis=0)
     denom = max(x.shape[0] * n_out, 1)
     err0 = float(np.sum(res.astype(np.float64) ** 2)) / denom
     for _ in range(sweeps):
         changed = False
         for g in range(nb):
-            base = res - xs[g] @ d[g]
-            best = np.sum((base + xs[g] @ d[g]).astype(np.float64) ** 2, axis=0)
+            gram = grams[g]
+            t2 = 2.0 * (xs[g].T @ res - gram @ d[g])  # 2 X_gᵀB, B = res without block g
+
+            def score(dr: np.ndarray, t2=t2, gram=gram) -> np.ndarray:
+                return np.einsum("ij,ij->j", t2 + gram @ dr, dr)  # ||B + X_g dr||² - ||B||²
+
+            best = score(d[g])
+            cur = d[g].copy()
+            moved = False
             for r in grid:
                 dr = delta(g, r)
-                e = np.sum((base + xs[g] @ dr).astype(np.float64) ** 2, axis=0)
+                e = score(dr)
                 better = e < best
                 if better.any():
                     best = np.where(better, e, best)
-                    d[g][:, better] = dr[:, better]
+                    cur[:, better] = dr[:, better]
                     ratios[g, better] = r
-                    changed = True
-            res = base + xs[g] @ d[g]
+                    moved = True
+            if moved:
+                res += xs[g] @ (cur - d[g])
+                d[g] = cur
+                changed = True
         if not changed:
             break
     return ratios, float(np.sum(res.astype(np.float64) ** 2)) / denom, err0
