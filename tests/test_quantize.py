@@ -162,6 +162,44 @@ def test_calibration_deterministic_and_cached(exported, tmp_path):
     assert not f.cache_hit and max(s.rows.shape[0] for s in f.acts.values()) <= 8
 
 
+def test_calibration_cache_bounded_lru(exported, monkeypatch):
+    """The cache keeps at most $DSC_CACHE_MAX_GB: the least recently used files go first, a hit
+    counts as a use, the file just written stays; a bad bound is a usage error before any work."""
+    import os
+    import time
+
+    from dsc.artifacts import load_io_spec
+    from dsc.errors import UsageError
+    from dsc.passes.quant.calibrate import cache_dir, collect, prune_cache
+    from dsc.quantize import calibration_windows, read_calibration_text
+
+    art = exported["deepseek_v3"]
+    model = ir.load(str(art / "model.onnx"))
+    text = read_calibration_text(None)
+    windows = [calibration_windows(_tok(art), text, n, 16) for n in (2, 3, 4)]
+    for w in windows:
+        collect(model, load_io_spec(art), w, max_rows=16, use_cache=True)
+    files = sorted(cache_dir().glob("*.npz"), key=lambda f: f.stat().st_mtime)
+    assert len(files) == 3
+    sizes = [f.stat().st_size for f in files]
+    now = time.time()
+    for i, f in enumerate(files):  # distinct ages, oldest first
+        os.utime(f, (now - 100 + i, now - 100 + i))
+    # a hit on the oldest makes it the most recently used
+    assert collect(model, load_io_spec(art), windows[0], max_rows=16, use_cache=True).cache_hit
+    # room for two files: the least recently used one (the second written) goes
+    gone = prune_cache(max_bytes=sizes[0] + sizes[2] + sizes[1] // 2)
+    assert gone == [files[1]]
+    assert sorted(cache_dir().glob("*.npz")) == sorted([files[0], files[2]])
+    # a bound of 0 keeps only the file just written
+    monkeypatch.setenv("DSC_CACHE_MAX_GB", "0")
+    collect(model, load_io_spec(art), windows[1], max_rows=16, use_cache=True)
+    assert [f.name for f in cache_dir().glob("*.npz")] == [files[1].name]
+    monkeypatch.setenv("DSC_CACHE_MAX_GB", "lots")
+    with pytest.raises(UsageError, match="DSC_CACHE_MAX_GB"):
+        collect(model, load_io_spec(art), windows[2], max_rows=16, use_cache=True)
+
+
 def test_calibration_jsonl_and_dir(tmp_path):
     from dsc.errors import BadInput
     from dsc.quantize import read_calibration_text

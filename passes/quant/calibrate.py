@@ -17,10 +17,14 @@ and adjacent bins are merged pairwise, which is exact.
 
 Statistics are cached on disk keyed by sha256(model) + sha256(data) (`$DSC_CACHE_DIR`, default
 `~/.cache/dsc/calibration`); the ranges derived from them by a method are keyed by the method too.
+The cache is bounded: after each write the least recently used files go until it holds at most
+`$DSC_CACHE_MAX_GB` GiB (default 8; the file just written always stays). At
+R1-Distill-Qwen-1.5B one entry is ~1.5 GB, and an unbounded cache filled a 75 GB disk in a day.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from dsc.errors import UsageError
 from dsc.passes.quant.exposure import (  # noqa: F401  (_feeds: also the tests')
     _expose,
     _feeds,
@@ -48,8 +53,60 @@ STATS_VERSION = "v3"  # v3: model_sha256 hashes weights tensor by tensor
 MAX_ROWS = 1024
 
 
+CACHE_MAX_GB = 8.0
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DSC_CACHE_DIR") or Path.home() / ".cache" / "dsc") / "calibration"
+
+
+def cache_max_bytes() -> int:
+    """The calibration cache's size bound in bytes: `$DSC_CACHE_MAX_GB` GiB (a float ≥ 0; 0
+    keeps only the newest file), default `CACHE_MAX_GB`. Raises UsageError (exit 2) for another
+    value."""
+    raw = os.environ.get("DSC_CACHE_MAX_GB")
+    try:
+        gb = CACHE_MAX_GB if raw in (None, "") else float(raw)
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0:
+        raise UsageError(f"DSC_CACHE_MAX_GB must be a number of GiB ≥ 0, got {raw!r}")
+    return int(gb * 2**30)
+
+
+def prune_cache(keep: Path | None = None, max_bytes: int | None = None) -> list[Path]:
+    """Delete the least recently used cache files (oldest mtime first; a hit refreshes it) until
+    the calibration cache holds at most `max_bytes` (default `cache_max_bytes()`). `keep` is
+    never deleted. Returns the deleted paths; files that vanish meanwhile are skipped."""
+    limit = cache_max_bytes() if max_bytes is None else max_bytes
+    entries = []
+    for f in cache_dir().glob("*"):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        if f.is_file() and ".tmp-" not in f.name:
+            entries.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in entries)
+    deleted = []
+    for _, size, f in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if keep is not None and f == keep:
+            continue
+        try:
+            f.unlink()
+        except OSError:
+            continue
+        total -= size
+        deleted.append(f)
+    if deleted:
+        logger.info(
+            "calibration cache: removed %d least recently used file(s) to stay under %.1f GiB",
+            len(deleted),
+            limit / 2**30,
+        )
+    return deleted
 
 
 @dataclass
@@ -228,6 +285,8 @@ def collect(
     from dsc.backends.onnxruntime.runner import inference_session, spilled
 
     t0 = time.perf_counter()
+    if use_cache:
+        cache_max_bytes()  # a bad $DSC_CACHE_MAX_GB fails before the work, not after it
     msha, dsha = model_sha256(model), data_sha256(windows)
     # Every target's input is collected whatever the exclusions, so they are not in the key; the
     # row sample size is.
@@ -238,6 +297,8 @@ def collect(
             stats = CalibStats.load(path)
             if stats.model_sha256 == msha and stats.data_sha256 == dsha:
                 logger.info("calibration cache hit: %s", path)
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # recently used: pruned last
                 return stats
         except (OSError, ValueError, KeyError) as e:
             logger.warning("ignoring unreadable calibration cache %s: %s", path, e)
@@ -341,6 +402,7 @@ def collect(
     if use_cache:
         try:
             stats.save(path)
+            prune_cache(keep=path)
         except OSError as e:
             logger.warning("cannot write the calibration cache %s: %s", path, e)
     return stats
