@@ -57,6 +57,9 @@ GiB = 2**30
 THROUGHPUT_KEYS = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4")
 KINDS = ("datacenter", "workstation", "jetson")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
+# What a preflight compiles (dsc.pipeline.preflight_graph): auto = the first layers, the last and
+# the head above 1 GiB of weights; layers = that whatever the size; full = the whole graph.
+PREFLIGHT_GRAPHS = ("auto", "layers", "full")
 
 # Minimum SM per precision (hardware-facts §3: S19, S20, S21).
 
@@ -112,6 +115,7 @@ _SCHEMA: dict[str, Any] = {
             "enum", required=False, default="none", choices=HARDWARE_COMPATIBILITY
         ),
         "version_compatible": _F("bool", required=False, default=False),
+        "preflight_graph": _F("enum", required=False, default="auto", choices=PREFLIGHT_GRAPHS),
     },
     "envelope": {
         "max_batch": _F("int"),
@@ -255,6 +259,7 @@ class Builder:
     optimization_level: int
     hardware_compatibility: str
     version_compatible: bool
+    preflight_graph: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -174,14 +174,14 @@ def test_one_layer_per_session_and_one_segment_alive(graphs, monkeypatch):
     """Every session of the layer-wise collector holds the nodes of at most one decoder layer,
     and the sessions of a segment are gone before the next segment's are made."""
     from dsc.backends.onnxruntime import runner
-    from dsc.passes.quant.layerwise import _layer_of
+    from dsc.passes.quant.layerwise import layer_of
 
     made, alive, peak = [], set(), [0]
     real = runner.inference_session
 
     def counting(graph, **kw):
         sess = real(graph, **kw)
-        layers = {_layer_of(n) for n in graph.graph.node} - {None}
+        layers = {layer_of(n) for n in graph.graph.node} - {None}
         made.append(layers)
         key = len(made)
         alive.add(key)

@@ -283,17 +283,26 @@ def _lowered_note(asked: ShapeEnvelope, built: ShapeEnvelope, options) -> str:
 def _preflight(
     target: Target, root: Path, out: Path, onnx_path: Path, io: dict, progress: Progress, label: str
 ) -> CompileResult:
+    from dsc.pipeline.preflight_graph import preflight_graph
+
     pre = target.preflight_options
-    result, built_env, used = build_within_workspace(
-        onnx_path,
-        target.envelope,
-        pre,
-        progress,
-        label,
-        backend="tensorrt_rtx",
-        io_spec=io,
-        max_workspace_bytes=_workspace_ceiling(target, pre),
-    )
+    with preflight_graph(onnx_path, target.profile.builder.preflight_graph) as (path, graph):
+        if graph["graph"] == "layers":
+            progress.detail(
+                f"{label} preflight compiles {graph['meaning']}: "
+                f"{graph['compiled_weights_bytes'] / 2**30:.2f} of "
+                f"{graph['weights_bytes'] / 2**30:.2f} GiB of weights"
+            )
+        result, built_env, used = build_within_workspace(
+            path,
+            target.envelope,
+            pre,
+            progress,
+            label,
+            backend="tensorrt_rtx",
+            io_spec=io,
+            max_workspace_bytes=_workspace_ceiling(target, pre),
+        )
     records = _log_records(result, progress, label)
     preflight = {
         "sm": pre.target_sm,
@@ -309,7 +318,12 @@ def _preflight(
             f"SM{pre.target_sm}, the nearest SM TensorRT-RTX targets; the SM"
             f"{target.profile.sm} engine itself is built on the device"
         ),
+        "graph": graph,
     }
+    if graph["graph"] == "layers":
+        preflight["meaning"] += (
+            f"; compiled: {graph['meaning']}, so size_bytes is that graph's engine"
+        )
     notes = tuple(
         f"preflight: {n}; trtexec.sh keeps the envelope and workspace asked for"
         for n in _changes(target.envelope, built_env, pre, used)
@@ -335,6 +349,7 @@ def _preflight(
                 "size_bytes",
                 "seconds",
                 "num_layers",
+                "graph",
             )
         },
         "device_command": script.relative_to(root).as_posix(),

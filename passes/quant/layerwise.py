@@ -37,7 +37,7 @@ import onnx
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
-def _layer_of(node) -> int | None:
+def layer_of(node) -> int | None:
     """The decoder layer a NodeProto came from (its innermost `layers.<i>` scope), or None."""
     from dsc.node_meta import SCOPE_KEY
 
@@ -89,7 +89,7 @@ class SegmentPlan:
         seg_of_value: dict[str, int] = {}
         seg_of_node: list[int] = []
         for n in g.node:
-            layer = _layer_of(n)
+            layer = layer_of(n)
             seg = 0 if layer is None else layer + 1
             for name in reads(n):
                 seg = max(seg, seg_of_value.get(name, 0))
