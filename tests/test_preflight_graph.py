@@ -16,6 +16,8 @@ from dsc.pipeline.preflight_graph import (
     cut_to_layers,
     preflight_graph,
     representative_layers,
+    slice_vocab,
+    vocab_size,
 )
 
 from .conftest import run_cli
@@ -98,8 +100,17 @@ def test_cut_graph_equals_checkpoint_with_those_layers(
         # beside the graph, reading its data file: no weight is copied
         assert path.parent == full
         assert path.stat().st_size <= (full / "model.onnx").stat().st_size
-        tokens = np.random.default_rng(0).integers(3, 200, (1, 12)).astype(np.int64)
+        tokens = np.random.default_rng(0).integers(3, 64, (1, 12)).astype(np.int64)
         got, got_kv = _prefill(path, tokens)
+        # the vocabulary cut to 64 entries: the same first 64 logits, bit for bit
+        cut = onnx.load(str(path), load_external_data=False)
+        assert slice_vocab(cut, full, rows=64) == vocab_size(proto) > 64
+        onnx.save(cut, str(full / "sliced.onnx"))
+        sliced, sliced_kv = _prefill(full / "sliced.onnx", tokens)
+        assert sliced.shape[-1] == 64
+        np.testing.assert_array_equal(sliced, got[..., :64])
+        for name, value in sliced_kv.items():
+            np.testing.assert_array_equal(value, got_kv[name])
     assert not path.exists()  # removed on exit
     small = tmp_path / "small"
     api.export(
