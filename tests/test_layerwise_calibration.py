@@ -198,6 +198,62 @@ def test_one_layer_per_session_and_one_segment_alive(graphs, monkeypatch):
     assert peak[0] <= 2  # a segment's sessions: the branches its batches take
 
 
+def test_layerwise_rows_spill_one_layer_at_a_time(graphs, monkeypatch, tmp_path):
+    """Layer-wise, each activation's sample rows go to disk once its layer has run: memory
+    never holds more rows than one segment's activations have, the rows read back equal the
+    whole-graph collector's, and a save / load(spill=True) round trip keeps them spilled."""
+    from dsc.passes.quant import calibrate as cal
+
+    live: list = []
+    held = [0]
+
+    class Tracked(cal._Acc):
+        def __init__(self, *a):
+            super().__init__(*a)
+            live.append(self)
+
+        def add(self, x):
+            super().add(x)
+            held[0] = max(held[0], sum(r.nbytes for acc in live for r in acc.rows))
+
+    monkeypatch.setattr(cal, "_Acc", Tracked)
+    layer = _collect(graphs["v3"], True)
+    monkeypatch.undo()
+    whole = _collect(graphs["v3"], False)
+    assert all(st.spilled for st in layer.acts.values())
+    assert not any(st.spilled for st in whole.acts.values())
+    for name, st in whole.acts.items():
+        assert np.array_equal(layer.acts[name].rows, st.rows), name
+    # the largest segment's rows, from the statistics themselves
+    plan_rows: dict[int, int] = {}
+    for name, st in layer.acts.items():
+        seg = _segment_of(graphs["v3"], name)
+        plan_rows[seg] = plan_rows.get(seg, 0) + st.rows.nbytes
+    total = sum(plan_rows.values())
+    assert 0 < held[0] <= max(plan_rows.values()) < total, (held[0], plan_rows)
+
+    path = tmp_path / "stats.npz"
+    layer.save(path)
+    back = cal.CalibStats.load(path, spill=True)
+    assert all(st.spilled for st in back.acts.values())
+    for name, st in layer.acts.items():
+        assert np.array_equal(back.acts[name].rows, st.rows), name
+        assert np.array_equal(back.acts[name].hist, st.hist), name
+    assert np.array_equal(
+        cal.CalibStats.load(path).acts[name].rows, st.rows
+    )  # loaded in memory too
+
+
+def _segment_of(artifact, value: str) -> int:
+    import onnx
+
+    from dsc.passes.quant.layerwise import SegmentPlan
+
+    proto = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
+    plan = SegmentPlan(proto)
+    return plan.seg_of_value.get(value, 0)
+
+
 def test_calibrate_by_option_and_record(graphs, tmp_path, capsys):
     """`dsc quantize --calibrate-by layer` runs layer-wise and says so in the manifest; the
     stage input names it; a bad value is a usage error (exit 2)."""

@@ -109,13 +109,55 @@ def prune_cache(keep: Path | None = None, max_bytes: int | None = None) -> list[
     return deleted
 
 
+@dataclass(frozen=True)
+class SpilledRows:
+    """Sample rows written to an .npy file in a temporary directory, read back memory-mapped.
+    `owner` (the tempfile.TemporaryDirectory) stays alive while any statistics refer to it."""
+
+    path: Path
+    owner: object = field(repr=False, compare=False)
+
+
+class RowSpill:
+    """A temporary directory ($TMPDIR) for sample rows; deleted when nothing refers to it."""
+
+    def __init__(self):
+        import tempfile
+
+        self.dir = tempfile.TemporaryDirectory(prefix="dsc-rows-")
+        self.count = 0
+        self.bytes = 0
+
+    def put(self, rows: np.ndarray) -> SpilledRows:
+        path = Path(self.dir.name) / f"{self.count}.npy"
+        self.count += 1
+        self.bytes += rows.nbytes
+        np.save(path, rows)
+        return SpilledRows(path, self.dir)
+
+
 @dataclass
 class ActStats:
+    """Per-channel statistics of one activation: `absmax`, `meanabs` [channels] float32; `hist`
+    [BINS] float64 counts of |x| over [0, `hist_max`]; the sample rows [n, channels] float32 in
+    memory or spilled to disk (`SpilledRows`; `rows` then maps the file)."""
+
     absmax: np.ndarray
     meanabs: np.ndarray
     hist: np.ndarray
     hist_max: float
-    rows: np.ndarray
+    rows_source: np.ndarray | SpilledRows
+
+    @property
+    def rows(self) -> np.ndarray:
+        """[n, channels] float32. A read-only memory map when spilled: its pages count as
+        resident only while the returned array lives, so use it and let it go."""
+        src = self.rows_source
+        return np.load(src.path, mmap_mode="r") if isinstance(src, SpilledRows) else src
+
+    @property
+    def spilled(self) -> bool:
+        return isinstance(self.rows_source, SpilledRows)
 
     @property
     def amax(self) -> float:
@@ -133,10 +175,10 @@ class CalibStats:
     cache_hit: bool = False
 
     def save(self, path: Path) -> None:
-        arrays = {}
-        for i, s in enumerate(self.acts.values()):
-            for k in ("absmax", "meanabs", "hist", "rows"):
-                arrays[f"{i}.{k}"] = getattr(s, k)
+        """An uncompressed .npz (np.load reads it), written one array at a time: spilled rows
+        are mapped one activation at a time, so saving holds one activation's rows at most."""
+        import zipfile
+
         meta = {
             "model_sha256": self.model_sha256,
             "data_sha256": self.data_sha256,
@@ -145,24 +187,42 @@ class CalibStats:
             "seconds": self.seconds,
             "acts": [[name, s.hist_max] for name, s in self.acts.items()],
         }
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
+
+        def arrays():
+            for i, st in enumerate(self.acts.values()):
+                for k in ("absmax", "meanabs", "hist", "rows"):
+                    yield f"{i}.{k}", getattr(st, k)
+            yield "meta", np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
         # Uncompressed: at R1-Distill-Qwen-1.5B the activation rows are ~1.5 GB, which zlib took
         # ~6 minutes per file to shrink by a third on this 2-core host (4 saves per INT8 build).
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        try:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for key, arr in arrays():
+                    with zf.open(key + ".npy", "w", force_zip64=True) as f:
+                        np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+                    del arr
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, path: Path) -> CalibStats:
+    def load(cls, path: Path, *, spill: bool = False) -> CalibStats:
+        """Statistics saved by `save`. `spill`: the rows go to a `RowSpill` one activation at
+        a time (never all in memory), as layer-wise calibration keeps them."""
+        spill_to = RowSpill() if spill else None
         with np.load(path) as z:
             meta = json.loads(bytes(z["meta"]).decode())
-            acts = {
-                name: ActStats(
-                    z[f"{i}.absmax"], z[f"{i}.meanabs"], z[f"{i}.hist"], hmax, z[f"{i}.rows"]
+            acts = {}
+            for i, (name, hmax) in enumerate(meta["acts"]):
+                rows = z[f"{i}.rows"]
+                if spill_to is not None:
+                    rows = spill_to.put(rows)
+                acts[name] = ActStats(
+                    z[f"{i}.absmax"], z[f"{i}.meanabs"], z[f"{i}.hist"], hmax, rows
                 )
-                for i, (name, hmax) in enumerate(meta["acts"])
-            }
         return cls(
             meta["model_sha256"],
             meta["data_sha256"],
@@ -250,16 +310,17 @@ class _Acc:
         if have < self.max_rows and keep.size:
             self.rows.append(keep[: self.max_rows - have])
 
-    def stats(self) -> ActStats:
+    def stats(self, spill: RowSpill | None = None) -> ActStats:
         rows = (
             np.concatenate(self.rows) if self.rows else np.zeros((0, self.absmax.size), np.float32)
-        )
+        ).astype(np.float32)
+        self.rows = []
         return ActStats(
             self.absmax.astype(np.float32),
             (self.sumabs / max(self.count, 1)).astype(np.float32),
             self.hist,
             self.hmax,
-            rows.astype(np.float32),
+            rows if spill is None else spill.put(rows),
         )
 
 
@@ -294,7 +355,7 @@ def collect(
     path = cache_dir() / f"{msha[:20]}-{dsha[:20]}-r{int(max_rows)}{way}-{STATS_VERSION}.npz"
     if use_cache and path.is_file():
         try:
-            stats = CalibStats.load(path)
+            stats = CalibStats.load(path, spill=layerwise)
             if stats.model_sha256 == msha and stats.data_sha256 == dsha:
                 logger.info("calibration cache hit: %s", path)
                 with contextlib.suppress(OSError):
@@ -338,6 +399,11 @@ def collect(
         accs: dict[str, _Acc] = {}
         counts: dict[str, np.ndarray] = {}
         n_experts = {mod: _num_experts(model, mod) for mod, _ in routers}
+        # Layer-wise, an activation's statistics are final once its segment has run: its rows
+        # go to disk then, so memory holds one layer's rows, not every layer's.
+        spill = RowSpill() if layerwise else None
+        final: dict[str, ActStats] = {}
+        touched: set[str] = set()
 
         def accumulate(got: dict[str, np.ndarray]) -> None:
             for name, x in got.items():
@@ -346,11 +412,17 @@ def collect(
                 if name not in accs:
                     accs[name] = _Acc(x.shape[-1], stride, max_rows)
                 accs[name].add(x)
+                touched.add(name)
             for mod, idx_name in routers_by_idx:
                 if idx_name in got:
                     idx = got[idx_name]
                     c = np.bincount(idx.reshape(-1).astype(np.int64), minlength=n_experts[mod] or 0)
                     counts[mod] = counts.get(mod, 0) + c
+
+        def segment_done(_k: int) -> None:
+            for name in sorted(touched):
+                final[name] = accs.pop(name).stats(spill)
+            touched.clear()
 
         idx_set = set(idx_names)
         routers_by_idx = [(mod, idx.name) for mod, idx in routers]
@@ -369,6 +441,7 @@ def collect(
                 batch=batch,
                 threads=threads,
                 on_batch=lambda b, got: accumulate(got),
+                on_segment=segment_done,
                 progress=progress,
             )
         else:
@@ -389,13 +462,14 @@ def collect(
             )
     # One order whichever way the batches ran: targets', then routers' (graph order).
     rank = {n: i for i, n in enumerate(n for src in sources for n in src)}
-    accs = dict(sorted(accs.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+    final.update((k, a.stats(spill)) for k, a in accs.items())
+    acts = dict(sorted(final.items(), key=lambda kv: rank.get(kv[0], len(rank))))
     counts = {mod: counts[mod] for mod, _ in routers if mod in counts}
     stats = CalibStats(
         msha,
         dsha,
         total,
-        {k: a.stats() for k, a in accs.items()},
+        acts,
         {k: [int(x) for x in v] for k, v in counts.items()},
         seconds=round(time.perf_counter() - t0, 3),
     )

@@ -199,6 +199,7 @@ def collect_layerwise(
     batch: int,
     threads: int | None,
     on_batch,
+    on_segment=None,
     progress=None,
 ) -> None:
     """Run `windows` [N, L] through `proto` one segment at a time.
@@ -207,7 +208,8 @@ def collect_layerwise(
     collector exposes: for each target the first of its `sources` the inlined graph has, and
     the router indices `idx_names`. `conds`: If output -> condition value name; `vals`: the
     model's values by name (for output types). Per value, the batches arrive in order, so the
-    caller's accumulators end as the whole-graph run leaves them."""
+    caller's accumulators end as the whole-graph run leaves them. `on_segment(k)`, if given, is
+    called once segment k has run every batch (no later batch brings a value it produced)."""
     from dsc.backends.onnxruntime.runner import inference_session
     from dsc.passes.quant.exposure import (
         _expose,
@@ -283,6 +285,8 @@ def collect_layerwise(
                 + (f", about {eta:.0f}s left" if done < total else "")
             )
         del sessions
+        if on_segment is not None:
+            on_segment(k)
         for st in store:  # drop what no later segment reads
             for name in [n for n in st if plan.last_use.get(n.removesuffix("__dsc_f32"), -1) <= k]:
                 del st[name]

@@ -162,11 +162,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         if alpha is None and acts is None:
             raise ValueError("a per-layer α search needs calibration rows (pass the CalibStats)")
         self.absmax = {k: v.absmax for k, v in acts.items()} if acts is not None else dict(stats)
-        self.rows = (
-            {k: v.rows for k, v in acts.items()}
-            if acts is not None and (guard or alpha is None)
-            else {}
-        )
+        # The statistics, not their rows: spilled rows are mapped only while their group runs.
+        self._row_stats = acts if acts is not None and (guard or alpha is None) else {}
         self.alpha, self.exclude = (None if alpha is None else float(alpha)), tuple(exclude)
         self.grid, self.gated = tuple(grid), gated
         self.report: dict = {}
@@ -189,7 +186,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             wmax = np.max([np.abs(w.astype(np.float64)).max(axis=1) for w in weights], axis=0)
             wmax = np.maximum(wmax, 1e-5)
             xt, wt = fold.tie(xmax, "max"), fold.tie(wmax, "max")
-            rows = self.rows.get(name)
+            st = self._row_stats.get(name)
+            rows = None if st is None else np.array(st.rows, dtype=np.float32)
             if self.alpha is None and (rows is None or not rows.shape[0]):
                 skipped[name] = "no calibration rows for the α search"
                 continue
