@@ -267,8 +267,15 @@ def _profiles(profiles: dict, rejected: bool = False) -> Table | None:
         if eng:
             status = "final engine" + (" (REJECTED: validation failed)" if rejected else "")
         elif pre:
+            cut = pre.get("graph") or {}
+            on = (
+                f" on decoder layers {', '.join(map(str, cut.get('layers', [])))} of "
+                f"{cut.get('of_layers')}"
+                if cut.get("graph") == "layers"
+                else ""
+            )
             status = (
-                f"preflight for SM{pre.get('sm')} passed; build on the device "
+                f"preflight for SM{pre.get('sm')} passed{on}; build on the device "
                 f"({p.get('device_command') or 'dsc compile'})"
             )
         else:
