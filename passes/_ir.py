@@ -112,6 +112,36 @@ def read_tensor(tensor) -> np.ndarray:
     return out
 
 
+def iter_rows(tensor, rows: int):
+    """Yield (first row, array) for consecutive chunks of at most `rows` rows (first axis) of a
+    tensor, each an array of its own. An external tensor is read with plain file reads, one
+    chunk at a time, so neither the whole tensor nor a memory map of it is ever resident; any
+    other tensor is sliced from its array. Raises ValueError for a sub-byte dtype (rows need
+    not end on a byte) or a 0-d tensor."""
+    shape = tuple(int(d) for d in tensor.shape)
+    if not shape:
+        raise ValueError(f"{tensor.name}: a 0-d tensor has no rows")
+    dtype = tensor.dtype.numpy()
+    if tensor.dtype.bitwidth < 8:
+        raise ValueError(f"{tensor.name}: sub-byte dtype {tensor.dtype} is not read by rows")
+    per_row = int(np.prod(shape[1:], dtype=np.int64))
+    rows = max(1, int(rows))
+    if isinstance(tensor, ir.ExternalTensor):
+        row_bytes = per_row * dtype.itemsize
+        with open(tensor.path, "rb") as f:
+            for r0 in range(0, shape[0], rows):
+                n = min(rows, shape[0] - r0)
+                f.seek((tensor.offset or 0) + r0 * row_bytes)
+                out = np.empty((n, *shape[1:]), dtype=dtype)
+                if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != n * row_bytes:
+                    raise ValueError(f"{tensor.name}: external data ends early ({tensor.path})")
+                yield r0, out
+        return
+    arr = tensor.numpy()
+    for r0 in range(0, shape[0], rows):
+        yield r0, np.array(arr[r0 : r0 + rows], copy=True)
+
+
 def derive_in_place(value: ir.Value, fn) -> None:
     """Replace the constant of `value` (an initializer) by `fn(its current content)`, computed
     when read (a `DerivedTensor` over the tensor it had: the rescaled weights of SmoothQuant and

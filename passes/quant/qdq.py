@@ -415,26 +415,54 @@ def quantize_weight(
     so a dead channel (all-zero column) gets the floor and quantizes to zeros. The weight is
     quantized with the stored scale. `clip` (optional, AWQ's clip search): ratios ≤ 1 of the
     weight maxima that set the scales, [in/block, out] for INT4, [out] otherwise; values beyond
-    are clipped to the quantized range.
+    are clipped to the quantized range. Equal to `weight_amax` → `weight_scale` →
+    `quantize_with_scale`, which a caller may run on row chunks of a weight too large to hold
+    in float32 (the vocabulary tables, `dsc.passes.quant.vocab`).
     """
     w = w.astype(np.float32)
-    if scheme.precision == "int4":
-        block = int4_block(w.shape[0], scheme.block_size)
+    block = int4_block(w.shape[0], scheme.block_size) if scheme.precision == "int4" else None
+    amax = weight_amax(w, block)
+    if clip is not None:
+        amax = amax * clip
+    scale = weight_scale(amax, scheme.precision, scale_dtype)
+    q = quantize_with_scale(w, scale, scheme.precision, block)
+    return q, scale, ({"axis": 0, "block_size": block} if block else {"axis": 1})
+
+
+def weight_amax(w: np.ndarray, block: int | None = None) -> np.ndarray:
+    """|w| maxima of an [in, out] weight (or of consecutive rows of one), float32: per output
+    channel, [out]; with `block` (INT4), per block of `block` input rows, [in/block, out]
+    (`in` a multiple of `block`)."""
+    a = np.abs(np.asarray(w, dtype=np.float32))
+    if block:
+        return a.reshape(a.shape[0] // block, block, a.shape[1]).max(axis=1)
+    return a.max(axis=0)
+
+
+def weight_scale(amax: np.ndarray, precision: str, scale_dtype=np.float32) -> np.ndarray:
+    """The stored weight scale for `amax` (`weight_amax`'s maxima): max(amax, floor) / the
+    format's largest value (127 for INT8, 7 for INT4, 448 for FP8 E4M3), by `store_scale`."""
+    qmax = {"int8": INT8_MAX, "int4": INT4_MAX, "fp8": FP8_MAX}[precision]
+    return store_scale(np.maximum(amax, WEIGHT_AMAX_FLOOR) / qmax, scale_dtype)
+
+
+def quantize_with_scale(
+    w: np.ndarray, scale: np.ndarray, precision: str, block: int | None = None
+) -> np.ndarray:
+    """An [in, out] weight (or consecutive rows of one, starting on a block edge) quantized
+    with a stored `scale` ([out]; INT4: [in/block, out] for these rows): round to nearest and
+    clip to [-127, 127] (INT8) or [-8, 7] (INT4, ml_dtypes.int4); FP8 E4M3 clipped to ±448
+    before the cast (the stored scale may round below amax / 448, and E4M3 casts 464+ to NaN).
+    """
+    w = np.asarray(w, dtype=np.float32)
+    s = np.asarray(scale).astype(np.float32)
+    if precision == "int4":
         g = w.reshape(w.shape[0] // block, block, w.shape[1])
-        amax = np.abs(g).max(axis=1) if clip is None else np.abs(g).max(axis=1) * clip
-        scale = store_scale(np.maximum(amax, WEIGHT_AMAX_FLOOR) / INT4_MAX, scale_dtype)
-        q = np.clip(np.round(g / scale.astype(np.float32)[:, None, :]), -8, 7).reshape(w.shape)
-        return q.astype(ml_dtypes.int4), scale, {"axis": 0, "block_size": block}
-    amax = np.abs(w).max(axis=0) if clip is None else np.abs(w).max(axis=0) * clip
-    amax = np.maximum(amax, WEIGHT_AMAX_FLOOR)  # per output channel
-    if scheme.precision == "int8":
-        scale = store_scale(amax / INT8_MAX, scale_dtype)
-        q = np.clip(np.round(w / scale.astype(np.float32)), -INT8_MAX, INT8_MAX).astype(np.int8)
-    else:
-        scale = store_scale(amax / FP8_MAX, scale_dtype)
-        # clipped: the stored scale may round below amax / 448, and E4M3 casts 464+ to NaN
-        q = np.clip(w / scale.astype(np.float32), -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
-    return q, scale, {"axis": 1}
+        q = np.clip(np.round(g / s[:, None, :]), -8, 7).reshape(w.shape)
+        return q.astype(ml_dtypes.int4)
+    if precision == "int8":
+        return np.clip(np.round(w / s), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return np.clip(w / s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
 def dequantize_weight(q: np.ndarray, scale: np.ndarray, attrs: dict) -> np.ndarray:

@@ -51,7 +51,17 @@ import onnx_ir as ir
 
 from dsc.errors import Unsupported
 from dsc.node_meta import module_path
-from dsc.passes.quant.qdq import QuantScheme, check_scales, quantize_weight, weight_dq_inputs
+from dsc.passes._ir import DerivedTensor, iter_rows
+from dsc.passes.quant.qdq import (
+    QuantScheme,
+    check_scales,
+    int4_block,
+    quantize_weight,
+    quantize_with_scale,
+    weight_amax,
+    weight_dq_inputs,
+    weight_scale,
+)
 from dsc.precision import QUANTIZED
 
 logger = logging.getLogger(__name__)
@@ -59,6 +69,11 @@ logger = logging.getLogger(__name__)
 PRECISIONS = QUANTIZED  # what each vocabulary table may be stored at
 BLOCK_SIZE = 128  # int4: the block along the hidden (input) dimension, as InsertQDQPass uses
 _BITS = {"int8": 8, "fp8": 8, "int4": 4}
+_QTYPE = {"int8": ir.DataType.INT8, "int4": ir.DataType.INT4, "fp8": ir.DataType.FLOAT8E4M3FN}
+# The tables are quantized in row chunks of about this many float32 bytes, read from the data
+# file one chunk at a time (R1-Distill-Qwen-7B: each table is 152,064 x 3,584, 2.2 GB in
+# float32): the pass holds one chunk and the scales, never a table.
+CHUNK_BYTES = 64 << 20
 
 
 def _float_init(v: ir.Value | None) -> bool:
@@ -133,6 +148,96 @@ def quantize_table(
     return q, s, {"axis": 0}
 
 
+class ChunkedQuantTensor(DerivedTensor):
+    """A vocabulary table's quantized weight, computed from its float source when read, in row
+    chunks: `chunks()` yields (first row, quantized rows); `tofile` (what onnx_ir's external-data
+    writer calls) writes them one chunk at a time, so the quantized table is never whole in
+    memory either. `numpy()` assembles it (tests, passes that read it)."""
+
+    def __init__(self, chunks, dtype: ir.DataType, shape, *, name: str, source):
+        def whole():
+            out = np.empty(tuple(shape), dtype=dtype.numpy())
+            for r0, q in chunks():
+                out[r0 : r0 + q.shape[0]] = q
+            return ir.Tensor(out, name=name)
+
+        super().__init__(
+            whole,
+            dtype,
+            ir.Shape(list(shape)),
+            name=name,
+            sources=(source.name,),
+            source_tensors=(source,),
+        )
+        self.chunks = chunks
+
+    def tofile(self, file) -> None:
+        for _, q in self.chunks():
+            if self.dtype.bitwidth < 8 and q.size % 2:  # a chunk would end mid-byte
+                return super().tofile(file)
+        for _, q in self.chunks():
+            ir.Tensor(q).tofile(file)
+
+
+def _chunk_rows(row_elems: int, multiple: int = 1) -> int:
+    rows = max(1, CHUNK_BYTES // (4 * max(1, row_elems)))
+    return max(multiple, rows // multiple * multiple)
+
+
+def quantize_rows(src, precision: str, *, table: bool):
+    """(quantized weight as a `ChunkedQuantTensor`, scale, DequantizeLinear attributes) of a
+    2-D float tensor `src` (an `ir` tensor, external or not), read in row chunks of about
+    `CHUNK_BYTES` float32 bytes; the same numbers as `quantize_table` (`table`: [V, H], per row)
+    or `quantize_weight` ([H, V], per output channel), bit for bit. The scales are computed now
+    (one read of the table); the quantized rows when the weight is read or written (a second
+    read, chunk by chunk)."""
+    shape = tuple(int(d) for d in src.shape)
+    fdtype = src.dtype.numpy()
+    hidden = shape[1] if table else shape[0]
+    block = int4_block(hidden, BLOCK_SIZE) if precision == "int4" else None
+    if table:  # rows are channels: per-row maxima; int4 blocks along H within a row
+        rows = _chunk_rows(shape[1])
+        parts = [
+            weight_scale(weight_amax(c.T, block), precision, fdtype)
+            for _, c in iter_rows(src, rows)
+        ]
+        scale = np.ascontiguousarray(
+            np.concatenate(parts, axis=-1).T if block else np.concatenate(parts)
+        )
+        attrs = {"axis": 1, "block_size": block} if block else {"axis": 0}
+
+        def chunks():
+            for r0, c in iter_rows(src, rows):
+                s = scale[r0 : r0 + c.shape[0]]
+                yield (
+                    r0,
+                    np.ascontiguousarray(
+                        quantize_with_scale(c.T, s.T if block else s, precision, block).T
+                    ),
+                )
+
+    else:  # [H, V]: columns are channels; chunks of whole int4 blocks of rows
+        rows = _chunk_rows(shape[1], block or 1)
+        amax = None
+        for _, c in iter_rows(src, rows):
+            a = weight_amax(c, block)
+            amax = (
+                a if amax is None else (np.concatenate([amax, a]) if block else np.maximum(amax, a))
+            )
+        scale = weight_scale(amax, precision, fdtype)
+        attrs = {"axis": 0, "block_size": block} if block else {"axis": 1}
+
+        def chunks():
+            for r0, c in iter_rows(src, rows):
+                s = scale[r0 // block : (r0 + c.shape[0]) // block] if block else scale
+                yield r0, quantize_with_scale(c, s, precision, block)
+
+    q = ChunkedQuantTensor(
+        chunks, _QTYPE[precision], shape, name=f"{src.name}_quantized", source=src
+    )
+    return q, scale, attrs
+
+
 class VocabQDQPass(ir.passes.InPlacePass):
     """Quantize lm_head and/or the embedding table weight-only (`lm_head`, `embedding`: one of
     int8, int4, fp8, or None to leave it in float).
@@ -192,12 +297,11 @@ class VocabQDQPass(ir.passes.InPlacePass):
 
     def _quantize(self, graph: ir.Graph, w: ir.Value, precision: str, *, table: bool) -> dict:
         """Replace initializer `w` by Wq + DequantizeLinear for every reader; the record."""
-        w_np = w.const_value.numpy()
-        dtype = w_np.dtype
-        if table:  # [V, H]: per row, int4 blocks along H
-            q, scale, attrs = quantize_table(w_np, precision, dtype)
-        else:  # [H, V]: per output channel, int4 blocks along H
-            q, scale, attrs = quantize_weight(w_np, QuantScheme(precision, True), scale_dtype=dtype)
+        src = w.const_value
+        shape = tuple(int(d) for d in src.shape)
+        itemsize = src.dtype.numpy().itemsize
+        # [V, H] table: per row, int4 blocks along H; [H, V] lm_head: per output channel
+        q, scale, attrs = quantize_rows(src, precision, table=table)
         check_scales(f"{w.name}_scale", scale)
         inputs = weight_dq_inputs(graph, w.name, q, scale, precision)
         dq = ir.node(
@@ -213,11 +317,11 @@ class VocabQDQPass(ir.passes.InPlacePass):
         for node, idx in users:
             node.replace_input_with(idx, dq.outputs[0])
         graph.initializers.pop(w.name, None)
-        n = int(np.prod(w_np.shape))
+        n = int(np.prod(shape))
         rec = {
             "weight": w.name,
             "precision": precision,
-            "shape": list(w_np.shape),
+            "shape": list(shape),
             "layout": "[vocab, hidden]" if table else "[hidden, vocab]",
             "scales": ("per row (vocabulary entry)" if table else "per output channel")
             + (
@@ -226,7 +330,7 @@ class VocabQDQPass(ir.passes.InPlacePass):
                 else ""
             ),
             "scale_shape": list(scale.shape),
-            "bytes_before": n * w_np.itemsize,
+            "bytes_before": n * itemsize,
             "bytes_after": n * _BITS[precision] // 8 + scale.size * scale.itemsize,
         }
         rec["block_size"] = int(attrs["block_size"]) if "block_size" in attrs else None

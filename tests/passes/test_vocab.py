@@ -277,3 +277,63 @@ def test_engines_build(fp16_qwen2, lm_head, embedding, sm, tmp_path):
     if sm == 89:
         with pytest.raises(Unsupported, match="fp8"):
             build_engine(path, env, BuildOptions(target_sm=80), backend="tensorrt_rtx", io_spec=io)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("table", [True, False], ids=["table", "lm_head"])
+def test_row_chunks_equal_the_whole_table(precision, table, tmp_path, monkeypatch):
+    """`quantize_rows` on an external tensor in many row chunks (a partial last one included):
+    the scales and quantized weight equal `quantize_table` / `quantize_weight` of the whole
+    array bit for bit, the bytes written chunk by chunk equal the whole tensor's, and the
+    source is only ever read in chunks of at most the chunk size (never memory-mapped whole)."""
+    from dsc.passes.quant import vocab
+    from dsc.passes.quant.qdq import QuantScheme, quantize_weight
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((300, 384)) * 0.05).astype(np.float16)
+    w[7] = 0  # a dead row / column part: the floor, never a zero scale
+    w[:, 5] = 0
+    (tmp_path / "w.data").write_bytes(b"\0" * 64 + w.tobytes())
+    src = ir.ExternalTensor(
+        "w.data",
+        offset=64,
+        length=w.nbytes,
+        dtype=ir.DataType.FLOAT16,
+        shape=ir.Shape(list(w.shape)),
+        name="w",
+        base_dir=tmp_path,
+    )
+    monkeypatch.setattr(vocab, "CHUNK_BYTES", 384 * 4 * 50)  # 50 rows of 384 float32 (table)
+    largest = []
+    real_iter = vocab.iter_rows
+
+    def spy(tensor, rows):
+        for r0, chunk in real_iter(tensor, rows):
+            largest.append(chunk.nbytes)
+            yield r0, chunk
+
+    monkeypatch.setattr(vocab, "iter_rows", spy)
+    monkeypatch.setattr(
+        ir.ExternalTensor, "numpy", lambda self: pytest.fail("the whole table was read")
+    )
+    q, scale, attrs = vocab.quantize_rows(src, precision, table=table)
+    if table:
+        q_ref, s_ref, a_ref = quantize_table(w, precision, np.float16)
+    else:
+        q_ref, s_ref, a_ref = quantize_weight(
+            w, QuantScheme(precision, True), scale_dtype=np.float16
+        )
+    assert attrs == a_ref and scale.dtype == s_ref.dtype and scale.shape == s_ref.shape
+    assert scale.tobytes() == s_ref.tobytes()
+    got = q.numpy()
+    assert got.dtype == q_ref.dtype and got.shape == q_ref.shape
+    assert got.view(np.uint8).tobytes() == np.asarray(q_ref).view(np.uint8).tobytes()
+    with open(tmp_path / "chunked.bin", "wb") as f:
+        q.tofile(f)
+    with open(tmp_path / "whole.bin", "wb") as f:
+        ir.Tensor(q_ref).tofile(f)
+    assert (tmp_path / "chunked.bin").read_bytes() == (tmp_path / "whole.bin").read_bytes()
+    # three reads (scales, numpy, tofile) of at least 3 chunks each; none over 100 float16 rows
+    # (50 rows; lm_head int4: 100, one whole block of its 300 = 3 x 100 input rows)
+    assert len(largest) >= 9
+    assert max(largest) <= 100 * 384 * 2
