@@ -8,7 +8,9 @@
   and the same greedy tokens;
 - sessions: none kept means one per segment per step; every segment kept means one each;
 - the accuracy gate and its locator on a quantized graph give the whole graph's verdict and
-  the same first divergence, one layer at a time.
+  the same first divergence, one layer at a time;
+- on a graph `dsc quantize` wrote, each weight's DequantizeLinear runs in its layer's segment:
+  nothing computed from weights is carried between segments.
 """
 
 from __future__ import annotations
@@ -161,3 +163,44 @@ def test_gate_and_locator_one_layer_at_a_time(tiny_fp16, tmp_path, monkeypatch):
     for phase in ("prefill", "decode"):
         for key in ("cosine_mean", "kl_mean", "top1"):
             assert abs(seg[phase][key] - whole[phase][key]) <= 1e-3, (phase, key)
+
+
+def test_quantized_weights_stay_in_their_layer(tiny_fp16, tmp_path, monkeypatch):
+    """On a graph `dsc quantize` wrote (INT8 weight-only: a DequantizeLinear per weight, with no
+    layer scope), each constant node runs in the segment of its reader: no value computed from
+    weights alone is ever carried from one segment to another (in segment 0 they dequantized
+    every weight of the model and carried it to its layer: 6 GB at 1.5B), and the runner gives
+    the whole graph's numbers."""
+    import onnx
+
+    from dsc import api
+    from dsc.passes.quant.layerwise import SegmentPlan, reads
+
+    monkeypatch.setenv("DSC_CACHE_DIR", str(tmp_path / "cache"))
+    art = api.quantize(
+        tiny_fp16["tiny-qwen2"], tmp_path / "w8", "int8", weight_only=True, samples=2, seq_len=16
+    ).path
+    io = _io(art)
+    proto = onnx.load(str(art / io["onnx"]))
+    g = proto.graph
+    plan = SegmentPlan(proto)
+    # values computed from weights alone (a shared Constant scalar may be carried: no weight)
+    inits = {t.name for t in g.initializer}
+    const, weights = set(inits), set(inits)
+    for n in g.node:
+        if all(r in const for r in reads(n)):
+            const.update(n.output)
+            if any(r in weights for r in reads(n)):
+                weights.update(n.output)
+    dq = [i for i, n in enumerate(g.node) if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 6 * int(io["cache"]["num_layers"])  # q, k, v, o, gate_up, down
+    carried = set().union(*plan.carry)
+    assert not carried & weights, sorted(carried & weights)[:5]
+    seg_of = {i: k for k, idxs in enumerate(plan.segments) for i in idxs}
+    for i in dq:
+        readers = [seg_of[j] for j, n in enumerate(g.node) if set(g.node[i].output) & set(reads(n))]
+        assert readers and seg_of[i] == min(readers)
+    assert {seg_of[i] for i in dq} == set(range(1, len(plan)))  # every layer's
+    whole, seg = OrtCausalLM(art / io["onnx"], io), SegmentedCausalLM(art / io["onnx"], io)
+    worst, scale = _max_diff(whole, seg, io["vocab_size"])
+    assert worst <= 2 * 2.0**-10 * max(scale, 1.0), (worst, scale)

@@ -81,21 +81,49 @@ class SegmentPlan:
     """The graph cut into segments (see the module docstring). `segments[k]`: node indices of
     segment k (k = 0: before the first layer; k = i + 1: layer i); `inputs[k]`: values segment
     k reads from earlier segments or the graph inputs; `carry[k]`: values segment k produces
-    that a later segment reads."""
+    that a later segment reads. A constant node (one that reads only initializers and other
+    constant nodes' outputs) is in the segment of its first reader, so a weight's
+    DequantizeLinear runs with the layer that reads it and no weight crosses segments."""
 
     def __init__(self, proto: onnx.ModelProto):
         g = proto.graph
         inits = {t.name for t in g.initializer}
         seg_of_value: dict[str, int] = {}
         seg_of_node: list[int] = []
+        # Constant nodes (reading only initializers and other constant nodes' outputs: a
+        # weight's DequantizeLinear, a Transpose or Reshape of a weight, a Constant) go with
+        # their first reader, not where their scope puts them: a quantized graph's weight
+        # DequantizeLinear nodes carry no layer scope, and in segment 0 they dequantized every
+        # weight of the model there and carried it, in float32, to its layer (6 GB at 1.5B).
+        const_values = set(inits)
+        const = []
         for n in g.node:
+            is_const = all(name in const_values for name in reads(n)) and not any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                for a in n.attribute
+            )
+            const.append(is_const)
+            if is_const:
+                const_values.update(o for o in n.output if o)
+        for i, n in enumerate(g.node):
             layer = layer_of(n)
-            seg = 0 if layer is None else layer + 1
+            seg = 0 if layer is None or const[i] else layer + 1
             for name in reads(n):
                 seg = max(seg, seg_of_value.get(name, 0))
             seg_of_node.append(seg)
             for o in n.output:
                 seg_of_value[o] = seg
+        readers: dict[str, list[int]] = {}
+        for i, n in enumerate(g.node):
+            for name in reads(n):
+                readers.setdefault(name, []).append(i)
+        for i in reversed(range(len(g.node))):
+            if const[i]:
+                first = [seg_of_node[j] for o in g.node[i].output for j in readers.get(o, ())]
+                layer = layer_of(g.node[i])
+                seg_of_node[i] = min(first, default=0 if layer is None else layer + 1)
+                for o in g.node[i].output:
+                    seg_of_value[o] = seg_of_node[i]
         count = max(seg_of_node, default=0) + 1
         self.segments: list[list[int]] = [[] for _ in range(count)]
         for i, s in enumerate(seg_of_node):
