@@ -198,6 +198,34 @@ def test_one_layer_per_session_and_one_segment_alive(graphs, monkeypatch):
     assert peak[0] <= 2  # a segment's sessions: the branches its batches take
 
 
+def test_calibration_sessions_hold_only_what_they_are_asked_for(graphs, monkeypatch):
+    """No layer-wise calibration session computes the logits or holds lm_head: each holds only
+    the nodes its outputs (activations, carried values) depend on (`prune_dead`), and its
+    statistics are the whole graph's (`test_layerwise_statistics_equal_whole_graph`)."""
+    from dsc.backends.onnxruntime import runner
+    from dsc.node_meta import SCOPE_KEY
+
+    made = []
+    real = runner.inference_session
+
+    def recording(graph, **kw):
+        made.append(graph)
+        return real(graph, **kw)
+
+    monkeypatch.setattr(runner, "inference_session", recording)
+    stats = _collect(graphs["qwen2"], True)
+    assert stats.acts and made
+    for sub in made:
+        outputs = {o.name for o in sub.graph.output}
+        produced = {o for n in sub.graph.node for o in n.output}
+        assert "logits" not in produced
+        scopes = [p.value for n in sub.graph.node for p in n.metadata_props if p.key == SCOPE_KEY]
+        assert not any("lm_head" in v for v in scopes)
+        read = {i for n in sub.graph.node for i in n.input}
+        assert all(t.name in read for t in sub.graph.initializer)
+        assert outputs <= produced | {i.name for i in sub.graph.input}
+
+
 def test_layerwise_rows_spill_one_layer_at_a_time(graphs, monkeypatch, tmp_path):
     """Layer-wise, each activation's sample rows go to disk once its layer has run: memory
     never holds more rows than one segment's activations have, the rows read back equal the
