@@ -234,6 +234,13 @@ class CalibStats:
         )
 
 
+class _HashWriter:
+    """A write-only file object feeding a hash (no `fileno`: onnx_ir copies in chunks)."""
+
+    def __init__(self, h):
+        self.write = h.update
+
+
 def model_sha256(model: ir.Model) -> str:
     """sha256 of the graph and every weight's bytes, read one tensor at a time.
 
@@ -268,18 +275,13 @@ def model_sha256(model: ir.Model) -> str:
         tensor = value.const_value
         put("init", name, value.dtype, value.shape)
         if isinstance(tensor, ir.ExternalTensor):
-            # Its bytes as `tobytes` gives them, read in 8 MiB chunks: `tobytes` maps the whole
-            # data file and copies the tensor (at 7B, 1.09 GB for the embedding table, twice
-            # resident: the mapped pages and the copy).
-            length = tensor.length if tensor.length is not None else tensor.nbytes
-            with open(tensor.path, "rb") as f:
-                f.seek(tensor.offset or 0)
-                while length > 0:
-                    block = f.read(min(length, 8 << 20))
-                    if not block:
-                        raise BadInput(f"{tensor.path}: external data of {name} ends early")
-                    h.update(block)
-                    length -= len(block)
+            # Its bytes as `tobytes` gives them, streamed by onnx_ir's bounded-buffer copy
+            # (`tofile` to a writer that hashes): `tobytes` maps the whole data file and copies
+            # the tensor (at 7B, 1.09 GB for the embedding table, twice resident).
+            try:
+                tensor.tofile(_HashWriter(h))
+            except OSError as e:
+                raise BadInput(f"{tensor.path}: external data of {name}: {e}") from None
         elif tensor is not None:
             h.update(tensor.tobytes())
     return h.hexdigest()

@@ -114,6 +114,7 @@ class SegmentPlan:
         inits = {t.name for t in g.initializer}
         seg_of_value: dict[str, int] = {}
         seg_of_node: list[int] = []
+        node_reads = [reads(n) for n in g.node]
         # Constant nodes (reading only initializers and other constant nodes' outputs: a
         # weight's DequantizeLinear, a Transpose or Reshape of a weight, a Constant) go with
         # their first reader, not where their scope puts them: a quantized graph's weight
@@ -121,8 +122,8 @@ class SegmentPlan:
         # weight of the model there and carried it, in float32, to its layer (6 GB at 1.5B).
         const_values = set(inits)
         const = []
-        for n in g.node:
-            is_const = all(name in const_values for name in reads(n)) and not any(
+        for n, read in zip(g.node, node_reads, strict=True):
+            is_const = all(name in const_values for name in read) and not any(
                 a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                 for a in n.attribute
             )
@@ -132,14 +133,14 @@ class SegmentPlan:
         for i, n in enumerate(g.node):
             layer = layer_of(n)
             seg = 0 if layer is None or const[i] else layer + 1
-            for name in reads(n):
+            for name in node_reads[i]:
                 seg = max(seg, seg_of_value.get(name, 0))
             seg_of_node.append(seg)
             for o in n.output:
                 seg_of_value[o] = seg
         readers: dict[str, list[int]] = {}
-        for i, n in enumerate(g.node):
-            for name in reads(n):
+        for i, read in enumerate(node_reads):
+            for name in read:
                 readers.setdefault(name, []).append(i)
         for i in reversed(range(len(g.node))):
             if const[i]:
@@ -155,9 +156,9 @@ class SegmentPlan:
         self.inputs: list[list[str]] = [[] for _ in range(count)]
         self.carry: list[set[str]] = [set() for _ in range(count)]
         self.last_use: dict[str, int] = {}
-        for i, n in enumerate(g.node):
+        for i, read in enumerate(node_reads):
             s = seg_of_node[i]
-            for name in dict.fromkeys(reads(n)):
+            for name in dict.fromkeys(read):
                 if name in inits:
                     continue
                 src = seg_of_value.get(name)

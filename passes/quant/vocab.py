@@ -154,7 +154,7 @@ class ChunkedQuantTensor(DerivedTensor):
     writer calls) writes them one chunk at a time, so the quantized table is never whole in
     memory either. `numpy()` assembles it (tests, passes that read it)."""
 
-    def __init__(self, chunks, dtype: ir.DataType, shape, *, name: str, source):
+    def __init__(self, chunks, dtype: ir.DataType, shape, *, name: str, source, rows: int):
         def whole():
             out = np.empty(tuple(shape), dtype=dtype.numpy())
             for r0, q in chunks():
@@ -170,11 +170,15 @@ class ChunkedQuantTensor(DerivedTensor):
             source_tensors=(source,),
         )
         self.chunks = chunks
+        # Packed sub-byte chunks join up only if every chunk but the last ends on a byte.
+        per_row = int(np.prod(tuple(shape)[1:], dtype=np.int64))
+        self._whole_bytes = (
+            dtype.bitwidth < 8 and (rows * per_row) % 2 != 0 and tuple(shape)[0] > rows
+        )
 
     def tofile(self, file) -> None:
-        for _, q in self.chunks():
-            if self.dtype.bitwidth < 8 and q.size % 2:  # a chunk would end mid-byte
-                return super().tofile(file)
+        if self._whole_bytes:
+            return super().tofile(file)
         for _, q in self.chunks():
             ir.Tensor(q).tofile(file)
 
@@ -218,12 +222,8 @@ def quantize_rows(src, precision: str, *, table: bool):
 
     else:  # [H, V]: columns are channels; chunks of whole int4 blocks of rows
         rows = _chunk_rows(shape[1], block or 1)
-        amax = None
-        for _, c in iter_rows(src, rows):
-            a = weight_amax(c, block)
-            amax = (
-                a if amax is None else (np.concatenate([amax, a]) if block else np.maximum(amax, a))
-            )
+        parts = [weight_amax(c, block) for _, c in iter_rows(src, rows)]
+        amax = np.concatenate(parts) if block else np.max(parts, axis=0)
         scale = weight_scale(amax, precision, fdtype)
         attrs = {"axis": 0, "block_size": block} if block else {"axis": 1}
 
@@ -233,7 +233,7 @@ def quantize_rows(src, precision: str, *, table: bool):
                 yield r0, quantize_with_scale(c, s, precision, block)
 
     q = ChunkedQuantTensor(
-        chunks, _QTYPE[precision], shape, name=f"{src.name}_quantized", source=src
+        chunks, _QTYPE[precision], shape, name=f"{src.name}_quantized", source=src, rows=rows
     )
     return q, scale, attrs
 
