@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from dsc.errors import BadInput
+
 _counter = itertools.count()
 
 
@@ -117,7 +119,7 @@ def iter_rows(tensor, rows: int):
     tensor, each an array of its own. An external tensor is read with plain file reads, one
     chunk at a time, so neither the whole tensor nor a memory map of it is ever resident; any
     other tensor is sliced from its array. Raises ValueError for a sub-byte dtype (rows need
-    not end on a byte) or a 0-d tensor."""
+    not end on a byte) or a 0-d tensor, `BadInput` (exit 3) when the data file is too short."""
     shape = tuple(int(d) for d in tensor.shape)
     if not shape:
         raise ValueError(f"{tensor.name}: a 0-d tensor has no rows")
@@ -134,7 +136,7 @@ def iter_rows(tensor, rows: int):
                 f.seek((tensor.offset or 0) + r0 * row_bytes)
                 out = np.empty((n, *shape[1:]), dtype=dtype)
                 if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != n * row_bytes:
-                    raise ValueError(f"{tensor.name}: external data ends early ({tensor.path})")
+                    raise BadInput(f"{tensor.name}: external data ends early ({tensor.path})")
                 yield r0, out
         return
     arr = tensor.numpy()
