@@ -71,6 +71,7 @@ def export(
     opset: int | None = None,
     external_data: bool = False,
     stream: bool = True,
+    trace_layers: str = "kinds",
     allow_pickle: bool = False,
     force: bool = False,
     progress=_progress,
@@ -83,16 +84,21 @@ def export(
     always write the weights to `model.onnx.data` (they go there anyway at 1.5 GiB and above).
     `stream`: trace on fake tensors and write each weight from the checkpoint when the writer
     reaches it (`dsc.export.streaming`; pickle checkpoints are always loaded whole).
+    `trace_layers` (streaming): "kinds" traces one decoder layer of each kind and copies it for
+    the others (`dsc.export.by_kind`), "all" traces every layer; the same graph either way.
     `progress`: called with one line per step (default: stderr).
 
     Raises `UsageError` (exit 2) for a bad dtype/opset, `BadInput` / `CheckpointError` (exit 3)
     for an unreadable checkpoint or an OUTPUT that is not a dsc artifact (without `force`),
     `Unsupported` (exit 4) for an architecture no family covers."""
+    from dsc.build_config import TRACE_LAYERS
     from dsc.precision import GRAPH_DTYPES
     from dsc.stages.export import ExportStage
 
     if dtype not in GRAPH_DTYPES:
         raise UsageError(f"unsupported export dtype {dtype!r}; choose fp32, fp16 or bf16")
+    if trace_layers not in TRACE_LAYERS:
+        raise UsageError(f"unknown trace_layers {trace_layers!r}; choose kinds or all")
     if opset is not None and not 18 <= opset <= 23:
         raise UsageError(f"opset {opset} is not supported by the exporter; choose 18..23")
     info = inspect_checkpoint(checkpoint, allow_pickle=allow_pickle)
@@ -102,7 +108,13 @@ def export(
     stage = ExportStage()
     tools = tool_versions()
     inputs = stage.inputs(
-        info, dtype=dtype, opset=opset, tools=tools, external_data=external_data, stream=stream
+        info,
+        dtype=dtype,
+        opset=opset,
+        tools=tools,
+        external_data=external_data,
+        stream=stream,
+        trace_layers=trace_layers,
     )
     with atomic_dir(output, force=force) as tmp:
         record, graph = stage.run(info, tmp, inputs, progress=progress)

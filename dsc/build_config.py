@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from dsc.errors import UsageError
 
 VALIDATE_KINDS = ("auto", "smoke", "gate", "none")
+TRACE_LAYERS = ("kinds", "all")  # dsc.export.by_kind
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class BuildConfig:
     opset: int | None = None
     external_data: bool = False  # always write weights to model.onnx.data (else at 1.5 GiB)
     stream: bool = True  # trace on fake tensors, write weights one at a time (safetensors)
+    trace_layers: str = "kinds"  # kinds (one layer per kind traced, then copied) | all
     max_batch: int | None = None
     max_input_len: int | None = None
     max_kv: int | None = None
@@ -78,6 +80,10 @@ class BuildConfig:
             )
         if not self.optimize and (self.passes or self.disable_passes):
             raise UsageError("--passes/--disable-pass contradict --no-optimize")
+        if self.trace_layers not in TRACE_LAYERS:
+            raise UsageError(
+                f"unknown trace_layers {self.trace_layers!r} (choose {', '.join(TRACE_LAYERS)})"
+            )
         if self.validate not in VALIDATE_KINDS:
             raise UsageError(
                 f"unknown validation {self.validate!r} (choose {', '.join(VALIDATE_KINDS)})"

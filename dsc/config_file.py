@@ -57,6 +57,7 @@ _CHOICES = {
     "backend": ("auto", "tensorrt_rtx", "tensorrt"),
     "validate": ("auto", "smoke", "gate", "none"),
     "calibrate_by": ("auto", "layer", "graph"),
+    "trace_layers": ("kinds", "all"),
 }
 _BOOLS = ("allow_pickle", "force", "rebuild", "optimize", "weight_only", "external_data", "stream")
 _NAME_LISTS = ("passes", "disable_passes", "exclude")

@@ -201,15 +201,18 @@ def export_inputs(
     tools: Mapping[str, Any],
     external_data: bool = False,
     stream: bool = False,
+    trace_layers: str = "kinds",
 ) -> dict:
     """What the export stage depends on: checkpoint content, dtype, opset, where the weights
-    go (`--external-data`), how they are read (`--stream`), exporter versions."""
+    go (`--external-data`), how they are read (`--stream`) and traced (`--trace-layers`,
+    streaming only), exporter versions."""
     return {
         "checkpoint": {relpath(p, info.path): sha256_file(p) for p in info.input_files()},
         "dtype": dtype,
         "opset": opset,
         "external_data": external_data,
         "stream": stream,
+        "trace_layers": trace_layers if stream else "all",
         "tools": {
             k: tools.get(k)
             for k in ("dsc", "torch", "transformers", "onnx", "onnxscript", "onnx-ir")

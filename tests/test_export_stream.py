@@ -24,8 +24,16 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def _export(src, out, *, stream: bool, dtype: str = "fp16"):
-    api.export(src, out, dtype=dtype, external_data=True, stream=stream, progress=_quiet)
+def _export(src, out, *, stream: bool, dtype: str = "fp16", trace_layers: str = "kinds"):
+    api.export(
+        src,
+        out,
+        dtype=dtype,
+        external_data=True,
+        stream=stream,
+        trace_layers=trace_layers,
+        progress=_quiet,
+    )
     return onnx.load(str(out / "model.onnx"))  # external data loaded too
 
 
@@ -50,7 +58,8 @@ def test_streamed_export_writes_the_same_graph(
     the order of the initializers (so of the tensors in model.onnx.data): the streaming export
     folds `Transpose(W)` into lazily transposed initializers before the exporter's optimizer,
     which appends its own folded constants after them, where loading whole interleaves the two
-    in the order it visits the nodes."""
+    in the order it visits the nodes. Every layer is traced here (`trace_layers="all"`): the
+    copies of `--trace-layers kinds` are compared with it in tests/test_export_by_kind.py."""
     if family == "llama-tied":  # lm_head.weight absent: it is embed_tokens.weight
         from dsc.fixtures import make_fixture
 
@@ -65,7 +74,9 @@ def test_streamed_export_writes_the_same_graph(
     else:
         src = fp8_checkpoint if family == "fp8" else checkpoints[family]
     dtype = "bf16" if family == "deepseek_v2" else "fp16"  # one family through bf16 storage
-    graph_s, inits_s, info_s = _canonical(_export(src, tmp_path / "s", stream=True, dtype=dtype))
+    graph_s, inits_s, info_s = _canonical(
+        _export(src, tmp_path / "s", stream=True, dtype=dtype, trace_layers="all")
+    )
     graph_w, inits_w, info_w = _canonical(_export(src, tmp_path / "w", stream=False, dtype=dtype))
     assert graph_s == graph_w
     assert info_s == info_w

@@ -29,6 +29,7 @@ def export(
     opset: int | None,
     external_data: bool,
     stream: bool,
+    trace_layers: str,
     allow_pickle: bool,
     force: bool,
 ) -> None:
@@ -42,6 +43,7 @@ def export(
         opset=opset,
         external_data=external_data,
         stream=stream,
+        trace_layers=trace_layers,
         allow_pickle=allow_pickle,
         force=force,
     )

@@ -89,6 +89,15 @@ export_options = group(
         "(peak memory about the largest tensor); --no-stream loads the whole model first "
         "(pickle checkpoints always do). Both write the same graph.",
     ),
+    click.option(
+        "--trace-layers",
+        type=click.Choice(["kinds", "all"]),
+        default="kinds",
+        show_default=True,
+        help="With --stream: kinds traces one decoder layer of each kind and copies it for the "
+        "others of that kind (trace time flat in depth); all traces every layer. Both write "
+        "the same computation, node for node.",
+    ),
 )
 
 allow_pickle_option = click.option(

@@ -129,6 +129,7 @@ def export_graph(
     opset: int | None,
     external_data: bool = False,
     stream: bool | None = None,
+    trace_layers: str = "kinds",
     progress=None,
     quiet: bool = False,
 ) -> ExportedGraph:
@@ -138,6 +139,12 @@ def export_graph(
     writes each weight from the checkpoint as the writer reaches it (`dsc.export.streaming`), so
     the peak is about the largest tensor, not the model; off, the model is loaded whole with
     transformers first (pickle checkpoints always). Both write the same graph.
+
+    `trace_layers` (streaming only): "kinds" traces one decoder layer of each kind and copies it
+    for the other layers of that kind (`dsc.export.by_kind`: trace and optimizer time flat in
+    depth; the same computation, node for node, as tracing them all); "all" traces every
+    layer, as does "kinds" when the model has no more layers than its cut, or when the cut
+    graph does not split into layers (said on the progress line).
 
     The weights go to `model.onnx.data` when `external_data` is set or when they reach
     `dsc.artifacts.EXTERNAL_DATA_THRESHOLD` (1.5 GiB; protobuf cannot hold 2 GiB). Every later
@@ -162,7 +169,7 @@ def export_graph(
     say(f"{info.architecture} ({info.num_parameters / 1e6:.1f}M parameters, {dtype}): {mode}")
     with contextlib.ExitStack() as stack:
         if stream:
-            from dsc.export.streaming import CheckpointSources, fake_model, is_fake, onloaded
+            from dsc.export.streaming import CheckpointSources, fake_model, onloaded
             from dsc.models.loading import describe_reader
             from dsc.models.weights import WeightReader
 
@@ -194,15 +201,15 @@ def export_graph(
             say("checking that fp16 holds the activations (one forward pass on the example)")
             with run_context():
                 check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
-        args = (ids, mask, pos, *cache)
         if stream:
-            args = tuple(fake_mode.from_tensor(t) for t in args)
-        say(f"tracing {num_layers} layers with torch.export")
-        program = _trace(wrapper, args, family, num_layers, opset, optimize=not stream)
-        if stream:
-            keys = _attach_weights(program.model, sources, buffers, is_fake)
-            _fold_weight_transposes(program.model, sources, keys)
-            program.optimize()
+            program = _streamed_program(
+                info, model, buffers, fake_mode, sources, torch_dtype, opset, trace_layers, say
+            )
+        else:
+            say(f"tracing {num_layers} layers with torch.export")
+            program = _trace(
+                wrapper, (ids, mask, pos, *cache), family, num_layers, opset, optimize=True
+            )
         _name_dims(program.model)
         onnx_path = out_dir / ONNX_FILE
         external = external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD
@@ -217,6 +224,92 @@ def export_graph(
     return ExportedGraph(
         onnx_path, data_path if data_path.exists() else None, io, time.perf_counter() - t0
     )
+
+
+def _streamed_program(info, model, buffers, mode, sources, torch_dtype, opset, trace_layers, say):
+    """The optimized `ONNXProgram` of the fake `model` with its weights attached lazily: every
+    layer traced, or one per kind instantiated for the others (`trace_layers`, see
+    `export_graph`)."""
+    from dsc.export import by_kind
+    from dsc.export.streaming import fake_model
+
+    family = info.family
+    n = int(model.config.num_hidden_layers)
+    kinds = by_kind.layer_kinds(model) if trace_layers == "kinds" else None
+    m = by_kind.cut_depth(kinds) if kinds else None
+    if m is not None:
+        cut, cut_buffers, cut_mode = fake_model(info, torch_dtype, num_layers=m)
+        if by_kind.layer_kinds(cut) != kinds[:m]:
+            m = None
+            say("the model cut to its first layers differs from the whole; tracing every layer")
+    if m is not None:
+        say(f"tracing {m} of {n} layers with torch.export (one of each kind, then copied)")
+        program, weights = _trace_fake(
+            cut, cut_buffers, cut_mode, sources, family, opset, torch_dtype, hide_weights=True
+        )
+
+        def make_weight(name, key, perm, like):
+            return _lazy_tensor(
+                lambda: _ir_tensor(sources.materialize(key, perm=perm), name),
+                dtype=like.dtype,
+                shape=like.shape,
+                name=name,
+            )
+
+        try:
+            added = by_kind.instantiate(
+                program.model,
+                kinds=kinds,
+                weights=weights,
+                make_weight=make_weight,
+                has_key=sources.__contains__,
+            )
+            copied = f"layer {m}" if m == n - 1 else f"layers {m}..{n - 1}"
+            say(f"{copied} copied from their kind's traced layer ({added} nodes)")
+            return program
+        except by_kind.NotInstantiable as e:
+            say(f"cannot copy the traced layers ({e}); tracing every layer")
+    say(f"tracing {n} layers with torch.export")
+    return _trace_fake(model, buffers, mode, sources, family, opset, torch_dtype)[0]
+
+
+def _trace_fake(
+    model, buffers, mode, sources, family: Family, opset, torch_dtype, *, hide_weights=False
+):
+    """Trace the fake `model`, attach its weights lazily, fold weight transposes, optimize.
+    Returns (program, {initializer value: (state-dict key, permutation or None)}), by value
+    since the optimizer renames values."""
+    from dsc.export.streaming import is_fake
+
+    config = model.config.to_dict()
+    num_layers = int(config["num_hidden_layers"])
+    wrapper = KVCacheWrapper(model, family)
+    ids, mask, pos, cache = example_inputs(
+        config,
+        family,
+        batch=EXAMPLE_BATCH,
+        seq=EXAMPLE_SEQ,
+        past=EXAMPLE_PAST,
+        dtype=torch_dtype,
+    )
+    args = tuple(mode.from_tensor(t) for t in (ids, mask, pos, *cache))
+    program = _trace(wrapper, args, family, num_layers, opset, optimize=False)
+    keys = _attach_weights(program.model, sources, buffers, is_fake)
+    inits = program.model.graph.initializers
+    weights = {inits[name]: (key, None) for name, key in keys.items()}
+    _fold_weight_transposes(program.model, sources, weights)
+    # The cut graph's weights are hidden from the optimizer (`hide_weights`): it would merge
+    # equal small ones (unit norms, zero biases) across layers and fold ops on them into new
+    # tensors, and a layer's copies then could not tell which weights are theirs. The whole
+    # graph is deduplicated after the copies are made (`by_kind.instantiate`).
+    hidden = {v: v.const_value for v in weights} if hide_weights else {}
+    for v in hidden:
+        v.const_value = None
+    with _quiet_loggers("onnx_ir", "onnxscript"):
+        program.optimize()
+    for v, tensor in hidden.items():
+        v.const_value = tensor
+    return program, weights
 
 
 def _save_external(model, onnx_path: Path, *, quiet: bool) -> None:
@@ -307,11 +400,13 @@ def _attach_weights(model, sources, buffers: dict, is_fake) -> dict[str, str]:
     return keys
 
 
-def _fold_weight_transposes(model, sources, keys: dict[str, str]) -> None:
+def _fold_weight_transposes(model, sources, weights: dict) -> None:
     """Fold `Transpose(weight)` into a lazily transposed initializer before the optimizer runs.
 
-    `keys`: `_attach_weights`' map; a weight in it is read straight into its transposed layout
-    (`CheckpointSources.materialize(perm=...)`), any other through its numpy value.
+    `weights`: {initializer value: (state-dict key, None)} of the checkpoint weights
+    (`_attach_weights`); a weight in it is read straight into its transposed layout
+    (`CheckpointSources.materialize(perm=...)`) and its entry becomes the transposed
+    initializer's, (key, perm); any other weight is transposed through its numpy value.
 
     The exporter's optimizer (onnxscript's constant folding) always folds a Transpose whose
     large constant input has no other consumer (`_DEFAULT_ALWAYS_FOLD_OPS`): every linear
@@ -329,16 +424,22 @@ def _fold_weight_transposes(model, sources, keys: dict[str, str]) -> None:
         (src,) = node.inputs
         if src is None or src.const_value is None or not src.is_initializer():
             continue
-        if src.const_value.size <= _FOLD_INPUT_SIZE_LIMIT or len(src.consumers()) != 1:
+        if len(src.consumers()) != 1:
+            continue
+        # A checkpoint weight is folded whatever its size, so that every layer's weights are
+        # (key, permutation) recipes (`dsc.export.by_kind`); the optimizer would fold a small
+        # one itself, into the same values under the same name.
+        if src not in weights and src.const_value.size <= _FOLD_INPUT_SIZE_LIMIT:
             continue
         perm = node.attributes.get_ints("perm")
         out = node.outputs[0]
         tensor = src.const_value
 
-        if src.name in keys:
+        key = weights[src][0] if src in weights else None
+        if key is not None:
             order = tuple(perm) if perm is not None else tuple(range(len(tensor.shape)))[::-1]
 
-            def transposed(key=keys[src.name], order=order, name=out.name):
+            def transposed(key=key, order=order, name=out.name):
                 return _ir_tensor(sources.materialize(key, perm=order), name)
 
         else:
@@ -359,6 +460,9 @@ def _fold_weight_transposes(model, sources, keys: dict[str, str]) -> None:
         folded_from = {src.name, *src.meta.get(FOLDED_FROM_KEY, set())}
         value.meta[FOLDED_FROM_KEY] = folded_from
         value.metadata_props[FOLDED_FROM_KEY] = repr(sorted(folded_from))
+        if key is not None:
+            del weights[src]
+            weights[value] = (key, order)
         graph.remove(node, safe=False)
         ir.convenience.replace_all_uses_with(out, value)
         graph.register_initializer(value)

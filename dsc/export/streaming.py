@@ -47,8 +47,11 @@ from dsc.models.loading import few_names
 __all__ = ["CheckpointSources", "fake_model", "is_fake", "onloaded"]
 
 
-def fake_model(info, torch_dtype):
+def fake_model(info, torch_dtype, *, num_layers: int | None = None):
     """The transformers model of `info` as fake CPU tensors, plus its non-persistent buffers.
+
+    `num_layers`: build it with its config cut to its first `num_layers` decoder layers
+    (`dsc.export.by_kind.cut_config`).
 
     Returns (model, buffers, mode): `model` in eval mode with the family's export settings,
     every parameter and buffer a fake tensor of `mode` (a `FakeTensorMode`; make the trace's
@@ -62,6 +65,10 @@ def fake_model(info, torch_dtype):
     from dsc.models.loading import model_config, transformers_quiet
 
     config = model_config(info)
+    if num_layers is not None:
+        from dsc.export.by_kind import cut_config
+
+        config = cut_config(config, num_layers)
     model_class = getattr(transformers, info.architecture)
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     with mode, warnings.catch_warnings(), transformers_quiet():

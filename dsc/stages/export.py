@@ -32,6 +32,7 @@ class ExportStage(Stage):
         tools: dict,
         external_data: bool = False,
         stream: bool = True,
+        trace_layers: str = "kinds",
     ) -> dict:
         return export_inputs(
             info,
@@ -40,6 +41,7 @@ class ExportStage(Stage):
             tools=tools,
             external_data=external_data,
             stream=stream and info.weight_format == "safetensors",
+            trace_layers=trace_layers,
         )
 
     def run(
@@ -61,6 +63,7 @@ class ExportStage(Stage):
             opset=inputs["opset"],
             external_data=inputs["external_data"],
             stream=inputs["stream"],
+            trace_layers=inputs["trace_layers"],
             progress=progress,
             quiet=quiet,
         )

@@ -27,6 +27,7 @@ def graph_inputs(stages, config, info, ctx, tools: dict) -> dict[str, dict | Non
             tools=tools,
             external_data=config.external_data,
             stream=config.stream,
+            trace_layers=config.trace_layers,
         )
     }
     upstream = export.input_hash(plan["export"])
