@@ -140,9 +140,7 @@ def main() -> int:
             ckpt = given[layers]
             weight_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
         else:
-            ckpt, weight_bytes = make_checkpoint(
-                args.config, layers, args.work / f"ckpt-{layers}l"
-            )
+            ckpt, weight_bytes = make_checkpoint(args.config, layers, args.work / f"ckpt-{layers}l")
         for mode in MODES:
             if mode != "kinds" and layers not in extra[mode]:
                 continue
@@ -156,7 +154,7 @@ def main() -> int:
     print("| layers | weights (bf16) GiB | export | wall s | peak RSS GiB | peak / weights |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        mode = {"kinds": "streaming", "all": "streaming, every layer traced"}.get(r["mode"], r["mode"])
+        mode = {"kinds": "streaming", "all": "every layer traced"}.get(r["mode"], r["mode"])
         print(
             f"| {r['layers']} | {r['weight_bytes'] / 2**30:.2f} | {mode} | {r['wall_s']:.0f} | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['peak_rss_bytes'] / r['weight_bytes']:.2f} |"
