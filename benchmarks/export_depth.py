@@ -12,7 +12,8 @@ of that depth instead of making one (it is never deleted).
 
     python benchmarks/export_depth.py --work /work/depth [--layers 4,8,16,28]
         [--config examples/configs/DeepSeek-R1-Distill-Qwen-7B/config.json]
-        [--all-layers 4,8] [--no-stream 4] [--checkpoint 28=DIR] [--plot docs/img/export_depth.png]
+        [--all-layers 4,8] [--no-stream 4] [--checkpoint 28=DIR] [--append]
+        [--plot docs/img/export_depth.png]
 
 Results: `<work>/export_depth.json`, a markdown table on stdout, and the plot (matplotlib).
 """
@@ -127,6 +128,9 @@ def main() -> int:
     )
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    ap.add_argument(
+        "--append", action="store_true", help="add to the results already in WORK (table, plot)"
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     extra = {
@@ -134,7 +138,8 @@ def main() -> int:
         for mode, depths in (("all", args.all_layers), ("no-stream", args.no_stream))
     }
     given = {int(k): Path(v) for k, v in (c.split("=", 1) for c in args.checkpoint)}
-    results = []
+    saved = args.work / "export_depth.json"
+    results = json.loads(saved.read_text()) if args.append and saved.exists() else []
     for layers in [int(x) for x in args.layers.split(",")]:
         if layers in given:
             ckpt = given[layers]
