@@ -182,6 +182,7 @@ def write_graph(model, directory: Path, onnx_name: str, *, external: bool | None
         # Tensors still external would be saved as references to a file this call removes.
         ir.external_data.load_to_model(model)
     stage = Path(tempfile.mkdtemp(prefix=".graph-", dir=directory))
+    old = external_tensors(model)
     try:
         ir.save(model, stage / onnx_name, external_data=data if external else None)
         if external:
@@ -191,7 +192,35 @@ def write_graph(model, directory: Path, onnx_name: str, *, external: bool | None
         os.replace(stage / onnx_name, directory / onnx_name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    # The old tensors' memory maps keep the replaced data file on disk (and its pages in the
+    # resident set) for as long as anything references `model`: onnxscript's pattern matchers
+    # keep the last graph they matched, so at 7B the 15 GB export data outlived the optimize
+    # stage and the build ran out of disk. Close them; `model` is not to be used again.
+    for tensor in old:
+        tensor.release()
     return external
+
+
+def external_tensors(model) -> list:
+    """The `onnx_ir.ExternalTensor`s `model`'s initializers read, in every graph, and those the
+    lazily derived tensors among them read (any tensor with `source_tensors`: the passes'
+    `DerivedTensor`), each once."""
+    import onnx_ir as ir
+
+    seen: set[int] = set()
+    stack = [v.const_value for g in model.graphs() for v in g.initializers.values()]
+    found = []
+    while stack:
+        t = stack.pop()
+        if isinstance(t, ir.Value):
+            t = t.const_value
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if isinstance(t, ir.ExternalTensor):
+            found.append(t)
+        stack.extend(getattr(t, "source_tensors", ()))
+    return found
 
 
 def write_json(path: Path, data: dict) -> None:

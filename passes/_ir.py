@@ -87,22 +87,12 @@ def set_base_dir(model: ir.Model, base_dir) -> int:
     the `DerivedTensor`s among them are computed from (weights a pass replaced, no longer in the
     graph). Returns how many were set. For when the graph's data file moves before the graph is
     written (the quantize stage moves its input to `reference/`)."""
-    seen: set[int] = set()
-    stack = [v.const_value for v in model.graph.initializers.values()]
-    count = 0
-    while stack:
-        t = stack.pop()
-        if isinstance(t, ir.Value):
-            t = t.const_value
-        if t is None or id(t) in seen:
-            continue
-        seen.add(id(t))
-        if isinstance(t, ir.ExternalTensor):
-            t.base_dir = base_dir
-            count += 1
-        elif isinstance(t, DerivedTensor):
-            stack.extend(t.source_tensors)
-    return count
+    from dsc.artifacts import external_tensors
+
+    tensors = external_tensors(model)
+    for t in tensors:
+        t.base_dir = base_dir
+    return len(tensors)
 
 
 def read_tensor(tensor) -> np.ndarray:
