@@ -64,7 +64,7 @@ def export(ckpt: Path, out: Path, *, mode: str) -> dict:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     rec = {"exit": proc.returncode, **_time_v(proc.stderr)}
     if proc.returncode:
-        rec["error"] = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsc: error")][-1:]
+        rec["error"] = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsc: ")][-1:]
     shutil.rmtree(out, ignore_errors=True)
     return rec
 
@@ -82,12 +82,14 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     }
     fig, (ax, at) = plt.subplots(1, 2, figsize=(10, 3.8))
     for mode, label in labels.items():
-        rows = [r for r in results if r["mode"] == mode and r["exit"] == 0]
+        rows = sorted(
+            (r for r in results if r["mode"] == mode and r["exit"] == 0), key=lambda r: r["layers"]
+        )
         if rows:
             x = [r["layers"] for r in rows]
             ax.plot(x, [r["peak_rss_bytes"] / 2**30 for r in rows], marker="o", label=label)
             at.plot(x, [r["wall_s"] for r in rows], marker="o", label=label)
-    rows = [r for r in results if r["mode"] == "kinds"]
+    rows = sorted((r for r in results if r["mode"] == "kinds"), key=lambda r: r["layers"])
     ax.plot(
         [r["layers"] for r in rows],
         [r["weight_bytes"] / 2**30 for r in rows],
@@ -165,7 +167,7 @@ def main() -> int:
             f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['peak_rss_bytes'] / r['weight_bytes']:.2f} |"
         )
     if args.plot:
-        plot(results, args.plot, f"dsc export peak RSS, {args.config.parent.name} cut by depth")
+        plot(results, args.plot, f"dsc export, {args.config.parent.name}")
     return 0
 
 
