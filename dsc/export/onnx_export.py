@@ -121,6 +121,14 @@ def example_inputs(
     return ids, mask, pos, cache
 
 
+def _export_example(config: dict, family: Family, torch_dtype):
+    """The example the exporter traces and range-checks with (module docstring: batch 2,
+    distinct seq and past lengths)."""
+    return example_inputs(
+        config, family, batch=EXAMPLE_BATCH, seq=EXAMPLE_SEQ, past=EXAMPLE_PAST, dtype=torch_dtype
+    )
+
+
 def export_graph(
     info: CheckpointInfo,
     out_dir: Path,
@@ -188,15 +196,7 @@ def export_graph(
         config = model.config.to_dict()
         num_layers = int(config["num_hidden_layers"])
         wrapper = KVCacheWrapper(model, family := info.family)
-        example = example_inputs(
-            config,
-            family,
-            batch=EXAMPLE_BATCH,
-            seq=EXAMPLE_SEQ,
-            past=EXAMPLE_PAST,
-            dtype=torch_dtype,
-        )
-        ids, mask, pos, cache = example
+        ids, mask, pos, cache = _export_example(config, family, torch_dtype)
         if dtype == "fp16":
             say("checking that fp16 holds the activations (one forward pass on the example)")
             with run_context():
@@ -248,20 +248,14 @@ def _streamed_program(info, model, buffers, mode, sources, torch_dtype, opset, t
             cut, cut_buffers, cut_mode, sources, family, opset, torch_dtype, hide_weights=True
         )
 
-        def make_weight(name, key, perm, like):
-            return _lazy_tensor(
-                lambda: _ir_tensor(sources.materialize(key, perm=perm), name),
-                dtype=like.dtype,
-                shape=like.shape,
-                name=name,
-            )
-
         try:
             added = by_kind.instantiate(
                 program.model,
                 kinds=kinds,
                 weights=weights,
-                make_weight=make_weight,
+                make_weight=lambda name, key, perm, like: _checkpoint_tensor(
+                    sources, key, perm, dtype=like.dtype, shape=like.shape, name=name
+                ),
                 has_key=sources.__contains__,
             )
             copied = f"layer {m}" if m == n - 1 else f"layers {m}..{n - 1}"
@@ -284,14 +278,7 @@ def _trace_fake(
     config = model.config.to_dict()
     num_layers = int(config["num_hidden_layers"])
     wrapper = KVCacheWrapper(model, family)
-    ids, mask, pos, cache = example_inputs(
-        config,
-        family,
-        batch=EXAMPLE_BATCH,
-        seq=EXAMPLE_SEQ,
-        past=EXAMPLE_PAST,
-        dtype=torch_dtype,
-    )
+    ids, mask, pos, cache = _export_example(config, family, torch_dtype)
     args = tuple(mode.from_tensor(t) for t in (ids, mask, pos, *cache))
     program = _trace(wrapper, args, family, num_layers, opset, optimize=False)
     keys = _attach_weights(program.model, sources, buffers, is_fake)
@@ -388,8 +375,10 @@ def _attach_weights(model, sources, buffers: dict, is_fake) -> dict[str, str]:
         if key in buffers:
             value.const_value = _ir_tensor(buffers[key], name)
         elif key in sources:
-            value.const_value = _lazy_tensor(
-                (lambda k=key, n=name: _ir_tensor(sources.materialize(k), n)),
+            value.const_value = _checkpoint_tensor(
+                sources,
+                key,
+                None,
                 dtype=value.const_value.dtype,
                 shape=value.const_value.shape,
                 name=name,
@@ -436,25 +425,21 @@ def _fold_weight_transposes(model, sources, weights: dict) -> None:
         tensor = src.const_value
 
         key = weights[src][0] if src in weights else None
+        order = tuple(perm) if perm is not None else tuple(range(len(tensor.shape)))[::-1]
+        shape = ir.Shape([tensor.shape[i] for i in order])
         if key is not None:
-            order = tuple(perm) if perm is not None else tuple(range(len(tensor.shape)))[::-1]
-
-            def transposed(key=key, order=order, name=out.name):
-                return _ir_tensor(sources.materialize(key, perm=order), name)
-
+            lazy = _checkpoint_tensor(
+                sources, key, order, dtype=tensor.dtype, shape=shape, name=out.name
+            )
         else:
 
-            def transposed(tensor=tensor, perm=perm, name=out.name):
-                a = tensor.numpy()
-                p = perm if perm is not None else list(range(a.ndim))[::-1]
-                return ir.Tensor(np.ascontiguousarray(np.transpose(a, p)), name=name)
+            def transposed(tensor=tensor, order=order, name=out.name):
+                a = np.transpose(tensor.numpy(), order)
+                return ir.Tensor(np.ascontiguousarray(a), name=name)
 
-        shape = ir.Shape([tensor.shape[i] for i in (perm or range(len(tensor.shape))[::-1])])
+            lazy = _lazy_tensor(transposed, dtype=tensor.dtype, shape=shape, name=out.name)
         value = ir.Value(
-            name=out.name,
-            type=ir.TensorType(tensor.dtype),
-            shape=shape,
-            const_value=_lazy_tensor(transposed, dtype=tensor.dtype, shape=shape, name=out.name),
+            name=out.name, type=ir.TensorType(tensor.dtype), shape=shape, const_value=lazy
         )
         # what the folder records on a value it folds (public: onnxscript.optimizer)
         folded_from = {src.name, *src.meta.get(FOLDED_FROM_KEY, set())}
@@ -467,6 +452,17 @@ def _fold_weight_transposes(model, sources, weights: dict) -> None:
         ir.convenience.replace_all_uses_with(out, value)
         graph.register_initializer(value)
         graph.initializers.pop(src.name)
+
+
+def _checkpoint_tensor(sources, key: str, perm, *, dtype, shape, name: str):
+    """A lazy initializer `name` holding state-dict tensor `key` (permuted by `perm`, or not),
+    read from the checkpoint (`CheckpointSources.materialize`) each time it is written."""
+    return _lazy_tensor(
+        lambda: _ir_tensor(sources.materialize(key, perm=perm), name),
+        dtype=dtype,
+        shape=shape,
+        name=name,
+    )
 
 
 def _lazy_tensor(func, **kwargs):
