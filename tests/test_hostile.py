@@ -266,6 +266,20 @@ def library_full(c: Ctx) -> None:
     c.monkeypatch.setattr(ex, "export_graph", full)
 
 
+def numpy_short_write(c: Ctx) -> None:
+    """numpy's `tofile` (what onnx_ir's data-file writer calls) on a full disk: an OSError with
+    no errno, "N requested and 0 written". /dev/full fails every write with ENOSPC."""
+    import numpy as np
+
+    import dsc.export.onnx_export as ex
+
+    def full(info, out_dir, **kw):
+        with open("/dev/full", "wb") as f:
+            np.zeros(1 << 16, np.uint8).tofile(f)
+
+    c.monkeypatch.setattr(ex, "export_graph", full)
+
+
 def refused_by_os(code: int):
     def patch(c: Ctx) -> None:
         import dsc.artifacts as artifacts
@@ -778,6 +792,13 @@ CASES: list[Case] = [
         lambda c: (library_full(c), _export(c, c.ckpt()))[1],
         8,
         "No space left on device",
+        late=True,
+    ),
+    Case(
+        "export-disk-full-short-write",
+        lambda c: (numpy_short_write(c), _export(c, c.ckpt()))[1],
+        8,
+        "a write stopped short, 0 of 65536 bytes written",
         late=True,
     ),
     Case(

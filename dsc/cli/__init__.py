@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import sys
 
 import click
@@ -76,6 +77,9 @@ ENVIRONMENT_ERRNOS = frozenset(
 )
 
 
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
 def environment_error(exc: BaseException) -> OSError | None:
     """The OSError of the machine behind `exc` (itself, or its cause/context), if any."""
     seen = 0
@@ -83,6 +87,15 @@ def environment_error(exc: BaseException) -> OSError | None:
     while e is not None and seen < 16:
         if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
             return e
+        # numpy's `ndarray.tofile` (onnx_ir's external-data writer) reports a failed write as
+        # an OSError with no errno: "N requested and M written" (numpy's convert.c).
+        short = isinstance(e, OSError) and e.errno is None and _SHORT_WRITE.fullmatch(str(e))
+        if short:
+            return OSError(
+                errno.ENOSPC,
+                f"a write stopped short, {short[2]} of {short[1]} bytes written (the disk or "
+                "the quota is full, or the file system failed)",
+            )
         e = e.__cause__ or e.__context__
         seen += 1
     # Libraries that re-raise an OSError's text as their own exception (torch, onnx, ORT).
