@@ -21,6 +21,21 @@ def _quiet(msg: str) -> None:
     pass
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _calibration_cache(tmp_path_factory):
+    """Calibration statistics go to a cache of this test session, not the user's
+    (~/.cache/dsc, which the suite would otherwise fill by a few GB per run). A test that needs
+    an empty cache sets DSC_CACHE_DIR itself; an explicit DSC_CACHE_DIR is kept."""
+    if os.environ.get("DSC_CACHE_DIR"):
+        yield
+        return
+    os.environ["DSC_CACHE_DIR"] = str(tmp_path_factory.mktemp("dsc-cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop("DSC_CACHE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     from dsc.fixtures import train_tokenizer
