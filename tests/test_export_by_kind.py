@@ -183,3 +183,15 @@ def test_cut_config_trims_per_layer_fields():
     cut = by_kind.cut_config(config, 2)
     assert (cut.num_hidden_layers, cut.layer_types) == (2, ["full_attention"] * 2)
     assert config.num_hidden_layers == 6  # the original is untouched
+
+
+def test_the_export_is_the_same_bytes_every_time(tmp_path, deep):
+    """Two exports of one checkpoint write the same files: the copies' initializers are
+    registered in the order their nodes read them, not in a set's (object-address) order,
+    which changed the data file's layout from run to run."""
+    for name in ("a", "b"):
+        api.export(
+            deep["deepseek_v2"], tmp_path / name, dtype="fp16", external_data=True, progress=_quiet
+        )
+    for file in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file

@@ -189,19 +189,21 @@ def instantiate(
     outputs_of = [produced_by(g) for g in groups]
     layer_of_value = {v: i for i, vals in enumerate(outputs_of) for v in vals}
 
-    def external(nodes_, own: set) -> set:
-        return {v for n in nodes_ for v in _reads(n) if v not in own}
+    def external(nodes_, own: set) -> list:
+        # In the order the nodes read them, not a set's: the copies' initializers are
+        # registered in this order, and with it the data file's layout (same bytes every run).
+        return list(dict.fromkeys(v for n in nodes_ for v in _reads(n) if v not in own))
 
     hidden_in: dict[int, object] = {}
     for i in range(1, m):
-        from_layers = {v for v in external(groups[i], outputs_of[i]) if v in layer_of_value}
+        from_layers = [v for v in external(groups[i], outputs_of[i]) if v in layer_of_value]
         if len(from_layers) != 1 or layer_of_value[next(iter(from_layers))] != i - 1:
             raise NotInstantiable(
                 f"layer {i} reads {len(from_layers)} values of other layers, not the hidden "
                 f"state of layer {i - 1}"
             )
         hidden_in[i] = from_layers.pop()
-    last_reads = {v for v in external(epilogue, produced_by(epilogue)) if v in layer_of_value}
+    last_reads = [v for v in external(epilogue, produced_by(epilogue)) if v in layer_of_value]
     if len(last_reads) != 1 or layer_of_value[next(iter(last_reads))] != m - 1:
         raise NotInstantiable(f"the final norm reads {len(last_reads)} values of the layers")
     last_hidden = last_reads.pop()
