@@ -143,3 +143,66 @@ def test_streamed_export_holds_a_bounded_number_of_tensors(
     counter.peak = counter.live = 0
     api.export(src, tmp_path / "kept", dtype="fp16", external_data=True, progress=_quiet)
     assert counter.peak > 10 * layers
+
+
+def _onloaded_run(src, *, fail_on: str | None = None):
+    """Logits of the fake fp32 model of `src` run under `onloaded`, and the (state-dict key,
+    thread name) of every read; `fail_on`: a key whose read raises a CheckpointError."""
+    import threading
+
+    import torch
+
+    from dsc.errors import CheckpointError
+    from dsc.export.streaming import CheckpointSources, fake_model, onloaded
+    from dsc.models.checkpoint import inspect_checkpoint
+    from dsc.models.weights import WeightReader
+
+    info = inspect_checkpoint(src)
+    model, buffers, _ = fake_model(info, torch.float32)
+    reads: list[tuple[str, str]] = []
+    with WeightReader.for_checkpoint(info, dtype=torch.float32) as reader:
+        sources = CheckpointSources(model, reader)
+        materialize = sources.materialize
+
+        def spy(key, **kw):
+            reads.append((key, threading.current_thread().name))
+            if key == fail_on:
+                raise CheckpointError(f"checkpoint tensor {key} holds NaN values")
+            return materialize(key, **kw)
+
+        sources.materialize = spy
+        ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+        with torch.no_grad(), onloaded(model, sources, buffers):
+            logits = model(input_ids=ids, use_cache=False).logits
+    return logits, reads, info, ids
+
+
+@pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
+def test_onloaded_reads_ahead_on_another_thread(checkpoints, family):
+    """The range check's forward with weights read one module at a time, the next module's on
+    a second thread: the logits are the whole model's, bit for bit; every tensor is read once;
+    the reads ahead did happen; no thread is left behind."""
+    import threading
+
+    import torch
+
+    from dsc.models.loading import load_model
+
+    logits, reads, info, ids = _onloaded_run(checkpoints[family])
+    whole = load_model(info, "fp32")
+    with torch.no_grad():
+        want = whole(input_ids=ids, use_cache=False).logits
+    assert torch.equal(logits, want)
+    keys = [k for k, _ in reads]
+    assert len(keys) == len(set(keys)), "a tensor was read twice"
+    ahead = [k for k, thread in reads if thread.startswith("dsc-read-ahead")]
+    assert len(ahead) > len(keys) // 2, (len(ahead), len(keys))
+    assert not [t for t in threading.enumerate() if t.name.startswith("dsc-read-ahead")]
+
+
+def test_a_failed_read_ahead_fails_the_forward(checkpoints):
+    from dsc.errors import CheckpointError
+
+    key = "model.layers.1.mlp.down_proj.weight"
+    with pytest.raises(CheckpointError, match=f"{key} holds NaN"):
+        _onloaded_run(checkpoints["qwen2"], fail_on=key)

@@ -262,13 +262,22 @@ class CheckpointSources:
 
 
 @contextlib.contextmanager
-def onloaded(model, sources: CheckpointSources, buffers: dict) -> Iterator[None]:
-    """Run `model` on the CPU with one module's parameters resident at a time.
+def onloaded(model, sources: CheckpointSources, buffers: dict, *, ahead: int = 1) -> Iterator[None]:
+    """Run `model` on the CPU with one module's parameters resident at a time (plus `ahead`).
 
     Each module that owns parameters or persistent buffers gets them from `sources` just before
     its forward and its fake tensors back after it; the non-persistent `buffers` are set for
     the duration. A module that uses another module's parameters outside that one's forward
-    would fail, mixing fake and real tensors (none of dsc's families do)."""
+    would fail, mixing fake and real tensors (none of dsc's families do).
+
+    While a module runs, one thread reads the next `ahead` owners (in `named_modules` order,
+    after the one that last ran and not yet read) from the checkpoint: file reads and casts
+    release the GIL, so they overlap the forward on another core. A module reached out of
+    that order (a layer's norms, its first projection) is read on the spot; so at most
+    `ahead` modules' weights are held beyond the running one's. Errors of a read ahead are
+    raised when its module runs; reads never used are dropped."""
+    import concurrent.futures
+
     import torch
 
     owners = []
@@ -287,18 +296,38 @@ def onloaded(model, sources: CheckpointSources, buffers: dict) -> Iterator[None]
         saved_buffers.append((module, attr, module._buffers[attr]))
         module._buffers[attr] = value
 
-    def load(mod_name, module, own):
+    def read(index: int) -> dict:
+        mod_name, _, own = owners[index]
+        return {n: sources.materialize(f"{mod_name}.{n}" if mod_name else n) for n in own}
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dsc-read-ahead")
+    pending: dict[int, concurrent.futures.Future] = {}
+    started: set[int] = set()
+
+    def values_for(index: int) -> dict:
+        future = pending.pop(index, None)
+        values = future.result() if future is not None else read(index)
+        started.add(index)
+        following = (i for i in range(index + 1, len(owners)) if i not in started)
+        for i in following:
+            if len(pending) >= ahead:
+                break
+            started.add(i)
+            pending[i] = pool.submit(read, i)
+        return values
+
+    def load(index: int):
+        mod_name, module, own = owners[index]
         fakes = {}
 
         def pre(_module, _args, _kwargs=None):
+            values = values_for(index)
             for n in own:
                 fakes[n] = module._parameters.get(n, module._buffers.get(n))
-                key = f"{mod_name}.{n}" if mod_name else n
-                value = sources.materialize(key)
                 if n in module._parameters:
-                    module._parameters[n] = torch.nn.Parameter(value, requires_grad=False)
+                    module._parameters[n] = torch.nn.Parameter(values[n], requires_grad=False)
                 else:
-                    module._buffers[n] = value
+                    module._buffers[n] = values[n]
 
         def post(_module, _args, _output):
             for n in own:
@@ -311,12 +340,16 @@ def onloaded(model, sources: CheckpointSources, buffers: dict) -> Iterator[None]
 
     handles = []
     try:
-        for mod_name, module, own in owners:
-            pre, post = load(mod_name, module, own)
+        for index, (_, module, _) in enumerate(owners):
+            pre, post = load(index)
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(post))
         yield
     finally:
+        for future in pending.values():
+            future.cancel()
+        pool.shutdown(wait=True)
+        pending.clear()
         for h in handles:
             h.remove()
         for module, attr, value in saved_buffers:
