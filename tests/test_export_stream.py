@@ -86,26 +86,32 @@ def test_streamed_export_writes_the_same_graph(
 
 
 class _LiveTensors:
-    """Counts the weight tensors `CheckpointSources.materialize` made that are still alive."""
+    """Counts the weight tensors `CheckpointSources.materialize` made that are still alive
+    (from any thread: the range check reads ahead on one, the writer uses two)."""
 
     def __init__(self, monkeypatch):
+        import threading
+
         from dsc.export.streaming import CheckpointSources
 
         self.live = self.peak = self.made = 0
+        self._lock = threading.Lock()
         original = CheckpointSources.materialize
 
         def materialize(sources, key, **kwargs):
             t = original(sources, key, **kwargs)
-            self.made += 1
-            self.live += 1
-            self.peak = max(self.peak, self.live)
+            with self._lock:
+                self.made += 1
+                self.live += 1
+                self.peak = max(self.peak, self.live)
             weakref.finalize(t, self._gone)
             return t
 
         monkeypatch.setattr(CheckpointSources, "materialize", materialize)
 
     def _gone(self) -> None:
-        self.live -= 1
+        with self._lock:
+            self.live -= 1
 
 
 @pytest.mark.parametrize("layers", [2, 6])
@@ -130,7 +136,10 @@ def test_streamed_export_holds_a_bounded_number_of_tensors(
     gc.collect()
     # every weight once for the fp16 range check and once to write (11-14 per layer)
     assert counter.made >= 2 * 11 * layers
-    assert counter.peak <= 3, counter.peak
+    # The range check holds the running module's tensors and the next one's (read ahead):
+    # V3's router (weight, score-correction bias) then its experts (gate_up, down) make 4;
+    # the writer holds at most one per thread (2).
+    assert counter.peak <= 4, counter.peak
 
     kept = []
     materialize = CheckpointSources.materialize
