@@ -18,7 +18,7 @@ Exit codes (also in README.md):
 |   | a name, link or external-data location leading outside its directory; a special file |
 | 4 | unsupported: architecture, checkpoint quantization, precision on this target, operation |
 | 5 | output path holds something that is not a dsc artifact |
-| 6 | the model does not fit the target |
+| 6 | the model does not fit the target (or, calibrating gather-form MoE experts, this host) |
 | 7 | a backend failed (ONNX export, TensorRT parse/build) |
 | 8 | environment: disk full, read-only or unwritable path, output path under a file |
 | 70 | internal error (a bug in dsc) |

@@ -245,3 +245,34 @@ def test_quantized_optimized_graph_builds(graphs, quantized, family, precision, 
         io_spec=load_io_spec(graphs[family, "optimized"]),
     )
     assert r.size_bytes > 0 and r.target_sm == sm
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_gather_form_calibration_too_large_for_the_host_is_refused(graphs, family, monkeypatch):
+    """The export's gather-form experts copy one expert matrix per token and chosen expert:
+    the estimate is tokens × top-k × (gate_up + down matrix bytes) of the config; the lowered
+    graph gathers nothing at prefill; a host too small for a batch is told so up front
+    (`DoesNotFit`, exit 6), not by std::bad_alloc from ONNX Runtime."""
+    import json
+
+    import onnx_ir as ir
+
+    from dsc.errors import DoesNotFit
+    from dsc.passes.quant import calibrate as cal
+
+    path = graphs[family, "exported"]
+    config = json.loads((path / "config.json").read_text())
+    d, i = config["hidden_size"], config["moe_intermediate_size"]
+    k = config["num_experts_per_tok"]
+    model = ir.load(str(path / "model.onnx"))
+    itemsize = 4  # the fp32 export
+    assert cal.gathered_expert_bytes(model, 512) == 512 * k * (2 * i * d + d * i) * itemsize
+    lowered = ir.load(str(graphs[family, "optimized"] / "model.onnx"))
+    assert cal.gathered_expert_bytes(lowered, 512) == 0
+    cal.gather_form_fits(model, 512)  # a tiny model fits any host
+
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1000}  # a 4 MB host
+    monkeypatch.setattr(cal.os, "sysconf", pages.__getitem__)
+    with pytest.raises(DoesNotFit, match=r"gather form .* run `dsc optimize` on it first"):
+        cal.gather_form_fits(model, 512)
+    cal.gather_form_fits(lowered, 512)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from dsc.errors import BadInput, UsageError
+from dsc.errors import BadInput, DoesNotFit, UsageError
 from dsc.passes.quant.exposure import (  # noqa: F401  (_feeds: also the tests')
     _expose,
     _feeds,
@@ -337,6 +337,50 @@ class _Acc:
         )
 
 
+def gathered_expert_bytes(model: ir.Model, tokens: int) -> int:
+    """Bytes of expert weights one MoE layer of the export's gather form copies for `tokens`
+    tokens: every `GatherND(W[E, a, b], idx)` on a constant expert weight gathers one [a, b]
+    matrix per token-slot (tokens × top-k; `dsc.passes.fusion.moe`), summed over the gathers
+    of one routing index, largest layer. k is the largest constant K of the graph's TopK
+    nodes (the expert choice; group selection takes fewer). 0 without such gathers (no MoE,
+    or lowered by `lower-moe`, whose dense branch runs prefill)."""
+    from dsc.passes._ir import const_info, const_ints
+
+    k = 1
+    per_index: dict[int, int] = {}
+    for node in model.graph:
+        if node.op_type == "TopK" and len(node.inputs) > 1:
+            ks = const_ints(node.inputs[1])
+            k = max([k, *ks]) if ks else k
+        elif node.op_type == "GatherND":
+            w = const_info(node.inputs[0])
+            if w is not None and w.ndim == 3:
+                one = w.shape[1] * w.shape[2] * w.dtype.itemsize
+                key = id(node.inputs[1])
+                per_index[key] = per_index.get(key, 0) + one
+    return tokens * k * max(per_index.values(), default=0)
+
+
+def gather_form_fits(model: ir.Model, tokens: int) -> None:
+    """Raise `DoesNotFit` (exit 6) when one calibration batch of `tokens` tokens would gather
+    more expert weights (`gathered_expert_bytes`) than half this host's memory, before any
+    work: at V2-Lite's width (64 experts of 2 × 1408 × 2048, top-6) a batch of 4 × 128 tokens
+    copies 53 GB, which ONNX Runtime otherwise reports as std::bad_alloc deep in a GatherND."""
+    need = gathered_expert_bytes(model, tokens)
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > host // 2:
+        raise DoesNotFit(
+            f"calibrating this graph's MoE experts in the export's gather form would copy "
+            f"{need / 1e9:.1f} GB of expert weights per batch of {tokens} tokens (one matrix "
+            f"per token and chosen expert), over half this host's {host / 2**30:.0f} GiB; "
+            "run `dsc optimize` on it first (its lower-moe pass makes the experts GEMMs), or "
+            "`dsc build`"
+        )
+
+
 def collect(
     model: ir.Model,
     io: dict,
@@ -359,6 +403,7 @@ def collect(
     from dsc.backends.onnxruntime.runner import inference_session, spilled
 
     t0 = time.perf_counter()
+    gather_form_fits(model, min(batch, windows.shape[0]) * windows.shape[1])
     if use_cache:
         cache_max_bytes()  # a bad $DSC_CACHE_MAX_GB fails before the work, not after it
     msha, dsha = model_sha256(model), data_sha256(windows)
