@@ -315,3 +315,28 @@ def test_calibrate_by_option_and_record(graphs, tmp_path, capsys):
         capsys,
     )
     assert code == 2 and not (tmp_path / "x").exists()
+
+
+def test_no_session_runs_a_branch_its_batch_does_not_take(graphs, monkeypatch):
+    """The If conditions a segment computes itself are learnt first, by a session of the
+    shape operators they need (`_condition_probe`), so no batch runs a branch it does not
+    take, not even once: MoE's gather branch (decode's, taken when there are fewer
+    token-slots than experts) at prefill size copies one expert matrix per token-slot, 53 GB
+    for a batch of 4 x 128 tokens at V2-Lite's width. Prefill batches here take the dense
+    branch (4 x 64 tokens x top-k slots, more than the experts)."""
+    from dsc.backends.onnxruntime import runner
+
+    made = []
+    real = runner.inference_session
+
+    def recording(graph, **kw):
+        made.append([n.name for n in graph.graph.node])
+        return real(graph, **kw)
+
+    monkeypatch.setattr(runner, "inference_session", recording)
+    layer = _collect(graphs["v3"], True)
+    gathers = [n for names in made for n in names if n.startswith("moe_gather")]
+    assert made and not gathers, gathers[:3]
+    dense = [n for names in made for n in names if n.startswith("moe_dense")]
+    assert dense
+    assert _stats_difference(_collect(graphs["v3"], False), layer) == 0.0

@@ -77,6 +77,20 @@ def wide(name: str) -> str:
     return f"{name}__dsc_f32"
 
 
+def _condition_probe(plan, proto, k: int, types, feeds, conds, ifs) -> onnx.ModelProto:
+    """Segment k's subgraph cut down to the conditions of its own If nodes `ifs` (If output ->
+    condition name in `conds`): its outputs are those conditions only, every node they do not
+    depend on dropped (for MoE's If, `N*k < E`, a few shape operators), so it runs no branch."""
+    sub = plan.subgraph(proto, k, sorted(plan.carry[k]), types, feeds)
+    del sub.graph.output[:]
+    for name in dict.fromkeys(conds[o] for o in ifs):
+        sub.graph.output.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None)
+        )
+    prune_dead(sub)
+    return sub
+
+
 def prune_dead(proto: onnx.ModelProto) -> int:
     """Drop the nodes no graph output depends on, and the initializers only they read (in
     place); returns how many nodes went. ONNX Runtime runs every node of a session, wanted or
@@ -297,7 +311,22 @@ def collect_layerwise(
     total, done = len(plan) * len(starts), 0
     for k in range(len(plan)):
         sessions: dict[tuple, tuple] = {}
+        probe = None  # this segment's own If conditions, computed without running any branch
         for b in range(len(starts)):
+            own = [conds[o] for o in seg_ifs[k] if conds[o] not in known[b]]
+            if own:
+                # Learn them before running a branch: a wrong guess runs the other branch on
+                # this batch first, and MoE's gather branch (decode's) at prefill size copies
+                # one expert matrix per token-slot (V2-Lite, 512 tokens: 53 GB, bad_alloc).
+                if probe is None:
+                    probe = _condition_probe(plan, proto, k, types, store[b], conds, seg_ifs[k])
+                    probe = (probe, inference_session(probe, base_dir=base_dir, threads=threads))
+                sub, sess = probe
+                names = [o.name for o in sub.graph.output]
+                feeds = {i.name: store[b][i.name] for i in sess.get_inputs()}
+                known[b].update(
+                    (c, bool(v)) for c, v in zip(names, sess.run(names, feeds), strict=True)
+                )
             while True:
                 taken = {o: known[b].get(c, guess.get(o, True)) for o, c in conds.items()}
                 key = tuple(sorted((o, taken[o]) for o in seg_ifs[k]))
