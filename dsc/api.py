@@ -396,6 +396,7 @@ def quantize(
     profile: str | None = None,
     force: bool = False,
     calibrate_by: str = "auto",
+    move_input: bool = False,
 ):
     """`dsc quantize`: the quantize stage on `artifact`'s graph, into a new artifact `output`.
 
@@ -405,7 +406,10 @@ def quantize(
     per layer); `samples` windows of `seq_len` tokens; `exclude`: globs of HF module paths kept
     in float; `lm_head` / `embedding`: store them weight-only at this precision; `profile`:
     refuse precisions that target cannot run; `calibrate_by`: "layer" (one decoder layer at a
-    time), "graph" (one session) or "auto" (by size: `dsc.quantize.calibrates_by_layer`).
+    time), "graph" (one session) or "auto" (by size: `dsc.quantize.calibrates_by_layer`);
+    `move_input`: rename the input's weights file into the new artifact's `reference/` instead
+    of copying it, and remove the input artifact once the new one is complete
+    (`dsc.stages.quantize.quantize_artifact`).
     Returns a `dsc.stages.quantize.QuantizeResult`.
     Raises `UsageError` (exit 2) for contradictory options, `BadInput` (exit 3) for bad
     calibration data or OUTPUT, `Unsupported` (exit 4) for a precision the profile cannot run.
@@ -428,6 +432,7 @@ def quantize(
         lm_head=lm_head,
         embedding=embedding,
         calibrate_by=calibrate_by,
+        move_input=move_input,
     )
 
 

@@ -78,8 +78,14 @@ def check_output(path: Path, *, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `dest` when the block finishes without error."""
+def atomic_dir(
+    dest: Path, *, force: bool = False, moved_in: list[tuple[Path, Path]] | None = None
+) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `dest` when the block finishes without error.
+
+    `moved_in`: (original path, path inside the temporary directory) pairs of files the block
+    moved in from elsewhere (`dsc quantize --move-input`) and appended to this list; when the
+    block or the swap fails they are moved back before the temporary directory is removed."""
     dest = Path(dest).absolute()
     check_output(dest, force=force)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +109,9 @@ def atomic_dir(dest: Path, *, force: bool = False) -> Iterator[Path]:
                 os.replace(tmp, dest)
     except BaseException:
         with signals.deferred():
+            for original, inside in reversed(moved_in or ()):
+                if inside.exists() and not original.exists():
+                    os.replace(inside, original)
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 

@@ -421,6 +421,7 @@ def quantize_in_place(
     embedding: str | None = None,
     progress=None,
     calibrate_by: str = "auto",
+    weights_dir: Path | None = None,
 ) -> tuple[dict, dict]:
     """Quantize the graph of the artifact being written at `directory`, in place.
 
@@ -428,6 +429,11 @@ def quantize_in_place(
     quantized graph takes their place, and `calibration/` and `quant_report.json` are written.
     Returns (quant report, the stage fields for the manifest). Used by `dsc quantize` (on a
     copy of its input) and by `dsc build` (stage 3).
+
+    `weights_dir`: the directory holding the input graph's external data file when it is not
+    in `directory` (`dsc quantize --move-input`: the caller moves that file to
+    `reference/` once everything else is written, so it is never copied). None: beside the
+    graph, in `directory`.
     """
     import onnx_ir as ir
 
@@ -446,6 +452,8 @@ def quantize_in_place(
     ]
     tokenizer = load_tokenizer(directory)
     model = _load(directory / onnx_name)
+    if weights_dir is not None:
+        ir.external_data.set_base_dir(model.graph, Path(weights_dir))
     t0 = time.perf_counter()
     model, report, record = quantize_model(
         model,
@@ -465,18 +473,20 @@ def quantize_in_place(
         progress=progress,
         calibrate_by=calibrate_by,
     )
-    external = (directory / data_file(onnx_name)).exists()
+    weights = directory if weights_dir is None else Path(weights_dir)
+    external = (weights / data_file(onnx_name)).exists()
     ref = directory / "reference"
     ref.mkdir()
     for p in graph_files:
         shutil.move(str(p), ref / p.name)
     # Weights the passes left alone are still read lazily from the input's data file, which
-    # now lives in reference/.
-    # (and so are the sources of the weights the passes derive: set_base_dir follows them).
+    # now lives in reference/ (or stays in `weights_dir` until the caller moves it there),
+    # and so are the sources of the weights the passes derive: set_base_dir follows them.
     from dsc.passes import set_base_dir
 
-    ir.external_data.set_base_dir(model.graph, ref)
-    set_base_dir(model, ref)
+    base = ref if weights_dir is None else weights
+    ir.external_data.set_base_dir(model.graph, base)
+    set_base_dir(model, base)
     new_opset = int(model.opset_imports.get("", io.get("opset", 0)))
     # Weights stay external when the input graph's were (--external-data, or over 1.5 GiB).
     write_graph(model, directory, onnx_name, external=True if external else None)

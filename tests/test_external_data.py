@@ -340,3 +340,95 @@ def test_rewriting_the_graph_lets_go_of_the_old_data_file(checkpoints, tmp_path)
     for name, value in reloaded.graph.initializers.items():
         np.testing.assert_array_equal(value.const_value.numpy(), before[name])
     del model
+
+
+def test_quantize_move_input_renames_the_weights_instead_of_copying(
+    checkpoints, tmp_path, capsys, monkeypatch
+):
+    """`dsc quantize --move-input`: the new artifact equals a copying quantize's file for file,
+    its `reference/` data file is the input's own inode (renamed, never copied: no second copy
+    on disk, 31 GB at DeepSeek-V2-Lite), and the input artifact is gone. A failure as late as
+    the final swap moves the file back and leaves the input whole."""
+    import os
+
+    from dsc import api
+
+    e = tmp_path / "e"
+    api.export(checkpoints["deepseek_v3"], e, dtype="fp16", external_data=True)
+    keep = tmp_path / "keep"
+    shutil.copytree(e, keep)
+    code, _, err = run_cli(
+        ["quantize", str(keep), "-o", str(tmp_path / "qc"), "--int8", *CALIB], capsys
+    )
+    assert code == 0, err
+    before = hash_tree(e)
+    inode = (e / "model.onnx.data").stat().st_ino
+    qm = tmp_path / "qm"
+    argv = ["quantize", str(e), "-o", str(qm), "--int8", *CALIB, "--move-input"]
+
+    # The swap of the finished artifact into place fails: the weights go back.
+    real_replace = os.replace
+
+    def failing_swap(src, dst):
+        if Path(dst) == qm.absolute():
+            raise OSError(5, "injected failure of the final swap")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_swap)
+    code, _, err = run_cli(argv, capsys)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert code != 0 and "injected failure" in err
+    assert hash_tree(e) == before and (e / "model.onnx.data").stat().st_ino == inode
+    assert not qm.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["e", "keep", "qc"]
+
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert "removed" in out and not e.exists()
+    data = qm / "reference" / "model.onnx.data"
+    assert data.stat().st_ino == inode and data.stat().st_nlink == 1
+    assert verify_artifact(qm).ok
+    # The report's timings, the manifest's and ranges.json's cache_hit (the second run reads
+    # the first's statistics) are the only differences.
+    skip = ("quant_report.json", "manifest.json", "calibration/ranges.json")
+    copied, moved = hash_tree(tmp_path / "qc"), hash_tree(qm)
+    assert {k: v for k, v in moved.items() if k not in skip} == {
+        k: v for k, v in copied.items() if k not in skip
+    }
+    ranges = [
+        json.loads((a / "calibration" / "ranges.json").read_text()) for a in (qm, tmp_path / "qc")
+    ]
+    assert all(ranges[0].pop("cache_hit")) and not any(ranges[1].pop("cache_hit"))
+    assert ranges[0] == ranges[1]
+    assert "reference/model.onnx.data" in moved
+    _external_only(qm / "model.onnx")
+    _external_only(data.parent / "model.onnx")
+
+
+def test_quantize_refuses_an_output_it_cannot_move_into(checkpoints, tmp_path, capsys, monkeypatch):
+    """An output inside the input artifact is refused (exit 3) before any work, and so, with
+    --move-input, is one on another filesystem (a rename cannot cross it)."""
+    import os
+    from types import SimpleNamespace
+
+    from dsc import api
+    from dsc.stages import quantize as stage
+
+    e = tmp_path / "e"
+    api.export(checkpoints["qwen2"], e, dtype="fp16", external_data=True)
+    capsys.readouterr()
+    before = hash_tree(e)
+    code, _, err = run_cli(
+        ["quantize", str(e), "-o", str(e / "q"), "--int8", "--move-input"], capsys
+    )
+    assert code == 3 and "inside the input artifact" in err and err.count("\n") == 1
+    assert hash_tree(e) == before
+    real_stat = os.stat
+    monkeypatch.setattr(
+        stage.os,
+        "stat",
+        lambda p, **kw: SimpleNamespace(st_dev=real_stat(p, **kw).st_dev + (Path(p) != e)),
+    )
+    with pytest.raises(api.BadInput, match="another filesystem"):
+        stage.check_same_filesystem(e, tmp_path / "new" / "q")
+    monkeypatch.setattr(stage.os, "stat", real_stat)
+    stage.check_same_filesystem(e, tmp_path / "new" / "q")

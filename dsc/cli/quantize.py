@@ -54,6 +54,13 @@ def quant_kwargs(
 @click.option("-o", "--output", "output", type=PATH, required=True, help="New artifact directory.")
 @quant_options
 @click.option("--profile", default=None, help="Hardware profile: refuse precisions it cannot run.")
+@click.option(
+    "--move-input",
+    is_flag=True,
+    help="Move ARTIFACT's weights file into OUTPUT's reference/ instead of copying it (no "
+    "second copy on disk: 31 GB for DeepSeek-V2-Lite), then remove ARTIFACT. OUTPUT must be on "
+    "the same filesystem. On any failure ARTIFACT is left whole.",
+)
 @force_option()
 def quantize(
     artifact: Path,
@@ -72,6 +79,7 @@ def quantize(
     quantize_embedding,
     calibrate_by,
     profile,
+    move_input,
     force,
 ) -> None:
     """Calibrate ARTIFACT and write a quantized artifact (Q/DQ graph + fp16 reference)."""
@@ -99,8 +107,10 @@ def quantize(
             "--weight-only applies to --int8 only (INT4-AWQ is always "
             "weight-only; FP8 quantizes weights and activations)"
         )
-    r = api.quantize(artifact, output, profile=profile, force=force, **kw)
+    r = api.quantize(artifact, output, profile=profile, force=force, move_input=move_input, **kw)
     click.echo(f"quantized {artifact} to {r.path}: {r.scheme}, ranges by {r.method}")
+    if move_input:
+        click.echo(f"  moved its weights to {r.path / 'reference'}; removed {artifact}")
     click.echo(f"  layers: {r.quantized_layers} quantized, {len(r.excluded)} excluded")
     for name in ("lm_head", "embedding"):
         v = r.report["vocab"].get(name)
