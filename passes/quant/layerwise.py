@@ -22,8 +22,9 @@ edge (tests/test_layerwise_calibration.py).
 
 If nodes (MLA absorbed vs expanded, MoE gather vs dense) are inlined per batch as the whole-graph
 collector does: a segment runs with the branches its batch takes, read from the conditions the
-graph computes; a condition computed in the segment it decides is checked after the run and the
-segment rerun on the other branch if the guess was wrong.
+graph computes. A condition computed in the segment it decides is computed first, by a session
+of the few shape operators it needs (`_condition_probe`), so no batch ever runs a branch it does
+not take (MoE's gather branch at prefill size would copy one expert matrix per token).
 """
 
 from __future__ import annotations
@@ -327,34 +328,39 @@ def collect_layerwise(
                 known[b].update(
                     (c, bool(v)) for c, v in zip(names, sess.run(names, feeds), strict=True)
                 )
-            while True:
-                taken = {o: known[b].get(c, guess.get(o, True)) for o, c in conds.items()}
-                key = tuple(sorted((o, taken[o]) for o in seg_ifs[k]))
-                acts = exposed(taken)
-                if key not in sessions:
-                    sub = plan.subgraph(proto, k, sorted(plan.carry[k]), types, store[b])
-                    sub = inline_branches(sub, {o: taken[o] for o in seg_ifs[k]})
-                    produced = {o for n in sub.graph.node for o in n.output}
-                    want = [n for n in [*acts, *idx_names, *cond_names] if n in produced]
-                    _expose(sub, want, vals)
-                    prune_dead(sub)
-                    outs = [o.name for o in sub.graph.output]
-                    sess = inference_session(sub, base_dir=base_dir, threads=threads)
-                    sessions[key] = (sess, outs, {i.name for i in sess.get_inputs()})
-                sess, outs, inputs = sessions[key]
-                res = dict(
-                    zip(
-                        outs,
-                        sess.run(outs, {n: v for n, v in store[b].items() if n in inputs}),
-                        strict=False,
-                    )
+            # Branches of Ifs in later segments are only guessed (the activation names the
+            # whole-graph collector exposes depend on them); this segment's are known.
+            taken = {o: known[b].get(c, guess.get(o, True)) for o, c in conds.items()}
+            key = tuple(sorted((o, taken[o]) for o in seg_ifs[k]))
+            acts = exposed(taken)
+            if key not in sessions:
+                sub = plan.subgraph(proto, k, sorted(plan.carry[k]), types, store[b])
+                sub = inline_branches(sub, {o: taken[o] for o in seg_ifs[k]})
+                produced = {o for n in sub.graph.node for o in n.output}
+                want = [n for n in [*acts, *idx_names, *cond_names] if n in produced]
+                _expose(sub, want, vals)
+                prune_dead(sub)
+                outs = [o.name for o in sub.graph.output]
+                sess = inference_session(sub, base_dir=base_dir, threads=threads)
+                sessions[key] = (sess, outs, {i.name for i in sess.get_inputs()})
+            sess, outs, inputs = sessions[key]
+            res = dict(
+                zip(
+                    outs,
+                    sess.run(outs, {n: v for n, v in store[b].items() if n in inputs}),
+                    strict=False,
                 )
-                for c in cond_names:
-                    if c in res:
-                        known[b][c] = bool(res[c])
-                # A condition computed here for an If here: rerun on the branch it takes.
-                if all(known[b].get(conds[o], taken[o]) == taken[o] for o in seg_ifs[k]):
-                    break
+            )
+            for c in cond_names:
+                if c in res:
+                    known[b][c] = bool(res[c])
+            # This segment's own conditions were known before it ran (the probe above), so no
+            # guess chose a branch here; the segment computes them again, and must agree.
+            if any(known[b][conds[o]] != taken[o] for o in seg_ifs[k]):
+                raise RuntimeError(
+                    f"layer-wise calibration: segment {k} took a branch its own condition "
+                    "does not select (the condition probe and the segment disagree)"
+                )
             carried = {n for c in plan.carry[k] for n in (c, wide(c))}
             store[b].update((n, res[n]) for n in res if n in carried)
             keep = set(acts) | set(idx_names)
