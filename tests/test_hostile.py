@@ -280,6 +280,20 @@ def numpy_short_write(c: Ctx) -> None:
     c.monkeypatch.setattr(ex, "export_graph", full)
 
 
+def numpy_fallocate_full(c: Ctx) -> None:
+    """numpy's `tofile` when its fallocate of the bytes to come fails with ENOSPC (a real
+    filesystem that supports fallocate, unlike /dev/full and tmpfs here): an OSError with no
+    errno, "Not enough free space to write N bytes after offset M" (numpy's convert.c,
+    `npy_fallocate`). Seen in `dsc optimize` of DeepSeek-V2-Lite on a full disk; the text is
+    raised as numpy raises it."""
+    import dsc.export.onnx_export as ex
+
+    def full(info, out_dir, **kw):
+        raise OSError("Not enough free space to write 369098752 bytes after offset 20090955776")
+
+    c.monkeypatch.setattr(ex, "export_graph", full)
+
+
 def refused_by_os(code: int):
     def patch(c: Ctx) -> None:
         import dsc.artifacts as artifacts
@@ -799,6 +813,13 @@ CASES: list[Case] = [
         lambda c: (numpy_short_write(c), _export(c, c.ckpt()))[1],
         8,
         "a write stopped short, 0 of 65536 bytes written",
+        late=True,
+    ),
+    Case(
+        "export-disk-full-fallocate",
+        lambda c: (numpy_fallocate_full(c), _export(c, c.ckpt()))[1],
+        8,
+        "no room for 369,098,752 bytes at offset 20,090,955,776",
         late=True,
     ),
     Case(

@@ -78,6 +78,7 @@ ENVIRONMENT_ERRNOS = frozenset(
 
 
 _SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+_NO_ROOM = re.compile(r"Not enough free space to write (\d+) bytes after offset (\d+)")
 
 
 def environment_error(exc: BaseException) -> OSError | None:
@@ -95,6 +96,15 @@ def environment_error(exc: BaseException) -> OSError | None:
                 errno.ENOSPC,
                 f"a write stopped short, {short[2]} of {short[1]} bytes written (the disk or "
                 "the quota is full, or the file system failed)",
+            )
+        # ... and its fallocate of the bytes to come failing with ENOSPC as another (numpy's
+        # convert.c, npy_fallocate).
+        room = isinstance(e, OSError) and e.errno is None and _NO_ROOM.fullmatch(str(e))
+        if room:
+            return OSError(
+                errno.ENOSPC,
+                f"{os.strerror(errno.ENOSPC)}: no room for {int(room[1]):,} bytes at offset "
+                f"{int(room[2]):,} of a file being written",
             )
         e = e.__cause__ or e.__context__
         seen += 1
