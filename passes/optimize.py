@@ -72,12 +72,17 @@ def optimize_in_place(
     dump_after=(),
     verify_each: bool = False,
     progress=None,
+    weights_dir: Path | None = None,
 ) -> tuple[PipelineReport, dict]:
     """Optimize the graph of the artifact being written at `directory`, in place.
 
     Replaces model.onnx (+ .data), updates model_io.json's opset and writes passes_report.json.
     Returns the pipeline report and the record passes_report.json holds. Used by the optimize
     stage (`dsc.stages.optimize`: `dsc optimize` on a copy of its input, `dsc build` stage 2).
+
+    `weights_dir`: the directory holding the input graph's external data file when it is not
+    beside the graph (`dsc optimize` reads its input's weights where they are instead of
+    copying them: 31 GB at DeepSeek-V2-Lite). None: in `directory`.
     """
     directory = Path(directory)
     io = load_io_spec(directory, check_manifest=False)
@@ -87,6 +92,9 @@ def optimize_in_place(
         config = json.loads((directory / "config.json").read_text())
     onnx_name = io["onnx"]
     model = ir.load(directory / onnx_name)
+    weights = directory if weights_dir is None else Path(weights_dir)
+    if weights_dir is not None:
+        ir.external_data.set_base_dir(model.graph, weights)
     before = _signature(model)
     report, cov = optimize_model(
         model,
@@ -109,7 +117,7 @@ def optimize_in_place(
         model,
         directory,
         onnx_name,
-        external=True if (directory / data_file(onnx_name)).exists() else None,
+        external=True if (weights / data_file(onnx_name)).exists() else None,
     )
     del model  # its lazy tensors now point at the new data file
     io = dict(io, opset=opset)

@@ -432,3 +432,37 @@ def test_quantize_refuses_an_output_it_cannot_move_into(checkpoints, tmp_path, c
         stage.check_same_filesystem(e, tmp_path / "new" / "q")
     monkeypatch.setattr(stage.os, "stat", real_stat)
     stage.check_same_filesystem(e, tmp_path / "new" / "q")
+
+
+def test_optimize_reads_the_input_weights_where_they_are(
+    checkpoints, tmp_path, capsys, monkeypatch
+):
+    """`dsc optimize` copies the input's small files, never its data file: the passes read the
+    weights from the input artifact and write the new data file (a copy first held the input's
+    bytes on disk a third time; DeepSeek-V2-Lite's optimize ran out of 80 GB). The input is
+    unchanged and the output's logits equal an optimize of the same graph with inline
+    weights (`test_external_data_changes_no_number` covers the numbers at every stage)."""
+    from dsc import api
+
+    e = tmp_path / "e"
+    api.export(checkpoints["deepseek_v3"], e, dtype="fp16", external_data=True)
+    before = hash_tree(e)
+    copied = []
+    real_copy2 = shutil.copy2
+    monkeypatch.setattr(
+        shutil, "copy2", lambda a, b, **kw: (copied.append(Path(a).name), real_copy2(a, b, **kw))[1]
+    )
+    code, _, err = run_cli(
+        ["optimize", str(e), "-o", str(tmp_path / "o"), "--profile", "rtx-4090"], capsys
+    )
+    assert code == 0, err
+    assert copied and "model.onnx.data" not in copied and "model.onnx" in copied
+    assert hash_tree(e) == before
+    o = tmp_path / "o"
+    _external_only(o / "model.onnx")
+    assert verify_artifact(o).ok
+    m = json.loads((o / "manifest.json").read_text())
+    assert m["stages"]["optimize"]["nodes_after"] < m["stages"]["optimize"]["nodes_before"]
+    ids = np.array([[5, 17, 99, 3, 42, 7]], dtype=np.int64)
+    a, b = _logits(e, ids), _logits(o, ids)
+    assert np.isfinite(b).all() and np.abs(a - b).max() < 5e-2 * np.abs(a).max()

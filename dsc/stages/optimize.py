@@ -15,7 +15,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dsc.artifacts import IO_SPEC, MANIFEST, atomic_dir, check_output, load_io_spec, load_manifest
+from dsc.artifacts import (
+    IO_SPEC,
+    MANIFEST,
+    atomic_dir,
+    check_output,
+    data_file,
+    load_io_spec,
+    load_manifest,
+)
 from dsc.errors import BadInput
 from dsc.pipeline.progress import peak_rss_bytes, reset_peak_rss
 from dsc.stages._base import Stage, StageRecord
@@ -83,8 +91,11 @@ class OptimizeStage(Stage):
         dump_after=(),
         verify_each: bool = False,
         progress=None,
+        weights_dir: Path | None = None,
     ) -> tuple[StageRecord, object, dict]:
-        """Optimize the graph in `directory`; returns (record, PipelineReport, report record)."""
+        """Optimize the graph in `directory`; returns (record, PipelineReport, report record).
+        `weights_dir`: where its external data file is when not beside it
+        (`dsc.passes.optimize.optimize_in_place`)."""
         from dsc.passes.optimize import optimize_in_place, stage_summary
 
         t0 = time.perf_counter()
@@ -97,6 +108,7 @@ class OptimizeStage(Stage):
             dump_after=dump_after,
             verify_each=verify_each,
             progress=progress,
+            weights_dir=weights_dir,
         )
         seconds = time.perf_counter() - t0
         rec = StageRecord(
@@ -162,8 +174,11 @@ def optimize_artifact(
     onnx_name = io["onnx"]
     t0 = time.perf_counter()
     with atomic_dir(output, force=force) as tmp:
+        # The weights are read where they are, not copied first: the passes write a new data
+        # file anyway, and a copy would hold the input's bytes on disk a third time (31 GB at
+        # DeepSeek-V2-Lite: input, copy and output did not fit in 80 GB).
         for f in sorted(artifact.iterdir()):
-            if f.is_file() and f.name not in (MANIFEST, REPORT_FILE):
+            if f.is_file() and f.name not in (MANIFEST, REPORT_FILE, data_file(onnx_name)):
                 shutil.copy2(f, tmp / f.name)
         rec, report, record = stage.run(
             tmp,
@@ -174,6 +189,7 @@ def optimize_artifact(
             dump_after=dump_after,
             verify_each=verify_each,
             progress=progress,
+            weights_dir=artifact,
         )
         outputs = hash_tree(tmp)
         rec.outputs = {
