@@ -64,8 +64,9 @@ def _const_weight_gemm(v: ir.Value | None) -> bool:
 
 
 def _anchors(graph: ir.Graph) -> dict[str, list[ir.Node]]:
+    from dsc.passes.fusion.moe import expert_gathers
+
     found: dict[str, list[ir.Node]] = {k: [] for k in KINDS}
-    moe_indices = set()
     for node in graph:
         if node.domain not in ("", "ai.onnx") or block_of(node):
             continue
@@ -82,11 +83,8 @@ def _anchors(graph: ir.Graph) -> dict[str, list[ir.Node]]:
                 sig = producer(s, "Sigmoid")
             if sig is not None and sig.inputs[0] is g and _const_weight_gemm(g):
                 found["mlp"].append(node)
-        elif op == "GatherND":
-            w = const_info(node.inputs[0])
-            if w is not None and w.ndim == 3 and node.inputs[1] not in moe_indices:
-                moe_indices.add(node.inputs[1])
-                found["moe"].append(node)
+    # One MoE block per routing index: its first expert gather.
+    found["moe"] = [g[0] for g in expert_gathers(graph, lambda n: not block_of(n)).values()]
     return found
 
 

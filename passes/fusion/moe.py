@@ -39,6 +39,22 @@ from dsc.passes._ir import const_info, const_ints, dim, rank, read_consts
 from dsc.passes.fusion._common import FusionPass, branch_graph, lazy_const, new_const, tag
 
 
+def expert_gathers(graph: ir.Graph, keep=lambda node: True) -> dict[ir.Value, list[ir.Node]]:
+    """The routed experts of `graph` (its top level) in the export's gather form: every
+    `GatherND(W[E, a, b], idx)` on a constant 3-D expert weight for which `keep(node)` holds,
+    grouped by the routing index `idx` they gather with (one group per MoE layer: the gate/up
+    and the down matrices), in graph order. Empty once `lower-moe` has run (its gathers live
+    in an If branch). The weights are not read (`const_info`)."""
+    groups: dict[ir.Value, list[ir.Node]] = {}
+    for node in graph:
+        if node.op_type != "GatherND" or node.domain not in ("", "ai.onnx") or not keep(node):
+            continue
+        w = const_info(node.inputs[0])
+        if w is not None and w.ndim == 3:
+            groups.setdefault(node.inputs[1], []).append(node)
+    return groups
+
+
 class MoeLowering(pattern.RewriteRuleClassBase):
     def __init__(self, gather_decode: bool):
         super().__init__("MoeDense")

@@ -345,20 +345,23 @@ def gathered_expert_bytes(model: ir.Model, tokens: int) -> int:
     nodes (the expert choice; group selection takes fewer). 0 without such gathers (no MoE,
     or lowered by `lower-moe`, whose dense branch runs prefill)."""
     from dsc.passes._ir import const_info, const_ints
+    from dsc.passes.fusion.moe import expert_gathers
 
+    per_layer = [
+        sum(
+            w.shape[1] * w.shape[2] * w.dtype.itemsize
+            for w in map(const_info, (n.inputs[0] for n in g))
+        )
+        for g in expert_gathers(model.graph).values()
+    ]
+    if not per_layer:
+        return 0
     k = 1
-    per_index: dict[int, int] = {}
     for node in model.graph:
         if node.op_type == "TopK" and len(node.inputs) > 1:
             ks = const_ints(node.inputs[1])
             k = max([k, *ks]) if ks else k
-        elif node.op_type == "GatherND":
-            w = const_info(node.inputs[0])
-            if w is not None and w.ndim == 3:
-                one = w.shape[1] * w.shape[2] * w.dtype.itemsize
-                key = id(node.inputs[1])
-                per_index[key] = per_index.get(key, 0) + one
-    return tokens * k * max(per_index.values(), default=0)
+    return tokens * k * max(per_layer)
 
 
 def gather_form_fits(model: ir.Model, tokens: int) -> None:
