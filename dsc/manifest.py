@@ -178,12 +178,19 @@ def write_derived_manifest(
 # --- the export record (dsc export and the export stage of dsc build) ------------------------
 
 
-def graph_record(directory: Path, io: Mapping) -> dict:
-    """The ONNX graph an artifact hands to the builder: its files, their hashes, one hash."""
+def graph_record(directory: Path, io: Mapping, hashes: Mapping[str, str] | None = None) -> dict:
+    """The ONNX graph an artifact hands to the builder: its files, their hashes, one hash.
+
+    `hashes`: sha256 already computed for files of `directory` (relative path: hex digest, as
+    `hash_tree` returns), used instead of reading them again (a data file is 31 GB at
+    DeepSeek-V2-Lite)."""
     directory = Path(directory)
     onnx_name = str(io["onnx"])
     names = [onnx_name, f"{onnx_name}.data", "model_io.json"]
-    files = {n: sha256_file(directory / n) for n in names if (directory / n).is_file()}
+    known = hashes or {}
+    files = {
+        n: known.get(n) or sha256_file(directory / n) for n in names if (directory / n).is_file()
+    }
     return {
         "onnx": onnx_name,
         "dtype": io.get("dtype"),
@@ -236,7 +243,7 @@ def export_manifest(
         "tools": dict(tools),
         "precision": inputs["dtype"],
         "source": source_record(info, inputs["checkpoint"]),
-        "graph": graph_record(directory, io),
+        "graph": graph_record(directory, io, outputs),
         "stages": {
             "export": dict(record, outputs=dict(outputs)),
         },

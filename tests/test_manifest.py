@@ -182,3 +182,36 @@ def test_inspect_an_exported_artifact(art, capsys):
     assert "engines: none" in text and "llama (LlamaForCausalLM)" in text
     code, out, _ = run_cli(["inspect", str(art), "--json"], capsys)
     assert code == 0 and json.loads(out)["graph"]["dtype"] == "fp32"
+
+
+def test_each_file_is_hashed_once_per_stage(checkpoints, tmp_path, monkeypatch):
+    """export, optimize and quantize read each file they write once to hash it: the graph
+    record takes the digests the manifest's outputs already hold (the data file was hashed
+    twice, 2 × 31 GB read at DeepSeek-V2-Lite), and they are the same digests."""
+    from collections import Counter
+
+    import dsc.manifest as manifest
+    from dsc import api
+
+    calls: Counter = Counter()
+    real = manifest.sha256_file
+
+    def counting(path, *a, **kw):
+        calls[str(path)] += 1
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(manifest, "sha256_file", counting)
+    e, o, q = tmp_path / "e", tmp_path / "o", tmp_path / "q"
+    api.export(checkpoints["deepseek_v3"], e, dtype="fp16", external_data=True)
+    api.optimize(e, o, profile="rtx-4090")
+    api.quantize(o, q, "int8", samples=4, seq_len=32)
+    # The files each stage wrote, hashed in its temporary directory: each once.
+    tmp_hashes = {k: n for k, n in calls.items() if ".tmp-" in k}
+    # export's, optimize's, quantize's and its reference/'s
+    assert sum(k.endswith("/model.onnx.data") for k in tmp_hashes) == 4
+    assert max(tmp_hashes.values()) == 1, tmp_hashes
+    for art in (e, o, q):
+        m = json.loads((art / "manifest.json").read_text())
+        for name, digest in m["graph"]["files"].items():
+            assert m["outputs"][name] == digest == real(art / name), name
+        assert verify_artifact(art).ok

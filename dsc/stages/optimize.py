@@ -201,7 +201,7 @@ def optimize_artifact(
         new = dict(
             manifest,
             stages=stages,
-            graph=graph_record(tmp, load_io_spec(tmp, check_manifest=False)),
+            graph=graph_record(tmp, load_io_spec(tmp, check_manifest=False), outputs),
             outputs=outputs,
         )
         write_derived_manifest(tmp, new, manifest, artifact)

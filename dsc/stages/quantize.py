@@ -252,7 +252,10 @@ def quantize_artifact(
         stages.pop("validate", None)
         new_io = load_io_spec(tmp, check_manifest=False)
         new.update(
-            stages=stages, graph=graph_record(tmp, new_io), outputs=outputs, precision=precision
+            stages=stages,
+            graph=graph_record(tmp, new_io, outputs),
+            outputs=outputs,
+            precision=precision,
         )
         write_derived_manifest(tmp, new, manifest, artifact)
         if moving:
