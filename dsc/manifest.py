@@ -200,6 +200,26 @@ def graph_record(directory: Path, io: Mapping, hashes: Mapping[str, str] | None 
     }
 
 
+def checkpoint_hashes(info, stop=None) -> dict[str, str]:
+    """sha256 of every file the export reads from the checkpoint ({relative path: hex}).
+
+    `stop`: a `threading.Event`; once set, hashing ends early with `Cancelled` (for a hash
+    running beside the export that failed)."""
+    out = {}
+    for p in info.input_files():
+        if stop is not None and stop.is_set():
+            raise Cancelled("checkpoint hashing cancelled")
+        digest = sha256_file(p, stop=stop)
+        if stop is not None and stop.is_set():
+            raise Cancelled("checkpoint hashing cancelled")
+        out[relpath(p, info.path)] = digest
+    return out
+
+
+class Cancelled(Exception):
+    """`checkpoint_hashes` stopped by its `stop` event."""
+
+
 def export_inputs(
     info,
     *,
@@ -209,12 +229,15 @@ def export_inputs(
     external_data: bool = False,
     stream: bool = False,
     trace_layers: str = "kinds",
+    checkpoint=None,
 ) -> dict:
     """What the export stage depends on: checkpoint content, dtype, opset, where the weights
     go (`--external-data`), how they are read (`--stream`) and traced (`--trace-layers`,
-    streaming only), exporter versions."""
+    streaming only), exporter versions. `checkpoint`: the checkpoint's hashes when already
+    computed or being computed (a `concurrent.futures.Future` of `checkpoint_hashes`, which
+    `ExportStage.run` resolves once the graph is written); None: hashed here."""
     return {
-        "checkpoint": {relpath(p, info.path): sha256_file(p) for p in info.input_files()},
+        "checkpoint": checkpoint_hashes(info) if checkpoint is None else checkpoint,
         "dtype": dtype,
         "opset": opset,
         "external_data": external_data,

@@ -215,3 +215,48 @@ def test_each_file_is_hashed_once_per_stage(checkpoints, tmp_path, monkeypatch):
         for name, digest in m["graph"]["files"].items():
             assert m["outputs"][name] == digest == real(art / name), name
         assert verify_artifact(art).ok
+
+
+def test_the_checkpoint_is_hashed_beside_the_export(checkpoints, tmp_path, monkeypatch):
+    """`dsc export` hashes the checkpoint on its own thread while the graph is exported, and
+    records the same digests; an export that fails stops that hash instead of waiting for it."""
+    import threading
+
+    import dsc.export.onnx_export as ex
+    import dsc.manifest as manifest
+    from dsc import api
+    from dsc.errors import BadInput
+
+    ckpt = checkpoints["qwen2"]
+    threads = []
+    real = manifest.sha256_file
+
+    def recording(path, *a, **kw):
+        threads.append(threading.current_thread().name)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(manifest, "sha256_file", recording)
+    api.export(ckpt, tmp_path / "e", dtype="fp16", progress=lambda m: None)
+    info = inspect_checkpoint(ckpt)
+    m = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    recorded = m["stages"]["export"]["inputs"]["checkpoint"]
+    assert recorded == {p.relative_to(ckpt).as_posix(): real(p) for p in info.input_files()}
+    assert recorded and threads[: len(recorded)] == ["dsc-hash-checkpoint_0"] * len(recorded)
+    assert verify_artifact(tmp_path / "e").ok
+
+    # The export fails at once while the hash is held: the hash sees the stop and ends.
+    stopped = []
+
+    def slow(path, *a, stop=None, **kw):
+        assert stop is not None and stop.wait(30)
+        stopped.append(path)
+        return real(path, *a, stop=stop, **kw)
+
+    def failing(*a, **kw):
+        raise BadInput("injected")
+
+    monkeypatch.setattr(manifest, "sha256_file", slow)
+    monkeypatch.setattr(ex, "export_graph", failing)
+    with pytest.raises(BadInput, match="injected"):
+        api.export(ckpt, tmp_path / "f", dtype="fp16", progress=lambda m: None)
+    assert len(stopped) == 1 and not (tmp_path / "f").exists()

@@ -425,9 +425,14 @@ def _bad_entry(meta) -> str | None:
     return None
 
 
-def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+def sha256_file(path: Path, chunk: int = 8 * 2**20, *, stop=None) -> str:
+    """sha256 of a file's bytes (hex), read `chunk` bytes at a time. `stop`: a
+    `threading.Event` checked between chunks; once set the hash ends early and the partial
+    digest is returned (the caller discards it)."""
     h = hashlib.sha256()
     with Path(path).open("rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+            if stop is not None and stop.is_set():
+                break
     return h.hexdigest()

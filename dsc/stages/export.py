@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 from dsc.artifacts import IO_SPEC
@@ -33,6 +34,7 @@ class ExportStage(Stage):
         external_data: bool = False,
         stream: bool = True,
         trace_layers: str = "kinds",
+        checkpoint=None,
     ) -> dict:
         return export_inputs(
             info,
@@ -42,6 +44,7 @@ class ExportStage(Stage):
             external_data=external_data,
             stream=stream and info.weight_format == "safetensors",
             trace_layers=trace_layers,
+            checkpoint=checkpoint,
         )
 
     def run(
@@ -71,6 +74,8 @@ class ExportStage(Stage):
             shutil.copy2(f, directory / f.name)
         shutil.copy2(info.path / "config.json", directory / "config.json")
         (directory / IO_SPEC).write_text(json.dumps(dict(g.io_spec, dtype=dtype), indent=2) + "\n")
+        if isinstance(inputs["checkpoint"], Future):  # hashed beside the export (dsc.api.export)
+            inputs = dict(inputs, checkpoint=inputs["checkpoint"].result())
         seconds = time.perf_counter() - t0
         record = StageRecord(
             "ran",
