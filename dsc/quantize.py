@@ -502,7 +502,7 @@ def quantize_in_place(
     cdir.mkdir()
     write_json(cdir / "ranges.json", {k: v for k, v in record.items() if k != "stats"})
     for i, st in enumerate(record["stats"]):
-        st.save(cdir / f"stats{i}-{st.model_sha256[:16]}-{st.data_sha256[:16]}.npz")
+        st.save_or_link(cdir / f"stats{i}-{st.model_sha256[:16]}-{st.data_sha256[:16]}.npz")
     seconds = round(time.perf_counter() - t0, 2)
     report["seconds"] = seconds
     write_json(directory / "quant_report.json", report)

@@ -162,6 +162,40 @@ def test_calibration_deterministic_and_cached(exported, tmp_path):
     assert not f.cache_hit and max(s.rows.shape[0] for s in f.acts.values()) <= 8
 
 
+def test_the_artifact_links_the_cached_statistics(exported, tmp_path):
+    """The statistics a quantized artifact keeps in calibration/ are a hard link to the cache
+    file they were saved to or read from (the same bytes, not written twice: 11 GB at
+    DeepSeek-V2-Lite), and a fresh save where there is no cache file."""
+    from dsc.artifacts import load_io_spec
+    from dsc.passes.quant.calibrate import collect
+    from dsc.quantize import calibration_windows, read_calibration_text
+
+    art = exported["deepseek_v3"]
+    model = ir.load(str(art / "model.onnx"))
+    w = calibration_windows(_tok(art), read_calibration_text(None), 4, 24)
+    fresh = collect(model, load_io_spec(art), w, use_cache=False)
+    saved = collect(model, load_io_spec(art), w, use_cache=True)
+    read = collect(model, load_io_spec(art), w, use_cache=True)
+    assert fresh.file is None and saved.file is not None and read.file == saved.file
+    assert read.cache_hit and saved.file.is_file()
+    fresh.save_or_link(tmp_path / "fresh.npz")
+    saved.save_or_link(tmp_path / "saved.npz")
+    read.save_or_link(tmp_path / "read.npz")
+    cache = saved.file.stat()
+    assert (tmp_path / "fresh.npz").stat().st_ino != cache.st_ino
+    for name in ("saved.npz", "read.npz"):
+        assert (tmp_path / name).stat().st_ino == cache.st_ino
+    with np.load(tmp_path / "fresh.npz") as a, np.load(tmp_path / "read.npz") as b:
+        assert a.files == b.files
+        for k in a.files:
+            if k != "meta":  # its seconds differ
+                assert np.array_equal(a[k], b[k]), k
+    # The cache file gone (pruned): a save.
+    saved.file.unlink()
+    read.save_or_link(tmp_path / "again.npz")
+    assert (tmp_path / "again.npz").stat().st_nlink == 1
+
+
 def test_calibration_cache_bounded_lru(exported, monkeypatch):
     """The cache keeps at most $DSC_CACHE_MAX_GB: the least recently used files go first, a hit
     counts as a use, the file just written stays; a bad bound is a usage error before any work."""
