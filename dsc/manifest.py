@@ -203,21 +203,9 @@ def graph_record(directory: Path, io: Mapping, hashes: Mapping[str, str] | None 
 def checkpoint_hashes(info, stop=None) -> dict[str, str]:
     """sha256 of every file the export reads from the checkpoint ({relative path: hex}).
 
-    `stop`: a `threading.Event`; once set, hashing ends early with `Cancelled` (for a hash
-    running beside the export that failed)."""
-    out = {}
-    for p in info.input_files():
-        if stop is not None and stop.is_set():
-            raise Cancelled("checkpoint hashing cancelled")
-        digest = sha256_file(p, stop=stop)
-        if stop is not None and stop.is_set():
-            raise Cancelled("checkpoint hashing cancelled")
-        out[relpath(p, info.path)] = digest
-    return out
-
-
-class Cancelled(Exception):
-    """`checkpoint_hashes` stopped by its `stop` event."""
+    `stop`: a `threading.Event`; once set, hashing ends early with
+    `dsc.models.checkpoint.HashCancelled` (for a hash running beside the export that failed)."""
+    return {relpath(p, info.path): sha256_file(p, stop=stop) for p in info.input_files()}
 
 
 def export_inputs(

@@ -260,3 +260,10 @@ def test_the_checkpoint_is_hashed_beside_the_export(checkpoints, tmp_path, monke
     with pytest.raises(BadInput, match="injected"):
         api.export(ckpt, tmp_path / "f", dtype="fp16", progress=lambda m: None)
     assert len(stopped) == 1 and not (tmp_path / "f").exists()
+    # A stopped hash raises; it never returns the digest of part of a file.
+    from dsc.models.checkpoint import HashCancelled
+
+    done = threading.Event()
+    done.set()
+    with pytest.raises(HashCancelled):
+        real(stopped[0], stop=done)

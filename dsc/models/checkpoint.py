@@ -425,14 +425,21 @@ def _bad_entry(meta) -> str | None:
     return None
 
 
+class HashCancelled(Exception):
+    """`sha256_file` stopped by its `stop` event."""
+
+
 def sha256_file(path: Path, chunk: int = 8 * 2**20, *, stop=None) -> str:
     """sha256 of a file's bytes (hex), read `chunk` bytes at a time. `stop`: a
-    `threading.Event` checked between chunks; once set the hash ends early and the partial
-    digest is returned (the caller discards it)."""
+    `threading.Event` checked before each chunk; once set, `HashCancelled` is raised (for a
+    hash running beside work that failed), never a digest of part of the file."""
     h = hashlib.sha256()
     with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
+        while True:
             if stop is not None and stop.is_set():
+                raise HashCancelled(f"hashing {path} cancelled")
+            block = fh.read(chunk)
+            if not block:
                 break
+            h.update(block)
     return h.hexdigest()
