@@ -49,7 +49,9 @@ def deep(tmp_path_factory, tokenizer_dir):
 
 
 def _traced_layers(monkeypatch) -> list[int]:
-    """Records the depth of every model `torch.onnx.export` traces."""
+    """Records the depth of every model `torch.onnx.export` traces (with the trace cache off, so
+    that every export traces)."""
+    monkeypatch.setenv("DSC_TRACE_CACHE", "0")
     seen: list[int] = []
     trace = onnx_export._trace
 

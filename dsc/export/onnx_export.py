@@ -140,6 +140,7 @@ def export_graph(
     external_data: bool = False,
     stream: bool | None = None,
     trace_layers: str = "kinds",
+    trace_cache: bool | None = None,
     progress=None,
     quiet: bool = False,
 ) -> ExportedGraph:
@@ -154,7 +155,10 @@ def export_graph(
     for the other layers of that kind (`dsc.export.by_kind`: trace and optimizer time flat in
     depth; the same computation, node for node, as tracing them all); "all" traces every
     layer, as does "kinds" when the model has no more layers than its cut, or when the cut
-    graph does not split into layers (said on the progress line).
+    graph does not split into layers (said on the progress line). `trace_cache` (with "kinds"):
+    take the cut's traced graph from the trace cache when an export of the same config and
+    tools put it there, and put it there otherwise (`dsc.export.trace_cache`; the same files
+    either way); None follows `$DSC_TRACE_CACHE` (default on).
 
     The weights go to `model.onnx.data` when `external_data` is set or when they reach
     `dsc.artifacts.EXTERNAL_DATA_THRESHOLD` (1.5 GiB; protobuf cannot hold 2 GiB). Every later
@@ -204,23 +208,34 @@ def export_graph(
             with run_context():
                 check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
         if stream:
-            program = _streamed_program(
-                info, model, buffers, fake_mode, sources, torch_dtype, opset, trace_layers, say
+            graph = _streamed_program(
+                info,
+                model,
+                buffers,
+                fake_mode,
+                sources,
+                torch_dtype,
+                opset,
+                trace_layers,
+                trace_cache,
+                say,
             )
         else:
             say(f"tracing {num_layers} layers with torch.export")
-            program = _trace(
+            graph = _trace(
                 wrapper, (ids, mask, pos, *cache), family, num_layers, opset, optimize=True
-            )
-        _name_dims(program.model)
+            ).model
+        _name_dims(graph)
         onnx_path = out_dir / ONNX_FILE
         external = external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD
         say(f"writing {onnx_path.name}" + (" with external data" if external else ""))
         if external:
-            _save_external(program.model, onnx_path, quiet=quiet)
+            _save_external(graph, onnx_path, quiet=quiet)
         else:
-            program.save(onnx_path, external_data=False)
-        del program
+            import onnx_ir as ir
+
+            ir.save(graph, onnx_path)  # what `ONNXProgram.save(external_data=False)` does
+        del graph
     data_path = out_dir / data_file(ONNX_FILE)
     io = io_spec_from_onnx(onnx_path, family, config)
     return ExportedGraph(
@@ -228,11 +243,15 @@ def export_graph(
     )
 
 
-def _streamed_program(info, model, buffers, mode, sources, torch_dtype, opset, trace_layers, say):
-    """The optimized `ONNXProgram` of the fake `model` with its weights attached lazily: every
-    layer traced, or one per kind instantiated for the others (`trace_layers`, see
-    `export_graph`)."""
+def _streamed_program(
+    info, model, buffers, mode, sources, torch_dtype, opset, trace_layers, trace_cache, say
+):
+    """The optimized graph (`onnx_ir.Model`) of the fake `model` with its weights attached
+    lazily: every layer traced, or one per kind instantiated for the others (`trace_layers`,
+    see `export_graph`), the cut's graph taken from the trace cache when it is there
+    (`trace_cache`: None follows `$DSC_TRACE_CACHE`)."""
     from dsc.export import by_kind
+    from dsc.export import trace_cache as trace_cache_mod
     from dsc.export.streaming import fake_model
 
     family = info.family
@@ -245,14 +264,22 @@ def _streamed_program(info, model, buffers, mode, sources, torch_dtype, opset, t
             m = None
             say("the model cut to its first layers differs from the whole; tracing every layer")
     if m is not None:
-        say(f"tracing {m} of {n} layers with torch.export (one of each kind, then copied)")
-        program, weights = _trace_fake(
-            cut, cut_buffers, cut_mode, sources, family, opset, torch_dtype, hide_weights=True
+        cut_model, weights, entry = _cut_graph(
+            info, cut, cut_buffers, cut_mode, sources, opset, torch_dtype, trace_cache, say
         )
-
+        if cut_model is None:
+            say(f"tracing {m} of {n} layers with torch.export (one of each kind, then copied)")
+            program, weights = _trace_fake(
+                cut, cut_buffers, cut_mode, sources, family, opset, torch_dtype, hide_weights=True
+            )
+            cut_model = program.model
+            if entry is not None:  # serialised now: `instantiate` grows the graph in place
+                entry = (entry, trace_cache_mod.serialize(cut_model, weights))
+        else:
+            entry = None
         try:
             added = by_kind.instantiate(
-                program.model,
+                cut_model,
                 kinds=kinds,
                 weights=weights,
                 make_weight=lambda name, key, perm, like: _checkpoint_tensor(
@@ -262,11 +289,72 @@ def _streamed_program(info, model, buffers, mode, sources, torch_dtype, opset, t
             )
             copied = f"layer {m}" if m == n - 1 else f"layers {m}..{n - 1}"
             say(f"{copied} copied from their kind's traced layer ({added} nodes)")
-            return program
+            if entry is not None:
+                trace_cache_mod.store(*entry)
+            return cut_model
         except by_kind.NotInstantiable as e:
             say(f"cannot copy the traced layers ({e}); tracing every layer")
     say(f"tracing {n} layers with torch.export")
-    return _trace_fake(model, buffers, mode, sources, family, opset, torch_dtype)[0]
+    return _trace_fake(model, buffers, mode, sources, family, opset, torch_dtype)[0].model
+
+
+def _cut_graph(info, cut, buffers, mode, sources, opset, torch_dtype, trace_cache, say):
+    """The cut model's optimized graph from the trace cache (`dsc.export.trace_cache`).
+
+    Returns (model, weights, None) on a hit, with every cached weight placeholder replaced by
+    a lazy tensor of the checkpoint (`_checkpoint_tensor`), and the non-persistent buffers
+    (`buffers`) checked against the cached ones; (None, None, key) on a miss, the key to
+    store the trace under; (None, None, None) when the cache is off."""
+
+    from dsc.export import trace_cache as cache
+
+    if not (cache.enabled() if trace_cache is None else trace_cache):
+        return None, None, None
+    key = cache.trace_key(
+        cut.config.to_dict(), architecture=info.architecture, dtype=str(torch_dtype), opset=opset
+    )
+
+    def expected(k):
+        if k not in sources:
+            return None
+        fake = sources.fake(k)
+        dtype = _ir_dtypes().get(fake.dtype)
+        return (dtype, tuple(fake.shape)) if dtype is not None else None
+
+    try:
+        hit = cache.load(key, expected=expected)
+    except cache.Unusable as e:
+        say(f"the trace cache entry {key[:12]} is unusable ({e}); tracing")
+        return None, None, key
+    if hit is None:
+        return None, None, key
+    model, weights = hit
+    for value, (k, perm) in weights.items():
+        like = value.const_value
+        value.const_value = _checkpoint_tensor(
+            sources, k, perm, dtype=like.dtype, shape=like.shape, name=like.name
+        )
+    inits = model.graph.initializers
+    for k, tensor in buffers.items():
+        value = inits.get(f"model.{k}")
+        if value is not None and not _equal_arrays(value.const_value, tensor):
+            say(f"the trace cache entry {key[:12]} holds another {k}; tracing")
+            return None, None, key
+    say(
+        f"the {cut.config.num_hidden_layers}-layer traced graph is in the trace cache "
+        f"({key[:12]}); not tracing"
+    )
+    return model, weights, None
+
+
+def _equal_arrays(ir_tensor, torch_tensor) -> bool:
+    import numpy as np
+
+    if ir_tensor is None:
+        return False
+    want = _ir_tensor(torch_tensor, "buffer").numpy()
+    got = ir_tensor.numpy()
+    return got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got, want)
 
 
 def _trace_fake(
@@ -501,6 +589,19 @@ def _lazy_tensor(func, **kwargs):
             self._evaluate().tofile(file)
 
     return _WriteThrough(func, **kwargs)
+
+
+def _ir_dtypes():
+    import onnx_ir as ir
+    import torch
+
+    return {
+        torch.float16: ir.DataType.FLOAT16,
+        torch.bfloat16: ir.DataType.BFLOAT16,
+        torch.float32: ir.DataType.FLOAT,
+        torch.int64: ir.DataType.INT64,
+        torch.int32: ir.DataType.INT32,
+    }
 
 
 # onnxscript's DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT: above it, only Transpose is folded.
