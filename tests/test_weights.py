@@ -218,14 +218,19 @@ def test_fp8_layout_round_trip_keeps_unquantized_tensors(tmp_path, checkpoints):
 @pytest.mark.parametrize("transpose", [False, True])
 def test_read_into_in_row_chunks_equals_a_whole_read(tmp_path, dtype, transpose):
     """Chunked reads (a chunk of 3 rows, the last one short), cast to each dtype, transposed or
-    not: the same values as reading the tensor whole, then casting and transposing it."""
-    w = torch.randn(11, 7, dtype=torch.float32).to(torch.bfloat16)
+    not: the same values as reading the tensor whole, then casting and transposing it. Two
+    tensors in turn through one reader (its chunk buffer is reused), the second one wider."""
+    tensors = {
+        "w": torch.randn(11, 7, dtype=torch.float32).to(torch.bfloat16),
+        "v": torch.randn(5, 9, dtype=torch.float32).to(torch.bfloat16),
+    }
     (tmp_path / "ckpt").mkdir()
-    save_file({"w": w}, tmp_path / "ckpt" / "model.safetensors")
+    save_file(tensors, tmp_path / "ckpt" / "model.safetensors")
     with WeightReader([tmp_path / "ckpt" / "model.safetensors"], dtype=dtype) as reader:
-        want = reader.read("w", dtype)
-        want = want.T.contiguous() if transpose else want
-        out = torch.empty(want.shape, dtype=dtype)
-        reader.read_into("w", out, transpose=transpose, chunk_bytes=3 * 7 * 2)
-    assert torch.equal(out, want)
-    assert torch.equal(out, (w.T if transpose else w).to(dtype))
+        for name, w in tensors.items():
+            want = reader.read(name, dtype)
+            want = want.T.contiguous() if transpose else want
+            out = torch.empty(want.shape, dtype=dtype)
+            reader.read_into(name, out, transpose=transpose, chunk_bytes=3 * 7 * 2)
+            assert torch.equal(out, want), name
+            assert torch.equal(out, (w.T if transpose else w).to(dtype)), name

@@ -122,6 +122,7 @@ class WeightReader:
         self._headers: dict[Path, tuple[int, dict]] = {}
         self._where: dict[str, Path] = {}
         self._lock = threading.Lock()
+        self._chunk_buffers = threading.local()
         try:
             for f in files:
                 f = Path(f)
@@ -254,7 +255,7 @@ class WeightReader:
         with open(self._where[name], "rb", buffering=0) as f:
             for a in range(0, shape[0], step):
                 n = min(step, shape[0] - a)
-                buf = bytearray(n * row_bytes)
+                buf = self._chunk_buffer(n * row_bytes)
                 f.seek(start + a * row_bytes)
                 if f.readinto(buf) != len(buf):
                     raise CheckpointError(f"tensor {name} is truncated in {self._where[name].name}")
@@ -266,6 +267,18 @@ class WeightReader:
                     out[a : a + n].copy_(chunk)
                 del chunk, buf
         return out
+
+    def _chunk_buffer(self, nbytes: int) -> memoryview:
+        """`nbytes` of this thread's chunk buffer, grown as needed and kept until `close`.
+
+        A fresh `bytearray` per chunk costs its zero-fill and a page fault per 4 KiB (an mmap'd
+        allocation each time): reading the 1.5B's 197 2-D weights through `read_into` took
+        4.5 s with fresh buffers and 2.9 s with one reused buffer (session 12). One buffer per
+        thread, since `read_into` runs on the writer's worker threads at once."""
+        held = getattr(self._chunk_buffers, "buf", None)
+        if held is None or len(held) < nbytes:
+            held = self._chunk_buffers.buf = bytearray(nbytes)
+        return memoryview(held)[:nbytes]
 
     def _offsets(self, name: str) -> tuple[int, int]:
         """Absolute byte range of `name`'s data in its shard (safetensors layout: an 8-byte
@@ -313,6 +326,7 @@ class WeightReader:
 
     def close(self) -> None:
         handles, self._handles = self._handles, {}
+        self._chunk_buffers = threading.local()  # the other threads' buffers go with the old one
         for handle in handles.values():
             # safe_open handles are context managers; __exit__ releases the memory map.
             handle.__exit__(None, None, None)
