@@ -5,8 +5,8 @@ first m layers and copies those layers for the rest. The cut's optimized graph d
 config and the tools, never on the weights: every checkpoint weight in it is a lazy tensor read
 when the graph is written. So it is cached, and an export of a checkpoint with the same config
 (another build of the same model, another dtype of a matrix, a rerun) skips `torch.export`, the
-ONNX translation and the optimizer: 9-10 s of a 35 s export of DeepSeek-R1-Distill-Qwen-1.5B on
-a 2-core host (docs/BENCHMARKS.md, session 11).
+ONNX translation and the optimizer: about 10 of the 45 CPU seconds of an fp16 export of
+DeepSeek-R1-Distill-Qwen-1.5B on a 2-core host (docs/BENCHMARKS.md, session 12).
 
 Key (`trace_key`): sha256 of the cut config (`PretrainedConfig.to_dict()`, canonical JSON), the
 architecture, the graph dtype, the opset, the versions of torch, transformers, onnx, onnxscript
