@@ -272,9 +272,10 @@ class WeightReader:
         """`nbytes` of this thread's chunk buffer, grown as needed and kept until `close`.
 
         A fresh `bytearray` per chunk costs its zero-fill and a page fault per 4 KiB (an mmap'd
-        allocation each time): reading the 1.5B's 197 2-D weights through `read_into` took
-        4.5 s with fresh buffers and 2.9 s with one reused buffer (session 12). One buffer per
-        thread, since `read_into` runs on the writer's worker threads at once."""
+        allocation each time): reading the 1.5B's 198 2-D weights through `read_into` took
+        5.3 s with fresh buffers and 2.1 s with one reused buffer (benchmarks/
+        read_into_buffers.py, docs/BENCHMARKS.md). One buffer per thread, since `read_into`
+        runs on the writer's worker threads at once."""
         held = getattr(self._chunk_buffers, "buf", None)
         if held is None or len(held) < nbytes:
             held = self._chunk_buffers.buf = bytearray(nbytes)
