@@ -306,6 +306,8 @@ def _cut_graph(info, cut, buffers, mode, sources, opset, torch_dtype, trace_cach
     (`buffers`) checked against the cached ones; (None, None, key) on a miss, the key to
     store the trace under; (None, None, None) when the cache is off."""
 
+    from onnx_ir.tensor_adapters import from_torch_dtype
+
     from dsc.export import trace_cache as cache
 
     if not (cache.enabled() if trace_cache is None else trace_cache):
@@ -318,8 +320,11 @@ def _cut_graph(info, cut, buffers, mode, sources, opset, torch_dtype, trace_cach
         if k not in sources:
             return None
         fake = sources.fake(k)
-        dtype = _ir_dtypes().get(fake.dtype)
-        return (dtype, tuple(fake.shape)) if dtype is not None else None
+        try:
+            dtype = from_torch_dtype(fake.dtype)
+        except TypeError:  # a dtype ONNX has no type for
+            return None
+        return dtype, tuple(fake.shape)
 
     try:
         hit = cache.load(key, expected=expected)
@@ -589,19 +594,6 @@ def _lazy_tensor(func, **kwargs):
             self._evaluate().tofile(file)
 
     return _WriteThrough(func, **kwargs)
-
-
-def _ir_dtypes():
-    import onnx_ir as ir
-    import torch
-
-    return {
-        torch.float16: ir.DataType.FLOAT16,
-        torch.bfloat16: ir.DataType.BFLOAT16,
-        torch.float32: ir.DataType.FLOAT,
-        torch.int64: ir.DataType.INT64,
-        torch.int32: ir.DataType.INT32,
-    }
 
 
 # onnxscript's DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT: above it, only Transpose is folded.

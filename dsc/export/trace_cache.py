@@ -59,7 +59,8 @@ def cache_path(key: str) -> Path:
 
 def trace_key(config: dict, *, architecture: str, dtype: str, opset: int | None) -> str:
     """The cache key (module docstring) of the cut model with transformers config dict `config`,
-    traced in graph dtype `dtype` ("fp16", "bf16", "fp32") at `opset` (None: the exporter's)."""
+    traced in graph dtype `dtype` (the torch dtype as text, e.g. "torch.float16") at `opset`
+    (None: the exporter's)."""
     from dsc import __version__
 
     versions = {}
