@@ -52,6 +52,11 @@ def _traced_layers(monkeypatch) -> list[int]:
     """Records the depth of every model `torch.onnx.export` traces (with the trace cache off, so
     that every export traces)."""
     monkeypatch.setenv("DSC_TRACE_CACHE", "0")
+    return record_traces(monkeypatch)
+
+
+def record_traces(monkeypatch) -> list[int]:
+    """The depth of every model `torch.onnx.export` traces from now on, appended as it goes."""
     seen: list[int] = []
     trace = onnx_export._trace
 

@@ -9,10 +9,10 @@ import json
 import pytest
 
 from dsc import api
-from dsc.export import onnx_export, trace_cache
+from dsc.export import trace_cache
 
 from .conftest import FAMILIES
-from .test_export_by_kind import LAYERS, deep  # noqa: F401  (the 4-layer fixtures)
+from .test_export_by_kind import LAYERS, deep, record_traces  # noqa: F401  (4-layer fixtures)
 
 
 @pytest.fixture
@@ -20,15 +20,7 @@ def cache(tmp_path, monkeypatch):
     """An empty cache directory of this test's own, and a record of the depths traced."""
     monkeypatch.setenv("DSC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("DSC_TRACE_CACHE", raising=False)
-    traced: list[int] = []
-    trace = onnx_export._trace
-
-    def spy(wrapper, args, family, num_layers, *rest, **kw):
-        traced.append(num_layers)
-        return trace(wrapper, args, family, num_layers, *rest, **kw)
-
-    monkeypatch.setattr(onnx_export, "_trace", spy)
-    return traced
+    return record_traces(monkeypatch)
 
 
 def _files(directory):
