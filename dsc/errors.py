@@ -28,6 +28,9 @@ Exit codes (also in README.md):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
@@ -100,3 +103,27 @@ class InternalError(DscError):
     """An invariant of dsc's own output broke (a bug, exit 70), said in one clear line."""
 
     exit_code = EXIT_INTERNAL
+
+
+@contextlib.contextmanager
+def unwrapped() -> Iterator[None]:
+    """Raise, as itself, a `DscError` that a library caught and wrapped in its own exception.
+
+    onnx_ir's pass manager wraps whatever a pass raises in `PassError`s (onnx_ir/passes/
+    _pass_infra.py): a pass that reads a lazy checkpoint weight (the optimizer folding a small
+    norm weight, the deduplication of small tensors) would turn the reader's one-line
+    `CheckpointError` into an internal error. The first `DscError` along the chain of causes is
+    raised instead; any other exception passes unchanged."""
+    try:
+        yield
+    except DscError:
+        raise
+    except Exception as e:
+        seen: set[int] = set()
+        cause: BaseException | None = e
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, DscError):
+                raise cause from None
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        raise

@@ -86,31 +86,53 @@ def test_streamed_export_writes_the_same_graph(
 
 
 class _LiveTensors:
-    """Counts the weight tensors `CheckpointSources.materialize` made that are still alive
-    (from any thread: the range check reads ahead on one, the writer uses two)."""
+    """Counts the weight tensors made by `CheckpointSources.materialize` (the writer's reads,
+    and the range check's for keys the data file does not hold) and by
+    `WrittenWeights.materialize` (the range check's views of the data file: mapped pages are
+    resident), and how many of them are alive at once, from any thread (the range check
+    reads ahead on one, the writer uses two)."""
 
     def __init__(self, monkeypatch):
         import threading
 
-        from dsc.export.streaming import CheckpointSources
+        from dsc.export.streaming import CheckpointSources, WrittenWeights
 
-        self.live = self.peak = self.made = 0
+        self.live = self.peak = 0
+        self.made = {"checkpoint": 0, "written": 0}
+        self.checked_from_checkpoint: list[int] = []  # sizes, once the range check has begun
+        self.checking = False
+        self._alive: set[int] = set()
         self._lock = threading.Lock()
-        original = CheckpointSources.materialize
+        for cls, kind in ((CheckpointSources, "checkpoint"), (WrittenWeights, "written")):
+            monkeypatch.setattr(cls, "materialize", self._counting(cls.materialize, kind))
+        begin = WrittenWeights.__init__  # made just before the range check runs
 
+        def init(weights, *args, **kwargs):
+            self.checking = True
+            begin(weights, *args, **kwargs)
+
+        monkeypatch.setattr(WrittenWeights, "__init__", init)
+
+    def _counting(self, original, kind):
         def materialize(sources, key, **kwargs):
             t = original(sources, key, **kwargs)
             with self._lock:
-                self.made += 1
+                if id(t) in self._alive:  # a `WrittenWeights` fallback: counted as a checkpoint's
+                    return t
+                self._alive.add(id(t))
+                self.made[kind] += 1
+                if kind == "checkpoint" and self.checking:
+                    self.checked_from_checkpoint.append(t.numel())
                 self.live += 1
                 self.peak = max(self.peak, self.live)
-            weakref.finalize(t, self._gone)
+            weakref.finalize(t, self._gone, id(t))
             return t
 
-        monkeypatch.setattr(CheckpointSources, "materialize", materialize)
+        return materialize
 
-    def _gone(self) -> None:
+    def _gone(self, ident: int) -> None:
         with self._lock:
+            self._alive.discard(ident)
             self.live -= 1
 
 
@@ -134,11 +156,17 @@ def test_streamed_export_holds_a_bounded_number_of_tensors(
     counter = _LiveTensors(monkeypatch)
     api.export(src, tmp_path / "stream", dtype="fp16", external_data=True, progress=_quiet)
     gc.collect()
-    # every weight once for the fp16 range check and once to write (11-14 per layer)
-    assert counter.made >= 2 * 11 * layers
+    # Every weight read from the checkpoint once, to write it (11-14 per layer); the fp16
+    # range check, after the write, maps the large ones back from model.onnx.data (the
+    # projections and experts: at least 6 per layer) and reads from the checkpoint again
+    # only small ones (<= 256 bytes, kept inside model.onnx; or <= 1,024 elements, merged
+    # with an equal tensor: `by_kind.instantiate`).
+    assert counter.made["written"] >= 6 * layers, counter.made
+    assert counter.made["checkpoint"] - len(counter.checked_from_checkpoint) >= 11 * layers
+    assert max(counter.checked_from_checkpoint) <= 1024, counter.checked_from_checkpoint
     # The range check holds the running module's tensors and the next one's (read ahead):
     # V3's router (weight, score-correction bias) then its experts (gate_up, down) make 4;
-    # the writer holds at most one per thread (2).
+    # the writer holds at most one per thread (2), and is done before the check starts.
     assert counter.peak <= 4, counter.peak
 
     kept = []
@@ -152,6 +180,42 @@ def test_streamed_export_holds_a_bounded_number_of_tensors(
     counter.peak = counter.live = 0
     api.export(src, tmp_path / "kept", dtype="fp16", external_data=True, progress=_quiet)
     assert counter.peak > 10 * layers
+
+
+@pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
+def test_range_check_reads_back_what_was_written(tmp_path, checkpoints, family, monkeypatch):
+    """The fp16 range check runs after the write and takes each weight the data file holds
+    from it (`WrittenWeights`): every such key's tensor equals the checkpoint's in the export
+    dtype (the model's dtype for the key), value for value and in its own axis order, the
+    transposed writes included."""
+    import torch
+
+    from dsc.export.streaming import CheckpointSources, WrittenWeights, fake_model
+    from dsc.models.checkpoint import inspect_checkpoint
+    from dsc.models.weights import WeightReader
+
+    captured: dict = {}
+    init = WrittenWeights.__init__
+
+    def spy(weights, data_path, entries, fallback):
+        captured.update(entries)
+        init(weights, data_path, entries, fallback)
+
+    monkeypatch.setattr(WrittenWeights, "__init__", spy)
+    out = tmp_path / "out"
+    api.export(checkpoints[family], out, dtype="fp16", external_data=True, progress=_quiet)
+    assert len(captured) >= 8
+    assert any(perm is not None for *_, perm in captured.values())  # W^T as written
+    info = inspect_checkpoint(checkpoints[family])
+    with WeightReader.for_checkpoint(info, dtype=torch.float16) as reader:
+        model, _, _ = fake_model(info, torch.float16)
+        sources = CheckpointSources(model, reader, path=info.path, architecture=info.architecture)
+        written = WrittenWeights(out / "model.onnx.data", captured, sources)
+        assert written.mapped == set(captured)
+        for key in captured:
+            got, want = written.materialize(key), sources.materialize(key)
+            assert got.dtype == want.dtype, key  # fp16; V3's router stays float32
+            assert got.shape == want.shape and torch.equal(got, want), key
 
 
 def _onloaded_run(src, *, fail_on: str | None = None):

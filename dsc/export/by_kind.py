@@ -36,6 +36,7 @@ import copy
 import re
 from collections.abc import Callable
 
+from dsc.errors import unwrapped
 from dsc.node_meta import SCOPE_KEY, module_path
 
 __all__ = ["NotInstantiable", "cut_config", "cut_depth", "instantiate", "layer_kinds"]
@@ -306,7 +307,8 @@ def instantiate(
         graph.sort()
     # Equal small tensors merged, as the whole-model optimizer merges them (it reads tensors
     # of <= 1,024 elements only); the cut's weights were hidden from it (`onnx_export`).
-    DeduplicateInitializersPass()(model)
+    with unwrapped():
+        DeduplicateInitializersPass()(model)
     return len(added)
 
 

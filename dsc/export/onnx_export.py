@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsc.artifacts import EXTERNAL_DATA_THRESHOLD, data_file
-from dsc.errors import BackendError, BadInput
+from dsc.errors import BackendError, BadInput, unwrapped
 from dsc.models.checkpoint import CheckpointInfo
 from dsc.models.families import Family
 from dsc.models.loading import load_model, transformers_quiet
@@ -194,19 +194,17 @@ def export_graph(
                 model, reader, path=info.path, architecture=info.architecture
             )
             weight_bytes = sources.weight_bytes
-            run_context = lambda: onloaded(model, sources, buffers)  # noqa: E731
         else:
             model = load_model(info, dtype, progress=say)
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            run_context = contextlib.nullcontext
         config = model.config.to_dict()
         num_layers = int(config["num_hidden_layers"])
         wrapper = KVCacheWrapper(model, family := info.family)
         ids, mask, pos, cache = _export_example(config, family, torch_dtype)
-        if dtype == "fp16":
-            say("checking that fp16 holds the activations (one forward pass on the example)")
-            with run_context():
-                check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
+        check_message = "checking that fp16 holds the activations (one forward pass on the example)"
+        if dtype == "fp16" and not stream:  # streamed: after the write, from what it wrote
+            say(check_message)
+            check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
         if stream:
             graph = _streamed_program(
                 info,
@@ -229,13 +227,22 @@ def export_graph(
         onnx_path = out_dir / ONNX_FILE
         external = external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD
         say(f"writing {onnx_path.name}" + (" with external data" if external else ""))
-        if external:
-            _save_external(graph, onnx_path, quiet=quiet)
-        else:
-            import onnx_ir as ir
+        written: dict = {}
+        with unwrapped():  # a weight's read error, raised inside the serializer
+            if external:
+                written = _save_external(graph, onnx_path, quiet=quiet)
+            else:
+                import onnx_ir as ir
 
-            ir.save(graph, onnx_path)  # what `ONNXProgram.save(external_data=False)` does
+                ir.save(graph, onnx_path)  # what `ONNXProgram.save(external_data=False)` does
         del graph
+        if dtype == "fp16" and stream:
+            say(check_message)
+            from dsc.export.streaming import WrittenWeights
+
+            weights = WrittenWeights(out_dir / data_file(ONNX_FILE), written, sources)
+            with onloaded(model, weights, buffers):
+                check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
     data_path = out_dir / data_file(ONNX_FILE)
     io = io_spec_from_onnx(onnx_path, family, config)
     return ExportedGraph(
@@ -387,7 +394,7 @@ def _trace_fake(
     hidden = {v: v.const_value for v in weights} if hide_weights else {}
     for v in hidden:
         v.const_value = None
-    with _quiet_loggers("onnx_ir", "onnxscript"):
+    with _quiet_loggers("onnx_ir", "onnxscript"), unwrapped():
         program.optimize()
     for v, tensor in hidden.items():
         v.const_value = tensor
@@ -400,7 +407,7 @@ WRITE_WORKERS = 2
 WRITE_IN_FLIGHT_BYTES = 256 << 20
 
 
-def _save_external(model, onnx_path: Path, *, quiet: bool) -> None:
+def _save_external(model, onnx_path: Path, *, quiet: bool) -> dict:
     """`onnx_ir.save` with the weights in `model.onnx.data`, as the exporter's own save does,
     with a progress bar over the tensors written (each one is read from the checkpoint then).
 
@@ -411,8 +418,13 @@ def _save_external(model, onnx_path: Path, *, quiet: bool) -> None:
     about 8 % faster with this and the range check's read-ahead; docs/BENCHMARKS.md).
     Memory: onnx_ir admits tensors up to `WRITE_IN_FLIGHT_BYTES` at once, plus one larger
     than that, so the peak grows by at most that budget over the serial write's largest
-    tensor."""
+    tensor.
+
+    Returns where each checkpoint weight went: {state-dict key: (byte offset in the data file,
+    shape as written, torch dtype, permutation it was written with or None)}
+    (`dsc.export.streaming.WrittenWeights`), a key written unpermuted preferred."""
     import onnx_ir as ir
+    from onnx_ir.tensor_adapters import to_torch_dtype
 
     from dsc.pipeline.progress import counted
 
@@ -423,14 +435,20 @@ def _save_external(model, onnx_path: Path, *, quiet: bool) -> None:
         threads = dict(
             max_workers=min(WRITE_WORKERS, cores or 1), max_in_flight_bytes=WRITE_IN_FLIGHT_BYTES
         )
+    written: dict = {}
+
+    def wrote(tensor, info) -> None:  # called under the writer's lock, before the write
+        advance(total=info.total)
+        key = getattr(tensor, "source_key", None)
+        if key is not None and (key not in written or tensor.source_perm is None):
+            shape = tuple(tensor.shape.numpy())
+            written[key] = (info.offset, shape, to_torch_dtype(tensor.dtype), tensor.source_perm)
+
     with counted("writing weights", total, quiet=quiet) as advance:
         ir.save(
-            model,
-            onnx_path,
-            external_data=data_file(onnx_path.name),
-            callback=lambda _tensor, info: advance(total=info.total),
-            **threads,
+            model, onnx_path, external_data=data_file(onnx_path.name), callback=wrote, **threads
         )
+    return written
 
 
 def _trace(wrapper, args, family: Family, num_layers: int, opset: int | None, *, optimize: bool):
@@ -573,13 +591,16 @@ def _fold_weight_transposes(model, sources, weights: dict) -> None:
 
 def _checkpoint_tensor(sources, key: str, perm, *, dtype, shape, name: str):
     """A lazy initializer `name` holding state-dict tensor `key` (permuted by `perm`, or not),
-    read from the checkpoint (`CheckpointSources.materialize`) each time it is written."""
-    return _lazy_tensor(
+    read from the checkpoint (`CheckpointSources.materialize`) each time it is written.
+    `source_key` and `source_perm` on it say which (`_save_external` returns where they went)."""
+    tensor = _lazy_tensor(
         lambda: _ir_tensor(sources.materialize(key, perm=perm), name),
         dtype=dtype,
         shape=shape,
         name=name,
     )
+    tensor.source_key, tensor.source_perm = key, tuple(perm) if perm is not None else None
+    return tensor
 
 
 def _lazy_tensor(func, **kwargs):
