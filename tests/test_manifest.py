@@ -267,3 +267,17 @@ def test_the_checkpoint_is_hashed_beside_the_export(checkpoints, tmp_path, monke
     done.set()
     with pytest.raises(HashCancelled):
         real(stopped[0], stop=done)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_sha256_file_is_the_sha256_of_the_bytes(tmp_path, size):
+    """The chunked hash (one buffer reused across chunks) equals hashlib's over the whole file,
+    for sizes below, at and across a chunk boundary (4,096-byte chunks here)."""
+    import hashlib
+
+    from dsc.models.checkpoint import sha256_file
+
+    data = bytes(range(256)) * (size // 256 + 1)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data[:size])
+    assert sha256_file(path, chunk=4096) == hashlib.sha256(data[:size]).hexdigest()

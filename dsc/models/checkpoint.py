@@ -430,16 +430,23 @@ class HashCancelled(Exception):
 
 
 def sha256_file(path: Path, chunk: int = 8 * 2**20, *, stop=None) -> str:
-    """sha256 of a file's bytes (hex), read `chunk` bytes at a time. `stop`: a
-    `threading.Event` checked before each chunk; once set, `HashCancelled` is raised (for a
-    hash running beside work that failed), never a digest of part of the file."""
+    """sha256 of a file's bytes (hex), read `chunk` bytes at a time into one reused buffer.
+    `stop`: a `threading.Event` checked before each chunk; once set, `HashCancelled` is raised
+    (for a hash running beside work that failed), never a digest of part of the file.
+
+    The reused buffer matters: `read(chunk)` makes a fresh 8 MiB object per chunk, each a new
+    mapping the kernel zeroes and faults in; hashing the 1.5B's 3.55 GB model.onnx.data took
+    3.4 s that way and 2.6 s with `readinto` (this host; sha256 itself, with SHA-NI, is about
+    1.8 GB/s: `openssl speed -evp sha256`)."""
     h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with Path(path).open("rb", buffering=0) as fh:
         while True:
             if stop is not None and stop.is_set():
                 raise HashCancelled(f"hashing {path} cancelled")
-            block = fh.read(chunk)
-            if not block:
+            n = fh.readinto(buf)
+            if not n:
                 break
-            h.update(block)
+            h.update(view[:n])
     return h.hexdigest()
