@@ -234,3 +234,25 @@ def test_read_into_in_row_chunks_equals_a_whole_read(tmp_path, dtype, transpose)
             reader.read_into(name, out, transpose=transpose, chunk_bytes=3 * 7 * 2)
             assert torch.equal(out, want), name
             assert torch.equal(out, (w.T if transpose else w).to(dtype)), name
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 11])
+def test_transposed_copy_in_tiles_equals_one_copy(rows, monkeypatch):
+    """`copy_transposed` in tiles of 4 source rows (the last one short or the only one), cast
+    bf16 -> fp16, into a contiguous [cols, rows] and into a column slice of a wider tensor
+    (how `read_into` fills a chunk): the same values as `dst.copy_(src.T)`. A shape that does
+    not transpose into `dst` is a ValueError."""
+    from dsc.models import weights
+
+    monkeypatch.setattr(weights, "TRANSPOSE_TILE_ROWS", 4)
+    src = torch.randn(rows, 7).to(torch.bfloat16)
+    want = src.T.to(torch.float16)
+    dst = torch.empty(7, rows, dtype=torch.float16)
+    weights.copy_transposed(dst, src)
+    assert torch.equal(dst, want)
+    wide = torch.zeros(7, rows + 6, dtype=torch.float16)
+    weights.copy_transposed(wide[:, 3 : 3 + rows], src)
+    assert torch.equal(wide[:, 3 : 3 + rows], want)
+    assert not wide[:, :3].any() and not wide[:, 3 + rows :].any()
+    with pytest.raises(ValueError, match="transposed"):
+        weights.copy_transposed(torch.empty(rows, 7), src)
