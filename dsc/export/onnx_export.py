@@ -160,6 +160,10 @@ def export_graph(
     tools put it there, and put it there otherwise (`dsc.export.trace_cache`; the same files
     either way); None follows `$DSC_TRACE_CACHE` (default on).
 
+    fp16 runs the example through the model once and refuses non-finite logits or cache: before
+    the trace when the model is loaded whole, after the write when streaming, from the weights
+    in `model.onnx.data` (`dsc.export.streaming.WrittenWeights`).
+
     The weights go to `model.onnx.data` when `external_data` is set or when they reach
     `dsc.artifacts.EXTERNAL_DATA_THRESHOLD` (1.5 GiB; protobuf cannot hold 2 GiB). Every later
     stage keeps them external, so `--external-data` makes a tiny model take the paths of a

@@ -20,9 +20,11 @@ with transformers, traces it, and writes it: peak RSS about twice the weights (7
    Each checkpoint tensor it returns names the rows of the parameter it fills. Tied weights
    (`lm_head` ← `embed_tokens`) take the tensor the checkpoint holds. A missing, unexpected or
    misshapen tensor is a `CheckpointError`, as in the in-memory load.
-3. **Range check** (fp16): the export example runs through the model with each module's own
-   parameters loaded just before its forward and dropped after (forward hooks), so one
-   module's weights are resident at a time; non-finite logits or cache are a `BadInput`.
+3. **Range check** (fp16; run after step 5): the export example runs through the model with
+   each module's own parameters loaded just before its forward and dropped after (forward
+   hooks), so one module's weights are resident at a time; non-finite logits or cache are a
+   `BadInput`. The weights are maps of the bytes step 5 wrote (`WrittenWeights`), so none is
+   read from the checkpoint or cast a second time.
 4. **Trace.** `torch.onnx.export(dynamo=True)` on the fake model with fake example inputs of
    the same mode (torch.export picks the mode up from them): the graph is the same; its
    initializers have no data.
