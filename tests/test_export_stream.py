@@ -218,7 +218,7 @@ def test_range_check_reads_back_what_was_written(tmp_path, checkpoints, family, 
             assert got.shape == want.shape and torch.equal(got, want), key
 
 
-def _onloaded_run(src, *, fail_on: str | None = None):
+def _onloaded_run(src, *, fail_on: str | None = None, advance=None):
     """Logits of the fake fp32 model of `src` run under `onloaded`, and the (state-dict key,
     thread name) of every read; `fail_on`: a key whose read raises a CheckpointError."""
     import threading
@@ -245,9 +245,19 @@ def _onloaded_run(src, *, fail_on: str | None = None):
 
         sources.materialize = spy
         ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
-        with torch.no_grad(), onloaded(model, sources, buffers):
+        with torch.no_grad(), onloaded(model, sources, buffers, advance=advance):
             logits = model(input_ids=ids, use_cache=False).logits
     return logits, reads, info, ids
+
+
+def test_onloaded_advances_once_per_module_with_weights(checkpoints):
+    """The range check's progress: one `advance(total=N)` per module that owns weights, N
+    that count every time (the modules that read a tensor: one read each)."""
+    calls: list[dict] = []
+    _, reads, _, _ = _onloaded_run(checkpoints["qwen2"], advance=lambda **kw: calls.append(kw))
+    modules = {key.rpartition(".")[0] for key, _ in reads}
+    assert len(calls) == len(modules) > 5
+    assert all(c == {"total": len(modules)} for c in calls)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])

@@ -243,9 +243,13 @@ def export_graph(
         if dtype == "fp16" and stream:
             say(check_message)
             from dsc.export.streaming import WrittenWeights
+            from dsc.pipeline.progress import counted
 
             weights = WrittenWeights(out_dir / data_file(ONNX_FILE), written, sources)
-            with onloaded(model, weights, buffers):
+            with (
+                counted("fp16 range check (modules)", 1, quiet=quiet) as advance,
+                onloaded(model, weights, buffers, advance=advance),
+            ):
                 check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
     data_path = out_dir / data_file(ONNX_FILE)
     io = io_spec_from_onnx(onnx_path, family, config)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from dsc.errors import BackendError, CheckpointError
 from dsc.models.loading import few_names
@@ -323,7 +323,12 @@ class WrittenWeights:
 
 @contextlib.contextmanager
 def onloaded(
-    model, sources: CheckpointSources | WrittenWeights, buffers: dict, *, ahead: int = 1
+    model,
+    sources: CheckpointSources | WrittenWeights,
+    buffers: dict,
+    *,
+    ahead: int = 1,
+    advance: Callable[..., None] | None = None,
 ) -> Iterator[None]:
     """Run `model` on the CPU with one module's parameters resident at a time (plus `ahead`).
 
@@ -337,7 +342,10 @@ def onloaded(
     release the GIL, so they overlap the forward on another core. A module reached out of
     that order (a layer's norms, its first projection) is read on the spot; so at most
     `ahead` modules' weights are held beyond the running one's. Errors of a read ahead are
-    raised when its module runs; reads never used are dropped."""
+    raised when its module runs; reads never used are dropped.
+
+    `advance`: called as `advance(total=<modules with weights>)` after each such module's
+    forward (`dsc.pipeline.progress.counted`'s, for a bar over the modules)."""
     import concurrent.futures
 
     import torch
@@ -397,6 +405,8 @@ def onloaded(
                     module._parameters[n] = fakes.pop(n)
                 else:
                     module._buffers[n] = fakes.pop(n)
+            if advance is not None:
+                advance(total=len(owners))
 
         return pre, post
 
