@@ -128,10 +128,13 @@ def export(
             checkpoint=pool.submit(checkpoint_hashes, info, stop),
         )
         with atomic_dir(output, force=force) as tmp:
-            record, graph = stage.run(info, tmp, inputs, progress=progress)
+            record, graph = stage.run(info, tmp, inputs, progress=progress, hash_external_data=True)
             io = dict(graph.io_spec, dtype=dtype)
             progress("hashing outputs")
-            manifest = export_manifest(info, tmp, io, record.to_json(), tools=tools)
+            known = {}
+            if graph.external_data_sha256 is not None:  # hashed while the range check ran
+                known[graph.external_data.relative_to(tmp).as_posix()] = graph.external_data_sha256
+            manifest = export_manifest(info, tmp, io, record.to_json(), tools=tools, known=known)
             write_json(tmp / MANIFEST, manifest)
     finally:
         stop.set()  # an export that failed does not wait for the whole checkpoint's hash

@@ -104,15 +104,20 @@ def relpath(path: Path, root: Path) -> str:
     return Path(path).relative_to(root).as_posix()
 
 
-def hash_tree(root: Path, *, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
-    """sha256 of every regular file under `root` (relative posix paths), sorted by path."""
+def hash_tree(
+    root: Path, *, exclude: tuple[str, ...] = (MANIFEST,), known: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """sha256 of every regular file under `root` (relative posix paths), sorted by path.
+    `known`: digests already computed for some of them (relative path: hex), taken as they
+    are: only for files written once and not touched since (`dsc export`'s data file)."""
     root = Path(root)
+    known = known or {}
     out: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
         rel = relpath(p, root)
         if rel in exclude or not p.is_file() or p.is_symlink():
             continue
-        out[rel] = sha256_file(p)
+        out[rel] = known[rel] if rel in known else sha256_file(p)
     return out
 
 
@@ -239,13 +244,19 @@ def export_inputs(
 
 
 def export_manifest(
-    info, directory: Path, io: Mapping, record: Mapping, *, tools: Mapping[str, Any]
+    info,
+    directory: Path,
+    io: Mapping,
+    record: Mapping,
+    *,
+    tools: Mapping[str, Any],
+    known: Mapping[str, str] | None = None,
 ) -> dict:
     """The manifest `dsc export` writes: source, graph, the export stage's `record` (its
-    `to_json()`; outputs filled in here), every output's hash."""
+    `to_json()`; outputs filled in here), every output's hash (`known`: see `hash_tree`)."""
     directory = Path(directory)
     inputs = record["inputs"]
-    outputs = hash_tree(directory)
+    outputs = hash_tree(directory, known=known)
     return {
         "format": ARTIFACT_FORMAT,
         "schema_version": SCHEMA_VERSION,

@@ -192,6 +192,7 @@ def test_each_file_is_hashed_once_per_stage(checkpoints, tmp_path, monkeypatch):
 
     import dsc.manifest as manifest
     from dsc import api
+    from dsc.models import checkpoint
 
     calls: Counter = Counter()
     real = manifest.sha256_file
@@ -201,6 +202,7 @@ def test_each_file_is_hashed_once_per_stage(checkpoints, tmp_path, monkeypatch):
         return real(path, *a, **kw)
 
     monkeypatch.setattr(manifest, "sha256_file", counting)
+    monkeypatch.setattr(checkpoint, "sha256_file", counting)  # export's data file, beside
     e, o, q = tmp_path / "e", tmp_path / "o", tmp_path / "q"
     api.export(checkpoints["deepseek_v3"], e, dtype="fp16", external_data=True)
     api.optimize(e, o, profile="rtx-4090")
@@ -281,3 +283,46 @@ def test_sha256_file_is_the_sha256_of_the_bytes(tmp_path, size):
     path = tmp_path / "f.bin"
     path.write_bytes(data[:size])
     assert sha256_file(path, chunk=4096) == hashlib.sha256(data[:size]).hexdigest()
+
+
+def test_export_hashes_its_data_file_beside_the_range_check(checkpoints, tmp_path, monkeypatch):
+    """`dsc export` hashes model.onnx.data on its own thread once written (while the fp16 range
+    check runs), once, and the manifest holds that digest: the file's sha256. An export that
+    fails after the write (an fp16 overflow) stops that hash and leaves no output."""
+    import threading
+    import time
+    from pathlib import Path
+
+    import dsc.manifest as manifest
+    from dsc import api
+    from dsc.errors import BadInput
+    from dsc.models import checkpoint as ck
+
+    real = ck.sha256_file
+    data_hashes: list[str] = []
+
+    def spy(path, *args, **kwargs):
+        if Path(path).name == "model.onnx.data":
+            data_hashes.append(threading.current_thread().name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ck, "sha256_file", spy)
+    monkeypatch.setattr(manifest, "sha256_file", spy)
+    art = tmp_path / "art"
+    api.export(checkpoints["qwen2"], art, dtype="fp16", external_data=True, progress=lambda m: 0)
+    assert len(data_hashes) == 1 and data_hashes[0].startswith("dsc-hash-data"), data_hashes
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["outputs"]["model.onnx.data"] == real(art / "model.onnx.data")
+    assert m["graph"]["files"]["model.onnx.data"] == m["outputs"]["model.onnx.data"]
+
+    src = tmp_path / "hot"
+    shutil.copytree(checkpoints["deepseek_v2"], src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(config, routed_scaling_factor=1e6)))
+    with pytest.raises(BadInput, match="overflows"):
+        api.export(src, tmp_path / "f", dtype="fp16", external_data=True, progress=lambda m: 0)
+    assert not (tmp_path / "f").exists()
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("dsc-hash-data") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the data file's hash outlived the failed export"
+        time.sleep(0.05)

@@ -21,10 +21,12 @@ assume the dimensions are equal.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import inspect
 import logging
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -53,10 +55,15 @@ EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
 
 @dataclass(frozen=True)
 class ExportedGraph:
+    """What `export_graph` wrote. `external_data_sha256`: with `hash_external_data`, the data
+    file's sha256 (hex), computed on a second thread from the moment the file was written
+    while the range check ran."""
+
     onnx_path: Path
     external_data: Path | None
     io_spec: dict
     seconds: float
+    external_data_sha256: str | None = None
 
 
 def cache_names(family: Family, num_layers: int, prefix: str) -> list[str]:
@@ -143,6 +150,7 @@ def export_graph(
     trace_cache: bool | None = None,
     progress=None,
     quiet: bool = False,
+    hash_external_data: bool = False,
 ) -> ExportedGraph:
     """Export `info` into `out_dir/model.onnx`; return its I/O.
 
@@ -170,7 +178,12 @@ def export_graph(
     real one. Raises `CheckpointError` (exit 3) for a checkpoint that does not fit its config,
     `BadInput` (exit 3) for an fp16 overflow or `--stream` on a pickle checkpoint, and
     `BackendError` when the exporter fails. Writing external data shows a bar with counts
-    and an ETA on a terminal unless `quiet`."""
+    and an ETA on a terminal unless `quiet`.
+
+    `hash_external_data`: hash `model.onnx.data` on a second thread as soon as it is written,
+    while the range check runs (`ExportedGraph.external_data_sha256`; stopped if the export
+    fails), for a caller that records it (`dsc export`'s manifest): at 7B both read the 15 GB
+    file back (docs/BENCHMARKS.md)."""
     import torch
 
     say = progress or (lambda msg: None)
@@ -240,21 +253,35 @@ def export_graph(
 
                 ir.save(graph, onnx_path)  # what `ONNXProgram.save(external_data=False)` does
         del graph
+        data_path = out_dir / data_file(ONNX_FILE)
+        digest = None
+        if hash_external_data and data_path.exists():
+            from dsc.models.checkpoint import sha256_file
+
+            stop = threading.Event()
+            stack.callback(stop.set)  # ends the hash early unless it is done (a failed export)
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dsc-hash-data")
+            digest = pool.submit(sha256_file, data_path, stop=stop)
+            pool.shutdown(wait=False)
         if dtype == "fp16" and stream:
             say(check_message)
             from dsc.export.streaming import WrittenWeights
             from dsc.pipeline.progress import counted
 
-            weights = WrittenWeights(out_dir / data_file(ONNX_FILE), written, sources)
+            weights = WrittenWeights(data_path, written, sources)
             with (
                 counted("fp16 range check (modules)", 1, quiet=quiet) as advance,
                 onloaded(model, weights, buffers, advance=advance),
             ):
                 check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
-    data_path = out_dir / data_file(ONNX_FILE)
-    io = io_spec_from_onnx(onnx_path, family, config)
+        io = io_spec_from_onnx(onnx_path, family, config)
+        sha256 = digest.result() if digest is not None else None  # before `stop` is set
     return ExportedGraph(
-        onnx_path, data_path if data_path.exists() else None, io, time.perf_counter() - t0
+        onnx_path,
+        data_path if data_path.exists() else None,
+        io,
+        time.perf_counter() - t0,
+        external_data_sha256=sha256,
     )
 
 

@@ -48,12 +48,21 @@ class ExportStage(Stage):
         )
 
     def run(
-        self, info, directory: Path, inputs: dict, *, progress=None, say=None, quiet=False
+        self,
+        info,
+        directory: Path,
+        inputs: dict,
+        *,
+        progress=None,
+        say=None,
+        quiet=False,
+        hash_external_data: bool = False,
     ) -> tuple[StageRecord, object]:
         """Write the graph, its I/O spec, the tokenizer and config.json into `directory`.
 
-        Returns (record, `dsc.export.onnx_export.ExportedGraph`). Raises `ExportError` /
-        `CheckpointError` (exit 5 / 3) from the exporter."""
+        Returns (record, `dsc.export.onnx_export.ExportedGraph`; `hash_external_data`: with
+        the data file's sha256, see `export_graph`). Raises `ExportError` / `CheckpointError`
+        (exit 5 / 3) from the exporter."""
         from dsc.export import onnx_export
 
         dtype = inputs["dtype"]
@@ -69,6 +78,7 @@ class ExportStage(Stage):
             trace_layers=inputs["trace_layers"],
             progress=progress,
             quiet=quiet,
+            hash_external_data=hash_external_data,
         )
         for f in info.tokenizer_files:
             shutil.copy2(f, directory / f.name)
