@@ -18,13 +18,16 @@ import time
 from pathlib import Path
 
 
-def main() -> None:
+def reader_benchmark_setup(doc: str):
+    """(args, checkpoint info) of a reader benchmark's command line `CKPT [--rounds N]`
+    (`doc`: the script's docstring, whose first line describes it), with torch on one thread
+    and the checkpoint's shards read once, so that every variant finds them in the page cache.
+    Also used by benchmarks/transposed_copy.py."""
     import torch
 
     from dsc.models.checkpoint import inspect_checkpoint
-    from dsc.models.weights import WeightReader
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
@@ -34,6 +37,15 @@ def main() -> None:
         with open(f, "rb") as fh:
             while fh.read(64 << 20):
                 pass
+    return args, info
+
+
+def main() -> None:
+    import torch
+
+    from dsc.models.weights import WeightReader
+
+    args, info = reader_benchmark_setup(__doc__)
     for _ in range(args.rounds):
         for variant in ("fresh", "reused"):
             with WeightReader.for_checkpoint(info, dtype=torch.float16) as reader:

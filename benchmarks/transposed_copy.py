@@ -14,28 +14,22 @@ Session 13, random-weight DeepSeek-R1-Distill-Qwen-1.5B (bf16): docs/BENCHMARKS.
 
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from read_into_buffers import reader_benchmark_setup  # noqa: E402
 
 
 def main() -> None:
     import torch
 
     from dsc.models import weights
-    from dsc.models.checkpoint import inspect_checkpoint
     from dsc.models.weights import WeightReader
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    info = inspect_checkpoint(args.checkpoint)
-    for f in sorted(args.checkpoint.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
+    args, info = reader_benchmark_setup(__doc__)
     tile = weights.TRANSPOSE_TILE_ROWS
     per_shape: dict[str, dict[tuple, float]] = {}
     for _ in range(args.rounds):
