@@ -285,9 +285,6 @@ class WrittenWeights:
         self._entries = dict(entries)
         self._fallback = fallback
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._fallback
-
     @property
     def mapped(self) -> frozenset[str]:
         """The keys read from the data file (the others come from the checkpoint)."""
@@ -305,7 +302,7 @@ class WrittenWeights:
             return self._fallback.materialize(key, perm=perm)
         offset, shape, dtype, written_perm = entry
         count = math.prod(shape)
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes = count * dtype.itemsize
         if nbytes == 0:
             return self._fallback.materialize(key)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
