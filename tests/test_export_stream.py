@@ -216,6 +216,43 @@ def test_range_check_reads_back_what_was_written(tmp_path, checkpoints, family, 
             got, want = written.materialize(key), sources.materialize(key)
             assert got.dtype == want.dtype, key  # fp16; V3's router stays float32
             assert got.shape == want.shape and torch.equal(got, want), key
+            assert got.is_contiguous(), key  # W^T read back as W (`WrittenWeights._unpermuted`)
+
+
+def test_written_weights_undo_permutations_as_contiguous_copies(tmp_path):
+    """`WrittenWeights.materialize` of a tensor written permuted: a contiguous copy equal to
+    the inverse permutation of what was written, for W^T (stored rows not a multiple of the
+    tile), experts' [E, in, out], and a permutation that is not a last-two-axes swap; and a
+    tensor written as it is; a file that ends early is an OSError."""
+    import torch
+
+    from dsc.export.streaming import WrittenWeights
+    from dsc.models.weights import TRANSPOSE_TILE_ROWS
+
+    g = torch.Generator().manual_seed(0)
+    own = {
+        "w": torch.randn(40, TRANSPOSE_TILE_ROWS * 2 + 37, generator=g).half(),
+        "experts": torch.randn(3, 20, 300, generator=g).half(),
+        "cube": torch.randn(4, 5, 6, generator=g).float(),
+        "plain": torch.randn(7, 9, generator=g).half(),
+    }
+    perms = {"w": (1, 0), "experts": (0, 2, 1), "cube": (2, 0, 1), "plain": None}
+    entries, offset = {}, 0
+    path = tmp_path / "model.onnx.data"
+    with open(path, "wb") as f:
+        for key, t in own.items():
+            stored = t.permute(perms[key]).contiguous() if perms[key] else t
+            f.write(stored.view(torch.uint8).numpy().tobytes())
+            entries[key] = (offset, tuple(stored.shape), t.dtype, perms[key])
+            offset += stored.numel() * t.element_size()
+    written = WrittenWeights(path, entries, fallback=None)
+    for key, want in own.items():
+        got = written.materialize(key)
+        assert got.is_contiguous() and got.dtype == want.dtype, key
+        assert torch.equal(got, want), key
+    short = dict(entries, w=(offset - 8, entries["w"][1], torch.float16, (1, 0)))
+    with pytest.raises(OSError, match="ended"):
+        WrittenWeights(path, short, fallback=None).materialize("w")
 
 
 def _onloaded_run(src, *, fail_on: str | None = None, advance=None):

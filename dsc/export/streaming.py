@@ -269,9 +269,10 @@ class WrittenWeights:
     The fp16 range check runs after the write (module docstring, 3): what it needs is every
     weight in the export dtype, which `model.onnx.data` now holds, in the page cache. Each
     `materialize(key)` maps the key's bytes from that file (copy-on-write, so the tensor is
-    writable and nothing is copied unless written) and undoes the permutation it was written
-    with (`perm`: a view, not a copy); the mapping goes when the tensor does, so only the
-    modules `onloaded` holds are resident. This replaces a second read of the checkpoint and a
+    writable and nothing is copied unless written); the mapping goes when the tensor does, so
+    only the modules `onloaded` holds are resident. A weight written permuted (the MatMul
+    weights, W^T) is read into a copy in its own axis order instead (`_unpermuted`: CPU fp16
+    matmul is slow on transposed views). This replaces a second read of the checkpoint and a
     second cast of every weight (the 1.5B: 3.55 GB read and cast; docs/BENCHMARKS.md).
 
     `data_path`: the external data file; `entries`: {state-dict key: (byte offset, shape as
@@ -292,7 +293,8 @@ class WrittenWeights:
 
     def materialize(self, key: str, *, perm: tuple[int, ...] | None = None):
         """The tensor of `key` in its own axis order and the export dtype: a view of the
-        data file's bytes, or `fallback.materialize(key, perm=perm)` (see the class)."""
+        data file's bytes, a copy for a key written permuted, or
+        `fallback.materialize(key, perm=perm)` (see the class)."""
         import mmap
 
         import torch
@@ -305,6 +307,8 @@ class WrittenWeights:
         nbytes = count * dtype.itemsize
         if nbytes == 0:
             return self._fallback.materialize(key)
+        if written_perm is not None:
+            return self._unpermuted(offset, shape, dtype, written_perm)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         with open(self._path, "rb") as f:
             mapped = mmap.mmap(
@@ -312,10 +316,61 @@ class WrittenWeights:
             )
         # the tensor holds the buffer; the file is unmapped when the tensor is freed
         t = torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset - start)
-        t = t.view(shape)
-        if written_perm is not None:
-            t = t.permute([list(written_perm).index(i) for i in range(len(shape))])
-        return t
+        return t.view(shape)
+
+    def _unpermuted(self, offset: int, shape: tuple, dtype, perm: tuple[int, ...]):
+        """The tensor written at `offset` with `shape`, stored permuted by `perm`, as a
+        contiguous tensor in its own axis order (`written.permute(inverse of perm)`).
+
+        A copy, not the permuted view of a map: torch's fp16 matmul on a CPU without
+        AVX512-FP16 or AMX runs a fallback kernel that is about 16x slower when the weight is
+        a transposed view (`F.linear` of [6, 1536] by gate_proj's [8960, 1536]: 121 ms on the
+        view, 7 ms contiguous; AMD EPYC with AVX2, torch 2.13): the 1.5B's range check took
+        22.7 s on views, most of the export (docs/BENCHMARKS.md). `onloaded` makes the copy on
+        its read-ahead thread, beside the running module's forward. When the permutation
+        swaps the last two axes (W^T, the experts' [E, in, out]) the file is read
+        `TRANSPOSE_TILE_ROWS` stored rows at a time and each tile transposed into place
+        (`dsc.models.weights.copy_transposed`), so the resident bytes are the copy and one
+        tile, not the copy and a map of the whole tensor (lm_head: 467 MB at 1.5B)."""
+        import torch
+
+        from dsc.models.weights import TRANSPOSE_TILE_ROWS, copy_transposed
+
+        n = len(shape)
+        order = [list(perm).index(i) for i in range(n)]
+        own = [shape[i] for i in order]
+        if n < 2 or order != [*range(n - 2), n - 1, n - 2]:
+            whole = torch.empty(shape, dtype=dtype)
+            with open(self._path, "rb") as f:
+                f.seek(offset)
+                _read_exact(f, whole)
+            return whole.permute(order).contiguous()
+        out = torch.empty(own, dtype=dtype)
+        rows, cols = shape[-2:]
+        step = min(rows, TRANSPOSE_TILE_ROWS)
+        tile = torch.empty(step, cols, dtype=dtype)
+        with open(self._path, "rb", buffering=0) as f:
+            f.seek(offset)
+            for dst in out.reshape(-1, cols, rows):  # one [out, in] matrix per leading index
+                for r in range(0, rows, step):
+                    part = tile[: min(step, rows - r)]
+                    _read_exact(f, part)
+                    copy_transposed(dst[:, r : r + len(part)], part)
+        return out
+
+
+def _read_exact(f, tensor) -> None:
+    """Fill the contiguous CPU `tensor` with the next bytes of the binary file `f`; an
+    `OSError` if the file ends first."""
+    import torch
+
+    view = memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise OSError(f"{f.name} ended {len(view) - done} bytes early")
+        done += got
 
 
 @contextlib.contextmanager
