@@ -12,7 +12,7 @@ from dsc import api
 from dsc.export import trace_cache
 
 from .conftest import FAMILIES
-from .test_export_by_kind import LAYERS, deep, record_traces  # noqa: F401  (4-layer fixtures)
+from .test_export_by_kind import CUT, LAYERS, deep, record_traces  # noqa: F401  (4-layer fixtures)
 
 
 @pytest.fixture
@@ -36,16 +36,16 @@ def test_a_cached_trace_writes_the_traced_files(tmp_path, deep, family, cache): 
     dtype = "bf16" if family == "llama" else "fp16"
     first: list[str] = []
     api.export(deep[family], tmp_path / "a", dtype=dtype, external_data=True, progress=first.append)
-    assert cache == [2]
+    assert cache == [CUT[family]]
     assert len(_entries()) == 1
     second: list[str] = []
     api.export(
         deep[family], tmp_path / "b", dtype=dtype, external_data=True, progress=second.append
     )
-    assert cache == [2], "the second export traced"
+    assert cache == [CUT[family]], "the second export traced"
     assert any("in the trace cache" in line for line in second), second
     assert not any("in the trace cache" in line for line in first), first
-    assert any(f"layers 2..{LAYERS - 1} copied" in line for line in second), second
+    assert any(f"layers {CUT[family]}..{LAYERS - 1} copied" in line for line in second), second
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
     for name in a:
         assert a[name] == b[name], name
@@ -56,7 +56,7 @@ def test_a_cached_trace_writes_the_traced_files(tmp_path, deep, family, cache): 
 def test_an_entry_is_per_config_dtype_and_tools(tmp_path, deep, cache, monkeypatch):  # noqa: F811
     api.export(deep["qwen2"], tmp_path / "fp16", dtype="fp16", progress=lambda m: None)
     api.export(deep["qwen2"], tmp_path / "fp32", dtype="fp32", progress=lambda m: None)
-    assert cache == [2, 2] and len(_entries()) == 2
+    assert cache == [CUT["qwen2"]] * 2 and len(_entries()) == 2
     base = dict(architecture="Qwen2ForCausalLM", dtype="torch.float16", opset=None)
     key = trace_cache.trace_key({"rope_theta": 1e4}, **base)
     assert key == trace_cache.trace_key({"rope_theta": 1e4}, **base)
@@ -73,7 +73,7 @@ def test_the_cache_can_be_turned_off(tmp_path, deep, cache, monkeypatch):  # noq
     monkeypatch.setenv("DSC_TRACE_CACHE", "0")
     for name in ("a", "b"):
         api.export(deep["qwen2"], tmp_path / name, dtype="fp16", progress=lambda m: None)
-    assert cache == [2, 2]
+    assert cache == [CUT["qwen2"]] * 2
     assert _entries() == []
 
 
@@ -106,7 +106,7 @@ def test_a_bad_entry_is_dropped_and_traced_again(tmp_path, deep, cache, damage):
     api.export(
         deep["qwen2"], tmp_path / "b", dtype="fp16", external_data=True, progress=lines.append
     )
-    assert cache == [2, 2], "the bad entry was used"
+    assert cache == [CUT["qwen2"]] * 2, "the bad entry was used"
     assert any("is unusable" in line and "tracing" in line for line in lines), lines
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     (again,) = _entries()

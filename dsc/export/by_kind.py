@@ -10,16 +10,21 @@ A decoder layer's graph depends on its kind, not on its index, so:
    attribute of its modules (attention type, sliding window, ...) other than `layer_idx`.
    R1-Distill-Qwen has one kind; V2-Lite two (the dense layer 0, then 26 MoE layers).
 2. **Cut** (`cut_depth`, `cut_config`). The model is traced with its config cut to its first m
-   layers, m the least (at least 2) such that every kind found at an index >= 1 is found at an
-   index >= 1 below m: layer 0 is traced as itself, and each kind has a template that is not
-   layer 0 (whose input is the embedding, not a layer's output).
+   layers, m the least such that every kind is found below m: each kind's template is its
+   first layer. R1-Distill traces 1 layer, V2-Lite 2 (the dense layer 0, one MoE layer), V3 4
+   (three dense layers, one MoE layer). `torch.export` and the exporter's decompositions cost
+   about 3 s per traced layer of the 1.5B on a 2-core host (docs/BENCHMARKS.md), so the one
+   layer of R1-Distill saves that over a cut of two.
 3. **Instantiate** (`instantiate`), on the optimized cut graph (onnx_ir). A layer's nodes are
    those of its module scope (the exporter's `pkg.torch.onnx.name_scopes`), less those that
    depend on no layer's weights or cache (constants and shape arithmetic the optimizer shared
-   between layers: they stay shared). Layer j >= m is a copy (onnx_ir's `Cloner`) of the
-   template of its kind with the hidden state of layer j-1 as input, `past_key_values.j.*` as
-   its cache inputs, layer j's weights (lazy: read from the checkpoint when written, transposed
-   as the template's were), outputs `present.j.*`, and `layers.j` in its names and metadata.
+   between layers: they stay shared). A template's input hidden state is layer r-1's output,
+   or for layer 0 the one value it reads that depends, through data and not only its shape,
+   on a weight outside the layers (the embedding's output). Layer j >= m is a copy (onnx_ir's
+   `Cloner`) of the template of its kind with the hidden state of layer j-1 as input,
+   `past_key_values.j.*` as its cache inputs, layer j's weights (lazy: read from the
+   checkpoint when written, transposed as the template's were), outputs `present.j.*`, and
+   `layers.j` in its names and metadata.
    The final norm then reads layer N-1's hidden state.
 
 Anything that breaks these assumptions (a layer that reads another layer's values besides its
@@ -83,9 +88,8 @@ def cut_depth(kinds: list) -> int | None:
     be every layer (nothing to instantiate)."""
     first: dict = {}
     for i, k in enumerate(kinds):
-        if i >= 1:
-            first.setdefault(k, i)
-    m = max(2, max(first.values(), default=0) + 1)
+        first.setdefault(k, i)
+    m = max(first.values(), default=0) + 1
     return m if m < len(kinds) else None
 
 
@@ -144,7 +148,7 @@ def instantiate(
         if len(near - {None}) == 1:
             node_layer[node] = (near - {None}).pop()
     m = 1 + max((v for v in node_layer.values() if v is not None), default=-1)
-    if m < 2 or m >= n_total:
+    if m < 1 or m >= n_total:
         raise NotInstantiable(f"the cut graph has {m} layers of {n_total}")
 
     def init_layer(value) -> int | None:
@@ -158,16 +162,23 @@ def instantiate(
 
     # Which layers' weights each value depends on (through Shape too). A cache input depends on
     # none: the tracer computes the sizes all layers share from one layer's cache (it reads
-    # `Shape(past_key_values.1.key)` once, for every layer), and those stay shared.
+    # `Shape(past_key_values.0.key)` once, for every layer), and those stay shared. A checkpoint
+    # weight of no layer (the embedding table) counts as `_EMBEDDED`, through data only: layer
+    # 0's first nodes (its norm's upcast of the embedding) depend on nothing else, yet are its.
     none: frozenset = frozenset()
     wdeps: dict = {}
     for v in graph.initializers.values():
         layer = init_layer(v)
-        wdeps[v] = none if layer is None else frozenset({layer})
+        if layer is not None:
+            wdeps[v] = frozenset({layer})
+        else:
+            wdeps[v] = frozenset({_EMBEDDED}) if v in weights else none
     for node in nodes:
         w = none
         for v in _reads(node):
             w |= wdeps.get(v, none)
+        if node.op_type in _SHAPE_OPS and node.domain in ("", "ai.onnx"):
+            w -= {_EMBEDDED}
         for o in node.outputs:
             wdeps[o] = w
 
@@ -177,11 +188,11 @@ def instantiate(
     groups: list[list] = [[] for _ in range(m)]
     epilogue = []
     for node in nodes:
-        if not (node.outputs and wdeps[node.outputs[0]]):
-            continue
+        deps = wdeps[node.outputs[0]] if node.outputs else none
         if node_layer[node] is None:
-            epilogue.append(node)
-        else:
+            if deps - {_EMBEDDED}:
+                epilogue.append(node)
+        elif deps:
             groups[node_layer[node]].append(node)
 
     def produced_by(nodes_) -> set:
@@ -195,7 +206,8 @@ def instantiate(
         # registered in this order, and with it the data file's layout (same bytes every run).
         return list(dict.fromkeys(v for n in nodes_ for v in _reads(n) if v not in own))
 
-    hidden_in: dict[int, object] = {}
+    embedded = [v for v in external(groups[0], outputs_of[0]) if _EMBEDDED in wdeps.get(v, none)]
+    hidden_in: dict[int, object] = {0: embedded[0] if len(embedded) == 1 else None}
     for i in range(1, m):
         from_layers = [v for v in external(groups[i], outputs_of[i]) if v in layer_of_value]
         if len(from_layers) != 1 or layer_of_value[next(iter(from_layers))] != i - 1:
@@ -211,7 +223,7 @@ def instantiate(
     hidden_out = {i: hidden_in[i + 1] for i in range(1, m - 1)} | {m - 1: last_hidden}
 
     template: dict = {}
-    for i in range(1, m):
+    for i in range(m):
         template.setdefault(kinds[i], i)
     names = {v.name for v in wdeps} | {v.name for v in graph.inputs} | {n.name for n in nodes}
     inputs = list(graph.inputs)
@@ -224,6 +236,8 @@ def instantiate(
         if kinds[j] not in template:
             raise NotInstantiable(f"layer {j}'s kind has no template in the cut")
         r = template[kinds[j]]
+        if hidden_in[r] is None:
+            raise NotInstantiable(f"layer {r}'s input hidden state is not one value")
 
         def rename(name: str | None, layer: int = r, j=j) -> str | None:
             if not name:
@@ -310,6 +324,13 @@ def instantiate(
     with unwrapped():
         DeduplicateInitializersPass()(model)
     return len(added)
+
+
+# Ops whose output depends on their input's shape only, not its values.
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+# What `instantiate` counts a value as depending on when it depends, through data, on a
+# checkpoint weight of no layer (the embedding table), in place of a layer index.
+_EMBEDDED = -1
 
 
 def _swap_layer(text: str, r: int, j: int) -> str:
