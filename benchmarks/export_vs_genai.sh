@@ -2,7 +2,8 @@
 # dsc export (fp16) against the ONNX Runtime GenAI builder (fp16, cpu) on one checkpoint, in
 # rounds on one host: GenAI builder, dsc with the trace cache warm, [dsc warm with
 # dsc/models/weights.py from $OLD_WEIGHTS_REV], dsc with the trace cache off
-# (DSC_TRACE_CACHE=0). Each run under GNU time (../shared/peers/measure.sh: wall, peak RSS; the
+# (DSC_TRACE_CACHE=0), dsc as on a first export of the checkpoint (the trace cache and the
+# checkpoint's sha256 cache both off: DSC_TRACE_CACHE=0 DSC_HASH_CACHE=0). Each run under GNU time (../shared/peers/measure.sh: wall, peak RSS; the
 # .time logs hold user and system CPU); every dsc output is compared byte for byte with the
 # first and deleted; `sync` and 5 s between runs. Prints one row per run:
 # tag, user s, system s, wall, peak RSS KB.
@@ -40,13 +41,14 @@ genai() {
 new() { cp "$O.weights.py" dsc/models/weights.py; }
 old() { git show "$OLD_WEIGHTS_REV:dsc/models/weights.py" > dsc/models/weights.py; }
 cat "$CK"/*.safetensors > /dev/null  # the checkpoint in the page cache for every run
-new; dscx new-first  # fills the trace cache
+new; dscx new-fill  # fills the trace cache and the checkpoint hash cache
 if [ -n "${OLD_WEIGHTS_REV:-}" ]; then old; dscx old-first; fi
 for r in $(seq "$ROUNDS"); do
   genai "genai-$r"
   new; dscx "new-warm-$r"
   if [ -n "${OLD_WEIGHTS_REV:-}" ]; then old; dscx "old-warm-$r"; fi
   new; dscx "new-off-$r" DSC_TRACE_CACHE=0
+  new; dscx "new-first-$r" DSC_TRACE_CACHE=0 DSC_HASH_CACHE=0
 done
 for t in $(cut -f1 "$PEER_RESULTS/measure.tsv"); do
   printf "%s\t" "$t"

@@ -37,7 +37,7 @@ from typing import Any
 
 from dsc.artifacts import ARTIFACT_FORMAT, MANIFEST, SCHEMA_VERSION, load_manifest
 from dsc.errors import BadInput, CheckFailed
-from dsc.models.checkpoint import sha256_file
+from dsc.models.checkpoint import sha256_file, sha256_file_cached
 
 logger = logging.getLogger(__name__)
 
@@ -206,11 +206,13 @@ def graph_record(directory: Path, io: Mapping, hashes: Mapping[str, str] | None 
 
 
 def checkpoint_hashes(info, stop=None) -> dict[str, str]:
-    """sha256 of every file the export reads from the checkpoint ({relative path: hex}).
+    """sha256 of every file the export reads from the checkpoint ({relative path: hex}),
+    remembered per file as it is (`dsc.models.checkpoint.sha256_file_cached`: the same
+    checkpoint is exported and built again and again).
 
     `stop`: a `threading.Event`; once set, hashing ends early with
     `dsc.models.checkpoint.HashCancelled` (for a hash running beside the export that failed)."""
-    return {relpath(p, info.path): sha256_file(p, stop=stop) for p in info.input_files()}
+    return {relpath(p, info.path): sha256_file_cached(p, stop=stop) for p in info.input_files()}
 
 
 def export_inputs(

@@ -228,16 +228,18 @@ def test_the_checkpoint_is_hashed_beside_the_export(checkpoints, tmp_path, monke
     import dsc.manifest as manifest
     from dsc import api
     from dsc.errors import BadInput
+    from dsc.models import checkpoint
 
     ckpt = checkpoints["qwen2"]
     threads = []
     real = manifest.sha256_file
+    monkeypatch.setenv("DSC_HASH_CACHE", "0")  # every file hashed, not taken from the cache
 
     def recording(path, *a, **kw):
         threads.append(threading.current_thread().name)
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(manifest, "sha256_file", recording)
+    monkeypatch.setattr(checkpoint, "sha256_file", recording)
     api.export(ckpt, tmp_path / "e", dtype="fp16", progress=lambda m: None)
     info = inspect_checkpoint(ckpt)
     m = json.loads((tmp_path / "e" / "manifest.json").read_text())
@@ -257,7 +259,7 @@ def test_the_checkpoint_is_hashed_beside_the_export(checkpoints, tmp_path, monke
     def failing(*a, **kw):
         raise BadInput("injected")
 
-    monkeypatch.setattr(manifest, "sha256_file", slow)
+    monkeypatch.setattr(checkpoint, "sha256_file", slow)
     monkeypatch.setattr(ex, "export_graph", failing)
     with pytest.raises(BadInput, match="injected"):
         api.export(ckpt, tmp_path / "f", dtype="fp16", progress=lambda m: None)
@@ -269,6 +271,80 @@ def test_the_checkpoint_is_hashed_beside_the_export(checkpoints, tmp_path, monke
     done.set()
     with pytest.raises(HashCancelled):
         real(stopped[0], stop=done)
+
+
+def test_a_checkpoint_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """`sha256_file_cached`: a second hash of an unchanged file reads nothing and gives the
+    same digest; a file rewritten with its size and modification time put back is hashed
+    again (its inode change time moved); a malformed entry is ignored and replaced; a file
+    that changes while it is hashed, or changed in the last `HASH_CACHE_MIN_AGE_S`, is not
+    remembered; `DSC_HASH_CACHE=0` hashes every time."""
+    import hashlib
+    import os
+    import time
+
+    from dsc.models import checkpoint
+
+    monkeypatch.setenv("DSC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("DSC_HASH_CACHE", raising=False)
+    real = checkpoint.sha256_file
+    reads: list[str] = []
+
+    def counting(path, *a, **kw):
+        reads.append(str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(checkpoint, "sha256_file", counting)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"a" * 10_000)
+    want = hashlib.sha256(b"a" * 10_000).hexdigest()
+    # Just written: not remembered (a second write in the same clock tick could go unseen).
+    assert checkpoint.sha256_file_cached(f) == want and len(reads) == 1
+    assert checkpoint.sha256_file_cached(f) == want and len(reads) == 2
+    assert not list(checkpoint.hash_cache_dir().glob("*.sha256"))
+    monkeypatch.setattr(checkpoint, "HASH_CACHE_MIN_AGE_S", 0.0)  # the tests' files are new
+    reads.clear()
+    assert checkpoint.sha256_file_cached(f) == want and len(reads) == 1
+    assert checkpoint.sha256_file_cached(f) == want and len(reads) == 1  # from the cache
+    (entry,) = checkpoint.hash_cache_dir().glob("*.sha256")
+    assert not list(checkpoint.hash_cache_dir().glob(".*"))  # no temporary file left
+
+    st = f.stat()
+    time.sleep(0.05)  # past the kernel's timestamp tick
+    f.write_bytes(b"b" * 10_000)  # same size; the modification time put back below
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_mtime_ns == st.st_mtime_ns
+    assert checkpoint.sha256_file_cached(f) == hashlib.sha256(b"b" * 10_000).hexdigest()
+    assert len(reads) == 2
+
+    for entry in checkpoint.hash_cache_dir().glob("*.sha256"):
+        entry.write_text("not a digest")
+    assert checkpoint.sha256_file_cached(f) == hashlib.sha256(b"b" * 10_000).hexdigest()
+    assert len(reads) == 3
+    assert checkpoint.sha256_file_cached(f) == hashlib.sha256(b"b" * 10_000).hexdigest()
+    assert len(reads) == 3  # the malformed entry was replaced
+
+    g = tmp_path / "growing.safetensors"
+    g.write_bytes(b"c" * 100)
+
+    def appending(path, *a, **kw):
+        digest = counting(path, *a, **kw)
+        with open(path, "ab") as fh:
+            fh.write(b"d")
+        return digest
+
+    monkeypatch.setattr(checkpoint, "sha256_file", appending)
+    checkpoint.sha256_file_cached(g)
+    monkeypatch.setattr(checkpoint, "sha256_file", counting)
+    before = len(reads)
+    assert checkpoint.sha256_file_cached(g) == hashlib.sha256(b"c" * 100 + b"d").hexdigest()
+    assert len(reads) == before + 1  # the digest of the changing file was not kept
+
+    monkeypatch.setenv("DSC_HASH_CACHE", "0")
+    before = len(reads)
+    checkpoint.sha256_file_cached(f)
+    checkpoint.sha256_file_cached(f)
+    assert len(reads) == before + 2
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])

@@ -20,12 +20,15 @@ must load. All of this happens before any weight is read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -427,6 +430,93 @@ def _bad_entry(meta) -> str | None:
 
 class HashCancelled(Exception):
     """`sha256_file` stopped by its `stop` event."""
+
+
+# The sha256 cache (`sha256_file_cached`): at most this many entries, the oldest going first;
+# a file changed less than this many seconds ago is not remembered.
+HASH_CACHE_MAX_ENTRIES = 4096
+HASH_CACHE_MIN_AGE_S = 2.0
+
+
+def hash_cache_dir() -> Path:
+    """`$DSC_CACHE_DIR/sha256` (default `~/.cache/dsc/sha256`)."""
+    return Path(os.environ.get("DSC_CACHE_DIR") or Path.home() / ".cache" / "dsc") / "sha256"
+
+
+def hash_cache_enabled() -> bool:
+    """Whether `sha256_file_cached` remembers digests (`$DSC_HASH_CACHE`, default on; "0" off)."""
+    return os.environ.get("DSC_HASH_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _file_identity(path: Path, st: os.stat_result) -> str:
+    fields = [
+        str(Path(path).resolve()),
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    ]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
+
+
+def sha256_file_cached(path: Path, *, stop=None) -> str:
+    """`sha256_file(path)`, remembered for the file as it is now, for the checkpoint a stage
+    reads again and again (a 7B's 15 GB take about 8 s to hash on this host's one core).
+
+    The entry's name is a digest of the file's resolved path, device, inode, size,
+    modification time and inode change time (ns), as git's index and ccache key a file's
+    content on its stat data: any write to the file changes its ctime, which no user call can
+    set back (`os.utime` sets mtime only), so a file changed since it was hashed is hashed
+    again. A digest is stored only if those fields were the same after the hash as before
+    (a file written while it was read is never remembered) and the file last changed at least
+    `HASH_CACHE_MIN_AGE_S` ago: the kernel stamps times from a coarse clock (a tick of up to
+    a few ms), so a file written twice within one tick could keep its stat data ("racy git",
+    which git handles the same way). An unreadable or malformed entry is ignored.
+    `$DSC_HASH_CACHE=0` turns the cache off; entries live in `hash_cache_dir()`, at most
+    `HASH_CACHE_MAX_ENTRIES` (64 bytes each). Raises what `sha256_file` raises."""
+    if not hash_cache_enabled():
+        return sha256_file(path, stop=stop)
+    identity = _file_identity(path, os.stat(path))
+    entry = hash_cache_dir() / f"{identity}.sha256"
+    try:
+        known = entry.read_text(encoding="ascii").strip()
+        if re.fullmatch(r"[0-9a-f]{64}", known):
+            return known
+    except (OSError, UnicodeDecodeError):
+        pass
+    digest = sha256_file(path, stop=stop)
+    after = os.stat(path)
+    changed = max(after.st_mtime_ns, after.st_ctime_ns)
+    settled = time.time_ns() - changed >= HASH_CACHE_MIN_AGE_S * 1e9
+    if settled and _file_identity(path, after) == identity:
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(digest + "\n", encoding="ascii")
+            os.replace(tmp, entry)
+            _prune_hash_cache(entry.parent)
+        except OSError:  # a cache that cannot be written is no cache, not an error
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+    return digest
+
+
+def _prune_hash_cache(directory: Path) -> None:
+    entries = list(directory.glob("*.sha256"))
+    if len(entries) <= HASH_CACHE_MAX_ENTRIES:
+        return
+
+    def age(p: Path) -> int:
+        try:
+            return p.stat().st_mtime_ns
+        except OSError:  # removed meanwhile by another process
+            return 0
+
+    entries.sort(key=age)
+    for p in entries[: len(entries) - HASH_CACHE_MAX_ENTRIES]:
+        with contextlib.suppress(OSError):
+            p.unlink()
 
 
 def sha256_file(path: Path, chunk: int = 8 * 2**20, *, stop=None) -> str:
