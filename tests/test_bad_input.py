@@ -367,3 +367,39 @@ def test_fp16_overflow_of_activations_suggests_bf16(tmp_path, checkpoints, capsy
     code, msg = _export_fails(ckpt, tmp_path, capsys, "--dtype", "fp16", **LATE)
     assert code == EXIT_BAD_INPUT
     assert "overflows" in msg and "--dtype bf16" in msg
+
+
+def test_the_executable_exits_fast_after_running_exit_functions(tmp_path):
+    """`dsc.cli.fast_exit` (what the `dsc` executable ends with): the exit code, what was
+    printed, the `atexit` functions and a live `TemporaryDirectory`'s cleanup all happen, with
+    no interpreter teardown; with another thread alive it exits normally, after that thread."""
+    code = f"""
+import atexit, sys, tempfile, threading, time
+from pathlib import Path
+from dsc.cli import fast_exit
+out = Path({str(tmp_path)!r})
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+keep = tempfile.TemporaryDirectory(dir=out, prefix="live-")
+if sys.argv[1] == "thread":
+    threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+print("last words", end="")
+fast_exit(7)
+"""
+    for mode in ("alone", "thread"):
+        r = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True)
+        assert r.returncode == 7, r.stderr
+        assert r.stdout == "last words"
+        assert (tmp_path / "atexit").read_text() == "ran"
+        assert not list(tmp_path.glob("live-*"))
+        (tmp_path / "atexit").unlink()
+    assert (tmp_path / "thread").read_text() == "done"
+    # the executable's way in: `python -m dsc` (the `dsc` script calls the same `entry`)
+    r = subprocess.run([sys.executable, "-m", "dsc", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "version" in r.stdout, r
+    r = subprocess.run(
+        [sys.executable, "-m", "dsc", "export", str(tmp_path / "none"), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 3 and r.stderr.startswith("dsc: error: "), r
+    assert not (tmp_path / "o").exists()
