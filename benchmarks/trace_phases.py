@@ -44,15 +44,7 @@ family = info.family
 wrapper = oe.KVCacheWrapper(cut, family)
 ids, mask, pos, cache = oe._export_example(cut.config.to_dict(), family, torch.float16)
 args = tuple(mode.from_tensor(t) for t in (ids, mask, pos, *cache))
-batch = torch.export.Dim("batch", min=1)
-seq = torch.export.Dim("seq", min=1)
-past = torch.export.Dim("past", min=0)
-dynamic_shapes = {
-    "input_ids": {0: batch, 1: seq},
-    "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
-    "position_ids": {0: batch, 1: seq},
-    "past": tuple({0: batch, 2: past} for _ in args[3:]),
-}
+dynamic_shapes = oe.trace_dynamic_shapes(len(args) - 3)
 with family.export_patches(), torch.no_grad(), warnings.catch_warnings():
     warnings.simplefilter("ignore")
     ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes, strict=False)

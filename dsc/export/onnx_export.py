@@ -486,19 +486,28 @@ def _save_external(model, onnx_path: Path, *, quiet: bool) -> dict:
     return written
 
 
-def _trace(wrapper, args, family: Family, num_layers: int, opset: int | None, *, optimize: bool):
-    """`torch.onnx.export(dynamo=True)` of the wrapper with dsc's dynamic shapes and names."""
+def trace_dynamic_shapes(num_past: int) -> dict:
+    """`torch.export`'s `dynamic_shapes` for the wrapper's inputs (`KVCacheWrapper`): one
+    `batch`, `seq` and `past` dimension shared by every input that has it, the mask's length
+    left to the tracer (`Dim.AUTO`: past + seq); `num_past` cache tensors."""
     import torch
 
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1)
     past = torch.export.Dim("past", min=0)
-    dynamic_shapes = {
+    return {
         "input_ids": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
         "position_ids": {0: batch, 1: seq},
-        "past": tuple({0: batch, 2: past} for _ in args[3:]),
+        "past": tuple({0: batch, 2: past} for _ in range(num_past)),
     }
+
+
+def _trace(wrapper, args, family: Family, num_layers: int, opset: int | None, *, optimize: bool):
+    """`torch.onnx.export(dynamo=True)` of the wrapper with dsc's dynamic shapes and names."""
+    import torch
+
+    dynamic_shapes = trace_dynamic_shapes(len(args) - 3)
     input_names = [
         "input_ids",
         "attention_mask",
