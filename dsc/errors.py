@@ -23,6 +23,7 @@ Exit codes (also in README.md):
 | 8 | environment: disk full, read-only or unwritable path, output path under a file |
 | 70 | internal error (a bug in dsc) |
 | 130 | interrupted (SIGINT, Ctrl-C) |
+| 141 | stdout closed by its reader (`dsc ... | head -1`), as a process killed by SIGPIPE |
 | 143 | terminated (SIGTERM) |
 """
 
@@ -42,6 +43,7 @@ EXIT_BACKEND = 7
 EXIT_ENVIRONMENT = 8
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 EXIT_TERMINATED = 143
 
 

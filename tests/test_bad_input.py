@@ -403,3 +403,19 @@ fast_exit(7)
     )
     assert r.returncode == 3 and r.stderr.startswith("dsc: error: "), r
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", [["passes", "list"], ["profiles", "list", "--json"]])
+def test_a_closed_stdout_exits_141_quietly(command):
+    """`dsc ... | head -1`: the reader closes stdout before dsc has written; dsc prints nothing
+    more (no "internal error", no traceback) and exits 141, as a process killed by SIGPIPE."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "dsc", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    p.stdout.close()
+    stderr = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, stderr
+    assert stderr == ""
+    # with a reader that reads everything, the same command succeeds
+    r = subprocess.run([sys.executable, "-m", "dsc", *command], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout and r.stderr == "", r

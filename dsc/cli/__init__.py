@@ -26,6 +26,7 @@ import click
 
 from dsc import __version__
 from dsc.errors import (
+    EXIT_BROKEN_PIPE,
     EXIT_ENVIRONMENT,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -117,6 +118,19 @@ def environment_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports POLLERR on the write
+    end of a pipe with no reader); False when stdout has no file descriptor."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -150,6 +164,12 @@ def _run(argv: list[str] | None) -> int:
         click.echo(f"dsc: error: {e}", err=True)
         return e.exit_code
     except Exception as e:
+        if isinstance(e, BrokenPipeError) and _stdout_closed():
+            # `dsc ... | head -1`: the reader has gone. Say nothing (stderr may be the same
+            # pipe); stdout goes to /dev/null so that the exit's flush does not fail again.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
         env = environment_error(e)
         if env is not None:
             where = f": {env.filename}" if getattr(env, "filename", None) else ""
