@@ -288,3 +288,15 @@ def remove_stale(dest: Path) -> list[Path]:
         removed.append(p)
         logger.info("removed %s, left by process %s", p, pid)
     return removed
+
+
+def cache_dir(name: str) -> Path:
+    """`$DSC_CACHE_DIR/<name>` (default `~/.cache/dsc/<name>`): where dsc keeps one kind of
+    cache (`trace`, `calibration`, `sha256`)."""
+    return Path(os.environ.get("DSC_CACHE_DIR") or Path.home() / ".cache" / "dsc") / name
+
+
+def cache_switch(variable: str) -> bool:
+    """Whether the environment variable `variable` leaves a cache on (default on; "0",
+    "false", "no" or "off" turn it off)."""
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "false", "no", "off")

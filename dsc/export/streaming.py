@@ -241,7 +241,7 @@ class CheckpointSources:
         if sorted(perm) != list(range(len(shape))):
             raise ValueError(f"{key}: {perm} is not a permutation of its {len(shape)} axes")
         out = torch.empty([shape[p] for p in perm], dtype=spec.dtype)
-        inverse = [perm.index(i) for i in range(len(shape))]
+        inverse = _inverse(perm)
         view = out.permute(inverse)  # `out`'s memory in the key's own axis order
         pieces = self._pieces[key]
         rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
@@ -337,7 +337,7 @@ class WrittenWeights:
         from dsc.models.weights import TRANSPOSE_TILE_ROWS, copy_transposed
 
         n = len(shape)
-        order = [list(perm).index(i) for i in range(n)]
+        order = _inverse(perm)
         own = [shape[i] for i in order]
         if n < 2 or order != [*range(n - 2), n - 1, n - 2]:
             whole = torch.empty(shape, dtype=dtype)
@@ -357,6 +357,11 @@ class WrittenWeights:
                     _read_exact(f, part)
                     copy_transposed(dst[:, r : r + len(part)], part)
         return out
+
+
+def _inverse(perm) -> list[int]:
+    """The permutation that undoes `perm` (`t.permute(perm).permute(_inverse(perm))` is `t`)."""
+    return [list(perm).index(i) for i in range(len(perm))]
 
 
 def _read_exact(f, tensor) -> None:

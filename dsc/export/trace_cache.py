@@ -35,6 +35,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from dsc import paths
+
 __all__ = ["MAX_ENTRIES", "cache_path", "enabled", "load", "serialize", "store", "trace_key"]
 
 PLACEHOLDER = "dsc-checkpoint-weight"
@@ -46,11 +48,11 @@ _DISTS = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir")
 
 def enabled() -> bool:
     """Whether exports use the trace cache (`$DSC_TRACE_CACHE`, default on; "0" turns it off)."""
-    return os.environ.get("DSC_TRACE_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return paths.cache_switch("DSC_TRACE_CACHE")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DSC_CACHE_DIR") or Path.home() / ".cache" / "dsc") / "trace"
+    return paths.cache_dir("trace")
 
 
 def cache_path(key: str) -> Path:

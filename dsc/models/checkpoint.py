@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from dsc.errors import BadInput, CheckpointError, Unsupported
 from dsc.models.families import Family, family_for_architecture, supported_architectures
-from dsc.paths import hub_blobs, read_text_bounded, regular_file
+from dsc.paths import cache_dir, cache_switch, hub_blobs, read_text_bounded, regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -440,12 +440,12 @@ HASH_CACHE_MIN_AGE_S = 2.0
 
 def hash_cache_dir() -> Path:
     """`$DSC_CACHE_DIR/sha256` (default `~/.cache/dsc/sha256`)."""
-    return Path(os.environ.get("DSC_CACHE_DIR") or Path.home() / ".cache" / "dsc") / "sha256"
+    return cache_dir("sha256")
 
 
 def hash_cache_enabled() -> bool:
     """Whether `sha256_file_cached` remembers digests (`$DSC_HASH_CACHE`, default on; "0" off)."""
-    return os.environ.get("DSC_HASH_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return cache_switch("DSC_HASH_CACHE")
 
 
 def _file_identity(path: Path, st: os.stat_result) -> str:

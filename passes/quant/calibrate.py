@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from dsc import paths
 from dsc.errors import BadInput, DoesNotFit, UsageError
 from dsc.passes.quant.exposure import (  # noqa: F401  (_feeds: also the tests')
     _expose,
@@ -57,7 +58,7 @@ CACHE_MAX_GB = 8.0
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DSC_CACHE_DIR") or Path.home() / ".cache" / "dsc") / "calibration"
+    return paths.cache_dir("calibration")
 
 
 def cache_max_bytes() -> int:
