@@ -69,6 +69,36 @@ def test_an_entry_is_per_config_dtype_and_tools(tmp_path, deep, cache, monkeypat
     assert key != trace_cache.trace_key({"rope_theta": 1e4}, **base)
 
 
+def test_copies_of_a_checkpoint_share_an_entry(tmp_path, deep, cache, monkeypatch):  # noqa: F811
+    """A copy of a checkpoint in another directory, its config.json written by another
+    transformers, hits the original's entry (the key leaves out `trace_cache.PROVENANCE`), and
+    writes the files a fresh trace of the copy writes, byte for byte: the directory and the
+    writer's version are not in the graph."""
+    import shutil
+
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(deep["qwen2"], copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["transformers_version"] = "4.0.0"
+    (copy / "config.json").write_text(json.dumps(config))
+    api.export(deep["qwen2"], tmp_path / "original", dtype="fp16", progress=lambda m: None)
+    assert cache == [CUT["qwen2"]] and len(_entries()) == 1
+    lines: list[str] = []
+    api.export(copy, tmp_path / "hit", dtype="fp16", external_data=True, progress=lines.append)
+    assert cache == [CUT["qwen2"]], "the copy traced"
+    assert any("in the trace cache" in line for line in lines), lines
+    monkeypatch.setenv("DSC_TRACE_CACHE", "0")
+    api.export(copy, tmp_path / "traced", dtype="fp16", external_data=True, progress=lambda m: None)
+    assert cache == [CUT["qwen2"]] * 2
+    hit, traced = _files(tmp_path / "hit"), _files(tmp_path / "traced")
+    for name in hit:
+        assert hit[name] == traced[name], name
+    base = dict(architecture="Qwen2ForCausalLM", dtype="torch.float16", opset=None)
+    here = {"rope_theta": 1e4, "_name_or_path": "/a", "transformers_version": "5.0.0"}
+    there = dict(here, _name_or_path="/b", transformers_version="4.0.0")
+    assert trace_cache.trace_key(here, **base) == trace_cache.trace_key(there, **base)
+
+
 def test_the_cache_can_be_turned_off(tmp_path, deep, cache, monkeypatch):  # noqa: F811
     monkeypatch.setenv("DSC_TRACE_CACHE", "0")
     for name in ("a", "b"):

@@ -8,7 +8,8 @@ when the graph is written. So it is cached, and an export of a checkpoint with t
 ONNX translation and the optimizer: about 10 of the 45 CPU seconds of an fp16 export of
 DeepSeek-R1-Distill-Qwen-1.5B on a 2-core host (docs/BENCHMARKS.md, session 12).
 
-Key (`trace_key`): sha256 of the cut config (`PretrainedConfig.to_dict()`, canonical JSON), the
+Key (`trace_key`): sha256 of the cut config (`PretrainedConfig.to_dict()`, canonical JSON, less
+`PROVENANCE`: where the config was loaded from and which transformers wrote it), the
 architecture, the graph dtype, the opset, the versions of torch, transformers, onnx, onnxscript
 and onnx-ir, dsc's version, and the bytes of dsc's export and model-adapter sources
 (`dsc/export/*.py`, `dsc/models/*.py`): anything that can change the traced graph.
@@ -37,13 +38,27 @@ from pathlib import Path
 
 from dsc import paths
 
-__all__ = ["MAX_ENTRIES", "cache_path", "enabled", "load", "serialize", "store", "trace_key"]
+__all__ = [
+    "MAX_ENTRIES",
+    "PROVENANCE",
+    "cache_path",
+    "enabled",
+    "load",
+    "serialize",
+    "store",
+    "trace_key",
+]
 
 PLACEHOLDER = "dsc-checkpoint-weight"
 METADATA_KEY = "dsc.trace_cache.weights"
 FORMAT = 1
 MAX_ENTRIES = 64
 _DISTS = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir")
+# Config fields that say where a config came from, not what the model computes: the directory it
+# was loaded from (transformers sets it) and the transformers version that wrote config.json
+# (the installed one is in the key). Keyed on them, a copy of a checkpoint in another
+# directory, or a fine-tune of the same model, missed the entry and was traced again.
+PROVENANCE = ("_name_or_path", "transformers_version")
 
 
 def enabled() -> bool:
@@ -60,10 +75,12 @@ def cache_path(key: str) -> Path:
 
 
 def trace_key(config: dict, *, architecture: str, dtype: str, opset: int | None) -> str:
-    """The cache key (module docstring) of the cut model with transformers config dict `config`,
-    traced in graph dtype `dtype` (the torch dtype as text, e.g. "torch.float16") at `opset`
-    (None: the exporter's)."""
+    """The cache key (module docstring) of the cut model with transformers config dict `config`
+    (its `PROVENANCE` fields left out), traced in graph dtype `dtype` (the torch dtype as text,
+    e.g. "torch.float16") at `opset` (None: the exporter's)."""
     from dsc import __version__
+
+    config = {k: v for k, v in config.items() if k not in PROVENANCE}
 
     versions = {}
     for dist in _DISTS:
