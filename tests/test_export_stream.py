@@ -182,15 +182,23 @@ def test_streamed_export_holds_a_bounded_number_of_tensors(
     assert counter.peak > 10 * layers
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["copies", "views"])
 @pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
-def test_range_check_reads_back_what_was_written(tmp_path, checkpoints, family, monkeypatch):
+def test_range_check_reads_back_what_was_written(
+    tmp_path, checkpoints, family, native, monkeypatch
+):
     """The fp16 range check runs after the write and takes each weight the data file holds
     from it (`WrittenWeights`): every such key's tensor equals the checkpoint's in the export
     dtype (the model's dtype for the key), value for value and in its own axis order, the
-    transposed writes included."""
+    transposed writes included: as contiguous copies where the CPU's matmul is slow on a
+    transposed operand, as permuted views of the map where it is not
+    (`native_strided_matmul`, forced each way here); the export passes its check both ways."""
     import torch
 
+    from dsc.export import streaming
     from dsc.export.streaming import CheckpointSources, WrittenWeights, fake_model
+
+    monkeypatch.setattr(streaming, "native_strided_matmul", lambda dtype: native)
     from dsc.models.checkpoint import inspect_checkpoint
     from dsc.models.weights import WeightReader
 
@@ -216,18 +224,27 @@ def test_range_check_reads_back_what_was_written(tmp_path, checkpoints, family, 
             got, want = written.materialize(key), sources.materialize(key)
             assert got.dtype == want.dtype, key  # fp16; V3's router stays float32
             assert got.shape == want.shape and torch.equal(got, want), key
-            assert got.is_contiguous(), key  # W^T read back as W (`WrittenWeights._unpermuted`)
+            perm = captured[key][3]
+            permuted = perm is not None and list(perm) != sorted(perm)  # experts: (0, 1, 2)
+            # W^T read back as W: a copy (`WrittenWeights._unpermuted`) or a view of the map
+            assert got.is_contiguous() == (not native or not permuted), key
 
 
-def test_written_weights_undo_permutations_as_contiguous_copies(tmp_path):
-    """`WrittenWeights.materialize` of a tensor written permuted: a contiguous copy equal to
-    the inverse permutation of what was written, for W^T (stored rows not a multiple of the
-    tile), experts' [E, in, out], and a permutation that is not a last-two-axes swap; and a
-    tensor written as it is; a file that ends early is an OSError."""
+@pytest.mark.parametrize("native", [False, True], ids=["copies", "views"])
+def test_written_weights_undo_permutations(tmp_path, native, monkeypatch):
+    """`WrittenWeights.materialize` of a tensor written permuted: equal to the inverse
+    permutation of what was written, a contiguous copy where the CPU's matmul is slow on
+    transposed operands and a view of the map where not (`native_strided_matmul`, forced each
+    way), for W^T (stored rows not a multiple of the tile), experts' [E, in, out], and a
+    permutation that is not a last-two-axes swap; and a tensor written as it is; a file that
+    ends early is an OSError (copies) or a ValueError (views: the map is short)."""
     import torch
 
+    from dsc.export import streaming
     from dsc.export.streaming import WrittenWeights
     from dsc.models.weights import TRANSPOSE_TILE_ROWS
+
+    monkeypatch.setattr(streaming, "native_strided_matmul", lambda dtype: native)
 
     g = torch.Generator().manual_seed(0)
     own = {
@@ -248,10 +265,10 @@ def test_written_weights_undo_permutations_as_contiguous_copies(tmp_path):
     written = WrittenWeights(path, entries, fallback=None)
     for key, want in own.items():
         got = written.materialize(key)
-        assert got.is_contiguous() and got.dtype == want.dtype, key
-        assert torch.equal(got, want), key
+        assert got.is_contiguous() == (not native or perms[key] is None), key
+        assert got.dtype == want.dtype and torch.equal(got, want), key
     short = dict(entries, w=(offset - 8, entries["w"][1], torch.float16, (1, 0)))
-    with pytest.raises(OSError, match="ended"):
+    with pytest.raises(OSError if not native else ValueError):
         WrittenWeights(path, short, fallback=None).materialize("w")
 
 

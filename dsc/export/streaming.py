@@ -39,6 +39,7 @@ with transformers, traces it, and writes it: peak RSS about twice the weights (7
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -271,9 +272,11 @@ class WrittenWeights:
     `materialize(key)` maps the key's bytes from that file (copy-on-write, so the tensor is
     writable and nothing is copied unless written); the mapping goes when the tensor does, so
     only the modules `onloaded` holds are resident. A weight written permuted (the MatMul
-    weights, W^T) is read into a copy in its own axis order instead (`_unpermuted`: CPU fp16
-    matmul is slow on transposed views). This replaces a second read of the checkpoint and a
-    second cast of every weight (the 1.5B: 3.55 GB read and cast; docs/BENCHMARKS.md).
+    weights, W^T) is the inverse permutation of its map where the CPU's matmul in its dtype
+    takes a transposed operand at full speed (`native_strided_matmul`), and read into a copy
+    in its own axis order elsewhere (`_unpermuted`: torch's own fp16 matmul is slow on
+    transposed views). This replaces a second read of the checkpoint and a second cast of
+    every weight (the 1.5B: 3.55 GB read and cast; docs/BENCHMARKS.md).
 
     `data_path`: the external data file; `entries`: {state-dict key: (byte offset, shape as
     written, torch dtype, permutation it was written with or None)}, from the writer's
@@ -293,7 +296,8 @@ class WrittenWeights:
 
     def materialize(self, key: str, *, perm: tuple[int, ...] | None = None):
         """The tensor of `key` in its own axis order and the export dtype: a view of the
-        data file's bytes, a copy for a key written permuted, or
+        data file's bytes (permuted back for a key written permuted, where
+        `native_strided_matmul`), a copy for a key written permuted elsewhere, or
         `fallback.materialize(key, perm=perm)` (see the class)."""
         import mmap
 
@@ -307,7 +311,7 @@ class WrittenWeights:
         nbytes = count * dtype.itemsize
         if nbytes == 0:
             return self._fallback.materialize(key)
-        if written_perm is not None:
+        if written_perm is not None and not native_strided_matmul(dtype):
             return self._unpermuted(offset, shape, dtype, written_perm)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         with open(self._path, "rb") as f:
@@ -316,7 +320,9 @@ class WrittenWeights:
             )
         # the tensor holds the buffer; the file is unmapped when the tensor is freed
         t = torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset - start)
-        return t.view(shape)
+        return (
+            t.view(shape) if written_perm is None else t.view(shape).permute(_inverse(written_perm))
+        )
 
     def _unpermuted(self, offset: int, shape: tuple, dtype, perm: tuple[int, ...]):
         """The tensor written at `offset` with `shape`, stored permuted by `perm`, as a
@@ -357,6 +363,33 @@ class WrittenWeights:
                     _read_exact(f, part)
                     copy_transposed(dst[:, r : r + len(part)], part)
         return out
+
+
+@functools.cache
+def native_strided_matmul(dtype) -> bool:
+    """Whether torch's CPU matmul in `dtype` (a torch dtype) takes a transposed operand at
+    full speed, so the range check can run on the written W^T as a view.
+
+    fp16 and bf16 matmuls go to oneDNN where the CPU has the instructions for it (torch's own
+    test: `torch.ops.mkldnn._is_mkldnn_fp16_supported()`, AVX512-FP16 or AMX-FP16; bf16:
+    AVX512-BF16 or AMX-BF16), and oneDNN reads either layout. Elsewhere fp16 runs torch's
+    fallback kernel, about 16× slower on a transposed weight (session 14's AVX2 host). On this
+    session's Sapphire Rapids host `F.linear` of [6, 3584] by a [18944, 3584] fp16 weight took
+    12.0 ms on the transposed view and 9.1 ms contiguous, where the contiguous copy costs a
+    transposed read of 136 MB (docs/BENCHMARKS.md, session 15). Any other dtype, or a torch
+    without the probe: False (copies)."""
+    import torch
+
+    probe = {
+        torch.float16: "_is_mkldnn_fp16_supported",
+        torch.bfloat16: "_is_mkldnn_bf16_supported",
+    }.get(dtype)
+    if probe is None:
+        return False
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _inverse(perm) -> list[int]:
