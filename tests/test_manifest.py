@@ -202,7 +202,16 @@ def test_each_file_is_hashed_once_per_stage(checkpoints, tmp_path, monkeypatch):
         return real(path, *a, **kw)
 
     monkeypatch.setattr(manifest, "sha256_file", counting)
-    monkeypatch.setattr(checkpoint, "sha256_file", counting)  # export's data file, beside
+    monkeypatch.setattr(checkpoint, "sha256_file", counting)
+    import dsc.export.onnx_export as ex
+
+    start = ex._FollowingHash.start
+
+    def following(self):  # export's data file, hashed behind its writer
+        calls[str(self._path)] += 1
+        start(self)
+
+    monkeypatch.setattr(ex._FollowingHash, "start", following)
     e, o, q = tmp_path / "e", tmp_path / "o", tmp_path / "q"
     api.export(checkpoints["deepseek_v3"], e, dtype="fp16", external_data=True)
     api.optimize(e, o, profile="rtx-4090")
@@ -362,13 +371,15 @@ def test_sha256_file_is_the_sha256_of_the_bytes(tmp_path, size):
 
 
 def test_export_hashes_its_data_file_beside_the_range_check(checkpoints, tmp_path, monkeypatch):
-    """`dsc export` hashes model.onnx.data on its own thread once written (while the fp16 range
-    check runs), once, and the manifest holds that digest: the file's sha256. An export that
-    fails after the write (an fp16 overflow) stops that hash and leaves no output."""
+    """`dsc export` hashes model.onnx.data on its own thread, behind the writer and on while
+    the fp16 range check runs (`_FollowingHash`), once, and the manifest holds that digest:
+    the file's sha256. An export that fails after the write (an fp16 overflow) stops that hash
+    and leaves no output."""
     import threading
     import time
     from pathlib import Path
 
+    import dsc.export.onnx_export as ex
     import dsc.manifest as manifest
     from dsc import api
     from dsc.errors import BadInput
@@ -382,8 +393,15 @@ def test_export_hashes_its_data_file_beside_the_range_check(checkpoints, tmp_pat
             data_hashes.append(threading.current_thread().name)
         return real(path, *args, **kwargs)
 
+    run = ex._FollowingHash._run
+
+    def following(self):
+        data_hashes.append(threading.current_thread().name)
+        return run(self)
+
     monkeypatch.setattr(ck, "sha256_file", spy)
     monkeypatch.setattr(manifest, "sha256_file", spy)
+    monkeypatch.setattr(ex._FollowingHash, "_run", following)
     art = tmp_path / "art"
     api.export(checkpoints["qwen2"], art, dtype="fp16", external_data=True, progress=lambda m: 0)
     assert len(data_hashes) == 1 and data_hashes[0].startswith("dsc-hash-data"), data_hashes

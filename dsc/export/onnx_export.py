@@ -245,24 +245,21 @@ def export_graph(
         external = external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD
         say(f"writing {onnx_path.name}" + (" with external data" if external else ""))
         written: dict = {}
+        data_path = out_dir / data_file(ONNX_FILE)
+        follower = None
+        if hash_external_data and external:
+            stop = threading.Event()
+            stack.callback(stop.set)  # ends the hash early unless it is done (a failed export)
+            follower = _FollowingHash(data_path, stop=stop)
         with unwrapped():  # a weight's read error, raised inside the serializer
             if external:
-                written = _save_external(graph, onnx_path, quiet=quiet)
+                written = _save_external(graph, onnx_path, quiet=quiet, follower=follower)
             else:
                 import onnx_ir as ir
 
                 ir.save(graph, onnx_path)  # what `ONNXProgram.save(external_data=False)` does
         del graph
-        data_path = out_dir / data_file(ONNX_FILE)
-        digest = None
-        if hash_external_data and data_path.exists():
-            from dsc.models.checkpoint import sha256_file
-
-            stop = threading.Event()
-            stack.callback(stop.set)  # ends the hash early unless it is done (a failed export)
-            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dsc-hash-data")
-            digest = pool.submit(sha256_file, data_path, stop=stop)
-            pool.shutdown(wait=False)
+        digest = follower.digest if follower is not None and data_path.exists() else None
         if dtype == "fp16" and stream:
             say(check_message)
             from dsc.export.streaming import WrittenWeights
@@ -276,6 +273,10 @@ def export_graph(
                 check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
         io = io_spec_from_onnx(onnx_path, family, config)
         sha256 = digest.result() if digest is not None else None  # before `stop` is set
+        if sha256 is None and digest is not None:  # the writer's offsets were not in order
+            from dsc.models.checkpoint import sha256_file
+
+            sha256 = sha256_file(data_path)
     return ExportedGraph(
         onnx_path,
         data_path if data_path.exists() else None,
@@ -442,7 +443,7 @@ WRITE_WORKERS = 2
 WRITE_IN_FLIGHT_BYTES = 256 << 20
 
 
-def _save_external(model, onnx_path: Path, *, quiet: bool) -> dict:
+def _save_external(model, onnx_path: Path, *, quiet: bool, follower=None) -> dict:
     """`onnx_ir.save` with the weights in `model.onnx.data`, as the exporter's own save does,
     with a progress bar over the tensors written (each one is read from the checkpoint then).
 
@@ -454,6 +455,10 @@ def _save_external(model, onnx_path: Path, *, quiet: bool) -> dict:
     Memory: onnx_ir admits tensors up to `WRITE_IN_FLIGHT_BYTES` at once, plus one larger
     than that, so the peak grows by at most that budget over the serial write's largest
     tensor.
+
+    `follower` (a `_FollowingHash`): told where each tensor starts and when each of dsc's lazy
+    tensors is written, it hashes the file behind the writer, and is finished when the save
+    returns.
 
     Returns where each checkpoint weight went: {state-dict key: (byte offset in the data file,
     shape as written, torch dtype, permutation it was written with or None)}
@@ -474,16 +479,153 @@ def _save_external(model, onnx_path: Path, *, quiet: bool) -> dict:
 
     def wrote(tensor, info) -> None:  # called under the writer's lock, before the write
         advance(total=info.total)
+        if follower is not None:
+            follower.started(info.index, info.offset, tensor.nbytes)
         key = getattr(tensor, "source_key", None)
         if key is not None and (key not in written or tensor.source_perm is None):
             shape = tuple(tensor.shape.numpy())
             written[key] = (info.offset, shape, to_torch_dtype(tensor.dtype), tensor.source_perm)
 
-    with counted("writing weights", total, quiet=quiet) as advance:
-        ir.save(
-            model, onnx_path, external_data=data_file(onnx_path.name), callback=wrote, **threads
-        )
+    tracked = [v.const_value for v in model.graph.initializers.values()]
+    tracked = [t for t in tracked if hasattr(t, "on_written")] if follower is not None else []
+    for tensor in tracked:
+        tensor.on_written = follower.written
+    try:
+        if follower is not None:
+            follower.start()
+        with counted("writing weights", total, quiet=quiet) as advance:
+            ir.save(
+                model,
+                onnx_path,
+                external_data=data_file(onnx_path.name),
+                callback=wrote,
+                **threads,
+            )
+    finally:
+        for tensor in tracked:
+            tensor.on_written = None
+        if follower is not None:
+            follower.finished()
     return written
+
+
+class _FollowingHash:
+    """sha256 of the external data file while `_save_external` writes it, on its own thread.
+
+    The writer (onnx_ir's `save`, `WRITE_WORKERS` threads) lays the tensors out in index order
+    at increasing offsets (`onnx_ir.external_data`: each offset follows the last tensor's end,
+    aligned), writes them into a temporary file beside the destination and renames it at the
+    end, and calls back before writing each tensor. `started(index, offset, nbytes)` records
+    that callback and which thread writes the tensor; `written(file)`, called by dsc's lazy
+    tensors (`_lazy_tensor`) on that thread after their bytes are written and flushed to
+    `file`, marks it done (the first opens the file being written, by its name: the rename
+    keeps the inode). Once tensors 0..k are all done, the file's bytes up to tensor k's end
+    are final (gaps between tensors are holes that read as zeros) and the hash thread reads
+    and hashes them, so it runs beside the write instead of after it: at 7B the write leaves
+    most of a core idle and the 15 GB hash took 11-20 s after it (docs/BENCHMARKS.md, session
+    15). A tensor that never reports (not one of dsc's lazy tensors) holds the hash until
+    `finished()`, after which the rest of the file is hashed (from `path`, the destination,
+    when no tensor reported). `digest` (a `concurrent.futures.Future`) is the hex digest; None
+    when the offsets were not in index order (the caller hashes the file itself); it raises
+    `HashCancelled` once `stop` is set before the hash is done."""
+
+    CHUNK = 8 << 20
+
+    def __init__(self, path: Path, *, stop: threading.Event):
+        self._path = path
+        self._stop = stop
+        self._cond = threading.Condition()
+        self._spans: dict[int, tuple[int, int]] = {}
+        self._done: set[int] = set()
+        self._writing: dict[int, int] = {}  # thread ident -> index it writes
+        self._next = 0  # the lowest index not known to be written
+        self._safe = 0  # bytes [0, _safe) are final
+        self._finished = False
+        self._unordered = False
+        self._file = None  # the file being written, opened for reading
+        self.digest: concurrent.futures.Future | None = None
+
+    def start(self) -> None:
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dsc-hash-data")
+        self.digest = pool.submit(self._run)
+        pool.shutdown(wait=False)
+
+    def started(self, index: int, offset: int, nbytes: int) -> None:
+        with self._cond:
+            if offset < self._safe:
+                self._unordered = True  # not onnx_ir's layout: hash after the write instead
+            self._spans[index] = (offset, offset + nbytes)
+            self._writing[threading.get_ident()] = index
+
+    def written(self, file) -> None:
+        with self._cond:
+            index = self._writing.pop(threading.get_ident(), None)
+            if index is None:
+                return
+            if self._file is None:
+                self._file = open(file.name, "rb", buffering=0)  # noqa: SIM115 (closed in _run)
+            self._done.add(index)
+            while self._next in self._done and self._next in self._spans:
+                self._safe = max(self._safe, self._spans[self._next][1])
+                self._next += 1
+            self._cond.notify_all()
+
+    def finished(self) -> None:
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+
+    def _run(self) -> str | None:
+        import hashlib
+
+        from dsc.models.checkpoint import HashCancelled
+
+        h = hashlib.sha256()
+        view = memoryview(bytearray(self.CHUNK))
+        pos = 0
+        try:
+            while True:
+                with self._cond:
+                    while pos >= self._safe and not self._finished and not self._stop.is_set():
+                        self._cond.wait(0.2)
+                    finished, limit, unordered = self._finished, self._safe, self._unordered
+                    if finished and self._file is None:
+                        self._file = open(self._path, "rb", buffering=0)  # noqa: SIM115
+                if self._stop.is_set():
+                    raise HashCancelled(f"hashing {self._path} cancelled")
+                if unordered:
+                    return None
+                if finished:
+                    break
+                pos = self._hash_range(h, view, pos, limit)
+            with self._cond:
+                if self._unordered:
+                    return None
+            self._hash_range(h, view, pos, None)
+            return h.hexdigest()
+        finally:
+            with self._cond:
+                if self._file is not None:
+                    self._file.close()
+
+    def _hash_range(self, h, view, pos: int, end: int | None) -> int:
+        """Hash the file's bytes [pos, end) (to its end for None); returns the new position."""
+        from dsc.models.checkpoint import HashCancelled
+
+        f = self._file
+        f.seek(pos)
+        while end is None or pos < end:
+            if self._stop.is_set():
+                raise HashCancelled(f"hashing {self._path} cancelled")
+            want = len(view) if end is None else min(len(view), end - pos)
+            n = f.readinto(view[:want])
+            if not n:
+                if end is not None:
+                    raise OSError(f"{self._path} ended at {pos} bytes, before {end}")
+                break
+            h.update(view[:n])
+            pos += n
+        return pos
 
 
 def trace_dynamic_shapes(num_past: int) -> dict:
@@ -651,12 +793,18 @@ def _lazy_tensor(func, **kwargs):
     """An `onnx_ir.LazyTensor` (not cached) whose `tofile` writes the evaluated array directly.
 
     `LazyTensor` inherits `tofile` = `file.write(self.tobytes())`, a third copy of the tensor
-    while it is written; the evaluated `ir.Tensor` writes its numpy array with no copy."""
+    while it is written; the evaluated `ir.Tensor` writes its numpy array with no copy. After
+    the write it flushes `file` and calls `on_written` when that is set (`_FollowingHash`)."""
     import onnx_ir as ir
 
     class _WriteThrough(ir.LazyTensor):
+        on_written = None  # set by `_save_external` for a `_FollowingHash`
+
         def tofile(self, file) -> None:
             self._evaluate().tofile(file)
+            if self.on_written is not None:
+                file.flush()
+                self.on_written(file)
 
     return _WriteThrough(func, **kwargs)
 
