@@ -46,18 +46,16 @@ def _child(ckpt: str, out: str, mode: str) -> None:
         args = tuple(fake_mode.from_tensor(t) for t in (ids, mask, pos, *cache))
         oe._trace(wrapper, args, info.family, 1, None, optimize=False)
 
-    def timed(model, path, *, quiet):
+    def timed(model, path, **kw):
         t0 = time.perf_counter()
         if mode == "sequential":
-            written = save(model, path, quiet=quiet)
+            written = save(model, path, **kw)
             trace_once()
         else:
             if mode == "overlapped-1ms":
                 sys.setswitchinterval(0.001)
             result: dict = {}
-            writer = threading.Thread(
-                target=lambda: result.update(w=save(model, path, quiet=quiet))
-            )
+            writer = threading.Thread(target=lambda: result.update(w=save(model, path, **kw)))
             writer.start()
             trace_once()
             writer.join()
