@@ -419,3 +419,39 @@ def test_a_closed_stdout_exits_141_quietly(command):
     # with a reader that reads everything, the same command succeeds
     r = subprocess.run([sys.executable, "-m", "dsc", *command], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout and r.stderr == "", r
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (["passes", "list", "-v"], "-v goes before the command: dsc -v passes list ..."),
+        (
+            ["export", "x", "-o", "y", "--verbose"],
+            "--verbose goes before the command: dsc -v export",
+        ),
+        (["export", "x", "-o", "y", "-vv"], "-v goes before the command: dsc -v export"),
+    ],
+)
+def test_verbose_after_the_command_says_where_it_goes(argv, want, capsys):
+    """`-v` is the group's option; given after a command it is a usage error (exit 2) whose
+    one line says where it goes, where click would suggest an unrelated option."""
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2 and out == "", (code, out)
+    assert err.strip() == f"dsc: error: {want}" or err.startswith(f"dsc: error: {want}"), err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_verbose_leaves_the_onnx_libraries_info_lines_to_vv(tmp_path, checkpoints, capsys):
+    """`dsc -v export` shows dsc's own INFO lines, not onnx_ir's (one per merged
+    initializer); `-vv` shows those too."""
+    import logging
+
+    from dsc.cli import QUIET_AT_V
+
+    src = checkpoints["qwen2"]
+    for flags, quiet in (["-v"], True), (["-vv"], False):
+        code, _, _ = run_cli([*flags, "export", str(src), "-o", str(tmp_path / flags[0])], capsys)
+        assert code == 0
+        for name in QUIET_AT_V:  # their own level; at -vv the root's (-vv: DEBUG) applies
+            level = logging.getLogger(name).level
+            assert level == (logging.WARNING if quiet else logging.NOTSET), (flags, name, level)

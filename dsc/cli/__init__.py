@@ -44,6 +44,13 @@ def cli(verbose: int) -> None:
     """Compile DeepSeek-family LLMs into validated, per-GPU TensorRT engines."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # The ONNX libraries' INFO lines (one per merged initializer, per pass run) drown dsc's
+    # own at -v; they show at -vv.
+    for name in QUIET_AT_V:
+        logging.getLogger(name).setLevel(logging.WARNING if verbose == 1 else logging.NOTSET)
+
+
+QUIET_AT_V = ("onnx_ir", "onnxscript")
 
 
 def _register() -> None:
@@ -149,7 +156,11 @@ def _run(argv: list[str] | None) -> int:
         return EXIT_USAGE
     except click.UsageError as e:
         where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-        click.echo(f"dsc: error: {_one_line(e.format_message())}{where}", err=True)
+        message = _one_line(e.format_message())
+        if isinstance(e, click.NoSuchOption) and e.option_name in ("-v", "--verbose") and e.ctx:
+            command = e.ctx.command_path.removeprefix("dsc").strip()
+            message, where = f"{e.option_name} goes before the command: dsc -v {command} ...", ""
+        click.echo(f"dsc: error: {message}{where}", err=True)
         return EXIT_USAGE
     except click.ClickException as e:
         click.echo(f"dsc: error: {_one_line(e.format_message())}", err=True)
