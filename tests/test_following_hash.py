@@ -32,7 +32,7 @@ def _write(f, offset, n, value):
     f.flush()
 
 
-def test_hashes_behind_the_writer_and_gets_the_whole_file(tmp_path):
+def test_hashes_behind_the_writer_and_gets_the_whole_file(tmp_path, monkeypatch):
     """Two writer threads finish tensors out of order, with holes between them; the hash
     reads only bytes whose tensors up to there are written (checked against a record of what
     was written when each range was read), one tensor never reports (held until the end), and
@@ -47,17 +47,19 @@ def test_hashes_behind_the_writer_and_gets_the_whole_file(tmp_path):
     follower.CHUNK = 512  # several reads per tensor
     written = set()
     ranges = []
-    hash_range = follower._hash_range
+    from dsc.models import checkpoint
 
-    def spy(h, view, pos, end):
+    hash_into = checkpoint.hash_into
+
+    def spy(h, fh, view, *, pos=0, end=None, stop=None):
         last = end if end is not None else total
         for i, (offset, n) in enumerate(spans):
             if offset < last and offset + n > pos:
                 assert i in written or end is None, (i, pos, end)
         ranges.append((pos, end))
-        return hash_range(h, view, pos, end)
+        return hash_into(h, fh, view, pos=pos, end=end, stop=stop)
 
-    follower._hash_range = spy
+    monkeypatch.setattr(checkpoint, "hash_into", spy)
     follower.start()
     silent = 5  # written, but never reports it (not one of dsc's lazy tensors)
     order = {0: [0, 2, 4, 6], 1: [1, 3, 5, 7]}

@@ -565,7 +565,7 @@ class _FollowingHash:
             if self._file is None:
                 self._file = open(file.name, "rb", buffering=0)  # noqa: SIM115 (closed in _run)
             self._done.add(index)
-            while self._next in self._done and self._next in self._spans:
+            while self._next in self._done:
                 self._safe = max(self._safe, self._spans[self._next][1])
                 self._next += 1
             self._cond.notify_all()
@@ -578,7 +578,7 @@ class _FollowingHash:
     def _run(self) -> str | None:
         import hashlib
 
-        from dsc.models.checkpoint import HashCancelled
+        from dsc.models.checkpoint import HashCancelled, hash_into
 
         h = hashlib.sha256()
         view = memoryview(bytearray(self.CHUNK))
@@ -595,37 +595,16 @@ class _FollowingHash:
                     raise HashCancelled(f"hashing {self._path} cancelled")
                 if unordered:
                     return None
+                # bytes [pos, limit) are final; once finished, the rest of the file is
+                pos = hash_into(
+                    h, self._file, view, pos=pos, end=None if finished else limit, stop=self._stop
+                )
                 if finished:
-                    break
-                pos = self._hash_range(h, view, pos, limit)
-            with self._cond:
-                if self._unordered:
-                    return None
-            self._hash_range(h, view, pos, None)
-            return h.hexdigest()
+                    return h.hexdigest()
         finally:
             with self._cond:
                 if self._file is not None:
                     self._file.close()
-
-    def _hash_range(self, h, view, pos: int, end: int | None) -> int:
-        """Hash the file's bytes [pos, end) (to its end for None); returns the new position."""
-        from dsc.models.checkpoint import HashCancelled
-
-        f = self._file
-        f.seek(pos)
-        while end is None or pos < end:
-            if self._stop.is_set():
-                raise HashCancelled(f"hashing {self._path} cancelled")
-            want = len(view) if end is None else min(len(view), end - pos)
-            n = f.readinto(view[:want])
-            if not n:
-                if end is not None:
-                    raise OSError(f"{self._path} ended at {pos} bytes, before {end}")
-                break
-            h.update(view[:n])
-            pos += n
-        return pos
 
 
 def trace_dynamic_shapes(num_past: int) -> dict:
