@@ -143,9 +143,13 @@ def test_streamed_export_holds_a_bounded_number_of_tensors(
     """MoE layers (V3: per-expert tensors fused into one 3-D parameter) at two depths: the
     streaming export's peak of live weight tensors is small and does not grow with depth.
     A streaming export that kept what it wrote (the control: `materialize` results stashed)
-    fails the same count, so the count does see residency."""
+    fails the same count, so the count does see residency. This is onnx_ir's writer in this
+    process (`DSC_PREWRITE=0`); the second process's writer is bounded in
+    tests/test_prewrite.py."""
     from dsc.export.streaming import CheckpointSources
     from dsc.fixtures import make_fixture
+
+    monkeypatch.setenv("DSC_PREWRITE", "0")
 
     src = make_fixture(
         "deepseek_v3",
@@ -205,9 +209,9 @@ def test_range_check_reads_back_what_was_written(
     captured: dict = {}
     init = WrittenWeights.__init__
 
-    def spy(weights, data_path, entries, fallback):
+    def spy(weights, data_path, entries, fallback, **kwargs):
         captured.update(entries)
-        init(weights, data_path, entries, fallback)
+        init(weights, data_path, entries, fallback, **kwargs)
 
     monkeypatch.setattr(WrittenWeights, "__init__", spy)
     out = tmp_path / "out"

@@ -143,9 +143,13 @@ def test_stop_cancels_a_waiting_hash(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "deepseek_v3"])
-def test_the_manifest_records_the_written_files_digest(tmp_path, checkpoints, family):
-    """The export hashes model.onnx.data behind its writer; the manifest's digest is the
-    file's, read afterwards."""
+@pytest.mark.parametrize("prewrite", ["0", "1"], ids=["onnx_ir", "prewrite"])
+def test_the_manifest_records_the_written_files_digest(
+    tmp_path, checkpoints, family, prewrite, monkeypatch
+):
+    """The export hashes model.onnx.data behind its writer (onnx_ir's, or the second
+    process's: `dsc.export.prewrite`); the manifest's digest is the file's, read afterwards."""
+    monkeypatch.setenv("DSC_PREWRITE", prewrite)
     out = tmp_path / "out"
     api.export(checkpoints[family], out, dtype="fp16", external_data=True, progress=lambda m: None)
     manifest = json.loads((out / "manifest.json").read_text())

@@ -212,6 +212,16 @@ def test_each_file_is_hashed_once_per_stage(checkpoints, tmp_path, monkeypatch):
         start(self)
 
     monkeypatch.setattr(ex._FollowingHash, "start", following)
+    from dsc.export.prewrite import PreWrite
+
+    begin = PreWrite.begin
+
+    def prewritten(self, *args, hash_data, **kwargs):  # hashed by the process writing it
+        if hash_data:
+            calls[str(self.data_path)] += 1
+        begin(self, *args, hash_data=hash_data, **kwargs)
+
+    monkeypatch.setattr(PreWrite, "begin", prewritten)
     e, o, q = tmp_path / "e", tmp_path / "o", tmp_path / "q"
     api.export(checkpoints["deepseek_v3"], e, dtype="fp16", external_data=True)
     api.optimize(e, o, profile="rtx-4090")
@@ -374,7 +384,8 @@ def test_export_hashes_its_data_file_beside_the_range_check(checkpoints, tmp_pat
     """`dsc export` hashes model.onnx.data on its own thread, behind the writer and on while
     the fp16 range check runs (`_FollowingHash`), once, and the manifest holds that digest:
     the file's sha256. An export that fails after the write (an fp16 overflow) stops that hash
-    and leaves no output."""
+    and leaves no output. This is the path of onnx_ir's writer (`DSC_PREWRITE=0`); the file
+    written by a second process is hashed there (tests/test_prewrite.py)."""
     import threading
     import time
     from pathlib import Path
@@ -402,6 +413,7 @@ def test_export_hashes_its_data_file_beside_the_range_check(checkpoints, tmp_pat
     monkeypatch.setattr(ck, "sha256_file", spy)
     monkeypatch.setattr(manifest, "sha256_file", spy)
     monkeypatch.setattr(ex._FollowingHash, "_run", following)
+    monkeypatch.setenv("DSC_PREWRITE", "0")
     art = tmp_path / "art"
     api.export(checkpoints["qwen2"], art, dtype="fp16", external_data=True, progress=lambda m: 0)
     assert len(data_hashes) == 1 and data_hashes[0].startswith("dsc-hash-data"), data_hashes

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from dsc.artifacts import EXTERNAL_DATA_THRESHOLD, data_file
 from dsc.errors import BackendError, BadInput, unwrapped
+from dsc.export import prewrite as prewrite_mod
 from dsc.models.checkpoint import CheckpointInfo
 from dsc.models.families import Family
 from dsc.models.loading import load_model, transformers_quiet
@@ -57,13 +58,15 @@ EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
 class ExportedGraph:
     """What `export_graph` wrote. `external_data_sha256`: with `hash_external_data`, the data
     file's sha256 (hex), computed on a second thread from the moment the file was written
-    while the range check ran."""
+    while the range check ran. `writer_peak_rss_bytes`: the peak resident set of the process
+    that wrote the data file beside the trace (`dsc.export.prewrite`), None without one."""
 
     onnx_path: Path
     external_data: Path | None
     io_spec: dict
     seconds: float
     external_data_sha256: str | None = None
+    writer_peak_rss_bytes: int | None = None
 
 
 def cache_names(family: Family, num_layers: int, prefix: str) -> list[str]:
@@ -151,6 +154,7 @@ def export_graph(
     progress=None,
     quiet: bool = False,
     hash_external_data: bool = False,
+    prewrite: bool | None = None,
 ) -> ExportedGraph:
     """Export `info` into `out_dir/model.onnx`; return its I/O.
 
@@ -183,7 +187,12 @@ def export_graph(
     `hash_external_data`: hash `model.onnx.data` on a second thread as soon as it is written,
     while the range check runs (`ExportedGraph.external_data_sha256`; stopped if the export
     fails), for a caller that records it (`dsc export`'s manifest): at 7B both read the 15 GB
-    file back (docs/BENCHMARKS.md)."""
+    file back (docs/BENCHMARKS.md).
+
+    `prewrite` (streaming with external data): write `model.onnx.data` in a second process
+    while tracing (`dsc.export.prewrite`; the same tensors, in state-dict order), falling back
+    to onnx_ir's writer when the graph does not hold the weights as planned; None follows
+    `$DSC_PREWRITE` (default on)."""
     import torch
 
     say = progress or (lambda msg: None)
@@ -199,6 +208,16 @@ def export_graph(
     mode = "streaming its weights" if stream else "loading it whole"
     say(f"{info.architecture} ({info.num_parameters / 1e6:.1f}M parameters, {dtype}): {mode}")
     with contextlib.ExitStack() as stack:
+        early = None
+        itemsize = torch.empty((), dtype=torch_dtype).element_size()
+        if (
+            stream
+            and (prewrite_mod.enabled() if prewrite is None else prewrite)
+            and (external_data or info.num_parameters * itemsize >= EXTERNAL_DATA_THRESHOLD)
+        ):  # its imports run beside the fake model's construction
+            early = stack.enter_context(
+                prewrite_mod.PreWrite.launch(out_dir / data_file(ONNX_FILE))
+            )
         if stream:
             from dsc.export.streaming import CheckpointSources, fake_model, onloaded
             from dsc.models.loading import describe_reader
@@ -214,6 +233,14 @@ def export_graph(
         else:
             model = load_model(info, dtype, progress=say)
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        external = external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD
+        data_path = out_dir / data_file(ONNX_FILE)
+        if early is not None and not external:  # fewer bytes than its parameters said
+            early.close()
+            early = None
+        if early is not None:
+            plan = prewrite_mod.plan(model, sources)
+            early.begin(plan, sources, reader, hash_data=hash_external_data)
         config = model.config.to_dict()
         num_layers = int(config["num_hidden_layers"])
         wrapper = KVCacheWrapper(model, family := info.family)
@@ -242,37 +269,48 @@ def export_graph(
             ).model
         _name_dims(graph)
         onnx_path = out_dir / ONNX_FILE
-        external = external_data or weight_bytes >= EXTERNAL_DATA_THRESHOLD
         say(f"writing {onnx_path.name}" + (" with external data" if external else ""))
-        written: dict = {}
-        data_path = out_dir / data_file(ONNX_FILE)
+        written: dict | None = None
         follower = None
-        if hash_external_data and external:
+        sha256 = None
+        with unwrapped():  # a small weight's read error, raised inside the serializer
+            written = early.prepare(graph, say=say) if early is not None else None
+        prewritten = written is not None  # the rest of the file is being written beside us
+        if not prewritten and hash_external_data and external:
             stop = threading.Event()
             stack.callback(stop.set)  # ends the hash early unless it is done (a failed export)
             follower = _FollowingHash(data_path, stop=stop)
         with unwrapped():  # a weight's read error, raised inside the serializer
-            if external:
+            if prewritten:
+                pass
+            elif external:
                 written = _save_external(graph, onnx_path, quiet=quiet, follower=follower)
             else:
                 import onnx_ir as ir
 
                 ir.save(graph, onnx_path)  # what `ONNXProgram.save(external_data=False)` does
-        del graph
+                written = {}
         digest = follower.digest if follower is not None and data_path.exists() else None
         if dtype == "fp16" and stream:
             say(check_message)
             from dsc.export.streaming import WrittenWeights
             from dsc.pipeline.progress import counted
 
-            weights = WrittenWeights(data_path, written, sources)
+            weights = WrittenWeights(
+                data_path, written, sources, wait=early.wait_for if prewritten else None
+            )
             with (
                 counted("fp16 range check (modules)", 1, quiet=quiet) as advance,
                 onloaded(model, weights, buffers, advance=advance),
             ):
                 check_fp16_range(wrapper, (ids, mask, pos, *cache), family, num_layers)
+        if prewritten:
+            with unwrapped():
+                sha256 = early.complete(graph, onnx_path, quiet=quiet)
+        del graph
         io = io_spec_from_onnx(onnx_path, family, config)
-        sha256 = digest.result() if digest is not None else None  # before `stop` is set
+        if digest is not None:
+            sha256 = digest.result()  # before `stop` is set
         if sha256 is None and digest is not None:  # the writer's offsets were not in order
             from dsc.models.checkpoint import sha256_file
 
@@ -283,6 +321,7 @@ def export_graph(
         io,
         time.perf_counter() - t0,
         external_data_sha256=sha256,
+        writer_peak_rss_bytes=early.peak_rss_bytes if prewritten else None,
     )
 
 

@@ -119,6 +119,19 @@ def _non_persistent_buffers(model) -> dict:
     return out
 
 
+class _Spec:
+    """A tensor's shape and dtype, where `CheckpointSources` has no fake tensor."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
 class CheckpointSources:
     """Every model state-dict tensor as a recipe over checkpoint tensors (module docstring, 2).
 
@@ -171,6 +184,47 @@ class CheckpointSources:
             )
         for key, pieces in self._pieces.items():
             self._check_shapes(key, pieces)
+
+    @classmethod
+    def from_recipes(cls, reader, recipes: dict) -> CheckpointSources:
+        """Sources for the keys of `recipes` (`recipes()` of another instance, e.g. in another
+        process: `dsc.export.prewrite`) over `reader`, without the model."""
+        import torch
+
+        self = cls.__new__(cls)
+        self._reader = reader
+        self._where, self._arch = "the checkpoint", ""
+        self._fake, self._pieces = {}, {}
+        for key, (shape, dtype, pieces) in recipes.items():
+            self._fake[key] = _Spec(shape, dtype)
+            lead = shape[:-1] if len(shape) > 1 else ()
+            self._pieces[key] = [
+                (name, torch.arange(math.prod(lead), dtype=torch.int64).view(*lead, 1))
+                if piece is None
+                else (name, piece)
+                for name, piece in pieces
+            ]
+        return self
+
+    def recipes(self, keys) -> dict:
+        """{key: (shape, torch dtype, [(checkpoint name, row indices or None for all rows in
+        order)])}: what `from_recipes` needs to materialize `keys` (picklable)."""
+        import torch
+
+        out = {}
+        for key in keys:
+            fake = self._fake[key]
+            shape = tuple(fake.shape)
+            lead = shape[:-1] if len(shape) > 1 else ()
+            rows = math.prod(lead)
+            pieces = []
+            for name, piece in self._pieces[key]:
+                whole = piece.numel() == rows and bool(
+                    (piece.reshape(-1) == torch.arange(rows)).all()
+                )
+                pieces.append((name, None if whole and tuple(piece.shape) == (*lead, 1) else piece))
+            out[key] = (shape, fake.dtype, pieces)
+        return out
 
     @staticmethod
     def _revert(model, key: str, spec, torch) -> list[tuple[str, object]]:
@@ -225,7 +279,7 @@ class CheckpointSources:
     def checkpoint_names(self, key: str) -> list[str]:
         return [n for n, _ in self._pieces[key]]
 
-    def materialize(self, key: str, *, perm: tuple[int, ...] | None = None):
+    def materialize(self, key: str, *, perm: tuple[int, ...] | None = None, out=None):
         """The CPU tensor for state-dict key `key`, in the model's dtype for it.
 
         `perm` returns it permuted (contiguous, as ONNX `Transpose(perm)` would): a weight the
@@ -233,7 +287,8 @@ class CheckpointSources:
         checkpoint tensor is written straight into its place in the (permuted) output, so the
         peak is the output plus one checkpoint tensor; a key made of one 2-D checkpoint tensor
         is read in row chunks (`WeightReader.read_into`), the peak then being the output plus
-        one chunk."""
+        one chunk. `out`: a contiguous tensor of the result's shape and dtype to write into
+        (e.g. a reused buffer: `dsc.export.prewrite`), instead of a new one."""
         import torch
 
         spec = self._fake[key]
@@ -241,7 +296,11 @@ class CheckpointSources:
         perm = tuple(perm) if perm is not None else tuple(range(len(shape)))
         if sorted(perm) != list(range(len(shape))):
             raise ValueError(f"{key}: {perm} is not a permutation of its {len(shape)} axes")
-        out = torch.empty([shape[p] for p in perm], dtype=spec.dtype)
+        want = [shape[p] for p in perm]
+        if out is None:
+            out = torch.empty(want, dtype=spec.dtype)
+        elif list(out.shape) != want or out.dtype != spec.dtype or not out.is_contiguous():
+            raise ValueError(f"{key}: out is {list(out.shape)} {out.dtype}, needs {want}")
         inverse = _inverse(perm)
         view = out.permute(inverse)  # `out`'s memory in the key's own axis order
         pieces = self._pieces[key]
@@ -282,12 +341,15 @@ class WrittenWeights:
     written, torch dtype, permutation it was written with or None)}, from the writer's
     callback (`dsc.export.onnx_export._save_external`); `fallback`: the `CheckpointSources` of
     the export, for the keys the file does not hold as such (a tensor kept inside the .onnx,
-    one the optimizer merged with an equal one) and for permuted reads."""
+    one the optimizer merged with an equal one) and for permuted reads; `wait(key)`: called
+    before a key's bytes are read, while another process still writes the file
+    (`dsc.export.prewrite.PreWrite.wait_for`)."""
 
-    def __init__(self, data_path, entries: dict, fallback: CheckpointSources):
+    def __init__(self, data_path, entries: dict, fallback: CheckpointSources, *, wait=None):
         self._path = data_path
         self._entries = dict(entries)
         self._fallback = fallback
+        self._wait = wait
 
     @property
     def mapped(self) -> frozenset[str]:
@@ -306,6 +368,8 @@ class WrittenWeights:
         entry = self._entries.get(key)
         if entry is None or perm is not None:
             return self._fallback.materialize(key, perm=perm)
+        if self._wait is not None:  # the file is still being written (`dsc.export.prewrite`)
+            self._wait(key)
         offset, shape, dtype, written_perm = entry
         count = math.prod(shape)
         nbytes = count * dtype.itemsize

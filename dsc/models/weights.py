@@ -138,6 +138,8 @@ class WeightReader:
 
         self.dtype = dtype
         self.fp8_block = tuple(fp8_block) if fp8_block else None
+        self._files = [Path(f) for f in files]
+        self._skip_layers = tuple(skip_layers)
         self._handles = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
         self._where: dict[str, Path] = {}
@@ -187,6 +189,16 @@ class WeightReader:
             skip_layers=mtp_layers(info.config),
             dtype=dtype,
         )
+
+    def spec(self) -> dict:
+        """The arguments that make an equal reader (`WeightReader(**spec)`), e.g. in another
+        process (`dsc.export.prewrite`)."""
+        return {
+            "files": list(self._files),
+            "fp8_block": self.fp8_block,
+            "skip_layers": self._skip_layers,
+            "dtype": self.dtype,
+        }
 
     # --- metadata -------------------------------------------------------------------------------
 

@@ -93,7 +93,15 @@ class ExportStage(Stage):
             inputs,
             {},
             round(seconds, 2),
-            peak_rss_bytes(),
+            _with_writer(peak_rss_bytes(), g.writer_peak_rss_bytes),
             extra={"dtype": dtype, "opset": g.io_spec.get("opset")},
         )
         return record, g
+
+
+def _with_writer(peak: int | None, writer: int | None) -> int | None:
+    """The export's peak RSS with its data-file writer's (`dsc.export.prewrite`) added: the two
+    processes' peaks summed, an upper bound on what they held at once."""
+    if peak is None or writer is None:
+        return peak
+    return peak + writer

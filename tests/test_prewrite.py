@@ -1,0 +1,225 @@
+"""The external data written by a second process beside the trace (`dsc.export.prewrite`).
+
+On every tiny family (with `external_data`, so that they take the path of a real-size model)
+the plan must match the traced graph, so that the prewritten file is used and not rewritten,
+and the export must hold the same initializers, byte for byte, as onnx_ir's writer writes.
+A graph that does not match the plan falls back to that writer; a bad tensor in the child is
+the parent's `CheckpointError`; a failed export leaves no data file and no child behind; the
+child holds a bounded number of tensors, whatever the depth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import weakref
+
+import onnx
+import pytest
+
+from dsc import api
+from dsc.errors import CheckpointError
+
+from .conftest import FAMILIES
+
+
+def _export(src, out, *, prewrite: bool, monkeypatch, dtype="fp16", trace_layers="kinds"):
+    said: list[str] = []
+    monkeypatch.setenv("DSC_PREWRITE", "1" if prewrite else "0")
+    api.export(
+        src,
+        out,
+        dtype=dtype,
+        external_data=True,
+        trace_layers=trace_layers,
+        progress=said.append,
+    )
+    return said
+
+
+def _initializers(path):
+    model = onnx.load(str(path / "model.onnx"))
+    return {
+        i.name: (i.data_type, tuple(i.dims), onnx.numpy_helper.to_array(i).tobytes())
+        for i in model.graph.initializer
+    }
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "fp8", "llama-tied"])
+def test_prewritten_data_is_what_onnx_ir_writes(
+    tmp_path, checkpoints, fp8_checkpoint, tokenizer_dir, family, monkeypatch
+):
+    """Same initializers (name, dtype, shape, bytes), the prewritten file used as planned
+    (nothing said about rewriting it), the same data file size, and the manifest's digest is
+    the file's sha256. Also with tied embeddings (one tensor, used by Gather and by the
+    lm_head's MatMul) and DeepSeek's FP8 blocks."""
+    if family == "llama-tied":
+        from dsc.fixtures import make_fixture
+
+        src = make_fixture(
+            "llama",
+            tmp_path / "tied",
+            tokenizer_dir=tokenizer_dir,
+            overrides={"tie_word_embeddings": True},
+        )
+    else:
+        src = fp8_checkpoint if family == "fp8" else checkpoints[family]
+    dtype = "bf16" if family == "deepseek_v2" else "fp16"
+    said = _export(src, tmp_path / "p", prewrite=True, monkeypatch=monkeypatch, dtype=dtype)
+    _export(src, tmp_path / "o", prewrite=False, monkeypatch=monkeypatch, dtype=dtype)
+    assert not [m for m in said if "not laid out as planned" in m], said
+    p, o = _initializers(tmp_path / "p"), _initializers(tmp_path / "o")
+    assert p.keys() == o.keys()
+    assert [k for k in p if p[k] != o[k]] == []
+    data = tmp_path / "p" / "model.onnx.data"
+    assert data.stat().st_size == (tmp_path / "o" / "model.onnx.data").stat().st_size
+    external = [
+        i
+        for i in onnx.load(
+            str(tmp_path / "p" / "model.onnx"), load_external_data=False
+        ).graph.initializer
+        if i.data_location == onnx.TensorProto.EXTERNAL
+    ]
+    assert len(external) > 10
+    manifest = (tmp_path / "p" / "manifest.json").read_text()
+    assert hashlib.sha256(data.read_bytes()).hexdigest() in manifest
+
+
+def test_a_graph_that_differs_from_the_plan_is_written_again(tmp_path, checkpoints, monkeypatch):
+    """A plan with one weight in the wrong layout: the export says so, writes through onnx_ir
+    instead, and writes the same initializers."""
+    from dsc.export import prewrite
+
+    plan = prewrite.plan
+
+    def wrong(model, sources):
+        items = plan(model, sources)
+        first = next(i for i, item in enumerate(items) if item.perm == (1, 0))
+        item = items[first]
+        items[first] = prewrite.Item(
+            item.key, None, item.shape[::-1], item.dtype, item.offset, item.nbytes
+        )
+        return items
+
+    monkeypatch.setattr(prewrite, "plan", wrong)
+    said = _export(checkpoints["qwen2"], tmp_path / "p", prewrite=True, monkeypatch=monkeypatch)
+    assert [m for m in said if "not laid out as planned" in m], said
+    monkeypatch.setattr(prewrite, "plan", plan)
+    _export(checkpoints["qwen2"], tmp_path / "o", prewrite=False, monkeypatch=monkeypatch)
+    assert _initializers(tmp_path / "p") == _initializers(tmp_path / "o")
+
+
+def test_a_bad_tensor_in_the_child_is_a_checkpoint_error(tmp_path, checkpoints, monkeypatch):
+    """A NaN in a large weight, found by the child: the parent's `CheckpointError` names it,
+    and the failed export leaves no data file."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "nan"
+    shutil.copytree(checkpoints["qwen2"], src)
+    tensors = load_file(str(src / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name][0, 0] = torch.nan
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="down_proj.weight.*NaN"):
+        _export(src, tmp_path / "out", prewrite=True, monkeypatch=monkeypatch)
+    assert not list(tmp_path.glob("out*/**/model.onnx.data"))
+
+
+def test_a_failed_trace_stops_the_child_and_removes_its_file(tmp_path, checkpoints, monkeypatch):
+    from dsc.errors import BackendError
+    from dsc.export import onnx_export, prewrite
+
+    started = []
+    launch = prewrite.PreWrite.launch.__func__
+
+    def spy(cls, *args, **kwargs):
+        started.append(launch(cls, *args, **kwargs))
+        return started[-1]
+
+    def fail(*args, **kwargs):
+        raise BackendError("ONNX export of the model failed: injected")
+
+    monkeypatch.setattr(prewrite.PreWrite, "launch", classmethod(spy))
+    monkeypatch.setattr(onnx_export, "_streamed_program", fail)
+    with pytest.raises(BackendError, match="injected"):
+        _export(checkpoints["qwen2"], tmp_path / "out", prewrite=True, monkeypatch=monkeypatch)
+    (child,) = started
+    assert child._proc.returncode is not None  # waited for: not left running
+    assert not child.data_path.exists()
+
+
+@pytest.mark.parametrize("buffer_bytes", [0, 1 << 30], ids=["alone", "buffers"])
+@pytest.mark.parametrize("layers", [2, 6])
+def test_the_child_holds_a_bounded_number_of_tensors(
+    tmp_path, tokenizer_dir, layers, buffer_bytes, monkeypatch
+):
+    """The child's pipeline, run in this process on V3's plan at two depths: at most `BUFFERS`
+    tensors are alive at once, or one when every tensor is larger than `BUFFER_BYTES`
+    (read alone); the file and its hash are every planned tensor's bytes, then the tail's."""
+    import threading
+
+    import torch
+
+    from dsc.export import prewrite
+    from dsc.export.streaming import CheckpointSources, fake_model
+    from dsc.fixtures import make_fixture
+    from dsc.models.checkpoint import inspect_checkpoint
+    from dsc.models.weights import WeightReader
+
+    src = make_fixture(
+        "deepseek_v3",
+        tmp_path / "ckpt",
+        tokenizer_dir=tokenizer_dir,
+        overrides={"num_hidden_layers": layers},
+    )
+    info = inspect_checkpoint(src)
+    with WeightReader.for_checkpoint(info, dtype=torch.float16) as reader:
+        model, _, _ = fake_model(info, torch.float16)
+        sources = CheckpointSources(model, reader, path=info.path)
+        items = prewrite.plan(model, sources)
+        job = {
+            "reader": reader.spec(),
+            "recipes": sources.recipes([item.key for item in items]),
+            "items": items,
+            "path": str(tmp_path / "model.onnx.data"),
+            "hash": True,
+        }
+        expected = b"".join(
+            prewrite._as_bytes(sources.materialize(i.key, perm=i.perm)).tobytes() for i in items
+        )
+    assert len(items) >= 4 * layers
+    lock = threading.Lock()
+    live = peak = 0
+    materialize = CheckpointSources.materialize
+
+    def gone() -> None:
+        nonlocal live
+        with lock:
+            live -= 1
+
+    def counted(self, key, **kwargs):
+        nonlocal live, peak
+        t = materialize(self, key, **kwargs)
+        with lock:
+            live += 1
+            peak = max(peak, live)
+        weakref.finalize(t, gone)
+        return t
+
+    monkeypatch.setattr(CheckpointSources, "materialize", counted)
+    monkeypatch.setattr(prewrite, "BUFFER_BYTES", buffer_bytes)
+    out = io.BytesIO()
+    stdin = io.BytesIO(pickle.dumps(job) + pickle.dumps(("tail", [b"tail"])))
+    assert prewrite._child(stdin, out) == 0
+    out.seek(0)
+    messages = []
+    while out.tell() < len(out.getvalue()):
+        messages.append(pickle.load(out))
+    assert messages[-1] == ("done", hashlib.sha256(expected + b"tail").hexdigest())
+    assert [m for m in messages if m[0] == "wrote"][-1] == ("wrote", len(items) + 1)
+    assert (tmp_path / "model.onnx.data").read_bytes() == expected + b"tail"
+    assert peak == 1 if buffer_bytes == 0 else 1 <= peak <= prewrite.BUFFERS, peak
