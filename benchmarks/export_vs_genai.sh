@@ -13,6 +13,9 @@
 #         random_checkpoint(sys.argv[1], sys.argv[2], dtype='bf16')" \
 #         examples/configs/DeepSeek-R1-Distill-Qwen-1.5B CKPT
 #   needs: bash ../shared/peers/setup_venvs.sh ortgenai
+#   PREWRITE_AB=1: adds dsc with onnx_ir writing model.onnx.data after the trace, in this
+#   process (DSC_PREWRITE=0), warm and as a first export; the files have the same tensors
+#   in another order, so "DIFFERENT BYTES" is expected for those runs.
 #   OLD_WEIGHTS_REV=<commit>: swaps that revision's weights.py in for the "old" runs (restored
 #   on exit); the editable install takes the checkout's file, so no second venv is needed.
 set -u
@@ -26,6 +29,8 @@ settle() { sync; sleep 5; }
 dscx() {
   tag=$1; shift
   env DSC_CACHE_DIR="$O/cache" "$@" "$M" "$tag" 2400 .venv/bin/dsc export "$CK" -o "$O/$tag" --dtype fp16 > /dev/null
+  # the stage's own peak: this process's plus its data-file writer's (dsc.export.prewrite)
+  echo "$tag: stage peak RSS $(grep -o '"peak_rss_bytes": [0-9]*' "$O/$tag/manifest.json" | grep -o '[0-9]*$') bytes"
   if [ -e "$O/ref" ]; then
     cmp -s "$O/ref/model.onnx.data" "$O/$tag/model.onnx.data" && cmp -s "$O/ref/model.onnx" "$O/$tag/model.onnx" \
       && echo "$tag: same bytes" || echo "$tag: DIFFERENT BYTES"
@@ -49,6 +54,10 @@ for r in $(seq "$ROUNDS"); do
   if [ -n "${OLD_WEIGHTS_REV:-}" ]; then old; dscx "old-warm-$r"; fi
   new; dscx "new-off-$r" DSC_TRACE_CACHE=0
   new; dscx "new-first-$r" DSC_TRACE_CACHE=0 DSC_HASH_CACHE=0
+  if [ -n "${PREWRITE_AB:-}" ]; then
+    dscx "onnxir-warm-$r" DSC_PREWRITE=0
+    dscx "onnxir-first-$r" DSC_PREWRITE=0 DSC_TRACE_CACHE=0 DSC_HASH_CACHE=0
+  fi
 done
 for t in $(cut -f1 "$PEER_RESULTS/measure.tsv"); do
   printf "%s\t" "$t"
