@@ -223,3 +223,39 @@ def test_the_child_holds_a_bounded_number_of_tensors(
     assert [m for m in messages if m[0] == "wrote"][-1] == ("wrote", len(items) + 1)
     assert (tmp_path / "model.onnx.data").read_bytes() == expected + b"tail"
     assert peak == 1 if buffer_bytes == 0 else 1 <= peak <= prewrite.BUFFERS, peak
+
+
+def test_the_stage_peak_counts_both_processes(tmp_path, checkpoints, monkeypatch):
+    """The export's recorded peak RSS is at least this process's and the largest sampled sum
+    of this process's and the writer's resident sets (`PreWrite.peak_rss_bytes`), which is
+    more than the writer alone held (its torch, about 0.2 GB and up)."""
+    import json
+
+    from dsc.export import prewrite
+
+    seen = []
+    complete = prewrite.PreWrite.complete
+
+    def spy(self, *args, **kwargs):
+        out = complete(self, *args, **kwargs)
+        seen.append(self.peak_rss_bytes)
+        return out
+
+    monkeypatch.setattr(prewrite.PreWrite, "complete", spy)
+    _export(checkpoints["qwen2"], tmp_path / "p", prewrite=True, monkeypatch=monkeypatch)
+    (both,) = seen
+    assert both is not None and both > 200 << 20
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    recorded = [v for k, v in _items(manifest) if k == "peak_rss_bytes"]
+    assert recorded and max(recorded) >= both
+
+
+def _items(tree):
+    """(key, value) of every dict in a JSON tree."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield k, v
+            yield from _items(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _items(v)

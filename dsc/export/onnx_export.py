@@ -58,8 +58,9 @@ EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
 class ExportedGraph:
     """What `export_graph` wrote. `external_data_sha256`: with `hash_external_data`, the data
     file's sha256 (hex), computed on a second thread from the moment the file was written
-    while the range check ran. `writer_peak_rss_bytes`: the peak resident set of the process
-    that wrote the data file beside the trace (`dsc.export.prewrite`), None without one."""
+    while the range check ran. `writer_peak_rss_bytes`: the largest resident set of this process
+    and the one that wrote the data file beside the trace (`dsc.export.prewrite`) together,
+    None without one."""
 
     onnx_path: Path
     external_data: Path | None

@@ -45,6 +45,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,8 @@ INLINE_BYTES = 256
 # tensor, plus a read chunk per producer.
 BUFFERS = 4
 BUFFER_BYTES = 256 << 20
+# How often `PreWrite` samples the two processes' resident sets, in seconds.
+RSS_SAMPLE_SECONDS = 0.05
 # Threads of the child that read, check and cast tensors at once (onnx_ir's writer used two:
 # `onnx_export.WRITE_WORKERS`), each with one torch intra-op thread.
 PRODUCERS = 2
@@ -139,7 +142,11 @@ class PreWrite:
         self._result: tuple | None = None  # ("done", sha256) or ("error", kind, message)
         self._kept = False
         self._closed = False
-        self.peak_rss_bytes: int | None = None  # the child's, once it has exited
+        # the largest sum of this process's and the child's RSS, sampled (`_sample_rss`)
+        self.peak_rss_bytes: int | None = None
+        self._sampler = threading.Thread(target=self._sample_rss, name="dsc-prewrite-rss")
+        self._sampler.daemon = True
+        self._sampler.start()
         self._reader = threading.Thread(target=self._listen, name="dsc-prewrite", daemon=True)
         self._reader.start()
 
@@ -174,6 +181,31 @@ class PreWrite:
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass  # the child has died: `complete` reports its exit code
+
+    def _sample_rss(self) -> None:
+        """Every `RSS_SAMPLE_SECONDS` while the child runs: this process's and the child's
+        resident sets (VmRSS of /proc/<pid>/status, Linux), keeping the largest sum in
+        `peak_rss_bytes`, the two processes' peak at once (the sum of their separate peaks
+        over-counts: the child's largest tensor is freed before this process reads it back).
+        Growth between samples is missed; filling 1 GB of new pages takes longer than a
+        sample. Without /proc, the sum of the two peaks (getrusage)."""
+        own, child = Path("/proc/self/status"), Path(f"/proc/{self._proc.pid}/status")
+        peak = 0
+        while self._proc.poll() is None:
+            a, b = _vm_rss(own), _vm_rss(child)
+            if a is None:  # no /proc
+                break
+            peak = max(peak, a + (b or 0))
+            time.sleep(RSS_SAMPLE_SECONDS)
+        self._proc.wait()
+        if peak:
+            self.peak_rss_bytes = peak
+        else:
+            from dsc.pipeline.progress import peak_rss_bytes
+
+            own_peak, child_peak = peak_rss_bytes(), _children_peak_rss()
+            if own_peak is not None and child_peak is not None:
+                self.peak_rss_bytes = own_peak + child_peak
 
     def _listen(self) -> None:
         try:
@@ -296,7 +328,7 @@ class PreWrite:
                     self._cond.wait(0.2)
             result = self._result
             self._proc.wait()
-            self.peak_rss_bytes = _children_peak_rss()
+            self._sampler.join()
             if result[0] == "done":
                 advance(total - shown)
         self._raise_for(result)
@@ -382,6 +414,17 @@ class PreWrite:
 
 class _Mismatch(Exception):
     pass
+
+
+def _vm_rss(status: Path) -> int | None:
+    """VmRSS of a /proc/<pid>/status file in bytes; None when it cannot be read."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _children_peak_rss() -> int | None:

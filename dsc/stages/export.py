@@ -100,8 +100,9 @@ class ExportStage(Stage):
 
 
 def _with_writer(peak: int | None, writer: int | None) -> int | None:
-    """The export's peak RSS with its data-file writer's (`dsc.export.prewrite`) added: the two
-    processes' peaks summed, an upper bound on what they held at once."""
+    """The export's peak RSS counting its data-file writer (`dsc.export.prewrite`): the larger
+    of this process's own peak and the two processes' largest sum while the writer ran
+    (`PreWrite.peak_rss_bytes`)."""
     if peak is None or writer is None:
         return peak
-    return peak + writer
+    return max(peak, writer)
