@@ -29,7 +29,7 @@ settle() { sync; sleep 5; }
 dscx() {
   tag=$1; shift
   env DSC_CACHE_DIR="$O/cache" "$@" "$M" "$tag" 2400 .venv/bin/dsc export "$CK" -o "$O/$tag" --dtype fp16 > /dev/null
-  # the stage's own peak: this process's plus its data-file writer's (dsc.export.prewrite)
+  # the stage's own peak: this process and its data-file writer (dsc.export.prewrite) at once
   echo "$tag: stage peak RSS $(grep -o '"peak_rss_bytes": [0-9]*' "$O/$tag/manifest.json" | grep -o '[0-9]*$') bytes"
   if [ -e "$O/ref" ]; then
     cmp -s "$O/ref/model.onnx.data" "$O/$tag/model.onnx.data" && cmp -s "$O/ref/model.onnx" "$O/$tag/model.onnx" \
