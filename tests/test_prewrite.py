@@ -259,3 +259,23 @@ def _items(tree):
     elif isinstance(tree, list):
         for v in tree:
             yield from _items(v)
+
+
+def test_the_child_runs_this_dsc_not_one_in_the_current_directory(
+    tmp_path, checkpoints, monkeypatch
+):
+    """`python -m` puts the current directory first on sys.path: a `dsc` package there (another
+    checkout, say) would be imported by the child instead of the parent's. The child is
+    started with `-P` and the parent's `dsc` first on its path, so the export works and that
+    package is never imported. Found by a newcomer's trial."""
+    here = tmp_path / "cwd"
+    (here / "dsc" / "export").mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (here / "dsc" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (here / "dsc" / "export" / "__init__.py").write_text("")
+    (here / "dsc" / "export" / "prewrite.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(here)
+    said = _export(checkpoints["qwen2"], tmp_path / "out", prewrite=True, monkeypatch=monkeypatch)
+    assert not [m for m in said if "not laid out as planned" in m], said
+    assert (tmp_path / "out" / "model.onnx.data").exists()
+    assert not marker.exists()

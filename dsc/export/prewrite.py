@@ -157,11 +157,18 @@ class PreWrite:
         import tempfile
 
         errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in `close`)
+        # `-P`: no current directory on sys.path (a `dsc` package there would be imported
+        # instead); the directory holding this process's `dsc` goes first, so the child runs
+        # the same code.
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dsc.export.prewrite"],
+            [sys.executable, "-P", "-m", "dsc.export.prewrite"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=errors,
+            env=env,
         )
         return cls(data_path, proc, errors=errors)
 
@@ -268,6 +275,11 @@ class PreWrite:
         that a reader waiting for them does not wait for the whole file), or None when the
         graph does not match the plan (said through `say`; the child is stopped and its file
         removed)."""
+        with self._cond:
+            failed = self._result if self._result and self._result[0] != "done" else None
+        if failed is not None:  # the child stopped early (a bad tensor, a crash): say it now
+            self._proc.wait()
+            self._raise_for(failed)
         try:
             planned, others = self.needed(model)
         except _Mismatch as e:
@@ -371,6 +383,8 @@ class PreWrite:
                 raise CheckpointError(message)
             if kind == "OSError":
                 raise OSError(errno, message)
+            if kind == "SafetensorError":  # a shard that changed or broke while it was read
+                raise CheckpointError(f"cannot read the checkpoint: {message}")
             raise BackendError(f"writing {self.data_path.name} failed: {kind}: {message}")
         code = self._proc.returncode
         last = self._last_error_line()
@@ -625,8 +639,8 @@ def _child(stdin, stdout) -> int:
         errno = getattr(e, "errno", None)
         kind = "OSError" if isinstance(e, OSError) else type(e).__name__
         message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        if isinstance(e, OSError) and e.filename:
-            message = f"{message}: {e.filename}"
+        if isinstance(e, OSError):  # pwrite's errors name no file: the data file's
+            message = f"{message}: {e.filename or job['path']}"
         with contextlib.suppress(OSError):
             send(("error", kind, message, errno))
         return 1
