@@ -210,11 +210,13 @@ def export_graph(
     say(f"{info.architecture} ({info.num_parameters / 1e6:.1f}M parameters, {dtype}): {mode}")
     with contextlib.ExitStack() as stack:
         early = None
-        itemsize = torch.empty((), dtype=torch_dtype).element_size()
         if (
             stream
             and (prewrite_mod.enabled() if prewrite is None else prewrite)
-            and (external_data or info.num_parameters * itemsize >= EXTERNAL_DATA_THRESHOLD)
+            and (
+                external_data
+                or info.num_parameters * torch_dtype.itemsize >= EXTERNAL_DATA_THRESHOLD
+            )
         ):  # its imports run beside the fake model's construction
             early = stack.enter_context(
                 prewrite_mod.PreWrite.launch(out_dir / data_file(ONNX_FILE))
@@ -271,7 +273,6 @@ def export_graph(
         _name_dims(graph)
         onnx_path = out_dir / ONNX_FILE
         say(f"writing {onnx_path.name}" + (" with external data" if external else ""))
-        written: dict | None = None
         follower = None
         sha256 = None
         with unwrapped():  # a small weight's read error, raised inside the serializer
@@ -283,7 +284,7 @@ def export_graph(
             follower = _FollowingHash(data_path, stop=stop)
         with unwrapped():  # a weight's read error, raised inside the serializer
             if prewritten:
-                pass
+                pass  # `early.complete` saves the graph once the file is written
             elif external:
                 written = _save_external(graph, onnx_path, quiet=quiet, follower=follower)
             else:

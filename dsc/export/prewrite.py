@@ -11,12 +11,12 @@ which `onnx_export._fold_weight_transposes` writes as such). So:
 1. **Plan** (`plan`): the large tensors (more than `PLANNED_MIN_ELEMENTS` elements), each with
    its permutation, dtype, shape as written, and offset in the file: packed densely in
    state-dict order, as onnx_ir packs them (`onnx_ir.save`'s default `alignment=None`).
-2. **Write** (`PreWrite.start`): a child process (`python -m dsc.export.prewrite`) reads,
-   checks, casts and permutes each planned tensor from the checkpoint (the same
-   `CheckpointSources.materialize` as onnx_ir's writer calls, so the same bytes and the same
-   `CheckpointError`s) and writes and hashes it, while the parent traces. A process and not a
-   thread: the trace holds the GIL, and the writer's many short torch calls each waited for
-   it (tracing beside the write on a thread was slower than one after the other;
+2. **Write** (`PreWrite.launch`, `PreWrite.begin`): a child process (`python -m
+   dsc.export.prewrite`) reads, checks, casts and permutes each planned tensor from the
+   checkpoint (the same `CheckpointSources.materialize` as onnx_ir's writer calls, so the same
+   bytes and the same `CheckpointError`s) and writes and hashes it, while the parent traces. A
+   process and not a thread: the trace holds the GIL, and the writer's many short torch calls
+   each waited for it (tracing beside the write on a thread was slower than one after the other;
    docs/BENCHMARKS.md, session 15).
 3. **Finish** (`PreWrite.prepare`, `PreWrite.complete`), after the trace: the graph's large
    checkpoint initializers must be exactly the planned (key, permutation) pairs. If they are,
@@ -102,23 +102,17 @@ def plan(model, sources) -> list[Item]:
     groups: dict[int, list[str]] = {}
     for key in sources.names:
         groups.setdefault(id(sources.fake(key)), []).append(key)
-    seen: set[int] = set()
     items: list[Item] = []
     offset = 0
-    for key in sources.names:
+    for key, *aliases in groups.values():  # a tied group once, under its first key
         fake = sources.fake(key)
-        if id(fake) in seen:  # a tied key: the trace holds the group's first one
-            continue
-        seen.add(id(fake))
         if fake.numel() < PLANNED_MIN_ELEMENTS:
             continue
         shape = tuple(fake.shape)
-        group = groups[id(fake)]
-        perm = (1, 0) if key in linear and len(shape) == 2 and len(group) == 1 else None
+        perm = (1, 0) if key in linear and len(shape) == 2 and not aliases else None
         written = tuple(shape[p] for p in perm) if perm else shape
         nbytes = fake.numel() * fake.element_size()
-        aliases = tuple(k for k in group if k != key)
-        items.append(Item(key, perm, written, fake.dtype, offset, nbytes, aliases))
+        items.append(Item(key, perm, written, fake.dtype, offset, nbytes, tuple(aliases)))
         offset += nbytes
     return items
 
@@ -196,10 +190,12 @@ class PreWrite:
         over-counts: the child's largest tensor is freed before this process reads it back).
         Growth between samples is missed; filling 1 GB of new pages takes longer than a
         sample. Without /proc, the sum of the two peaks (getrusage)."""
+        from dsc.pipeline.progress import peak_rss_bytes, rusage_peak_bytes, status_bytes
+
         own, child = Path("/proc/self/status"), Path(f"/proc/{self._proc.pid}/status")
         peak = 0
         while self._proc.poll() is None:
-            a, b = _vm_rss(own), _vm_rss(child)
+            a, b = status_bytes(own, "VmRSS"), status_bytes(child, "VmRSS")
             if a is None:  # no /proc
                 break
             peak = max(peak, a + (b or 0))
@@ -208,9 +204,7 @@ class PreWrite:
         if peak:
             self.peak_rss_bytes = peak
         else:
-            from dsc.pipeline.progress import peak_rss_bytes
-
-            own_peak, child_peak = peak_rss_bytes(), _children_peak_rss()
+            own_peak, child_peak = peak_rss_bytes(), rusage_peak_bytes("children")
             if own_peak is not None and child_peak is not None:
                 self.peak_rss_bytes = own_peak + child_peak
 
@@ -428,29 +422,6 @@ class PreWrite:
 
 class _Mismatch(Exception):
     pass
-
-
-def _vm_rss(status: Path) -> int | None:
-    """VmRSS of a /proc/<pid>/status file in bytes; None when it cannot be read."""
-    try:
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _children_peak_rss() -> int | None:
-    """The largest peak RSS of this process's exited children, in bytes (getrusage(2)
-    RUSAGE_CHILDREN; ru_maxrss is in KiB on Linux, bytes on macOS); None where unavailable."""
-    try:
-        import resource
-
-        scale = 1 if sys.platform == "darwin" else 1024
-        return int(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * scale
-    except (ImportError, OSError):
-        return None
 
 
 # --- the child ----------------------------------------------------------------------------------

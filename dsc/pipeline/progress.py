@@ -28,17 +28,31 @@ def reset_peak_rss() -> None:
 def peak_rss_bytes() -> int | None:
     """This process's peak resident set size in bytes since the last `reset_peak_rss` (VmHWM of
     /proc/self/status; without /proc, `getrusage`'s ru_maxrss since start; None if neither)."""
+    peak = status_bytes(Path("/proc/self/status"), "VmHWM")
+    return peak if peak is not None else rusage_peak_bytes("self")
+
+
+def status_bytes(status: Path, field: str) -> int | None:
+    """A memory field of a /proc/<pid>/status file (proc(5): VmRSS, VmHWM, ... in kB) in bytes;
+    None when the file or field cannot be read."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in status.read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024  # kB
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def rusage_peak_bytes(who: str) -> int | None:
+    """getrusage(2)'s ru_maxrss in bytes for "self" or "children" (the largest peak of the exited
+    children); None where unavailable."""
     try:
         import resource
 
         scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+        which = resource.RUSAGE_SELF if who == "self" else resource.RUSAGE_CHILDREN
+        return int(resource.getrusage(which).ru_maxrss) * scale
     except (ImportError, OSError):
         return None
 
