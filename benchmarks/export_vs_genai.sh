@@ -16,6 +16,8 @@
 #   PREWRITE_AB=1: adds dsc with onnx_ir writing model.onnx.data after the trace, in this
 #   process (DSC_PREWRITE=0), warm and as a first export; the files have the same tensors
 #   in another order, so "DIFFERENT BYTES" is expected for those runs.
+#   DIRECT_AB=1: adds dsc with the data file written through the page cache
+#   (DSC_DIRECT_IO=0), warm and as a first export; same bytes expected.
 #   OLD_WEIGHTS_REV=<commit>: swaps that revision's weights.py in for the "old" runs (restored
 #   on exit); the editable install takes the checkout's file, so no second venv is needed.
 set -u
@@ -54,6 +56,10 @@ for r in $(seq "$ROUNDS"); do
   if [ -n "${OLD_WEIGHTS_REV:-}" ]; then old; dscx "old-warm-$r"; fi
   new; dscx "new-off-$r" DSC_TRACE_CACHE=0
   new; dscx "new-first-$r" DSC_TRACE_CACHE=0 DSC_HASH_CACHE=0
+  if [ -n "${DIRECT_AB:-}" ]; then
+    dscx "cached-warm-$r" DSC_DIRECT_IO=0
+    dscx "cached-first-$r" DSC_DIRECT_IO=0 DSC_TRACE_CACHE=0 DSC_HASH_CACHE=0
+  fi
   if [ -n "${PREWRITE_AB:-}" ]; then
     dscx "onnxir-warm-$r" DSC_PREWRITE=0
     dscx "onnxir-first-$r" DSC_PREWRITE=0 DSC_TRACE_CACHE=0 DSC_HASH_CACHE=0

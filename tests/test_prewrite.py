@@ -5,7 +5,8 @@ the plan must match the traced graph, so that the prewritten file is used and no
 and the export must hold the same initializers, byte for byte, as onnx_ir's writer writes.
 A graph that does not match the plan falls back to that writer; a bad tensor in the child is
 the parent's `CheckpointError`; a failed export leaves no data file and no child behind; the
-child holds a bounded number of tensors, whatever the depth.
+child holds a bounded number of tensors, whatever the depth; direct I/O writes the same bytes
+as the page cache.
 """
 
 from __future__ import annotations
@@ -279,3 +280,108 @@ def test_the_child_runs_this_dsc_not_one_in_the_current_directory(
     assert not [m for m in said if "not laid out as planned" in m], said
     assert (tmp_path / "out" / "model.onnx.data").exists()
     assert not marker.exists()
+
+
+def test_direct_io_writes_every_byte_in_place(tmp_path):
+    """`_DirectFile` against plain writes: pieces of every size around the block (1 byte to
+    several blocks), each from memory placed as in the file (written from it directly) or not
+    (through the bounce buffer), make the same file; only whole aligned blocks are written while
+    O_DIRECT is set, and `durable` never counts the partial block still in memory."""
+    import fcntl
+    import mmap
+    import os
+    import random
+
+    from dsc.export import prewrite
+
+    a = prewrite.DIRECT_ALIGN
+    rng = random.Random(0)
+    sizes = [1, 2, a - 1, a, a + 1, 3 * a + 7, 2050, 5, 7 * a, 1, a // 2, a // 2, 12345]
+    pieces = [rng.randbytes(n) for n in sizes]
+    path = tmp_path / "direct.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    writes: list[tuple[int, int, bool]] = []
+    real = os.pwrite
+
+    def pwrite(f, data, offset):
+        direct = bool(fcntl.fcntl(f, fcntl.F_GETFL) & os.O_DIRECT)
+        writes.append((offset, len(data), direct))
+        return real(f, data, offset)
+
+    try:
+        out = prewrite._DirectFile(fd)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        offset = 0
+        for i, piece in enumerate(pieces):
+            buf = mmap.mmap(-1, len(piece) + 2 * a)
+            shift = offset % a if i % 2 == 0 else (offset + 1) % a  # placed, or not
+            buf[shift : shift + len(piece)] = piece
+            view = memoryview(buf)[shift : shift + len(piece)]
+            address = 0  # only the address modulo the block matters here: the buffer is aligned
+            os.pwrite = pwrite
+            try:
+                out.write(view, address + shift)
+            finally:
+                os.pwrite = real
+            offset += len(piece)
+            assert out.durable <= offset and out.durable % a == 0
+            assert offset - out.durable < a
+            del view
+        assert not out.buffered  # no direct write was refused
+        assert out.finish() == offset
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(pieces)
+    assert [w for w in writes if w[2] and (w[0] % a or w[1] % a)] == []
+    assert any(w[2] for w in writes)
+
+
+def test_direct_io_refused_by_a_write_goes_through_the_page_cache(tmp_path, monkeypatch):
+    """A device that refuses a direct write (EINVAL) gets the same bytes through the page cache,
+    O_DIRECT cleared."""
+    import errno
+    import fcntl
+    import mmap
+    import os
+
+    from dsc.export import prewrite
+
+    a = prewrite.DIRECT_ALIGN
+    real = os.pwrite
+
+    def pwrite(f, data, offset):
+        if fcntl.fcntl(f, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(f, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data = bytes(range(256)) * (3 * a // 256) + b"tail"
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    path = tmp_path / "refused.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        out = prewrite._DirectFile(fd)
+        out.write(memoryview(buf), 0)
+        assert out.buffered
+        assert out.finish() == len(data)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("family", ["qwen2", "deepseek_v2", "fp8"])
+def test_direct_io_and_the_page_cache_write_the_same_export(
+    tmp_path, checkpoints, fp8_checkpoint, family, monkeypatch
+):
+    """The child's data file with direct I/O (`DSC_DIRECT_IO`, the default) and without: the
+    same bytes, and the same model.onnx."""
+    src = fp8_checkpoint if family == "fp8" else checkpoints[family]
+    dtype = "bf16" if family == "deepseek_v2" else "fp16"
+    for mode in ("1", "0"):
+        monkeypatch.setenv("DSC_DIRECT_IO", mode)
+        said = _export(src, tmp_path / mode, prewrite=True, monkeypatch=monkeypatch, dtype=dtype)
+        assert not [m for m in said if "not laid out as planned" in m], said
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "0" / name).read_bytes()

@@ -298,9 +298,14 @@ def export_graph(
             from dsc.export.streaming import WrittenWeights
             from dsc.pipeline.progress import counted
 
-            weights = WrittenWeights(
-                data_path, written, sources, wait=early.wait_for if prewritten else None
-            )
+            if prewritten and early.direct:
+                # the file went past the page cache: reading it back would read the disk, and
+                # the checkpoint the child has just read is in the page cache
+                weights = sources
+            else:
+                weights = WrittenWeights(
+                    data_path, written, sources, wait=early.wait_for if prewritten else None
+                )
             with (
                 counted("fp16 range check (modules)", 1, quiet=quiet) as advance,
                 onloaded(model, weights, buffers, advance=advance),
