@@ -196,13 +196,16 @@ def test_range_check_reads_back_what_was_written(
     dtype (the model's dtype for the key), value for value and in its own axis order, the
     transposed writes included: as contiguous copies where the CPU's matmul is slow on a
     transposed operand, as permuted views of the map where it is not
-    (`native_strided_matmul`, forced each way here); the export passes its check both ways."""
+    (`native_strided_matmul`, forced each way here); the export passes its check both ways.
+    The file written through the page cache (`DSC_DIRECT_IO=0`): written with direct I/O, the
+    check reads the checkpoint instead (tests/test_prewrite.py)."""
     import torch
 
     from dsc.export import streaming
     from dsc.export.streaming import CheckpointSources, WrittenWeights, fake_model
 
     monkeypatch.setattr(streaming, "native_strided_matmul", lambda dtype: native)
+    monkeypatch.setenv("DSC_DIRECT_IO", "0")
     from dsc.models.checkpoint import inspect_checkpoint
     from dsc.models.weights import WeightReader
 
