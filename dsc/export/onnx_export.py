@@ -301,7 +301,7 @@ def export_graph(
             if prewritten and early.direct:
                 # the file went past the page cache: reading it back would read the disk, and
                 # the checkpoint the child has just read is in the page cache
-                weights = sources
+                weights = early.after_write(sources)
             else:
                 weights = WrittenWeights(
                     data_path, written, sources, wait=early.wait_for if prewritten else None

@@ -338,6 +338,13 @@ class PreWrite:
         self._proc.wait()
         self._raise_for(result)
 
+    def after_write(self, sources) -> _AfterWrite:
+        """`sources` (the export's `CheckpointSources`), each planned key read only once the
+        child has written it (`wait_for`): the range check trails the child, so the two
+        processes do not hold the same large tensor (the 7B's embedding and lm_head, 1.09 GB
+        each) at once."""
+        return _AfterWrite(sources, self.wait_for)
+
     def complete(self, model, onnx_path: Path, *, quiet: bool) -> str | None:
         """Wait for the child (a progress bar over the tensors written), point `model`'s
         initializers at the file (`onnx_ir.ExternalTensor`) and save it to `onnx_path`.
@@ -449,6 +456,17 @@ class PreWrite:
 
 class _Mismatch(Exception):
     pass
+
+
+class _AfterWrite:
+    """`PreWrite.after_write`."""
+
+    def __init__(self, sources, wait):
+        self._sources, self._wait = sources, wait
+
+    def materialize(self, key: str, *, perm: tuple[int, ...] | None = None):
+        self._wait(key)
+        return self._sources.materialize(key, perm=perm)
 
 
 # --- the child ----------------------------------------------------------------------------------
