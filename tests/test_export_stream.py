@@ -279,6 +279,59 @@ def test_written_weights_undo_permutations(tmp_path, native, monkeypatch):
         WrittenWeights(path, short, fallback=None).materialize("w")
 
 
+def test_written_weights_read_permuted_keys_from_the_fallback_after_the_wait(tmp_path):
+    """`permuted_from_fallback` (a data file written with direct I/O): a key written with a
+    real permutation (W^T, experts' [E, in, out]) comes from the fallback, in its own axis
+    order, and only after `wait(key)`; a key written as it is (the embedding) or with the
+    identity permutation stays a map of the file (not the fallback's tensor); without the
+    option every key is read from the file."""
+    import torch
+
+    from dsc.export.streaming import WrittenWeights
+
+    g = torch.Generator().manual_seed(1)
+    own = {
+        "w": torch.randn(40, 24, generator=g).half(),
+        "experts": torch.randn(3, 20, 30, generator=g).half(),
+        "same": torch.randn(2, 5, 6, generator=g).half(),
+        "embed": torch.randn(50, 8, generator=g).half(),
+    }
+    perms = {"w": (1, 0), "experts": (0, 2, 1), "same": (0, 1, 2), "embed": None}
+    entries, offset = {}, 0
+    path = tmp_path / "model.onnx.data"
+    with open(path, "wb") as f:
+        for key, t in own.items():
+            stored = t.permute(perms[key]).contiguous() if perms[key] else t
+            f.write(stored.view(torch.uint8).numpy().tobytes())
+            entries[key] = (offset, tuple(stored.shape), t.dtype, perms[key])
+            offset += stored.numel() * t.element_size()
+    events: list[tuple[str, str]] = []
+
+    class Fallback:  # what the checkpoint holds: the same values, as a new tensor
+        def materialize(self, key, *, perm=None):
+            assert perm is None
+            events.append(("read", key))
+            return own[key].clone()
+
+    for option in (True, False):
+        events.clear()
+        written = WrittenWeights(
+            path,
+            entries,
+            Fallback(),
+            wait=lambda key: events.append(("wait", key)),
+            permuted_from_fallback=option,
+        )
+        for key, want in own.items():
+            got = written.materialize(key)
+            assert got.dtype == want.dtype and torch.equal(got, want), key
+        from_fallback = ["w", "experts"] if option else []
+        assert [k for e, k in events if e == "read"] == from_fallback
+        assert [k for e, k in events if e == "wait"] == list(own)
+        for key in from_fallback:  # read once its wait has returned
+            assert events.index(("wait", key)) < events.index(("read", key))
+
+
 def _onloaded_run(src, *, fail_on: str | None = None, advance=None):
     """Logits of the fake fp32 model of `src` run under `onloaded`, and the (state-dict key,
     thread name) of every read; `fail_on`: a key whose read raises a CheckpointError."""

@@ -377,17 +377,17 @@ def test_direct_io_and_the_page_cache_write_the_same_export(
 ):
     """The child's data file with direct I/O (`DSC_DIRECT_IO`, the default) and without: the
     same bytes, and the same model.onnx. The fp16 range check reads the file back
-    (`WrittenWeights`) only when it went through the page cache; with direct I/O it reads the
-    checkpoint."""
+    (`WrittenWeights`) in both modes, with direct I/O taking the weights written permuted from
+    the checkpoint instead (`permuted_from_fallback`)."""
     from dsc.export.streaming import WrittenWeights
 
     src = fp8_checkpoint if family == "fp8" else checkpoints[family]
     dtype = "bf16" if family == "deepseek_v2" else "fp16"
-    made: list[str] = []
+    made: list[tuple[str, bool | None]] = []
     init = WrittenWeights.__init__
 
     def spy(weights, *args, **kwargs):
-        made.append(mode)
+        made.append((mode, kwargs.get("permuted_from_fallback")))
         init(weights, *args, **kwargs)
 
     monkeypatch.setattr(WrittenWeights, "__init__", spy)
@@ -395,6 +395,7 @@ def test_direct_io_and_the_page_cache_write_the_same_export(
         monkeypatch.setenv("DSC_DIRECT_IO", mode)
         said = _export(src, tmp_path / mode, prewrite=True, monkeypatch=monkeypatch, dtype=dtype)
         assert not [m for m in said if "not laid out as planned" in m], said
-    assert made == (["0"] if dtype == "fp16" else [])  # bf16 has no range check
+    # bf16 has no range check
+    assert made == ([("1", True), ("0", False)] if dtype == "fp16" else [])
     for name in ("model.onnx", "model.onnx.data"):
         assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "0" / name).read_bytes()

@@ -298,14 +298,15 @@ def export_graph(
             from dsc.export.streaming import WrittenWeights
             from dsc.pipeline.progress import counted
 
-            if prewritten and early.direct:
-                # the file went past the page cache: reading it back would read the disk, and
-                # the checkpoint the child has just read is in the page cache
-                weights = early.after_write(sources)
-            else:
-                weights = WrittenWeights(
-                    data_path, written, sources, wait=early.wait_for if prewritten else None
-                )
+            # written with direct I/O, the file is not in the page cache and the checkpoint
+            # the child has just read is: the weights read whole come from the checkpoint
+            weights = WrittenWeights(
+                data_path,
+                written,
+                sources,
+                wait=early.wait_for if prewritten else None,
+                permuted_from_fallback=prewritten and early.direct,
+            )
             with (
                 counted("fp16 range check (modules)", 1, quiet=quiet) as advance,
                 onloaded(model, weights, buffers, advance=advance),

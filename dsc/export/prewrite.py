@@ -32,12 +32,14 @@ which `onnx_export._fold_weight_transposes` writes as such). So:
 **Direct I/O** (`direct_io`, `$DSC_DIRECT_IO`, default on where the OS has O_DIRECT): the child
 writes the planned tensors with O_DIRECT (`_DirectFile`), each placed in its buffer at its file
 offset modulo `DIRECT_ALIGN` so that whole aligned blocks go from that memory to the device, and
-the parent's range check then reads the checkpoint (which the child has just read, so in the page
-cache) rather than the file. On this project's 2-core Firecracker VM (ext4 on virtio-block) 2 GiB
-took 1.3-1.6 s with O_DIRECT and 2.3-7.2 s through the page cache, and the 1.5B's export went from
-16-18 s to 11 s warm (docs/BENCHMARKS.md, session 17); it also leaves the page cache to the
-checkpoint when the two do not both fit (7B: 15.2 GB each on a 24 GB host). The cost: the next
-stage reads `model.onnx.data` from the device, not from the page cache.
+the parent's range check then reads the weights written permuted (W^T, read whole) from the
+checkpoint (which the child has just read, so in the page cache) rather than the file, and the
+others (the embedding, of which it gathers a few rows) from the file
+(`WrittenWeights(permuted_from_fallback=True)`). On this project's 2-core Firecracker VM (ext4
+on virtio-block) 2 GiB took 1.3-1.6 s with O_DIRECT and 2.3-7.2 s through the page cache, and the
+1.5B's export went from 16-18 s to 11 s warm (docs/BENCHMARKS.md, session 17); it also leaves the
+page cache to the checkpoint when the two do not both fit (7B: 15.2 GB each on a 24 GB host). The
+cost: the next stage reads `model.onnx.data` from the device, not from the page cache.
 
 The file holds the same tensors with the same values as onnx_ir's writer would write (tests
 compare them tensor by tensor, and the two exports' outputs in ONNX Runtime), in state-dict
@@ -338,13 +340,6 @@ class PreWrite:
         self._proc.wait()
         self._raise_for(result)
 
-    def after_write(self, sources) -> _AfterWrite:
-        """`sources` (the export's `CheckpointSources`), each planned key read only once the
-        child has written it (`wait_for`): the range check trails the child, so the two
-        processes do not hold the same large tensor (the 7B's embedding and lm_head, 1.09 GB
-        each) at once."""
-        return _AfterWrite(sources, self.wait_for)
-
     def complete(self, model, onnx_path: Path, *, quiet: bool) -> str | None:
         """Wait for the child (a progress bar over the tensors written), point `model`'s
         initializers at the file (`onnx_ir.ExternalTensor`) and save it to `onnx_path`.
@@ -456,17 +451,6 @@ class PreWrite:
 
 class _Mismatch(Exception):
     pass
-
-
-class _AfterWrite:
-    """`PreWrite.after_write`."""
-
-    def __init__(self, sources, wait):
-        self._sources, self._wait = sources, wait
-
-    def materialize(self, key: str, *, perm: tuple[int, ...] | None = None):
-        self._wait(key)
-        return self._sources.materialize(key, perm=perm)
 
 
 # --- the child ----------------------------------------------------------------------------------

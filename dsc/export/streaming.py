@@ -343,13 +343,31 @@ class WrittenWeights:
     the export, for the keys the file does not hold as such (a tensor kept inside the .onnx,
     one the optimizer merged with an equal one) and for permuted reads; `wait(key)`: called
     before a key's bytes are read, while another process still writes the file
-    (`dsc.export.prewrite.PreWrite.wait_for`)."""
+    (`dsc.export.prewrite.PreWrite.wait_for`).
 
-    def __init__(self, data_path, entries: dict, fallback: CheckpointSources, *, wait=None):
+    `permuted_from_fallback`: a key written permuted (W^T) is read from `fallback` (still
+    after `wait(key)`), the others from the file. For a file written with direct I/O
+    (`dsc.export.prewrite`): its bytes are not in the page cache, the checkpoint's are, so a
+    weight the check reads whole is cheaper to read and cast from there; a tensor written as
+    it is (the embedding, which the check only gathers a few rows of) stays a map of the file,
+    of which only the pages touched are read and resident. Reading the 7B's embedding from the
+    checkpoint instead held a 1.09 GB copy: the stage's peak went from 2.0-2.3 GB to 2.5-2.7 GB
+    (docs/BENCHMARKS.md, session 18)."""
+
+    def __init__(
+        self,
+        data_path,
+        entries: dict,
+        fallback: CheckpointSources,
+        *,
+        wait=None,
+        permuted_from_fallback: bool = False,
+    ):
         self._path = data_path
         self._entries = dict(entries)
         self._fallback = fallback
         self._wait = wait
+        self._permuted_from_fallback = permuted_from_fallback
 
     @property
     def mapped(self) -> frozenset[str]:
@@ -360,7 +378,7 @@ class WrittenWeights:
         """The tensor of `key` in its own axis order and the export dtype: a view of the
         data file's bytes (permuted back for a key written permuted, where
         `native_strided_matmul`), a copy for a key written permuted elsewhere, or
-        `fallback.materialize(key, perm=perm)` (see the class)."""
+        `fallback.materialize(key, perm=perm)` (see the class; `permuted_from_fallback`)."""
         import mmap
 
         import torch
@@ -371,6 +389,9 @@ class WrittenWeights:
         if self._wait is not None:  # the file is still being written (`dsc.export.prewrite`)
             self._wait(key)
         offset, shape, dtype, written_perm = entry
+        permuted = written_perm is not None and list(written_perm) != sorted(written_perm)
+        if permuted and self._permuted_from_fallback:
+            return self._fallback.materialize(key)
         count = math.prod(shape)
         nbytes = count * dtype.itemsize
         if nbytes == 0:
