@@ -208,7 +208,13 @@ class CheckpointSources:
 
     def recipes(self, keys) -> dict:
         """{key: (shape, torch dtype, [(checkpoint name, row indices or None for all rows in
-        order)])}: what `from_recipes` needs to materialize `keys` (picklable)."""
+        order)])}: what `from_recipes` needs to materialize `keys` (picklable).
+
+        Each piece's row indices are a copy: `_revert`'s pieces are views of one index tensor
+        per key, and pickling a view writes its whole storage. For V2-Lite's experts (128
+        pieces of a [64, 2816] index tensor per layer) that made 250 MB of pickle per layer:
+        the export's writer process held 6.6 GB of it at 27 layers (docs/BENCHMARKS.md,
+        session 18)."""
         import torch
 
         out = {}
@@ -222,7 +228,8 @@ class CheckpointSources:
                 whole = piece.numel() == rows and bool(
                     (piece.reshape(-1) == torch.arange(rows)).all()
                 )
-                pieces.append((name, None if whole and tuple(piece.shape) == (*lead, 1) else piece))
+                whole = whole and tuple(piece.shape) == (*lead, 1)
+                pieces.append((name, None if whole else piece.clone()))
             out[key] = (shape, fake.dtype, pieces)
         return out
 
