@@ -237,6 +237,21 @@ def test_range_check_reads_back_what_was_written(
             assert got.is_contiguous() == (not native or not permuted), key
 
 
+def _write_data_file(path, own: dict, perms: dict) -> dict:
+    """Write each tensor of `own` to `path` one after another, permuted by `perms[key]` (None:
+    as it is); returns `WrittenWeights` entries {key: (offset, shape as written, dtype, perm)}."""
+    import torch
+
+    entries, offset = {}, 0
+    with open(path, "wb") as f:
+        for key, t in own.items():
+            stored = t.permute(perms[key]).contiguous() if perms[key] else t
+            f.write(stored.view(torch.uint8).numpy().tobytes())
+            entries[key] = (offset, tuple(stored.shape), t.dtype, perms[key])
+            offset += stored.numel() * t.element_size()
+    return entries
+
+
 @pytest.mark.parametrize("native", [False, True], ids=["copies", "views"])
 def test_written_weights_undo_permutations(tmp_path, native, monkeypatch):
     """`WrittenWeights.materialize` of a tensor written permuted: equal to the inverse
@@ -261,14 +276,9 @@ def test_written_weights_undo_permutations(tmp_path, native, monkeypatch):
         "plain": torch.randn(7, 9, generator=g).half(),
     }
     perms = {"w": (1, 0), "experts": (0, 2, 1), "cube": (2, 0, 1), "plain": None}
-    entries, offset = {}, 0
     path = tmp_path / "model.onnx.data"
-    with open(path, "wb") as f:
-        for key, t in own.items():
-            stored = t.permute(perms[key]).contiguous() if perms[key] else t
-            f.write(stored.view(torch.uint8).numpy().tobytes())
-            entries[key] = (offset, tuple(stored.shape), t.dtype, perms[key])
-            offset += stored.numel() * t.element_size()
+    entries = _write_data_file(path, own, perms)
+    offset = path.stat().st_size
     written = WrittenWeights(path, entries, fallback=None)
     for key, want in own.items():
         got = written.materialize(key)
@@ -297,14 +307,8 @@ def test_written_weights_read_permuted_keys_from_the_fallback_after_the_wait(tmp
         "embed": torch.randn(50, 8, generator=g).half(),
     }
     perms = {"w": (1, 0), "experts": (0, 2, 1), "same": (0, 1, 2), "embed": None}
-    entries, offset = {}, 0
     path = tmp_path / "model.onnx.data"
-    with open(path, "wb") as f:
-        for key, t in own.items():
-            stored = t.permute(perms[key]).contiguous() if perms[key] else t
-            f.write(stored.view(torch.uint8).numpy().tobytes())
-            entries[key] = (offset, tuple(stored.shape), t.dtype, perms[key])
-            offset += stored.numel() * t.element_size()
+    entries = _write_data_file(path, own, perms)
     events: list[tuple[str, str]] = []
 
     class Fallback:  # what the checkpoint holds: the same values, as a new tensor

@@ -225,10 +225,9 @@ class CheckpointSources:
             rows = math.prod(lead)
             pieces = []
             for name, piece in self._pieces[key]:
-                whole = piece.numel() == rows and bool(
+                whole = tuple(piece.shape) == (*lead, 1) and bool(
                     (piece.reshape(-1) == torch.arange(rows)).all()
                 )
-                whole = whole and tuple(piece.shape) == (*lead, 1)
                 pieces.append((name, None if whole else piece.clone()))
             out[key] = (shape, fake.dtype, pieces)
         return out
