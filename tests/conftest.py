@@ -51,6 +51,24 @@ def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     return {f: make_fixture(f, root / f, tokenizer_dir=tokenizer_dir) for f in FAMILIES}
 
 
+@pytest.fixture
+def fixture_with_layers(tmp_path, tokenizer_dir):
+    """`make(family, layers)`: the tiny random-weight checkpoint of `family` with
+    `num_hidden_layers` set to `layers`, written to this test's `tmp_path / "ckpt"`; returns
+    its path. For the tests that compare depths."""
+    from dsc.fixtures import make_fixture
+
+    def make(family: str, layers: int) -> Path:
+        return make_fixture(
+            family,
+            tmp_path / "ckpt",
+            tokenizer_dir=tokenizer_dir,
+            overrides={"num_hidden_layers": layers},
+        )
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def fp8_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
     """The tiny DeepSeek-V3 (576-wide latent) in the published FP8 block layout, with MTP."""

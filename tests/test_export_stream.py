@@ -138,7 +138,7 @@ class _LiveTensors:
 
 @pytest.mark.parametrize("layers", [2, 6])
 def test_streamed_export_holds_a_bounded_number_of_tensors(
-    tmp_path, tokenizer_dir, layers, monkeypatch
+    tmp_path, fixture_with_layers, layers, monkeypatch
 ):
     """MoE layers (V3: per-expert tensors fused into one 3-D parameter) at two depths: the
     streaming export's peak of live weight tensors is small and does not grow with depth.
@@ -147,16 +147,10 @@ def test_streamed_export_holds_a_bounded_number_of_tensors(
     process (`DSC_PREWRITE=0`); the second process's writer is bounded in
     tests/test_prewrite.py."""
     from dsc.export.streaming import CheckpointSources
-    from dsc.fixtures import make_fixture
 
     monkeypatch.setenv("DSC_PREWRITE", "0")
 
-    src = make_fixture(
-        "deepseek_v3",
-        tmp_path / "ckpt",
-        tokenizer_dir=tokenizer_dir,
-        overrides={"num_hidden_layers": layers},
-    )
+    src = fixture_with_layers("deepseek_v3", layers)
     counter = _LiveTensors(monkeypatch)
     api.export(src, tmp_path / "stream", dtype="fp16", external_data=True, progress=_quiet)
     gc.collect()

@@ -78,17 +78,11 @@ def _prefill(path, tokens: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray
     ("family", "layers", "keep"), [("qwen2", 5, [0, 1, 4]), ("deepseek_v3", 6, [0, 1, 2, 5])]
 )
 def test_cut_graph_equals_checkpoint_with_those_layers(
-    family, layers, keep, tmp_path, tokenizer_dir
+    family, layers, keep, tmp_path, fixture_with_layers
 ):
     from dsc import api
-    from dsc.fixtures import make_fixture
 
-    ckpt = make_fixture(
-        family,
-        tmp_path / "ckpt",
-        tokenizer_dir=tokenizer_dir,
-        overrides={"num_hidden_layers": layers},
-    )
+    ckpt = fixture_with_layers(family, layers)
     full = tmp_path / "full"
     api.export(ckpt, full, dtype="fp32", progress=_quiet, external_data=True)
     proto = onnx.load(str(full / "model.onnx"), load_external_data=False)
@@ -144,17 +138,14 @@ def test_shallow_or_small_graphs_stay_whole(exported):
         pass
 
 
-def test_compile_preflight_of_the_cut_graph(tmp_path, tokenizer_dir, capsys):
+def test_compile_preflight_of_the_cut_graph(tmp_path, fixture_with_layers, capsys):
     """`builder.preflight_graph=layers` makes a tiny graph take the path a >1 GiB one takes by
     default: the preflight compiles layers 0, 1 and 4 of 5 and records it; nothing is left."""
     import shutil
 
     from dsc import api
-    from dsc.fixtures import make_fixture
 
-    ckpt = make_fixture(
-        "qwen2", tmp_path / "ckpt", tokenizer_dir=tokenizer_dir, overrides={"num_hidden_layers": 5}
-    )
+    ckpt = fixture_with_layers("qwen2", 5)
     api.export(ckpt, tmp_path / "exported", dtype="fp16", progress=_quiet)
     runs = {}
     for mode in ("layers", "full"):
