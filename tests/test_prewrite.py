@@ -6,13 +6,15 @@ and the export must hold the same initializers, byte for byte, as onnx_ir's writ
 A graph that does not match the plan falls back to that writer; a bad tensor in the child is
 the parent's `CheckpointError`; a failed export leaves no data file and no child behind; the
 child holds a bounded number of tensors, whatever the depth; direct I/O writes the same bytes
-as the page cache.
+as the page cache. `PART_BYTES` set to 1 KiB makes the tiny models' tensors go through the
+child in parts of rows, as a real model's embedding and fused experts do.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
 import weakref
 
@@ -47,14 +49,30 @@ def _initializers(path):
     }
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "fp8", "llama-tied"])
+@pytest.mark.parametrize(
+    ("family", "part_bytes"),
+    [
+        *((f, None) for f in FAMILIES),
+        ("fp8", None),
+        ("llama-tied", None),
+        ("deepseek_v3", 1024),
+        ("fp8", 1024),
+        ("llama-tied", 1024),
+    ],
+)
 def test_prewritten_data_is_what_onnx_ir_writes(
-    tmp_path, checkpoints, fp8_checkpoint, tokenizer_dir, family, monkeypatch
+    tmp_path, checkpoints, fp8_checkpoint, tokenizer_dir, family, part_bytes, monkeypatch
 ):
     """Same initializers (name, dtype, shape, bytes), the prewritten file used as planned
     (nothing said about rewriting it), the same data file size, and the manifest's digest is
     the file's sha256. Also with tied embeddings (one tensor, used by Gather and by the
-    lm_head's MatMul) and DeepSeek's FP8 blocks."""
+    lm_head's MatMul) and DeepSeek's FP8 blocks; and with the child writing in parts
+    (`part_bytes`: the embedding and V3's fused experts in runs of rows, most of them not
+    aligned to the direct-I/O block)."""
+    from dsc.export import prewrite
+
+    if part_bytes is not None:
+        monkeypatch.setattr(prewrite, "PART_BYTES", part_bytes)
     if family == "llama-tied":
         from dsc.fixtures import make_fixture
 
@@ -153,30 +171,31 @@ def test_a_failed_trace_stops_the_child_and_removes_its_file(tmp_path, checkpoin
     assert not child.data_path.exists()
 
 
-@pytest.mark.parametrize("buffer_bytes", [0, 1 << 30], ids=["alone", "buffers"])
+@pytest.mark.parametrize(
+    ("buffer_bytes", "part_bytes"),
+    [(0, 1 << 30), (1 << 30, 1 << 30), (1 << 30, 1024)],
+    ids=["alone", "buffers", "parts"],
+)
 @pytest.mark.parametrize("layers", [2, 6])
 def test_the_child_holds_a_bounded_number_of_tensors(
-    tmp_path, tokenizer_dir, layers, buffer_bytes, monkeypatch
+    tmp_path, fixture_with_layers, layers, buffer_bytes, part_bytes, monkeypatch
 ):
     """The child's pipeline, run in this process on V3's plan at two depths: at most `BUFFERS`
     tensors are alive at once, or one when every tensor is larger than `BUFFER_BYTES`
-    (read alone); the file and its hash are every planned tensor's bytes, then the tail's."""
+    (read alone); with `part_bytes` of 1 KiB, the embedding and the fused experts are read in
+    parts (more reads than tensors), still at most `BUFFERS` at once; the file and its hash
+    are every planned tensor's bytes, then the tail's, and the parent is told of whole
+    tensors only, in order."""
     import threading
 
     import torch
 
     from dsc.export import prewrite
     from dsc.export.streaming import CheckpointSources, fake_model
-    from dsc.fixtures import make_fixture
     from dsc.models.checkpoint import inspect_checkpoint
     from dsc.models.weights import WeightReader
 
-    src = make_fixture(
-        "deepseek_v3",
-        tmp_path / "ckpt",
-        tokenizer_dir=tokenizer_dir,
-        overrides={"num_hidden_layers": layers},
-    )
+    src = fixture_with_layers("deepseek_v3", layers)
     info = inspect_checkpoint(src)
     with WeightReader.for_checkpoint(info, dtype=torch.float16) as reader:
         model, _, _ = fake_model(info, torch.float16)
@@ -186,6 +205,7 @@ def test_the_child_holds_a_bounded_number_of_tensors(
             "reader": reader.spec(),
             "recipes": sources.recipes([item.key for item in items]),
             "items": items,
+            "part_bytes": part_bytes,
             "path": str(tmp_path / "model.onnx.data"),
             "hash": True,
         }
@@ -194,7 +214,7 @@ def test_the_child_holds_a_bounded_number_of_tensors(
         )
     assert len(items) >= 4 * layers
     lock = threading.Lock()
-    live = peak = 0
+    live = peak = calls = 0
     materialize = CheckpointSources.materialize
 
     def gone() -> None:
@@ -203,9 +223,10 @@ def test_the_child_holds_a_bounded_number_of_tensors(
             live -= 1
 
     def counted(self, key, **kwargs):
-        nonlocal live, peak
+        nonlocal live, peak, calls
         t = materialize(self, key, **kwargs)
         with lock:
+            calls += 1
             live += 1
             peak = max(peak, live)
         weakref.finalize(t, gone)
@@ -221,9 +242,14 @@ def test_the_child_holds_a_bounded_number_of_tensors(
     while out.tell() < len(out.getvalue()):
         messages.append(pickle.load(out))
     assert messages[-1] == ("done", hashlib.sha256(expected + b"tail").hexdigest())
-    assert [m for m in messages if m[0] == "wrote"][-1] == ("wrote", len(items) + 1)
+    counts = [m[1] for m in messages if m[0] == "wrote"]
+    assert counts[-1] == len(items) + 1
+    assert counts == sorted(set(counts)), counts  # whole tensors, each told once, in order
     assert (tmp_path / "model.onnx.data").read_bytes() == expected + b"tail"
     assert peak == 1 if buffer_bytes == 0 else 1 <= peak <= prewrite.BUFFERS, peak
+    units = prewrite.parts(items, part_bytes)
+    assert calls == len(units)
+    assert (len(units) > len(items) + 2 * layers) == (part_bytes == 1024), (len(units), len(items))
 
 
 def test_the_stage_peak_counts_both_processes(tmp_path, checkpoints, monkeypatch):
@@ -431,3 +457,74 @@ def test_the_childs_recipes_hold_only_their_own_row_indices(checkpoints, family)
         rebuilt = CheckpointSources.from_recipes(reader, pickle.loads(sent))
         for key in recipes:
             assert torch.equal(rebuilt.materialize(key), sources.materialize(key)), key
+
+
+def test_parts_cut_axis_0_first_tensors_into_contiguous_runs_of_rows():
+    """`parts`: a tensor written with axis 0 first and larger than `part_bytes` is cut into
+    runs of whole rows of at most `part_bytes` (one row when a row is larger), back to back
+    from its offset; a transposed 2-D weight, a 1-D tensor and a small one stay whole."""
+    import torch
+
+    from dsc.export.prewrite import Item, parts
+
+    def item(key, shape, perm, offset):
+        return Item(key, perm, shape, torch.float16, offset, 2 * math.prod(shape))
+
+    experts = item("experts", (8, 6, 4), None, 0)  # 48-byte rows
+    lm_head = item("lm_head", (4, 40), (1, 0), experts.nbytes)  # transposed: whole
+    bias = item("bias", (300,), None, lm_head.offset + lm_head.nbytes)
+    small = item("small", (2, 4), None, bias.offset + bias.nbytes)
+    wide = item("wide", (3, 100), (0, 1), small.offset + small.nbytes)  # 200-byte rows
+    items = [experts, lm_head, bias, small, wide]
+    got = parts(items, 100)
+    assert [(p.item, p.rows) for p in got] == [
+        (0, (0, 2)),
+        (0, (2, 4)),
+        (0, (4, 6)),
+        (0, (6, 8)),
+        (1, None),
+        (2, None),
+        (3, None),
+        (4, (0, 1)),
+        (4, (1, 2)),
+        (4, (2, 3)),
+    ]
+    end = 0
+    for p in got:  # back to back, every byte once
+        assert p.offset == end
+        end += p.nbytes
+    assert end == wide.offset + wide.nbytes
+    assert [p.nbytes for p in got if p.item == 0] == [96] * 4
+    assert [(p.item, p.rows) for p in parts(items, 1 << 20)] == [(i, None) for i in range(5)]
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "fp8"])
+def test_materialize_rows_is_those_rows_of_the_whole_tensor(checkpoints, fp8_checkpoint, family):
+    """`CheckpointSources.materialize(key, perm=..., rows=(a, b))` of every planned tensor
+    written with axis 0 first, for the first row, a middle run and the last rows: equal to
+    `[a:b]` of the whole tensor; a transposed weight refuses `rows` (ValueError)."""
+    import torch
+
+    from dsc.export import prewrite
+    from dsc.export.streaming import CheckpointSources, fake_model
+    from dsc.models.checkpoint import inspect_checkpoint
+    from dsc.models.weights import WeightReader
+
+    info = inspect_checkpoint(fp8_checkpoint if family == "fp8" else checkpoints[family])
+    with WeightReader.for_checkpoint(info, dtype=torch.float16) as reader:
+        model, _, _ = fake_model(info, torch.float16)
+        sources = CheckpointSources(model, reader, path=info.path)
+        items = prewrite.plan(model, sources)
+        checked = 0
+        for item in items:
+            whole = sources.materialize(item.key, perm=item.perm)
+            n = item.shape[0]
+            if len(item.shape) < 2 or item.perm is not None and item.perm[0] != 0:
+                with pytest.raises(ValueError, match="rows"):
+                    sources.materialize(item.key, perm=item.perm, rows=(0, 1))
+                continue
+            for a, b in {(0, 1), (n // 3, max(n // 3 + 1, 2 * n // 3)), (n - 1, n)}:
+                part = sources.materialize(item.key, perm=item.perm, rows=(a, b))
+                assert torch.equal(part, whole[a:b]), (item.key, a, b)
+            checked += 1
+    assert checked >= 1 + (2 if family == "deepseek_v3" else 0)  # the embedding, V3's experts

@@ -236,6 +236,26 @@ def test_read_into_in_row_chunks_equals_a_whole_read(tmp_path, dtype, transpose)
             assert torch.equal(out, (w.T if transpose else w).to(dtype)), name
 
 
+@pytest.mark.parametrize("rows", [(0, 11), (0, 1), (3, 10), (10, 11)])
+def test_read_into_a_range_of_rows_equals_those_rows_of_a_whole_read(tmp_path, rows):
+    """`rows=(a, b)` in chunks of 3 rows: rows a to b of the whole read, cast to fp16; a range
+    outside the tensor, or with `transpose`, is a ValueError."""
+    w = torch.randn(11, 7, dtype=torch.float32).to(torch.bfloat16)
+    (tmp_path / "ckpt").mkdir()
+    save_file({"w": w}, tmp_path / "ckpt" / "model.safetensors")
+    a, b = rows
+    with WeightReader([tmp_path / "ckpt" / "model.safetensors"], dtype=torch.float16) as reader:
+        out = torch.empty(b - a, 7, dtype=torch.float16)
+        reader.read_into("w", out, rows=rows, chunk_bytes=3 * 7 * 2)
+        assert torch.equal(out, w[a:b].to(torch.float16))
+        for bad in [(0, 12), (5, 5), (-1, 2)]:
+            with pytest.raises(ValueError, match="not a range of its rows"):
+                reader.read_into("w", out, rows=bad)
+        with pytest.raises(ValueError, match="not a range of its rows"):
+            transposed = torch.empty(7, 11, dtype=torch.float16)
+            reader.read_into("w", transposed, transpose=True, rows=rows)
+
+
 @pytest.mark.parametrize("rows", [1, 4, 5, 11])
 def test_transposed_copy_in_tiles_equals_one_copy(rows, monkeypatch):
     """`copy_transposed` in tiles of 4 source rows (the last one short or the only one), cast

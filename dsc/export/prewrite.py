@@ -43,8 +43,13 @@ cost: the next stage reads `model.onnx.data` from the device, not from the page 
 
 The file holds the same tensors with the same values as onnx_ir's writer would write (tests
 compare them tensor by tensor, and the two exports' outputs in ONNX Runtime), in state-dict
-order rather than the graph's. Memory: the child holds at most `BUFFERS` tensors (or one
-larger than `BUFFER_BYTES`) and its own torch (about 0.3 GB).
+order rather than the graph's. Memory: the child holds at most `BUFFERS` parts of at most
+`PART_BYTES` each or one tensor larger than `BUFFER_BYTES` that cannot be cut into parts (a
+transposed lm_head), and its own torch (about 0.3 GB). A tensor written with its axis 0 first
+(the embedding, MoE experts fused into one [E, 2I, D] tensor) is written in parts of whole
+rows of that axis (`parts`): V2-Lite's fused experts (738 MB per layer) were read whole, and
+the writer's 1.3 GB peak coincided with the parent's range check of an MoE layer, 3.09 GB for
+the two processes (docs/BENCHMARKS.md, session 20).
 """
 
 from __future__ import annotations
@@ -75,6 +80,9 @@ INLINE_BYTES = 256
 # tensor, plus a read chunk per producer.
 BUFFERS = 4
 BUFFER_BYTES = 256 << 20
+# A planned tensor of more bytes than this whose axis 0 is written first is read, written and
+# hashed in parts of whole axis-0 rows of at most this many bytes (`parts`), each in a buffer.
+PART_BYTES = 64 << 20
 # How often `PreWrite` samples the two processes' resident sets, in seconds.
 RSS_SAMPLE_SECONDS = 0.05
 # Direct I/O: the child writes the planned tensors with O_DIRECT in blocks of this many bytes
@@ -98,6 +106,35 @@ class Item:
     offset: int
     nbytes: int
     aliases: tuple[str, ...] = ()  # the other keys of a tied group (the same tensor)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Rows `rows` (None: all) of axis 0 of planned tensor `items[item]`, at byte `offset`."""
+
+    item: int
+    rows: tuple[int, int] | None
+    offset: int
+    nbytes: int
+
+
+def parts(items: list[Item], part_bytes: int) -> list[_Part]:
+    """The child's units of work, in file order: each planned tensor whole, or, when it has 2
+    or more axes, its axis 0 is written first (`perm` None or starting with 0) and it is
+    larger than `part_bytes`, in runs of whole axis-0 rows of at most `part_bytes` (one row at
+    least), each contiguous in the file."""
+    out = []
+    for i, item in enumerate(items):
+        splittable = len(item.shape) >= 2 and (item.perm is None or item.perm[0] == 0)
+        if not splittable or item.nbytes <= part_bytes or item.shape[0] < 2:
+            out.append(_Part(i, None, item.offset, item.nbytes))
+            continue
+        row_bytes = item.nbytes // item.shape[0]
+        step = max(1, part_bytes // row_bytes)
+        for a in range(0, item.shape[0], step):
+            b = min(a + step, item.shape[0])
+            out.append(_Part(i, (a, b), item.offset + a * row_bytes, (b - a) * row_bytes))
+    return out
 
 
 def enabled() -> bool:
@@ -202,6 +239,7 @@ class PreWrite:
             "reader": reader.spec(),
             "recipes": sources.recipes([item.key for item in items]),
             "items": items,
+            "part_bytes": PART_BYTES,
             "path": str(self.data_path),
             "hash": hash_data,
             "direct": self.direct,
@@ -584,12 +622,13 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
 
 def _child(stdin, stdout) -> int:
     """The child's work (module docstring, 2), a pipeline of threads: `PRODUCERS` take the
-    planned tensors in order and each reads, checks and casts one (`materialize`) into one of
-    `BUFFERS` reused buffers when it fits `BUFFER_BYTES` (a tensor larger than that is read
-    alone, once all before it are done, into its own memory); a writer writes them in order
-    (`os.pwrite` at their offsets); a hasher hashes them in order from memory and frees their
-    buffers. Reads and casts overlap writes and hashing, and the reused buffers spare the
-    kernel a page fault per 4 KiB of every tensor. Then the parent's tail is appended.
+    planned tensors, or their parts (`parts`, with the job's `part_bytes`), in order and each
+    reads, checks and casts one (`materialize`) into one of `BUFFERS` reused buffers when it
+    fits `BUFFER_BYTES` (a larger one is read alone, once all before it are done, into its own
+    memory); a writer writes them in order (`os.pwrite` at their offsets); a hasher hashes them
+    in order from memory and frees their buffers. Reads and casts overlap writes and hashing,
+    and the reused buffers spare the kernel a page fault per 4 KiB of every tensor. Then the
+    parent's tail is appended.
     Messages to the parent (pickled on `stdout`): ("wrote", count of tensors done), then
     ("done", sha256 or None) or ("error", exception type name, message, errno or None).
     Returns the exit code."""
@@ -606,11 +645,13 @@ def _child(stdin, stdout) -> int:
 
     job = pickle.load(stdin)
     items: list[Item] = job["items"]
+    units = parts(items, job.get("part_bytes", PART_BYTES))
     h = hashlib.sha256() if job["hash"] else None
     cond = threading.Condition()
+    # indices below are into `units` (a planned tensor or a part of one)
     ready: dict = {}  # index -> (tensor, buffer or None), read, to write in index order
     hashq: list = []  # (index, tensor, buffer or None), written, to hash
-    # claimed: the next index to read; written, hashed: how many are; large: a tensor without
+    # claimed: the next index to read; written, hashed: how many are; large: a unit without
     # a buffer is being read or written (nothing else is claimed meanwhile)
     # durable: how many bytes at the front of the file are written (with direct I/O, the
     # partial block at the end of the last tensor written waits for the next one); reported:
@@ -637,7 +678,7 @@ def _child(stdin, stdout) -> int:
 
     def writer() -> None:  # in file order: write, then hand over to the hash
         try:
-            for _ in range(len(items)):
+            for _ in range(len(units)):
                 with cond:
                     while state["written"] not in ready and not failure:
                         cond.wait()
@@ -649,10 +690,10 @@ def _child(stdin, stdout) -> int:
                 if direct is not None:
                     direct.write(_as_bytes(t), t.data_ptr())
                 else:
-                    _pwrite_all(fd, _as_bytes(t), items[i].offset)
+                    _pwrite_all(fd, _as_bytes(t), units[i].offset)
                 with cond:
                     state["durable"] = (
-                        direct.durable if direct is not None else items[i].offset + items[i].nbytes
+                        direct.durable if direct is not None else units[i].offset + units[i].nbytes
                     )
                     hashq.append((i, t, buf))
                     cond.notify_all()
@@ -666,30 +707,34 @@ def _child(stdin, stdout) -> int:
         try:
             while True:
                 with cond:
-                    while not failure and state["claimed"] < len(items):
+                    while not failure and state["claimed"] < len(units):
                         if state["large"]:
                             pass
-                        elif items[state["claimed"]].nbytes > BUFFER_BYTES:
+                        elif units[state["claimed"]].nbytes > BUFFER_BYTES:
                             if state["hashed"] == state["claimed"]:  # all before it are done
                                 break
                         elif free:
                             break
                         cond.wait()
-                    if failure or state["claimed"] >= len(items):
+                    if failure or state["claimed"] >= len(units):
                         return
                     i = state["claimed"]
                     state["claimed"] += 1
-                    item = items[i]
-                    if item.nbytes > BUFFER_BYTES:
+                    unit = units[i]
+                    item = items[unit.item]
+                    shape = item.shape
+                    if unit.rows is not None:
+                        shape = (unit.rows[1] - unit.rows[0], *shape[1:])
+                    if unit.nbytes > BUFFER_BYTES:
                         state["large"], buf, out = True, None, None
                         for b in free:  # all are free: give their memory to this tensor
                             b.release()
                     else:
                         buf = free.pop()
                 if buf is not None:  # placed as in the file, for direct I/O (`_DirectFile`)
-                    out = buf.tensor(item.dtype, item.shape, item.offset % DIRECT_ALIGN)
-                t = sources.materialize(item.key, perm=item.perm, out=out)
-                if t.dtype != item.dtype or t.numel() * t.element_size() != item.nbytes:
+                    out = buf.tensor(item.dtype, shape, unit.offset % DIRECT_ALIGN)
+                t = sources.materialize(item.key, perm=item.perm, out=out, rows=unit.rows)
+                if t.dtype != item.dtype or t.numel() * t.element_size() != unit.nbytes:
                     raise BackendError(f"{item.key}: planned {item.dtype}, read {t.dtype}")
                 with cond:
                     ready[i] = (t, buf)
@@ -701,7 +746,7 @@ def _child(stdin, stdout) -> int:
     def hasher() -> None:  # then hash, free the buffer, and tell the parent
         nonlocal reported
         try:
-            for _ in range(len(items)):
+            for _ in range(len(units)):
                 with cond:
                     while not hashq and not failure:
                         cond.wait()
@@ -718,8 +763,11 @@ def _child(stdin, stdout) -> int:
                         state["large"] = False
                     state["hashed"] = i + 1
                     cond.notify_all()
-                    done = reported
-                    while done <= i and items[done].offset + items[done].nbytes <= state["durable"]:
+                    done = reported  # planned tensors whole in the file (parts: the last one)
+                    last = units[i].item
+                    while (
+                        done <= last and items[done].offset + items[done].nbytes <= state["durable"]
+                    ):
                         done += 1
                 if done > reported:
                     reported = done

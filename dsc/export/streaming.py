@@ -285,7 +285,14 @@ class CheckpointSources:
     def checkpoint_names(self, key: str) -> list[str]:
         return [n for n, _ in self._pieces[key]]
 
-    def materialize(self, key: str, *, perm: tuple[int, ...] | None = None, out=None):
+    def materialize(
+        self,
+        key: str,
+        *,
+        perm: tuple[int, ...] | None = None,
+        out=None,
+        rows: tuple[int, int] | None = None,
+    ):
         """The CPU tensor for state-dict key `key`, in the model's dtype for it.
 
         `perm` returns it permuted (contiguous, as ONNX `Transpose(perm)` would): a weight the
@@ -294,7 +301,12 @@ class CheckpointSources:
         peak is the output plus one checkpoint tensor; a key made of one 2-D checkpoint tensor
         is read in row chunks (`WeightReader.read_into`), the peak then being the output plus
         one chunk. `out`: a contiguous tensor of the result's shape and dtype to write into
-        (e.g. a reused buffer: `dsc.export.prewrite`), instead of a new one."""
+        (e.g. a reused buffer: `dsc.export.prewrite`), instead of a new one.
+
+        `rows=(a, b)`: only `result[a:b]`, for a key of 2 or more axes whose axis 0 stays first
+        under `perm` (a part of a large tensor: `dsc.export.prewrite.parts`); only the
+        checkpoint tensors with rows in that range are read (for V2-Lite's fused experts, the
+        experts a to b). Raises ValueError for another `rows`."""
         import torch
 
         spec = self._fake[key]
@@ -303,6 +315,15 @@ class CheckpointSources:
         if sorted(perm) != list(range(len(shape))):
             raise ValueError(f"{key}: {perm} is not a permutation of its {len(shape)} axes")
         want = [shape[p] for p in perm]
+        first = 0
+        if rows is not None:
+            first, last = rows
+            if len(shape) < 2 or perm[0] != 0 or not 0 <= first < last <= shape[0]:
+                raise ValueError(
+                    f"{key}: rows {rows} need 2 or more axes, axis 0 kept first, and a range of "
+                    f"its {shape[0] if shape else 0} rows"
+                )
+            want[0] = last - first
         if out is None:
             out = torch.empty(want, dtype=spec.dtype)
         elif list(out.shape) != want or out.dtype != spec.dtype or not out.is_contiguous():
@@ -310,21 +331,26 @@ class CheckpointSources:
         inverse = _inverse(perm)
         view = out.permute(inverse)  # `out`'s memory in the key's own axis order
         pieces = self._pieces[key]
-        rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-        if len(pieces) == 1 and pieces[0][1].numel() == rows and len(shape) <= 2:
+        nrows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+        if len(pieces) == 1 and pieces[0][1].numel() == nrows and len(shape) <= 2:
             name, piece = pieces[0]
-            identity = bool((piece.reshape(-1) == torch.arange(rows)).all())
+            identity = bool((piece.reshape(-1) == torch.arange(nrows)).all())
             if identity and tuple(self._reader.shape(name)) == shape:
-                self._reader.read_into(name, out, transpose=perm == (1, 0))
+                self._reader.read_into(name, out, transpose=perm == (1, 0), rows=rows)
                 return out
         if len(shape) < 2:
             ((name, _),) = pieces
             view.copy_(self._reader.read(name, spec.dtype).reshape(shape))
             return out
         for name, piece in pieces:
-            t = self._reader.read(name, spec.dtype).reshape(-1, shape[-1])
             index = torch.unravel_index(piece.reshape(-1), shape[:-1])
-            view[index] = t
+            if rows is not None:  # this piece's rows within the range, renumbered from 0
+                keep = (index[0] >= first) & (index[0] < last)
+                if not bool(keep.any()):
+                    continue  # not read
+                index = (index[0][keep] - first, *(ix[keep] for ix in index[1:]))
+            t = self._reader.read(name, spec.dtype).reshape(-1, shape[-1])
+            view[index] = t if rows is None or len(t) == len(index[0]) else t[keep]
             del t
         return out
 

@@ -258,10 +258,20 @@ class WeightReader:
             t = t.to(dtype)
         return t
 
-    def read_into(self, name: str, out, *, transpose: bool = False, chunk_bytes: int = 64 << 20):
+    def read_into(
+        self,
+        name: str,
+        out,
+        *,
+        transpose: bool = False,
+        rows: tuple[int, int] | None = None,
+        chunk_bytes: int = 64 << 20,
+    ):
         """Read tensor `name` into the preallocated `out` (its dtype is the cast), in row chunks.
 
-        `out` has the stored shape, or its transpose when `transpose` (2-D only). Each chunk of
+        `out` has the stored shape, or its transpose when `transpose` (2-D only); with
+        `rows=(a, b)`, stored rows a to b only (`out` is `stored[a:b]`'s shape; not with
+        `transpose`; ValueError outside the tensor's rows). Each chunk of
         about `chunk_bytes` of stored data is read from the shard with plain file reads (no
         memory map, so no file pages accumulate in the resident set), checked (NaN/Inf,
         overflow of the reader's dtype: the same `CheckpointError`s as `read`) and cast into
@@ -275,9 +285,14 @@ class WeightReader:
         shape = self.shape(name)
         if transpose and len(shape) != 2:
             raise ValueError(f"transposed read of {name}: {len(shape)}-D, only 2-D is supported")
+        first, last = rows if rows is not None else (0, shape[0] if shape else 1)
+        if rows is not None and (transpose or len(shape) < 1 or not 0 <= first < last <= shape[0]):
+            raise ValueError(f"rows {rows} of {name} {list(shape)}: not a range of its rows")
         stored = self._stored_dtype(name)
         if stored not in _TORCH_DTYPES or len(shape) < 2:  # FP8, integers, 0-/1-D: whole
             t = self.read(name, out.dtype)
+            if rows is not None:
+                t = t[first:last]
             if transpose:
                 copy_transposed(out, t)
             else:
@@ -289,8 +304,8 @@ class WeightReader:
         row_bytes = max(1, row_elems * torch.tensor([], dtype=torch_dtype).element_size())
         step = max(1, chunk_bytes // row_bytes)
         with open(self._where[name], "rb", buffering=0) as f:
-            for a in range(0, shape[0], step):
-                n = min(step, shape[0] - a)
+            for a in range(first, last, step):
+                n = min(step, last - a)
                 buf = self._chunk_buffer(n * row_bytes)
                 f.seek(start + a * row_bytes)
                 if f.readinto(buf) != len(buf):
@@ -300,7 +315,7 @@ class WeightReader:
                 if transpose:
                     copy_transposed(out[:, a : a + n], chunk)
                 else:
-                    out[a : a + n].copy_(chunk)
+                    out[a - first : a - first + n].copy_(chunk)
                 del chunk, buf
         return out
 
