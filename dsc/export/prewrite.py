@@ -645,7 +645,7 @@ def _child(stdin, stdout) -> int:
 
     job = pickle.load(stdin)
     items: list[Item] = job["items"]
-    units = parts(items, job.get("part_bytes", PART_BYTES))
+    units = parts(items, job["part_bytes"])
     h = hashlib.sha256() if job["hash"] else None
     cond = threading.Condition()
     # indices below are into `units` (a planned tensor or a part of one)

@@ -350,7 +350,9 @@ class CheckpointSources:
                     continue  # not read
                 index = (index[0][keep] - first, *(ix[keep] for ix in index[1:]))
             t = self._reader.read(name, spec.dtype).reshape(-1, shape[-1])
-            view[index] = t if rows is None or len(t) == len(index[0]) else t[keep]
+            if rows is not None and len(index[0]) < len(t):  # some of its rows are outside
+                t = t[keep]
+            view[index] = t
             del t
         return out
 
